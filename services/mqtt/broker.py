@@ -1,0 +1,60 @@
+"""The embedded broker (amqtt) used when ``MQTT_URL=embedded``: a real MQTT server inside the process.
+
+It lets ``coilguard up`` and ``coilguard demo`` run on one machine with nothing installed, and any
+ordinary MQTT client on the machine can still connect to it (127.0.0.1, port 18830 by default).
+It is not for production: it speaks MQTT 3.1.1 only and keeps nothing on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from amqtt.broker import Broker
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedBroker:
+    """An amqtt broker on its own event-loop thread; ``start()`` returns once it accepts connections."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 18830) -> None:
+        self.host, self.port = host, port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="embedded-broker", daemon=True)
+        self._broker: Broker | None = None
+
+    def start(self, timeout: float = 10.0) -> EmbeddedBroker:
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.ERROR)  # amqtt warns on every ack it already settled
+        self._thread.start()
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 0}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+
+        async def _start() -> Broker:
+            broker = Broker(config, loop=self._loop)
+            await broker.start()
+            return broker
+
+        self._broker = asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout)
+        log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._broker is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(timeout)
+            except Exception:  # shutting down: nothing more to save
+                log.debug("embedded broker shutdown raised", exc_info=True)
+            self._broker = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

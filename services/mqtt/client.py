@@ -1,0 +1,267 @@
+"""MQTT on paho-mqtt 2.x: connect from ``MQTT_URL``, QoS 1, manual acknowledgement, reconnect with backoff.
+
+A worker that must never lose a coil uses a *persistent* session (``clean_start=False`` and a session
+expiry): the broker keeps what arrives while the worker is away and redelivers every message the
+worker received but never acknowledged. The worker acknowledges (``ack``) only after the result is
+committed, so a crash between receipt and commit means redelivery, never loss.
+
+The embedded broker (amqtt) speaks MQTT 3.1.1 only; there the client falls back to v3.1.1, where
+shared subscriptions do not exist, which is harmless with one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from services.config import MqttUrl
+
+log = logging.getLogger(__name__)
+
+SHARED_PREFIX = "$share/"
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One received message; pass it back to :meth:`MqttClient.ack` once its result is safe."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: float = field(default_factory=time.time)  # epoch seconds, for latency figures
+    redelivered: bool = False
+
+
+MessageHandler = Callable[[Inbound], None]
+
+
+class MqttClient:
+    """One broker connection. ``on_message`` runs on paho's network thread: keep it short (enqueue)."""
+
+    def __init__(
+        self,
+        url: MqttUrl | str,
+        *,
+        client_id: str | None = None,
+        persistent: bool = False,
+        session_expiry_s: int = 7 * 24 * 3600,
+        manual_ack: bool = False,
+        receive_maximum: int = 1000,
+        on_message: MessageHandler | None = None,
+    ) -> None:
+        self.url = MqttUrl.parse(url) if isinstance(url, str) else url
+        self.client_id = client_id or self.url.client_id or f"coilguard-{socket.gethostname()}-{id(self):x}"
+        self.v5 = not self.url.embedded
+        self.persistent = persistent
+        self.manual_ack = manual_ack
+        self._on_message = on_message
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self._closing = False
+        self._last_publish: paho.MQTTMessageInfo | None = None
+        self._pending_subacks: dict[int, threading.Event] = {}
+        self._early_subacks: dict[int, float] = {}
+
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
+            clean_session=None if self.v5 else not persistent,
+            manual_ack=manual_ack,
+        )
+        self._connect_properties: Properties | None = None
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry_s if persistent else 0
+            props.ReceiveMaximum = receive_maximum
+            self._connect_properties = props
+        if self.url.username:
+            self._client.username_pw_set(self.url.username, self.url.password)
+        if self.url.tls:
+            self._client.tls_set(cert_reqs=ssl.CERT_NONE if self.url.tls_insecure else ssl.CERT_REQUIRED)
+            self._client.tls_insecure_set(self.url.tls_insecure)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.max_queued_messages_set(0)  # while disconnected, keep outgoing messages, never drop
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+        self._client.on_subscribe = self._handle_subscribe
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def connect(self, timeout: float = 10.0) -> MqttClient:
+        """Connect and start the network thread; retries with backoff until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while True:
+            try:
+                if self.v5:
+                    self._client.connect(
+                        self.url.host,
+                        self.url.port,
+                        keepalive=30,
+                        clean_start=not self.persistent,
+                        properties=self._connect_properties,
+                    )
+                else:
+                    self._client.connect(self.url.host, self.url.port, keepalive=30)
+                break
+            except OSError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise ConnectionError(f"MQTT broker {self.url.redacted()} unreachable: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._client.loop_start()
+        if not self.connected.wait(max(deadline - time.monotonic(), 0.5)):
+            self._client.loop_stop()
+            raise ConnectionError(f"MQTT broker {self.url.redacted()} did not accept the connection")
+        return self
+
+    def close(self) -> None:
+        self._closing = True
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self.connected.clear()
+
+    def __enter__(self) -> MqttClient:
+        return self.connect() if not self.connected.is_set() else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ messaging
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> None:
+        """Subscribe (waiting for the broker's SUBACK when connected) and again after every reconnect.
+
+        ``$share/…`` degrades to a plain subscription on MQTT 3.1.1.
+        """
+        topic = self._supported(topic)
+        with self._lock:
+            self._subscriptions[topic] = qos
+        if not self.connected.is_set():
+            return
+        done = threading.Event()
+        result, mid = self._client.subscribe(topic, qos)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"subscribe to {topic} failed: {paho.error_string(result)}")
+        with self._lock:
+            if self._early_subacks.pop(mid, None) is not None:  # the SUBACK beat us here
+                done.set()
+            else:
+                self._pending_subacks[mid] = done
+        if not done.wait(timeout):
+            raise ConnectionError(f"broker did not confirm the subscription to {topic}")
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        self._last_publish = info
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise ConnectionError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        return info
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until the broker has acknowledged everything published so far (QoS 1 is acked in order)."""
+        last = self._last_publish
+        if last is None or last.is_published():
+            return True
+        try:
+            last.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return last.is_published()
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge a message received with ``manual_ack``; a no-op for QoS 0."""
+        if self.manual_ack and message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
+    def _supported(self, topic: str) -> str:
+        if not self.v5 and topic.startswith(SHARED_PREFIX):
+            return topic.split("/", 2)[2]
+        return topic
+
+    # ------------------------------------------------------------------ paho callbacks (network thread)
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT connection to %s refused: %s", self.url.redacted(), reason_code)
+            return
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        for topic, qos in subscriptions:
+            client.subscribe(topic, qos)
+        log.info(
+            "MQTT connected to %s as %s (session present: %s)",
+            self.url.redacted(),
+            self.client_id,
+            flags.session_present,
+        )
+        self.connected.set()
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("MQTT subscription %d refused: %s", mid, failed)
+            return
+        with self._lock:
+            event = self._pending_subacks.pop(mid, None)
+            if event is None:
+                self._early_subacks[mid] = time.monotonic()
+        if event is not None:
+            event.set()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._closing:
+            log.warning("MQTT connection to %s lost (%s); reconnecting", self.url.redacted(), reason_code)
+
+    def _handle_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        if self._on_message is None:
+            return
+        inbound = Inbound(
+            topic=message.topic,
+            payload=message.payload,
+            mid=message.mid,
+            qos=message.qos,
+            redelivered=bool(message.dup),
+        )
+        try:
+            self._on_message(inbound)
+        except Exception:  # a handler bug must not kill paho's network thread
+            log.exception("message handler failed for %s", message.topic)
+
+
+def forget_session(url: MqttUrl | str, client_id: str) -> None:
+    """Drop a persistent session (and what the broker queued for it): connect once with a clean start."""
+    MqttClient(url, client_id=client_id, persistent=False).connect().close()
+
+
+def clear_retained(url: str, prefix: str, wait_s: float = 0.5) -> int:
+    """Remove every retained message under ``prefix/#``; returns how many were cleared."""
+    seen: set[str] = set()
+
+    def collect(message: Inbound) -> None:
+        if message.payload:
+            seen.add(message.topic)
+
+    with MqttClient(url, on_message=collect) as client:
+        client.subscribe(f"{prefix}/#", qos=0)
+        time.sleep(wait_s)
+        for topic in seen:
+            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(2)
+    return len(seen)

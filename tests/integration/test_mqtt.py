@@ -1,0 +1,107 @@
+"""The MQTT layer against a real Mosquitto: QoS 1, manual ack, redelivery after a crash, shared subscriptions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+from services.mqtt.client import Inbound, MqttClient
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_publish_subscribe_round_trip(mqtt_url: str, topic_prefix: str) -> None:
+    got: list[Inbound] = []
+    topic = f"{topic_prefix}/rt/{uuid.uuid4().hex[:6]}"
+    with MqttClient(mqtt_url, on_message=got.append) as sub, MqttClient(mqtt_url) as pub:
+        sub.subscribe(topic)
+        time.sleep(0.2)
+        for i in range(50):
+            pub.publish(topic, f"m{i}".encode())
+        assert pub.flush(5)
+        assert _wait_for(lambda: len(got) == 50)
+    assert [m.payload for m in got] == [f"m{i}".encode() for i in range(50)]
+    assert all(m.qos == 1 for m in got)
+
+
+def test_unacked_messages_are_redelivered_after_a_crash(mqtt_url: str, topic_prefix: str) -> None:
+    """A worker killed with SIGKILL before acking gets the same messages again when it comes back."""
+    topic = f"{topic_prefix}/crash/{uuid.uuid4().hex[:6]}"
+    client_id = f"cg-crash-{uuid.uuid4().hex[:6]}"
+    worker = textwrap.dedent(
+        f"""
+        import sys, time
+        from services.mqtt.client import MqttClient
+        got = []
+        c = MqttClient({mqtt_url!r}, client_id={client_id!r}, persistent=True, manual_ack=True,
+                       on_message=got.append).connect()
+        c.subscribe({topic!r})
+        print("ready", flush=True)
+        while len(got) < 20:
+            time.sleep(0.01)
+        for m in got[:5]:
+            c.ack(m)
+        time.sleep(0.5)
+        print("received", len(got), flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", worker], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        with MqttClient(mqtt_url) as pub:
+            for i in range(20):
+                pub.publish(topic, str(i).encode())
+            assert pub.flush(5)
+        assert proc.stdout.readline().strip() == "received 20"
+    finally:
+        proc.kill()
+        proc.wait()
+
+    got: list[Inbound] = []
+    with MqttClient(mqtt_url, client_id=client_id, persistent=True, manual_ack=True, on_message=got.append) as again:
+        again.subscribe(topic)
+        assert _wait_for(lambda: len(got) >= 15)
+        time.sleep(0.3)
+        for m in got:
+            again.ack(m)
+    assert sorted(int(m.payload) for m in got) == list(range(5, 20))
+    MqttClient(mqtt_url, client_id=client_id).connect().close()  # clean_start: forget the session
+
+
+def test_shared_subscription_splits_the_stream(mqtt_url: str, topic_prefix: str) -> None:
+    a: list[Inbound] = []
+    b: list[Inbound] = []
+    group = f"$share/g{uuid.uuid4().hex[:6]}/{topic_prefix}/split/+"
+    with MqttClient(mqtt_url, on_message=a.append) as ca, MqttClient(mqtt_url, on_message=b.append) as cb:
+        ca.subscribe(group)
+        cb.subscribe(group)
+        time.sleep(0.3)
+        with MqttClient(mqtt_url) as pub:
+            for i in range(100):
+                pub.publish(f"{topic_prefix}/split/line{i % 3}", str(i).encode())
+            assert pub.flush(5)
+        assert _wait_for(lambda: len(a) + len(b) == 100)
+    assert a and b, "both members must get a share"
+    assert sorted(int(m.payload) for m in a + b) == list(range(100))
+
+
+def test_connect_to_nothing_fails_clearly() -> None:
+    started = time.monotonic()
+    try:
+        MqttClient("mqtt://127.0.0.1:1").connect(timeout=1.0)
+    except ConnectionError as exc:
+        assert "127.0.0.1:1" in str(exc)
+    else:
+        raise AssertionError("connecting to a closed port must fail")
+    assert time.monotonic() - started < 5

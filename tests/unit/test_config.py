@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from services.config import ConfigError, MqttUrl, load_settings, parse_duration
+from workflows.topics import Topics
+
+
+def test_defaults_are_the_embedded_setup_and_the_papers_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("COILGUARD_DATABASE_URL", "COILGUARD_MQTT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    settings = load_settings(_env_file=None)
+    assert settings.is_sqlite and settings.mqtt.embedded
+    assert settings.score_threshold == 0.75 and settings.min_scored_coils == 10
+    assert settings.mqtt_topic_prefix == "coilguard"
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COILGUARD_DATABASE_URL", "postgresql://u:p@db:5432/cg")
+    monkeypatch.setenv("COILGUARD_MQTT_URL", "mqtts://anna:s%40cret@broker.plant:8883?client_id=w1")
+    monkeypatch.setenv("COILGUARD_BATCH_WAIT", "50ms")
+    settings = load_settings(_env_file=None)
+    assert settings.database_url == "postgresql+psycopg://u:p@db:5432/cg"
+    url = settings.mqtt
+    assert (url.scheme, url.host, url.port, url.username, url.password, url.client_id) == (
+        "mqtts",
+        "broker.plant",
+        8883,
+        "anna",
+        "s@cret",
+        "w1",
+    )
+    assert "s@cret" not in url.redacted()
+    assert settings.batch_wait == timedelta(milliseconds=50)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("COILGUARD_MQTT_URL", "http://broker:1883"),
+        ("COILGUARD_MQTT_URL", "mqtt://:1883"),
+        ("COILGUARD_MQTT_URL", "mqtt://broker:notaport"),
+        ("COILGUARD_SCORE_THRESHOLD", "1.5"),
+        ("COILGUARD_BATCH_WAIT", "soon"),
+        ("COILGUARD_RETRAIN_CRON", "every monday"),
+        ("COILGUARD_MQTT_TOPIC_PREFIX", "plant/#"),
+        ("COILGUARD_DATABASE_URL", "not a url"),
+    ],
+)
+def test_a_bad_value_stops_with_the_variable_named(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=var):
+        load_settings(_env_file=None)
+
+
+def test_dotenv_file_is_read(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COILGUARD_MQTT_TOPIC_PREFIX", raising=False)
+    env = tmp_path / ".env"
+    env.write_text("COILGUARD_MQTT_TOPIC_PREFIX=plant7\n")
+    assert load_settings(_env_file=env).mqtt_topic_prefix == "plant7"
+
+
+def test_durations() -> None:
+    assert parse_duration("24h") == timedelta(hours=24)
+    assert parse_duration("90") == timedelta(seconds=90)
+    assert parse_duration(1.5) == timedelta(seconds=1.5)
+    with pytest.raises(ValueError):
+        parse_duration("1 fortnight")
+
+
+def test_embedded_url() -> None:
+    assert MqttUrl.parse("embedded").embedded
+
+
+def test_topics() -> None:
+    topics = Topics("plant")
+    assert topics.sensors("galv-1") == "plant/sensors/galv-1/matrix"
+    assert topics.shared_sensors() == "$share/coilguard-assess/plant/sensors/+/matrix"
+    assert topics.decisions("galv-1") == "plant/decisions/galv-1"
+    assert topics.rejected(None) == "plant/rejected/unknown"
+    assert topics.model_events == "plant/events/models"
+    assert topics.line_of("plant/sensors/galv-2/matrix") == "galv-2"
+    assert topics.line_of("plant/sensors/a/b/matrix") is None
+    assert topics.line_of("other/sensors/a/matrix") is None

@@ -1,0 +1,37 @@
+"""The embedded broker (amqtt) is a real MQTT server: an ordinary paho client can talk through it."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from services.config import MqttUrl
+from services.mqtt.broker import EmbeddedBroker
+from services.mqtt.client import Inbound, MqttClient
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_embedded_broker_carries_qos1_messages_and_shared_topics_degrade() -> None:
+    port = _free_port()
+    url = MqttUrl(scheme="embedded", port=port)
+    got: list[Inbound] = []
+    with (
+        EmbeddedBroker(port=port),
+        MqttClient(url, on_message=got.append, manual_ack=True) as sub,
+        MqttClient(url) as pub,
+    ):
+        sub.subscribe("$share/g/cg/sensors/+/matrix")  # v3.1.1 broker: becomes a plain subscription
+        time.sleep(0.2)
+        for i in range(30):
+            pub.publish(f"cg/sensors/l{i % 2}/matrix", str(i).encode())
+        deadline = time.monotonic() + 10
+        while len(got) < 30 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for m in got:
+            sub.ack(m)
+    assert sorted(int(m.payload) for m in got) == list(range(30))

@@ -1,0 +1,185 @@
+"""CoilMessage v1: valid messages decode exactly; every kind of bad message is refused with a reason."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workflows.messages import (
+    Decision,
+    RejectedMessage,
+    Rejection,
+    Vote,
+    dumps,
+    encode_coil_message,
+    parse_coil_message,
+)
+
+AT = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def matrix() -> np.ndarray:
+    m = np.random.default_rng(1).normal(140, 4, (264, 18)).astype(np.float32)
+    m[10, 3] = np.nan
+    m[200, :] = np.nan
+    return m
+
+
+def _doc(matrix: np.ndarray, **changes: object) -> dict:
+    doc = orjson.loads(encode_coil_message("C-2026-000123", "galv-1", AT, matrix, product={"coating": "Z275"}))
+    doc.update(changes)
+    return doc
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_round_trip_keeps_every_reading_and_every_drop(matrix: np.ndarray, binary: bool) -> None:
+    payload = encode_coil_message("C-2026-000123", "galv-1", AT, matrix, product={"coating": "Z275"}, binary=binary)
+    msg = parse_coil_message(payload, topic_line="galv-1")
+    assert msg.coil_id == "C-2026-000123" and msg.line == "galv-1" and msg.produced_at == AT
+    assert msg.product is not None and msg.product.coating == "Z275"
+    assert msg.thickness.dtype == np.float32 and msg.thickness.shape == (264, 18)
+    np.testing.assert_array_equal(np.isnan(msg.thickness), np.isnan(matrix))
+    np.testing.assert_array_equal(msg.thickness[~np.isnan(matrix)], matrix[~np.isnan(matrix)])
+
+
+def test_nested_lists_write_null_for_dropped_readings(matrix: np.ndarray) -> None:
+    doc = _doc(matrix)
+    assert doc["thickness"][10][3] is None
+    assert doc["produced_at"] == "2026-11-23T10:00:00Z"
+
+
+def test_naive_timestamps_are_utc_and_product_is_optional(matrix: np.ndarray) -> None:
+    doc = _doc(matrix, produced_at="2026-11-23T10:00:00")
+    del doc["product"]
+    msg = parse_coil_message(orjson.dumps(doc))
+    assert msg.produced_at == AT and msg.product is None
+
+
+def test_unknown_top_level_fields_are_ignored(matrix: np.ndarray) -> None:
+    assert parse_coil_message(orjson.dumps(_doc(matrix, gateway="gw-7"))).coil_id == "C-2026-000123"
+
+
+def _refusal(payload: bytes, **kwargs: object) -> RejectedMessage:
+    with pytest.raises(RejectedMessage) as info:
+        parse_coil_message(payload, **kwargs)
+    assert info.value.reason
+    return info.value
+
+
+BAD_CASES = {
+    "bad json": (lambda m: b'{"schema": 1, "coil_id": ', None),
+    "not an object": (lambda m: b"[1, 2, 3]", None),
+    "no matrix": (lambda m: orjson.dumps({k: v for k, v in _doc(m).items() if k != "thickness"}), "thickness"),
+    "both matrices": (lambda m: orjson.dumps(_doc(m, thickness_b64="AAAA")), "thickness"),
+    "too few rows": (lambda m: orjson.dumps(_doc(m, thickness=[[1.0] * 18] * 263)), "thickness"),
+    "ragged row": (lambda m: orjson.dumps(_doc(m, thickness=[[1.0] * 18] * 263 + [[1.0] * 17])), "thickness"),
+    "row not a list": (lambda m: orjson.dumps(_doc(m, thickness=[[1.0] * 18] * 263 + ["x" * 18])), "thickness"),
+    "string reading": (lambda m: orjson.dumps(_doc(m, thickness=[["1.5"] * 18] * 264)), "thickness"),
+    "boolean reading": (lambda m: orjson.dumps(_doc(m, thickness=[[True] * 18] * 264)), "thickness"),
+    "nested too deep": (lambda m: orjson.dumps(_doc(m, thickness=[[[1.0]] * 18] * 264)), "thickness"),
+    "all dropped": (lambda m: orjson.dumps(_doc(m, thickness=[[None] * 18] * 264)), "thickness"),
+    "infinite b64": (
+        lambda m: orjson.dumps(
+            {
+                **{k: v for k, v in _doc(m).items() if k != "thickness"},
+                "thickness_b64": base64.b64encode(np.full((264, 18), np.inf, "<f4").tobytes()).decode(),
+            }
+        ),
+        "thickness_b64",
+    ),
+    "b64 wrong length": (
+        lambda m: orjson.dumps({**{k: v for k, v in _doc(m).items() if k != "thickness"}, "thickness_b64": "AAAAAAAA"}),
+        "thickness_b64",
+    ),
+    "b64 garbage": (
+        lambda m: orjson.dumps({**{k: v for k, v in _doc(m).items() if k != "thickness"}, "thickness_b64": "!!"}),
+        "thickness_b64",
+    ),
+    "bad coil id": (lambda m: orjson.dumps(_doc(m, coil_id="C 1/2")), "coil_id"),
+    "long coil id": (lambda m: orjson.dumps(_doc(m, coil_id="C" * 65)), "coil_id"),
+    "missing coil id": (lambda m: orjson.dumps({k: v for k, v in _doc(m).items() if k != "coil_id"}), "coil_id"),
+    "coil id a number": (lambda m: orjson.dumps(_doc(m, coil_id=123)), "coil_id"),
+    "wrong schema": (lambda m: orjson.dumps(_doc(m, schema=2)), "schema"),
+    "bad timestamp": (lambda m: orjson.dumps(_doc(m, produced_at="yesterday")), "produced_at"),
+    "bad product": (lambda m: orjson.dumps(_doc(m, product={"width_mm": -5})), "product.width_mm"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_every_bad_message_names_its_reason_and_field(matrix: np.ndarray, case: str) -> None:
+    make, field = BAD_CASES[case]
+    error = _refusal(make(matrix))
+    assert error.field == field, (case, error.field, error.reason)
+
+
+def test_infinity_in_json_is_refused(matrix: np.ndarray) -> None:
+    text = encode_coil_message("C-1", "galv-1", AT, matrix).replace(b"[[", b"[[1e999,", 1)
+    _refusal(text)
+
+
+def test_oversize_payload_is_refused_before_parsing() -> None:
+    error = _refusal(b" " * 2048, max_bytes=1024)
+    assert "exceeds" in error.reason
+
+
+def test_line_must_match_the_topic(matrix: np.ndarray) -> None:
+    error = _refusal(encode_coil_message("C-1", "galv-1", AT, matrix), topic_line="galv-2")
+    assert error.field == "line" and error.coil_id == "C-1"
+
+
+def test_refusal_keeps_the_coil_id_when_it_was_readable(matrix: np.ndarray) -> None:
+    error = _refusal(orjson.dumps(_doc(matrix, thickness=[[1.0] * 18] * 3)))
+    assert error.coil_id == "C-2026-000123"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000) | st.text(max_size=500).map(str.encode))
+def test_arbitrary_bytes_are_refused_never_crash(payload: bytes) -> None:
+    with pytest.raises(RejectedMessage):
+        parse_coil_message(payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["schema", "coil_id", "line", "produced_at", "thickness", "thickness_b64", "product"]),
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**63 - 1)
+        | st.floats()
+        | st.text(max_size=20)
+        | st.lists(st.integers(0, 1000)),
+    )
+)
+def test_arbitrary_envelopes_are_refused_never_crash(doc: dict) -> None:
+    with pytest.raises(RejectedMessage):
+        parse_coil_message(orjson.dumps(doc))
+
+
+def test_outgoing_payloads_follow_design() -> None:
+    decision = Decision(
+        coil_id="C-1",
+        line="galv-1",
+        decision="NOK",
+        p_nok=0.8,
+        confidence=0.6,
+        votes=[Vote(model="cnn", version=3, label="NOK", p_nok=0.8, confidence=0.6)],
+        decided_at=AT,
+        latency_ms=12.5,
+    )
+    doc = orjson.loads(dumps(decision))
+    assert set(doc) == {"coil_id", "line", "decision", "p_nok", "confidence", "votes", "decided_at", "latency_ms"}
+    assert set(doc["votes"][0]) == {"model", "version", "label", "p_nok", "confidence"}
+    rejection = Rejection.of(RejectedMessage("invalid JSON: x"), b"{garbage", AT)
+    assert orjson.loads(dumps(rejection)) == {
+        "reason": "invalid JSON: x",
+        "received_at": "2026-11-23T10:00:00Z",
+        "excerpt": "{garbage",
+    }

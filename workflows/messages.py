@@ -1,0 +1,277 @@
+"""The MQTT message contract of DESIGN §3: CoilMessage v1 in, decisions, rejections and model events out.
+
+Parsing is on the hot path of AssessCoils (hundreds of coils a second on two cores), so the matrix is
+never validated number by number in Python: orjson parses, numpy converts, and one pass over the
+element types catches strings and booleans that numpy would otherwise coerce silently. Every refusal
+is a :class:`RejectedMessage` with a reason and the offending field, which the worker publishes on the
+rejected topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from datetime import UTC, datetime
+from itertools import chain
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ml.matrix import N_SECTIONS, N_SENSORS, SHAPE
+
+SCHEMA_VERSION = 1
+MAX_PAYLOAD_BYTES = 1 << 20
+COIL_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_MATRIX_BYTES = N_SECTIONS * N_SENSORS * 4
+_NUMBER_TYPES = frozenset({float, int, type(None)})
+
+
+class RejectedMessage(ValueError):
+    """A message that cannot be assessed; ``reason`` is for people, ``field`` for tools."""
+
+    def __init__(self, reason: str, field: str | None = None, coil_id: str | None = None) -> None:
+        super().__init__(reason if field is None else f"{field}: {reason}")
+        self.reason = reason
+        self.field = field
+        self.coil_id = coil_id
+
+
+class Product(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    coating: str | None = Field(None, max_length=32)
+    width_mm: float | None = Field(None, gt=0, lt=5000)
+    thickness_mm: float | None = Field(None, gt=0, lt=20)
+
+
+class SurfaceImage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field("surface", max_length=32)
+    format: Literal["png", "jpeg", "jpg"] = "png"
+    data_b64: str = Field(min_length=4)
+
+    def decode(self) -> bytes:
+        return base64.b64decode(self.data_b64, validate=True)
+
+
+class _Envelope(BaseModel):
+    """Everything in a CoilMessage but the matrix, which is handled by numpy."""
+
+    model_config = ConfigDict(extra="ignore")  # a gateway adding a field must not stop the line
+
+    schema_: Literal[1] = Field(alias="schema")
+    coil_id: str
+    line: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    produced_at: datetime
+    product: Product | None = None
+    images: list[SurfaceImage] = Field(default_factory=list, max_length=16)
+
+    @field_validator("coil_id")
+    @classmethod
+    def _coil_id(cls, value: str) -> str:
+        if not COIL_ID_PATTERN.match(value):
+            raise ValueError("must be 1–64 characters of [A-Za-z0-9._-]")
+        return value
+
+    @field_validator("produced_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class CoilMessage(BaseModel):
+    """A parsed, valid CoilMessage v1: the matrix as float32 (264, 18) with NaN for dropped readings."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    coil_id: str
+    line: str
+    produced_at: datetime
+    thickness: np.ndarray
+    product: Product | None = None
+    images: list[SurfaceImage] = Field(default_factory=list)
+
+
+def parse_coil_message(
+    payload: bytes | str,
+    *,
+    topic_line: str | None = None,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+) -> CoilMessage:
+    """Decode and validate one CoilMessage v1, or raise :class:`RejectedMessage` saying why."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if len(payload) > max_bytes:
+        raise RejectedMessage(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise RejectedMessage(f"invalid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RejectedMessage(f"expected a JSON object, got {type(doc).__name__}")
+    coil_id = doc.get("coil_id") if isinstance(doc.get("coil_id"), str) else None
+
+    has_list, has_b64 = "thickness" in doc, "thickness_b64" in doc
+    if has_list == has_b64:
+        raise RejectedMessage("exactly one of thickness and thickness_b64 is required", "thickness", coil_id)
+    if has_list:
+        matrix = _matrix_from_lists(doc.pop("thickness"), coil_id)
+    else:
+        matrix = _matrix_from_b64(doc.pop("thickness_b64"), coil_id)
+
+    try:
+        envelope = _Envelope.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        if field == "schema_":
+            field = "schema"
+        raise RejectedMessage(err["msg"], field, coil_id) from None
+    if topic_line is not None and envelope.line != topic_line:
+        raise RejectedMessage(f"line {envelope.line!r} differs from the topic's {topic_line!r}", "line", coil_id)
+    if np.isnan(matrix).all():
+        raise RejectedMessage("every reading is dropped (null)", "thickness", coil_id)
+    return CoilMessage(
+        coil_id=envelope.coil_id,
+        line=envelope.line,
+        produced_at=envelope.produced_at,
+        thickness=matrix,
+        product=envelope.product,
+        images=envelope.images,
+    )
+
+
+def _matrix_from_lists(rows: Any, coil_id: str | None) -> np.ndarray:
+    if not isinstance(rows, list) or len(rows) != N_SECTIONS:
+        got = f"{len(rows)} rows" if isinstance(rows, list) else type(rows).__name__
+        raise RejectedMessage(f"must be {N_SECTIONS} rows of {N_SENSORS} numbers, got {got}", "thickness", coil_id)
+    if not all(type(row) is list for row in rows):
+        raise RejectedMessage("every row must be a list of numbers", "thickness", coil_id)
+    widths = set(map(len, rows))
+    if widths != {N_SENSORS}:
+        raise RejectedMessage(
+            f"every row must hold {N_SENSORS} numbers, found rows of {sorted(widths)}", "thickness", coil_id
+        )
+    types = set(map(type, chain.from_iterable(rows)))
+    if not types <= _NUMBER_TYPES:
+        bad = sorted(t.__name__ for t in types - _NUMBER_TYPES)
+        raise RejectedMessage(f"readings must be numbers or null, found {', '.join(bad)}", "thickness", coil_id)
+    matrix = np.array(rows, dtype=np.float32)  # null → NaN
+    return _finite_or_nan(matrix, coil_id, "thickness")
+
+
+def _matrix_from_b64(data: Any, coil_id: str | None) -> np.ndarray:
+    if not isinstance(data, str):
+        raise RejectedMessage("must be a base64 string", "thickness_b64", coil_id)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RejectedMessage("not valid base64", "thickness_b64", coil_id) from None
+    if len(raw) != _MATRIX_BYTES:
+        raise RejectedMessage(
+            f"must decode to {_MATRIX_BYTES} bytes ({N_SECTIONS}×{N_SENSORS} float32), got {len(raw)}",
+            "thickness_b64",
+            coil_id,
+        )
+    matrix = np.frombuffer(raw, dtype="<f4").reshape(SHAPE).astype(np.float32)
+    return _finite_or_nan(matrix, coil_id, "thickness_b64")
+
+
+def _finite_or_nan(matrix: np.ndarray, coil_id: str | None, field: str) -> np.ndarray:
+    if np.isinf(matrix).any():
+        row, col = np.argwhere(np.isinf(matrix))[0]
+        raise RejectedMessage(f"infinite value at section {row}, sensor {col}", field, coil_id)
+    return matrix
+
+
+def encode_coil_message(
+    coil_id: str,
+    line: str,
+    produced_at: datetime,
+    thickness: np.ndarray,
+    *,
+    product: dict[str, Any] | None = None,
+    images: list[dict[str, str]] | None = None,
+    binary: bool = False,
+) -> bytes:
+    """The JSON a sensor gateway publishes; ``binary`` sends ``thickness_b64`` instead of nested lists."""
+    matrix = np.asarray(thickness, dtype=np.float32)
+    if matrix.shape != SHAPE:
+        raise ValueError(f"thickness must be {SHAPE}, got {matrix.shape}")
+    doc: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "coil_id": coil_id,
+        "line": line,
+        "produced_at": _iso(produced_at),
+    }
+    if product is not None:
+        doc["product"] = product
+    if binary:
+        doc["thickness_b64"] = base64.b64encode(matrix.astype("<f4").tobytes()).decode()
+    else:
+        doc["thickness"] = matrix  # orjson writes NaN as null
+    if images:
+        doc["images"] = images
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# ----------------------------------------------------------------------------- outgoing payloads
+
+
+class Vote(BaseModel):
+    model: str
+    version: int
+    label: Literal["OK", "NOK", "ABSTAIN"]
+    p_nok: float | None
+    confidence: float | None
+
+
+class Decision(BaseModel):
+    coil_id: str
+    line: str
+    decision: Literal["OK", "NOK"]
+    p_nok: float
+    confidence: float
+    votes: list[Vote]
+    decided_at: datetime
+    latency_ms: float
+
+
+class Rejection(BaseModel):
+    reason: str
+    field: str | None = None
+    coil_id: str | None = None
+    received_at: datetime
+    excerpt: str
+
+    @classmethod
+    def of(cls, error: RejectedMessage, payload: bytes, received_at: datetime | None = None) -> Rejection:
+        return cls(
+            reason=error.reason,
+            field=error.field,
+            coil_id=error.coil_id,
+            received_at=received_at or datetime.now(UTC),
+            excerpt=payload[:200].decode("utf-8", errors="replace"),
+        )
+
+
+class ModelEvent(BaseModel):
+    event: Literal["promoted", "retired"]
+    model: str
+    version: int
+    at: datetime
+
+
+def dumps(message: BaseModel) -> bytes:
+    """Serialize an outgoing payload without ``null`` members (``field?`` in DESIGN §3 means optional)."""
+    return orjson.dumps(message.model_dump(mode="json", exclude_none=isinstance(message, Rejection)))
+
+
+def _iso(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
