@@ -1,0 +1,34 @@
+"""``coilguard db upgrade|downgrade``: schema migrations."""
+
+from __future__ import annotations
+
+import click
+
+from services.cli.base import AppContext, cli, pass_ctx
+
+
+@cli.group()
+def db() -> None:
+    """Database schema migrations (Alembic)."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@pass_ctx
+def db_upgrade(ctx: AppContext, revision: str) -> None:
+    """Migrate the database up to REVISION (default: the newest)."""
+    from services.db.migrate import current, upgrade
+
+    upgrade(ctx.settings.database_url, revision)
+    click.echo(f"database at revision {current(ctx.settings.database_url)}")
+
+
+@db.command("downgrade")
+@click.argument("revision", default="base")
+@pass_ctx
+def db_downgrade(ctx: AppContext, revision: str) -> None:
+    """Migrate the database down to REVISION (default: empty)."""
+    from services.db.migrate import current, downgrade
+
+    downgrade(ctx.settings.database_url, revision)
+    click.echo(f"database at revision {current(ctx.settings.database_url) or 'base'}")

@@ -1,0 +1,521 @@
+"""SQL implementations of the workflow ports (``workflows/ports.py``), in SQLAlchemy Core.
+
+Core rather than the ORM on the hot path: one multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING``
+per table per batch is what lets AssessCoils write hundreds of coils a second, and the conflict
+clause is what makes a coil id decided once even when two replicas race for it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection, Engine, Insert, Subquery, Table, case, func, literal, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from ml.ensemble import MemberVote
+from ml.matrix import SHAPE
+from services.db.models import Assessment, Coil, Feedback, Model, ModelPerformance, RetrainRun, UtcDateTime
+from workflows.ports import (
+    AssessedCoil,
+    LabelledCoil,
+    LatestScore,
+    ModelRecord,
+    ModelScoreRow,
+    StoredDecision,
+    UnknownCoil,
+)
+
+coils: Table = Coil.__table__  # type: ignore[assignment]
+assessments: Table = Assessment.__table__  # type: ignore[assignment]
+models: Table = Model.__table__  # type: ignore[assignment]
+
+
+def insert_ignoring_conflicts(engine: Engine, table: Table) -> Insert:
+    """``INSERT … ON CONFLICT DO NOTHING`` for the engine's dialect."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing()
+
+
+def matrix_bytes(matrix: np.ndarray) -> bytes:
+    return np.ascontiguousarray(matrix, dtype="<f4").tobytes()
+
+
+def matrix_from_bytes(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4").reshape(SHAPE).astype(np.float32)
+
+
+class SqlCoilStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def decided(self, coil_ids: Sequence[str]) -> dict[str, StoredDecision]:
+        if not coil_ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    coils.c.coil_id,
+                    coils.c.line,
+                    coils.c.status,
+                    coils.c.p_nok,
+                    coils.c.confidence,
+                    coils.c.decided_at,
+                    coils.c.published_at,
+                ).where(coils.c.coil_id.in_(list(coil_ids)), coils.c.status != "pending")
+            ).all()
+            unpublished = [r.coil_id for r in rows if r.published_at is None]
+            votes = self._votes(conn, unpublished) if unpublished else {}
+        return {
+            r.coil_id: StoredDecision(
+                coil_id=r.coil_id,
+                line=r.line,
+                label=r.status,
+                p_nok=r.p_nok,
+                confidence=r.confidence,
+                decided_at=r.decided_at,
+                published=r.published_at is not None,
+                votes=votes.get(r.coil_id, ()),
+            )
+            for r in rows
+        }
+
+    @staticmethod
+    def _votes(conn: Any, coil_ids: list[str]) -> dict[str, list[MemberVote]]:
+        rows = conn.execute(
+            select(
+                assessments.c.coil_id,
+                models.c.name,
+                models.c.version,
+                assessments.c.label,
+                assessments.c.p_nok,
+                assessments.c.confidence,
+            )
+            .join(models, models.c.id == assessments.c.model_id)
+            .where(assessments.c.coil_id.in_(coil_ids))
+            .order_by(assessments.c.coil_id, models.c.name)
+        ).all()
+        out: dict[str, list[MemberVote]] = defaultdict(list)
+        for r in rows:
+            out[r.coil_id].append(MemberVote(r.name, r.version, r.label, r.p_nok, r.confidence))
+        return out
+
+    def save_assessed(self, batch: Sequence[AssessedCoil], model_ids: dict[tuple[str, int], int]) -> set[str]:
+        if not batch:
+            return set()
+        coil_rows = [
+            {
+                "coil_id": c.coil_id,
+                "line": c.line,
+                "produced_at": c.produced_at,
+                "received_at": c.received_at,
+                "status": c.label,
+                "p_nok": c.p_nok,
+                "confidence": c.confidence,
+                "decided_at": c.decided_at,
+                "matrix": matrix_bytes(c.matrix),
+                "product": c.product,
+            }
+            for c in batch
+        ]
+        with self.engine.begin() as conn:
+            inserted = {
+                row.coil_id
+                for row in conn.execute(
+                    insert_ignoring_conflicts(self.engine, coils).returning(coils.c.coil_id), coil_rows
+                )
+            }
+            vote_rows = [
+                {
+                    "coil_id": c.coil_id,
+                    "model_id": model_ids[(v.model, v.version)],
+                    "label": v.label,
+                    "p_nok": v.p_nok,
+                    "confidence": v.confidence,
+                    "created_at": c.decided_at,
+                }
+                for c in batch
+                if c.coil_id in inserted
+                for v in c.votes
+            ]
+            if vote_rows:
+                conn.execute(assessments.insert(), vote_rows)
+        return inserted
+
+    def mark_published(self, coil_ids: Sequence[str]) -> None:
+        if not coil_ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(coils)
+                .where(coils.c.coil_id.in_(list(coil_ids)), coils.c.published_at.is_(None))
+                .values(published_at=datetime.now(UTC))
+            )
+
+
+def _record(row: Any) -> ModelRecord:
+    return ModelRecord(
+        id=row.id,
+        name=row.name,
+        kind=row.kind,
+        version=row.version,
+        status=row.status,
+        artifact_uri=row.artifact_uri or "",
+        sha256=row.sha256 or "",
+        metrics=row.metrics or {},
+        created_at=row.created_at,
+        promoted_at=row.promoted_at,
+    )
+
+
+class SqlModelRegistry:
+    """The ``models`` table: versions, their artifacts and who is serving."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def active_models(self) -> list[ModelRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(models).where(models.c.status == "active").order_by(models.c.name)).all()
+        return [_record(r) for r in rows]
+
+    def get(self, model_id: int) -> ModelRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(models).where(models.c.id == model_id)).one()
+        return _record(row)
+
+    def all(self, names: Iterable[str] | None = None) -> list[ModelRecord]:
+        query = select(models).order_by(models.c.name, models.c.version)
+        if names is not None:
+            query = query.where(models.c.name.in_(list(names)))
+        with self.engine.connect() as conn:
+            return [_record(r) for r in conn.execute(query).all()]
+
+    def next_version(self, name: str) -> int:
+        with self.engine.connect() as conn:
+            current = conn.execute(select(func.max(models.c.version)).where(models.c.name == name)).scalar()
+        return int(current or 0) + 1
+
+    def add(
+        self,
+        *,
+        name: str,
+        kind: str,
+        version: int,
+        artifact_uri: str,
+        sha256: str,
+        metrics: dict[str, Any] | None = None,
+        status: str = "candidate",
+        parent_id: int | None = None,
+    ) -> ModelRecord:
+        with self.engine.begin() as conn:
+            model_id = conn.execute(
+                models.insert()
+                .values(
+                    name=name,
+                    kind=kind,
+                    version=version,
+                    status="candidate",
+                    artifact_uri=artifact_uri,
+                    sha256=sha256,
+                    metrics=metrics or {},
+                    parent_id=parent_id,
+                )
+                .returning(models.c.id)
+            ).scalar_one()
+        if status == "active":
+            self.promote(model_id)
+        elif status != "candidate":
+            self.set_status(model_id, status)
+        return self.get(model_id)
+
+    def promote(self, model_id: int) -> ModelRecord | None:
+        """In one transaction: retire the name's active version (if any) and activate ``model_id``.
+
+        Returns the retired champion. The partial unique index on active versions makes a concurrent
+        double promotion fail instead of leaving two versions serving.
+        """
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            name = conn.execute(select(models.c.name).where(models.c.id == model_id)).scalar_one()
+            champion = conn.execute(
+                select(models).where(models.c.name == name, models.c.status == "active", models.c.id != model_id)
+            ).first()
+            if champion is not None:
+                conn.execute(update(models).where(models.c.id == champion.id).values(status="retired", retired_at=now))
+            conn.execute(update(models).where(models.c.id == model_id).values(status="active", promoted_at=now))
+        return _record(champion) if champion is not None else None
+
+    def set_status(self, model_id: int, status: str) -> None:
+        values: dict[str, Any] = {"status": status}
+        if status == "retired":
+            values["retired_at"] = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            conn.execute(update(models).where(models.c.id == model_id).values(**values))
+
+
+# ----------------------------------------------------------------------------- human in the loop
+
+feedback: Table = Feedback.__table__  # type: ignore[assignment]
+mperformance: Table = ModelPerformance.__table__  # type: ignore[assignment]
+retrain_runs: Table = RetrainRun.__table__  # type: ignore[assignment]
+
+
+def latest_feedback(engine: Engine) -> Subquery:
+    """(coil_id, label, created_at) of the newest feedback row per coil: the operator's last word wins."""
+    order = (feedback.c.created_at.desc(), feedback.c.id.desc())
+    if engine.dialect.name == "postgresql":  # DISTINCT ON walks the (coil_id, created_at, id) index
+        return (
+            select(feedback.c.coil_id, feedback.c.label, feedback.c.created_at)
+            .distinct(feedback.c.coil_id)
+            .order_by(feedback.c.coil_id, *order)
+            .subquery("latest")
+        )
+    ranked = select(
+        feedback.c.coil_id,
+        feedback.c.label,
+        feedback.c.created_at,
+        func.row_number().over(partition_by=feedback.c.coil_id, order_by=order).label("rn"),
+    ).subquery("ranked")
+    return select(ranked.c.coil_id, ranked.c.label, ranked.c.created_at).where(ranked.c.rn == 1).subquery("latest")
+
+
+class SqlFeedbackStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def add(self, coil_id: str, label: str, operator: str | None, comment: str | None = None) -> int:
+        if label not in ("OK", "NOK"):
+            raise ValueError(f"label must be OK or NOK, got {label!r}")
+        with self.engine.begin() as conn:
+            if conn.execute(select(coils.c.coil_id).where(coils.c.coil_id == coil_id)).first() is None:
+                raise UnknownCoil(f"no coil {coil_id!r} has been assessed")
+            return int(
+                conn.execute(
+                    feedback.insert()
+                    .values(coil_id=coil_id, label=label, operator=operator, comment=comment)
+                    .returning(feedback.c.id)
+                ).scalar_one()
+            )
+
+    def labelled_coils(self) -> list[LabelledCoil]:
+        latest = latest_feedback(self.engine)
+        query = (
+            select(coils.c.coil_id, coils.c.matrix, coils.c.produced_at, latest.c.label, latest.c.created_at)
+            .join(latest, latest.c.coil_id == coils.c.coil_id)
+            .order_by(latest.c.created_at, coils.c.coil_id)
+        )
+        with self.engine.connect() as conn:
+            return [
+                LabelledCoil(r.coil_id, matrix_from_bytes(r.matrix), int(r.label == "NOK"), r.produced_at, r.created_at)
+                for r in conn.execute(query)
+            ]
+
+
+class SqlScoreStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def agreement(self, now: datetime, window: timedelta | None) -> list[ModelScoreRow]:
+        latest = latest_feedback(self.engine)
+        start = literal(now - window, UtcDateTime()) if window is not None else models.c.promoted_at
+        agree = assessments.c.label == latest.c.label
+        said_nok = assessments.c.label == "NOK"
+        is_nok = latest.c.label == "NOK"
+        counts = (
+            select(
+                assessments.c.model_id,
+                func.count().label("n_coils"),
+                func.sum(case((agree, 1), else_=0)).label("n_correct"),
+                func.sum(case((said_nok & is_nok, 1), else_=0)).label("tp"),
+                func.sum(case((said_nok, 1), else_=0)).label("predicted_nok"),
+                func.sum(case((is_nok, 1), else_=0)).label("actual_nok"),
+            )
+            .join(latest, latest.c.coil_id == assessments.c.coil_id)
+            .join(models, models.c.id == assessments.c.model_id)
+            .where(
+                models.c.status == "active",
+                assessments.c.label != "ABSTAIN",
+                (assessments.c.created_at >= start) | start.is_(None),
+                assessments.c.created_at <= now,
+            )
+            .group_by(assessments.c.model_id)
+        ).subquery("counts")
+        query = (
+            select(models.c.id, models.c.name, models.c.version, models.c.promoted_at, counts)
+            .outerjoin(counts, counts.c.model_id == models.c.id)
+            .where(models.c.status == "active")
+            .order_by(models.c.name)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            ModelScoreRow(
+                model_id=r.id,
+                name=r.name,
+                version=r.version,
+                window_start=(now - window) if window is not None else r.promoted_at,
+                window_end=now,
+                n_coils=int(r.n_coils or 0),
+                n_correct=int(r.n_correct or 0),
+                tp=int(r.tp or 0),
+                predicted_nok=int(r.predicted_nok or 0),
+                actual_nok=int(r.actual_nok or 0),
+            )
+            for r in rows
+        ]
+
+    def record(self, rows: Sequence[ModelScoreRow], below: Sequence[bool], computed_at: datetime) -> None:
+        if not rows:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                mperformance.insert(),
+                [
+                    {
+                        "model_id": r.model_id,
+                        "computed_at": computed_at,
+                        "window_start": r.window_start,
+                        "window_end": r.window_end,
+                        "n_coils": r.n_coils,
+                        "n_correct": r.n_correct,
+                        "score": r.score,
+                        "precision_nok": r.precision_nok,
+                        "recall_nok": r.recall_nok,
+                        "below_threshold": flag,
+                    }
+                    for r, flag in zip(rows, below, strict=True)
+                ],
+            )
+
+    def latest(self) -> list[LatestScore]:
+        newest = (
+            select(mperformance.c.model_id, func.max(mperformance.c.id).label("id"))
+            .group_by(mperformance.c.model_id)
+            .subquery("newest")
+        )
+        query = (
+            select(models, mperformance.c.n_coils, mperformance.c.score, mperformance.c.computed_at)
+            .join(mperformance, mperformance.c.model_id == models.c.id)
+            .join(newest, newest.c.id == mperformance.c.id)
+            .where(models.c.status == "active")
+            .order_by(models.c.name)
+        )
+        with self.engine.connect() as conn:
+            return [LatestScore(_record(r), r.n_coils, r.score, r.computed_at) for r in conn.execute(query)]
+
+
+RETRAIN_LOCK_NAMESPACE = 0x636F696C  # "coil": keeps coilguard's advisory locks apart from other users'
+
+
+class SqlRetrainRuns:
+    """``retrain_runs`` rows plus the lock that makes one retrain per model at a time.
+
+    On PostgreSQL the lock is a session advisory lock on the model id, taken *before* the ``running``
+    row is written and held on its own connection until the run ends. A process that dies loses its
+    connection and with it the lock, so the next run can tell a dead run from a live one: if it gets
+    the lock while a ``running`` row exists, that row's process is gone and the row is marked failed.
+    On SQLite (one machine) the row's ``host:pid`` is checked instead.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._locks: dict[int, Connection] = {}
+
+    def start(self, model_id: int, reason: str, worker: str) -> int | None:
+        lock = None
+        if self.engine.dialect.name == "postgresql":
+            lock = self.engine.connect()
+            got = lock.execute(
+                text("SELECT pg_try_advisory_lock(:ns, :key)"), {"ns": RETRAIN_LOCK_NAMESPACE, "key": model_id}
+            ).scalar()
+            lock.commit()
+            if not got:
+                lock.close()
+                return None
+        try:
+            with self.engine.begin() as conn:
+                stale = conn.execute(
+                    select(retrain_runs).where(retrain_runs.c.model_id == model_id, retrain_runs.c.status == "running")
+                ).first()
+                if stale is not None:
+                    if lock is None and _process_alive(stale.worker):
+                        return None
+                    conn.execute(
+                        update(retrain_runs)
+                        .where(retrain_runs.c.id == stale.id)
+                        .values(
+                            status="failed",
+                            finished_at=datetime.now(UTC),
+                            reason=f"{stale.reason or ''} | abandoned: its process ({stale.worker}) died".strip(" |"),
+                        )
+                    )
+                run_id = conn.execute(
+                    retrain_runs.insert()
+                    .values(
+                        model_id=model_id, status="running", reason=reason, worker=worker, started_at=datetime.now(UTC)
+                    )
+                    .returning(retrain_runs.c.id)
+                ).scalar_one()
+        except IntegrityError:  # another process wrote its running row first (SQLite)
+            if lock is not None:
+                lock.close()
+            return None
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
+        if lock is not None:
+            self._locks[run_id] = lock
+        return int(run_id)
+
+    def finish(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        reason: str | None = None,
+        challenger_id: int | None = None,
+        metrics: dict[str, Any] | None = None,
+        device: str | None = None,
+    ) -> None:
+        values: dict[str, Any] = {"status": status, "finished_at": datetime.now(UTC)}
+        if reason is not None:
+            values["reason"] = reason
+        if challenger_id is not None:
+            values["challenger_id"] = challenger_id
+        if metrics is not None:
+            values["metrics"] = metrics
+        if device is not None:
+            values["device"] = device
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(update(retrain_runs).where(retrain_runs.c.id == run_id).values(**values))
+        finally:
+            lock = self._locks.pop(run_id, None)
+            if lock is not None:
+                lock.close()  # ends the session: the advisory lock goes with it
+
+
+def _process_alive(worker: str | None) -> bool:
+    """For SQLite: is the ``host:pid`` that wrote a running row still alive? Unknown hosts count as alive."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"

@@ -1,0 +1,215 @@
+"""Alembic revision 0001 on a real PostgreSQL: the tables, their constraints, and no drift from the models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy.exc import IntegrityError
+
+from services.db import migrate
+from services.db.engine import make_engine, session_factory
+from services.db.models import OPERATIONAL_TABLE_NAMES, TABLE_NAMES, Base, Coil, Feedback
+
+SEVEN = set(TABLE_NAMES)
+ALL_TABLES = SEVEN | set(OPERATIONAL_TABLE_NAMES)
+HEAD = migrate.head()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def url(pg_database_factory: Callable[[], str]) -> str:
+    url = pg_database_factory()
+    assert migrate.upgrade(url) == HEAD
+    return url
+
+
+@pytest.fixture(scope="module")
+def engine(url: str) -> Iterator[Engine]:
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def run(engine: Engine, sql: str, **params: object) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(sql), params)
+
+
+def refused(engine: Engine, sql: str, **params: object) -> None:
+    with pytest.raises(IntegrityError):
+        run(engine, sql, **params)
+
+
+def add_coil(engine: Engine, coil_id: str) -> None:
+    run(engine, "INSERT INTO coils (coil_id, line, matrix) VALUES (:c, 'galv-1', '\\x00')", c=coil_id)
+
+
+def add_model(engine: Engine, name: str, version: int, status: str) -> int:
+    with engine.begin() as conn:
+        return conn.execute(
+            text("INSERT INTO models (name, kind, version, status) VALUES (:n, 'cnn', :v, :s) RETURNING id"),
+            {"n": name, "v": version, "s": status},
+        ).scalar_one()
+
+
+def test_upgrade_creates_the_seven_tables(engine: Engine, url: str) -> None:
+    assert set(inspect(engine).get_table_names()) == ALL_TABLES | {"alembic_version"}
+    assert migrate.current(url) == migrate.head() == HEAD
+    assert migrate.upgrade(url) == HEAD  # at head already: nothing happens
+
+
+def test_plain_sql_feedback_insert_works(engine: Engine) -> None:
+    add_coil(engine, "C-2026-000123")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO feedback (coil_id, label, operator) VALUES ('C-2026-000123', 'NOK', 'anna')"))
+        row = conn.execute(
+            text("SELECT id, label, operator, comment, created_at FROM feedback WHERE coil_id = 'C-2026-000123'")
+        ).one()
+    assert row.id >= 1 and row.label == "NOK" and row.operator == "anna" and row.comment is None
+    assert row.created_at.tzinfo is not None
+
+
+@pytest.mark.parametrize("label", ["ok", "MAYBE", "ABSTAIN"])
+def test_feedback_label_other_than_ok_nok_is_refused(engine: Engine, label: str) -> None:
+    add_coil(engine, f"C-label-{label}")
+    refused(
+        engine, "INSERT INTO feedback (coil_id, label, operator) VALUES (:c, :l, 'anna')", c=f"C-label-{label}", l=label
+    )
+
+
+def test_feedback_for_an_unknown_coil_is_refused(engine: Engine) -> None:
+    refused(engine, "INSERT INTO feedback (coil_id, label, operator) VALUES ('C-unknown', 'OK', 'anna')")
+
+
+def test_autogenerate_finds_no_difference_between_models_and_migrations(engine: Engine, url: str) -> None:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        assert compare_metadata(context, Base.metadata) == []
+    migrate.check(url)  # through env.py, as `alembic revision --autogenerate` compares
+
+
+def _catalog(conn: Connection) -> dict[str, object]:
+    """What PostgreSQL itself says about the schema, beyond what autogenerate compares
+    (CHECK constraints, index predicates, identity columns)."""
+    columns = conn.execute(
+        text(
+            "SELECT table_name, column_name, data_type, character_maximum_length, is_nullable,"
+            " column_default, is_identity, identity_generation FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND table_name <> 'alembic_version'"
+            " ORDER BY table_name, column_name"
+        )
+    ).all()
+    constraints = conn.execute(
+        text(
+            "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
+            " WHERE connamespace = 'public'::regnamespace AND conrelid::regclass::text <> 'alembic_version'"
+            " ORDER BY 1, 2"
+        )
+    ).all()
+    indexes = conn.execute(
+        text(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes"
+            " WHERE schemaname = 'public' AND tablename <> 'alembic_version' ORDER BY 1, 2"
+        )
+    ).all()
+    return {"columns": columns, "constraints": constraints, "indexes": indexes}
+
+
+def test_migrated_schema_equals_the_models_create_all(engine: Engine, pg_database_factory: Callable[[], str]) -> None:
+    reference = make_engine(pg_database_factory())
+    try:
+        Base.metadata.create_all(reference)
+        with reference.connect() as ref, engine.connect() as migrated:
+            expected, actual = _catalog(ref), _catalog(migrated)
+    finally:
+        reference.dispose()
+    for part in ("columns", "constraints", "indexes"):
+        assert actual[part] == expected[part], part
+    identity = {(t, c) for t, c, *_, is_identity, _gen in actual["columns"] if is_identity == "YES"}
+    assert identity == {(t, "id") for t in SEVEN - {"coils"}}
+    predicates = {name: definition for _t, name, definition in actual["indexes"]}
+    assert predicates["uq_models_name_active"].endswith("WHERE ((status)::text = 'active'::text)")
+    assert predicates["uq_retrain_runs_model_id_running"].endswith("WHERE ((status)::text = 'running'::text)")
+
+
+def test_partial_unique_indexes_work(engine: Engine) -> None:
+    add_model(engine, "pg-cnn", 1, "active")
+    candidate = add_model(engine, "pg-cnn", 2, "candidate")
+    add_model(engine, "pg-yolo", 1, "active")
+    refused(engine, "INSERT INTO models (name, kind, version, status) VALUES ('pg-cnn', 'cnn', 3, 'active')")
+    refused(engine, "UPDATE models SET status = 'active' WHERE id = :m", m=candidate)
+    with engine.begin() as conn:  # promotion in one transaction
+        conn.execute(text("UPDATE models SET status = 'retired' WHERE name = 'pg-cnn' AND version = 1"))
+        conn.execute(text("UPDATE models SET status = 'active' WHERE id = :m"), {"m": candidate})
+
+    run(engine, "INSERT INTO retrain_runs (model_id, worker) VALUES (:m, 'host-a:1')", m=candidate)
+    refused(engine, "INSERT INTO retrain_runs (model_id, worker) VALUES (:m, 'host-b:2')", m=candidate)
+    run(engine, "UPDATE retrain_runs SET status = 'failed' WHERE model_id = :m", m=candidate)
+    run(engine, "INSERT INTO retrain_runs (model_id, worker) VALUES (:m, 'host-b:2')", m=candidate)
+
+
+def test_checks_and_defaults(engine: Engine) -> None:
+    add_coil(engine, "C-checks")
+    model = add_model(engine, "pg-checks", 1, "candidate")
+    refused(engine, "INSERT INTO coils (coil_id, line, matrix, status) VALUES ('C-x', 'l', '\\x00', 'maybe')")
+    refused(engine, "INSERT INTO assessments (coil_id, model_id, label) VALUES ('C-checks', :m, 'YES')", m=model)
+    run(engine, "INSERT INTO assessments (coil_id, model_id, label) VALUES ('C-checks', :m, 'ABSTAIN')", m=model)
+    refused(engine, "INSERT INTO assessments (coil_id, model_id, label) VALUES ('C-checks', :m, 'OK')", m=model)
+    run(engine, "INSERT INTO mperformance (model_id, n_coils, n_correct) VALUES (:m, 0, 0)", m=model)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT status FROM coils WHERE coil_id = 'C-checks'")).scalar_one() == "pending"
+        assert (
+            conn.execute(
+                text("SELECT below_threshold FROM mperformance WHERE model_id = :m"), {"m": model}
+            ).scalar_one()
+            is False
+        )
+
+
+def test_orm_reads_aware_utc_and_jsonb(engine: Engine) -> None:
+    Session = session_factory(engine)
+    with Session.begin() as session:
+        session.add(Coil(coil_id="C-orm", line="galv-1", matrix=b"\x00" * 19_008, product={"coating": "Z275"}))
+        session.flush()
+        session.add(Feedback(coil_id="C-orm", label="OK"))
+    with Session() as session:
+        coil = session.get(Coil, "C-orm")
+        assert coil is not None and coil.product == {"coating": "Z275"} and len(coil.matrix) == 19_008
+        assert coil.received_at.tzinfo == UTC
+        assert [f.label for f in coil.feedback] == ["OK"]
+
+
+def test_downgrade_to_base_leaves_no_tables(pg_database_factory: Callable[[], str]) -> None:
+    url = pg_database_factory()
+    migrate.upgrade(url)
+    assert migrate.downgrade(url, "base") is None
+    engine = make_engine(url)
+    try:
+        assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    finally:
+        engine.dispose()
+    assert migrate.upgrade(url) == HEAD
+
+
+def test_concurrent_upgrades_are_serialized(pg_database_factory: Callable[[], str]) -> None:
+    """Several pods running `coilguard db upgrade` at once: one migrates, the others find it done."""
+    url = pg_database_factory()
+    code = "import sys; from services.db import migrate; print(migrate.upgrade(sys.argv[1]))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, out.strip()) == (0, HEAD), err[-2000:]
+    assert migrate.current(url) == HEAD
