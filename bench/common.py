@@ -1,0 +1,96 @@
+"""Shared pieces of the benchmarks: the machine, a scratch database, and writing figures to docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+LOCAL_MQTT = "mqtt://127.0.0.1:1883"
+
+
+def machine() -> str:
+    """One line naming the machine a figure was measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+        torch_version = f", torch {torch.__version__}"
+    except ImportError:
+        gpu = torch_version = ""
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB RAM{gpu}, Python {platform.python_version()}{torch_version}"
+    )
+
+
+def command_line() -> str:
+    return " ".join([".venv/bin/python", *[a if " " not in a else repr(a) for a in sys.argv]])
+
+
+def today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def write_section(key: str, body: str) -> None:
+    """Replace the section between ``<!-- key:begin -->`` and ``<!-- key:end -->`` in docs/benchmarks.md
+    (appending it when absent), so each benchmark owns its part and reruns overwrite their own figures."""
+    BENCHMARKS_MD.parent.mkdir(exist_ok=True)
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
+    block = f"<!-- {key}:begin -->\n{body.strip()}\n<!-- {key}:end -->"
+    pattern = re.compile(rf"<!-- {re.escape(key)}:begin -->.*?<!-- {re.escape(key)}:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    BENCHMARKS_MD.write_text(text)
+
+
+def provenance() -> str:
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout
+    return f"Measured {today()} on {machine()}; code {commit.strip() or 'unknown'}.\n\nCommand: `{command_line()}`"
+
+
+@contextlib.contextmanager
+def scratch_database(admin_url: str = LOCAL_POSTGRES) -> Iterator[str]:
+    """A fresh PostgreSQL database, migrated, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from services.db.migrate import upgrade
+
+    name = f"coilguard_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> dict[int, float]:
+    import numpy as np
+
+    if not values:
+        return {p: float("nan") for p in points}
+    return {p: float(np.percentile(values, p)) for p in points}

@@ -1,0 +1,123 @@
+"""A labelled set of coils in memory and on disk (``.npz`` with ``X``, ``y``, ``coil_id``, ``produced_at``, ``meta``).
+
+``meta`` is one JSON document: dataset-level facts (source, seed, scenario, settings) and, under
+``columns``, per-coil lists such as the product's coating class or the simulator's true label. Keeping
+it JSON means any tool can read the file without coilguard installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml.matrix import as_matrix_batch
+
+OK, NOK = 0, 1
+LABELS = ("OK", "NOK")
+
+
+@dataclass
+class CoilDataset:
+    X: np.ndarray  # (N, 264, 18) float32, g/m² per side, NaN = dropped reading
+    y: np.ndarray  # (N,) int8, 1 = NOK (the label a model learns from)
+    coil_id: np.ndarray  # (N,) str
+    produced_at: np.ndarray  # (N,) datetime64[ms]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.X = as_matrix_batch(self.X)
+        self.y = np.asarray(self.y, dtype=np.int8)
+        self.coil_id = np.asarray(self.coil_id, dtype=str)
+        self.produced_at = np.asarray(self.produced_at, dtype="datetime64[ms]")
+        n = len(self.X)
+        for name in ("y", "coil_id", "produced_at"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} rows, X has {n}")
+        for name, values in self.columns.items():
+            if len(values) != n:
+                raise ValueError(f"meta column {name!r} has {len(values)} rows, X has {n}")
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    @property
+    def columns(self) -> dict[str, list[Any]]:
+        return self.meta.setdefault("columns", {})
+
+    def column(self, name: str) -> np.ndarray:
+        return np.asarray(self.columns[name])
+
+    @property
+    def n_nok(self) -> int:
+        return int(self.y.sum())
+
+    def subset(self, index: np.ndarray | slice | list[int]) -> CoilDataset:
+        idx = np.arange(len(self))[index]
+        meta = {k: v for k, v in self.meta.items() if k != "columns"}
+        meta["columns"] = {k: [v[i] for i in idx] for k, v in self.columns.items()}
+        return CoilDataset(self.X[idx], self.y[idx], self.coil_id[idx], self.produced_at[idx], meta)
+
+    @classmethod
+    def concat(cls, parts: list[CoilDataset]) -> CoilDataset:
+        names = set.intersection(*(set(p.columns) for p in parts)) if parts else set()
+        meta = {"source": "concat", "parts": [{k: v for k, v in p.meta.items() if k != "columns"} for p in parts]}
+        meta["columns"] = {k: [x for p in parts for x in p.columns[k]] for k in sorted(names)}
+        return cls(
+            np.concatenate([p.X for p in parts]),
+            np.concatenate([p.y for p in parts]),
+            np.concatenate([p.coil_id for p in parts]),
+            np.concatenate([p.produced_at for p in parts]),
+            meta,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What a model manifest records about the data it was trained on."""
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(self.X).tobytes())
+        digest.update(self.y.tobytes())
+        return {
+            "n_coils": len(self),
+            "n_nok": self.n_nok,
+            "nok_share": round(self.n_nok / max(len(self), 1), 5),
+            "first_produced_at": str(self.produced_at.min()) if len(self) else None,
+            "last_produced_at": str(self.produced_at.max()) if len(self) else None,
+            "source": self.meta.get("source"),
+            "sha256": digest.hexdigest(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            path,
+            X=self.X,
+            y=self.y,
+            coil_id=self.coil_id,
+            produced_at=self.produced_at,
+            meta=np.array(json.dumps(self.meta, default=_json_default)),
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CoilDataset:
+        with np.load(Path(path), allow_pickle=False) as data:
+            return cls(
+                X=data["X"],
+                y=data["y"],
+                coil_id=data["coil_id"],
+                produced_at=data["produced_at"],
+                meta=json.loads(str(data["meta"])),
+            )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
