@@ -1,0 +1,3 @@
+from ml.assessors.cnn.assessor import CnnAssessor, CnnSettings
+
+__all__ = ["CnnAssessor", "CnnSettings"]

@@ -1,0 +1,70 @@
+"""Assessor discovery through the ``coilguard.assessors`` entry-point group.
+
+A separate package adds an assessor by declaring, in its own ``pyproject.toml``::
+
+    [project.entry-points."coilguard.assessors"]
+    mykey = "my_package.module:MyAssessor"
+
+and nothing in coilguard changes. The entry point's name must equal the class's ``key``.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+
+from ml.assessors.base import Assessor
+from ml.assessors.manifest import ArtifactError, Manifest
+
+GROUP = "coilguard.assessors"
+log = logging.getLogger(__name__)
+
+
+class UnknownAssessor(KeyError):
+    def __str__(self) -> str:
+        return f"no assessor {self.args[0]!r}; installed: {', '.join(sorted(available())) or 'none'}"
+
+
+def available() -> dict[str, type[Assessor]]:
+    """Every installed assessor class by key. Looked up afresh each call: installs can change at run time.
+
+    A plug-in that fails to import is logged and left out, so one broken package cannot take every
+    other assessor down with it.
+    """
+    found: dict[str, type[Assessor]] = {}
+    for ep in entry_points(group=GROUP):
+        try:
+            found[ep.name] = _load(ep)
+        except Exception as exc:
+            log.error("assessor plug-in %s = %s is unusable: %s", ep.name, ep.value, exc)
+    return found
+
+
+def assessor_class(key: str) -> type[Assessor]:
+    for ep in entry_points(group=GROUP, name=key):
+        return _load(ep)
+    raise UnknownAssessor(key)
+
+
+def _load(ep: EntryPoint) -> type[Assessor]:
+    cls = ep.load()
+    if not (isinstance(cls, type) and issubclass(cls, Assessor)):
+        raise TypeError(f"entry point {ep.name} = {ep.value} is not an Assessor subclass")
+    if cls.key != ep.name:
+        raise TypeError(f"entry point {ep.name} points at an assessor whose key is {cls.key!r}")
+    return cls
+
+
+def create(key: str, settings: dict | None = None, *, name: str | None = None) -> Assessor:
+    return assessor_class(key)(settings, name=name)
+
+
+def load_artifact(directory: str | Path) -> Assessor:
+    """Load whichever assessor a model folder holds, verifying its manifest."""
+    manifest = Manifest.read(Path(directory))
+    try:
+        cls = assessor_class(manifest.kind)
+    except UnknownAssessor as exc:
+        raise ArtifactError(f"{directory}: {exc}") from None
+    return cls.load(directory)

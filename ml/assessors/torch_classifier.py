@@ -1,0 +1,121 @@
+"""What every torch assessor that maps one coil to one NOK logit shares: fitting with the common loop,
+calibration, validation metrics, and saving/loading a state dict. A model family supplies the
+network (``build_network``) and how a normalized batch becomes its input (``to_input``)."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ml.assessors.base import AssessBatch, Assessor, FitCallback, FitReport, Stopwatch, calibrate
+from ml.dataset import CoilDataset
+from ml.evaluation.metrics import best_threshold, binary_metrics
+from ml.normalize import Normalizer
+from ml.training.augment import augment_batch
+from ml.training.loop import LoopConfig, predict_logits, train_binary
+from ml.training.runtime import describe_device, resolve_device, seed_everything
+from ml.training.splits import stratified_split
+
+WEIGHTS = "weights.pt"
+
+
+class TorchClassifierAssessor(Assessor):
+    weight_files = (WEIGHTS,)
+
+    def __init__(self, settings=None, *, name: str | None = None) -> None:
+        super().__init__(settings, name=name)
+        self.net: nn.Module | None = None
+
+    @abstractmethod
+    def build_network(self) -> nn.Module:
+        """A fresh, untrained network producing one logit per coil."""
+
+    def to_input(self, x: np.ndarray) -> torch.Tensor:
+        """Normalized (B, 264, 18) → (B, 1, 264, 18)."""
+        return torch.from_numpy(np.ascontiguousarray(x[:, None]))
+
+    def trainable_parameters(self, net: nn.Module) -> list[nn.Parameter] | None:
+        """Which parameters the optimizer updates (None: all that require grad). Freezing hooks in here."""
+        return None
+
+    def fit(
+        self,
+        dataset: CoilDataset,
+        init: Assessor | None = None,
+        device: str = "auto",
+        callback: FitCallback | None = None,
+    ) -> FitReport:
+        clock = Stopwatch()
+        settings = self.settings
+        rng = seed_everything(settings.seed)
+        torch_device = resolve_device(device)
+        if init is not None:
+            if not isinstance(init, type(self)) or init.net is None:
+                raise TypeError(f"cannot warm-start a {self.key} assessor from {init.describe()}")
+            # keep the champion's scale so that its learned features still mean the same
+            self.normalizer = init.normalizer
+            net = self.build_network()
+            net.load_state_dict(init.net.state_dict())
+        else:
+            self.normalizer = Normalizer.fit(dataset.X)
+            net = self.build_network()
+        x = self.normalize(dataset.X)
+        y = dataset.y.astype(np.int64)
+        train_idx, val_idx = stratified_split(y, settings.val_fraction, rng)
+        result = train_binary(
+            net,
+            x[train_idx],
+            y[train_idx],
+            x[val_idx],
+            y[val_idx],
+            config=LoopConfig(
+                epochs=settings.epochs,
+                batch_size=settings.batch_size,
+                lr=settings.lr,
+                patience=settings.patience,
+                class_weight_nok=settings.class_weight_nok,
+                oversample_nok=settings.oversample_nok,
+                seed=settings.seed,
+                label=self.name,
+            ),
+            to_input=self.to_input,
+            device=torch_device,
+            augment=augment_batch if settings.augment else None,
+            parameters=self.trainable_parameters(net),
+            callback=callback,
+        )
+        self.net = net.cpu().eval()
+        self.threshold = best_threshold(
+            y[val_idx], result.val_scores, low=settings.min_threshold, high=1 - settings.min_threshold
+        )
+        self.metrics = {"validation": binary_metrics(y[val_idx], calibrate(result.val_scores, self.threshold))}
+        self.training_data = dataset.summary()
+        self.runtime = {
+            "device": describe_device(torch_device),
+            "duration_s": clock.seconds,
+            "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "torch": torch.__version__,
+            "history": result.history,
+        }
+        return FitReport(self.metrics, result.epochs_run, clock.seconds, str(torch_device))
+
+    def predict_raw(self, batch: AssessBatch) -> np.ndarray:
+        if self.net is None:
+            raise RuntimeError(f"{self.key} assessor has not been fitted or loaded")
+        logits = predict_logits(self.net, self.normalize(batch.matrices), self.to_input, torch.device("cpu"))
+        return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+    def save_weights(self, directory: Path) -> None:
+        if self.net is None:
+            raise RuntimeError("nothing to save: the assessor has not been fitted")
+        torch.save(self.net.state_dict(), directory / WEIGHTS)
+
+    def load_weights(self, directory: Path) -> None:
+        net = self.build_network()
+        net.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
+        self.net = net.eval()

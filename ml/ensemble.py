@@ -1,0 +1,98 @@
+"""The coil paper's decision rule: average the active models' p(NOK) and confidences, threshold at 0.5.
+
+Each member runs once per batch. An assessor that cannot judge a coil (an image model on a coil
+without images) abstains: its vote is recorded as such and the average is taken over the members
+that voted. A coil on which every member abstains is decided by nobody and flagged so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ml.assessors.base import AssessBatch, Assessor
+
+ABSTAIN = "ABSTAIN"
+
+
+@dataclass(frozen=True)
+class Member:
+    assessor: Assessor
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.assessor.name
+
+    @property
+    def version(self) -> int:
+        return int(self.assessor.version or 0)
+
+
+@dataclass(frozen=True)
+class MemberVote:
+    model: str
+    version: int
+    label: str  # "OK", "NOK" or "ABSTAIN"
+    p_nok: float | None
+    confidence: float | None
+
+
+@dataclass(frozen=True)
+class EnsembleDecision:
+    label: str  # "OK" or "NOK"
+    p_nok: float
+    confidence: float
+    votes: tuple[MemberVote, ...]
+
+    @property
+    def n_voted(self) -> int:
+        return sum(v.label != ABSTAIN for v in self.votes)
+
+
+class Ensemble:
+    def __init__(self, members: list[Member], threshold: float = 0.5) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = list(members)
+        self.threshold = threshold
+
+    @property
+    def versions(self) -> dict[str, int]:
+        return {m.name: m.version for m in self.members}
+
+    @property
+    def needs_images(self) -> bool:
+        return any(m.assessor.consumes == "image" for m in self.members)
+
+    def predict_arrays(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per member and coil (M, N): p_nok and confidence (NaN = abstained); then the weighted averages (N,)."""
+        p = np.empty((len(self.members), len(batch)), dtype=np.float64)
+        c = np.empty_like(p)
+        for i, member in enumerate(self.members):
+            p[i], c[i] = member.assessor.predict(batch)
+        weights = np.array([m.weight for m in self.members], dtype=np.float64)[:, None]
+        voted = ~np.isnan(p)
+        w = np.where(voted, weights, 0.0)
+        total = w.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p_avg = np.where(total > 0, np.nansum(p * w, axis=0) / total, np.nan)
+            c_avg = np.where(total > 0, np.nansum(c * w, axis=0) / total, np.nan)
+        return p, c, p_avg, c_avg
+
+    def assess(self, batch: AssessBatch) -> list[EnsembleDecision]:
+        p, c, p_avg, c_avg = self.predict_arrays(batch)
+        decisions = []
+        for j in range(len(batch)):
+            votes = tuple(
+                MemberVote(m.name, m.version, ABSTAIN, None, None)
+                if np.isnan(p[i, j])
+                else MemberVote(m.name, m.version, "NOK" if p[i, j] >= 0.5 else "OK", float(p[i, j]), float(c[i, j]))
+                for i, m in enumerate(self.members)
+            )
+            if np.isnan(p_avg[j]):
+                raise ValueError("every member abstained on a coil; the ensemble needs a matrix assessor")
+            label = "NOK" if p_avg[j] >= self.threshold else "OK"
+            decisions.append(EnsembleDecision(label, float(p_avg[j]), float(c_avg[j]), votes))
+        return decisions

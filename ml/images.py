@@ -1,0 +1,27 @@
+"""Surface images for the image assessors: bytes in, grayscale float32 in [0, 1] out."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG or JPEG bytes → (H, W) float32 in [0, 1]; raises ValueError on anything else."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except Exception as exc:  # PIL raises many types for bad data
+        raise ValueError(f"not a decodable image: {exc}") from None
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W) array in [0, 1] (or uint8) → PNG bytes."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()

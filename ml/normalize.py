@@ -1,0 +1,71 @@
+"""Normalization with the global population limits of the training data (the coil paper's §3.1).
+
+One pair of limits for the whole population, not per coil: a thin coil must still look thin after
+normalization, and a Z100 coil must look different from a Z275 one. The limits travel in each
+model's manifest so that AssessCoils normalizes a live coil exactly as the model's training data was.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ml.matrix import as_matrix_batch
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    low: float  # g/m² mapped to 0
+    high: float  # g/m² mapped to 1
+
+    @classmethod
+    def fit(cls, X: np.ndarray, quantiles: tuple[float, float] = (0.001, 0.999), margin: float = 0.25) -> Normalizer:
+        """Limits from the bulk of the population, widened by ``margin`` of its span on each side.
+
+        The quantiles keep a stuck or wild sensor from stretching the scale for everybody; the margin
+        keeps the rare thin spots (a few NOK sections among millions of readings, below the 0.1 %
+        quantile by nature) from being clipped into the same value as ordinary noise.
+        """
+        values = as_matrix_batch(X)
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            raise ValueError("no readings to fit normalization limits on")
+        low, high = (float(v) for v in np.quantile(values, quantiles))
+        span = max(high - low, 1.0)
+        return cls(max(low - margin * span, 0.0), high + margin * span)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """(N, 264, 18) g/m² with NaN → float32 in [0, 1], dropped readings filled, values clipped."""
+        X = fill_dropped(as_matrix_batch(X))
+        out = (X - np.float32(self.low)) * np.float32(1.0 / (self.high - self.low))
+        np.clip(out, 0.0, 1.0, out=out)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "global-limits", "low": self.low, "high": self.high}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Normalizer:
+        if data.get("method", "global-limits") != "global-limits":
+            raise ValueError(f"unknown normalization method {data.get('method')!r}")
+        return cls(float(data["low"]), float(data["high"]))
+
+
+def fill_dropped(X: np.ndarray) -> np.ndarray:
+    """Replace dropped readings (NaN) by the same sensor's mean over the coil; a sensor dropped on the
+    whole coil takes the coil's mean. Filling along the sensor keeps a stripe a stripe."""
+    missing = np.isnan(X)
+    if not missing.any():
+        return X
+    X = X.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # all-dropped sensors are expected here
+        column_mean = np.nanmean(X, axis=1, keepdims=True)  # (N, 1, 18)
+        coil_mean = np.nanmean(X, axis=(1, 2), keepdims=True)  # (N, 1, 1)
+    column_mean = np.where(np.isnan(column_mean), coil_mean, column_mean)
+    column_mean = np.nan_to_num(column_mean, nan=0.0)
+    X[missing] = np.broadcast_to(column_mean, X.shape)[missing]
+    return X

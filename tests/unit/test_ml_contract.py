@@ -1,0 +1,209 @@
+"""The assessor contract: normalization, calibration, augmentation, ensemble, manifest, entry points."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import stripe_coils
+
+from ml.assessors.base import AssessBatch, calibrate
+from ml.assessors.manifest import ArtifactError, Manifest
+from ml.assessors.registry import UnknownAssessor, available, create, load_artifact
+from ml.ensemble import ABSTAIN, Ensemble, Member
+from ml.evaluation.metrics import best_threshold, binary_metrics
+from ml.normalize import Normalizer, fill_dropped
+from ml.training.augment import augment_batch
+from ml.training.loop import epoch_indices
+from ml.training.splits import stratified_split
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+def test_normalizer_uses_global_limits_fills_drops_and_clips() -> None:
+    X = np.full((2, 264, 18), 100.0, dtype=np.float32)
+    X[1] = 200.0
+    X[0, 5, 3] = np.nan
+    X[1, :, 7] = np.nan  # a sensor dropped for the whole coil
+    X[0, 0, 0] = 10_000.0  # a wild reading must not stretch the scale
+    norm = Normalizer.fit(X)
+    assert norm.low == pytest.approx(75.0) and norm.high == pytest.approx(225.0)  # bulk ± a quarter of its span
+    out = norm.transform(X)
+    assert out.dtype == np.float32 and not np.isnan(out).any()
+    assert out.min() >= 0 and out.max() <= 1 and out[0, 0, 0] == 1.0  # clipped
+    assert out[0, 5, 3] == pytest.approx(1 / 6, abs=1e-3)  # filled from its own sensor's values
+    assert out[1, 0, 7] == pytest.approx(5 / 6)  # whole sensor dropped: the coil's mean
+    assert Normalizer.from_dict(norm.to_dict()) == norm
+
+
+def test_fill_dropped_keeps_a_stripe_a_stripe() -> None:
+    X = np.full((1, 264, 18), 140.0, dtype=np.float32)
+    X[0, :, 4] = 100.0
+    X[0, 50:60, 4] = np.nan
+    assert np.allclose(fill_dropped(X)[0, 50:60, 4], 100.0)
+
+
+def test_calibration_moves_the_threshold_to_one_half_and_keeps_order() -> None:
+    raw = np.array([0.01, 0.2, 0.3, 0.9, np.nan])
+    out = calibrate(raw, 0.2)
+    assert out[1] == pytest.approx(0.5)
+    assert np.all(np.diff(out[:4]) > 0) and np.isnan(out[4])
+
+
+def test_best_threshold_prefers_the_f1_optimum() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1])
+    scores = np.array([0.05, 0.1, 0.15, 0.3, 0.35, 0.4])
+    t = best_threshold(y, scores)
+    assert 0.3 < t <= 0.35
+    assert binary_metrics(y, scores, t)["f1_nok"] == 1.0
+
+
+def test_augmentation_flips_each_side_on_its_own_and_stays_in_range() -> None:
+    x = np.zeros((64, 264, 18), dtype=np.float32)
+    x[:, :, 0] = 1.0  # operator-side edge of the top side
+    out = augment_batch(x, np.random.default_rng(0), max_shear_sections=0, noise_sigma=0)
+    hot = {int(np.argmax(out[i].mean(axis=0))) for i in range(len(out))}
+    assert hot <= {0, 8, 9, 17}  # an edge stays an edge; a flip never moves it into the strip's centre
+    assert len(hot) > 1
+    noisy = augment_batch(x, np.random.default_rng(1))
+    assert noisy.min() >= 0 and noisy.max() <= 1 and noisy.shape == x.shape
+
+
+def test_splits_and_oversampling_keep_nok_everywhere() -> None:
+    y = np.array([0] * 95 + [1] * 5)
+    train, val = stratified_split(y, 0.2, np.random.default_rng(0))
+    assert y[val].sum() >= 1 and y[train].sum() >= 1 and len(set(train) & set(val)) == 0
+    idx = epoch_indices(y, 3.0, np.random.default_rng(0))
+    assert np.sum(y[idx] == 1) == 15 and np.sum(y[idx] == 0) == 95
+
+
+def test_cnn_trains_saves_loads_and_predicts_identically(tmp_path: Path) -> None:
+    data = stripe_coils(240, seed=1)
+    cnn = create("cnn", {"epochs": 3, "batch_size": 32, "seed": 3})
+    report = cnn.fit(data, device="cpu")
+    assert report.epochs_run >= 1 and "validation" in cnn.metrics
+    test = stripe_coils(60, seed=2)
+    p, c = cnn.predict(AssessBatch(test.X))
+    assert p.shape == (60,) and np.all((c >= 0.5) & (c <= 1))
+    manifest = cnn.save(tmp_path / "cnn")
+    assert manifest.normalization and manifest.training_data["n_coils"] == 240
+    assert manifest.settings["epochs"] == 3 and set(manifest.files) == {"weights.pt"}
+    again = load_artifact(tmp_path / "cnn")
+    p2, c2 = again.predict(AssessBatch(test.X))
+    np.testing.assert_array_equal(p, p2)
+    np.testing.assert_array_equal(c, c2)
+
+
+def test_cnn_training_is_reproducible_by_seed() -> None:
+    data = stripe_coils(120, seed=4)
+    runs = []
+    for _ in range(2):
+        cnn = create("cnn", {"epochs": 1, "batch_size": 32, "seed": 11})
+        cnn.fit(data, device="cpu")
+        runs.append(cnn.predict(AssessBatch(data.X[:20]))[0])
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_a_tampered_weights_file_is_refused(tmp_path: Path) -> None:
+    cnn = create("cnn", {"epochs": 1, "batch_size": 32})
+    cnn.fit(stripe_coils(80), device="cpu")
+    cnn.save(tmp_path)
+    weights = tmp_path / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match"):
+        load_artifact(tmp_path)
+
+
+def test_a_manifest_of_another_kind_is_refused(tmp_path: Path) -> None:
+    cnn = create("cnn", {"epochs": 1, "batch_size": 32})
+    cnn.fit(stripe_coils(80), device="cpu")
+    cnn.save(tmp_path)
+    manifest = Manifest.read(tmp_path)
+    manifest.kind = "nonexistent"
+    manifest.write(tmp_path)
+    with pytest.raises(ArtifactError, match="nonexistent"):
+        load_artifact(tmp_path)
+
+
+def test_unknown_assessor_names_the_installed_ones() -> None:
+    with pytest.raises(UnknownAssessor, match="cnn"):
+        create("no-such-model")
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="epochs"):
+        create("cnn", {"epochs": 0})
+    with pytest.raises(ValueError, match="extra"):
+        create("cnn", {"no_such_setting": 1})
+
+
+class _Fixed:
+    """A stand-in assessor with fixed outputs, to pin the ensemble arithmetic."""
+
+    consumes = "matrix"
+
+    def __init__(self, name: str, p: list[float], consumes: str = "matrix") -> None:
+        self.name, self.version, self._p, self.consumes = name, 1, np.array(p, dtype=np.float32), consumes
+
+    def predict(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray]:
+        return self._p, np.where(np.isnan(self._p), np.nan, np.maximum(self._p, 1 - self._p))
+
+
+def test_ensemble_averages_votes_and_records_abstentions() -> None:
+    members = [
+        Member(_Fixed("a", [0.9, 0.3, 0.6])),  # type: ignore[arg-type]
+        Member(_Fixed("b", [0.7, 0.4, 0.3])),  # type: ignore[arg-type]
+        Member(_Fixed("img", [np.nan, 0.9, np.nan], consumes="image")),  # type: ignore[arg-type]
+    ]
+    decisions = Ensemble(members).assess(AssessBatch(np.zeros((3, 264, 18), np.float32)))
+    assert [d.label for d in decisions] == ["NOK", "NOK", "OK"]
+    assert decisions[0].p_nok == pytest.approx(0.8)  # the abstention does not count
+    assert decisions[1].p_nok == pytest.approx(1.6 / 3)  # the image vote counts where there was an image
+    assert decisions[0].votes[2].label == ABSTAIN and decisions[0].votes[2].p_nok is None
+    assert decisions[0].n_voted == 2 and decisions[1].n_voted == 3
+    weighted = Ensemble([Member(members[0].assessor, 3.0), Member(members[1].assessor, 1.0)])
+    assert weighted.assess(AssessBatch(np.zeros((3, 264, 18), np.float32)))[2].p_nok == pytest.approx(0.525)
+
+
+def test_an_assessor_from_another_package_joins_through_its_entry_point(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(FIXTURES / "tiny_plugin"),
+        ],
+        check=True,
+    )
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    try:
+        assert "tiny" in available() and "cnn" in available()
+        data = stripe_coils(100, seed=5)
+        tiny = create("tiny")
+        tiny.fit(data)
+        tiny.save(tmp_path / "tiny")
+        loaded = load_artifact(tmp_path / "tiny")
+        assert type(loaded).__module__ == "coilguard_tiny"
+        p, _ = loaded.predict(AssessBatch(data.X))
+        assert binary_metrics(data.y, p)["f1_nok"] > 0.9
+        decisions = Ensemble([Member(loaded)]).assess(AssessBatch(data.X[:4]))
+        assert decisions[0].votes[0].model == "tiny"
+    finally:
+        sys.path.remove(str(target))
+        for name in [m for m in sys.modules if m.startswith("coilguard_tiny")]:
+            del sys.modules[name]
