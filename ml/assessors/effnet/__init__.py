@@ -1,0 +1,3 @@
+from ml.assessors.effnet.assessor import EffNetAssessor, EffNetSettings
+
+__all__ = ["EffNetAssessor", "EffNetSettings"]

@@ -1,0 +1,3 @@
+from ml.assessors.siamese.assessor import SiameseAssessor, SiameseSettings
+
+__all__ = ["SiameseAssessor", "SiameseSettings"]

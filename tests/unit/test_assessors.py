@@ -1,0 +1,255 @@
+"""Every matrix assessor family against the contract: trains on tiny data, saves, loads and predicts exactly
+what it predicted before saving, refuses tampered weights, warm-starts from a trained instance (ReTrain),
+validates its settings; plus what is particular to YOLO (offline, weights file, freezing), EfficientNet
+(ImageNet weights from the installed file) and the Siamese network (pair mix, references)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import stripe_coils
+
+from ml.assessors.base import AssessBatch, Assessor
+from ml.assessors.manifest import ArtifactError
+from ml.assessors.registry import assessor_class, available, create, load_artifact
+from ml.training.pairs import all_pairs, balanced_pairs, pair_batches, pair_type_weights
+from ml.training.render import render_gray, render_rgb, tile
+
+KEYS = ["cnn", "yolo", "effnet", "siamese"]
+# the smallest, fastest configuration of each family: the contract is the point here, not quality
+TINY: dict[str, dict] = {
+    "cnn": {"epochs": 1, "batch_size": 32, "seed": 3},
+    "yolo": {"epochs": 2, "batch_size": 16, "seed": 3, "size": "n", "imgsz": 32},  # batch-norm statistics need steps
+    "effnet": {"epochs": 1, "batch_size": 32, "seed": 3, "imgsz": 32},
+    "siamese": {"epochs": 2, "batch_size": 32, "seed": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return stripe_coils(120, seed=1)
+
+
+@pytest.fixture(scope="module")
+def unseen():
+    return stripe_coils(40, seed=2)
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    """One trained instance per family, trained on first use and shared by the tests of this module."""
+    cache: dict[str, Assessor] = {}
+
+    def get(key: str) -> Assessor:
+        if key not in cache:
+            assessor = create(key, TINY[key])
+            report = assessor.fit(data, device="cpu")
+            assert report.epochs_run >= 1 and "validation" in assessor.metrics
+            cache[key] = assessor
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(params=KEYS)
+def trained(request, fitted) -> Assessor:
+    return fitted(request.param)
+
+
+def test_the_families_are_installed_as_plugins() -> None:
+    found = available()
+    for key in KEYS:
+        assert key in found and found[key].key == key
+        assert assessor_class(key) is found[key]
+
+
+def test_trains_saves_loads_and_predicts_identically(trained: Assessor, unseen, tmp_path: Path) -> None:
+    p, c = trained.predict(AssessBatch(unseen.X))
+    assert p.shape == (len(unseen),) and np.isfinite(p).all()
+    assert np.all((p >= 0) & (p <= 1)) and np.all((c >= 0.5) & (c <= 1))
+    assert np.unique(p).size > 1  # a constant output would make the comparison below meaningless
+    manifest = trained.save(tmp_path / trained.key)
+    assert manifest.kind == trained.key and set(manifest.files) == set(trained.weight_files)
+    assert manifest.normalization and manifest.training_data["n_coils"] == 120
+    again = load_artifact(tmp_path / trained.key)
+    assert type(again) is type(trained) and again.threshold == trained.threshold
+    p2, c2 = again.predict(AssessBatch(unseen.X))
+    np.testing.assert_array_equal(p, p2)
+    np.testing.assert_array_equal(c, c2)
+
+
+def test_a_tampered_weights_file_is_refused(trained: Assessor, tmp_path: Path) -> None:
+    for name in trained.weight_files:
+        directory = tmp_path / name
+        trained.save(directory)
+        path = directory / name
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF  # one flipped byte
+        path.write_bytes(bytes(raw))
+        with pytest.raises(ArtifactError, match="does not match"):
+            load_artifact(directory)
+        path.unlink()
+        with pytest.raises(ArtifactError, match="missing"):
+            load_artifact(directory)
+
+
+def test_warm_start_from_a_trained_instance(trained: Assessor, data, unseen) -> None:
+    challenger = create(trained.key, TINY[trained.key])
+    challenger.fit(data, init=trained, device="cpu")
+    assert challenger.normalizer == trained.normalizer  # the champion's scale is kept
+    p, _ = challenger.predict(AssessBatch(unseen.X))
+    assert np.isfinite(p).all()
+    if trained.key != "cnn":
+        assert challenger.runtime["start"] == "init"
+    with pytest.raises(TypeError, match="warm-start"):
+        create(trained.key, TINY[trained.key]).fit(data, init=create("cnn" if trained.key != "cnn" else "yolo"))
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_settings_are_validated(key: str) -> None:
+    cls = assessor_class(key)
+    defaults = cls.Settings()
+    assert 1 <= defaults.epochs <= 50 and defaults.patience == 5 and defaults.class_weight_nok == 5.0
+    cls(cls.quick_settings)  # the demo's settings are valid
+    with pytest.raises(ValueError, match="epochs"):
+        create(key, {"epochs": 0})
+    with pytest.raises(ValueError, match="extra"):
+        create(key, {"no_such_setting": 1})
+    bad = {
+        "cnn": {"depth": 0},
+        "yolo": {"size": "x"},
+        "effnet": {"freeze": 8},
+        "siamese": {"references": 0},
+    }[key]
+    with pytest.raises(ValueError):
+        create(key, bad)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_tiling_keeps_sensors_in_their_columns_and_sections_in_order() -> None:
+    x = torch.arange(264 * 18, dtype=torch.float32).reshape(1, 264, 18)
+    out = tile(x)
+    assert out.shape == (1, 66, 72)  # four segments of 66 sections side by side
+    np.testing.assert_array_equal(out[0, :, 18:36].numpy(), x[0, 66:132].numpy())
+    img = render_gray(np.random.default_rng(0).random((3, 264, 18), dtype=np.float32), 64, "tile")
+    assert img.shape == (3, 1, 64, 64) and img.dtype == torch.float32
+    rgb = render_rgb(np.full((2, 264, 18), 0.485, dtype=np.float32), 48, "resize")
+    assert rgb.shape == (2, 3, 48, 48) and abs(float(rgb[:, 0].mean())) < 1e-5  # ImageNet mean maps to 0
+    with pytest.raises(ValueError, match="render"):
+        render_gray(np.zeros((1, 264, 18), np.float32), 32, "stretch")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- YOLO
+
+
+def _fake_yolov8n_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """An ultralytics-style checkpoint ({"model": module}) of a 3-channel, 1000-class YOLOv8n-cls."""
+    from copy import deepcopy
+
+    from ml.assessors.yolo.torch_model import ultralytics_offline, yolov8_cls_yaml
+
+    tasks = ultralytics_offline()
+    body, _ = tasks.parse_model(deepcopy(yolov8_cls_yaml("n", nc=1000, channels=3)), ch=3, verbose=False)
+    holder = torch.nn.Module()
+    holder.model = body
+    torch.nn.init.normal_(body[0].conv.weight)
+    torch.save({"model": holder, "train_args": {}}, path)
+    return {k: v.clone() for k, v in holder.state_dict().items()}
+
+
+def test_yolo_starts_from_a_weights_file_freezes_layers_and_never_goes_online(
+    data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = tmp_path / "yolov8n-cls.pt"
+    original = _fake_yolov8n_checkpoint(weights)
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the network was touched")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    yolo = create("yolo", {**TINY["yolo"], "weights": str(weights), "freeze": 7})
+    yolo.fit(data, device="cpu")
+    assert yolo.runtime["start"] == "file" and yolo.runtime["frozen_layers"] == 7
+    state = yolo.net.state_dict()
+    # grayscale folded into the pretrained RGB stem; frozen layers untouched, batch-norm statistics included
+    torch.testing.assert_close(state["model.0.conv.weight"], original["model.0.conv.weight"].sum(1, keepdim=True))
+    for key in ("model.6.m.0.cv1.conv.weight", "model.6.m.0.cv1.bn.running_mean"):
+        torch.testing.assert_close(state[key], original[key])
+    assert not torch.equal(state["model.8.cv2.conv.weight"], original["model.8.cv2.conv.weight"])  # fine-tuned
+    assert state["model.9.linear.weight"].shape == (1, 1280)  # one logit, not the file's 1000 classes
+
+    missing = create("yolo", {**TINY["yolo"], "weights": str(tmp_path / "absent.pt")})
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        missing.fit(data, device="cpu")
+
+
+def test_yolo_without_weights_trains_from_scratch_with_nothing_frozen(fitted) -> None:
+    yolo = fitted("yolo")
+    assert yolo.runtime["start"] == "scratch" and yolo.runtime["frozen_layers"] == 0
+    assert all(p.requires_grad for p in yolo.net.parameters())
+
+
+# ---------------------------------------------------------------- EfficientNet
+
+
+def test_effnet_fine_tunes_the_installed_imagenet_weights(fitted) -> None:
+    from ml.assessors.effnet.torch_model import imagenet_weights_file
+
+    effnet = fitted("effnet")
+    imagenet = torch.load(imagenet_weights_file(), map_location="cpu", weights_only=True)
+    net = effnet.net.net
+    assert effnet.runtime["start"] == "imagenet" and effnet.runtime["frozen_stages"] == 3
+    torch.testing.assert_close(net._conv_stem.weight, imagenet["_conv_stem.weight"])  # frozen
+    torch.testing.assert_close(net._blocks[4]._bn1.running_var, imagenet["_blocks.4._bn1.running_var"])  # stage 3
+    assert not torch.equal(net._conv_head.weight, imagenet["_conv_head.weight"])  # fine-tuned
+
+
+# ---------------------------------------------------------------- Siamese
+
+
+def test_siamese_pairs_follow_the_papers_mix() -> None:
+    y = np.array([1] * 10 + [0] * 300)
+    rng = np.random.default_rng(0)
+    batches = pair_batches(y, 32, rng)
+    kinds = np.zeros(3)
+    for idx in batches:
+        assert 0 < y[idx].sum() <= 16
+        labels = torch.as_tensor(y[idx])
+        left, right, same = all_pairs(labels)
+        assert torch.equal(same, (labels[left] == labels[right]).float())
+        w = pair_type_weights(labels[left], labels[right])
+        kind = (labels[left] + labels[right]).numpy()
+        kinds += [w[kind == k].sum().item() for k in (0, 1, 2)]
+    assert sum(int(y[idx].sum() * (y[idx].sum() - 1) / 2) for idx in batches) >= 100  # about N_NOK² NOK–NOK
+    np.testing.assert_allclose(kinds / kinds.sum(), [0.25, 0.5, 0.25], atol=1e-6)  # OK–OK : OK–NOK : NOK–NOK
+    pairs = balanced_pairs(y, rng)
+    kind = y[pairs.left] + y[pairs.right]
+    assert np.sum(kind == 2) == 100 and np.sum(kind == 0) == 100 and np.sum(kind == 1) == 200
+    assert np.array_equal(pairs.same, (kind != 1).astype(int))
+    assert len(np.unique(pairs.left[kind == 1].tolist() + pairs.right[kind == 1].tolist())) > 150  # many OKs
+
+
+def test_siamese_scores_against_k_means_references(fitted, tmp_path: Path) -> None:
+    siamese = fitted("siamese")
+    refs = siamese.references
+    assert refs.ok.shape == (3, siamese.settings.embedding_dim) and refs.nok.shape == refs.ok.shape
+    assert len(set(siamese.runtime["references"]["NOK"])) == 3  # three different NOK coils
+    siamese.save(tmp_path)
+    loaded = load_artifact(tmp_path)
+    assert torch.equal(loaded.references.nok, refs.nok) and torch.equal(loaded.references.ok, refs.ok)
+
+
+def test_siamese_training_is_reproducible_by_seed(data) -> None:
+    runs = []
+    for _ in range(2):
+        siamese = create("siamese", TINY["siamese"])
+        siamese.fit(data, device="cpu")
+        runs.append(siamese.predict_raw(AssessBatch(data.X[:20])))
+    np.testing.assert_array_equal(runs[0], runs[1])
