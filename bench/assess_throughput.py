@@ -1,0 +1,249 @@
+"""AssessCoils throughput and latency on real Mosquitto and PostgreSQL (issue 3's benchmark).
+
+(a) compute limit: the serving ensemble's batched inference in one process, coils/s;
+(b) end to end: coils published on MQTT, assessed by a running ``coilguard assess``, committed to
+    PostgreSQL and announced: sustained coils/s (closed loop, at most ``--window`` coils outstanding
+    so that the broker's queue never overflows), and publish→decision latency p50/p95/p99 at a fixed
+    offered rate (open loop);
+(c) the ratio (b)/(a).
+
+    .venv/bin/python bench/assess_throughput.py                      # CNN-only ensemble
+    .venv/bin/python bench/assess_throughput.py --ensemble cnn,yolo,effnet,siamese
+
+Everything runs on this machine: publisher, worker, PostgreSQL and Mosquitto share its cores, as
+they would on a single-box install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import orjson
+from rich.console import Console
+from rich.progress import Progress
+from sqlalchemy import func, select
+
+from bench.common import LOCAL_MQTT, percentiles, provenance, scratch_database, write_section
+from ml.assessors.base import AssessBatch
+from ml.assessors.registry import create
+from ml.sim import LineConfig, LineSimulator
+from services.db.engine import make_engine
+from services.db.models import Coil
+from services.db.repositories import SqlModelRegistry
+from services.mqtt.client import Inbound, MqttClient, forget_session
+from workflows.assess import EnsembleLoader
+from workflows.messages import encode_coil_message
+from workflows.topics import Topics
+from workflows.training import register
+
+console = Console()
+
+# Small training runs: the weights do not matter for speed, the network sizes do (default settings).
+QUICK_TRAINING = {"cnn": {"epochs": 1}, "yolo": {"epochs": 1}, "effnet": {"epochs": 1}, "siamese": {"epochs": 1}}
+
+
+def build_registry(database_url: str, model_dir: Path, kinds: list[str]) -> None:
+    data = LineSimulator(LineConfig(seed=3, id_prefix="BENCHTRAIN")).dataset(600)
+    registry = SqlModelRegistry(make_engine(database_url))
+    for kind in kinds:
+        assessor = create(kind, QUICK_TRAINING.get(kind, {}))
+        console.print(f"training a throw-away {kind} (default network size) …")
+        assessor.fit(data, device="cpu")
+        register(assessor, registry, model_dir, status="active")
+
+
+def compute_limit(database_url: str, model_dir: Path, matrices: np.ndarray, batch_size: int) -> float:
+    serving = EnsembleLoader(SqlModelRegistry(make_engine(database_url)), model_dir).load()
+    ensemble = serving.ensemble
+    ensemble.predict_arrays(AssessBatch(matrices[:batch_size]))  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(matrices), batch_size):
+        ensemble.predict_arrays(AssessBatch(matrices[start : start + batch_size]))
+    return len(matrices) / (time.perf_counter() - started)
+
+
+class DecisionClock:
+    """Subscribed to the decision topic: records when each coil's decision arrived."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def on_message(self, message: Inbound) -> None:
+        now = time.perf_counter()
+        coil_id = orjson.loads(message.payload)["coil_id"]
+        with self.lock:
+            self.arrived.setdefault(coil_id, now)
+
+    def count(self) -> int:
+        return len(self.arrived)
+
+
+def closed_loop(
+    pub: MqttClient, topics: Topics, payloads: list[tuple[str, str, bytes]], clock: DecisionClock, window: int
+) -> float:
+    """Publish keeping at most ``window`` coils outstanding; coils/s between the 10 % and 90 % decisions."""
+    base = clock.count()
+    n = len(payloads)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("end to end, closed loop", total=n)
+        for i, (_, line, payload) in enumerate(payloads):
+            while i - (clock.count() - base) >= window:
+                time.sleep(0.0005)
+            pub.publish(topics.sensors(line), payload)
+            progress.update(task, completed=clock.count() - base)
+        deadline = time.monotonic() + 120
+        while clock.count() - base < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+            progress.update(task, completed=clock.count() - base)
+    times = sorted(clock.arrived[c] for c, _, _ in payloads if c in clock.arrived)
+    if len(times) < n:
+        raise RuntimeError(f"only {len(times)} of {n} coils were decided")
+    lo, hi = int(0.1 * n), int(0.9 * n)
+    return (hi - lo) / (times[hi] - times[lo])
+
+
+def open_loop(
+    pub: MqttClient, topics: Topics, payloads: list[tuple[str, str, bytes]], clock: DecisionClock, rate: float
+) -> list[float]:
+    sent: dict[str, float] = {}
+    started = time.perf_counter()
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"latency at {rate:g} coils/s", total=len(payloads))
+        for i, (coil_id, line, payload) in enumerate(payloads):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            sent[coil_id] = time.perf_counter()
+            pub.publish(topics.sensors(line), payload)
+            progress.advance(task)
+    deadline = time.monotonic() + 60
+    while any(c not in clock.arrived for c in sent) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [1000 * (clock.arrived[c] - t) for c, t in sent.items() if c in clock.arrived]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ensemble", default="cnn", help="comma-separated assessor kinds")
+    parser.add_argument("--coils", type=int, default=4000, help="coils for the throughput run")
+    parser.add_argument("--latency-coils", type=int, default=1500, help="coils for the latency run")
+    parser.add_argument("--rate", type=float, default=50.0, help="offered rate of the latency run, coils/s")
+    parser.add_argument("--window", type=int, default=600, help="coils outstanding in the closed loop")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--binary", action="store_true", help="publish thickness_b64 instead of nested lists")
+    parser.add_argument("--mqtt", default=LOCAL_MQTT)
+    parser.add_argument("--profile", help="record the worker with py-spy into this SVG flame graph")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    kinds = [k.strip() for k in args.ensemble.split(",") if k.strip()]
+
+    sim = LineSimulator(LineConfig(seed=77, id_prefix=f"B{os.getpid()}"))
+    coils = list(itertools.islice(sim.stream(), args.coils + args.latency_coils))
+    payloads = [
+        (
+            c.coil_id,
+            c.line,
+            encode_coil_message(c.coil_id, c.line, c.produced_at, c.thickness, product=c.product, binary=args.binary),
+        )
+        for c in coils
+    ]
+    matrices = np.stack([c.thickness for c in coils[: args.coils]])
+
+    with scratch_database() as database_url, tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "models"
+        build_registry(database_url, model_dir, kinds)
+        limit = compute_limit(database_url, model_dir, matrices, args.batch_size)
+        console.print(f"(a) compute limit: {limit:.0f} coils/s")
+
+        prefix = f"bench{os.getpid()}"
+        client_id = f"bench-assess-{os.getpid()}"
+        env = {
+            **os.environ,
+            "COILGUARD_DATABASE_URL": database_url,
+            "COILGUARD_MQTT_URL": args.mqtt,
+            "COILGUARD_MQTT_TOPIC_PREFIX": prefix,
+            "COILGUARD_MODEL_DIR": str(model_dir),
+            "COILGUARD_MQTT_CLIENT_ID": client_id,
+            "COILGUARD_BATCH_SIZE": str(args.batch_size),
+            "COILGUARD_LOG_LEVEL": "WARNING",
+        }
+        topics = Topics(prefix)
+        clock = DecisionClock()
+        log = Path(tmp) / "assess.log"
+        with open(log, "wb") as out:
+            worker = subprocess.Popen([sys.executable, "-m", "services.cli", "assess"], env=env, stderr=out)
+        try:
+            with MqttClient(args.mqtt, on_message=clock.on_message) as sub, MqttClient(args.mqtt) as pub:
+                sub.subscribe(topics.all_decisions)
+                warm = payloads[-1]  # re-sent until decided: the worker's session exists only once it is up
+                deadline = time.monotonic() + 120
+                while warm[0] not in clock.arrived and time.monotonic() < deadline and worker.poll() is None:
+                    pub.publish(topics.sensors(warm[1]), warm[2])
+                    time.sleep(1.0)
+                if warm[0] not in clock.arrived:
+                    raise RuntimeError("the worker did not come up:\n" + log.read_text()[-3000:])
+                if args.profile:  # sample the worker (all threads, idle too) while it is under load
+                    py_spy = Path(sys.executable).parent / "py-spy"
+                    profiler = subprocess.Popen(
+                        [str(py_spy), "record", "--pid", str(worker.pid), "--duration", "10", "--nonblocking",
+                         "--idle", "--threads", "-r", "200", "-f", "raw", "-o", args.profile],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
+                sustained = closed_loop(pub, topics, payloads[: args.coils], clock, args.window)
+                if args.profile:
+                    profiler.wait(60)
+                console.print(f"(b) end to end: {sustained:.0f} coils/s sustained")
+                latencies = open_loop(pub, topics, payloads[args.coils : -1], clock, args.rate)
+        finally:
+            worker.terminate()
+            worker.wait(60)
+            forget_session(args.mqtt, client_id)
+        with make_engine(database_url).connect() as conn:
+            stored = conn.execute(select(func.count(Coil.coil_id))).scalar_one()
+    lost = args.coils + args.latency_coils - int(stored)
+    pct = percentiles(latencies)
+    ratio = sustained / limit
+    console.print(
+        f"(b) latency at {args.rate:g} coils/s: p50 {pct[50]:.1f} ms, p95 {pct[95]:.1f} ms, p99 {pct[99]:.1f} ms"
+    )
+    console.print(f"(c) end to end / compute limit: {ratio:.0%}; coils not stored: {lost}")
+
+    ensemble_name = "+".join(kinds)
+    payload_kind = "thickness_b64" if args.binary else "nested-list JSON"
+    lat = f"{pct[50]:.1f} / {pct[95]:.1f} / {pct[99]:.1f} ms"
+    body = f"""
+### AssessCoils throughput, ensemble `{ensemble_name}`, {payload_kind}
+
+| figure | value | target |
+| --- | --- | --- |
+| (a) compute limit, batched inference in one process | {limit:.0f} coils/s | |
+| (b) end to end, sustained (MQTT → worker → PostgreSQL → MQTT) | {sustained:.0f} coils/s | ≥ 500 coils/s (CNN-only) |
+| (b) publish→decision latency at {args.rate:g} coils/s, p50 / p95 / p99 | {lat} | p99 ≤ 50 ms |
+| (c) end to end / compute limit | {ratio:.0%} | ≥ 85 % (full ensemble) |
+| coils published / stored | {args.coils + args.latency_coils} / {stored} | all |
+
+Batch size {args.batch_size}, closed loop with {args.window} coils outstanding, {args.coils} coils;
+latency over {len(latencies)} coils offered at {args.rate:g}/s. Publisher, worker, PostgreSQL 15 and
+Mosquitto 2.0 on the same machine.
+
+{provenance()}
+"""
+    if not args.no_write:
+        write_section(f"assess-throughput-{ensemble_name}-{'b64' if args.binary else 'json'}", body)
+        console.print("written to docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The coil paper's evaluation protocol, for every assessor and for their ensemble.
+
+1. Repeated stratified k-fold cross-validation on the development data (the paper: 5 folds × 10
+   repeats on 4,542 coils): each assessor is trained on k−1 folds and judged on the last; the
+   ensemble is the average of the members' calibrated p(NOK) on the same fold.
+2. The gold set: every assessor trained once on all development data, then judged on a balanced
+   set of 30 OK + 30 NOK coils from a later period of the line, never used for any choice. Its NOK-F1
+   gets a bootstrap 95 % interval, and the best two are compared with a paired permutation test.
+
+Numbers only; the report and plots are written by ``ml/evaluation/report.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import RepeatedStratifiedKFold
+
+from ml.assessors.base import AssessBatch, Assessor
+from ml.assessors.registry import create
+from ml.dataset import CoilDataset
+from ml.evaluation.metrics import binary_metrics
+from ml.evaluation.stats import bootstrap_f1_interval, permutation_test_f1
+
+ENSEMBLE = "ensemble"
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Plan:
+    kinds: list[str]
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # per kind
+    n_splits: int = 5
+    n_repeats: int = 10
+    seed: int = 0
+    device: str = "auto"
+    bootstrap: int = 2000
+    permutations: int = 5000
+
+    @property
+    def n_fits(self) -> int:
+        return len(self.kinds) * (self.n_splits * self.n_repeats + 1)
+
+
+@dataclass
+class FoldResult:
+    name: str
+    repeat: int
+    fold: int
+    metrics: dict[str, Any]
+    fit_s: float
+
+
+@dataclass
+class GoldResult:
+    name: str
+    metrics: dict[str, Any]
+    p_nok: np.ndarray
+    f1_interval: tuple[float, float]
+    fit_s: float | None = None
+    predict_s: float | None = None
+    device: str | None = None
+
+
+@dataclass
+class Evaluation:
+    plan: Plan
+    dev: dict[str, Any]
+    gold: dict[str, Any]
+    folds: list[FoldResult]
+    gold_results: list[GoldResult]
+    y_gold: np.ndarray
+    comparison: dict[str, Any]
+
+    def cv_summary(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for name in [*self.plan.kinds, ENSEMBLE]:
+            rows = [f for f in self.folds if f.name == name]
+            if not rows:
+                continue
+            f1 = np.array([r.metrics["f1_nok"] for r in rows])
+            auc = np.array([r.metrics["roc_auc"] or np.nan for r in rows])
+            fit = [r.fit_s for r in rows if r.fit_s]
+            out[name] = {
+                "f1_mean": float(f1.mean()),
+                "f1_sd": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
+                "auc_mean": float(np.nanmean(auc)),
+                "fit_s_mean": float(np.mean(fit)) if fit else 0.0,
+                "folds": len(rows),
+            }
+        return out
+
+
+def evaluate(dev: CoilDataset, gold: CoilDataset, plan: Plan, progress: Progress | None = None) -> Evaluation:
+    notify = progress or (lambda _: None)
+    folds = cross_validate(dev, plan, notify)
+    gold_results = []
+    members: dict[str, np.ndarray] = {}
+    for kind in plan.kinds:
+        notify({"stage": "gold", "kind": kind})
+        assessor = _assessor(kind, plan, plan.seed)
+        started = time.perf_counter()
+        report = assessor.fit(dev, device=plan.device)
+        fit_s = time.perf_counter() - started
+        started = time.perf_counter()
+        p, _ = assessor.predict(AssessBatch(gold.X))
+        predict_s = time.perf_counter() - started
+        members[kind] = p
+        gold_results.append(_gold(kind, gold.y, p, plan, fit_s, predict_s, report.device))
+        notify({"stage": "fit", "kind": kind, "done": True})
+    ensemble = np.mean(np.stack(list(members.values())), axis=0)
+    gold_results.append(_gold(ENSEMBLE, gold.y, ensemble, plan))
+    ranked = sorted(gold_results, key=lambda g: g.metrics["f1_nok"], reverse=True)
+    comparison: dict[str, Any] = {}
+    if len(ranked) >= 2:
+        difference, p_value = permutation_test_f1(
+            gold.y, ranked[0].p_nok, ranked[1].p_nok, n=plan.permutations, seed=plan.seed
+        )
+        comparison = {"best": ranked[0].name, "second": ranked[1].name, "f1_difference": difference, "p_value": p_value}
+    return Evaluation(
+        plan=plan,
+        dev=dev.summary(),
+        gold=gold.summary() | {k: gold.meta.get(k) for k in ("labels", "n_ok", "n_nok")},
+        folds=folds,
+        gold_results=gold_results,
+        y_gold=np.asarray(gold.y),
+        comparison=comparison,
+    )
+
+
+def cross_validate(dev: CoilDataset, plan: Plan, notify: Progress) -> list[FoldResult]:
+    if plan.n_repeats == 0:
+        return []
+    splitter = RepeatedStratifiedKFold(n_splits=plan.n_splits, n_repeats=plan.n_repeats, random_state=plan.seed)
+    results: list[FoldResult] = []
+    for i, (train, val) in enumerate(splitter.split(dev.X, dev.y)):
+        repeat, fold = divmod(i, plan.n_splits)
+        batch = AssessBatch(dev.X[val])
+        members = []
+        for kind in plan.kinds:
+            notify({"stage": "cv", "kind": kind, "repeat": repeat, "fold": fold})
+            assessor = _assessor(kind, plan, plan.seed + i)
+            started = time.perf_counter()
+            assessor.fit(dev.subset(train), device=plan.device)
+            fit_s = time.perf_counter() - started
+            p, _ = assessor.predict(batch)
+            members.append(p)
+            results.append(FoldResult(kind, repeat, fold, binary_metrics(dev.y[val], p), fit_s))
+            notify({"stage": "fit", "kind": kind, "done": True})
+        ensemble = np.mean(np.stack(members), axis=0)
+        results.append(FoldResult(ENSEMBLE, repeat, fold, binary_metrics(dev.y[val], ensemble), 0.0))
+    return results
+
+
+def _assessor(kind: str, plan: Plan, seed: int) -> Assessor:
+    return create(kind, {**plan.settings.get(kind, {}), "seed": seed})
+
+
+def _gold(
+    name: str,
+    y: np.ndarray,
+    p: np.ndarray,
+    plan: Plan,
+    fit_s: float | None = None,
+    predict_s: float | None = None,
+    device: str | None = None,
+) -> GoldResult:
+    return GoldResult(
+        name=name,
+        metrics=binary_metrics(y, p),
+        p_nok=p,
+        f1_interval=bootstrap_f1_interval(y, p, n=plan.bootstrap, seed=plan.seed),
+        fit_s=fit_s,
+        predict_s=predict_s,
+        device=device,
+    )

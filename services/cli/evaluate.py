@@ -1,0 +1,87 @@
+"""``coilguard evaluate``: the coil paper's protocol (repeated k-fold CV and a gold set) for every assessor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from services.cli.base import AppContext, cli, pass_ctx
+
+
+@cli.command()
+@click.option("--assessors", default="cnn,yolo,effnet,siamese", show_default=True, help="Comma-separated kinds.")
+@click.option("--data", "data_spec", default="sim:4542", show_default=True, help="Development data: sim:N or .npz.")
+@click.option("--folds", default=5, show_default=True, help="Cross-validation folds.")
+@click.option("--repeats", default=10, show_default=True, help="Cross-validation repeats (0: gold set only).")
+@click.option("--quick", is_flag=True, help="2 folds × 1 repeat on 2,000 coils with quick settings (minutes).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KIND.KEY=VALUE", help="e.g. cnn.depth=10")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Report folder (default REPORT_DIR/…).")
+@pass_ctx
+def evaluate(
+    ctx: AppContext,
+    assessors: str,
+    data_spec: str,
+    folds: int,
+    repeats: int,
+    quick: bool,
+    seed: int,
+    overrides: tuple[str, ...],
+    out: Path | None,
+) -> None:
+    """Cross-validate and test on a gold set every assessor and the ensemble; write a table and plots."""
+    from datetime import UTC, datetime
+
+    from ml.assessors.registry import available
+    from ml.evaluation.protocol import Plan
+    from ml.evaluation.protocol import evaluate as run_evaluation
+    from ml.evaluation.report import gold_table, write_report
+    from ml.sim import gold_set
+    from services.cli.models import parse_setting
+    from services.progress import make_progress
+    from workflows.training import training_data
+
+    installed = available()
+    kinds = [k.strip() for k in assessors.split(",") if k.strip()]
+    missing = [k for k in kinds if k not in installed]
+    if missing:
+        raise click.BadParameter(f"not installed: {', '.join(missing)}", param_hint="--assessors")
+    settings: dict[str, dict] = {k: dict(installed[k].quick_settings) if quick else {} for k in kinds}
+    for text in overrides:
+        key, value = parse_setting(text)
+        kind, _, name = key.partition(".")
+        if kind not in settings or not name:
+            raise click.BadParameter(f"expected KIND.KEY=VALUE with KIND one of {kinds}", param_hint="--set")
+        settings[kind][name] = value
+    if quick:
+        folds, repeats = 2, 1
+        if data_spec == "sim:4542":
+            data_spec = "sim:2000"
+    plan = Plan(
+        kinds=kinds, settings=settings, n_splits=folds, n_repeats=repeats, seed=seed, device=ctx.settings.device
+    )
+    dev = training_data(data_spec, seed=seed)
+    gold = gold_set(seed=seed)
+    out = out or ctx.settings.report_dir / f"evaluation-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    click.echo(
+        f"evaluating {', '.join(kinds)} on {len(dev)} coils ({dev.n_nok} NOK), {folds}×{repeats} CV, "
+        f"gold set {len(gold)} coils; {plan.n_fits} trainings on {ctx.settings.device}"
+    )
+    with make_progress() as progress:
+        task = progress.add_task("evaluate", total=plan.n_fits, status="")
+
+        def on_event(event: dict) -> None:
+            if event.get("done"):
+                progress.advance(task)
+            elif event["stage"] == "cv":
+                progress.update(
+                    task, status=f"CV repeat {event['repeat'] + 1} fold {event['fold'] + 1}: {event['kind']}"
+                )
+            else:
+                progress.update(task, status=f"gold set: training {event['kind']} on all data")
+
+        evaluation = run_evaluation(dev, gold, plan, on_event)
+    report = write_report(evaluation, out)
+    click.echo(gold_table(evaluation))
+    click.echo(f"report: {report}")

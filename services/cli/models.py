@@ -1,0 +1,114 @@
+"""``coilguard train`` and ``coilguard models``: model work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from services.cli.base import AppContext, cli, pass_ctx
+
+
+@cli.command()
+@click.option("--assessor", "kind", required=True, help="Assessor key (see `coilguard models --kinds`).")
+@click.option("--data", "data_spec", default="sim:4542", show_default=True, help="sim:N or a dataset .npz file.")
+@click.option("--name", help="Registry name (default: the assessor key).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Assessor setting, e.g. epochs=10.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the data (sim:N) and the training.")
+@click.option("--register/--no-register", default=False, help="Register the model and make it the active version.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Save here instead (no registry).")
+@pass_ctx
+def train(
+    ctx: AppContext,
+    kind: str,
+    data_spec: str,
+    name: str | None,
+    overrides: tuple[str, ...],
+    seed: int,
+    register: bool,
+    out: Path | None,
+) -> None:
+    """Train an assessor, save its artifact and (with --register) put it into service."""
+    from ml.assessors.registry import UnknownAssessor, create
+    from services.progress import fit_progress
+    from workflows.training import register as register_model
+    from workflows.training import training_data
+
+    settings = ctx.settings
+    options = {"seed": seed, **dict(parse_setting(o) for o in overrides)}
+    try:
+        assessor = create(kind, options, name=name)
+    except UnknownAssessor as exc:
+        raise click.BadParameter(str(exc), param_hint="--assessor") from None
+    except ValueError as exc:  # pydantic validation of the settings
+        raise click.BadParameter(str(exc), param_hint="--set") from None
+    data = training_data(data_spec, seed=seed)
+    click.echo(f"training {assessor.name} ({kind}) on {len(data)} coils, {data.n_nok} NOK, device {settings.device}")
+    with fit_progress(f"train {assessor.name}", assessor.settings.epochs) as on_epoch:
+        report = assessor.fit(data, device=settings.device, callback=on_epoch)
+    validation = report.metrics.get("validation", {})
+    click.echo(
+        f"done in {report.duration_s:.0f} s, {report.epochs_run} epochs on {report.device}: validation NOK-F1 "
+        f"{validation.get('f1_nok', float('nan')):.3f}, ROC-AUC {validation.get('roc_auc') or float('nan'):.3f}"
+    )
+    if out is not None:
+        assessor.save(out)
+        click.echo(f"saved to {out}")
+    if register:
+        from services.db.engine import make_engine
+        from services.db.repositories import SqlModelRegistry
+
+        record = register_model(
+            assessor,
+            SqlModelRegistry(make_engine(settings.database_url)),
+            settings.model_dir,
+            status="active",
+            dataset=data,
+        )
+        click.echo(f"registered {record.name} v{record.version} (active) at {settings.model_dir / record.artifact_uri}")
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="--set")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+@cli.command("models")
+@click.option("--kinds", is_flag=True, help="List the installed assessor kinds instead.")
+@click.option("--all", "show_all", is_flag=True, help="Include retired and failed versions.")
+@pass_ctx
+def models_(ctx: AppContext, kinds: bool, show_all: bool) -> None:
+    """The registered models and their versions (or the installed assessor kinds)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if kinds:
+        from ml.assessors.registry import available
+
+        table = Table("kind", "consumes", "class")
+        for key, cls in sorted(available().items()):
+            table.add_row(key, cls.consumes, f"{cls.__module__}.{cls.__qualname__}")
+        console.print(table)
+        return
+    from services.db.engine import make_engine
+    from services.db.repositories import SqlModelRegistry
+
+    records = SqlModelRegistry(make_engine(ctx.settings.database_url)).all()
+    table = Table("name", "version", "kind", "status", "validation NOK-F1", "created", "artifact")
+    for r in records:
+        if not show_all and r.status not in ("active", "candidate"):
+            continue
+        f1 = (r.metrics.get("validation") or {}).get("f1_nok")
+        created = r.created_at.strftime("%Y-%m-%d %H:%M") if r.created_at else ""
+        table.add_row(
+            r.name, str(r.version), r.kind, r.status, f"{f1:.3f}" if f1 is not None else "", created, r.artifact_uri
+        )
+    console.print(table)

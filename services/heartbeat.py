@@ -1,0 +1,81 @@
+"""Heartbeats: each long-running process keeps its row in ``workers`` fresh, for the API's status page.
+
+A row not seen for three intervals belongs to a process that is gone (killed, node lost); a clean
+shutdown removes its row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, delete
+from sqlalchemy.dialects import postgresql, sqlite
+
+from services.db.models import Worker
+
+log = logging.getLogger(__name__)
+workers = Worker.__table__
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        engine: Engine,
+        kind: str,
+        worker_id: str,
+        info: Callable[[], dict[str, Any]] = dict,
+        every_s: float = 10.0,
+    ) -> None:
+        self.engine = engine
+        self.kind = kind
+        self.worker_id = worker_id
+        self.info = info
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{kind}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(delete(workers).where(workers.c.worker_id == self.worker_id))
+        except Exception:  # the database may be the reason we stop
+            log.debug("could not remove heartbeat row", exc_info=True)
+
+    def beat(self) -> None:
+        now = datetime.now(UTC)
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        values = {
+            "worker_id": self.worker_id,
+            "kind": self.kind,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": now,
+            "seen_at": now,
+            "info": self.info(),
+        }
+        statement = dialect.insert(workers).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=["worker_id"], set_={"seen_at": now, "info": values["info"], "pid": values["pid"]}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(statement)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.beat()
+            except Exception as exc:  # a heartbeat must never take its process down
+                log.warning("heartbeat failed: %s", exc)

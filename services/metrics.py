@@ -1,0 +1,66 @@
+"""Prometheus metrics of every coilguard process (scraped from ``/metrics``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from workflows.assess import BatchResult
+
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.coils_assessed = Counter("coilguard_coils_assessed_total", "Coils decided", ["line", "decision"])
+        self.coils_rejected = Counter("coilguard_coils_rejected_total", "Messages rejected as malformed")
+        self.coils_duplicate = Counter("coilguard_coils_duplicate_total", "Coil ids already decided (redelivered)")
+        self.batch_size = Histogram(
+            "coilguard_assess_batch_size", "Messages per AssessCoils batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+        )
+        self.batch_seconds = Histogram("coilguard_assess_batch_seconds", "Time to assess, store and publish a batch")
+        self.latency = Histogram(
+            "coilguard_decision_latency_seconds", "Receipt to decision, per coil", buckets=_LATENCY_BUCKETS
+        )
+        self.votes = Counter("coilguard_model_votes_total", "Votes cast", ["model", "version", "label"])
+        self.db_retries = Counter("coilguard_db_retries_total", "Database operations retried during an outage")
+        self.retrain_runs = Counter("coilguard_retrain_runs_total", "ReTrain runs by outcome", ["model", "status"])
+        self.retrain_seconds = Histogram(
+            "coilguard_retrain_seconds",
+            "ReTrain run duration",
+            ["model"],
+            buckets=(10, 30, 60, 120, 300, 600, 1800, 3600),
+        )
+        self.score = Gauge("coilguard_model_score", "Latest ModelScore of the active version", ["model"])
+        self.feedback = Counter("coilguard_feedback_total", "Operator verdicts received", ["label", "source"])
+        self.drift_reports = Counter("coilguard_drift_reports_total", "Drift report runs by outcome", ["outcome"])
+        self.drift_share = Gauge("coilguard_drift_share", "Share of drifted features in the latest drift report")
+        self.drift_seconds = Histogram(
+            "coilguard_drift_report_seconds", "Time to build a drift report", buckets=(1, 5, 10, 30, 60, 120, 300)
+        )
+        self.api_requests = Counter("coilguard_api_requests_total", "REST API requests", ["method", "route", "status"])
+        self.api_seconds = Histogram("coilguard_api_request_seconds", "REST API request duration", ["route"])
+
+    def observe_batch(self, result: BatchResult, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+        self.coils_rejected.inc(len(result.rejected))
+        self.coils_duplicate.inc(len(result.duplicates))
+        for decision in result.decided:
+            self.coils_assessed.labels(decision.line, decision.decision).inc()
+            self.latency.observe(decision.latency_ms / 1000.0)
+            for vote in decision.votes:
+                self.votes.labels(vote.model, str(vote.version), vote.label).inc()
+
+
+METRICS = _Metrics()
+
+
+def serve_metrics(port: int) -> None:
+    """Expose this process's metrics on ``:port/metrics`` (workers and the scheduler; the API has its own)."""
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port)

@@ -1,0 +1,316 @@
+"""The AssessCoils worker (``coilguard assess``): MQTT in, ensemble, Postgres, MQTT out.
+
+Threads: paho's network thread only enqueues; the worker thread takes micro-batches (up to
+``BATCH_SIZE`` messages, waiting at most ``BATCH_WAIT`` after the first), parses them and lets the
+ensemble vote; a committer thread writes each batch in one transaction, publishes, and only then
+acknowledges. The two halves overlap, so database and broker round trips hide behind inference.
+
+The broker never has more than its receive maximum of unacknowledged messages in flight to us, which
+is the back-pressure: while the database is down the worker keeps its batch, retries, and the broker
+stops sending rather than anything being dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from services.config import Settings
+from services.db.engine import make_engine
+from services.db.repositories import SqlCoilStore, SqlModelRegistry
+from services.heartbeat import Heartbeat
+from services.metrics import METRICS, serve_metrics
+from services.mqtt.client import Inbound, MqttClient
+from services.runtime import mqtt_client, topics
+from workflows.assess import (
+    AssessCoils,
+    BatchResult,
+    EnsembleLoader,
+    Outgoing,
+    Prepared,
+    RawMessage,
+    ServingEnsemble,
+)
+from workflows.messages import RejectedMessage, Rejection, dumps
+
+log = logging.getLogger(__name__)
+
+RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promoted` event was missed
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    decided: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    republished: int = 0
+    reloads: int = 0
+
+
+class AssessWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        client_id: str | None = None,
+        on_batch: Callable[[BatchResult], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics(settings)
+        self.engine = engine or make_engine(settings.database_url)
+        self.store = SqlCoilStore(self.engine)
+        self.loader = EnsembleLoader(SqlModelRegistry(self.engine), settings.model_dir, settings.decision_threshold)
+        self.workflow = AssessCoils(self.store, self.topics, max_payload_bytes=settings.max_payload_bytes)
+        self.on_batch = on_batch
+        self.stats = WorkerStats()
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self._inbox: queue.Queue[Inbound] = queue.Queue()
+        # at most two voted batches wait for the committer: enough to overlap, little to redo after a crash
+        self._pending: queue.Queue[tuple[list[Inbound], Prepared, float] | None] = queue.Queue(maxsize=2)
+        self._reload = threading.Event()
+        self._serving: ServingEnsemble | None = None
+        self._last_poll = 0.0
+        self.last_decision_at: str | None = None
+        self.client: MqttClient = mqtt_client(
+            settings,
+            client_id=client_id or settings.mqtt_client_id or "coilguard-assess",
+            persistent=True,
+            manual_ack=True,
+            receive_maximum=max(4 * settings.batch_size, 256),
+            on_message=self._on_message,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> WorkerStats:
+        """Block until :meth:`stop` (or SIGTERM/SIGINT when run from the main thread)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        self._serving = self._retry("load the ensemble", self.loader.load)
+        log.info("serving ensemble: %s", self._serving.describe())
+        serve_metrics(self.settings.metrics_port)
+        self.client.connect(timeout=60)
+        self.client.subscribe(self.topics.model_events, qos=1)
+        self.client.subscribe(self.topics.shared_sensors(), qos=1)
+        self.ready.set()
+        log.info("assess worker ready: %s", self.topics.shared_sensors())
+        heartbeat = Heartbeat(
+            self.engine, "assess", self.client.client_id, self._status, self.settings.heartbeat_every.total_seconds()
+        )
+        self._retry("start the heartbeat", heartbeat.start)
+        committer = threading.Thread(target=self._commit_loop, name="assess-commit", daemon=True)
+        committer.start()
+        try:
+            while not self.stopping.is_set():
+                self._maybe_reload()
+                batch = self._collect()
+                if batch:
+                    self._pending.put(self._prepare(batch))
+            # drain what has already arrived, so that a rolling restart hands back as little as possible
+            while batch := self._collect(wait=False):
+                self._pending.put(self._prepare(batch))
+        except _Stopped:
+            log.warning("stopped while the database was unreachable; unacknowledged coils will be redelivered")
+        finally:
+            self._pending.put(None)
+            committer.join()
+            heartbeat.stop()
+            self.client.close()
+            log.info("assess worker stopped: %s", self.stats)
+        return self.stats
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _status(self) -> dict:
+        """What the heartbeat reports: counters, backlog, the versions voting, the last decision."""
+        serving = self._serving
+        return {
+            **self.stats.__dict__,
+            "backlog": self._inbox.qsize(),
+            "models": {name: version for name, version in serving.records} if serving else {},
+            "last_decision_at": self.last_decision_at,
+        }
+
+    # ------------------------------------------------------------------ messages in
+
+    def _on_message(self, message: Inbound) -> None:
+        if message.topic == self.topics.model_events:
+            self._on_model_event(message)
+        else:
+            self._inbox.put(message)
+
+    def _on_model_event(self, message: Inbound) -> None:
+        try:
+            event = orjson.loads(message.payload)
+            if event.get("event") in ("promoted", "retired"):
+                log.info(
+                    "model event %s %s v%s: reloading", event.get("event"), event.get("model"), event.get("version")
+                )
+                self._reload.set()
+        except orjson.JSONDecodeError:
+            log.warning("ignored a malformed model event: %r", message.payload[:200])
+        finally:
+            self.client.ack(message)
+
+    def _collect(self, wait: bool = True) -> list[Inbound]:
+        """Up to ``batch_size`` messages: block briefly for the first, then at most ``batch_wait`` more."""
+        batch: list[Inbound] = []
+        try:
+            batch.append(self._inbox.get(timeout=0.1) if wait else self._inbox.get_nowait())
+        except queue.Empty:
+            return batch
+        deadline = time.monotonic() + self.settings.batch_wait.total_seconds()
+        while len(batch) < self.settings.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    # ------------------------------------------------------------------ one batch
+
+    def _prepare(self, batch: list[Inbound]) -> tuple[list[Inbound], Prepared, float]:
+        """First half, on the worker thread: parse and vote (a message that breaks the ensemble is rejected)."""
+        started = time.perf_counter()
+        raws = [RawMessage(m.topic, m.payload, m.received_at) for m in batch]
+        serving = self._serving
+        assert serving is not None
+        try:
+            return batch, self._retry("look up decided coils", lambda: self.workflow.prepare(raws, serving)), started
+        except _Stopped:
+            raise
+        except Exception:
+            log.exception("batch of %d failed outside the database; isolating the message at fault", len(raws))
+        parts = []
+        for raw in raws:
+            try:
+                parts.append(
+                    self._retry("look up decided coils", lambda raw=raw: self.workflow.prepare([raw], serving))
+                )
+            except _Stopped:
+                raise
+            except Exception as exc:  # this message breaks the ensemble: reject it, keep the stream going
+                log.exception("message on %s could not be assessed", raw.topic)
+                parts.append(self._unassessable(raw.topic, raw.payload, exc, serving.model_ids))
+        return batch, Prepared.merge(parts), started
+
+    def _commit_loop(self) -> None:
+        """Second half, on its own thread: write, announce, and only then acknowledge."""
+        while (item := self._pending.get()) is not None:
+            batch, prepared, started = item
+            try:
+                result = self._commit(prepared)
+            except _Stopped:  # shutting down with the database away: these stay unacknowledged
+                continue
+            for out in result.publish:
+                self.client.publish(out.topic, out.payload, qos=1)
+            if not self.client.flush(timeout=30):
+                log.warning("broker did not confirm this batch's decisions in time; they stay queued in the client")
+            if result.to_mark_published:
+                with contextlib.suppress(_Stopped):  # harmless: a redelivered coil is then announced once more
+                    self._retry(
+                        "mark decisions published", lambda r=result: self.store.mark_published(r.to_mark_published)
+                    )
+            for message in batch:  # only now: every result is committed and announced
+                self.client.ack(message)
+            self._account(result, len(batch), time.perf_counter() - started)
+
+    def _commit(self, prepared: Prepared) -> BatchResult:
+        try:
+            return self._retry("store the batch", lambda: self.workflow.commit(prepared))
+        except _Stopped:
+            raise
+        except Exception:
+            if len(prepared.assessed) <= 1:
+                raise
+            log.exception("writing a batch failed; writing its coils one by one")
+        merged = BatchResult()
+        for part in prepared.split():
+            try:
+                done = self._retry("store the coil", lambda part=part: self.workflow.commit(part))
+            except _Stopped:
+                raise
+            except Exception as exc:
+                coil = part.assessed[0]
+                log.exception("coil could not be stored", extra={"coil_id": coil.coil_id})
+                done = part.result
+                error = RejectedMessage(f"could not be stored: {type(exc).__name__}: {exc}", coil_id=coil.coil_id)
+                rejection = Rejection.of(error, coil.coil_id.encode())
+                done.rejected.append(rejection)
+                done.publish.append(Outgoing(self.topics.rejected(coil.line), dumps(rejection)))
+            merged.extend(done)
+        return merged
+
+    def _unassessable(self, topic: str, payload: bytes, exc: Exception, model_ids: dict) -> Prepared:
+        error = RejectedMessage(f"could not be assessed: {type(exc).__name__}: {exc}")
+        rejection = Rejection.of(error, payload)
+        result = BatchResult(rejected=[rejection])
+        result.publish.append(Outgoing(self.topics.rejected(self.topics.line_of(topic)), dumps(rejection)))
+        return Prepared(result, model_ids)
+
+    def _retry(self, what: str, action: Callable):
+        """Run ``action``; while the database is unreachable, wait and try again (never give up a batch)."""
+        delay = 0.5
+        while True:
+            try:
+                return action()
+            except DBAPIError as exc:
+                if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+                    raise  # a real error (constraint, bug), not an outage
+                if self.stopping.is_set() and what != "load the ensemble":
+                    # shutting down with the database away: leave the batch unacknowledged for redelivery
+                    raise _Stopped from exc
+                log.warning("database unavailable (%s), retrying in %.1f s: %s", what, delay, exc.__class__.__name__)
+                METRICS.db_retries.inc()
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if not self._reload.is_set() and now - self._last_poll < RELOAD_POLL_S:
+            return
+        self._last_poll = now
+        self._reload.clear()
+        current = self._serving.records.keys() if self._serving else set()
+        active = {(r.name, r.version) for r in self._retry("read the registry", self.loader.registry.active_models)}
+        if active == set(current):
+            return
+        self._serving = self._retry("load the ensemble", self.loader.load)
+        self.stats.reloads += 1
+        log.info("ensemble reloaded: %s", self._serving.describe())
+
+    def _account(self, result: BatchResult, size: int, seconds: float) -> None:
+        self.stats.batches += 1
+        self.stats.decided += len(result.decided)
+        self.stats.rejected += len(result.rejected)
+        self.stats.duplicates += len(result.duplicates)
+        self.stats.republished += len(result.republished)
+        if result.decided:
+            self.last_decision_at = result.decided[-1].decided_at.isoformat()
+        METRICS.observe_batch(result, size, seconds)
+        if self.on_batch is not None:
+            self.on_batch(result)
+
+
+class _Stopped(Exception):
+    """The worker is stopping while the database is away: the batch stays unacknowledged."""

@@ -1,0 +1,21 @@
+"""Small synthetic coils for fast unit tests (the simulator is for realistic data; this is for speed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ml.dataset import CoilDataset
+
+
+def stripe_coils(n: int, nok_share: float = 0.1, seed: int = 0) -> CoilDataset:
+    """OK coils are flat around 140 g/m²; a NOK coil has one sensor 30 g/m² thinner over 40 sections."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(140, 2, (n, 264, 18)).astype(np.float32)
+    y = np.zeros(n, dtype=np.int8)
+    y[rng.permutation(n)[: max(2, int(n * nok_share))]] = 1
+    for i in np.flatnonzero(y):
+        sensor, start = rng.integers(0, 18), rng.integers(0, 220)
+        X[i, start : start + 40, sensor] -= 30
+    X[rng.random(X.shape) < 0.005] = np.nan
+    ids = [f"U{seed}-{i:05d}" for i in range(n)]
+    return CoilDataset(X, y, ids, np.datetime64("2026-01-01T00:00") + np.arange(n).astype("timedelta64[m]"))

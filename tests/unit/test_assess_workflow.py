@@ -1,0 +1,132 @@
+"""AssessCoils batch logic over an in-memory store: decided once, rejected with a reason, never stopped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import numpy as np
+import orjson
+import pytest
+
+from ml.assessors.base import AssessBatch
+from ml.ensemble import Ensemble, Member
+from workflows.assess import AssessCoils, RawMessage, ServingEnsemble
+from workflows.messages import encode_coil_message
+from workflows.ports import AssessedCoil, ModelRecord, StoredDecision
+from workflows.topics import Topics
+
+TOPICS = Topics("cg")
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.coils: dict[str, AssessedCoil] = {}
+        self.published: set[str] = set()
+        self.votes: list[tuple[str, int]] = []
+
+    def decided(self, coil_ids: Sequence[str]) -> dict[str, StoredDecision]:
+        return {
+            c.coil_id: StoredDecision(
+                c.coil_id, c.line, c.label, c.p_nok, c.confidence, c.decided_at, c.coil_id in self.published, c.votes
+            )
+            for cid in coil_ids
+            if (c := self.coils.get(cid))
+        }
+
+    def save_assessed(self, coils: Sequence[AssessedCoil], model_ids: dict[tuple[str, int], int]) -> set[str]:
+        inserted = set()
+        for coil in coils:
+            if coil.coil_id not in self.coils:
+                self.coils[coil.coil_id] = coil
+                inserted.add(coil.coil_id)
+                self.votes += [(coil.coil_id, model_ids[(v.model, v.version)]) for v in coil.votes]
+        return inserted
+
+    def mark_published(self, coil_ids: Sequence[str]) -> None:
+        self.published.update(coil_ids)
+
+
+class Thinness:
+    """NOK when the coil's thinnest reading is under 100 g/m²."""
+
+    consumes = "matrix"
+    name, version = "thin", 4
+
+    def predict(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray]:
+        p = np.where(np.nanmin(batch.matrices, axis=(1, 2)) < 100, 0.9, 0.1).astype(np.float32)
+        return p, np.maximum(p, 1 - p)
+
+
+@pytest.fixture
+def serving() -> ServingEnsemble:
+    record = ModelRecord(id=17, name="thin", kind="thin", version=4, status="active", artifact_uri="", sha256="")
+    return ServingEnsemble(Ensemble([Member(Thinness())]), {("thin", 4): record})  # type: ignore[arg-type]
+
+
+def _coil(coil_id: str, thin: bool = False, line: str = "galv-1") -> RawMessage:
+    m = np.full((264, 18), 140.0, np.float32)
+    if thin:
+        m[100:120, 4] = 80.0
+    payload = encode_coil_message(coil_id, line, datetime(2026, 11, 23, tzinfo=UTC), m)
+    return RawMessage(TOPICS.sensors(line), payload, time.time())
+
+
+def test_a_batch_decides_stores_every_vote_and_announces(serving: ServingEnsemble) -> None:
+    store = MemoryStore()
+    result = AssessCoils(store, TOPICS).process([_coil("A"), _coil("B", thin=True)], serving)
+    assert [(d.coil_id, d.decision) for d in result.decided] == [("A", "OK"), ("B", "NOK")]
+    assert store.votes == [("A", 17), ("B", 17)]
+    assert [o.topic for o in result.publish] == ["cg/decisions/galv-1"] * 2
+    doc = orjson.loads(result.publish[1].payload)
+    assert doc["votes"] == [
+        {"model": "thin", "version": 4, "label": "NOK", "p_nok": pytest.approx(0.9), "confidence": pytest.approx(0.9)}
+    ]
+    assert doc["latency_ms"] >= 0
+
+
+def test_a_coil_is_decided_once(serving: ServingEnsemble) -> None:
+    store = MemoryStore()
+    workflow = AssessCoils(store, TOPICS)
+    first = workflow.process([_coil("A"), _coil("A")], serving)
+    assert len(first.decided) == 1 and first.duplicates == ["A"]
+    store.mark_published(first.to_mark_published)
+    again = workflow.process([_coil("A", thin=True)], serving)  # republished, even with other readings
+    assert again.decided == [] and again.duplicates == ["A"] and again.publish == []
+    assert store.coils["A"].label == "OK" and len(store.votes) == 1
+
+
+def test_a_decision_stored_but_never_announced_is_announced_on_redelivery(serving: ServingEnsemble) -> None:
+    store = MemoryStore()
+    workflow = AssessCoils(store, TOPICS)
+    workflow.process([_coil("B", thin=True)], serving)  # crash here: committed, never published
+    again = workflow.process([_coil("B", thin=True)], serving)
+    assert again.decided == [] and again.republished == ["B"]
+    assert orjson.loads(again.publish[0].payload)["decision"] == "NOK"
+    assert len(store.votes) == 1
+
+
+def test_bad_messages_are_rejected_on_their_line_and_the_batch_goes_on(serving: ServingEnsemble) -> None:
+    store = MemoryStore()
+    batch = [
+        RawMessage(TOPICS.sensors("galv-2"), b"{not json", time.time()),
+        _coil("OK-1"),
+        RawMessage(TOPICS.sensors("galv-1"), orjson.dumps({"schema": 1, "coil_id": "X"}), time.time()),
+        _coil("OK-2", line="galv-3"),
+    ]
+    result = AssessCoils(store, TOPICS).process(batch, serving)
+    assert {d.coil_id for d in result.decided} == {"OK-1", "OK-2"}
+    assert [r.coil_id for r in result.rejected] == [None, "X"]
+    topics = [o.topic for o in result.publish]
+    assert "cg/rejected/galv-2" in topics and "cg/rejected/galv-1" in topics and "cg/decisions/galv-3" in topics
+    assert orjson.loads(next(o.payload for o in result.publish if o.topic == "cg/rejected/galv-2"))[
+        "reason"
+    ].startswith("invalid JSON")
+
+
+def test_a_message_whose_line_differs_from_its_topic_is_rejected(serving: ServingEnsemble) -> None:
+    raw = _coil("C")
+    moved = RawMessage(TOPICS.sensors("galv-9"), raw.payload, raw.received_at)
+    result = AssessCoils(MemoryStore(), TOPICS).process([moved], serving)
+    assert result.decided == [] and result.rejected[0].field == "line"

@@ -1,0 +1,297 @@
+"""AssessCoils: a micro-batch of raw MQTT messages in, stored decisions and messages to publish out.
+
+The rules that make it safe to run N replicas and to crash at any moment:
+
+* a coil is decided once: a coil id already on record is not assessed again and gets no second
+  row; its stored decision is re-sent only if it never reached the broker;
+* one transaction per batch writes the coils and every vote; the caller acknowledges the MQTT
+  messages only after that commit (and after the decisions are published);
+* a message that cannot be assessed becomes a rejection with its reason; it never stops the batch.
+
+Everything here is plain Python over the ports; the worker in ``services`` owns threads and sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml.assessors.base import AssessBatch, Assessor
+from ml.ensemble import Ensemble, EnsembleDecision, Member, MemberVote
+from ml.images import decode_image
+from workflows.messages import (
+    CoilMessage,
+    Decision,
+    RejectedMessage,
+    Rejection,
+    Vote,
+    dumps,
+    parse_coil_message,
+)
+from workflows.ports import AssessedCoil, CoilStore, ModelRecord, ModelRegistry, StoredDecision
+from workflows.topics import Topics
+from workflows.training import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    topic: str
+    payload: bytes
+    received_at: float  # epoch seconds, when the worker got it
+
+
+@dataclass
+class Outgoing:
+    topic: str
+    payload: bytes
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced. ``publish`` must reach the broker before the batch is acknowledged."""
+
+    decided: list[Decision] = field(default_factory=list)
+    republished: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    publish: list[Outgoing] = field(default_factory=list)
+
+    @property
+    def to_mark_published(self) -> list[str]:
+        return [d.coil_id for d in self.decided] + self.republished
+
+    def extend(self, other: BatchResult) -> None:
+        for name in ("decided", "republished", "duplicates", "rejected", "publish"):
+            getattr(self, name).extend(getattr(other, name))
+
+
+@dataclass
+class Prepared:
+    """A batch between its two halves: rejections and duplicates settled, the rest voted on, nothing written."""
+
+    result: BatchResult
+    model_ids: dict[tuple[str, int], int]
+    assessed: list[AssessedCoil] = field(default_factory=list)
+    decisions: list[EnsembleDecision] = field(default_factory=list)
+
+    @classmethod
+    def merge(cls, parts: list[Prepared]) -> Prepared:
+        merged = cls(BatchResult(), parts[0].model_ids if parts else {})
+        for part in parts:
+            merged.result.extend(part.result)
+            merged.assessed.extend(part.assessed)
+            merged.decisions.extend(part.decisions)
+        return merged
+
+    def split(self) -> list[Prepared]:
+        """One part per voted coil (the first also carries the rejections), to isolate a coil that breaks."""
+        parts = [
+            Prepared(BatchResult(), self.model_ids, [a], [d])
+            for a, d in zip(self.assessed, self.decisions, strict=True)
+        ]
+        if parts:
+            parts[0].result = self.result
+        return parts or [self]
+
+
+# ----------------------------------------------------------------------------- the ensemble in service
+
+
+@dataclass
+class ServingEnsemble:
+    """The ensemble plus the registry rows behind it, so every vote can name its model version."""
+
+    ensemble: Ensemble
+    records: dict[tuple[str, int], ModelRecord]
+
+    @property
+    def model_ids(self) -> dict[tuple[str, int], int]:
+        return {key: record.id for key, record in self.records.items()}
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} v{version}" for name, version in sorted(self.records))
+
+
+class EnsembleLoader:
+    """Builds the serving ensemble from the registry's active models, reusing already-loaded versions."""
+
+    def __init__(self, registry: ModelRegistry, model_dir: Path, threshold: float = 0.5) -> None:
+        self.registry = registry
+        self.model_dir = Path(model_dir)
+        self.threshold = threshold
+        self._cache: dict[int, Assessor] = {}
+
+    def load(self) -> ServingEnsemble:
+        records = self.registry.active_models()
+        if not records:
+            raise RuntimeError("no active model in the registry: train one with `coilguard train … --register`")
+        members, by_key = [], {}
+        for record in sorted(records, key=lambda r: r.name):
+            assessor = self._cache.get(record.id) or load_model(record, self.model_dir)
+            members.append(Member(assessor))
+            by_key[(record.name, record.version)] = record
+        self._cache = {r.id: m.assessor for r, m in zip(sorted(records, key=lambda r: r.name), members, strict=True)}
+        return ServingEnsemble(Ensemble(members, self.threshold), by_key)
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+class AssessCoils:
+    def __init__(
+        self,
+        store: CoilStore,
+        topics: Topics,
+        *,
+        max_payload_bytes: int = 1 << 20,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.topics = topics
+        self.max_payload_bytes = max_payload_bytes
+        self.clock = clock
+
+    def process(self, messages: Sequence[RawMessage], serving: ServingEnsemble) -> BatchResult:
+        """Prepare and commit one batch (the worker runs the two halves on two threads)."""
+        return self.commit(self.prepare(messages, serving))
+
+    def prepare(self, messages: Sequence[RawMessage], serving: ServingEnsemble) -> Prepared:
+        """Everything before the write: parse, reject, drop coils already decided, and let the ensemble vote."""
+        result = BatchResult()
+        fresh: dict[str, tuple[RawMessage, CoilMessage, list[np.ndarray]]] = {}
+        for raw in messages:
+            line = self.topics.line_of(raw.topic)
+            try:
+                coil = parse_coil_message(raw.payload, topic_line=line, max_bytes=self.max_payload_bytes)
+                images = _decode_images(coil) if serving.ensemble.needs_images else []
+            except RejectedMessage as exc:
+                self._reject(result, raw, exc, line)
+                continue
+            if coil.coil_id in fresh:
+                result.duplicates.append(coil.coil_id)
+            else:
+                fresh[coil.coil_id] = (raw, coil, images)
+
+        if fresh:
+            for coil_id, stored in self.store.decided(list(fresh)).items():
+                del fresh[coil_id]
+                if stored.published:
+                    result.duplicates.append(coil_id)
+                else:  # decided before a crash, never announced: announce the stored decision
+                    result.republished.append(coil_id)
+                    self._queue_decision(result, _decision_from_stored(stored), new=False)
+        prepared = Prepared(result, model_ids=serving.model_ids)
+        if fresh:
+            self._assess(prepared, list(fresh.values()), serving)
+        return prepared
+
+    def _assess(
+        self,
+        prepared: Prepared,
+        items: list[tuple[RawMessage, CoilMessage, list[np.ndarray]]],
+        serving: ServingEnsemble,
+    ) -> None:
+        ensemble = serving.ensemble
+        images = [decoded for _, _, decoded in items] if ensemble.needs_images else None
+        batch = AssessBatch(np.stack([coil.thickness for _, coil, _ in items]), images)
+        decisions = ensemble.assess(batch)
+        decided_at = self.clock()
+        for (raw, coil, _), decision in zip(items, decisions, strict=True):
+            prepared.assessed.append(
+                AssessedCoil(
+                    coil_id=coil.coil_id,
+                    line=coil.line,
+                    produced_at=coil.produced_at,
+                    received_at=datetime.fromtimestamp(raw.received_at, UTC),
+                    decided_at=decided_at,
+                    label=decision.label,
+                    p_nok=decision.p_nok,
+                    confidence=decision.confidence,
+                    matrix=coil.thickness,
+                    product=coil.product.model_dump(exclude_none=True) if coil.product else None,
+                    votes=decision.votes,
+                )
+            )
+            prepared.decisions.append(decision)
+
+    def commit(self, prepared: Prepared) -> BatchResult:
+        """The write: one transaction for the batch's coils and votes; then what to announce."""
+        result = prepared.result
+        inserted = self.store.save_assessed(prepared.assessed, prepared.model_ids)
+        for record, decision in zip(prepared.assessed, prepared.decisions, strict=True):
+            if record.coil_id not in inserted:  # another replica got there first; it announces
+                result.duplicates.append(record.coil_id)
+                continue
+            latency_ms = (record.decided_at - record.received_at).total_seconds() * 1000.0
+            self._queue_decision(result, _decision(record, decision, latency_ms))
+        return result
+
+    def _queue_decision(self, result: BatchResult, decision: Decision, *, new: bool = True) -> None:
+        if new:
+            result.decided.append(decision)
+        result.publish.append(Outgoing(self.topics.decisions(decision.line), dumps(decision)))
+
+    def _reject(self, result: BatchResult, raw: RawMessage, error: RejectedMessage, line: str | None) -> None:
+        rejection = Rejection.of(error, raw.payload, datetime.fromtimestamp(raw.received_at, UTC))
+        result.rejected.append(rejection)
+        result.publish.append(Outgoing(self.topics.rejected(line), dumps(rejection)))
+        log.warning("rejected message on %s: %s", raw.topic, error, extra={"coil_id": error.coil_id})
+
+
+def _votes(votes: Sequence[MemberVote]) -> list[Vote]:
+    return [
+        Vote(model=v.model, version=v.version, label=v.label, p_nok=v.p_nok, confidence=v.confidence) for v in votes
+    ]  # type: ignore[arg-type]
+
+
+def _decision(coil: AssessedCoil, decision: EnsembleDecision, latency_ms: float) -> Decision:
+    return Decision(
+        coil_id=coil.coil_id,
+        line=coil.line,
+        decision=decision.label,  # type: ignore[arg-type]
+        p_nok=decision.p_nok,
+        confidence=decision.confidence,
+        votes=_votes(decision.votes),
+        decided_at=coil.decided_at,
+        latency_ms=round(latency_ms, 3),
+    )
+
+
+def _decision_from_stored(stored: StoredDecision) -> Decision:
+    return Decision(
+        coil_id=stored.coil_id,
+        line=stored.line,
+        decision=stored.label,  # type: ignore[arg-type]
+        p_nok=stored.p_nok,
+        confidence=stored.confidence,
+        votes=_votes(stored.votes),
+        decided_at=stored.decided_at,
+        latency_ms=0.0,
+    )
+
+
+def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
+    decoded: list[np.ndarray] = []
+    for image in coil.images:
+        try:
+            decoded.append(decode_image(image.decode()))
+        except ValueError as exc:
+            raise RejectedMessage(str(exc), "images", coil.coil_id) from None
+    return decoded
+
+
+def summary(result: BatchResult) -> dict[str, Any]:
+    return {
+        "decided": len(result.decided),
+        "republished": len(result.republished),
+        "duplicates": len(result.duplicates),
+        "rejected": len(result.rejected),
+    }

@@ -1,0 +1,192 @@
+"""The interfaces the workflows need from storage and messaging; ``services`` implements them.
+
+Keeping them here (and tiny) is what lets the workflows be tested without a database or broker,
+and what keeps the dependency arrow pointing one way: services → workflows → ml.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import numpy as np
+
+from ml.ensemble import MemberVote
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One row of ``models``: a trained version of a named model."""
+
+    id: int
+    name: str
+    kind: str
+    version: int
+    status: str
+    artifact_uri: str
+    sha256: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    promoted_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AssessedCoil:
+    """A decided coil, ready to be written: the coil row and one vote per model."""
+
+    coil_id: str
+    line: str
+    produced_at: datetime
+    received_at: datetime
+    decided_at: datetime
+    label: str
+    p_nok: float
+    confidence: float
+    matrix: np.ndarray
+    product: dict[str, Any] | None
+    votes: Sequence[MemberVote]
+
+
+@dataclass(frozen=True)
+class StoredDecision:
+    """What is already on record for a coil (for idempotency: a coil is decided once)."""
+
+    coil_id: str
+    line: str
+    label: str
+    p_nok: float
+    confidence: float
+    decided_at: datetime
+    published: bool
+    votes: Sequence[MemberVote]
+
+
+class CoilStore(Protocol):
+    def decided(self, coil_ids: Sequence[str]) -> dict[str, StoredDecision]:
+        """Coils among ``coil_ids`` that already have a decision."""
+
+    def save_assessed(self, coils: Sequence[AssessedCoil], model_ids: dict[tuple[str, int], int]) -> set[str]:
+        """Write coils and their votes in one transaction; return the ids actually inserted (a coil
+        that another worker inserted first is skipped, not overwritten)."""
+
+    def mark_published(self, coil_ids: Sequence[str]) -> None:
+        """Record that these coils' decisions reached the broker."""
+
+
+class ModelRegistry(Protocol):
+    def active_models(self) -> list[ModelRecord]: ...
+
+    def get(self, model_id: int) -> ModelRecord: ...
+
+    def next_version(self, name: str) -> int: ...
+
+    def add(
+        self,
+        *,
+        name: str,
+        kind: str,
+        version: int,
+        artifact_uri: str,
+        sha256: str,
+        metrics: dict[str, Any] | None = None,
+        status: str = "candidate",
+        parent_id: int | None = None,
+    ) -> ModelRecord: ...
+
+    def promote(self, model_id: int) -> ModelRecord | None:
+        """Activate ``model_id`` and retire the name's previous active version, atomically."""
+
+    def set_status(self, model_id: int, status: str) -> None: ...
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, payload: bytes) -> None: ...
+
+
+# ----------------------------------------------------------------------------- human in the loop
+
+
+class UnknownCoil(LookupError):
+    """Feedback for a coil that was never assessed."""
+
+
+@dataclass(frozen=True)
+class ModelScoreRow:
+    """One model version's agreement with the operators over a window (one ``mperformance`` row)."""
+
+    model_id: int
+    name: str
+    version: int
+    window_start: datetime | None
+    window_end: datetime
+    n_coils: int
+    n_correct: int
+    tp: int
+    predicted_nok: int
+    actual_nok: int
+
+    @property
+    def score(self) -> float | None:
+        return self.n_correct / self.n_coils if self.n_coils else None
+
+    @property
+    def precision_nok(self) -> float | None:
+        return self.tp / self.predicted_nok if self.predicted_nok else None
+
+    @property
+    def recall_nok(self) -> float | None:
+        return self.tp / self.actual_nok if self.actual_nok else None
+
+
+@dataclass(frozen=True)
+class LatestScore:
+    model: ModelRecord
+    n_coils: int
+    score: float | None
+    computed_at: datetime
+
+
+@dataclass(frozen=True)
+class LabelledCoil:
+    coil_id: str
+    matrix: np.ndarray
+    label: int  # 1 = NOK, the operator's latest word
+    produced_at: datetime | None
+    feedback_at: datetime
+
+
+class FeedbackStore(Protocol):
+    def add(self, coil_id: str, label: str, operator: str | None, comment: str | None = None) -> int:
+        """Record an operator's verdict; raises :class:`UnknownCoil` for a coil never assessed."""
+
+    def labelled_coils(self) -> list[LabelledCoil]:
+        """Every coil with feedback, the latest row per coil winning, oldest feedback first."""
+
+
+class ScoreStore(Protocol):
+    def agreement(self, now: datetime, window: timedelta | None) -> list[ModelScoreRow]:
+        """Per active model version: its votes on coils with feedback, in the window (None: since promotion)."""
+
+    def record(self, rows: Sequence[ModelScoreRow], below: Sequence[bool], computed_at: datetime) -> None: ...
+
+    def latest(self) -> list[LatestScore]:
+        """The newest ``mperformance`` row of every active model version."""
+
+
+class RetrainRuns(Protocol):
+    def start(self, model_id: int, reason: str, worker: str) -> int | None:
+        """Open a ``running`` run, or None when another live process is retraining this model. A run left
+        ``running`` by a process that died is marked failed first, so it never blocks."""
+
+    def finish(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        reason: str | None = None,
+        challenger_id: int | None = None,
+        metrics: dict[str, Any] | None = None,
+        device: str | None = None,
+    ) -> None: ...

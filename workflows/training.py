@@ -1,0 +1,114 @@
+"""Training a model and putting it in the registry: what ``coilguard train`` and ReTrain share.
+
+The artifact is written and checksummed before the registry hears of it, so a crash can leave an
+orphan folder but never a registered model without intact weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ml.assessors.base import Assessor
+from ml.assessors.manifest import ArtifactError, Manifest
+from ml.assessors.registry import load_artifact
+from ml.dataset import CoilDataset
+from workflows.ports import ModelRecord, ModelRegistry
+
+DATA_DIR = "data"  # under MODEL_DIR: every training set a registered model was fitted on
+
+
+def training_data(spec: str, *, seed: int = 0) -> CoilDataset:
+    """``sim:N`` (N simulated coils of the undrifted line, seeded) or a path to a ``.npz`` dataset."""
+    if spec.startswith("sim:"):
+        from ml.sim import LineConfig, LineSimulator
+
+        try:
+            n = int(spec.removeprefix("sim:"))
+        except ValueError:
+            raise ValueError(f"bad data spec {spec!r}: expected sim:N with N a number of coils") from None
+        return LineSimulator(LineConfig(seed=seed, id_prefix=f"T{seed}")).dataset(n)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"no dataset at {path} (use sim:N for simulated coils)")
+    return CoilDataset.load(path)
+
+
+def artifact_dir(model_dir: Path, name: str, version: int) -> tuple[Path, str]:
+    """Where version ``version`` of ``name`` lives, and the URI recorded for it (relative to MODEL_DIR)."""
+    uri = f"{name}/v{version}"
+    return Path(model_dir) / uri, uri
+
+
+def resolve_artifact(model_dir: Path, artifact_uri: str) -> Path:
+    """``artifact_uri`` is relative to ``MODEL_DIR`` (portable across pods) or an absolute path/``file://``."""
+    path = Path(artifact_uri.removeprefix("file://"))
+    return path if path.is_absolute() else Path(model_dir) / path
+
+
+def load_model(record: ModelRecord, model_dir: Path) -> Assessor:
+    """A registered model, verified twice: weights against its manifest, manifest against the registry."""
+    path = resolve_artifact(model_dir, record.artifact_uri)
+    assessor = load_artifact(path)
+    if record.sha256 and Manifest.read(path).weights_sha256 != record.sha256:
+        raise ArtifactError(f"{path} is not the artifact registered as {record.name} v{record.version}")
+    assessor.name, assessor.version = record.name, record.version
+    return assessor
+
+
+def keep_training_data(dataset: CoilDataset, model_dir: Path) -> str:
+    """Store a training set once (content-addressed) and return its path relative to MODEL_DIR."""
+    digest = dataset.summary()["sha256"]
+    relative = f"{DATA_DIR}/{digest[:20]}.npz"
+    path = Path(model_dir) / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = path.with_suffix(".tmp.npz")
+        dataset.save(tmp)
+        tmp.replace(path)
+    return relative
+
+
+def training_history(assessor: Assessor, model_dir: Path) -> CoilDataset | None:
+    """The data ``assessor`` was trained on, when it was kept (see :func:`register`)."""
+    relative = assessor.training_data.get("path")
+    if not relative or not (Path(model_dir) / relative).is_file():
+        return None
+    return CoilDataset.load(Path(model_dir) / relative)
+
+
+def register(
+    assessor: Assessor,
+    registry: ModelRegistry,
+    model_dir: Path,
+    *,
+    status: str = "candidate",
+    parent_id: int | None = None,
+    extra_metrics: dict[str, Any] | None = None,
+    dataset: CoilDataset | None = None,
+) -> ModelRecord:
+    """Save ``assessor`` as the next version of its name and record it with ``status``.
+
+    With ``dataset`` (what it was fitted on) the data is kept under ``MODEL_DIR/data`` and named in the
+    manifest: the model can be reproduced, and ReTrain uses it as the history to add feedback to.
+    """
+    if dataset is not None:
+        assessor.training_data = {**assessor.training_data, "path": keep_training_data(dataset, model_dir)}
+    version = registry.next_version(assessor.name)
+    directory, uri = artifact_dir(model_dir, assessor.name, version)
+    if directory.exists():  # left behind by a crash before registration: never registered, safe to replace
+        shutil.rmtree(directory)
+    assessor.version = version
+    manifest = assessor.save(directory)
+    metrics = {**assessor.metrics, **(extra_metrics or {})}
+    return registry.add(
+        name=assessor.name,
+        kind=assessor.key,
+        version=version,
+        artifact_uri=uri,
+        sha256=manifest.weights_sha256,
+        metrics=metrics,
+        status=status,
+        parent_id=parent_id,
+    )
