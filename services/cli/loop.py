@@ -1,0 +1,75 @@
+"""``coilguard feedback``, ``score`` and ``retrain``: the human-in-the-loop commands."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import click
+
+from services.cli.base import AppContext, cli, pass_ctx
+
+
+@cli.command()
+@click.argument("coil_id")
+@click.argument("label", type=click.Choice(["OK", "NOK"]))
+@click.option("--operator", required=True, help="Who checked the coil.")
+@click.option("--comment", help="Free text, e.g. what was seen.")
+@pass_ctx
+def feedback(ctx: AppContext, coil_id: str, label: str, operator: str, comment: str | None) -> None:
+    """Record an operator's verdict on a coil (the latest verdict for a coil wins)."""
+    from services.db.engine import make_engine
+    from services.db.repositories import SqlFeedbackStore
+    from workflows.ports import UnknownCoil
+
+    try:
+        row = SqlFeedbackStore(make_engine(ctx.settings.database_url)).add(coil_id, label, operator, comment)
+    except UnknownCoil as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"feedback #{row}: {coil_id} is {label} according to {operator}")
+
+
+@cli.command()
+@click.option("--every", help="Repeat on this interval (e.g. 60s, 5m) instead of running once.")
+@pass_ctx
+def score(ctx: AppContext, every: str | None) -> None:
+    """ModelScore: each active model's agreement with operator feedback, into mperformance."""
+    from services.config import parse_duration
+    from services.jobs import run_score
+
+    interval = parse_duration(every).total_seconds() if every else None
+    while True:
+        for scored in run_score(ctx.settings):
+            click.echo(scored.describe())
+        if interval is None:
+            return
+        time.sleep(interval)
+
+
+@cli.command()
+@click.option("--model", "names", multiple=True, help="Only this model (repeatable).")
+@click.option("--force", is_flag=True, help="Retrain even if the score rule does not ask for it.")
+@pass_ctx
+def retrain(ctx: AppContext, names: tuple[str, ...], force: bool) -> None:
+    """ReTrain once: every model below the score threshold (what the weekly CronJob runs)."""
+    from services.jobs import run_retrain
+
+    def terminate(*_: object) -> None:  # the CronJob's pod is being stopped: mark the run failed, exit
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, terminate)
+    outcomes = run_retrain(ctx.settings, names=list(names) or None, force=force)
+    for o in outcomes:
+        new = f" → v{o.challenger_version}" if o.challenger_version else ""
+        click.echo(f"{o.model} v{o.version}{new}: {o.status} ({o.reason})")
+    if any(o.status == "failed" for o in outcomes):
+        raise SystemExit(1)
+
+
+@cli.command()
+@pass_ctx
+def scheduler(ctx: AppContext) -> None:
+    """Run ModelScore, ReTrain (and drift reports) on their schedules until stopped."""
+    from services.scheduler import run_scheduler
+
+    run_scheduler(ctx.settings)

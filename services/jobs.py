@@ -1,0 +1,88 @@
+"""The periodic jobs (ModelScore, ReTrain) wired to PostgreSQL and MQTT: what the CLI, the scheduler,
+the CronJob and the demo all call, so that each runs the very same code."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import Engine
+
+from services.config import Settings
+from services.db.engine import make_engine
+from services.db.repositories import (
+    SqlFeedbackStore,
+    SqlModelRegistry,
+    SqlRetrainRuns,
+    SqlScoreStore,
+    worker_name,
+)
+from services.metrics import METRICS
+from services.runtime import mqtt_client, topics
+from workflows.model_score import ScoredModel, ScoreRule, score_models
+from workflows.retrain import ReTrain, RetrainConfig, RetrainOutcome
+
+log = logging.getLogger(__name__)
+
+
+def score_rule(settings: Settings) -> ScoreRule:
+    return ScoreRule(threshold=settings.score_threshold, min_coils=settings.min_scored_coils)
+
+
+def run_score(settings: Settings, engine: Engine | None = None) -> list[ScoredModel]:
+    engine = engine or make_engine(settings.database_url)
+    scored = score_models(SqlScoreStore(engine), score_rule(settings), window=settings.score_window)
+    for s in scored:
+        if s.row.score is not None:
+            METRICS.score.labels(s.row.name).set(s.row.score)
+    return scored
+
+
+class _MqttPublisher:
+    """Publishes model events; a broker that is away does not undo a promotion (workers also poll)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        try:
+            with mqtt_client(self.settings, client_id=f"coilguard-retrain-{worker_name().replace(':', '-')}") as client:
+                client.publish(topic, payload, qos=1)
+                client.flush(10)
+        except ConnectionError as exc:
+            log.warning("could not announce on %s (%s); workers will notice the new version by polling", topic, exc)
+
+
+def make_retrain(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    fit_overrides: dict[str, Any] | None = None,
+    publish: bool = True,
+) -> ReTrain:
+    engine = engine or make_engine(settings.database_url)
+    return ReTrain(
+        registry=SqlModelRegistry(engine),
+        scores=SqlScoreStore(engine),
+        feedback=SqlFeedbackStore(engine),
+        runs=SqlRetrainRuns(engine),
+        model_dir=settings.model_dir,
+        worker=worker_name(),
+        config=RetrainConfig(
+            rule=score_rule(settings),
+            margin=settings.retrain_margin,
+            device=settings.device,
+            fit_overrides=fit_overrides or {},
+        ),
+        publisher=_MqttPublisher(settings) if publish else None,
+        topics=topics(settings),
+    )
+
+
+def run_retrain(settings: Settings, *, names: list[str] | None = None, force: bool = False) -> list[RetrainOutcome]:
+    outcomes = make_retrain(settings).run(names=names, force=force)
+    for outcome in outcomes:
+        METRICS.retrain_runs.labels(outcome.model, outcome.status).inc()
+        if "total_s" in outcome.metrics:
+            METRICS.retrain_seconds.labels(outcome.model).observe(outcome.metrics["total_s"])
+    return outcomes

@@ -1,0 +1,95 @@
+"""``coilguard scheduler``: ModelScore every few minutes, ReTrain weekly, drift reports daily.
+
+Each job runs at most once at a time in this process and missed runs are coalesced; two schedulers,
+or a scheduler and the Kubernetes CronJob, are kept from retraining the same model at once by the
+database lock in ``retrain_runs``, not by this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from services.config import OFF, Settings
+
+if TYPE_CHECKING:
+    from services.heartbeat import Heartbeat
+
+log = logging.getLogger(__name__)
+
+Job = Callable[[Settings], object]
+
+
+def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]] | None = None) -> BlockingScheduler:
+    from services.drift import run_drift
+    from services.jobs import run_retrain, run_score
+
+    scheduler = BlockingScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+    jobs: dict[str, tuple[Job, object]] = {
+        "score": (run_score, IntervalTrigger(seconds=settings.score_every.total_seconds())),
+        **{
+            name: (job, CronTrigger.from_crontab(cron, timezone="UTC"))
+            for name, job, cron in (
+                ("retrain", run_retrain, settings.retrain_cron),
+                ("drift", run_drift, settings.drift_cron),
+            )
+            if cron != OFF
+        },
+        **(extra_jobs or {}),
+    }
+    for name, (job, trigger) in jobs.items():
+        scheduler.add_job(_guarded(name, job), trigger, args=[settings], id=name, name=name, misfire_grace_time=3600)
+    return scheduler
+
+
+def _guarded(name: str, job: Job) -> Callable[[Settings], None]:
+    """A failing job is logged and tried again at its next time; it never stops the scheduler."""
+
+    def run(settings: Settings) -> None:
+        log.info("job %s starting", name)
+        try:
+            job(settings)
+        except Exception:
+            log.exception("job %s failed", name)
+        else:
+            log.info("job %s done", name)
+
+    return run
+
+
+def scheduler_heartbeat(settings: Settings, scheduler: BaseScheduler) -> Heartbeat:
+    """The scheduler's row in ``workers``, reporting each job's next run (``coilguard scheduler`` and ``up``)."""
+    from services.db.engine import make_engine
+    from services.db.repositories import worker_name
+    from services.heartbeat import Heartbeat
+
+    for job in scheduler.get_jobs():
+        log.info("scheduled %s: %s", job.name, job.trigger)
+
+    def status() -> dict:  # a job has no next_run_time until the scheduler has started
+        return {job.name: {"next_run": str(getattr(job, "next_run_time", None))} for job in scheduler.get_jobs()}
+
+    return Heartbeat(
+        make_engine(settings.database_url), "scheduler", f"scheduler-{worker_name()}", status,
+        settings.heartbeat_every.total_seconds(),
+    ).start()  # fmt: skip
+
+
+def run_scheduler(settings: Settings) -> None:
+    from services.metrics import serve_metrics
+
+    scheduler = build_scheduler(settings)
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.shutdown(wait=False))
+    serve_metrics(settings.metrics_port)
+    heartbeat = scheduler_heartbeat(settings, scheduler)
+    try:
+        scheduler.start()
+    finally:
+        heartbeat.stop()

@@ -1,0 +1,180 @@
+"""ModelScore and ReTrain selection: the paper's rule at its edges, and the scoring query's semantics."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+
+from ml.dataset import CoilDataset
+from ml.ensemble import MemberVote
+from services.db.engine import make_engine
+from services.db.migrate import upgrade
+from services.db.repositories import SqlCoilStore, SqlFeedbackStore, SqlModelRegistry, SqlRetrainRuns, SqlScoreStore
+from workflows.model_score import ScoreRule, due_for_retraining, score_models
+from workflows.ports import AssessedCoil, LabelledCoil, UnknownCoil
+from workflows.retrain import combine, split_by_time
+
+RULE = ScoreRule(threshold=0.75, min_coils=10)
+
+
+@pytest.mark.parametrize(
+    ("n_coils", "score", "due"),
+    [
+        (10, 0.0, False),  # exactly 10 coils is not "more than 10"
+        (11, 0.74, True),
+        (11, 0.75, False),  # exactly 75 % is not "below 75 %"
+        (11, 0.7499, True),
+        (1000, 0.76, False),
+        (0, None, False),
+        (50, None, False),
+    ],
+)
+def test_the_papers_rule_at_its_edges(n_coils: int, score: float | None, due: bool) -> None:
+    assert RULE.below(n_coils, score) is due
+
+
+def test_the_rule_follows_the_settings() -> None:
+    assert ScoreRule(threshold=0.9, min_coils=3).below(4, 0.85)
+    assert not ScoreRule(threshold=0.9, min_coils=3).below(3, 0.0)
+
+
+# ----------------------------------------------------------------------------- the query, on SQLite
+
+
+@pytest.fixture
+def engine(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    return make_engine(url)
+
+
+def _coil(coil_id: str, votes: list[MemberVote], at: datetime) -> AssessedCoil:
+    return AssessedCoil(
+        coil_id=coil_id,
+        line="galv-1",
+        produced_at=at,
+        received_at=at,
+        decided_at=at,
+        label=votes[0].label,
+        p_nok=0.5,
+        confidence=0.5,
+        matrix=np.zeros((264, 18), np.float32),
+        product=None,
+        votes=votes,
+    )
+
+
+def test_score_uses_the_latest_feedback_ignores_abstentions_and_flags_by_rule(engine) -> None:
+    registry = SqlModelRegistry(engine)
+    a = registry.add(name="a", kind="cnn", version=1, artifact_uri="a/v1", sha256="x", status="active")
+    img = registry.add(name="img", kind="ssim_ae", version=1, artifact_uri="i/v1", sha256="y", status="active")
+    registry.add(name="idle", kind="cnn", version=1, artifact_uri="d/v1", sha256="z", status="active")
+    store = SqlCoilStore(engine)
+    at = datetime.now(UTC)
+    ids = {("a", 1): a.id, ("img", 1): img.id}
+    coils = []
+    for i in range(12):  # model a says NOK on the first 6, OK on the rest; img abstains on all but two
+        label = "NOK" if i < 6 else "OK"
+        img_vote = MemberVote("img", 1, "NOK", 0.9, 0.9) if i < 2 else MemberVote("img", 1, "ABSTAIN", None, None)
+        coils.append(_coil(f"C{i}", [MemberVote("a", 1, label, 0.5, 0.5), img_vote], at))
+    store.save_assessed(coils, ids)
+    feedback = SqlFeedbackStore(engine)
+    for i in range(12):
+        feedback.add(f"C{i}", "OK", "anna")  # first word: all OK …
+    with engine.begin() as conn:  # … then the latest word on C0–C2, given with plain SQL, says NOK
+        conn.execute(
+            text(
+                "INSERT INTO feedback (coil_id, label, operator) "
+                "VALUES ('C0', 'NOK', 'ben'), ('C1', 'NOK', 'ben'), ('C2', 'NOK', 'ben')"
+            )
+        )
+        conn.execute(text("UPDATE feedback SET created_at = '2999-01-01 00:00:00' WHERE operator = 'ben'"))
+
+    scored = {
+        s.row.name: s
+        for s in score_models(SqlScoreStore(engine), RULE, window=None, now=datetime(3000, 1, 1, tzinfo=UTC))
+    }
+    a_row = scored["a"].row
+    assert (a_row.n_coils, a_row.n_correct) == (12, 9)  # right on C0–C2 (NOK) and C6–C11 (OK)
+    assert a_row.precision_nok == pytest.approx(0.5) and a_row.recall_nok == pytest.approx(1.0)
+    assert scored["a"].below_threshold is False  # 9/12 = 0.75: not below
+    assert (scored["img"].row.n_coils, scored["img"].row.n_correct) == (2, 2)  # abstentions are not votes
+    assert scored["idle"].row.n_coils == 0 and scored["idle"].row.score is None
+    latest = {s.model.name: s for s in SqlScoreStore(engine).latest()}
+    assert latest["a"].n_coils == 12 and latest["a"].score == pytest.approx(0.75)
+    assert due_for_retraining(list(latest.values()), RULE) == []
+    assert [s.model.name for s in due_for_retraining(list(latest.values()), ScoreRule(0.8, 10))] == ["a"]
+
+
+def test_a_rolling_window_only_counts_recent_votes(engine) -> None:
+    registry = SqlModelRegistry(engine)
+    a = registry.add(name="a", kind="cnn", version=1, artifact_uri="a/v1", sha256="x", status="active")
+    store = SqlCoilStore(engine)
+    now = datetime.now(UTC)
+    store.save_assessed([_coil("OLD", [MemberVote("a", 1, "OK", 0.1, 0.9)], now - timedelta(days=3))], {("a", 1): a.id})
+    store.save_assessed([_coil("NEW", [MemberVote("a", 1, "OK", 0.1, 0.9)], now)], {("a", 1): a.id})
+    for coil_id in ("OLD", "NEW"):
+        SqlFeedbackStore(engine).add(coil_id, "NOK", "anna")
+    rows = SqlScoreStore(engine).agreement(now + timedelta(seconds=1), timedelta(days=1))
+    assert rows[0].n_coils == 1
+
+
+def test_feedback_for_an_unknown_coil_or_a_bad_label_is_refused(engine) -> None:
+    with pytest.raises(UnknownCoil):
+        SqlFeedbackStore(engine).add("NOPE", "OK", "anna")
+    with pytest.raises(ValueError, match="OK or NOK"):
+        SqlFeedbackStore(engine).add("NOPE", "maybe", "anna")
+
+
+def test_retrain_runs_lock_one_run_per_model_and_clear_dead_ones(engine) -> None:
+    model = SqlModelRegistry(engine).add(name="a", kind="cnn", version=1, artifact_uri="a/v1", sha256="x")
+    runs = SqlRetrainRuns(engine)
+    import socket
+
+    live = f"{socket.gethostname()}:1"  # pid 1 is alive
+    first = runs.start(model.id, "test", live)
+    assert first is not None
+    assert runs.start(model.id, "test", live) is None  # the live run blocks a second one
+    runs.finish(first, "rejected")
+    dead = runs.start(model.id, "test", f"{socket.gethostname()}:999999")
+    assert dead is not None  # a process that no longer exists …
+    third = runs.start(model.id, "test", live)
+    assert third is not None  # … does not block the next run, whose start marks it failed
+    with engine.connect() as conn:
+        status = dict(conn.execute(text("SELECT id, status FROM retrain_runs")).all())
+    assert status == {first: "rejected", dead: "failed", third: "running"}
+
+
+# ----------------------------------------------------------------------------- the training data
+
+
+def _labelled(n: int, start: int = 0) -> list[LabelledCoil]:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        LabelledCoil(f"F{i}", np.full((264, 18), i, np.float32), i % 2, t0, t0 + timedelta(minutes=i))
+        for i in range(start, start + n)
+    ]
+
+
+def test_holdout_is_the_newest_labelled_coils() -> None:
+    train, holdout = split_by_time(_labelled(100), fraction=0.3, minimum=20)
+    assert len(holdout) == 30 and holdout[0].coil_id == "F70" and train[-1].coil_id == "F69"
+    train, holdout = split_by_time(_labelled(30), fraction=0.3, minimum=20)
+    assert len(holdout) == 20 and len(train) == 10
+
+
+def test_combine_lets_the_operator_label_win_and_weights_feedback() -> None:
+    history = CoilDataset(
+        np.zeros((3, 264, 18), np.float32),
+        np.array([0, 0, 0]),
+        np.array(["H0", "F1", "H2"]),
+        np.array(["2026-01-01"] * 3, dtype="datetime64[ms]"),
+    )
+    data = combine(history, _labelled(2), weight=3)
+    assert len(data) == 2 + 2 * 3  # F1 leaves the history: the operator said NOK
+    assert sorted(set(data.coil_id)) == ["F0", "F1", "H0", "H2"]
+    assert data.y[data.coil_id == "F1"].tolist() == [1, 1, 1]

@@ -1,0 +1,265 @@
+"""ReTrain: replace the models the operators disagree with, and never put a worse one in service.
+
+For every active model whose latest score breaks the rule (below 75 % over more than 10 coils):
+
+1. open a ``retrain_runs`` row under a lock, so two schedulers or a scheduler and the CronJob never
+   retrain the same model at once (a run left behind by a killed process is marked failed here);
+2. split the operator-labelled coils by time: the most recent part is the holdout, the rest joins the
+   champion's training history (the operator's label wins over the history's for the same coil);
+3. train a challenger warm-started from the champion, on the GPU when there is one;
+4. compare champion and challenger on the holdout; promote only if the challenger is not worse
+   (by more than the configured margin). Promotion is atomic: the artifact is written and
+   checksummed, one transaction retires the champion and activates the challenger, and only then
+   does the ``promoted`` event go out so that the workers reload.
+
+Whatever fails, the champion keeps serving and the run is marked failed with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml.assessors.base import AssessBatch, Assessor
+from ml.assessors.registry import create
+from ml.dataset import CoilDataset
+from ml.evaluation.metrics import binary_metrics
+from workflows.messages import ModelEvent, dumps
+from workflows.model_score import ScoreRule, due_for_retraining
+from workflows.ports import (
+    FeedbackStore,
+    LabelledCoil,
+    LatestScore,
+    ModelRegistry,
+    Publisher,
+    RetrainRuns,
+    ScoreStore,
+)
+from workflows.topics import Topics
+from workflows.training import load_model, register, training_history
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    rule: ScoreRule = field(default_factory=ScoreRule)
+    margin: float = 0.0  # the challenger may be at most this much worse than the champion
+    holdout_fraction: float = 0.3  # newest share of the labelled coils kept for the comparison
+    min_holdout: int = 20
+    feedback_weight: int = 3  # a labelled coil counts this many times against one coil of history
+    min_nok_for_f1: int = 5  # fewer NOK coils in the holdout: compare accuracy instead of NOK-F1
+    device: str = "auto"
+    fit_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. fewer epochs for the demo
+
+
+@dataclass
+class RetrainOutcome:
+    model: str
+    version: int
+    status: str  # promoted, rejected, failed or skipped
+    reason: str
+    challenger_version: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class ReTrain:
+    def __init__(
+        self,
+        *,
+        registry: ModelRegistry,
+        scores: ScoreStore,
+        feedback: FeedbackStore,
+        runs: RetrainRuns,
+        model_dir: Path,
+        worker: str,
+        config: RetrainConfig | None = None,
+        publisher: Publisher | None = None,
+        topics: Topics | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.scores = scores
+        self.feedback = feedback
+        self.runs = runs
+        self.model_dir = Path(model_dir)
+        self.worker = worker
+        self.config = config or RetrainConfig()
+        self.publisher = publisher
+        self.topics = topics or Topics()
+        self.on_progress = on_progress
+
+    def due(self) -> list[LatestScore]:
+        return due_for_retraining(self.scores.latest(), self.config.rule)
+
+    def run(self, names: list[str] | None = None, force: bool = False) -> list[RetrainOutcome]:
+        """Retrain every model that is due (or, with ``force``, every active model named in ``names``)."""
+        if force:
+            candidates = [s for s in self.scores.latest() if names is None or s.model.name in names]
+            known = {s.model.id for s in candidates}
+            candidates += [
+                LatestScore(m, 0, None, datetime.now(UTC))
+                for m in self.registry.active_models()
+                if m.id not in known and (names is None or m.name in names)
+            ]
+        else:
+            candidates = [s for s in self.due() if names is None or s.model.name in names]
+        if not candidates:
+            log.info("ReTrain: no model is due")
+        return [self.retrain(s, forced=force) for s in candidates]
+
+    def retrain(self, latest: LatestScore, forced: bool = False) -> RetrainOutcome:
+        champion_record = latest.model
+        if latest.score is None:
+            reason = "forced"
+        else:
+            reason = f"score {latest.score:.1%} over {latest.n_coils} coils (rule: < {self.config.rule.threshold:.0%})"
+            reason += " (forced)" if forced else ""
+        run_id = self.runs.start(champion_record.id, reason, self.worker)
+        if run_id is None:
+            log.info("ReTrain: %s is already being retrained elsewhere", champion_record.name)
+            return RetrainOutcome(champion_record.name, champion_record.version, "skipped", "already running")
+        started = time.perf_counter()
+        metrics: dict[str, Any] = {"trigger": {"score": latest.score, "n_coils": latest.n_coils}}
+        device: str | None = None
+        try:
+            champion = load_model(champion_record, self.model_dir)
+            labelled = self.feedback.labelled_coils()
+            train_part, holdout = split_by_time(labelled, self.config.holdout_fraction, self.config.min_holdout)
+            history = training_history(champion, self.model_dir)
+            data = combine(history, train_part, self.config.feedback_weight)
+            metrics["data"] = {
+                "history": len(history) if history is not None else 0,
+                "feedback_train": len(train_part),
+                "holdout": len(holdout),
+                "training_set": len(data),
+            }
+            self._progress("training", champion_record.name, metrics["data"])
+            challenger = create(
+                champion.key, {**champion.settings.model_dump(), **self.config.fit_overrides}, name=champion.name
+            )
+            train_started = time.perf_counter()
+            report = challenger.fit(data, init=champion, device=self.config.device)
+            device = report.device
+            metrics["train_s"] = round(time.perf_counter() - train_started, 2)
+
+            verdict, comparison = self.compare(champion, challenger, holdout)
+            metrics["holdout"] = comparison
+            metrics["total_s"] = round(time.perf_counter() - started, 2)
+            if not verdict:
+                why = (
+                    f"challenger {comparison['metric']} {comparison['challenger']:.3f} is worse than champion "
+                    f"{comparison['champion']:.3f} (margin {self.config.margin})"
+                )
+                self.runs.finish(run_id, "rejected", reason=f"{reason}; {why}", metrics=metrics, device=device)
+                log.info("ReTrain %s: %s", champion_record.name, why)
+                return RetrainOutcome(champion_record.name, champion_record.version, "rejected", why, None, metrics)
+
+            # promotion: artifact first (written, checksummed), then one transaction, then the event
+            record = register(
+                challenger,
+                self.registry,
+                self.model_dir,
+                status="candidate",
+                parent_id=champion_record.id,
+                dataset=data,
+            )
+            self.registry.promote(record.id)
+            metrics["total_s"] = round(time.perf_counter() - started, 2)
+            self.runs.finish(run_id, "promoted", challenger_id=record.id, metrics=metrics, device=device)
+            self._announce(record.name, record.version, champion_record.version)
+            why = (
+                f"{comparison['metric']} on {comparison['n']} recent labelled coils: "
+                f"champion {comparison['champion']:.3f}, challenger {comparison['challenger']:.3f}"
+            )
+            log.info(
+                "ReTrain %s: promoted v%d over v%d (%s)", record.name, record.version, champion_record.version, why
+            )
+            return RetrainOutcome(record.name, champion_record.version, "promoted", why, record.version, metrics)
+        except BaseException as exc:  # SIGTERM and Ctrl-C too: the run must not stay "running"
+            metrics["total_s"] = round(time.perf_counter() - started, 2)
+            why = f"{type(exc).__name__}: {exc}"
+            self.runs.finish(run_id, "failed", reason=f"{reason}; {why}", metrics=metrics, device=device)
+            log.exception("ReTrain %s failed; v%d keeps serving", champion_record.name, champion_record.version)
+            if not isinstance(exc, Exception):
+                raise
+            return RetrainOutcome(champion_record.name, champion_record.version, "failed", why, None, metrics)
+
+    def compare(self, champion: Assessor, challenger: Assessor, holdout: list[LabelledCoil]) -> tuple[bool, dict]:
+        """Is the challenger at least as good as the champion on the newest labelled coils?"""
+        if not holdout:
+            raise ValueError("no labelled coils to compare champion and challenger on")
+        X = np.stack([c.matrix for c in holdout])
+        y = np.array([c.label for c in holdout])
+        results = {}
+        for role, model in (("champion", champion), ("challenger", challenger)):
+            p, _ = model.predict(AssessBatch(X))
+            results[role] = binary_metrics(y, p)
+        metric = "f1_nok" if y.sum() >= self.config.min_nok_for_f1 else "accuracy"
+        champion_value, challenger_value = results["champion"][metric], results["challenger"][metric]
+        comparison = {
+            "metric": metric,
+            "n": len(holdout),
+            "n_nok": int(y.sum()),
+            "champion": champion_value,
+            "challenger": challenger_value,
+            "detail": results,
+        }
+        return challenger_value >= champion_value - self.config.margin, comparison
+
+    def _announce(self, name: str, version: int, retired_version: int) -> None:
+        if self.publisher is None:
+            return
+        now = datetime.now(UTC)
+        self.publisher.publish(
+            self.topics.model_events, dumps(ModelEvent(event="retired", model=name, version=retired_version, at=now))
+        )
+        self.publisher.publish(
+            self.topics.model_events, dumps(ModelEvent(event="promoted", model=name, version=version, at=now))
+        )
+
+    def _progress(self, stage: str, name: str, detail: dict[str, Any]) -> None:
+        if self.on_progress is not None:
+            self.on_progress({"stage": stage, "model": name, **detail})
+
+
+def split_by_time(
+    labelled: list[LabelledCoil], fraction: float, minimum: int
+) -> tuple[list[LabelledCoil], list[LabelledCoil]]:
+    """(older part for training, newest part for the comparison); ``labelled`` is oldest first."""
+    n_holdout = min(len(labelled), max(minimum, round(len(labelled) * fraction)))
+    cut = len(labelled) - n_holdout
+    return labelled[:cut], labelled[cut:]
+
+
+def combine(history: CoilDataset | None, labelled: list[LabelledCoil], weight: int) -> CoilDataset:
+    """History plus the labelled coils (each ``weight`` times); a coil in both takes the operator's label."""
+    parts = []
+    if labelled:
+        ids = np.array([c.coil_id for c in labelled])
+        feedback_set = CoilDataset(
+            np.stack([c.matrix for c in labelled]),
+            np.array([c.label for c in labelled]),
+            ids,
+            np.array([np.datetime64((c.produced_at or c.feedback_at).replace(tzinfo=None), "ms") for c in labelled]),
+            {"source": "operator feedback"},
+        )
+    else:
+        feedback_set = None
+    if history is not None:
+        if feedback_set is not None:
+            keep = ~np.isin(history.coil_id, feedback_set.coil_id)
+            history = history.subset(np.flatnonzero(keep))
+        parts.append(history)
+    if feedback_set is not None:
+        parts.extend([feedback_set] * max(weight, 1))
+    if not parts:
+        raise ValueError("nothing to train on: no history and no labelled coils")
+    return CoilDataset.concat(parts) if len(parts) > 1 else parts[0]
