@@ -1,0 +1,387 @@
+"""``coilguard demo`` (what ``make demo`` runs): the whole loop on one machine, in one process.
+
+1. an initial ensemble is trained on simulated history (quick settings: this is a demo of the
+   loop, not of the models' best quality; see docs/benchmarks.md for that);
+2. an embedded broker, SQLite, the AssessCoils worker and a simulated line come up;
+3. simulated operators check every NOK decision and a share of the OK ones;
+4. halfway, the line drifts; ModelScore (on a rolling window) flags the models the operators now
+   disagree with, and ReTrain retrains and promotes them while the line keeps running. The weekly
+   ReTrain schedule is compressed: the demo runs ReTrain as soon as ModelScore flags a model;
+5. the rest of the stream is assessed by the new versions; the summary compares NOK-F1 against the
+   simulator's truth before the drift, after it, and after the retrain.
+
+Everything lives under ``var/demo/`` and is recreated on each run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from ml.assessors.registry import available, create
+from ml.evaluation.metrics import binary_metrics
+from ml.sim import DriftConfig, LineConfig, LineSimulator, SimCoil
+from services.config import Settings
+from services.db.engine import make_engine
+from services.db.migrate import upgrade
+from services.db.repositories import SqlFeedbackStore, SqlModelRegistry
+from services.jobs import make_retrain, run_score
+from services.line import publish_coils
+from services.mqtt.broker import EmbeddedBroker
+from services.mqtt.client import Inbound, MqttClient
+from services.operators import SimulatedOperators
+from services.progress import fit_progress
+from services.runtime import topics
+from services.workers.assess import AssessWorker
+from workflows.retrain import RetrainOutcome
+from workflows.training import register
+
+log = logging.getLogger(__name__)
+
+DEMO_KINDS = ("cnn", "yolo", "effnet", "siamese")
+
+
+@dataclass
+class DemoConfig:
+    seed: int = 7
+    history: int = 1500  # simulated coils the initial ensemble is trained on
+    kinds: tuple[str, ...] = DEMO_KINDS
+    scenario: str = "sensor-drift"
+    rate: float = 40.0  # coils per second from the simulated line
+    before: int = 600  # coils before the drift
+    after: int = 600  # coils after the retrained versions are in service
+    max_drifted: int = 4000  # give up waiting for a retrain after this many drifted coils
+    score_every_s: float = 3.0
+    score_window_s: float = 20.0  # rolling ModelScore window, in the demo's compressed time
+    share_ok: float = 0.25  # share of OK decisions the operators check
+    feedback_before_retrain: int = 250  # the week's worth of post-drift feedback the ReTrain job would find
+    workdir: Path = Path("var/demo")
+
+
+@dataclass
+class Record:
+    coil: SimCoil
+    phase: str
+    decision: str | None = None
+    versions: dict[str, int] = field(default_factory=dict)
+
+
+class Demo:
+    def __init__(self, settings: Settings, config: DemoConfig, console: Console | None = None) -> None:
+        self.config = config
+        self.console = console or Console()
+        workdir = config.workdir.resolve()
+        port = _free_port()
+        self.settings = settings.model_copy(
+            update={
+                "database_url": f"sqlite:///{workdir / 'coilguard.db'}",
+                "model_dir": workdir / "models",
+                "report_dir": workdir / "reports",
+                "mqtt_url": f"embedded://127.0.0.1:{port}",
+                "mqtt_client_id": None,
+                "score_window": timedelta(seconds=config.score_window_s),
+            }
+        )
+        self.records: dict[str, Record] = {}
+        self.phase = "before drift"
+        self.events: list[str] = []
+        self.scores: dict[str, list[tuple[str, float, int]]] = {}
+        self.retrains: list[RetrainOutcome] = []
+        self._retrain_thread: threading.Thread | None = None
+        self._feedback_at_drift: int | None = None
+        self._operators: SimulatedOperators | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ the story
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        workdir = self.config.workdir
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        upgrade(self.settings.database_url)
+        engine = make_engine(self.settings.database_url)
+        self._train_initial_ensemble(engine)
+
+        url = self.settings.mqtt
+        with EmbeddedBroker(port=url.port), self._worker(engine) as worker:
+            operators = SimulatedOperators(
+                SqlFeedbackStore(engine), self._truth, share_ok=self.config.share_ok, seed=self.config.seed
+            ).start()
+            self._operators = operators
+            listener = MqttClient(url, on_message=lambda m: self._on_decision(m, operators)).connect()
+            listener.subscribe(topics(self.settings).all_decisions)
+            publisher = MqttClient(url).connect()
+            try:
+                with Live(self._view(worker, operators), console=self.console, refresh_per_second=4) as live:
+                    self._stream(publisher, worker, operators, live)
+            finally:
+                publisher.close()
+                listener.close()
+                operators.stop()
+        summary = self._summary(operators, time.perf_counter() - started)
+        self._print_summary(summary)
+        return summary
+
+    def _train_initial_ensemble(self, engine: Any) -> None:
+        installed = available()
+        kinds = [k for k in self.config.kinds if k in installed]
+        history = LineSimulator(LineConfig(seed=self.config.seed + 1, id_prefix="HIST")).dataset(self.config.history)
+        self.console.print(
+            f"[bold]1. Initial ensemble[/] ({', '.join(kinds)}) on {len(history)} simulated coils of history "
+            f"({history.n_nok} NOK), quick settings"
+        )
+        registry = SqlModelRegistry(engine)
+        for kind in kinds:
+            assessor = create(kind, {**installed[kind].quick_settings, "seed": self.config.seed})
+            with fit_progress(f"  train {kind}", assessor.settings.epochs) as on_epoch:
+                report = assessor.fit(history, device=self.settings.device, callback=on_epoch)
+            register(assessor, registry, self.settings.model_dir, status="active", dataset=history)
+            f1 = report.metrics.get("validation", {}).get("f1_nok")
+            self.console.print(
+                f"  {kind}: {report.duration_s:.0f} s, validation NOK-F1 {f1:.2f}" if f1 is not None else ""
+            )
+
+    @contextlib.contextmanager
+    def _worker(self, engine: Any) -> Iterator[AssessWorker]:
+        worker = AssessWorker(self.settings, engine=engine, client_id="coilguard-demo-assess")
+        thread = threading.Thread(target=worker.run, name="assess", daemon=True)
+        self.console.print("[bold]2. Embedded broker, SQLite, AssessCoils worker, simulated line and operators[/]")
+        # the worker connects once the broker (started by the caller) is up
+        thread.start()
+        if not worker.ready.wait(60):
+            raise RuntimeError("the AssessCoils worker did not start")
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            thread.join(60)
+
+    def _stream(self, publisher: MqttClient, worker: AssessWorker, operators: SimulatedOperators, live: Live) -> None:
+        cfg = self.config
+        line = LineSimulator(LineConfig(seed=cfg.seed, id_prefix="DEMO"))
+        stream = line.stream()
+        tps = topics(self.settings)
+        next_score = time.monotonic() + cfg.score_every_s
+        drifted = after = 0
+        tick = time.perf_counter()
+        for n in itertools.count():
+            if self.phase == "before drift" and n >= cfg.before:
+                line.set_drift(DriftConfig(scenario=cfg.scenario, ramp=100))
+                self.phase = "after drift"
+                self._feedback_at_drift = operators.given
+                self._event(f"the line drifts: {cfg.scenario}")
+            if self.phase == "after drift":
+                drifted += 1
+                if self._retrain_done() or drifted > cfg.max_drifted:
+                    self.phase = "after retrain"
+                    self._event("retrained versions in service" if self._retrain_done() else "no retrain: giving up")
+            if self.phase == "after retrain":
+                after += 1
+                if after > cfg.after:
+                    break
+            coil = next(stream)
+            with self._lock:
+                self.records[coil.coil_id] = Record(coil, self.phase)
+            publish_coils(publisher, tps, [coil])
+            if time.monotonic() >= next_score:
+                next_score = time.monotonic() + cfg.score_every_s
+                self._score_and_maybe_retrain()
+                live.update(self._view(worker, operators))
+            tick += 1 / cfg.rate
+            delay = tick - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        publisher.flush(30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (self._undecided() or not operators.idle()):
+            time.sleep(0.1)
+            live.update(self._view(worker, operators))
+        live.update(self._view(worker, operators))
+
+    def _score_and_maybe_retrain(self) -> None:
+        for scored in run_score(self.settings):
+            if scored.row.score is None:
+                continue
+            history = self.scores.setdefault(scored.row.name, [])
+            history.append((self.phase, scored.row.score, scored.row.version))
+            if scored.below_threshold and history[-2:-1] and history[-2][1] >= self.settings.score_threshold:
+                self._event(
+                    f"ModelScore flags {scored.row.name} v{scored.row.version}: "
+                    f"{scored.row.score:.0%} over {scored.row.n_coils} coils"
+                )
+        flagged = any(
+            s[-1][0] == "after drift" and s[-1][1] < self.settings.score_threshold for s in self.scores.values()
+        )
+        if flagged and self._retrain_thread is None and self.phase == "after drift":
+            self._retrain_thread = threading.Thread(target=self._retrain, name="retrain", daemon=True)
+            self._retrain_thread.start()
+
+    def _feedback_since_drift(self) -> int:
+        return self._operators.given - self._feedback_at_drift if self._feedback_at_drift is not None else 0
+
+    def _retrain(self) -> None:
+        self._event("ReTrain starts (the weekly job, run now)")
+        try:
+            outcomes = make_retrain(self.settings).run()
+        except Exception as exc:  # the demo goes on; the summary says what happened
+            log.exception("demo retrain failed")
+            self._event(f"ReTrain failed: {exc}")
+            outcomes = []
+        self.retrains.extend(outcomes)
+        for o in outcomes:
+            new = f" → v{o.challenger_version}" if o.challenger_version else ""
+            self._event(f"ReTrain {o.model} v{o.version}{new}: {o.status}")
+
+    def _retrain_done(self) -> bool:
+        return self._retrain_thread is not None and not self._retrain_thread.is_alive()
+
+    # ------------------------------------------------------------------ observations
+
+    def _on_decision(self, message: Inbound, operators: SimulatedOperators) -> None:
+        doc = orjson.loads(message.payload)
+        with self._lock:
+            record = self.records.get(doc["coil_id"])
+            if record is not None and record.decision is None:
+                record.decision = doc["decision"]
+                record.versions = {v["model"]: v["version"] for v in doc["votes"]}
+        operators.on_decision(message)
+
+    def _truth(self, coil_id: str) -> int | None:
+        record = self.records.get(coil_id)
+        return record.coil.true_label if record is not None else None
+
+    def _undecided(self) -> int:
+        with self._lock:
+            return sum(r.decision is None for r in self.records.values())
+
+    def _event(self, text: str) -> None:
+        self.events.append(f"{len(self.records):5d} coils · {text}")
+        log.info("demo: %s", text)
+
+    def _view(self, worker: AssessWorker, operators: SimulatedOperators) -> Group:
+        table = Table(title=f"coilguard demo · {self.phase}", show_header=False, expand=False)
+        table.add_row("coils published / decided", f"{len(self.records)} / {worker.stats.decided}")
+        table.add_row("operator feedback rows", str(operators.given))
+        for name, history in sorted(self.scores.items()):
+            _, score, version = history[-1]
+            table.add_row(f"score {name} v{version}", f"{score:.0%}")
+        events = Table(show_header=False, box=None)
+        for line in self.events[-6:]:
+            events.add_row(line)
+        return Group(table, events)
+
+    # ------------------------------------------------------------------ the summary
+
+    def _summary(self, operators: SimulatedOperators, seconds: float) -> dict[str, Any]:
+        phases: dict[str, Any] = {}
+        for phase in ("before drift", "after drift", "after retrain"):
+            decided = [r for r in self.records.values() if r.phase == phase and r.decision is not None]
+            if not decided:
+                continue
+            y = np.array([r.coil.true_label for r in decided])
+            p = np.array([r.decision == "NOK" for r in decided], dtype=float)
+            metrics = binary_metrics(y, p)
+            phases[phase] = {
+                "coils": len(decided),
+                "true_nok": int(y.sum()),
+                "nok_f1": metrics["f1_nok"],
+                "precision": metrics["precision_nok"],
+                "recall": metrics["recall_nok"],
+            }
+        return {
+            "seconds": round(seconds, 1),
+            "coils": len(self.records),
+            "decided": sum(r.decision is not None for r in self.records.values()),
+            "feedback": operators.given,
+            "phases": phases,
+            "scores": {name: [(phase, round(s, 3), v) for phase, s, v in h] for name, h in self.scores.items()},
+            "retrains": [o.__dict__ | {"metrics": None} for o in self.retrains],
+            "events": self.events,
+        }
+
+    def _print_summary(self, summary: dict[str, Any]) -> None:
+        c = self.console
+        c.print(f"\n[bold]Summary[/] ({summary['seconds']:.0f} s)")
+        c.print(
+            f"{summary['coils']} coils published, {summary['decided']} decided, "
+            f"{summary['feedback']} operator feedback rows"
+        )
+        table = Table(
+            "phase", "coils", "true NOK", "NOK-F1", "precision", "recall", title="Ensemble vs the simulator's truth"
+        )
+        for phase, m in summary["phases"].items():
+            table.add_row(
+                phase,
+                str(m["coils"]),
+                str(m["true_nok"]),
+                f"{m['nok_f1']:.2f}",
+                f"{m['precision']:.2f}",
+                f"{m['recall']:.2f}",
+            )
+        c.print(table)
+        scores = Table(
+            "model",
+            "score before drift",
+            "after drift (lowest)",
+            "after retrain",
+            title="ModelScore (agreement with operators)",
+        )
+        for name, history in sorted(summary["scores"].items()):
+            by_phase = {
+                phase: [s for p, s, _ in history if p == phase]
+                for phase in ("before drift", "after drift", "after retrain")
+            }
+            scores.add_row(
+                name,
+                _fmt(by_phase["before drift"][-1] if by_phase["before drift"] else None),
+                _fmt(min(by_phase["after drift"]) if by_phase["after drift"] else None),
+                _fmt(by_phase["after retrain"][-1] if by_phase["after retrain"] else None),
+            )
+        c.print(scores)
+        runs = Table("model", "from", "to", "status", "why", title="ReTrain runs")
+        for o in summary["retrains"]:
+            runs.add_row(
+                o["model"],
+                f"v{o['version']}",
+                f"v{o['challenger_version']}" if o["challenger_version"] else "",
+                o["status"],
+                o["reason"],
+            )
+        c.print(runs)
+        c.print("Events:")
+        for line in summary["events"]:
+            c.print(f"  {line}")
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    return Demo(settings, DemoConfig(**overrides)).run()
+
+
+__all__ = ["DEMO_KINDS", "Demo", "DemoConfig", "run_demo"]

@@ -1,0 +1,83 @@
+"""The command line as an operator or a CronJob runs it, against the real PostgreSQL and Mosquitto."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import inspect, text
+
+from ml.dataset import CoilDataset
+from services.db.engine import make_engine
+from services.db.models import TABLE_NAMES
+from services.mqtt.client import Inbound, MqttClient
+from workflows.messages import parse_coil_message
+
+
+def coilguard(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_simulate_publishes_valid_messages_an_ordinary_client_decodes(mqtt_url: str, topic_prefix: str) -> None:
+    prefix = f"{topic_prefix}/cli-simulate"
+    got: list[Inbound] = []
+    with MqttClient(mqtt_url, on_message=got.append) as subscriber:
+        subscriber.subscribe(f"{prefix}/sensors/+/matrix")
+        started = time.monotonic()
+        done = coilguard(
+            "simulate", "--coils", "100", "--rate", "50", "--seed", "3",
+            env={"COILGUARD_MQTT_URL": mqtt_url, "COILGUARD_MQTT_TOPIC_PREFIX": prefix},
+        )  # fmt: skip
+        took = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while len(got) < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert done.returncode == 0, done.stderr
+    assert len(got) == 100
+    coils = [parse_coil_message(m.payload, topic_line=m.topic.split("/")[-2]) for m in got]
+    assert len({c.coil_id for c in coils}) == 100
+    assert all(c.thickness.shape == (264, 18) and c.product is not None for c in coils)
+    assert took >= 100 / 50 * 0.9  # paced at the asked rate, not dumped at once
+
+
+def test_db_upgrade_and_downgrade_on_an_empty_postgresql(pg_database_factory: Callable[[], str]) -> None:
+    url = pg_database_factory()
+    up = coilguard("db", "upgrade", env={"COILGUARD_DATABASE_URL": url})
+    assert up.returncode == 0, up.stderr
+    engine = make_engine(url)
+    assert set(TABLE_NAMES) <= set(inspect(engine).get_table_names())
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO coils (coil_id, line, matrix) VALUES ('C-1', 'galv-1', '\\x00')"))
+        conn.execute(text("INSERT INTO feedback (coil_id, label, operator) VALUES ('C-1', 'NOK', 'anna')"))
+    engine.dispose()
+    down = coilguard("db", "downgrade", env={"COILGUARD_DATABASE_URL": url})
+    assert down.returncode == 0, down.stderr
+    assert set(inspect(make_engine(url)).get_table_names()) <= {"alembic_version"}
+
+
+def test_db_upgrade_on_sqlite_and_a_dataset_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sub' / 'cg.db'}"
+    up = coilguard("db", "upgrade", env={"COILGUARD_DATABASE_URL": url})
+    assert up.returncode == 0, up.stderr
+    assert set(TABLE_NAMES) <= set(inspect(make_engine(url)).get_table_names())
+    out = tmp_path / "d.npz"
+    made = coilguard("dataset", "--coils", "300", "--out", str(out), "--seed", "5")
+    assert made.returncode == 0, made.stderr
+    data = CoilDataset.load(out)
+    assert data.X.shape == (300, 264, 18) and set(data.meta["columns"]) >= {"coating", "y_true"}
+
+
+def test_a_bad_setting_stops_the_command_with_the_variable_named() -> None:
+    refused = coilguard("models", env={"COILGUARD_MQTT_URL": "http://nope"})
+    assert refused.returncode != 0
+    assert "COILGUARD_MQTT_URL" in refused.stderr
