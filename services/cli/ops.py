@@ -1,0 +1,49 @@
+"""``coilguard api``, ``drift`` and ``up``: running coilguard as services."""
+
+from __future__ import annotations
+
+import click
+
+from services.cli.base import AppContext, cli, pass_ctx
+
+
+@cli.command()
+@click.option("--host", help="Listen address (default COILGUARD_API_HOST).")
+@click.option("--port", type=int, help="Listen port (default COILGUARD_API_PORT).")
+@pass_ctx
+def api(ctx: AppContext, host: str | None, port: int | None) -> None:
+    """The REST API: status, models, coils, feedback, drift reports, /metrics (OpenAPI at /openapi.json)."""
+    import uvicorn
+
+    from services.api import create_app
+
+    settings = ctx.settings
+    # log_config=None: uvicorn's own logs go through coilguard's handler (text or JSON, like every process)
+    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port, log_config=None)
+
+
+@cli.command()
+@click.option("--window", help="How far back to look (e.g. 24h, 7d; default COILGUARD_DRIFT_WINDOW).")
+@pass_ctx
+def drift(ctx: AppContext, window: str | None) -> None:
+    """An Evidently drift report of recent coils against the active models' training data."""
+    from services.config import parse_duration
+    from services.drift import run_drift
+    from workflows.drift_report import describe_columns
+
+    settings = ctx.settings
+    outcome = run_drift(settings, window=parse_duration(window) if window else None)
+    click.echo(f"{outcome.window_start:%Y-%m-%d %H:%M} – {outcome.window_end:%Y-%m-%d %H:%M} UTC: {outcome.describe()}")
+    if outcome.result is not None:
+        if outcome.result.drifted_columns:
+            click.echo(f"drifted: {describe_columns(outcome.result.drifted_columns)}")
+        click.echo(f"report under {settings.report_dir / 'drift'}")
+
+
+@cli.command()
+@pass_ctx
+def up(ctx: AppContext) -> None:
+    """Everything on one machine in one process: broker (when MQTT_URL=embedded), AssessCoils, scheduler, API."""
+    from services.up import run_up
+
+    run_up(ctx.settings, say=click.echo)

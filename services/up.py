@@ -1,0 +1,102 @@
+"""``coilguard up``: the whole system in one process on one machine.
+
+The embedded broker (when ``MQTT_URL=embedded``), the AssessCoils worker, the scheduler (score,
+retrain, drift reports) and the REST API, over the configured database (migrated on start: on one
+machine nobody else runs ``db upgrade``). It serves whatever models are registered; with none, it
+says how to train one and starts AssessCoils as soon as one is registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+import uvicorn
+from sqlalchemy import Engine
+
+from services.api import create_app
+from services.config import Settings
+from services.db.engine import make_engine
+from services.db.migrate import upgrade
+from services.db.repositories import SqlModelRegistry
+from services.runtime import broker_for
+from services.scheduler import build_scheduler, scheduler_heartbeat
+from services.workers.assess import AssessWorker
+
+log = logging.getLogger(__name__)
+
+MODEL_POLL_S = 5.0
+NO_MODELS = (
+    "no active model is registered, so no coil can be assessed yet. Train and register one, e.g.\n"
+    "    coilguard train --assessor cnn --data sim:1500 --register\n"
+    "(`coilguard models --kinds` lists the assessors; `coilguard demo` runs the whole loop with its own models).\n"
+    "AssessCoils starts here as soon as a model is registered."
+)
+
+
+class AssessWhenModels:
+    """Runs the AssessCoils worker on a thread once the registry has an active model."""
+
+    def __init__(self, settings: Settings, engine: Engine, say: Callable[[str], None]) -> None:
+        self.settings, self.engine, self.say = settings, engine, say
+        self.worker: AssessWorker | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="assess", daemon=True)
+
+    def start(self) -> AssessWhenModels:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        registry = SqlModelRegistry(self.engine)
+        told = False
+        while not self._stop.is_set():
+            if registry.active_models():
+                break
+            if not told:
+                self.say(NO_MODELS)
+                told = True
+            self._stop.wait(MODEL_POLL_S)
+        if self._stop.is_set():
+            return
+        self.worker = AssessWorker(self.settings, engine=self.engine)
+        self.worker.run()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.worker is not None:
+            self.worker.stop()
+        self._thread.join(60)
+
+
+def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
+    upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    with broker_for(settings, host_embedded=True) as url:
+        assess = AssessWhenModels(settings, engine, say).start()
+        scheduler = build_scheduler(settings)
+        heartbeat = scheduler_heartbeat(settings, scheduler)
+        scheduling = threading.Thread(target=scheduler.start, name="scheduler", daemon=True)
+        scheduling.start()
+        app = create_app(settings, engine)
+        server = uvicorn.Server(uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None))
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        say(
+            f"coilguard up: broker {url.redacted()}, database {engine.url.render_as_string(hide_password=True)}\n"
+            f"  API {base}  (OpenAPI {base}/openapi.json, status {base}/status, metrics {base}/metrics)\n"
+            f"  drift reports in {settings.report_dir / 'drift'} and at {base}/drift-reports\n"
+            "  Ctrl-C stops everything."
+        )
+        # uvicorn handles SIGINT/SIGTERM while it runs and raises the signal again once it has stopped;
+        # with these (do-nothing) handlers in place that second delivery lets the shutdown below run
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        try:
+            server.run()  # until SIGINT/SIGTERM
+        finally:
+            scheduler.shutdown(wait=False)
+            heartbeat.stop()
+            assess.stop()
+            engine.dispose()

@@ -1,0 +1,169 @@
+"""Drift reports on simulator data: a drifted gauge is reported, an ordinary day is not, and
+``coilguard drift`` leaves an HTML report that a browser renders without the internet, plus its row."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from infra import in_ci
+from PIL import Image
+from sqlalchemy import insert, select, text
+
+from ml.assessors.base import AssessBatch
+from ml.assessors.registry import create
+from ml.dataset import CoilDataset
+from ml.sim import DriftConfig as SimDrift
+from ml.sim import LineConfig, LineSimulator
+from services.cli import cli
+from services.db.engine import make_engine
+from services.db.migrate import upgrade
+from services.db.models import Coil, DriftReport
+from services.db.repositories import SqlModelRegistry, matrix_bytes
+from workflows.drift_report import CoilSample, compare
+from workflows.training import register
+
+SEED = 4
+HISTORY = 800  # the reference: what the models were trained on
+GAP = 200  # coils between the end of the history and the window
+WINDOW = 150  # about a day and a half of a real line
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "headless_shell")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    # nothing resolves: the report must render from its own bytes, as on a plant network
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--virtual-time-budget=20000",
+    "--window-size=1400,1800",
+)
+
+
+@pytest.fixture(scope="module")
+def line() -> dict[str, CoilDataset | tuple[int, ...]]:
+    """One simulated line: its history, an ordinary later window, and the same window with three gauges off."""
+    sim = LineSimulator(LineConfig(seed=SEED, id_prefix="H"))
+    history = sim.dataset(HISTORY)
+    sim.dataset(GAP)
+    ordinary = sim.dataset(WINDOW)
+    start = HISTORY + GAP
+    drifted_line = LineSimulator(
+        LineConfig(seed=SEED, id_prefix="D", first_index=start, drift=SimDrift("sensor-drift", start=start, ramp=0))
+    )
+    drifted = drifted_line.dataset(WINDOW)
+    return {"history": history, "ordinary": ordinary, "drifted": drifted, "sensors": drifted_line.drifted_sensors}
+
+
+def test_an_ordinary_window_is_not_drift(line: dict) -> None:
+    result = compare(CoilSample(line["history"].X), CoilSample(line["ordinary"].X))
+    assert not result.dataset_drift, result.drifted_columns
+    assert result.share_drifted < result.drift_share
+    assert "<script>" in result.html
+
+
+def test_coilguard_drift_reports_a_drifted_gauge(
+    line: dict, pg_database_factory: Callable[[], str], tmp_path: Path, output_dir: Path
+) -> None:
+    url = pg_database_factory()
+    upgrade(url)
+    engine = make_engine(url)
+    model_dir, report_dir = tmp_path / "models", tmp_path / "reports"
+    history, drifted = line["history"], line["drifted"]
+
+    # a model in service whose kept training data is the history (a quick fit: this is about drift)
+    cnn = create("cnn", {"epochs": 1, "seed": 0})
+    cnn.fit(history.subset(slice(0, 150)), device="cpu")
+    register(cnn, SqlModelRegistry(engine), model_dir, status="active", dataset=history)
+
+    # the drifted coils as AssessCoils would have stored them during the last day, some checked by operators
+    p_nok, confidence = cnn.predict(AssessBatch(drifted.X))
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "coil_id": str(coil_id),
+            "line": "galv-1",
+            "produced_at": now - timedelta(hours=20) + timedelta(minutes=5 * i),
+            "received_at": now - timedelta(hours=20) + timedelta(minutes=5 * i),
+            "status": "NOK" if p >= 0.5 else "OK",
+            "p_nok": float(p),
+            "confidence": float(c),
+            "decided_at": now - timedelta(hours=20) + timedelta(minutes=5 * i),
+            "matrix": matrix_bytes(x),
+        }
+        for i, (coil_id, x, p, c) in enumerate(zip(drifted.coil_id, drifted.X, p_nok, confidence, strict=True))
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(Coil.__table__), rows)
+        for coil_id, y in list(zip(drifted.coil_id, drifted.y, strict=True))[::4]:
+            conn.execute(
+                text("INSERT INTO feedback (coil_id, label, operator) VALUES (:c, :l, 'shift-a')"),
+                {"c": str(coil_id), "l": "NOK" if y else "OK"},
+            )
+
+    env = {
+        "COILGUARD_DATABASE_URL": url,
+        "COILGUARD_MODEL_DIR": str(model_dir),
+        "COILGUARD_REPORT_DIR": str(report_dir),
+        "COILGUARD_DEVICE": "cpu",
+    }
+    # the real command, in this process (a second interpreter would import torch and Evidently again)
+    run = CliRunner().invoke(cli, ["drift", "--window", "24h"], env=env, catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    assert "drift report #1: drift" in run.output, run.output
+
+    with engine.connect() as conn:
+        row = conn.execute(select(DriftReport.__table__)).one()
+    engine.dispose()
+    summary = row.summary
+    assert row.dataset_drift and row.share_drifted >= summary["drift_share"]
+    assert summary["n_current"] == WINDOW and summary["reference"]["n_coils"] == HISTORY
+    assert summary["current"]["n_labelled"] == len(rows[::4])
+    assert {"p_nok", "operator_label"} <= set(summary["columns"])  # prediction and label drift were compared
+    for sensor in line["sensors"]:  # each drifted gauge shows in its own features
+        assert {f"s{sensor:02d}_mean", f"s{sensor:02d}_min"} & set(summary["drifted_columns"]), sensor
+    html = report_dir / row.report_uri
+    assert html.is_file() and (report_dir / summary["report_json"]).is_file()
+    _render(html, output_dir / "drift_report.png")
+
+
+def _chromium() -> str | None:
+    for name in (os.environ.get("CHROMIUM", ""), *CHROMIUM_NAMES):
+        if name and (found := shutil.which(name)):
+            return found
+    return None
+
+
+def _render(html: Path, screenshot: Path) -> None:
+    """Open the report in headless Chromium with name resolution switched off: the dashboard must draw."""
+    browser = _chromium()
+    if browser is None:
+        message = "no Chromium binary found (apt-get install chromium, or set CHROMIUM)"
+        if in_ci():
+            pytest.fail(f"CI=true and {message}")
+        pytest.skip(message)
+    screenshot.unlink(missing_ok=True)
+    shot = subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--screenshot={screenshot}", html.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert screenshot.is_file(), shot.stderr[-2000:]
+    # The page is drawn by the report's inlined JavaScript: without it the screenshot is a blank white
+    # page. Rendered, it shows text and Evidently's red distribution charts.
+    with Image.open(screenshot) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    ink = (pixels.sum(axis=2) < 600).mean()
+    red = ((pixels[..., 0] > 180) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)).mean()
+    assert ink > 0.01 and red > 0.002, f"the report did not render: {ink:.2%} ink, {red:.2%} red"
