@@ -229,7 +229,10 @@ class Demo:
         flagged = any(
             s[-1][0] == "after drift" and s[-1][1] < self.settings.score_threshold for s in self.scores.values()
         )
-        if flagged and self._retrain_thread is None and self.phase == "after drift":
+        # The weekly job finds a week of feedback; the demo waits for that much after the drift, so that
+        # the challenger has enough drifted coils to learn from (and the holdout enough to judge it).
+        enough = self._feedback_since_drift() >= self.config.feedback_before_retrain
+        if flagged and enough and self._retrain_thread is None and self.phase == "after drift":
             self._retrain_thread = threading.Thread(target=self._retrain, name="retrain", daemon=True)
             self._retrain_thread.start()
 
@@ -279,6 +282,9 @@ class Demo:
         table = Table(title=f"coilguard demo · {self.phase}", show_header=False, expand=False)
         table.add_row("coils published / decided", f"{len(self.records)} / {worker.stats.decided}")
         table.add_row("operator feedback rows", str(operators.given))
+        if self.phase == "after drift" and self._retrain_thread is None:
+            wanted = self.config.feedback_before_retrain
+            table.add_row("feedback since the drift", f"{self._feedback_since_drift()} / {wanted}")
         for name, history in sorted(self.scores.items()):
             _, score, version = history[-1]
             table.add_row(f"score {name} v{version}", f"{score:.0%}")
