@@ -17,6 +17,7 @@ they would on a single-box install.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import subprocess
@@ -34,7 +35,7 @@ from rich.console import Console
 from rich.progress import Progress
 from sqlalchemy import func, select
 
-from bench.common import LOCAL_MQTT, percentiles, provenance, scratch_database, write_section
+from bench.common import LOCAL_MQTT, own_mosquitto, percentiles, provenance, scratch_database, write_section
 from ml.assessors.base import AssessBatch
 from ml.assessors.registry import create
 from ml.sim import LineConfig, LineSimulator
@@ -143,10 +144,27 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=600, help="coils outstanding in the closed loop")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--binary", action="store_true", help="publish thickness_b64 instead of nested lists")
-    parser.add_argument("--mqtt", default=LOCAL_MQTT)
+    parser.add_argument(
+        "--mqtt",
+        default="own",
+        help="broker URL, or 'own': a private Mosquitto with deploy/mosquitto/mosquitto.conf's tuning (default)",
+    )
     parser.add_argument("--profile", help="record the worker with py-spy into this SVG flame graph")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.mqtt == "own":
+            url = stack.enter_context(own_mosquitto())
+            args.broker = "a private Mosquitto tuned as deploy/mosquitto/mosquitto.conf"
+            args.mqtt = url or LOCAL_MQTT
+            if url is None:
+                args.broker = f"the broker at {LOCAL_MQTT} (no mosquitto binary to start a tuned one)"
+        else:
+            args.broker = f"the broker at {args.mqtt}"
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     kinds = [k.strip() for k in args.ensemble.split(",") if k.strip()]
 
     sim = LineSimulator(LineConfig(seed=77, id_prefix=f"B{os.getpid()}"))
@@ -236,7 +254,7 @@ def main() -> None:
 
 Batch size {args.batch_size}, closed loop with {args.window} coils outstanding, {args.coils} coils;
 latency over {len(latencies)} coils offered at {args.rate:g}/s. Publisher, worker, PostgreSQL 15 and
-Mosquitto 2.0 on the same machine.
+Mosquitto 2.0 on the same machine; the broker is {args.broker}.
 
 {provenance()}
 """

@@ -94,3 +94,54 @@ def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> 
     if not values:
         return {p: float("nan") for p in points}
     return {p: float(np.percentile(values, p)) for p in points}
+
+
+# What a broker needs from deploy/mosquitto/mosquitto.conf to carry coilguard's load: queue and in-flight
+# limits, packet size, no Nagle. Authentication, ACLs and container paths are left out.
+BROKER_TUNING = (
+    "max_queued_messages",
+    "max_queued_bytes",
+    "max_inflight_messages",
+    "max_packet_size",
+    "set_tcp_nodelay",
+)
+
+
+@contextlib.contextmanager
+def own_mosquitto() -> Iterator[str | None]:
+    """A private Mosquitto with the deployment's tuning on a free port (None when mosquitto is missing).
+
+    The machine's own broker runs with Mosquitto's defaults (20 messages in flight per client, Nagle
+    on), which is not how coilguard is deployed; measuring against it would measure those defaults.
+    """
+    import shutil
+    import socket
+    import tempfile
+    import time
+
+    binary = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+    if binary is None:
+        yield None
+        return
+    deployed = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text().splitlines()
+    tuning = [line for line in deployed if line.split(" ", 1)[0] in BROKER_TUNING]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "mosquitto.conf"
+        lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence true"]
+        conf.write_text("\n".join([*lines, f"persistence_location {tmp}/", *tuning, ""]))
+        process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+                time.sleep(0.1)
+            yield f"mqtt://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(10)
