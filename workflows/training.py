@@ -14,13 +14,16 @@ from ml.assessors.base import Assessor
 from ml.assessors.manifest import ArtifactError, Manifest
 from ml.assessors.registry import load_artifact
 from ml.dataset import CoilDataset
+from ml.imagesets import ImageSet
 from workflows.ports import ModelRecord, ModelRegistry
 
 DATA_DIR = "data"  # under MODEL_DIR: every training set a registered model was fitted on
 
 
-def training_data(spec: str, *, seed: int = 0) -> CoilDataset:
-    """``sim:N`` (N simulated coils of the undrifted line, seeded) or a path to a ``.npz`` dataset."""
+def training_data(spec: str, *, seed: int = 0) -> CoilDataset | ImageSet:
+    """``sim:N`` (N simulated coils of the undrifted line, seeded), a path to a ``.npz`` dataset, or a folder
+    of labelled surface images (one subfolder per class, optional same-name ``.png`` masks) for the image
+    assessors."""
     if spec.startswith("sim:"):
         from ml.sim import LineConfig, LineSimulator
 
@@ -30,8 +33,12 @@ def training_data(spec: str, *, seed: int = 0) -> CoilDataset:
             raise ValueError(f"bad data spec {spec!r}: expected sim:N with N a number of coils") from None
         return LineSimulator(LineConfig(seed=seed, id_prefix=f"T{seed}")).dataset(n)
     path = Path(spec)
+    if path.is_dir():
+        from ml.imagesets.folder import load_folder
+
+        return load_folder(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no dataset at {path} (use sim:N for simulated coils)")
+        raise FileNotFoundError(f"no dataset at {path} (use sim:N for simulated coils, or an image folder)")
     return CoilDataset.load(path)
 
 

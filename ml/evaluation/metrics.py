@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, matthews_corrcoef, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (
+    confusion_matrix,
+    matthews_corrcoef,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
 
 
 def binary_metrics(y_true: np.ndarray, p_nok: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
@@ -56,3 +62,14 @@ def best_threshold(y_true: np.ndarray, scores: np.ndarray, *, low: float = 0.05,
     best = f1s.max()
     tied = candidates[np.isclose(f1s, best)]
     return float(tied[np.argmin(np.abs(tied - 0.5))])
+
+
+def youden_threshold(truth: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold maximizing Youden's J = TPR − FPR (the anomaly paper's rule)."""
+    truth = np.asarray(truth).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if truth.all() or not truth.any():
+        return float(np.quantile(scores, 0.99))
+    fpr, tpr, thresholds = roc_curve(truth, scores)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], scores.max()))

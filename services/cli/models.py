@@ -30,6 +30,7 @@ def train(
 ) -> None:
     """Train an assessor, save its artifact and (with --register) put it into service."""
     from ml.assessors.registry import UnknownAssessor, create
+    from ml.dataset import CoilDataset
     from services.progress import fit_progress
     from workflows.training import register as register_model
     from workflows.training import training_data
@@ -42,8 +43,17 @@ def train(
         raise click.BadParameter(str(exc), param_hint="--assessor") from None
     except ValueError as exc:  # pydantic validation of the settings
         raise click.BadParameter(str(exc), param_hint="--set") from None
-    data = training_data(data_spec, seed=seed)
-    click.echo(f"training {assessor.name} ({kind}) on {len(data)} coils, {data.n_nok} NOK, device {settings.device}")
+    try:
+        data = training_data(data_spec, seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from None
+    if isinstance(data, CoilDataset):
+        what = f"{len(data)} coils, {data.n_nok} NOK"
+    else:
+        if assessor.consumes != "image":
+            raise click.BadParameter(f"{kind} assesses coil matrices, not images", param_hint="--data")
+        what = f"{len(data)} images of {len(data.classes)} classes, {int(data.nok.sum())} with defects"
+    click.echo(f"training {assessor.name} ({kind}) on {what}, device {settings.device}")
     with fit_progress(f"train {assessor.name}", assessor.settings.epochs) as on_epoch:
         report = assessor.fit(data, device=settings.device, callback=on_epoch)
     validation = report.metrics.get("validation", {})
@@ -63,7 +73,7 @@ def train(
             SqlModelRegistry(make_engine(settings.database_url)),
             settings.model_dir,
             status="active",
-            dataset=data,
+            dataset=data if isinstance(data, CoilDataset) else None,  # image folders stay where they are
         )
         click.echo(f"registered {record.name} v{record.version} (active) at {settings.model_dir / record.artifact_uri}")
 

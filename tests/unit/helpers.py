@@ -1,10 +1,11 @@
-"""Small synthetic coils for fast unit tests (the simulator is for realistic data; this is for speed)."""
+"""Small synthetic coils and surface images for fast tests (the simulator is for realistic data; this is for speed)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ml.dataset import CoilDataset
+from ml.imagesets.base import ImageSet
 
 
 def stripe_coils(n: int, nok_share: float = 0.1, seed: int = 0) -> CoilDataset:
@@ -19,3 +20,23 @@ def stripe_coils(n: int, nok_share: float = 0.1, seed: int = 0) -> CoilDataset:
     X[rng.random(X.shape) < 0.005] = np.nan
     ids = [f"U{seed}-{i:05d}" for i in range(n)]
     return CoilDataset(X, y, ids, np.datetime64("2026-01-01T00:00") + np.arange(n).astype("timedelta64[m]"))
+
+
+def synthetic_images(per_class: int = 8, seed: int = 0, classes: tuple[str, ...] = ("ok", "scratch", "spot")):
+    """Flat noisy plates; a scratch is a dark line, a spot a bright disc. Sizes vary, as real images do."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c, name in enumerate(classes):
+        for _ in range(per_class):
+            side = int(rng.integers(36, 48))
+            img = np.clip(rng.normal(0.5, 0.05, (side, side)), 0, 1).astype(np.float32)
+            if name == "scratch":
+                row = int(rng.integers(5, side - 5))
+                img[row : row + 2, :] = 0.1
+            elif name == "spot":
+                yy, xx = np.mgrid[:side, :side]
+                cy, cx = rng.integers(10, side - 10, size=2)
+                img[(yy - cy) ** 2 + (xx - cx) ** 2 < 25] = 0.95
+            images.append(img)
+            labels.append(c)
+    return ImageSet(images, np.array(labels), list(classes), meta={"source": "synthetic"})

@@ -1,0 +1,3 @@
+from ml.assessors.contrastive_seg.assessor import ContrastiveSegAssessor, ContrastiveSegSettings
+
+__all__ = ["ContrastiveSegAssessor", "ContrastiveSegSettings"]

@@ -1,0 +1,367 @@
+"""``contrastive_seg``: a defect segmenter (encoder–decoder CNN, residual + SE blocks, skip connections)
+trained with ComboLoss and, when ``contrastive``, the proposal-contrastive InfoNCE term of the
+contrastive defect-segmentation paper (λ = 0.1, τ = 0.1); ``contrastive=False`` is the paper's baseline.
+
+Training needs pixel masks: an :class:`~ml.imagesets.ImageSet` with ``masks`` (coil matrices have
+none, so a coil dataset is refused). Images are resized to ``image_size`` and standardized (zero mean,
+unit spread: tiles differ in exposure more than defects in contrast); each step trains on whole images
+flipped at random, or, with ``crop_size``, on random crops, most of them centred on a defect pixel.
+Whole images are the default: on the magnetic tiles crops learned far more slowly (their batch-norm
+statistics differ from the whole images seen at inference). ``val_fraction`` of the images is held
+out for early stopping on the validation IoU, and for choosing the pixel threshold that maximizes it.
+
+Inference: sigmoid probabilities at ``image_size``, resized back to the image, thresholded, and
+connected components smaller than ``min_object_px`` (at ``image_size`` scale) removed, as the paper's
+``remove_small_objects``. A coil's raw p(NOK) comes from the predicted defect area a (share of its
+worst image) as a / (a + ``area_scale``): 0.5 when the defect covers ``area_scale`` of the image.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+from scipy import ndimage
+
+from ml.assessors.base import AssessBatch, Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch, calibrate
+from ml.assessors.contrastive_seg.loss import combo_loss, proposal_contrastive_loss
+from ml.assessors.contrastive_seg.torch_model import ContrastiveSegNet
+from ml.assessors.manifest import Manifest
+from ml.evaluation.metrics import binary_metrics, youden_threshold
+from ml.imagesets.base import ImageSet
+from ml.imagesets.folder import as_image_set, image_set_summary, resize_image, resize_mask
+from ml.training.runtime import describe_device, resolve_device, seed_everything
+
+WEIGHTS = "weights.pt"
+THRESHOLD_GRID = np.round(np.arange(0.2, 0.81, 0.05), 2)
+
+
+class ContrastiveSegSettings(AssessorSettings):
+    epochs: int = Field(40, ge=1, le=500)
+    batch_size: int = Field(8, ge=1, le=256)
+    patience: int = Field(10, ge=1)
+    contrastive: bool = Field(True, description="add the InfoNCE branch (False: the paper's CNN baseline)")
+    contrastive_weight: float = Field(0.1, ge=0, description="λ of the InfoNCE term")
+    temperature: float = Field(0.1, gt=0, description="τ of the InfoNCE term")
+    contrastive_samples: int = Field(256, ge=8, le=8192, description="pixels sampled per class and batch")
+    proj_dim: int = Field(64, ge=4, le=512, description="embedding size of the projection head")
+    bce_weight: float = Field(0.3, ge=0, description="α of ComboLoss")
+    dice_weight: float = Field(0.7, ge=0, description="β of ComboLoss")
+    width: int = Field(32, ge=4, le=128, description="channels of the first encoder stage (paper: 32)")
+    depth: int = Field(4, ge=2, le=5, description="encoder stages (paper: 4, then the bottleneck)")
+    image_size: int = Field(128, ge=32, le=1024, description="images are resized to this square side")
+    crop_size: int = Field(0, ge=0, le=1024, description="training crop side (0: the whole image, the default)")
+    defect_crop_share: float = Field(0.7, ge=0, le=1, description="training crops centred on a defect pixel")
+    steps_per_epoch: int = Field(0, ge=0, description="batches per epoch (0: one pass over the training images)")
+    pixel_threshold: float = Field(0.5, gt=0, lt=1, description="used when tune_threshold is off")
+    tune_threshold: bool = Field(True, description="pick the pixel threshold maximizing validation IoU")
+    min_object_px: int = Field(8, ge=0, description="smaller predicted components are removed (image_size scale)")
+    area_scale: float = Field(0.002, gt=0, lt=1, description="defect area share that maps to raw p(NOK) = 0.5")
+
+
+class ContrastiveSegAssessor(Assessor):
+    key = "contrastive_seg"
+    consumes = "image"
+    Settings = ContrastiveSegSettings
+    weight_files = (WEIGHTS,)
+    quick_settings: ClassVar[dict[str, Any]] = {
+        "epochs": 2,
+        "width": 4,
+        "depth": 2,
+        "image_size": 32,
+        "crop_size": 0,
+        "batch_size": 4,
+        "proj_dim": 8,
+    }
+
+    def __init__(self, settings=None, *, name: str | None = None) -> None:
+        super().__init__(settings, name=name)
+        s = self.s
+        multiple = 2**s.depth
+        if s.image_size % multiple or s.crop_size % multiple:
+            raise ValueError(f"image_size and crop_size must be multiples of 2**depth = {multiple}")
+        if s.crop_size > s.image_size:
+            raise ValueError("crop_size cannot exceed image_size")
+        self.net: ContrastiveSegNet | None = None
+        self.pixel_threshold = s.pixel_threshold
+
+    @property
+    def s(self) -> ContrastiveSegSettings:
+        return self.settings  # type: ignore[return-value]
+
+    def build_network(self) -> ContrastiveSegNet:
+        return ContrastiveSegNet(self.s.width, self.s.depth, self.s.proj_dim)
+
+    # ------------------------------------------------------------------ training
+
+    def fit(
+        self,
+        dataset: ImageSet | Any,
+        init: Assessor | None = None,
+        device: str = "auto",
+        callback: FitCallback | None = None,
+    ) -> FitReport:
+        clock = Stopwatch()
+        s = self.s
+        if not isinstance(dataset, ImageSet) or dataset.masks is None:
+            raise ValueError(
+                f"the {self.key} assessor trains on defect masks: give it an ImageSet with masks "
+                "(e.g. ml.imagesets.magnetic_tile.load_magnetic_tile); coil matrices have no masks"
+            )
+        images = as_image_set(dataset)
+        rng = seed_everything(s.seed)
+        generator = torch.Generator().manual_seed(s.seed)
+        torch_device = resolve_device(device)
+        order = rng.permutation(len(images))
+        n_val = max(1, round(len(images) * s.val_fraction))
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        if len(train_idx) == 0:
+            raise ValueError("too few images to hold out a validation split")
+        net = self.build_network()
+        if init is not None:
+            if not isinstance(init, ContrastiveSegAssessor) or init.net is None:
+                raise TypeError(f"cannot warm-start a {self.key} assessor from {init.describe()}")
+            net.load_state_dict(init.net.state_dict())
+        x = standardize(np.stack([resize_image(images.images[i], s.image_size) for i in range(len(images))]))
+        y = np.stack([resize_mask(images.masks[i], s.image_size) for i in range(len(images))])
+        history, best_epoch = self._train(net, x, y, train_idx, val_idx, rng, generator, torch_device, callback)
+        self.net = net.cpu().eval()
+        self._calibrate(images, x, y, val_idx)
+        self.training_data = {**image_set_summary(images), "n_train": len(train_idx), "n_val": len(val_idx)}
+        self.runtime = {
+            "device": describe_device(torch_device),
+            "duration_s": clock.seconds,
+            "epochs_run": len(history),
+            "best_epoch": best_epoch,
+            "torch": torch.__version__,
+            "start": "init" if init is not None else "scratch",
+            "history": history,
+        }
+        return FitReport(self.metrics, len(history), clock.seconds, str(torch_device))
+
+    def _train(
+        self,
+        net: ContrastiveSegNet,
+        x: np.ndarray,
+        y: np.ndarray,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        rng: np.random.Generator,
+        generator: torch.Generator,
+        device: torch.device,
+        callback: FitCallback | None,
+    ) -> tuple[list[dict[str, float]], int]:
+        s = self.s
+        net.to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=s.lr)
+        # cosine decay: the late epochs settle instead of jumping between masks (the validation IoU is noisy)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs, eta_min=s.lr * 0.05)
+        steps = s.steps_per_epoch or int(np.ceil(len(train_idx) / s.batch_size))
+        best, best_epoch, best_state, history = -1.0, 0, None, []
+        for epoch in range(1, s.epochs + 1):
+            net.train()
+            losses, contrast = [], []
+            perm = np.resize(rng.permutation(train_idx), steps * s.batch_size)
+            for step in range(steps):
+                idx = perm[step * s.batch_size : (step + 1) * s.batch_size]
+                xb, yb = self._crops(x[idx], y[idx], rng)
+                xb, yb = xb.to(device), yb.to(device)
+                logits, z = net.forward_train(xb)
+                loss = combo_loss(logits, yb, s.bce_weight, s.dice_weight)
+                if s.contrastive and s.contrastive_weight > 0:
+                    c = proposal_contrastive_loss(z, yb, s.temperature, s.contrastive_samples, generator)
+                    loss = loss + s.contrastive_weight * c
+                    contrast.append(c.item())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            schedule.step()
+            val_loss, val_iou = self._validate(net, x[val_idx], y[val_idx], device)
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_iou": val_iou}
+            if contrast:
+                row["train_contrastive"] = float(np.mean(contrast))
+            history.append(row)
+            if callback is not None:
+                callback({"assessor": self.name, "epochs": s.epochs, "val_f1": None, **row})
+            if val_iou > best + 1e-4:
+                best, best_epoch, best_state = val_iou, epoch, copy.deepcopy(net.state_dict())
+            elif epoch - best_epoch >= s.patience:
+                break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        return history, best_epoch
+
+    def _crops(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training crops (most centred on a defect pixel), flipped at random when ``augment``."""
+        s = self.s
+        size, crop = x.shape[1], s.crop_size or x.shape[1]
+        xs, ys = np.empty((len(x), crop, crop), np.float32), np.empty((len(x), crop, crop), np.float32)
+        for k in range(len(x)):
+            if crop < size and y[k].any() and rng.random() < s.defect_crop_share:
+                rows, cols = np.nonzero(y[k])
+                j = rng.integers(len(rows))
+                r = int(np.clip(rows[j] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, size - crop))
+                c = int(np.clip(cols[j] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, size - crop))
+            else:
+                r, c = (int(v) for v in rng.integers(0, size - crop + 1, 2))
+            xi, yi = x[k, r : r + crop, c : c + crop], y[k, r : r + crop, c : c + crop]
+            if s.augment:
+                if rng.random() < 0.5:
+                    xi, yi = xi[:, ::-1], yi[:, ::-1]
+                if rng.random() < 0.5:
+                    xi, yi = xi[::-1], yi[::-1]
+            xs[k], ys[k] = xi, yi
+        return torch.from_numpy(xs[:, None]), torch.from_numpy(ys[:, None])
+
+    def _validate(
+        self, net: ContrastiveSegNet, x: np.ndarray, y: np.ndarray, device: torch.device
+    ) -> tuple[float, float]:
+        """Validation ComboLoss and pooled IoU at probability 0.5, on the whole resized images."""
+        prob = self._probabilities(net, x, device)
+        target = torch.from_numpy(y[:, None].astype(np.float32))
+        logits = torch.logit(torch.from_numpy(prob[:, None]).clamp(1e-6, 1 - 1e-6))
+        loss = float(combo_loss(logits, target, self.s.bce_weight, self.s.dice_weight))
+        return loss, pooled_iou(y, prob >= 0.5)
+
+    @staticmethod
+    def _probabilities(net: ContrastiveSegNet, x: np.ndarray, device: torch.device) -> np.ndarray:
+        net.eval()
+        out = []
+        with torch.no_grad():
+            for b in torch.from_numpy(x[:, None]).split(16):
+                out.append(torch.sigmoid(net(b.to(device))).cpu().numpy()[:, 0])
+        return np.concatenate(out)
+
+    def _calibrate(self, images: ImageSet, x: np.ndarray, y: np.ndarray, val_idx: np.ndarray) -> None:
+        s = self.s
+        assert self.net is not None
+        prob = self._probabilities(self.net, x[val_idx], torch.device("cpu"))
+        if s.tune_threshold:
+            ious = [pooled_iou(y[val_idx], self._postprocess(prob, t)) for t in THRESHOLD_GRID]
+            self.pixel_threshold = float(THRESHOLD_GRID[int(np.argmax(ious))])
+        pred = self._postprocess(prob, self.pixel_threshold)
+        scores = np.array([self._area_score(p) for p in pred])
+        y_img = images.nok[val_idx].astype(int)
+        metrics: dict[str, Any] = {"pixel_threshold": self.pixel_threshold, **segmentation_metrics(y[val_idx], pred)}
+        if 0 < y_img.sum() < len(y_img):
+            self.threshold = float(np.clip(youden_threshold(y_img, scores), 1e-4, 1 - 1e-4))
+            metrics.update(binary_metrics(y_img, calibrate(scores, self.threshold)))
+        else:
+            self.threshold = 0.5  # a predicted area of area_scale is the boundary
+        self.metrics = {"validation": metrics}
+
+    # ------------------------------------------------------------------ inference
+
+    def _postprocess(self, prob: np.ndarray, threshold: float, min_px: float | None = None) -> np.ndarray:
+        """Threshold and drop small connected components, per map of a (N, H, W) or (H, W) array."""
+        min_px = self.s.min_object_px if min_px is None else min_px
+        if prob.ndim == 3:
+            return np.stack([self._postprocess(p, threshold, min_px) for p in prob])
+        mask = prob >= threshold
+        if min_px > 0 and mask.any():
+            labels, n = ndimage.label(mask)
+            sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+            keep = np.r_[False, sizes >= min_px]
+            mask = keep[labels]
+        return mask
+
+    def _area_score(self, mask: np.ndarray) -> float:
+        area = float(mask.mean())
+        return area / (area + self.s.area_scale)
+
+    def probability_maps(self, images: list[np.ndarray], original_size: bool = True) -> list[np.ndarray]:
+        """p(defect) per pixel, at each image's own size (or at ``image_size``)."""
+        if self.net is None:
+            raise RuntimeError(f"{self.key} assessor has not been fitted or loaded")
+        if not images:
+            return []
+        x = standardize(np.stack([resize_image(im, self.s.image_size) for im in images]))
+        prob = self._probabilities(self.net, x, torch.device("cpu"))
+        return [resize_image(p, im.shape) if original_size else p for p, im in zip(prob, images, strict=True)]
+
+    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Boolean defect masks at each image's own size (small components removed, scaled to that size)."""
+        out = []
+        for prob, image in zip(self.probability_maps(images), images, strict=True):
+            scale = image.shape[0] * image.shape[1] / self.s.image_size**2
+            out.append(self._postprocess(prob, self.pixel_threshold, self.s.min_object_px * scale))
+        return out
+
+    def image_scores(self, images: list[np.ndarray]) -> np.ndarray:
+        """Raw p(NOK) per image from the predicted defect area (at ``image_size``)."""
+        probs = self.probability_maps(images, original_size=False)
+        return np.array([self._area_score(self._postprocess(p, self.pixel_threshold)) for p in probs])
+
+    def predict_raw(self, batch: AssessBatch) -> np.ndarray:
+        if self.net is None:
+            raise RuntimeError(f"{self.key} assessor has not been fitted or loaded")
+        out = np.full(len(batch), np.nan)
+        if batch.images is None:
+            return out
+        for i, coil_images in enumerate(batch.images):
+            if coil_images:
+                out[i] = float(self.image_scores(list(coil_images)).max())
+        return out
+
+    # ------------------------------------------------------------------ persistence
+
+    def manifest(self) -> Manifest:
+        manifest = super().manifest()
+        manifest.calibration["pixel_threshold"] = self.pixel_threshold
+        return manifest
+
+    def save_weights(self, directory: Path) -> None:
+        if self.net is None:
+            raise RuntimeError("nothing to save: the assessor has not been fitted")
+        torch.save({"net": self.net.state_dict(), "pixel_threshold": self.pixel_threshold}, directory / WEIGHTS)
+
+    def load_weights(self, directory: Path) -> None:
+        state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+        net = self.build_network()
+        net.load_state_dict(state["net"])
+        self.net = net.eval()
+        self.pixel_threshold = float(state["pixel_threshold"])
+
+
+def standardize(x: np.ndarray) -> np.ndarray:
+    """Each image to zero mean and unit spread: tiles differ in exposure far more than defects in contrast."""
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    std = x.std(axis=(1, 2), keepdims=True)
+    return ((x - mean) / (std + 0.02)).astype(np.float32)
+
+
+def pooled_iou(truth: np.ndarray | list[np.ndarray], pred: np.ndarray | list[np.ndarray]) -> float:
+    """IoU over all pixels of all images together (the paper's confusion matrix is pooled)."""
+    tp = sum(int(np.sum(t & p)) for t, p in zip(truth, pred, strict=True))
+    union = sum(int(np.sum(t | p)) for t, p in zip(truth, pred, strict=True))
+    return tp / union if union else 1.0
+
+
+def segmentation_metrics(truth: list[np.ndarray] | np.ndarray, pred: list[np.ndarray] | np.ndarray) -> dict[str, Any]:
+    """Pooled pixel IoU, Dice, precision and recall, plus the per-image mean IoU and Dice."""
+    tp = fp = fn = 0
+    ious, dices = [], []
+    for t, p in zip(truth, pred, strict=True):
+        t, p = np.asarray(t, bool), np.asarray(p, bool)
+        a, b, c = int(np.sum(t & p)), int(np.sum(~t & p)), int(np.sum(t & ~p))
+        tp, fp, fn = tp + a, fp + b, fn + c
+        if a + b + c:
+            ious.append(a / (a + b + c))
+            dices.append(2 * a / (2 * a + b + c))
+        else:
+            ious.append(1.0)
+            dices.append(1.0)
+    return {
+        "iou": tp / max(tp + fp + fn, 1),
+        "dice": 2 * tp / max(2 * tp + fp + fn, 1),
+        "precision": tp / max(tp + fp, 1),
+        "recall": tp / max(tp + fn, 1),
+        "mean_iou": float(np.mean(ious)) if ious else 0.0,
+        "mean_dice": float(np.mean(dices)) if dices else 0.0,
+        "confusion": {"tp": tp, "fp": fp, "fn": fn},
+    }

@@ -1,0 +1,3 @@
+from ml.assessors.rmcsam.assessor import RmcsamAssessor, RmcsamSettings
+
+__all__ = ["RmcsamAssessor", "RmcsamSettings"]

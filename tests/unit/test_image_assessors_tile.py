@@ -1,0 +1,228 @@
+"""The two surface-image assessors of the magnetic-tile work against the assessor contract: ``ssim_ae``
+(SSIM autoencoder trained on defect-free images) and ``contrastive_seg`` (segmenter with an InfoNCE
+branch). Each trains on tiny synthetic images in seconds, saves, loads and predicts exactly what it
+predicted before, refuses a tampered weights file, and abstains on a coil without images; plus the
+image-folder loaders, the losses, and (marked ``datasets``) the real magnetic-tile set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import stripe_coils
+from PIL import Image
+
+from ml.assessors.base import AssessBatch, Assessor
+from ml.assessors.contrastive_seg import ContrastiveSegAssessor
+from ml.assessors.contrastive_seg.loss import combo_loss, proposal_contrastive_loss
+from ml.assessors.manifest import ArtifactError
+from ml.assessors.ssim_ae import SsimAeAssessor
+from ml.assessors.ssim_ae.loss import dssim_loss, residual_map
+from ml.imagesets.base import ImageSet
+from ml.imagesets.folder import load_folder
+from ml.imagesets.magnetic_tile import CLASSES, load_magnetic_tile
+
+torch.set_num_threads(1)
+
+DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+TILE = DATASETS / "magnetic-tile"
+
+TINY: dict[str, dict] = {
+    "ssim_ae": {"epochs": 2, "width": 4, "batch_size": 8, "latent_dim": 16, "seed": 3},
+    "contrastive_seg": {**ContrastiveSegAssessor.quick_settings, "epochs": 2, "seed": 3},
+}
+CLASSES_BY_KEY = {"ssim_ae": SsimAeAssessor, "contrastive_seg": ContrastiveSegAssessor}
+
+
+def synthetic_tiles(n_ok: int = 12, n_nok: int = 8, seed: int = 0) -> ImageSet:
+    """Noisy gray tiles of varying size; a defect is a dark disc, marked in the mask."""
+    rng = np.random.default_rng(seed)
+    images, masks, labels = [], [], []
+    for k in range(n_ok + n_nok):
+        h, w = rng.integers(40, 64, 2)
+        image = (0.55 + 0.05 * rng.standard_normal((h, w))).astype(np.float32)
+        mask = np.zeros((h, w), bool)
+        if k >= n_ok:
+            r, c = rng.integers(10, h - 10), rng.integers(10, w - 10)
+            yy, xx = np.ogrid[:h, :w]
+            mask = (yy - r) ** 2 + (xx - c) ** 2 <= rng.integers(5, 9) ** 2
+            image[mask] = 0.1
+        images.append(image.clip(0, 1))
+        masks.append(mask)
+        labels.append(int(k >= n_ok))
+    return ImageSet(images, np.array(labels), ["ok", "defect"], masks, meta={"source": "synthetic"})
+
+
+def coil_batch(images: list[list[np.ndarray]]) -> AssessBatch:
+    return AssessBatch(np.full((len(images), 264, 18), 140.0, np.float32), images)
+
+
+@pytest.fixture(scope="module")
+def tiles() -> ImageSet:
+    return synthetic_tiles()
+
+
+@pytest.fixture(scope="module")
+def unseen() -> ImageSet:
+    return synthetic_tiles(4, 4, seed=9)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiles):
+    cache: dict[str, Assessor] = {}
+
+    def get(key: str) -> Assessor:
+        if key not in cache:
+            assessor = CLASSES_BY_KEY[key](TINY[key])
+            report = assessor.fit(tiles, device="cpu")
+            assert report.epochs_run >= 1 and report.device == "cpu"
+            cache[key] = assessor
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(params=list(TINY))
+def trained(request, fitted) -> Assessor:
+    return fitted(request.param)
+
+
+def test_trains_saves_loads_and_predicts_identically(trained: Assessor, unseen: ImageSet, tmp_path: Path) -> None:
+    batch = coil_batch([[im] for im in unseen.images] + [[unseen.images[0], unseen.images[-1]]])
+    p, c = trained.predict(batch)
+    assert p.shape == (len(unseen) + 1,) and np.isfinite(p).all()
+    assert np.all((p >= 0) & (p <= 1)) and np.all((c >= 0.5) & (c <= 1))
+    assert p[-1] == max(p[0], p[len(unseen) - 1])  # a coil with several images takes the worst
+    manifest = trained.save(tmp_path / trained.key)
+    assert manifest.kind == trained.key and manifest.consumes == "image"
+    assert set(manifest.files) == set(trained.weight_files)
+    assert manifest.training_data["n_images"] == 20 and manifest.settings["seed"] == 3
+    assert {"device", "duration_s", "torch", "history"} <= set(manifest.runtime)
+    assert "pixel_threshold" in manifest.calibration and manifest.metrics["validation"]
+    again = type(trained).load(tmp_path / trained.key)
+    assert again.threshold == trained.threshold and again.pixel_threshold == trained.pixel_threshold
+    p2, c2 = again.predict(batch)
+    np.testing.assert_array_equal(p, p2)
+    np.testing.assert_array_equal(c, c2)
+
+
+def test_a_tampered_weights_file_is_refused(trained: Assessor, tmp_path: Path) -> None:
+    trained.save(tmp_path)
+    path = tmp_path / trained.weight_files[0]
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="does not match"):
+        type(trained).load(tmp_path)
+
+
+def test_abstains_on_a_coil_without_images(trained: Assessor, unseen: ImageSet) -> None:
+    p, c = trained.predict(coil_batch([[], [unseen.images[0]], []]))
+    assert np.isnan(p[0]) and np.isnan(p[2]) and np.isnan(c[0]) and np.isfinite(p[1])
+    p_none, _ = trained.predict(AssessBatch(np.full((2, 264, 18), 140.0, np.float32)))
+    assert np.isnan(p_none).all()  # no images at all: every coil abstains
+
+
+def test_warm_start_from_a_trained_instance(trained: Assessor, tiles: ImageSet) -> None:
+    challenger = type(trained)({**TINY[trained.key], "epochs": 1})
+    challenger.fit(tiles, init=trained, device="cpu")
+    assert challenger.runtime["start"] == "init"
+    other = SsimAeAssessor if trained.key != "ssim_ae" else ContrastiveSegAssessor
+    with pytest.raises(TypeError, match="warm-start"):
+        type(trained)(TINY[trained.key]).fit(tiles, init=other(TINY[other.key]), device="cpu")
+
+
+def test_ssim_ae_trains_on_ok_images_of_rendered_coils() -> None:
+    coils = stripe_coils(30, seed=4)
+    assessor = SsimAeAssessor({**TINY["ssim_ae"], "epochs": 1})
+    assessor.fit(coils, device="cpu")
+    assert assessor.training_data["source"] == "coils"
+    assert assessor.training_data["n_train_ok"] + assessor.training_data["n_val_ok"] == int((coils.y == 0).sum())
+    assert assessor.metrics["validation"]["pixel_threshold_rule"].startswith("ok_quantile")  # coils have no masks
+
+
+def test_ssim_ae_without_defects_thresholds_on_ok_quantiles(tiles: ImageSet) -> None:
+    ok_only = tiles.subset(np.flatnonzero(tiles.nok == 0))
+    assessor = SsimAeAssessor({**TINY["ssim_ae"], "epochs": 1, "score": "area"})
+    assessor.fit(ok_only, device="cpu")
+    rules = assessor.metrics["validation"]
+    assert rules["pixel_threshold_rule"].startswith("ok_quantile") and rules["image_threshold_rule"].startswith("ok")
+    with pytest.raises(ValueError, match="defect-free"):
+        SsimAeAssessor(TINY["ssim_ae"]).fit(tiles.subset(np.flatnonzero(tiles.nok == 1)), device="cpu")
+
+
+def test_contrastive_seg_needs_masks(tiles: ImageSet) -> None:
+    with pytest.raises(ValueError, match="masks"):
+        ContrastiveSegAssessor(TINY["contrastive_seg"]).fit(stripe_coils(20), device="cpu")
+    no_masks = ImageSet(tiles.images, tiles.labels, tiles.classes)
+    with pytest.raises(ValueError, match="masks"):
+        ContrastiveSegAssessor(TINY["contrastive_seg"]).fit(no_masks, device="cpu")
+
+
+def test_contrastive_seg_baseline_and_segmentation_output(tiles: ImageSet, unseen: ImageSet) -> None:
+    baseline = ContrastiveSegAssessor({**TINY["contrastive_seg"], "contrastive": False, "epochs": 1})
+    baseline.fit(tiles, device="cpu")
+    assert "train_contrastive" not in baseline.runtime["history"][0]
+    masks = baseline.segment(unseen.images)
+    assert [m.shape for m in masks] == [im.shape for im in unseen.images] and masks[0].dtype == bool
+    with pytest.raises(ValueError, match="multiples"):
+        ContrastiveSegAssessor({"image_size": 100})
+
+
+def test_losses_reward_the_right_answers() -> None:
+    target = torch.zeros(2, 1, 16, 16)
+    target[:, :, 4:8, 4:8] = 1
+    right, wrong = (target * 20 - 10), (10 - target * 20)
+    assert combo_loss(right, target) < 0.05 < combo_loss(wrong, target)
+    separated = torch.nn.functional.normalize(torch.cat([target, 1 - target], 1) + 0.01, dim=1)
+    mixed = torch.nn.functional.normalize(torch.ones(2, 2, 16, 16) + 0.01 * torch.randn(2, 2, 16, 16), dim=1)
+    assert proposal_contrastive_loss(separated, target) < proposal_contrastive_loss(mixed, target)
+    x = torch.rand(1, 1, 32, 32)
+    assert float(dssim_loss(x, x)) < 1e-6 and float(residual_map(x, x).max()) < 1e-5
+    assert float(residual_map(x, 1 - x).mean()) > 0.5
+
+
+def test_load_folder_pairs_images_with_masks(tmp_path: Path) -> None:
+    for cls, n in (("good", 2), ("scratch", 3)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            Image.fromarray(np.full((20, 30), 100 + i, np.uint8)).save(tmp_path / cls / f"{cls}_{i}.jpg")
+            if cls == "scratch":
+                mask = np.zeros((20, 30), np.uint8)
+                mask[5:10, 5:15] = 255
+                Image.fromarray(mask).save(tmp_path / cls / f"{cls}_{i}.png")
+    images = load_folder(tmp_path)
+    assert images.classes == ["good", "scratch"] and len(images) == 5 and list(images.nok) == [0, 0, 1, 1, 1]
+    assert images.masks is not None and not images.masks[0].any() and images.masks[2].sum() == 50
+    assert images.images[0].dtype == np.float32 and 0 <= images.images[0].min() <= images.images[0].max() <= 1
+    small = load_folder(tmp_path, size=(10, 15))
+    assert small.images[3].shape == (10, 15) and small.masks[3].sum() == pytest.approx(12, abs=6)
+    (tmp_path / "scratch" / "scratch_0.png").unlink()  # a defect image without a mask: no masks at all
+    assert load_folder(tmp_path).masks is None
+
+
+@pytest.mark.datasets
+def test_the_magnetic_tile_set_loads_with_masks() -> None:
+    if not TILE.is_dir():
+        pytest.skip(f"the magnetic-tile set is not at {TILE} (../shared/datasets beside the checkout)")
+    images = load_magnetic_tile(TILE, size=64, classes=(CLASSES[0], "MT_Fray"))
+    assert images.classes == ["MT_Free", "MT_Fray"] and images.masks is not None
+    assert images.nok.sum() == np.sum(images.labels == 1) > 0
+    assert all(im.shape == (64, 64) for im in images.images)
+    assert any(m.any() for m, y in zip(images.masks, images.nok, strict=True) if y)
+    assert not any(m.any() for m, y in zip(images.masks, images.nok, strict=True) if not y)
+
+
+@pytest.mark.datasets
+def test_both_assessors_run_on_real_tiles(tmp_path: Path) -> None:
+    if not TILE.is_dir():
+        pytest.skip(f"the magnetic-tile set is not at {TILE} (../shared/datasets beside the checkout)")
+    images = load_magnetic_tile(TILE, classes=("MT_Free", "MT_Fray"))
+    images = images.subset(np.r_[np.arange(12), np.flatnonzero(images.nok)[:8]])
+    for key in TINY:
+        assessor = CLASSES_BY_KEY[key]({**TINY[key], "epochs": 1})
+        assessor.fit(images, device="cpu")
+        p, _ = assessor.predict(coil_batch([[im] for im in images.images[-3:]] + [[]]))
+        assert np.isfinite(p[:3]).all() and np.isnan(p[3])
