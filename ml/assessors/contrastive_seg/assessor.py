@@ -19,7 +19,6 @@ worst image) as a / (a + ``area_scale``): 0.5 when the defect covers ``area_scal
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,16 +26,15 @@ import torch
 from pydantic import Field
 from scipy import ndimage
 
-from ml.assessors.base import AssessBatch, Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch, calibrate
+from ml.assessors.base import Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch, calibrate
 from ml.assessors.contrastive_seg.loss import combo_loss, proposal_contrastive_loss
 from ml.assessors.contrastive_seg.torch_model import ContrastiveSegNet
-from ml.assessors.manifest import Manifest
+from ml.assessors.pixel_map import PixelMapAssessor
 from ml.evaluation.metrics import binary_metrics, youden_threshold
 from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import as_image_set, image_set_summary, resize_image, resize_mask
 from ml.training.runtime import describe_device, resolve_device, seed_everything
 
-WEIGHTS = "weights.pt"
 THRESHOLD_GRID = np.round(np.arange(0.2, 0.81, 0.05), 2)
 
 
@@ -63,11 +61,9 @@ class ContrastiveSegSettings(AssessorSettings):
     area_scale: float = Field(0.002, gt=0, lt=1, description="defect area share that maps to raw p(NOK) = 0.5")
 
 
-class ContrastiveSegAssessor(Assessor):
+class ContrastiveSegAssessor(PixelMapAssessor):
     key = "contrastive_seg"
-    consumes = "image"
     Settings = ContrastiveSegSettings
-    weight_files = (WEIGHTS,)
     quick_settings: ClassVar[dict[str, Any]] = {
         "epochs": 2,
         "width": 4,
@@ -296,36 +292,6 @@ class ContrastiveSegAssessor(Assessor):
         """Raw p(NOK) per image from the predicted defect area (at ``image_size``)."""
         probs = self.probability_maps(images, original_size=False)
         return np.array([self._area_score(self._postprocess(p, self.pixel_threshold)) for p in probs])
-
-    def predict_raw(self, batch: AssessBatch) -> np.ndarray:
-        if self.net is None:
-            raise RuntimeError(f"{self.key} assessor has not been fitted or loaded")
-        out = np.full(len(batch), np.nan)
-        if batch.images is None:
-            return out
-        for i, coil_images in enumerate(batch.images):
-            if coil_images:
-                out[i] = float(self.image_scores(list(coil_images)).max())
-        return out
-
-    # ------------------------------------------------------------------ persistence
-
-    def manifest(self) -> Manifest:
-        manifest = super().manifest()
-        manifest.calibration["pixel_threshold"] = self.pixel_threshold
-        return manifest
-
-    def save_weights(self, directory: Path) -> None:
-        if self.net is None:
-            raise RuntimeError("nothing to save: the assessor has not been fitted")
-        torch.save({"net": self.net.state_dict(), "pixel_threshold": self.pixel_threshold}, directory / WEIGHTS)
-
-    def load_weights(self, directory: Path) -> None:
-        state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
-        net = self.build_network()
-        net.load_state_dict(state["net"])
-        self.net = net.eval()
-        self.pixel_threshold = float(state["pixel_threshold"])
 
 
 def standardize(x: np.ndarray) -> np.ndarray:

@@ -18,7 +18,6 @@ shared calibration then puts it at 0.5.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -27,8 +26,8 @@ from pydantic import Field
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from ml.assessors.base import AssessBatch, Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch, calibrate
-from ml.assessors.manifest import Manifest
+from ml.assessors.base import Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch, calibrate
+from ml.assessors.pixel_map import PixelMapAssessor
 from ml.assessors.ssim_ae.loss import dssim_loss, residual_map
 from ml.assessors.ssim_ae.torch_model import PATCH, SsimAutoencoder
 from ml.evaluation.metrics import binary_metrics, youden_threshold
@@ -36,7 +35,6 @@ from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import as_image_set, image_set_summary, resize_image, resize_mask
 from ml.training.runtime import describe_device, resolve_device, seed_everything
 
-WEIGHTS = "weights.pt"
 MAX_CALIBRATION_PIXELS = 2_000_000  # Youden's J on a seeded sample beyond this: same threshold, less memory
 
 
@@ -58,11 +56,9 @@ class SsimAeSettings(AssessorSettings):
     blur: float = Field(0.0, ge=0, le=5, description="Gaussian σ (pixels at image_size) applied before the network")
 
 
-class SsimAeAssessor(Assessor):
+class SsimAeAssessor(PixelMapAssessor):
     key = "ssim_ae"
-    consumes = "image"
     Settings = SsimAeSettings
-    weight_files = (WEIGHTS,)
     quick_settings: ClassVar[dict[str, Any]] = {"epochs": 3, "width": 8, "batch_size": 8}
 
     def __init__(self, settings=None, *, name: str | None = None) -> None:
@@ -258,36 +254,6 @@ class SsimAeAssessor(Assessor):
     def image_scores(self, images: list[np.ndarray], window: int | None = None) -> np.ndarray:
         """Raw p(NOK) of each image."""
         return np.array([self._image_score(m) for m in self.residual_maps(images, window, original_size=False)])
-
-    def predict_raw(self, batch: AssessBatch) -> np.ndarray:
-        if self.net is None:
-            raise RuntimeError(f"{self.key} assessor has not been fitted or loaded")
-        out = np.full(len(batch), np.nan)
-        if batch.images is None:
-            return out
-        for i, coil_images in enumerate(batch.images):
-            if coil_images:
-                out[i] = float(self.image_scores(list(coil_images)).max())
-        return out
-
-    # ------------------------------------------------------------------ persistence
-
-    def manifest(self) -> Manifest:
-        manifest = super().manifest()
-        manifest.calibration["pixel_threshold"] = self.pixel_threshold
-        return manifest
-
-    def save_weights(self, directory: Path) -> None:
-        if self.net is None:
-            raise RuntimeError("nothing to save: the assessor has not been fitted")
-        torch.save({"net": self.net.state_dict(), "pixel_threshold": self.pixel_threshold}, directory / WEIGHTS)
-
-    def load_weights(self, directory: Path) -> None:
-        state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
-        net = self.build_network()
-        net.load_state_dict(state["net"])
-        self.net = net.eval()
-        self.pixel_threshold = float(state["pixel_threshold"])
 
 
 def _positions(length: int, stride: int) -> list[int]:
