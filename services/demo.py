@@ -64,9 +64,13 @@ class DemoConfig:
     kinds: tuple[str, ...] = DEMO_KINDS
     scenario: str = "sensor-drift"
     rate: float = 40.0  # coils per second from the simulated line
+    # While ReTrain runs, the line slows down: in a plant the weekly job has a GPU node of its own, here
+    # it shares two cores and one interpreter with the line, the broker and the worker.
+    retrain_rate: float = 8.0
     before: int = 600  # coils before the drift
     after: int = 600  # coils after the retrained versions are in service
-    max_drifted: int = 4000  # give up waiting for a retrain after this many drifted coils
+    max_drifted: int = 4000  # give up waiting for a retrain to start after this many drifted coils
+    retrain_timeout_s: float = 300.0  # stop retraining further models after this long (the running one finishes)
     score_every_s: float = 3.0
     score_window_s: float = 20.0  # rolling ModelScore window, in the demo's compressed time
     share_ok: float = 0.25  # share of OK decisions the operators check
@@ -104,6 +108,7 @@ class Demo:
         self.scores: dict[str, list[tuple[str, float, int]]] = {}
         self.retrains: list[RetrainOutcome] = []
         self._retrain_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._feedback_at_drift: int | None = None
         self._operators: SimulatedOperators | None = None
         self._lock = threading.Lock()
@@ -132,6 +137,9 @@ class Demo:
                 with Live(self._view(worker, operators), console=self.console, refresh_per_second=4) as live:
                     self._stream(publisher, worker, operators, live)
             finally:
+                self._stopping.set()
+                if self._retrain_thread is not None:  # never leave torch training in a thread at exit
+                    self._retrain_thread.join()
                 publisher.close()
                 listener.close()
                 operators.stop()
@@ -189,7 +197,7 @@ class Demo:
                 self._event(f"the line drifts: {cfg.scenario}")
             if self.phase == "after drift":
                 drifted += 1
-                if self._retrain_done() or drifted > cfg.max_drifted:
+                if self._retrain_done() or (self._retrain_thread is None and drifted > cfg.max_drifted):
                     self.phase = "after retrain"
                     self._event("retrained versions in service" if self._retrain_done() else "no retrain: giving up")
             if self.phase == "after retrain":
@@ -204,7 +212,7 @@ class Demo:
                 next_score = time.monotonic() + cfg.score_every_s
                 self._score_and_maybe_retrain()
                 live.update(self._view(worker, operators))
-            tick += 1 / cfg.rate
+            tick += 1 / (cfg.retrain_rate if self._retraining() else cfg.rate)
             delay = tick - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
@@ -240,17 +248,25 @@ class Demo:
         return self._operators.given - self._feedback_at_drift if self._feedback_at_drift is not None else 0
 
     def _retrain(self) -> None:
+        """The weekly job, one model at a time so that each promotion shows as it happens."""
         self._event("ReTrain starts (the weekly job, run now)")
+        deadline = time.monotonic() + self.config.retrain_timeout_s
         try:
-            outcomes = make_retrain(self.settings).run()
+            job = make_retrain(self.settings)
+            for due in job.due():
+                if time.monotonic() > deadline or self._stopping.is_set():
+                    self._event(f"ReTrain {due.model.name}: not started, the demo's time for retraining is up")
+                    continue
+                outcome = job.retrain(due)
+                self.retrains.append(outcome)
+                new = f" → v{outcome.challenger_version}" if outcome.challenger_version else ""
+                self._event(f"ReTrain {outcome.model} v{outcome.version}{new}: {outcome.status}")
         except Exception as exc:  # the demo goes on; the summary says what happened
             log.exception("demo retrain failed")
             self._event(f"ReTrain failed: {exc}")
-            outcomes = []
-        self.retrains.extend(outcomes)
-        for o in outcomes:
-            new = f" → v{o.challenger_version}" if o.challenger_version else ""
-            self._event(f"ReTrain {o.model} v{o.version}{new}: {o.status}")
+
+    def _retraining(self) -> bool:
+        return self._retrain_thread is not None and self._retrain_thread.is_alive()
 
     def _retrain_done(self) -> bool:
         return self._retrain_thread is not None and not self._retrain_thread.is_alive()
@@ -285,6 +301,8 @@ class Demo:
         if self.phase == "after drift" and self._retrain_thread is None:
             wanted = self.config.feedback_before_retrain
             table.add_row("feedback since the drift", f"{self._feedback_since_drift()} / {wanted}")
+        if self._retraining():
+            table.add_row("line rate", f"{self.config.retrain_rate:g} coils/s while ReTrain shares the CPU")
         for name, history in sorted(self.scores.items()):
             _, score, version = history[-1]
             table.add_row(f"score {name} v{version}", f"{score:.0%}")
