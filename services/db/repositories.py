@@ -267,23 +267,25 @@ mperformance: Table = ModelPerformance.__table__  # type: ignore[assignment]
 retrain_runs: Table = RetrainRun.__table__  # type: ignore[assignment]
 
 
-def latest_feedback(engine: Engine) -> Subquery:
-    """(coil_id, label, created_at) of the newest feedback row per coil: the operator's last word wins."""
-    order = (feedback.c.created_at.desc(), feedback.c.id.desc())
-    if engine.dialect.name == "postgresql":  # DISTINCT ON walks the (coil_id, created_at, id) index
-        return (
-            select(feedback.c.coil_id, feedback.c.label, feedback.c.created_at)
-            .distinct(feedback.c.coil_id)
-            .order_by(feedback.c.coil_id, *order)
-            .subquery("latest")
+def latest_feedback(engine: Engine | None = None) -> Subquery:
+    """(coil_id, label, created_at) of the newest feedback row per coil: the operator's last word wins.
+
+    Written as "no newer row for the same coil" rather than DISTINCT ON or a window: PostgreSQL runs
+    that as a parallel hash anti-join and then a parallel hash join with the votes, where a sorted
+    DISTINCT ON was computed once per parallel worker (ModelScore on 1 M rows: 3.7 s → 2.3 s).
+    ``engine`` is accepted for callers that pass it; the query is the same on every dialect.
+    """
+    newer = feedback.alias("newer")
+    superseded = (
+        select(newer.c.id)
+        .where(
+            newer.c.coil_id == feedback.c.coil_id,
+            (newer.c.created_at > feedback.c.created_at)
+            | ((newer.c.created_at == feedback.c.created_at) & (newer.c.id > feedback.c.id)),
         )
-    ranked = select(
-        feedback.c.coil_id,
-        feedback.c.label,
-        feedback.c.created_at,
-        func.row_number().over(partition_by=feedback.c.coil_id, order_by=order).label("rn"),
-    ).subquery("ranked")
-    return select(ranked.c.coil_id, ranked.c.label, ranked.c.created_at).where(ranked.c.rn == 1).subquery("latest")
+        .exists()
+    )
+    return select(feedback.c.coil_id, feedback.c.label, feedback.c.created_at).where(~superseded).subquery("latest")
 
 
 class SqlFeedbackStore:
