@@ -222,10 +222,11 @@ class AssessCoils:
             )
             prepared.decisions.append(decision)
 
-    def commit(self, prepared: Prepared) -> BatchResult:
-        """The write: one transaction for the batch's coils and votes; then what to announce."""
+    def commit(self, prepared: Prepared, published: Sequence[str] = ()) -> BatchResult:
+        """The write: one transaction for the batch's coils and votes (and the marks of ``published``
+        decisions of earlier batches); then what to announce."""
         result = prepared.result
-        inserted = self.store.save_assessed(prepared.assessed, prepared.model_ids)
+        inserted = self.store.save_assessed(prepared.assessed, prepared.model_ids, published)
         for record, decision in zip(prepared.assessed, prepared.decisions, strict=True):
             if record.coil_id not in inserted:  # another replica got there first; it announces
                 result.duplicates.append(record.coil_id)

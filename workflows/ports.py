@@ -67,9 +67,16 @@ class CoilStore(Protocol):
     def decided(self, coil_ids: Sequence[str]) -> dict[str, StoredDecision]:
         """Coils among ``coil_ids`` that already have a decision."""
 
-    def save_assessed(self, coils: Sequence[AssessedCoil], model_ids: dict[tuple[str, int], int]) -> set[str]:
+    def save_assessed(
+        self,
+        coils: Sequence[AssessedCoil],
+        model_ids: dict[tuple[str, int], int],
+        published: Sequence[str] = (),
+    ) -> set[str]:
         """Write coils and their votes in one transaction; return the ids actually inserted (a coil
-        that another worker inserted first is skipped, not overwritten)."""
+        that another worker inserted first is skipped, not overwritten). ``published``: coils of
+        earlier batches whose decisions have since reached the broker, marked in the same transaction
+        so that the worker needs one round trip per batch rather than two."""
 
     def mark_published(self, coil_ids: Sequence[str]) -> None:
         """Record that these coils' decisions reached the broker."""

@@ -106,8 +106,14 @@ class SqlCoilStore:
             out[r.coil_id].append(MemberVote(r.name, r.version, r.label, r.p_nok, r.confidence))
         return out
 
-    def save_assessed(self, batch: Sequence[AssessedCoil], model_ids: dict[tuple[str, int], int]) -> set[str]:
+    def save_assessed(
+        self,
+        batch: Sequence[AssessedCoil],
+        model_ids: dict[tuple[str, int], int],
+        published: Sequence[str] = (),
+    ) -> set[str]:
         if not batch:
+            self.mark_published(published)
             return set()
         coil_rows = [
             {
@@ -146,17 +152,22 @@ class SqlCoilStore:
             ]
             if vote_rows:
                 conn.execute(assessments.insert(), vote_rows)
+            _mark_published(conn, published)
         return inserted
 
     def mark_published(self, coil_ids: Sequence[str]) -> None:
-        if not coil_ids:
-            return
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(coils)
-                .where(coils.c.coil_id.in_(list(coil_ids)), coils.c.published_at.is_(None))
-                .values(published_at=datetime.now(UTC))
-            )
+        if coil_ids:
+            with self.engine.begin() as conn:
+                _mark_published(conn, coil_ids)
+
+
+def _mark_published(conn: Connection, coil_ids: Sequence[str]) -> None:
+    if coil_ids:
+        conn.execute(
+            update(coils)
+            .where(coils.c.coil_id.in_(list(coil_ids)), coils.c.published_at.is_(None))
+            .values(published_at=datetime.now(UTC))
+        )
 
 
 def _record(row: Any) -> ModelRecord:

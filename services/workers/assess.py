@@ -12,7 +12,6 @@ stops sending rather than anything being dropped.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import signal
@@ -46,6 +45,7 @@ from workflows.messages import RejectedMessage, Rejection, dumps
 log = logging.getLogger(__name__)
 
 RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promoted` event was missed
+MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 
 
 @dataclass
@@ -215,35 +215,55 @@ class AssessWorker:
         return batch, Prepared.merge(parts), started
 
     def _commit_loop(self) -> None:
-        """Second half, on its own thread: write, announce, and only then acknowledge."""
-        while (item := self._pending.get()) is not None:
+        """Second half, on its own thread: write, announce, and only then acknowledge.
+
+        That a batch's decisions reached the broker is written with the next batch's transaction (or
+        on its own once the stream pauses): one database round trip per batch instead of two. Until
+        then a redelivered coil would be announced once more, which consumers already tolerate.
+        """
+        unmarked: list[str] = []
+        while True:
+            try:
+                item = self._pending.get(timeout=MARK_IDLE_S) if unmarked else self._pending.get()
+            except queue.Empty:
+                unmarked = self._mark_published(unmarked)
+                continue
+            if item is None:
+                break
             batch, prepared, started = item
             try:
-                result = self._commit(prepared)
+                result = self._commit(prepared, unmarked)
             except _Stopped:  # shutting down with the database away: these stay unacknowledged
                 continue
+            unmarked = []
             for out in result.publish:
                 self.client.publish(out.topic, out.payload, qos=1)
             if not self.client.flush(timeout=30):
                 log.warning("broker did not confirm this batch's decisions in time; they stay queued in the client")
-            if result.to_mark_published:
-                with contextlib.suppress(_Stopped):  # harmless: a redelivered coil is then announced once more
-                    self._retry(
-                        "mark decisions published", lambda r=result: self.store.mark_published(r.to_mark_published)
-                    )
+            unmarked = result.to_mark_published
             for message in batch:  # only now: every result is committed and announced
                 self.client.ack(message)
             self._account(result, len(batch), time.perf_counter() - started)
+        self._mark_published(unmarked)
 
-    def _commit(self, prepared: Prepared) -> BatchResult:
+    def _mark_published(self, coil_ids: list[str]) -> list[str]:
+        """Mark on its own; returns what is still unmarked (all of it when stopping with the database away)."""
         try:
-            return self._retry("store the batch", lambda: self.workflow.commit(prepared))
+            self._retry("mark decisions published", lambda: self.store.mark_published(coil_ids))
+        except _Stopped:  # harmless: a redelivered coil is then announced once more
+            return coil_ids
+        return []
+
+    def _commit(self, prepared: Prepared, published: list[str]) -> BatchResult:
+        try:
+            return self._retry("store the batch", lambda: self.workflow.commit(prepared, published))
         except _Stopped:
             raise
         except Exception:
-            if len(prepared.assessed) <= 1:
+            if not prepared.assessed:
                 raise
             log.exception("writing a batch failed; writing its coils one by one")
+        self._mark_published(published)
         merged = BatchResult()
         for part in prepared.split():
             try:

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import pytest
 from assess_env import AssessEnv, assess_env, wait_for
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from ml.assessors.base import Assessor
 from ml.assessors.registry import create
@@ -73,7 +73,9 @@ def test_a_thousand_coils_are_decided_once_and_republishing_changes_nothing(env:
         assert len(env.listener.decisions) == 1000, "an already announced coil is not announced again"
     with env.engine.connect() as conn:
         stored = dict(conn.execute(Coil.__table__.select().with_only_columns(Coil.coil_id, Coil.status)).all())
+        unmarked = conn.execute(select(func.count()).where(Coil.published_at.is_(None))).scalar_one()
     assert stored == before
+    assert unmarked == 0, "every announced decision is marked published (the last batch's too)"
     votes = env.votes_per_coil()
     assert all(v == [("cnn", 1)] for v in votes.values())
 

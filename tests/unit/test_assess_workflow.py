@@ -35,7 +35,10 @@ class MemoryStore:
             if (c := self.coils.get(cid))
         }
 
-    def save_assessed(self, coils: Sequence[AssessedCoil], model_ids: dict[tuple[str, int], int]) -> set[str]:
+    def save_assessed(
+        self, coils: Sequence[AssessedCoil], model_ids: dict[tuple[str, int], int], published: Sequence[str] = ()
+    ) -> set[str]:
+        self.mark_published(published)
         inserted = set()
         for coil in coils:
             if coil.coil_id not in self.coils:
