@@ -253,3 +253,18 @@ def test_siamese_training_is_reproducible_by_seed(data) -> None:
         siamese.fit(data, device="cpu")
         runs.append(siamese.predict_raw(AssessBatch(data.X[:20])))
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_importing_ultralytics_leaves_the_thread_setting_of_later_processes_alone() -> None:
+    """ultralytics sets OMP_NUM_THREADS=1 on import; a worker started afterwards would run on one core."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = (
+        "import os; from ml.assessors.yolo.torch_model import ultralytics_offline; ultralytics_offline(); "
+        "import ultralytics; print(os.environ.get('OMP_NUM_THREADS'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None", out.stdout

@@ -23,7 +23,7 @@ from torch import nn
 
 from ml.assessors.base import Assessor, AssessorSettings, FitCallback, FitReport
 from ml.assessors.torch_classifier import TorchClassifierAssessor
-from ml.assessors.yolo.torch_model import N_LAYERS, YoloClassifier
+from ml.assessors.yolo.torch_model import N_LAYERS, YoloClassifier, ultralytics_offline
 from ml.dataset import CoilDataset
 from ml.training.render import render_gray
 
@@ -89,6 +89,7 @@ class YoloAssessor(TorchClassifierAssessor):
 
 
 def _ultralytics_version() -> str:
+    ultralytics_offline()  # the one place ultralytics is first imported
     import ultralytics
 
     return ultralytics.__version__

@@ -34,8 +34,17 @@ def ultralytics_offline() -> Any:
     ultralytics trainer and plotting, which coilguard does not use.
     """
     os.environ["YOLO_OFFLINE"] = "1"
+    omp = os.environ.get("OMP_NUM_THREADS")
     from ultralytics.nn import tasks
     from ultralytics.utils import SETTINGS
+
+    # ultralytics sets OMP_NUM_THREADS=1 at import (for its training data loaders). Left in place, every
+    # process started from ours afterwards (a worker, a benchmark's subprocess) would run torch on one
+    # core: put the variable back as it was.
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
 
     with contextlib.suppress(Exception):  # a read-only settings file must not stop a model from loading
         if SETTINGS.get("sync"):
