@@ -20,7 +20,12 @@ from services.cli.base import AppContext, cli, pass_ctx
 @click.option("--before", default=600, show_default=True, help="Coils before the drift.")
 @click.option("--after", default=600, show_default=True, help="Coils after the retrained versions are in service.")
 @click.option("--rate", default=40.0, show_default=True, help="Coils per second from the simulated line.")
-@click.option("--kinds", default="cnn,yolo,effnet,siamese", show_default=True, help="Assessors in the ensemble.")
+@click.option(
+    "--kinds",
+    default="cnn,effnet,siamese",
+    show_default=True,
+    help="Assessors in the ensemble (why not yolo by default: services/demo.py).",
+)
 @pass_ctx
 def demo(
     ctx: AppContext, seed: int, scenario: str, history: int, before: int, after: int, rate: float, kinds: str
