@@ -20,7 +20,6 @@ Few-shot training
 
 from __future__ import annotations
 
-import copy
 import time
 from abc import abstractmethod
 from pathlib import Path
@@ -37,6 +36,7 @@ from ml.assessors.effnet.torch_model import N_STAGES
 from ml.evaluation.metrics import best_threshold, binary_metrics, f1_nok
 from ml.imagesets.base import OK_CLASSES, ImageSet
 from ml.training.image_augment import AugmentConfig, to_tensor
+from ml.training.loop import EarlyStopping
 from ml.training.runtime import describe_device, resolve_device, seed_everything
 
 WEIGHTS = "weights.pt"
@@ -134,9 +134,10 @@ class ImageClassifierAssessor(Assessor):
         val_nok = imageset.nok[val_idx].astype(bool)
         optimizer = torch.optim.Adam(parameters, lr=s.lr)
         history: list[dict[str, Any]] = []
-        best_state, best_loss, best_epoch, waited = None, float("inf"), s.epochs, 0
+        stopping = EarlyStopping(net, s.patience, min_delta=1e-4)  # only with a holdout to judge by
         for epoch in range(1, s.epochs + 1):
             started = time.perf_counter()
+            stop = False
             net.train()
             losses = []
             order = train_idx[torch.randperm(len(train_idx), generator=rng).numpy()]
@@ -154,10 +155,7 @@ class ImageClassifierAssessor(Assessor):
                 entry.update(val_loss=round(val_loss, 5), val_accuracy=_accuracy(probs, labels[val_idx]))
                 if self.ok_classes:
                     entry["val_f1"] = round(f1_nok(val_nok, self._p_nok(probs) >= 0.5), 5)
-                if val_loss < best_loss - 1e-4:
-                    best_state, best_loss, best_epoch, waited = copy.deepcopy(net.state_dict()), val_loss, epoch, 0
-                else:
-                    waited += 1
+                stop = stopping.should_stop(epoch, val_loss)
             entry["seconds"] = round(time.perf_counter() - started, 2)
             history.append(entry)
             if callback is not None:
@@ -172,10 +170,10 @@ class ImageClassifierAssessor(Assessor):
                         "val_accuracy": entry.get("val_accuracy"),  # the defect type's
                     }
                 )
-            if len(val_idx) and waited >= s.patience:
+            if stop:
                 break
-        if best_state is not None:
-            net.load_state_dict(best_state)
+        if len(val_idx):
+            stopping.restore_best()
         net.cpu().eval()
         self.net = net
         cpu = torch.device("cpu")
@@ -207,7 +205,7 @@ class ImageClassifierAssessor(Assessor):
             "device": describe_device(torch_device),
             "duration_s": clock.seconds,
             "epochs_run": len(history),
-            "best_epoch": best_epoch if len(val_idx) else len(history),
+            "best_epoch": stopping.best_epoch if len(val_idx) else len(history),
             "torch": torch.__version__,
             "start": start,
             "frozen_stages": 0 if start == "scratch" else s.freeze,

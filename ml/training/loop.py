@@ -8,7 +8,6 @@ normalized matrices becomes logits.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,37 @@ class LoopResult:
     best_epoch: int
     val_scores: np.ndarray  # sigmoid outputs of the best weights on the validation split
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+class EarlyStopping:
+    """Keeps the weights of the epoch with the lowest validation loss, and says when ``patience`` epochs in a
+    row brought no gain. Shared by every training loop so that "best epoch" means the same thing everywhere;
+    a loop that maximizes a score passes its negative. The best weights are kept on the CPU, so a GPU run
+    does not hold two copies of the network in device memory."""
+
+    def __init__(self, net: nn.Module, patience: int, min_delta: float = 1e-5) -> None:
+        self.net = net
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self._stale = 0
+        self._best_state = _cpu_copy(net)
+
+    def should_stop(self, epoch: int, val_loss: float) -> bool:
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self._stale = val_loss, epoch, 0
+            self._best_state = _cpu_copy(self.net)
+            return False
+        self._stale += 1
+        return self._stale >= self.patience
+
+    def restore_best(self) -> None:
+        self.net.load_state_dict(self._best_state)
+
+
+def _cpu_copy(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
 
 def epoch_indices(y: np.ndarray, oversample_nok: float, rng: np.random.Generator) -> np.ndarray:
@@ -91,9 +121,8 @@ def train_binary(
     val_loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight.cpu())
     y_val_t = torch.as_tensor(y_val, dtype=torch.float32)
 
-    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(net.state_dict())
+    stopping = EarlyStopping(net, config.patience)
     history: list[dict[str, float]] = []
-    stale = 0
     epoch = 0
     for epoch in range(1, config.epochs + 1):
         net.train()
@@ -127,13 +156,10 @@ def train_binary(
         history.append(row)
         if callback is not None:
             callback({"assessor": config.label, "epochs": config.epochs, **row})
-        if val_loss < best_loss - 1e-5:
-            best_loss, best_epoch, stale = val_loss, epoch, 0
-            best_state = copy.deepcopy(net.state_dict())
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    net.load_state_dict(best_state)
+        if stopping.should_stop(epoch, val_loss):
+            break
+    stopping.restore_best()
     logits = predict_logits(net, x_val, to_input, device)
-    return LoopResult(epochs_run=epoch, best_epoch=best_epoch, val_scores=1 / (1 + np.exp(-logits)), history=history)
+    return LoopResult(
+        epochs_run=epoch, best_epoch=stopping.best_epoch, val_scores=1 / (1 + np.exp(-logits)), history=history
+    )

@@ -18,7 +18,6 @@ worst image) as a / (a + ``area_scale``): 0.5 when the defect covers ``area_scal
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,6 +32,7 @@ from ml.assessors.pixel_map import PixelMapAssessor
 from ml.evaluation.metrics import binary_metrics, youden_threshold
 from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import as_image_set, image_set_summary, resize_image, resize_mask
+from ml.training.loop import EarlyStopping
 from ml.training.runtime import describe_device, resolve_device, seed_everything
 
 THRESHOLD_GRID = np.round(np.arange(0.2, 0.81, 0.05), 2)
@@ -157,7 +157,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         # cosine decay: the late epochs settle instead of jumping between masks (the validation IoU is noisy)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs, eta_min=s.lr * 0.05)
         steps = s.steps_per_epoch or int(np.ceil(len(train_idx) / s.batch_size))
-        best, best_epoch, best_state, history = -1.0, 0, None, []
+        stopping, history = EarlyStopping(net, s.patience, min_delta=1e-4), []  # on -IoU: higher is better
         for epoch in range(1, s.epochs + 1):
             net.train()
             losses, contrast = [], []
@@ -184,13 +184,10 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             history.append(row)
             if callback is not None:
                 callback({"assessor": self.name, "epochs": s.epochs, "val_f1": None, **row})
-            if val_iou > best + 1e-4:
-                best, best_epoch, best_state = val_iou, epoch, copy.deepcopy(net.state_dict())
-            elif epoch - best_epoch >= s.patience:
+            if stopping.should_stop(epoch, -val_iou):
                 break
-        if best_state is not None:
-            net.load_state_dict(best_state)
-        return history, best_epoch
+        stopping.restore_best()
+        return history, stopping.best_epoch
 
     def _crops(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Training crops (most centred on a defect pixel), flipped at random when ``augment``."""

@@ -10,8 +10,6 @@ the model will be used, against K-means references from the training coils, for 
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +21,7 @@ from sklearn.cluster import KMeans
 from ml.assessors.siamese.loss import pair_loss
 from ml.assessors.siamese.torch_model import SiameseNet
 from ml.evaluation.metrics import best_threshold, f1_nok
-from ml.training.loop import Augment
+from ml.training.loop import Augment, EarlyStopping
 from ml.training.pairs import Pairs, all_pairs, balanced_pairs, pair_batches, pair_type_weights
 
 
@@ -120,9 +118,8 @@ def train_pairs(
     net.to(device)
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
     val_pairs = _validation_pairs(y_val, config)
-    best_loss, best_epoch, best_state = math.inf, 0, copy.deepcopy(net.state_dict())
+    stopping = EarlyStopping(net, config.patience)
     history: list[dict[str, float]] = []
-    stale = 0
     epoch = 0
     for epoch in range(1, config.epochs + 1):
         net.train()
@@ -152,15 +149,10 @@ def train_pairs(
         history.append(row)
         if callback is not None:
             callback({"assessor": config.label, "epochs": config.epochs, **row})
-        if val_loss < best_loss - 1e-5:
-            best_loss, best_epoch, stale = val_loss, epoch, 0
-            best_state = copy.deepcopy(net.state_dict())
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    net.load_state_dict(best_state)
-    return PairLoopResult(epochs_run=epoch, best_epoch=best_epoch, history=history)
+        if stopping.should_stop(epoch, val_loss):
+            break
+    stopping.restore_best()
+    return PairLoopResult(epochs_run=epoch, best_epoch=stopping.best_epoch, history=history)
 
 
 def _validation_pairs(y_val: np.ndarray, config: PairLoopConfig) -> Pairs | None:

@@ -33,6 +33,7 @@ from ml.assessors.ssim_ae.torch_model import PATCH, SsimAutoencoder
 from ml.evaluation.metrics import binary_metrics, youden_threshold
 from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import as_image_set, image_set_summary, resize_image, resize_mask
+from ml.training.loop import EarlyStopping
 from ml.training.runtime import describe_device, resolve_device, seed_everything
 
 MAX_CALIBRATION_PIXELS = 2_000_000  # Youden's J on a seeded sample beyond this: same threshold, less memory
@@ -142,7 +143,7 @@ class SsimAeAssessor(PixelMapAssessor):
         net.to(device)
         opt = torch.optim.Adam(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         val = torch.from_numpy(val_patches[:, None])
-        best, best_epoch, best_state, history = np.inf, 0, None, []
+        stopping, history = EarlyStopping(net, s.patience), []
         for epoch in range(1, s.epochs + 1):
             net.train()
             order = np.repeat(rng.permutation(len(train)), s.patches_per_image)
@@ -163,14 +164,10 @@ class SsimAeAssessor(PixelMapAssessor):
             history.append(row)
             if callback is not None:
                 callback({"assessor": self.name, "epochs": s.epochs, "val_f1": None, **row})
-            if val_loss < best - 1e-5:
-                best, best_epoch = val_loss, epoch
-                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            elif epoch - best_epoch >= s.patience:
+            if stopping.should_stop(epoch, val_loss):
                 break
-        if best_state is not None:
-            net.load_state_dict(best_state)
-        return history, best_epoch
+        stopping.restore_best()
+        return history, stopping.best_epoch
 
     def _calibrate(self, images: ImageSet, val_idx: np.ndarray) -> None:
         """Pixel threshold, image threshold and validation metrics from the held-out images."""
