@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -181,6 +181,13 @@ class Assessor(ABC):
 
     def describe(self) -> str:
         return f"{self.name} v{self.version}" if self.version is not None else self.name
+
+    def warm_start_source(self, init: Assessor) -> Self:
+        """``init`` as a trained assessor of this kind (ReTrain warm-starts a challenger from its champion),
+        or a TypeError that names it."""
+        if not isinstance(init, type(self)) or getattr(init, "net", None) is None:
+            raise TypeError(f"cannot warm-start a {self.key} assessor from {init.describe()}")
+        return init
 
 
 def calibrate(raw: np.ndarray, threshold: float) -> np.ndarray:

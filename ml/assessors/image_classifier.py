@@ -37,7 +37,7 @@ from ml.evaluation.metrics import best_threshold, binary_metrics, f1_nok
 from ml.imagesets.base import OK_CLASSES, ImageSet
 from ml.training.image_augment import AugmentConfig, to_tensor
 from ml.training.loop import EarlyStopping
-from ml.training.runtime import describe_device, resolve_device, seed_everything
+from ml.training.runtime import fit_runtime, resolve_device, seed_everything
 
 WEIGHTS = "weights.pt"
 PREDICT_CHUNK = 64
@@ -112,8 +112,7 @@ class ImageClassifierAssessor(Assessor):
         if len(imageset) < 2:
             raise ValueError(f"the {self.key} assessor needs at least two images, got {len(imageset)}")
         if init is not None:
-            if not isinstance(init, type(self)) or init.net is None:
-                raise TypeError(f"cannot warm-start a {self.key} assessor from {init.describe()}")
+            init = self.warm_start_source(init)
             if init.classes != imageset.classes:
                 raise ValueError(f"warm start needs the same classes: {init.classes} vs {imageset.classes}")
             net = self.build_network(len(imageset.classes), pretrained=False)
@@ -201,17 +200,16 @@ class ImageClassifierAssessor(Assessor):
             "image_shapes": sorted({f"{a.shape[0]}x{a.shape[1]}" for a in imageset.images}),
             "source": _jsonable(imageset.meta),
         }
-        self.runtime = {
-            "device": describe_device(torch_device),
-            "duration_s": clock.seconds,
-            "epochs_run": len(history),
-            "best_epoch": stopping.best_epoch if len(val_idx) else len(history),
-            "torch": torch.__version__,
-            "start": start,
-            "frozen_stages": 0 if start == "scratch" else s.freeze,
+        self.runtime = fit_runtime(
+            torch_device,
+            clock.seconds,
+            epochs_run=len(history),
+            best_epoch=stopping.best_epoch if len(val_idx) else len(history),
+            history=history,
+            start=start,
+            frozen_stages=0 if start == "scratch" else s.freeze,
             **notes,
-            "history": history,
-        }
+        )
         return FitReport(self.metrics, len(history), clock.seconds, str(torch_device))
 
     # ------------------------------------------------------------------ prediction

@@ -17,7 +17,7 @@ from ml.evaluation.metrics import best_threshold, binary_metrics
 from ml.normalize import Normalizer
 from ml.training.augment import augment_batch
 from ml.training.loop import LoopConfig, predict_logits, train_binary
-from ml.training.runtime import describe_device, resolve_device, seed_everything
+from ml.training.runtime import fit_runtime, resolve_device, seed_everything
 from ml.training.splits import stratified_split
 
 WEIGHTS = "weights.pt"
@@ -54,8 +54,7 @@ class TorchClassifierAssessor(Assessor):
         rng = seed_everything(settings.seed)
         torch_device = resolve_device(device)
         if init is not None:
-            if not isinstance(init, type(self)) or init.net is None:
-                raise TypeError(f"cannot warm-start a {self.key} assessor from {init.describe()}")
+            init = self.warm_start_source(init)
             # keep the champion's scale so that its learned features still mean the same
             self.normalizer = init.normalizer
             net = self.build_network()
@@ -94,14 +93,13 @@ class TorchClassifierAssessor(Assessor):
         )
         self.metrics = {"validation": binary_metrics(y[val_idx], calibrate(result.val_scores, self.threshold))}
         self.training_data = dataset.summary()
-        self.runtime = {
-            "device": describe_device(torch_device),
-            "duration_s": clock.seconds,
-            "epochs_run": result.epochs_run,
-            "best_epoch": result.best_epoch,
-            "torch": torch.__version__,
-            "history": result.history,
-        }
+        self.runtime = fit_runtime(
+            torch_device,
+            clock.seconds,
+            epochs_run=result.epochs_run,
+            best_epoch=result.best_epoch,
+            history=result.history,
+        )
         return FitReport(self.metrics, result.epochs_run, clock.seconds, str(torch_device))
 
     def predict_raw(self, batch: AssessBatch) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,3 +37,27 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def fit_runtime(
+    device: torch.device,
+    seconds: float,
+    *,
+    epochs_run: int,
+    best_epoch: int,
+    history: list[dict[str, Any]],
+    start: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The manifest's ``runtime`` block, the same for every trained assessor: where and how long the fit ran,
+    where it started from (``init``, ``scratch``, ``imagenet``), anything the assessor adds, and the history."""
+    runtime: dict[str, Any] = {
+        "device": describe_device(device),
+        "duration_s": seconds,
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch,
+        "torch": torch.__version__,
+    }
+    if start is not None:
+        runtime["start"] = start
+    return {**runtime, **extra, "history": history}

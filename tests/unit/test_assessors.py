@@ -268,3 +268,13 @@ def test_importing_ultralytics_leaves_the_thread_setting_of_later_processes_alon
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None", out.stdout
+
+
+@pytest.mark.parametrize("kind", ["cnn", "siamese"])
+def test_a_challenger_warm_starts_only_from_a_trained_assessor_of_its_own_kind(kind: str) -> None:
+    data = stripe_coils(40, seed=3)
+    other = "siamese" if kind == "cnn" else "cnn"
+    with pytest.raises(TypeError, match=f"cannot warm-start a {kind} assessor"):
+        create(kind, {"epochs": 1}).fit(data, init=create(other, {"epochs": 1}), device="cpu")
+    with pytest.raises(TypeError, match="cannot warm-start"):  # right kind, never trained
+        create(kind, {"epochs": 1}).fit(data, init=create(kind, {"epochs": 1}), device="cpu")

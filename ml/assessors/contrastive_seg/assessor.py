@@ -33,7 +33,7 @@ from ml.evaluation.metrics import binary_metrics, youden_threshold
 from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import as_image_set, image_set_summary, resize_image, resize_mask
 from ml.training.loop import EarlyStopping
-from ml.training.runtime import describe_device, resolve_device, seed_everything
+from ml.training.runtime import fit_runtime, resolve_device, seed_everything
 
 THRESHOLD_GRID = np.round(np.arange(0.2, 0.81, 0.05), 2)
 
@@ -119,8 +119,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             raise ValueError("too few images to hold out a validation split")
         net = self.build_network()
         if init is not None:
-            if not isinstance(init, ContrastiveSegAssessor) or init.net is None:
-                raise TypeError(f"cannot warm-start a {self.key} assessor from {init.describe()}")
+            init = self.warm_start_source(init)
             net.load_state_dict(init.net.state_dict())
         x = standardize(np.stack([resize_image(images.images[i], s.image_size) for i in range(len(images))]))
         y = np.stack([resize_mask(images.masks[i], s.image_size) for i in range(len(images))])
@@ -128,15 +127,14 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         self.net = net.cpu().eval()
         self._calibrate(images, x, y, val_idx)
         self.training_data = {**image_set_summary(images), "n_train": len(train_idx), "n_val": len(val_idx)}
-        self.runtime = {
-            "device": describe_device(torch_device),
-            "duration_s": clock.seconds,
-            "epochs_run": len(history),
-            "best_epoch": best_epoch,
-            "torch": torch.__version__,
-            "start": "init" if init is not None else "scratch",
-            "history": history,
-        }
+        self.runtime = fit_runtime(
+            torch_device,
+            clock.seconds,
+            epochs_run=len(history),
+            best_epoch=best_epoch,
+            history=history,
+            start="init" if init is not None else "scratch",
+        )
         return FitReport(self.metrics, len(history), clock.seconds, str(torch_device))
 
     def _train(

@@ -38,7 +38,7 @@ from ml.dataset import CoilDataset
 from ml.evaluation.metrics import best_threshold, binary_metrics
 from ml.normalize import Normalizer
 from ml.training.augment import augment_batch
-from ml.training.runtime import describe_device, resolve_device, seed_everything
+from ml.training.runtime import fit_runtime, resolve_device, seed_everything
 from ml.training.splits import stratified_split
 
 WEIGHTS = "weights.pt"
@@ -94,8 +94,7 @@ class SiameseAssessor(Assessor):
         rng = seed_everything(s.seed)
         torch_device = resolve_device(device)
         if init is not None:
-            if not isinstance(init, SiameseAssessor) or init.net is None:
-                raise TypeError(f"cannot warm-start a {self.key} assessor from {init.describe()}")
+            init = self.warm_start_source(init)
             self.normalizer = init.normalizer  # the champion's scale, so its features mean the same
             net = self.build_network()
             net.load_state_dict(init.net.state_dict())
@@ -134,19 +133,18 @@ class SiameseAssessor(Assessor):
         self.threshold = best_threshold(y[val_idx], val_scores, low=s.min_threshold, high=1 - s.min_threshold)
         self.metrics = {"validation": binary_metrics(y[val_idx], calibrate(val_scores, self.threshold))}
         self.training_data = dataset.summary()
-        self.runtime = {
-            "device": describe_device(torch_device),
-            "duration_s": clock.seconds,
-            "epochs_run": result.epochs_run,
-            "best_epoch": result.best_epoch,
-            "torch": torch.__version__,
-            "start": "init" if init is not None else "scratch",
-            "references": {
+        self.runtime = fit_runtime(
+            torch_device,
+            clock.seconds,
+            epochs_run=result.epochs_run,
+            best_epoch=result.best_epoch,
+            history=result.history,
+            start="init" if init is not None else "scratch",
+            references={
                 "OK": [str(dataset.coil_id[train_idx[i]]) for i in self.references.ok_index],
                 "NOK": [str(dataset.coil_id[train_idx[i]]) for i in self.references.nok_index],
             },
-            "history": result.history,
-        }
+        )
         return FitReport(self.metrics, result.epochs_run, clock.seconds, str(torch_device))
 
     def predict_raw(self, batch: AssessBatch) -> np.ndarray:

@@ -34,7 +34,7 @@ from ml.evaluation.metrics import binary_metrics, youden_threshold
 from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import as_image_set, image_set_summary, resize_image, resize_mask
 from ml.training.loop import EarlyStopping
-from ml.training.runtime import describe_device, resolve_device, seed_everything
+from ml.training.runtime import fit_runtime, resolve_device, seed_everything
 
 MAX_CALIBRATION_PIXELS = 2_000_000  # Youden's J on a seeded sample beyond this: same threshold, less memory
 
@@ -101,8 +101,7 @@ class SsimAeAssessor(PixelMapAssessor):
 
         net = self.build_network()
         if init is not None:
-            if not isinstance(init, SsimAeAssessor) or init.net is None:
-                raise TypeError(f"cannot warm-start a {self.key} assessor from {init.describe()}")
+            init = self.warm_start_source(init)
             net.load_state_dict(init.net.state_dict())
         train = np.stack([self.prepare(images.images[i]) for i in train_idx])
         val_patches = _tile_patches(np.stack([self.prepare(images.images[i]) for i in val_ok_idx]))
@@ -119,15 +118,14 @@ class SsimAeAssessor(PixelMapAssessor):
         }
         if images.meta.get("source") == "coils":
             self.training_data["coils"] = images.meta.get("coils")
-        self.runtime = {
-            "device": describe_device(torch_device),
-            "duration_s": clock.seconds,
-            "epochs_run": len(history),
-            "best_epoch": best_epoch,
-            "torch": torch.__version__,
-            "start": "init" if init is not None else "scratch",
-            "history": history,
-        }
+        self.runtime = fit_runtime(
+            torch_device,
+            clock.seconds,
+            epochs_run=len(history),
+            best_epoch=best_epoch,
+            history=history,
+            start="init" if init is not None else "scratch",
+        )
         return FitReport(self.metrics, len(history), clock.seconds, str(torch_device))
 
     def _train(
