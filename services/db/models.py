@@ -70,7 +70,8 @@ TABLE_NAMES = (
     "drift_reports",
 )
 
-OPERATIONAL_TABLE_NAMES = ("workers",)  # process heartbeats; not part of DESIGN §4's contract
+# Not part of DESIGN §4's contract: process heartbeats, and ModelScore's running tallies.
+OPERATIONAL_TABLE_NAMES = ("workers", "score_passes", "score_tallies")
 
 COIL_ID_LENGTH = 64  # DESIGN §3: 1–64 characters of [A-Za-z0-9._-]
 
@@ -247,6 +248,9 @@ class Feedback(Base):
     operator: Mapped[str | None]
     comment: Mapped[str | None]
     created_at: Mapped[datetime] = _now()
+    # The ModelScore pass that counted this row (NULL until one has): operators never set it; it is
+    # how scoring adds only what is new instead of recounting a million rows every few minutes.
+    score_pass: Mapped[int | None] = mapped_column(BigId)
 
     coil: Mapped[Coil] = relationship(back_populates="feedback")
 
@@ -254,6 +258,8 @@ class Feedback(Base):
         CheckConstraint(_in("label", FEEDBACK_LABELS), name="label"),
         # "latest row per coil wins" over millions of rows: ORDER BY created_at DESC, id DESC per coil.
         Index("ix_feedback_coil_id_created_at_id", "coil_id", "created_at", "id"),
+        # Finds the rows no pass has counted yet (score_pass IS NULL) and the rows of one pass.
+        Index("ix_feedback_score_pass", "score_pass"),
     )
 
 
@@ -277,6 +283,35 @@ class ModelPerformance(Base):
     model: Mapped[Model] = relationship()
 
     __table_args__ = (Index("ix_mperformance_model_id_computed_at", "model_id", "computed_at"),)
+
+
+class ScorePass(Base):
+    """One incremental ModelScore pass: when it ran and how many new feedback rows it counted."""
+
+    __tablename__ = "score_passes"
+
+    id: Mapped[int] = _id()
+    started_at: Mapped[datetime] = _now()
+    n_feedback: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class ScoreTally(Base):
+    """A model version's running counts against the operators' latest word, since its promotion.
+
+    ModelScore adds each pass's difference (new feedback, and corrections that replace an earlier
+    word) instead of joining every vote with every feedback row again; ``mperformance`` rows are read
+    from here. Promotion clears the row, because the window starts again.
+    """
+
+    __tablename__ = "score_tallies"
+
+    model_id: Mapped[int] = mapped_column(BigId, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    n_coils: Mapped[int] = mapped_column(BigInteger)
+    n_correct: Mapped[int] = mapped_column(BigInteger)
+    tp: Mapped[int] = mapped_column(BigInteger)
+    predicted_nok: Mapped[int] = mapped_column(BigInteger)
+    actual_nok: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = _now()
 
 
 class RetrainRun(Base):

@@ -216,6 +216,9 @@ def test_downgrade_removes_everything_and_upgrade_works_again(engine: Engine, ur
 
 def test_default_downgrade_is_one_step(engine: Engine, url: str) -> None:
     engine.dispose()
+    assert migrate.downgrade(url) == "0002"  # 0003 (ModelScore's tallies) undone
+    assert tables(engine) == SEVEN | {"workers", "alembic_version"}
+    assert "score_pass" not in {c["name"] for c in inspect(engine).get_columns("feedback")}
     assert migrate.downgrade(url) == "0001"  # 0002 (worker heartbeats) undone, the seven tables kept
     assert tables(engine) == SEVEN | {"alembic_version"}
     assert migrate.downgrade(url) is None

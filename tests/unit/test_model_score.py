@@ -178,3 +178,15 @@ def test_combine_lets_the_operator_label_win_and_weights_feedback() -> None:
     assert len(data) == 2 + 2 * 3  # F1 leaves the history: the operator said NOK
     assert sorted(set(data.coil_id)) == ["F0", "F1", "H0", "H2"]
     assert data.y[data.coil_id == "F1"].tolist() == [1, 1, 1]
+
+
+def test_incremental_tallies_equal_a_full_recount_through_corrections_promotion_and_rollback(engine) -> None:
+    from score_scenario import run_history
+
+    history = run_history(engine)
+    with engine.connect() as conn:
+        unscored = conn.execute(text("SELECT count(*) FROM feedback WHERE score_pass IS NULL")).scalar()
+        passes = conn.execute(text("SELECT count(*), sum(n_feedback) FROM score_passes")).one()
+        rows = conn.execute(text("SELECT count(*) FROM feedback")).scalar()
+    assert unscored == 0 and passes[1] == rows  # every row counted by exactly one pass
+    assert passes[0] < len(history.coil_ids)  # empty passes leave no row
