@@ -59,10 +59,10 @@ class SimulatedOperators:
     def _work(self) -> None:
         while (decision := self._inbox.get()) is not None:
             coil_id = decision["coil_id"]
-            truth = self.truth(coil_id)
-            if truth is None:  # not a coil these operators can check
-                continue
             if decision["decision"] == "OK" and self.rng.random() >= self.share_ok:
+                continue
+            truth = self.truth(coil_id)  # asked only for the coils they check (it may keep count)
+            if truth is None:  # not a coil these operators can check
                 continue
             label = "NOK" if truth else "OK"
             operator = self.names[int(self.rng.integers(len(self.names)))]
