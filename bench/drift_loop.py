@@ -197,7 +197,8 @@ def run_scenario(scenario: str, args: argparse.Namespace, kinds: list[str], mqtt
         try:
             with (
                 MqttClient(mqtt, on_message=observer.on_message) as watch,
-                process(coilguard("assess"), env, logs["assess"]),
+                # The worker's persistent session is this run's alone (the default id is shared).
+                process(coilguard("assess"), env | {"COILGUARD_MQTT_CLIENT_ID": f"{prefix}-assess"}, logs["assess"]),
                 process(coilguard("scheduler"), env, logs["scheduler"]),
                 process(operators_cmd, env, logs["operators"]),
             ):
