@@ -184,7 +184,7 @@ def run_scenario(scenario: str, args: argparse.Namespace, kinds: list[str], mqtt
         logs = {name: tmp_path / f"{name}.log" for name in ("assess", "scheduler", "line", "operators", "retrain")}
         line_cmd = coilguard(
             "simulate",
-            *("--coils", str(n_max), "--rate", str(args.rate), "--seed", str(args.seed), "--line", LINE),
+            *("--coils", str(n_max), "--rate", str(args.rate), "--binary", "--seed", str(args.seed), "--line", LINE),
             *("--drift", scenario, "--drift-at", str(drift_at), "--drift-ramp", "0", "--id-prefix", f"DL-{scenario}"),
         )
         operators_cmd = [
@@ -280,9 +280,10 @@ def drive(engine, args, drift_at: int, index_of: dict[str, int], env, logs, line
         ).all()
         promoted_at = conn.execute(text("SELECT max(promoted_at) FROM models WHERE version > 1")).scalar()
     console.print("  ReTrain: " + "; ".join(f"{r.name} {r.status}" for r in runs))
-    if promoted_at is not None:
+    if promoted_at is not None:  # until enough coils are decided by the new versions, or the line ends
+        after = "SELECT count(*) FROM coils WHERE decided_at > :t"
         wait(
-            lambda: scalar(engine, "SELECT count(*) FROM coils WHERE decided_at > :t", t=promoted_at) >= args.after,
+            lambda: scalar(engine, after, t=promoted_at) >= args.after or line.poll() is not None,
             900,
             f"{args.after} coils after the promotion",
         )
@@ -397,12 +398,12 @@ def main() -> None:
     parser.add_argument("--assessors", default="cnn")
     parser.add_argument("--scenarios", default="sensor-drift,knife-wear,new-defect,product-mix")
     parser.add_argument("--history", type=int, default=3000)
-    parser.add_argument("--before", type=int, default=3000, help="coils before the drift")
-    parser.add_argument("--after", type=int, default=3000, help="coils decided by the retrained versions")
+    parser.add_argument("--before", type=int, default=2000, help="coils before the drift")
+    parser.add_argument("--after", type=int, default=2000, help="coils decided by the retrained versions")
     parser.add_argument("--labels", type=int, default=300, help="coils the operators check after the drift")
     parser.add_argument("--share-ok", type=float, default=0.1)
-    parser.add_argument("--rate", type=float, default=50.0)
-    parser.add_argument("--max-coils", type=int, default=20000)
+    parser.add_argument("--rate", type=float, default=30.0)
+    parser.add_argument("--max-coils", type=int, default=40000)
     parser.add_argument("--score-every", type=float, default=5.0)
     parser.add_argument("--score-window", type=float, default=60.0)
     parser.add_argument("--retrain-timeout", type=float, default=1200.0)
