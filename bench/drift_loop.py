@@ -179,6 +179,7 @@ def run_scenario(scenario: str, args: argparse.Namespace, kinds: list[str], mqtt
             "COILGUARD_DEVICE": args.device,
             "COILGUARD_LOG_LEVEL": "INFO",
         }
+        worker_env = {"COILGUARD_MQTT_CLIENT_ID": f"{prefix}-assess", "COILGUARD_TORCH_THREADS": "1"}
         topics = Topics(prefix)
         observer = Observer()
         logs = {name: tmp_path / f"{name}.log" for name in ("assess", "scheduler", "line", "operators", "retrain")}
@@ -198,7 +199,9 @@ def run_scenario(scenario: str, args: argparse.Namespace, kinds: list[str], mqtt
             with (
                 MqttClient(mqtt, on_message=observer.on_message) as watch,
                 # The worker's persistent session is this run's alone (the default id is shared).
-                process(coilguard("assess"), env | {"COILGUARD_MQTT_CLIENT_ID": f"{prefix}-assess"}, logs["assess"]),
+                # One torch thread: at 30 coils/s it needs no more, and two threads each in the worker and
+                # in ReTrain on two shared cores spin against each other (ReTrain ran 4× slower).
+                process(coilguard("assess"), env | worker_env, logs["assess"]),
                 process(coilguard("scheduler"), env, logs["scheduler"]),
                 process(operators_cmd, env, logs["operators"]),
             ):
