@@ -199,8 +199,8 @@ def run_scenario(scenario: str, args: argparse.Namespace, kinds: list[str], mqtt
             with (
                 MqttClient(mqtt, on_message=observer.on_message) as watch,
                 # The worker's persistent session is this run's alone (the default id is shared).
-                # One torch thread: at 30 coils/s it needs no more, and two threads each in the worker and
-                # in ReTrain on two shared cores spin against each other (ReTrain ran 4× slower).
+                # One torch thread: at 30 coils/s it needs no more, and two threads each in the worker and in
+                # ReTrain on two shared cores fight (a CNN ReTrain still ran after 7.5 min; 5.4 min with one).
                 process(coilguard("assess"), env | worker_env, logs["assess"]),
                 process(coilguard("scheduler"), env, logs["scheduler"]),
                 process(operators_cmd, env, logs["operators"]),
