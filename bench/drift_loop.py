@@ -362,6 +362,7 @@ def report(rows: list[dict], args: argparse.Namespace, kinds: list[str]) -> str:
     lines = [
         "## The human loop in separate processes (issue 5)",
         provenance(),
+        "",
         f"Ensemble `{','.join(kinds)}` at default settings, trained on {args.history} undrifted coils. Processes: "
         "`coilguard assess`, `coilguard scheduler` (ModelScore every "
         f"{args.score_every} s over a {args.score_window} s rolling window), `coilguard simulate` "
