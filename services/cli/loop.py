@@ -31,12 +31,17 @@ def feedback(ctx: AppContext, coil_id: str, label: str, operator: str, comment: 
 
 @cli.command()
 @click.option("--every", help="Repeat on this interval (e.g. 60s, 5m) instead of running once.")
+@click.option("--recount", is_flag=True, help="Forget the running tallies first and count all feedback again.")
 @pass_ctx
-def score(ctx: AppContext, every: str | None) -> None:
+def score(ctx: AppContext, every: str | None, recount: bool) -> None:
     """ModelScore: each active model's agreement with operator feedback, into mperformance."""
     from services.config import parse_duration
+    from services.db.engine import make_engine
+    from services.db.repositories import SqlScoreStore
     from services.jobs import run_score
 
+    if recount:  # feedback rows deleted or edited by hand: the tallies cannot see that
+        SqlScoreStore(make_engine(ctx.settings.database_url)).forget_tallies()
     interval = parse_duration(every).total_seconds() if every else None
     while True:
         for scored in run_score(ctx.settings):

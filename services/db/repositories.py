@@ -399,8 +399,7 @@ class SqlScoreStore:
     def count_new_feedback(self) -> int:
         """One pass: add the feedback rows no pass has counted to the tallies; returns how many."""
         with self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": SCORE_LOCK_NAMESPACE, "key": 0})
+            self._lock(conn)
             # On SQLite this INSERT takes the write lock: a second pass waits for this one to commit.
             pass_id = conn.execute(score_passes.insert().values(n_feedback=0).returning(score_passes.c.id)).scalar_one()
             claimed = conn.execute(
@@ -420,6 +419,20 @@ class SqlScoreStore:
                 conn.execute(_add_to_tallies(self.engine), [dict(d) for d in deltas])
             conn.execute(update(score_passes).where(score_passes.c.id == pass_id).values(n_feedback=claimed))
         return claimed
+
+    def forget_tallies(self) -> None:
+        """Start counting afresh: the next pass counts every feedback row again. For when feedback rows were
+        deleted or edited by hand, which the tallies cannot see."""
+        with self.engine.begin() as conn:
+            self._lock(conn)
+            conn.execute(score_tallies.delete())
+            conn.execute(update(feedback).where(feedback.c.score_pass.is_not(None)).values(score_pass=None))
+            conn.execute(score_passes.delete())
+
+    def _lock(self, conn: Connection) -> None:
+        """One pass (or reset) at a time on PostgreSQL, until the transaction ends; SQLite has one writer anyway."""
+        if self.engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": SCORE_LOCK_NAMESPACE, "key": 0})
 
     def tallied(self, now: datetime) -> list[ModelScoreRow]:
         """The active versions' tallies as they stand (no pass is run)."""

@@ -190,3 +190,24 @@ def test_incremental_tallies_equal_a_full_recount_through_corrections_promotion_
         rows = conn.execute(text("SELECT count(*) FROM feedback")).scalar()
     assert unscored == 0 and passes[1] == rows  # every row counted by exactly one pass
     assert passes[0] < len(history.coil_ids)  # empty passes leave no row
+
+
+def test_feedback_deleted_by_hand_is_caught_up_by_a_recount(engine, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from score_scenario import History, counts
+
+    from services.cli import cli
+
+    history = History(engine, seed=3)
+    history.assess(30, {"a": 1, "img": 1})
+    history.give_feedback(40)
+    history.check()
+    with engine.begin() as conn:  # somebody removes rows behind ModelScore's back
+        conn.execute(text("DELETE FROM feedback WHERE id % 3 = 0"))
+    now = datetime.now(UTC) + timedelta(days=1)
+    assert counts(history.store.agreement(now, None)) != counts(history.store.recount(now))
+    env = {"COILGUARD_DATABASE_URL": str(engine.url), "COILGUARD_MQTT_URL": "embedded"}
+    result = CliRunner().invoke(cli, ["score", "--recount"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "a v1:" in result.output
+    history.check()  # tallies and recount agree again
