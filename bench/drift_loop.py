@@ -46,7 +46,7 @@ from rich.console import Console
 from sqlalchemy import text
 
 from bench.common import LOCAL_MQTT, provenance, scratch_database, write_section
-from ml.assessors.registry import create
+from bench.drift_recovery import train_active
 from ml.evaluation.metrics import binary_metrics
 from ml.sim import DriftConfig, LineConfig, LineSimulator
 from services.db.engine import make_engine
@@ -54,7 +54,6 @@ from services.db.repositories import SqlFeedbackStore, SqlModelRegistry
 from services.mqtt.client import Inbound, MqttClient
 from workflows.messages import encode_coil_message
 from workflows.topics import Topics
-from workflows.training import register
 
 console = Console()
 TARGET_DROP, TARGET_GAP = 0.2, 0.03
@@ -159,12 +158,7 @@ def run_scenario(scenario: str, args: argparse.Namespace, kinds: list[str], mqtt
         tmp_path = Path(tmp)
         engine = make_engine(url)
         registry = SqlModelRegistry(engine)
-        started = time.perf_counter()
-        for kind in kinds:
-            assessor = create(kind, {"seed": args.seed})
-            assessor.fit(history, device=args.device)
-            register(assessor, registry, tmp_path / "models", status="active", dataset=history)
-        train_s = time.perf_counter() - started
+        train_s = train_active(kinds, history, registry, tmp_path / "models", args.seed, args.device)
         (tmp_path / "truth.json").write_text(json.dumps(truth))
         prefix = f"bench-loop-{os.getpid()}-{scenario}"
         env = {

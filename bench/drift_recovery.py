@@ -58,6 +58,18 @@ console = Console()
 TARGET_DROP, TARGET_GAP, MAX_LABELS = 0.2, 0.03, 300
 
 
+def train_active(
+    kinds: list[str], history, registry: SqlModelRegistry, model_dir: Path, seed: int, device: str
+) -> float:
+    """Train each assessor at its defaults on ``history`` and register it active; returns the seconds it took."""
+    started = time.perf_counter()
+    for kind in kinds:
+        assessor = create(kind, {"seed": seed})
+        assessor.fit(history, device=device)
+        register(assessor, registry, model_dir, status="active", dataset=history)
+    return time.perf_counter() - started
+
+
 def ensemble_f1(loader: EnsembleLoader, coils: list[SimCoil]) -> float:
     """NOK-F1 of the active ensemble against the simulator's true labels."""
     serving = loader.load()
@@ -82,12 +94,7 @@ def recover(scenario: str, args: argparse.Namespace, kinds: list[str]) -> dict:
         settings = Settings(database_url=url, model_dir=Path(tmp) / "models", device=args.device)
         engine = make_engine(url)
         registry = SqlModelRegistry(engine)
-        started = time.perf_counter()
-        for kind in kinds:
-            assessor = create(kind, {"seed": args.seed})
-            assessor.fit(history, device=args.device)
-            register(assessor, registry, settings.model_dir, status="active", dataset=history)
-        train_s = time.perf_counter() - started
+        train_s = train_active(kinds, history, registry, settings.model_dir, args.seed, args.device)
         loader = EnsembleLoader(registry, settings.model_dir, settings.decision_threshold)
         f1_before, f1_drifted = ensemble_f1(loader, before), ensemble_f1(loader, drifted)
 

@@ -19,15 +19,16 @@ def counts(rows: list[ModelScoreRow]) -> dict[str, tuple[int, ...]]:
     return {f"{r.name}/v{r.version}": (r.n_coils, r.n_correct, r.tp, r.predicted_nok, r.actual_nok) for r in rows}
 
 
-def _coil(coil_id: str, votes: list[MemberVote]) -> AssessedCoil:
-    at = datetime.now(UTC)
+def assessed_coil(coil_id: str, votes: list[MemberVote], at: datetime | None = None) -> AssessedCoil:
+    """A decided coil with a blank matrix, labelled as its first vote says."""
+    at = at or datetime.now(UTC)
     return AssessedCoil(
         coil_id=coil_id,
         line="galv-1",
         produced_at=at,
         received_at=at,
         decided_at=at,
-        label="OK",
+        label=votes[0].label,
         p_nok=0.5,
         confidence=0.5,
         matrix=np.zeros((264, 18), np.float32),
@@ -68,7 +69,7 @@ class History:
                     votes.append(MemberVote(name, version, "ABSTAIN", None, None))
                 else:
                     votes.append(MemberVote(name, version, str(self.rng.choice(["OK", "NOK"])), 0.5, 0.5))
-            batch.append(_coil(coil_id, votes))
+            batch.append(assessed_coil(coil_id, votes))
         SqlCoilStore(self.engine).save_assessed(batch, self.ids)
 
     def give_feedback(self, n: int) -> None:

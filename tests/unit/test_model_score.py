@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from score_scenario import assessed_coil
 from sqlalchemy import text
 
 from ml.dataset import CoilDataset
@@ -15,7 +16,7 @@ from services.db.engine import make_engine
 from services.db.migrate import upgrade
 from services.db.repositories import SqlCoilStore, SqlFeedbackStore, SqlModelRegistry, SqlRetrainRuns, SqlScoreStore
 from workflows.model_score import ScoreRule, due_for_retraining, score_models
-from workflows.ports import AssessedCoil, LabelledCoil, UnknownCoil
+from workflows.ports import LabelledCoil, UnknownCoil
 from workflows.retrain import combine, split_by_time
 
 RULE = ScoreRule(threshold=0.75, min_coils=10)
@@ -52,22 +53,6 @@ def engine(tmp_path: Path):
     return make_engine(url)
 
 
-def _coil(coil_id: str, votes: list[MemberVote], at: datetime) -> AssessedCoil:
-    return AssessedCoil(
-        coil_id=coil_id,
-        line="galv-1",
-        produced_at=at,
-        received_at=at,
-        decided_at=at,
-        label=votes[0].label,
-        p_nok=0.5,
-        confidence=0.5,
-        matrix=np.zeros((264, 18), np.float32),
-        product=None,
-        votes=votes,
-    )
-
-
 def test_score_uses_the_latest_feedback_ignores_abstentions_and_flags_by_rule(engine) -> None:
     registry = SqlModelRegistry(engine)
     a = registry.add(name="a", kind="cnn", version=1, artifact_uri="a/v1", sha256="x", status="active")
@@ -80,7 +65,7 @@ def test_score_uses_the_latest_feedback_ignores_abstentions_and_flags_by_rule(en
     for i in range(12):  # model a says NOK on the first 6, OK on the rest; img abstains on all but two
         label = "NOK" if i < 6 else "OK"
         img_vote = MemberVote("img", 1, "NOK", 0.9, 0.9) if i < 2 else MemberVote("img", 1, "ABSTAIN", None, None)
-        coils.append(_coil(f"C{i}", [MemberVote("a", 1, label, 0.5, 0.5), img_vote], at))
+        coils.append(assessed_coil(f"C{i}", [MemberVote("a", 1, label, 0.5, 0.5), img_vote], at))
     store.save_assessed(coils, ids)
     feedback = SqlFeedbackStore(engine)
     for i in range(12):
@@ -115,8 +100,9 @@ def test_a_rolling_window_only_counts_recent_votes(engine) -> None:
     a = registry.add(name="a", kind="cnn", version=1, artifact_uri="a/v1", sha256="x", status="active")
     store = SqlCoilStore(engine)
     now = datetime.now(UTC)
-    store.save_assessed([_coil("OLD", [MemberVote("a", 1, "OK", 0.1, 0.9)], now - timedelta(days=3))], {("a", 1): a.id})
-    store.save_assessed([_coil("NEW", [MemberVote("a", 1, "OK", 0.1, 0.9)], now)], {("a", 1): a.id})
+    vote = [MemberVote("a", 1, "OK", 0.1, 0.9)]
+    store.save_assessed([assessed_coil("OLD", vote, now - timedelta(days=3))], {("a", 1): a.id})
+    store.save_assessed([assessed_coil("NEW", vote, now)], {("a", 1): a.id})
     for coil_id in ("OLD", "NEW"):
         SqlFeedbackStore(engine).add(coil_id, "NOK", "anna")
     rows = SqlScoreStore(engine).agreement(now + timedelta(seconds=1), timedelta(days=1))
