@@ -33,7 +33,13 @@ Start = Literal["scratch", "file", "init"]
 class YoloSettings(AssessorSettings):
     epochs: int = Field(50, ge=1, le=500)
     size: Literal["n", "s"] = Field("s", description="YOLOv8 scale; the paper's best was s")
-    imgsz: int = Field(32, ge=16, le=640, description="side of the square image the matrix is rendered to")
+    imgsz: int = Field(
+        64,
+        ge=16,
+        le=640,
+        description="side of the square image the matrix is rendered to; YOLOv8 halves it five times, so at 32 px "
+        "its last blocks see 1 × 1 maps and from scratch it did not learn (gold ROC-AUC 0.50 against 0.96 at 64)",
+    )
     render: Literal["resize", "tile"] = Field("tile", description="how 264 × 18 becomes a square (ml.training.render)")
     freeze: int = Field(7, ge=0, le=N_LAYERS - 1, description="first k of 10 layers frozen when starting from weights")
     weights: str | None = Field(None, description="YOLOv8-cls checkpoint on disk to start from (never downloaded)")
