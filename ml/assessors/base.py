@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ml.assessors.manifest import ArtifactError, Manifest, sha256_file
 from ml.dataset import CoilDataset
+from ml.evaluation.metrics import best_threshold, cost_threshold
 from ml.matrix import as_matrix_batch
 from ml.normalize import Normalizer
 
@@ -48,6 +49,11 @@ class AssessorSettings(BaseModel):
     augment: bool = True
     oversample_nok: float = Field(3.0, ge=1, description="NOK coils appear this many times per epoch")
     min_threshold: float = Field(0.05, gt=0, lt=0.5, description="lowest calibration threshold allowed")
+    threshold_rule: Literal["cost", "f1"] = Field(
+        "cost",
+        description="how the validation split sets the NOK threshold: least cost with a missed NOK coil costing "
+        "class_weight_nok false alarms, or the NOK-F1 optimum (noisy on a dozen validation NOK coils)",
+    )
 
 
 @dataclass
@@ -125,6 +131,15 @@ class Assessor(ABC):
         """Restore from the files written by :meth:`save_weights`."""
 
     # ------------------------------------------------------------------ the shared behaviour
+
+    def choose_threshold(self, y_val: np.ndarray, scores: np.ndarray) -> float:
+        """The raw-score threshold that calibration maps to 0.5, chosen on the validation split by
+        ``threshold_rule``."""
+        s = self.settings
+        bounds = {"low": s.min_threshold, "high": 1 - s.min_threshold}
+        if s.threshold_rule == "f1":
+            return best_threshold(y_val, scores, **bounds)
+        return cost_threshold(y_val, scores, nok_cost=s.class_weight_nok, **bounds)
 
     def predict(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated p(NOK) and confidence per coil (both NaN where the assessor abstains)."""

@@ -33,7 +33,7 @@ from torch import nn
 
 from ml.assessors.base import AssessBatch, Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch, calibrate
 from ml.assessors.effnet.torch_model import N_STAGES
-from ml.evaluation.metrics import best_threshold, binary_metrics, f1_nok
+from ml.evaluation.metrics import binary_metrics, f1_nok
 from ml.imagesets.base import OK_CLASSES, ImageSet
 from ml.training.image_augment import AugmentConfig, to_tensor
 from ml.training.loop import EarlyStopping
@@ -188,7 +188,7 @@ class ImageClassifierAssessor(Assessor):
             validation: dict[str, Any] = {"n": len(val_idx), "class_accuracy": _accuracy(probs, labels[val_idx])}
             if self.ok_classes and 0 < imageset.nok[val_idx].sum() < len(val_idx):
                 y_nok, p_nok = imageset.nok[val_idx], self._p_nok(probs)
-                self.threshold = best_threshold(y_nok, p_nok, low=s.min_threshold, high=1 - s.min_threshold)
+                self.threshold = self.choose_threshold(y_nok, p_nok)
                 validation.update(binary_metrics(y_nok, calibrate(p_nok, self.threshold)))
             self.metrics["validation"] = validation
         self.training_data = {

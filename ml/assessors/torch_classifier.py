@@ -13,7 +13,7 @@ from torch import nn
 
 from ml.assessors.base import AssessBatch, Assessor, FitCallback, FitReport, Stopwatch, calibrate
 from ml.dataset import CoilDataset
-from ml.evaluation.metrics import best_threshold, binary_metrics
+from ml.evaluation.metrics import binary_metrics
 from ml.normalize import Normalizer
 from ml.training.augment import augment_batch
 from ml.training.loop import LoopConfig, predict_logits, train_binary
@@ -88,9 +88,7 @@ class TorchClassifierAssessor(Assessor):
             callback=callback,
         )
         self.net = net.cpu().eval()
-        self.threshold = best_threshold(
-            y[val_idx], result.val_scores, low=settings.min_threshold, high=1 - settings.min_threshold
-        )
+        self.threshold = self.choose_threshold(y[val_idx], result.val_scores)
         self.metrics = {"validation": binary_metrics(y[val_idx], calibrate(result.val_scores, self.threshold))}
         self.training_data = dataset.summary()
         self.runtime = fit_runtime(

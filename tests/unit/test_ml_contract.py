@@ -15,7 +15,7 @@ from ml.assessors.base import AssessBatch, calibrate
 from ml.assessors.manifest import ArtifactError, Manifest
 from ml.assessors.registry import UnknownAssessor, available, create, load_artifact
 from ml.ensemble import ABSTAIN, Ensemble, Member
-from ml.evaluation.metrics import best_threshold, binary_metrics
+from ml.evaluation.metrics import best_threshold, binary_metrics, cost_threshold
 from ml.normalize import Normalizer, fill_dropped
 from ml.training.augment import augment_batch
 from ml.training.loop import epoch_indices
@@ -60,6 +60,17 @@ def test_best_threshold_prefers_the_f1_optimum() -> None:
     t = best_threshold(y, scores)
     assert 0.3 < t <= 0.35
     assert binary_metrics(y, scores, t)["f1_nok"] == 1.0
+
+
+def test_cost_threshold_trades_false_alarms_for_missed_nok_at_the_class_weight() -> None:
+    # one NOK coil scores low, among three OK coils: F1 gives it up, a 5:1 cost catches it (3 alarms < 5)
+    y = np.array([0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 1])
+    scores = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.2, 0.25, 0.3, 0.35, 0.9, 0.92, 0.95])
+    assert best_threshold(y, scores) > 0.35
+    t = cost_threshold(y, scores, nok_cost=5.0)
+    assert 0.05 < t <= 0.2
+    assert cost_threshold(y, scores, nok_cost=2.0) > 0.35  # at 2:1 three false alarms cost more than one miss
+    assert cost_threshold(np.zeros(4), scores[:4], nok_cost=5.0) == 0.5  # no NOK to learn from
 
 
 def test_augmentation_flips_each_side_on_its_own_and_stays_in_range() -> None:

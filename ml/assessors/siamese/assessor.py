@@ -35,7 +35,7 @@ from ml.assessors.siamese.train import (
     train_pairs,
 )
 from ml.dataset import CoilDataset
-from ml.evaluation.metrics import best_threshold, binary_metrics
+from ml.evaluation.metrics import binary_metrics
 from ml.normalize import Normalizer
 from ml.training.augment import augment_batch
 from ml.training.runtime import fit_runtime, resolve_device, seed_everything
@@ -130,7 +130,7 @@ class SiameseAssessor(Assessor):
         cpu = torch.device("cpu")
         self.references = choose_references(embed(self.net, x[train_idx], cpu), y[train_idx], s.references, s.seed)
         val_scores = score(self.net, embed(self.net, x[val_idx], cpu), self.references)
-        self.threshold = best_threshold(y[val_idx], val_scores, low=s.min_threshold, high=1 - s.min_threshold)
+        self.threshold = self.choose_threshold(y[val_idx], val_scores)
         self.metrics = {"validation": binary_metrics(y[val_idx], calibrate(val_scores, self.threshold))}
         self.training_data = dataset.summary()
         self.runtime = fit_runtime(
