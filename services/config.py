@@ -130,6 +130,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(64, ge=1, le=4096)
     batch_wait: Duration = timedelta(0)  # 0: natural batching, take what has queued up while busy
     torch_threads: int = Field(0, ge=0, le=256, description="intra-op threads for inference; 0 = torch's default")
+    gil_switch_ms: float = Field(
+        0.5,
+        gt=0,
+        le=100,
+        description="Python's thread switch interval in the worker: the inference thread needs the GIL between torch "
+        "ops and should not wait Python's default 5 ms while the committer or network thread runs Python code",
+    )
     max_payload_bytes: int = Field(1 << 20, ge=1024)
     device: str = "auto"
 
