@@ -101,7 +101,7 @@ class AssessWorker:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
-        # measured on 2 cores, full ensemble: 67–71 % of the compute limit at Python's 5 ms, 76 % at 0.5 ms
+        # 2 cores, full ensemble, share of the compute limit: 67 / 71 % at 5 ms, 76 / 76 / 71 % at 0.5 ms
         sys.setswitchinterval(self.settings.gil_switch_ms / 1000)
         if self.settings.torch_threads:
             import torch
