@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,17 +64,11 @@ def main() -> None:
         kind, _, name = key.partition(".")
         settings.setdefault(kind, {})[name] = value
     seeds = [int(t) for t in args.seeds.split(",") if t.strip()]
-    evaluations = []
-    for seed in seeds:
-        plan = Plan(
-            kinds=kinds,
-            settings=settings,
-            n_splits=args.folds,
-            n_repeats=args.repeats,
-            seed=seed,
-            device=args.device,
-        )
-        evaluations.append(_evaluate(args.data, plan, args.out / f"seed-{seed}" if len(seeds) > 1 else args.out))
+    plan = Plan(kinds=kinds, settings=settings, n_splits=args.folds, n_repeats=args.repeats, device=args.device)
+    evaluations = [
+        _evaluate(args.data, replace(plan, seed=seed), args.out / f"seed-{seed}" if len(seeds) > 1 else args.out)
+        for seed in seeds
+    ]
     first = evaluations[0]
     table = gold_table(first)
     print(table)

@@ -70,27 +70,29 @@ def gold_table(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def mean_gold_f1(evaluations: list[Evaluation]) -> dict[str, float]:
-    """Gold NOK-F1 of every assessor and the ensemble, averaged over evaluations (one per seed)."""
-    names = [g.name for g in evaluations[0].gold_results]
+def gold_f1_by_model(evaluations: list[Evaluation]) -> dict[str, list[float]]:
+    """Gold NOK-F1 of every assessor and the ensemble, one value per evaluation (one per seed)."""
     return {
-        name: float(np.mean([g.metrics["f1_nok"] for e in evaluations for g in e.gold_results if g.name == name]))
-        for name in names
+        g.name: [h.metrics["f1_nok"] for e in evaluations for h in e.gold_results if h.name == g.name]
+        for g in evaluations[0].gold_results
     }
+
+
+def mean_gold_f1(evaluations: list[Evaluation]) -> dict[str, float]:
+    """Gold NOK-F1 averaged over evaluations (one per seed): what the quality targets are judged on."""
+    return {name: float(np.mean(f1)) for name, f1 in gold_f1_by_model(evaluations).items()}
 
 
 def seeds_table(evaluations: list[Evaluation]) -> str:
     """One row per model: its gold NOK-F1 on each seed, then mean ± sd (the targets are judged on the mean)."""
     seeds = [e.plan.seed for e in evaluations]
-    means = mean_gold_f1(evaluations)
     lines = [
         "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
         "| --- |" + " --- |" * (len(seeds) + 1),
     ]
-    for name, mean in means.items():
-        f1 = [g.metrics["f1_nok"] for e in evaluations for g in e.gold_results if g.name == name]
+    for name, f1 in gold_f1_by_model(evaluations).items():
         sd = float(np.std(f1, ddof=1)) if len(f1) > 1 else 0.0
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in f1) + f" | **{mean:.3f}** ± {sd:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in f1) + f" | **{np.mean(f1):.3f}** ± {sd:.3f} |")
     return "\n".join(lines)
 
 
