@@ -70,15 +70,17 @@ class DemoConfig:
     rate: float = 40.0  # coils per second from the simulated line
     # While ReTrain runs, the line slows down: in a plant the weekly job has a GPU node of its own, here
     # it shares two cores and one interpreter with the line, the broker and the worker.
-    retrain_rate: float = 8.0
+    retrain_rate: float = 5.0
     before: int = 600  # coils before the drift
-    after: int = 600  # coils after the retrained versions are in service
+    after: int = 900  # coils after the retrained versions are in service
     max_drifted: int = 4000  # give up waiting for a retrain to start after this many drifted coils
+    # ReTrain warm-starts from the champion, so a couple of epochs on the drifted feedback suffice here
+    retrain_epochs: int | None = 2
     retrain_timeout_s: float = 300.0  # stop retraining further models after this long (the running one finishes)
     score_every_s: float = 3.0
     score_window_s: float = 20.0  # rolling ModelScore window, in the demo's compressed time
     share_ok: float = 0.25  # share of OK decisions the operators check
-    feedback_before_retrain: int = 250  # the week's worth of post-drift feedback the ReTrain job would find
+    feedback_before_retrain: int = 400  # the week's worth of post-drift feedback the ReTrain job would find
     workdir: Path = Path("var/demo")
 
 
@@ -259,7 +261,10 @@ class Demo:
         self._event("ReTrain starts (the weekly job, run now)")
         deadline = time.monotonic() + self.config.retrain_timeout_s
         try:
-            job = make_retrain(self.settings)
+            job = make_retrain(
+                self.settings,
+                fit_overrides={"epochs": self.config.retrain_epochs} if self.config.retrain_epochs else None,
+            )
             tried: set[str] = set()
             while due := next((d for d in job.due() if d.model.name not in tried), None):
                 tried.add(due.model.name)

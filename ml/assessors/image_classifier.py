@@ -37,7 +37,7 @@ from ml.evaluation.metrics import binary_metrics, f1_nok
 from ml.imagesets.base import OK_CLASSES, ImageSet
 from ml.training.image_augment import AugmentConfig, to_tensor
 from ml.training.loop import EarlyStopping
-from ml.training.runtime import fit_runtime, resolve_device, seed_everything
+from ml.training.runtime import channels_last_net, fit_runtime, resolve_device, seed_everything
 
 WEIGHTS = "weights.pt"
 PREDICT_CHUNK = 64
@@ -122,7 +122,7 @@ class ImageClassifierAssessor(Assessor):
         self.classes = list(imageset.classes)
         start = "init" if init is not None else ("imagenet" if s.pretrained else "scratch")
         parameters = net.freeze(0 if start == "scratch" else s.freeze)  # type: ignore[operator]
-        net.to(torch_device)
+        channels_last_net(net).to(torch_device)
 
         gray = to_tensor(imageset.images, s.imgsz)
         labels = torch.as_tensor(imageset.labels, dtype=torch.long)
@@ -271,7 +271,7 @@ class ImageClassifierAssessor(Assessor):
             raise RuntimeError(f"the manifest in {directory} lists no classes")
         net = self.build_network(len(self.classes), pretrained=False)
         net.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
-        self.net = net.eval()
+        self.net = channels_last_net(net).eval()
 
 
 def holdout_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

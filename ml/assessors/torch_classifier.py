@@ -17,7 +17,7 @@ from ml.evaluation.metrics import binary_metrics
 from ml.normalize import Normalizer
 from ml.training.augment import augment_batch
 from ml.training.loop import LoopConfig, predict_logits, train_binary
-from ml.training.runtime import fit_runtime, resolve_device, seed_everything
+from ml.training.runtime import channels_last_net, fit_runtime, resolve_device, seed_everything
 from ml.training.splits import stratified_split
 
 WEIGHTS = "weights.pt"
@@ -114,4 +114,4 @@ class TorchClassifierAssessor(Assessor):
     def load_weights(self, directory: Path) -> None:
         net = self.build_network()
         net.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
-        self.net = net.eval()
+        self.net = channels_last_net(net).eval()  # the layout it was trained and checked in

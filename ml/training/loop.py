@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ml.evaluation.metrics import best_threshold, f1_nok
+from ml.training.runtime import channels_last, channels_last_net
 
 Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 ToInput = Callable[[np.ndarray], torch.Tensor]
@@ -93,7 +94,7 @@ def predict_logits(
     out = []
     with torch.inference_mode():
         for start in range(0, len(x), batch):
-            out.append(net(to_input(x[start : start + batch]).to(device)).float().reshape(-1).cpu())
+            out.append(net(channels_last(to_input(x[start : start + batch])).to(device)).float().reshape(-1).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
@@ -113,7 +114,7 @@ def train_binary(
 ) -> LoopResult:
     """Train ``net`` (one logit per coil) and leave it holding the weights of its best validation epoch."""
     rng = np.random.default_rng(config.seed)
-    net.to(device)
+    channels_last_net(net).to(device)
     trainable = parameters if parameters is not None else [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
     pos_weight = torch.tensor([config.class_weight_nok], device=device)
@@ -135,7 +136,7 @@ def train_binary(
             xb = x_train[batch_idx]
             if augment is not None:
                 xb = augment(xb, rng)
-            inputs = to_input(xb).to(device)
+            inputs = channels_last(to_input(xb)).to(device)
             targets = torch.as_tensor(y_train[batch_idx], dtype=torch.float32, device=device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(net(inputs).reshape(-1).float(), targets)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -31,6 +32,23 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but no CUDA GPU is available")
     return resolved
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A rank-4 image batch in NHWC order (anything else unchanged).
+
+    oneDNN's CPU convolutions run faster in it than in PyTorch's default NCHW: on the 2-core machine a
+    training step of EfficientNet-Lite0 at 64 px took 0.60 s instead of 1.04 s (batch 64), the coil CNN
+    0.066 s instead of 0.113 s, YOLOv8s 0.43 s instead of 0.45 s (docs/benchmarks.md). Both the network
+    (:func:`channels_last_net`) and its input need it. Outputs agree up to rounding (EfficientNet-Lite0 logits
+    within 3e-6), but a long training run then follows another path: seeds fix results per layout.
+    """
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def channels_last_net(net: nn.Module) -> nn.Module:
+    """The network's rank-4 weights in NHWC order, in place (see :func:`channels_last`)."""
+    return net.to(memory_format=torch.channels_last)
 
 
 def describe_device(device: torch.device) -> str:

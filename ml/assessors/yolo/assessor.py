@@ -48,7 +48,7 @@ class YoloSettings(AssessorSettings):
 class YoloAssessor(TorchClassifierAssessor):
     key = "yolo"
     Settings = YoloSettings
-    quick_settings: ClassVar[dict[str, Any]] = {"epochs": 3, "size": "n"}
+    quick_settings: ClassVar[dict[str, Any]] = {"epochs": 8, "size": "n"}
 
     def __init__(self, settings=None, *, name: str | None = None) -> None:
         super().__init__(settings, name=name)
