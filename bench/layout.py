@@ -2,7 +2,7 @@
 
 Why the training loop and the loaded models use channels-last (``ml.training.runtime.channels_last``):
 one training step (forward, backward) and one inference forward of batch 64, default network sizes,
-mean of 5 after 2 warm-up steps, each network in both layouts.
+mean of 10 after 2 warm-up steps, each network in both layouts.
 
     .venv/bin/python bench/layout.py
 """
@@ -61,7 +61,7 @@ def measure(make: Callable[[], nn.Module], shape: tuple[int, ...], nhwc: bool, b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = parser.parse_args()
     rows = []
@@ -81,8 +81,9 @@ def main() -> None:
     section = "\n\n".join(
         [
             "## Memory layout of the coil networks on the CPU",
-            provenance() + f" torch {torch.__version__}, {torch.get_num_threads()} threads.",
-            f"Batch {args.batch}, mean of {args.repeats} steps after 2 warm-up steps, default network sizes, "
+            provenance(),
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, mean of "
+            f"{args.repeats} steps after 2 warm-up steps, default network sizes, "
             "random weights (the layout, not the weights, sets the speed).",
             table,
         ]
