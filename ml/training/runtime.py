@@ -37,9 +37,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """A rank-4 image batch in NHWC order (anything else unchanged).
 
-    oneDNN's CPU convolutions run faster in it than in PyTorch's default NCHW: on the 2-core machine a
-    training step of EfficientNet-Lite0 at 64 px took 0.60 s instead of 1.04 s (batch 64), the coil CNN
-    0.066 s instead of 0.113 s, YOLOv8s 0.43 s instead of 0.45 s (docs/benchmarks.md). Both the network
+    oneDNN's CPU convolutions mostly run faster in it than in PyTorch's default NCHW: on the 2-core machine a
+    training step of EfficientNet-Lite0 at 64 px runs 1.6–2.2× faster, YOLOv8 1.2×, the coil CNN 1.2× (its
+    inference is no faster); ``bench/layout.py``, figures in docs/benchmarks.md. Both the network
     (:func:`channels_last_net`) and its input need it. Outputs agree up to rounding (EfficientNet-Lite0 logits
     within 3e-6), but a long training run then follows another path: seeds fix results per layout.
     """
