@@ -54,11 +54,10 @@ from workflows.training import register
 
 log = logging.getLogger(__name__)
 
-# yolo is left out by default: without pretrained weights (none on disk, nothing downloaded) and with
-# the demo's quick settings (3 epochs of YOLOv8n) it learns little (at 64 px: validation NOK-F1 0.46, gold
-# ROC-AUC 0.59 on 1,500 coils, 2026-12-01) and its vote blurs the
-# recovery the demo is there to show. `coilguard demo --kinds cnn,yolo,effnet,siamese` runs all four.
-DEMO_KINDS = ("cnn", "effnet", "siamese")
+# All four of the coil paper's models, at quick settings (each assessor's ``quick_settings``: YOLOv8n for 8
+# epochs, 3 for the CNN and EfficientNet, 5 for the Siamese network; no pretrained YOLO weights), so that the
+# demo fits a few minutes on two cores. They are weaker than the benchmark's models (docs/benchmarks.md).
+DEMO_KINDS = ("cnn", "yolo", "effnet", "siamese")
 
 
 @dataclass
@@ -72,7 +71,7 @@ class DemoConfig:
     # it shares two cores and one interpreter with the line, the broker and the worker.
     retrain_rate: float = 5.0
     before: int = 600  # coils before the drift
-    after: int = 900  # coils after the retrained versions are in service
+    after: int = 600  # coils after the retrained versions are in service
     max_drifted: int = 4000  # give up waiting for a retrain to start after this many drifted coils
     # ReTrain warm-starts from the champion, so a couple of epochs on the drifted feedback suffice here
     retrain_epochs: int | None = 2

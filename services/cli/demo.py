@@ -22,9 +22,9 @@ from services.cli.base import AppContext, cli, pass_ctx
 @click.option("--rate", default=40.0, show_default=True, help="Coils per second from the simulated line.")
 @click.option(
     "--kinds",
-    default="cnn,effnet,siamese",
+    default="cnn,yolo,effnet,siamese",
     show_default=True,
-    help="Assessors in the ensemble (why not yolo by default: services/demo.py).",
+    help="Assessors in the ensemble, trained at their quick settings.",
 )
 @pass_ctx
 def demo(
