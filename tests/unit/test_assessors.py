@@ -18,6 +18,7 @@ from ml.assessors.manifest import ArtifactError
 from ml.assessors.registry import assessor_class, available, create, load_artifact
 from ml.training.pairs import all_pairs, balanced_pairs, pair_batches, pair_type_weights
 from ml.training.render import render_gray, render_rgb, tile
+from ml.training.runtime import channels_last
 
 KEYS = ["cnn", "yolo", "effnet", "siamese"]
 # the smallest, fastest configuration of each family: the contract is the point here, not quality
@@ -80,6 +81,20 @@ def test_trains_saves_loads_and_predicts_identically(trained: Assessor, unseen, 
     p2, c2 = again.predict(AssessBatch(unseen.X))
     np.testing.assert_array_equal(p, p2)
     np.testing.assert_array_equal(c, c2)
+
+
+@pytest.mark.parametrize("key", ["cnn", "yolo", "effnet"])
+def test_networks_train_and_load_channels_last(fitted, key: str, tmp_path: Path) -> None:
+    """NHWC is a speed choice (bench/layout.py); a loaded model computes in the layout it was checked in."""
+    trained = fitted(key)
+    trained.save(tmp_path / key)
+    for net in (trained.net, load_artifact(tmp_path / key).net):
+        convs = [p for p in net.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    batch = torch.zeros(2, 3, 8, 8)
+    assert channels_last(batch).is_contiguous(memory_format=torch.channels_last)
+    assert not batch.is_contiguous(memory_format=torch.channels_last)
+    assert channels_last(torch.zeros(2, 8, 8)).is_contiguous()  # not an image batch: left as it is
 
 
 def test_a_tampered_weights_file_is_refused(trained: Assessor, tmp_path: Path) -> None:
