@@ -67,6 +67,15 @@ def provenance() -> str:
 
 
 @contextlib.contextmanager
+def cpu_threads_note(threads: int) -> str:
+    """Why the training times are what they are: no GPU here, and how many CPU threads torch had."""
+    return (
+        f"No GPU in this session: training times are CPU with {threads} torch thread"
+        f"{'s' if threads != 1 else ''} (`torch.set_num_threads({threads})`); other jobs on the machine make them "
+        "upper bounds."
+    )
+
+
 def scratch_database(admin_url: str = LOCAL_POSTGRES) -> Iterator[str]:
     """A fresh PostgreSQL database, migrated, dropped afterwards."""
     from sqlalchemy import create_engine, text

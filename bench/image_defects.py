@@ -29,12 +29,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run; docs/benchmarks.md is left alone")
     parser.add_argument("--only", choices=("neu", "tile"), help="run one part")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the figures of 2026-11-23)")
+    parser.add_argument("--draws", type=int, help="NEU: random draws per k (default: the plan's)")
     args = parser.parse_args()
     parts = {"neu": image_neu, "tile": image_tile}
     for key, module in parts.items():
         if args.only and key != args.only:
             continue
-        section = module.run(quick=args.quick)
+        options = {"draws": args.draws} if key == "neu" else {}
+        section = module.run(quick=args.quick, threads=args.threads, **options)
         print(section)
         if not args.quick:
             write_section(f"image-defects-{key}", f"{section.strip()}\n\n{provenance()}")
