@@ -66,7 +66,6 @@ def provenance() -> str:
     return f"Measured {today()} on {machine()}; code {commit.strip() or 'unknown'}.\n\nCommand: `{command_line()}`"
 
 
-@contextlib.contextmanager
 def cpu_threads_note(threads: int) -> str:
     """Why the training times are what they are: no GPU here, and how many CPU threads torch had."""
     return (
@@ -76,6 +75,7 @@ def cpu_threads_note(threads: int) -> str:
     )
 
 
+@contextlib.contextmanager
 def scratch_database(admin_url: str = LOCAL_POSTGRES) -> Iterator[str]:
     """A fresh PostgreSQL database, migrated, dropped afterwards."""
     from sqlalchemy import create_engine, text
