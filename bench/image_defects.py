@@ -7,7 +7,7 @@ One command for both parts; each part is its own module and can run alone:
 - ``bench/image_tile.py``: magnetic-tile segmentation (``contrastive_seg`` with and without its
   contrastive branch) and unsupervised anomaly detection (``ssim_ae`` trained on defect-free tiles).
 
-    .venv/bin/python bench/image_defects.py            # both, figures into docs/benchmarks.md
+    .venv/bin/python bench/image_defects.py --threads 2   # both, figures into docs/benchmarks.md
     .venv/bin/python bench/image_defects.py --quick    # a smoke run in a few minutes, nothing written
 
 The data lives in ``../shared/datasets`` beside the checkout (never in the repository).

@@ -6,7 +6,7 @@ ResNet-50 baseline 93.89 % / 97.72 %). All three methods see the same draws (a p
 train on all k images (``holdout=False``) for a fixed number of epochs. RMCSAM has no NEU figure of its
 own (its paper classifies cardboard boxes).
 
-    .venv/bin/python bench/image_neu.py            # the full run (30–45 minutes on one CPU thread)
+    .venv/bin/python bench/image_neu.py --threads 2 --draws 10   # the paper's 10 draws (about 25 minutes on 2 cores)
     .venv/bin/python bench/image_neu.py --quick    # one draw, small images, a few epochs (under 3 minutes)
 
 The CPU budget decides the plan (see ``FULL``): fewer draws, smaller images and fewer epochs than the
