@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -66,13 +67,21 @@ def provenance() -> str:
     return f"Measured {today()} on {machine()}; code {commit.strip() or 'unknown'}.\n\nCommand: `{command_line()}`"
 
 
+def threads_label(threads: int) -> str:
+    return f"{threads} thread{'s' if threads != 1 else ''}"
+
+
 def cpu_threads_note(threads: int) -> str:
     """Why the training times are what they are: no GPU here, and how many CPU threads torch had."""
     return (
-        f"No GPU in this session: training times are CPU with {threads} torch thread"
-        f"{'s' if threads != 1 else ''} (`torch.set_num_threads({threads})`); other jobs on the machine make them "
-        "upper bounds."
+        f"No GPU in this session: training times are CPU with {threads_label(threads)} "
+        f"(`torch.set_num_threads({threads})`); other jobs on the machine make them upper bounds."
     )
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """The training benchmarks' ``--threads``; 1 keeps their figures comparable with the 2026-11-23 runs."""
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: as the 2026-11-23 figures)")
 
 
 @contextlib.contextmanager

@@ -22,14 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import image_neu, image_tile
-from bench.common import provenance, write_section
+from bench.common import add_threads_option, provenance, write_section
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run; docs/benchmarks.md is left alone")
     parser.add_argument("--only", choices=("neu", "tile"), help="run one part")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the figures of 2026-11-23)")
+    add_threads_option(parser)
     parser.add_argument("--draws", type=int, help="NEU: random draws per k (default: the plan's)")
     args = parser.parse_args()
     parts = {"neu": image_neu, "tile": image_tile}

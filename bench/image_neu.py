@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from bench.common import cpu_threads_note, provenance
+from bench.common import add_threads_option, cpu_threads_note, provenance
 from ml.assessors.image_classifier import ImageClassifierAssessor
 from ml.assessors.rmcsam import RmcsamAssessor
 from ml.assessors.selfcon_margin import SelfConMarginAssessor
@@ -179,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one draw, small images, a few epochs")
     parser.add_argument("--datasets", type=Path, default=DATASETS, help="the shared datasets folder")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the figures of 2026-11-23)")
+    add_threads_option(parser)
     parser.add_argument("--draws", type=int, help="random draws per k (default: the plan's)")
     parser.add_argument("--shots", type=int, nargs="+", choices=(10, 20), help="only these k (default: 10 and 20)")
     args = parser.parse_args()

@@ -11,7 +11,7 @@ and the test defect images: pixel-level ROC-AUC over the test defect images' pix
 defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
 (c) Training time of each model on this machine's CPU.
 
-    .venv/bin/python bench/image_tile.py --threads 2   # the full run (about 40 minutes on 2 CPU cores)
+    .venv/bin/python bench/image_tile.py --threads 2   # the full run (about 30 minutes on 2 CPU cores)
     .venv/bin/python bench/image_tile.py --quick    # small images, a few epochs (under 3 minutes)
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bench.common import cpu_threads_note, provenance
+from bench.common import add_threads_option, cpu_threads_note, provenance, threads_label
 from ml.assessors.base import calibrate
 from ml.assessors.contrastive_seg import ContrastiveSegAssessor
 from ml.assessors.contrastive_seg.assessor import segmentation_metrics
@@ -67,7 +67,7 @@ FULL = Plan(
     windows=(7, 11, 15),
     note="segmenter at width 16 (paper: 32) on whole images resized to 128 × 128, at most 80 epochs; autoencoder "
     "on whole tiles resized to 128 × 128 (one patch each, not 16 crops) and smoothed with a Gaussian of σ = 1 "
-    "pixel, 10 epochs at Adam 1e-3 (Bergmann: 200 epochs at 2e-4); all of it to fit in about 40 minutes of two "
+    "pixel, 10 epochs at Adam 1e-3 (Bergmann: 200 epochs at 2e-4); all of it to fit in about 30 minutes of two "
     "CPU threads (the 2026-11-23 plan, width 8 at 64 × 64 for 30 epochs, fitted 25 minutes of one)",
 )  # fmt: skip
 QUICK = Plan(
@@ -256,7 +256,7 @@ def report(plan: Plan, tiles: ImageSet, parts, seg: dict, ae: dict, total_s: flo
             )
     lines += [
         "",
-        f"### (c) Training time (CPU, {plan.threads} thread{'s' if plan.threads != 1 else ''})",
+        f"### (c) Training time (CPU, {threads_label(plan.threads)})",
         "",
         "| model | settings | epochs run | train s | predict ms/image |",
         "|---|---|---:|---:|---:|",
@@ -285,7 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small images, a few epochs")
     parser.add_argument("--datasets", type=Path, default=DATASETS, help="the shared datasets folder")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the figures of 2026-11-23)")
+    add_threads_option(parser)
     args = parser.parse_args()
     print(run(quick=args.quick, datasets=args.datasets, threads=args.threads))
 
