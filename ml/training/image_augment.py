@@ -47,6 +47,23 @@ def standardize(gray: torch.Tensor) -> torch.Tensor:
     return (gray.expand(-1, 3, -1, -1) - mean) / std
 
 
+DIHEDRAL_VIEWS = (1, 2, 4, 8)
+
+
+def dihedral_views(gray: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` of the square's eight symmetries of a (B, C, S, S) batch, stacked as (n·B, C, S, S).
+
+    Test-time counterpart of :func:`augment`'s 90° turns and flips: a network trained to ignore them can
+    average its embedding over them. Order: identity, horizontal flip, vertical flip, 180° turn (n = 4 is
+    the flips), then the 90° turn, 270° turn and the two transposes."""
+    if n not in DIHEDRAL_VIEWS:
+        raise ValueError(f"views must be one of {DIHEDRAL_VIEWS}, got {n}")
+    turned = gray.transpose(-1, -2)
+    views = [gray, gray.flip(-1), gray.flip(-2), gray.flip(-1, -2), turned.flip(-1), turned.flip(-2), turned,
+             turned.flip(-1, -2)]  # fmt: skip
+    return torch.cat(views[:n])
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     min_crop: float = 0.6  # side of the random crop as a fraction of the image's side, at least

@@ -24,7 +24,7 @@ from ml.assessors.rmcsam.torch_model import RMCSAM
 from ml.assessors.selfcon_margin import SelfConMarginAssessor
 from ml.assessors.selfcon_margin.loss import arc_margin_logits, arcface_loss, nt_xent, self_contrastive_loss
 from ml.imagesets.base import ImageSet
-from ml.training.image_augment import AugmentConfig, augment, to_tensor
+from ml.training.image_augment import AugmentConfig, augment, dihedral_views, to_tensor
 
 torch.set_num_threads(1)
 
@@ -187,6 +187,36 @@ def test_augment_is_seeded_and_keeps_range():
     a = augment(gray, config, torch.Generator().manual_seed(3))
     b = augment(gray, config, torch.Generator().manual_seed(3))
     assert a.shape == (4, 1, 32, 32) and torch.equal(a, b) and float(a.min()) >= 0 and float(a.max()) <= 1
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+    gray = torch.arange(16.0).view(1, 1, 4, 4)
+    views = dihedral_views(gray, 8)
+    assert views.shape == (8, 1, 4, 4)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8  # all different
+    assert torch.equal(dihedral_views(gray, 4)[1:2], gray.flip(-1)) and torch.equal(dihedral_views(gray, 1), gray)
+    turned = torch.rot90(gray, 1, dims=(-2, -1))
+    assert {tuple(v.flatten().tolist()) for v in dihedral_views(turned, 8)} == {
+        tuple(v.flatten().tolist()) for v in views
+    }  # a group: the views of a turned image are the same eight
+    with pytest.raises(ValueError):
+        dihedral_views(gray, 3)
+
+
+def test_selfcon_views_make_the_embedding_indifferent_to_flips_and_turns(data, tmp_path):
+    assessor = SelfConMarginAssessor({**SelfConMarginAssessor.quick_settings, **TINY, "epochs": 1, "views": 8})
+    assessor.fit(data, device="cpu")
+    image = data.images[9]
+    images = [image, image[:, ::-1].copy(), np.rot90(image).copy()]
+    _, probs = assessor.predict_classes(images)
+    np.testing.assert_allclose(probs[1], probs[0], atol=1e-5)
+    np.testing.assert_allclose(probs[2], probs[0], atol=1e-5)
+    single = SelfConMarginAssessor({**SelfConMarginAssessor.quick_settings, **TINY, "epochs": 1})
+    single.fit(data, device="cpu")
+    _, single_probs = single.predict_classes([image, image[:, ::-1].copy()])
+    assert not np.allclose(single_probs[1], single_probs[0], atol=1e-5)  # one view is not indifferent
+    assessor.save(tmp_path)
+    np.testing.assert_array_equal(type(assessor).load(tmp_path).predict_classes(images)[1], probs)
 
 
 # ---------------------------------------------------------------------- the real NEU images

@@ -28,7 +28,7 @@ from torch import nn
 from ml.assessors.image_classifier import WEIGHTS, ImageClassifierAssessor, ImageClassifierSettings
 from ml.assessors.selfcon_margin.loss import arcface_loss, self_contrastive_loss
 from ml.assessors.selfcon_margin.torch_model import SelfConMarginNet
-from ml.training.image_augment import augment, standardize
+from ml.training.image_augment import augment, dihedral_views, standardize
 
 REFERENCES = "references.pt"
 
@@ -46,6 +46,9 @@ class SelfConMarginSettings(ImageClassifierSettings):
         "references", description="mean cosine to the training images of each class (paper), or to the ArcFace vectors"
     )
     max_references: int = Field(200, ge=1, description="reference images kept per class at most (random draw)")
+    views: Literal[1, 2, 4, 8] = Field(
+        1, description="embed each image (and reference) as the mean over this many flips and 90° turns of it"
+    )
 
 
 class SelfConMarginAssessor(ImageClassifierAssessor):
@@ -82,7 +85,7 @@ class SelfConMarginAssessor(ImageClassifierAssessor):
     def class_probabilities(self, net: nn.Module, gray: torch.Tensor) -> torch.Tensor:
         s: SelfConMarginSettings = self.settings  # type: ignore[assignment]
         assert isinstance(net, SelfConMarginNet)
-        embedding = net.embed(standardize(gray))
+        embedding = self._embed(net, gray)
         if s.classify == "references" and self.references is not None and self.reference_labels is not None:
             cosine = F.normalize(embedding, dim=1) @ self.references.to(embedding).T
             n_classes = net.head.weight.shape[0]
@@ -110,10 +113,19 @@ class SelfConMarginAssessor(ImageClassifierAssessor):
         )
         net.eval()
         with torch.no_grad():
-            embedding = torch.cat([net.embed(standardize(gray[keep[i : i + 64]])) for i in range(0, len(keep), 64)])
+            embedding = torch.cat([self._embed(net, gray[keep[i : i + 64]]) for i in range(0, len(keep), 64)])
         self.references = F.normalize(embedding, dim=1).contiguous()
         self.reference_labels = labels[keep].clone()
         return {"references": len(keep), "classify": s.classify}
+
+    def _embed(self, net: SelfConMarginNet, gray: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings of a gray batch, averaged over ``views`` symmetric copies (training made the
+        network indifferent to them, so the mean is the same direction with less noise)."""
+        n = self.settings.views  # type: ignore[attr-defined]
+        if n == 1:
+            return net.embed(standardize(gray))
+        embedding = F.normalize(net.embed(standardize(dihedral_views(gray, n))), dim=1)
+        return embedding.view(n, len(gray), -1).mean(dim=0)
 
     def save_weights(self, directory: Path) -> None:
         if self.references is None or self.reference_labels is None:
