@@ -41,6 +41,7 @@ LABELS = {
 }
 PAPER = {"selfcon_margin": {10: 98.39, 20: 98.83}, "backbone": {10: 93.89, 20: 97.72}}
 PAPER_DRAWS = 10
+NEU_SIZE = 200  # NEU-DET's own image side, which the paper trains on
 PAPER_NAMES = {"selfcon_margin": "proposed (ResNet-50)", "backbone": "ResNet-50 baseline"}
 
 
@@ -54,6 +55,9 @@ class Plan:
     note: str
     threads: int = 1  # torch CPU threads, set by the command line
     common: dict = field(default_factory=dict)
+    selfcon: dict = field(default_factory=dict)  # settings of selfcon_margin only
+    methods: tuple[str, ...] = METHODS
+    first_draw: int = 0  # draw d uses seed d; the reported draws are 0 … draws − 1
 
 
 FULL = Plan(
@@ -62,7 +66,7 @@ FULL = Plan(
     imgsz=128,
     epochs={10: 15, 20: 10},  # 20 at k = 10 (40 optimizer steps, as k = 20 has) scored no better: 98.02 % vs 98.09
     freeze=5,
-    note="128 × 128 images (not 200 × 200), 15 epochs at k = 10 and 10 at k = 20 (not 100), "
+    note="15 epochs at k = 10 and 10 at k = 20 (not 100), "
     "EfficientNet-Lite0 (not ResNet-50) with its stem and first 5 of 7 stages frozen; the 10 draws take about "
     "25 minutes on two CPU threads",
 )
@@ -72,7 +76,7 @@ QUICK = Plan(
     imgsz=64,
     epochs={10: 3},
     freeze=5,
-    note="quick mode: 10 shots, 64 × 64 images, 3 epochs — a smoke test, not a measurement",
+    note="quick mode: 10 shots, 3 epochs — a smoke test, not a measurement",
 )
 
 
@@ -80,7 +84,7 @@ def make(method: str, plan: Plan, shots: int, seed: int) -> ImageClassifierAsses
     settings = {"imgsz": plan.imgsz, "epochs": plan.epochs[shots], "freeze": plan.freeze, "holdout": False}
     settings |= {"seed": seed, **plan.common}
     if method == "selfcon_margin":
-        return SelfConMarginAssessor(settings)
+        return SelfConMarginAssessor({**settings, **plan.selfcon})
     return RmcsamAssessor({**settings, "attention": method == "rmcsam"})
 
 
@@ -90,12 +94,25 @@ def run(
     threads: int = 1,
     draws: int | None = None,
     shots: tuple[int, ...] = (),
+    methods: tuple[str, ...] = (),
+    imgsz: int | None = None,
+    first_draw: int = 0,
+    views: int | None = None,
 ) -> str:
-    """Train and test every method on every draw; the markdown section with the figures."""
+    """Train and test every method on every draw; the markdown section with the figures.
+
+    ``first_draw`` shifts the draws (seeds ``first_draw`` …): settings can be compared on draws other than the
+    reported 0 … 9, so the reported figure is not the one the settings were picked on."""
     torch.set_num_threads(threads)
-    plan = replace(QUICK if quick else FULL, threads=threads)
+    plan = replace(QUICK if quick else FULL, threads=threads, first_draw=first_draw)
     if draws:
         plan = replace(plan, draws=draws)
+    if methods:
+        plan = replace(plan, methods=methods)
+    if imgsz:
+        plan = replace(plan, imgsz=imgsz)
+    if views:
+        plan = replace(plan, selfcon={**plan.selfcon, "views": views})
     if shots:
         if set(shots) - set(plan.epochs):
             raise SystemExit(f"this plan trains k = {sorted(plan.epochs)} only, not {shots}")
@@ -105,11 +122,12 @@ def run(
     fit_s: dict[tuple[str, int], list[float]] = {}
     predict_ms: dict[tuple[str, int], list[float]] = {}
     started = time.perf_counter()
-    for draw in range(plan.draws):  # draws outermost: an interrupted run has every k for the draws it finished
+    # draws outermost: an interrupted run has every k for the draws it finished
+    for draw in range(plan.first_draw, plan.first_draw + plan.draws):
         for shots in plan.shots:
             train, test = few_shot_split(neu, shots, seed=draw)
             test_images = [neu.images[i] for i in test]
-            for method in METHODS:
+            for method in plan.methods:
                 assessor = make(method, plan, shots, seed=draw)
                 t = time.perf_counter()
                 assessor.fit(neu.subset(train), device="cpu")
@@ -131,6 +149,10 @@ def run(
 
 def report(plan: Plan, *, neu_size: int, acc, fit_s, predict_ms, total_s: float) -> str:
     draws = "" if plan.draws == PAPER_DRAWS else f"{plan.draws} draw(s) (not {PAPER_DRAWS}), "
+    if plan.imgsz != NEU_SIZE:
+        draws += f"{plan.imgsz} × {plan.imgsz} images (not {NEU_SIZE} × {NEU_SIZE}), "
+    if plan.first_draw:
+        draws += f"draws {plan.first_draw} … {plan.first_draw + plan.draws - 1} (not the reported 0 … 9), "
     lines = [
         "## Few-shot defect types on NEU-DET (selfcon_margin, rmcsam, fine-tuned backbone)",
         "",
@@ -145,7 +167,7 @@ def report(plan: Plan, *, neu_size: int, acc, fit_s, predict_ms, total_s: float)
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for shots in plan.shots:
-        for method in METHODS:
+        for method in plan.methods:
             a = np.array(acc[(method, shots)])
             paper = PAPER.get(method, {}).get(shots)
             paper_cell = f"{paper:.2f} ({PAPER_NAMES[method]})" if paper is not None else "—"
@@ -157,9 +179,11 @@ def report(plan: Plan, *, neu_size: int, acc, fit_s, predict_ms, total_s: float)
             )
     lines += ["", "Per draw (accuracy %):", ""]
     for shots in plan.shots:
-        for method in METHODS:
+        for method in plan.methods:
             lines.append(f"- {method}, k = {shots}: " + ", ".join(f"{x:.2f}" for x in acc[(method, shots)]))
     settings = ", ".join(f"{e} epochs at k = {k}" for k, e in plan.epochs.items())
+    views = plan.selfcon.get("views", 1)
+    views_note = f"; each image and reference embedded as the mean over {views} flips/turns of it" if views > 1 else ""
     lines += [
         "",
         f"Settings: {plan.imgsz} × {plan.imgsz} gray images in three ImageNet-standardized channels; "
@@ -168,7 +192,7 @@ def report(plan: Plan, *, neu_size: int, acc, fit_s, predict_ms, total_s: float)
         "augmentation: random resized crops (side ≥ 0.6), 90° turns, flips, brightness/contrast ± 0.2. "
         "selfcon_margin: NT-Xent τ = 0.5 over the image and two views, ArcFace m = 0.5, s = 30, α = 0.75, β = 0.25, "
         "128-d embedding, classified by mean cosine to the k training images of each class (the paper's reference "
-        "database). rmcsam: hidden 256/128/64, kernels 3/5/7, dropout 0.2, cross-entropy.",
+        f"database){views_note}. rmcsam: hidden 256/128/64, kernels 3/5/7, dropout 0.2, cross-entropy.",
         "",
         f"Whole run: {total_s / 60:.1f} minutes.",
     ]
@@ -182,9 +206,16 @@ def main() -> None:
     add_threads_option(parser)
     parser.add_argument("--draws", type=int, help="random draws per k (default: the plan's)")
     parser.add_argument("--shots", type=int, nargs="+", choices=(10, 20), help="only these k (default: 10 and 20)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="only these methods (default: all three)")
+    parser.add_argument("--imgsz", type=int, help="image side in pixels (default: the plan's; NEU's own is 200)")
+    parser.add_argument("--first-draw", type=int, default=0, help="seed of the first draw (settings are compared "
+                        "on draws other than the reported 0 … 9)")  # fmt: skip
+    parser.add_argument("--views", type=int, choices=(1, 2, 4, 8), help="selfcon_margin: embed each image as the "
+                        "mean over this many flips and 90° turns (default: the plan's)")  # fmt: skip
     args = parser.parse_args()
-    shots = tuple(args.shots or ())
-    print(run(quick=args.quick, datasets=args.datasets, threads=args.threads, draws=args.draws, shots=shots))
+    print(run(quick=args.quick, datasets=args.datasets, threads=args.threads, draws=args.draws,
+              shots=tuple(args.shots or ()), methods=tuple(args.methods or ()), imgsz=args.imgsz,
+              first_draw=args.first_draw, views=args.views))  # fmt: skip
 
 
 if __name__ == "__main__":
