@@ -42,7 +42,7 @@ LABELS = {
 PAPER = {"selfcon_margin": {10: 98.39, 20: 98.83}, "backbone": {10: 93.89, 20: 97.72}}
 PAPER_DRAWS = 10
 NEU_SIZE = 200  # NEU-DET's own image side, which the paper trains on
-PAPER_NAMES = {"selfcon_margin": "proposed (ResNet-50)", "backbone": "ResNet-50 baseline"}
+PAPER_NAMES = {"selfcon_margin": "proposed, ResNet-50", "backbone": "ResNet-50 baseline"}
 
 
 @dataclass(frozen=True)
