@@ -11,7 +11,10 @@ all three (m = 0.5, scale ``scale``). Table I's settings are the defaults: batch
 Classification is the paper's: the trained network embeds the training images as a reference database,
 and an image belongs to the class whose references it resembles most on average (cosine). The
 probabilities are softmax(scale · mean cosine per class). ``classify="centers"`` uses the ArcFace class
-vectors instead. The references are saved beside the weights (``references.pt``).
+vectors instead. The references are saved beside the weights (``references.pt``). ``views`` > 1 embeds
+each image and reference as the mean over its flips and 90° turns (not in the paper): the training
+augmentation teaches the network to ignore them, so the mean is a steadier direction, at ``views`` times
+the prediction cost; on NEU the paper's own 200 px image size gained more (docs/benchmarks.md).
 """
 
 from __future__ import annotations
