@@ -55,6 +55,7 @@ class Plan:
     windows: tuple[int, ...]
     note: str
     threads: int = 1  # torch CPU threads, set by the command line
+    model_seed: int = SEED  # the models' seed (validation split, initialization); the test split stays seed 0
     limit: int | None = None  # images per split and class group (quick mode)
     extra: dict = field(default_factory=dict)
 
@@ -98,7 +99,7 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
     test_images = [tiles.images[i] for i in test]
     test_masks = [tiles.masks[i] for i in test]  # type: ignore[index]
     for contrastive in (True, False):
-        assessor = ContrastiveSegAssessor({**plan.seg, "contrastive": contrastive, "seed": SEED})
+        assessor = ContrastiveSegAssessor({**plan.seg, "contrastive": contrastive, "seed": plan.model_seed})
         t = time.perf_counter()
         assessor.fit(tiles.subset(train), device="cpu")
         fit_s = time.perf_counter() - t
@@ -143,7 +144,7 @@ def run_anomaly(tiles: ImageSet, parts: tuple[np.ndarray, ...], plan: Plan) -> d
     y = tiles.nok[test].astype(int)
     results = {}
     for latent in plan.latents:
-        assessor = SsimAeAssessor({**plan.ae, "latent_dim": latent, "seed": SEED})
+        assessor = SsimAeAssessor({**plan.ae, "latent_dim": latent, "seed": plan.model_seed})
         t = time.perf_counter()
         assessor.fit(tiles.subset(np.r_[free_train, defect_train]), device="cpu")
         fit_s = time.perf_counter() - t
@@ -191,16 +192,24 @@ def by_class(tiles: ImageSet, index: np.ndarray, metric) -> dict[str, float]:
     return out
 
 
-def run(quick: bool = False, datasets: Path = DATASETS, threads: int = 1) -> str:
-    """Train and test both assessors; the markdown section with the figures."""
+def run(
+    quick: bool = False,
+    datasets: Path = DATASETS,
+    threads: int = 1,
+    seed: int = SEED,
+    parts: tuple[str, ...] = ("seg", "ae"),
+) -> str:
+    """Train and test the assessors of ``parts``; the markdown section with the figures.
+
+    ``seed`` changes the models' seed only: another validation split and initialization, the same test images."""
     torch.set_num_threads(threads)
-    plan = replace(QUICK if quick else FULL, threads=threads)
+    plan = replace(QUICK if quick else FULL, threads=threads, model_seed=seed)
     started = time.perf_counter()
     tiles = load_magnetic_tile(datasets / "magnetic-tile")
-    parts = split(tiles, plan.limit)
-    seg = run_segmentation(tiles, parts[0], parts[1], plan)
-    ae = run_anomaly(tiles, parts, plan)
-    return report(plan, tiles, parts, seg, ae, time.perf_counter() - started)
+    splits = split(tiles, plan.limit)
+    seg = run_segmentation(tiles, splits[0], splits[1], plan) if "seg" in parts else {}
+    ae = run_anomaly(tiles, splits, plan) if "ae" in parts else {}
+    return report(plan, tiles, splits, seg, ae, time.perf_counter() - started)
 
 
 def report(plan: Plan, tiles: ImageSet, parts, seg: dict, ae: dict, total_s: float) -> str:
@@ -212,8 +221,38 @@ def report(plan: Plan, tiles: ImageSet, parts, seg: dict, ae: dict, total_s: flo
         "",
         f"Magnetic-tile development portion: {len(tiles)} images ({int(tiles.nok.sum())} defect, "
         f"{int((tiles.nok == 0).sum())} defect-free). Split seed {SEED}: defect images {len(defect_train)} train / "
-        f"{len(defect_test)} test, defect-free {len(free_train)} train / {len(free_test)} test. "
-        f"**Deviations from the papers' protocols: {plan.note}.** " + cpu_threads_note(plan.threads),
+        f"{len(defect_test)} test, defect-free {len(free_train)} train / {len(free_test)} test; model seed "
+        f"{plan.model_seed}. **Deviations from the papers' protocols: {plan.note}.** " + cpu_threads_note(plan.threads),
+    ]
+    if seg:
+        lines += segmentation_report(plan, seg)
+    if ae:
+        lines += anomaly_report(ae)
+    lines += [
+        "",
+        f"### (c) Training time (CPU, {threads_label(plan.threads)})",
+        "",
+        "| model | settings | epochs run | train s | predict ms/image |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for contrastive in (True, False) if seg else ():
+        r = seg[contrastive]
+        lines.append(
+            f"| contrastive_seg (contrastive={contrastive}) | {_settings(plan.seg)} | {r['epochs']} "
+            f"| {r['fit_s']:.0f} | {r['predict_ms']:.1f} |"
+        )
+    for latent in plan.latents if ae else ():
+        r = ae[(latent, plan.windows[0])]
+        lines.append(
+            f"| ssim_ae (latent {latent}) | {_settings(plan.ae)} | {r['epochs']} | {r['fit_s']:.0f} "
+            f"| {r['predict_ms']:.1f} |"
+        )
+    lines += ["", f"Whole run: {total_s / 60:.1f} minutes."]
+    return "\n".join(lines)
+
+
+def segmentation_report(plan: Plan, seg: dict) -> list[str]:
+    lines = [
         "",
         "### (a) Segmentation of the test defect images (pooled over all test pixels, at original resolution)",
         "",
@@ -247,6 +286,12 @@ def report(plan: Plan, tiles: ImageSet, parts, seg: dict, ae: dict, total_s: flo
         f"Targets IoU ≥ 0.66, Dice ≥ 0.77: contrastive_seg is at {target['iou']:.3f} ({target['iou'] - 0.66:+.3f}) "
         f"and {target['dice']:.3f} ({target['dice'] - 0.77:+.3f}). The paper's figures are on its own defect set "
         "(not magnetic tile), so they are a reference, not a like-for-like comparison.",
+    ]
+    return lines
+
+
+def anomaly_report(ae: dict) -> list[str]:
+    lines = [
         "",
         "### (b) Anomaly detection, trained on defect-free tiles only (test split)",
         "",
@@ -273,27 +318,7 @@ def report(plan: Plan, tiles: ImageSet, parts, seg: dict, ae: dict, total_s: flo
                 f"- latent {latent}: accuracy {d['accuracy']:.3f}, NOK recall {d['recall_nok']:.3f}, "
                 f"NOK precision {d['precision_nok']:.3f}, MCC {d['mcc']:.3f}"
             )
-    lines += [
-        "",
-        f"### (c) Training time (CPU, {threads_label(plan.threads)})",
-        "",
-        "| model | settings | epochs run | train s | predict ms/image |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for contrastive in (True, False):
-        r = seg[contrastive]
-        lines.append(
-            f"| contrastive_seg (contrastive={contrastive}) | {_settings(plan.seg)} | {r['epochs']} "
-            f"| {r['fit_s']:.0f} | {r['predict_ms']:.1f} |"
-        )
-    for latent in plan.latents:
-        r = ae[(latent, plan.windows[0])]
-        lines.append(
-            f"| ssim_ae (latent {latent}) | {_settings(plan.ae)} | {r['epochs']} | {r['fit_s']:.0f} "
-            f"| {r['predict_ms']:.1f} |"
-        )
-    lines += ["", f"Whole run: {total_s / 60:.1f} minutes."]
-    return "\n".join(lines)
+    return lines
 
 
 def _settings(settings: dict) -> str:
@@ -305,8 +330,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small images, a few epochs")
     parser.add_argument("--datasets", type=Path, default=DATASETS, help="the shared datasets folder")
     add_threads_option(parser)
+    parser.add_argument("--seed", type=int, default=SEED, help="the models' seed (the test split stays seed 0)")
+    parser.add_argument("--parts", nargs="+", choices=("seg", "ae"), default=["seg", "ae"],
+                        help="segmentation, anomaly detection or both (default)")  # fmt: skip
     args = parser.parse_args()
-    print(run(quick=args.quick, datasets=args.datasets, threads=args.threads))
+    print(run(quick=args.quick, datasets=args.datasets, threads=args.threads, seed=args.seed, parts=tuple(args.parts)))
 
 
 if __name__ == "__main__":
