@@ -31,6 +31,7 @@ from ml.assessors.image_classifier import ImageClassifierAssessor
 from ml.assessors.rmcsam import RmcsamAssessor
 from ml.assessors.selfcon_margin import SelfConMarginAssessor
 from ml.imagesets.neu import few_shot_split, load_neu
+from ml.training.image_augment import DIHEDRAL_VIEWS
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 METHODS = ("selfcon_margin", "rmcsam", "backbone")
@@ -104,19 +105,13 @@ def run(
     ``first_draw`` shifts the draws (seeds ``first_draw`` …): settings can be compared on draws other than the
     reported 0 … 9, so the reported figure is not the one the settings were picked on."""
     torch.set_num_threads(threads)
-    plan = replace(QUICK if quick else FULL, threads=threads, first_draw=first_draw)
-    if draws:
-        plan = replace(plan, draws=draws)
-    if methods:
-        plan = replace(plan, methods=methods)
-    if imgsz:
-        plan = replace(plan, imgsz=imgsz)
+    plan = QUICK if quick else FULL
+    if set(shots) - set(plan.epochs):
+        raise SystemExit(f"this plan trains k = {sorted(plan.epochs)} only, not {shots}")
+    given = {"draws": draws, "shots": shots, "methods": methods, "imgsz": imgsz}
+    plan = replace(plan, threads=threads, first_draw=first_draw, **{k: v for k, v in given.items() if v})
     if views:
         plan = replace(plan, selfcon={**plan.selfcon, "views": views})
-    if shots:
-        if set(shots) - set(plan.epochs):
-            raise SystemExit(f"this plan trains k = {sorted(plan.epochs)} only, not {shots}")
-        plan = replace(plan, shots=shots)
     neu = load_neu(datasets / "neu-det", size=plan.imgsz)
     acc: dict[tuple[str, int], list[float]] = {}
     fit_s: dict[tuple[str, int], list[float]] = {}
@@ -210,7 +205,7 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, help="image side in pixels (default: the plan's; NEU's own is 200)")
     parser.add_argument("--first-draw", type=int, default=0, help="seed of the first draw (settings are compared "
                         "on draws other than the reported 0 … 9)")  # fmt: skip
-    parser.add_argument("--views", type=int, choices=(1, 2, 4, 8), help="selfcon_margin: embed each image as the "
+    parser.add_argument("--views", type=int, choices=DIHEDRAL_VIEWS, help="selfcon_margin: embed each image as the "
                         "mean over this many flips and 90° turns (default: the plan's)")  # fmt: skip
     args = parser.parse_args()
     print(run(quick=args.quick, datasets=args.datasets, threads=args.threads, draws=args.draws,

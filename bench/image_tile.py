@@ -213,8 +213,8 @@ def run(
     return report(plan, tiles, splits, seg, ae, time.perf_counter() - started)
 
 
-def report(plan: Plan, tiles: ImageSet, parts, seg: dict, ae: dict, total_s: float) -> str:
-    defect_train, defect_test, free_train, free_test = parts
+def report(plan: Plan, tiles: ImageSet, splits, seg: dict, ae: dict, total_s: float) -> str:
+    defect_train, defect_test, free_train, free_test = splits
     lines = [
         "## Magnetic-tile defects: segmentation (contrastive_seg) and anomaly detection (ssim_ae)",
         "",
