@@ -32,13 +32,15 @@ def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """(H, W) float in [0, 1] → ``size`` with bilinear interpolation, float32 (a no-op at the same size)."""
+def resize_image(image: np.ndarray, size: int | tuple[int, int], clip: bool = True) -> np.ndarray:
+    """(H, W) float in [0, 1] → ``size`` with bilinear interpolation, float32 (a no-op at the same size);
+    ``clip=False`` for images already standardized, whose values leave [0, 1]."""
     h, w = _hw(size)
     if image.shape == (h, w):
         return np.asarray(image, dtype=np.float32)
     pil = Image.fromarray(np.asarray(image, dtype=np.float32), mode="F")
-    return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32).clip(0, 1)
+    out = np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+    return out.clip(0, 1) if clip else out
 
 
 def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

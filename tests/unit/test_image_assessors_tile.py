@@ -171,6 +171,40 @@ def test_contrastive_seg_baseline_and_segmentation_output(tiles: ImageSet, unsee
         ContrastiveSegAssessor({"image_size": 100})
 
 
+def test_contrastive_seg_keeps_the_frozen_imagenet_layers(fitted) -> None:
+    assessor = fitted("contrastive_seg")
+    assert assessor.s.encoder == "effnet_lite0" and assessor.s.freeze == 2
+    imagenet = assessor.build_network(pretrained=True).encoder.backbone.net
+    trained = assessor.net.encoder.backbone.net
+    # the stem and the first `freeze` stages keep their ImageNet weights and statistics; later stages learn
+    torch.testing.assert_close(trained._conv_stem.weight, imagenet._conv_stem.weight)
+    torch.testing.assert_close(trained._bn0.running_mean, imagenet._bn0.running_mean)
+    assert not torch.equal(trained._blocks[-1]._project_conv.weight, imagenet._blocks[-1]._project_conv.weight)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        ContrastiveSegAssessor({"encoder": "effnet_lite0", "image_size": 48})
+
+
+def test_contrastive_seg_on_the_papers_encoder(tiles: ImageSet, unseen: ImageSet, tmp_path: Path) -> None:
+    assessor = ContrastiveSegAssessor({**TINY["contrastive_seg"], "encoder": "residual_se", "epochs": 1})
+    assessor.fit(tiles, device="cpu")
+    assert assessor.runtime["start"] == "scratch" and not hasattr(assessor.net.encoder, "backbone")
+    batch = coil_batch([[im] for im in unseen.images])
+    p, _ = assessor.predict(batch)
+    assessor.save(tmp_path)
+    np.testing.assert_array_equal(p, ContrastiveSegAssessor.load(tmp_path).predict(batch)[0])
+
+
+def test_contrastive_seg_augmentation_keeps_image_and_mask_aligned() -> None:
+    assessor = ContrastiveSegAssessor({"image_size": 64, "zoom": 0.4, "jitter": 0.0})
+    rng = np.random.default_rng(5)
+    mask = np.zeros((64, 64), np.float32)
+    mask[10:30, 35:60] = 1
+    for _ in range(20):
+        x, y = assessor._augment(mask * 3.0 - 1.0, mask, rng)  # standardized values: outside [0, 1]
+        assert x.shape == y.shape == (64, 64) and x.max() > 1.5 and x.min() < -0.5
+        assert np.mean((x > 0.5) == (y > 0.5)) > 0.97  # the image's bright square is where the mask is
+
+
 def test_losses_reward_the_right_answers() -> None:
     target = torch.zeros(2, 1, 16, 16)
     target[:, :, 4:8, 4:8] = 1
