@@ -11,9 +11,10 @@ and the test defect images: pixel-level ROC-AUC over the test defect images' pix
 defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
 (c) Training time of each model on this machine's CPU.
 
-    .venv/bin/python bench/image_tile.py --threads 2   # the full run (about 30 minutes on 2 CPU cores)
+    .venv/bin/python bench/image_tile.py --threads 2   # the full run (about 40 minutes on 2 CPU cores)
     .venv/bin/python bench/image_tile.py --quick    # small images, a few epochs (under 3 minutes)
-    .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seed 1   # segmentation only, another seed (20 min)
+    .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seed 1   # segmentation only, another seed (30 min)
+    .venv/bin/python bench/image_tile.py --threads 2 --parts seg --encoder residual_se   # the paper's encoder
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,6 +36,7 @@ from bench.common import add_threads_option, cpu_threads_note, provenance, threa
 from ml.assessors.base import calibrate
 from ml.assessors.contrastive_seg import ContrastiveSegAssessor
 from ml.assessors.contrastive_seg.assessor import segmentation_metrics
+from ml.assessors.contrastive_seg.torch_model import Encoder
 from ml.assessors.ssim_ae import SsimAeAssessor
 from ml.assessors.ssim_ae.loss import residual_map
 from ml.evaluation.metrics import binary_metrics
@@ -62,19 +65,21 @@ class Plan:
 
 
 FULL = Plan(
-    seg={"width": 16, "image_size": 128, "crop_size": 0, "batch_size": 8, "lr": 2e-3, "epochs": 80, "patience": 25,
-         "min_object_px": 12},
+    seg={"encoder": "effnet_lite0", "width": 16, "image_size": 192, "crop_size": 0, "batch_size": 8, "lr": 2e-3,
+         "epochs": 80, "patience": 25, "min_object_px": 12},
     ae={"lr": 1e-3, "epochs": 10, "patience": 30, "blur": 1.0},
     latents=(100, 300, 500),
     windows=(7, 11, 15),
-    note="segmenter at width 16 (paper: 32) on whole images resized to 128 × 128, at most 80 epochs; autoencoder "
+    note="segmenter with EfficientNet-Lite0's ImageNet-pretrained encoder (stem and first two stages frozen; the "
+    "paper trains its own residual-SE encoder from scratch: `--encoder residual_se`), decoder width 16 (paper: 32), "
+    "on whole images resized to 192 × 192, at most 80 epochs; autoencoder "
     "on whole tiles resized to 128 × 128 (one patch each, not 16 crops) and smoothed with a Gaussian of σ = 1 "
     "pixel, 10 epochs at Adam 1e-3 (Bergmann: 200 epochs at 2e-4); all of it to fit in about 30 minutes of two "
     "CPU threads (the 2026-11-23 plan, width 8 at 64 × 64 for 30 epochs, fitted 25 minutes of one)",
 )  # fmt: skip
 QUICK = Plan(
-    seg={"width": 4, "image_size": 32, "crop_size": 0, "batch_size": 8, "lr": 2e-3, "epochs": 3, "proj_dim": 16,
-         "min_object_px": 1},
+    seg={"encoder": "effnet_lite0", "width": 4, "image_size": 32, "crop_size": 0, "batch_size": 8, "lr": 2e-3,
+         "epochs": 3, "proj_dim": 16, "min_object_px": 1},
     ae={"lr": 1e-3, "epochs": 2, "width": 8, "blur": 1.0},
     latents=(100,),
     windows=(7, 11, 15),
@@ -199,12 +204,17 @@ def run(
     threads: int = 1,
     seed: int = SEED,
     parts: tuple[str, ...] = ("seg", "ae"),
+    encoder: str = "effnet_lite0",
 ) -> str:
     """Train and test the assessors of ``parts``; the markdown section with the figures.
 
-    ``seed`` changes the models' seed only: another validation split and initialization, the same test images."""
+    ``seed`` changes the models' seed only: another validation split and initialization, the same test images.
+    ``encoder="residual_se"`` trains the segmenter on the paper's own encoder, from scratch."""
     torch.set_num_threads(threads)
-    plan = replace(QUICK if quick else FULL, threads=threads, model_seed=seed)
+    plan = QUICK if quick else FULL
+    if encoder != plan.seg["encoder"]:
+        plan = replace(plan, seg={**plan.seg, "encoder": encoder}, note=f"segmenter encoder {encoder}; {plan.note}")
+    plan = replace(plan, threads=threads, model_seed=seed)
     started = time.perf_counter()
     tiles = load_magnetic_tile(datasets / "magnetic-tile")
     splits = split(tiles, plan.limit)
@@ -334,8 +344,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED, help="the models' seed (the test split stays seed 0)")
     parser.add_argument("--parts", nargs="+", choices=("seg", "ae"), default=["seg", "ae"],
                         help="segmentation, anomaly detection or both (default)")  # fmt: skip
+    parser.add_argument("--encoder", choices=get_args(Encoder), default="effnet_lite0",
+                        help="the segmenter's encoder (residual_se: the paper's, from scratch)")  # fmt: skip
     args = parser.parse_args()
-    print(run(quick=args.quick, datasets=args.datasets, threads=args.threads, seed=args.seed, parts=tuple(args.parts)))
+    parts = tuple(args.parts)
+    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder))
 
 
 if __name__ == "__main__":
