@@ -15,11 +15,13 @@ defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
     .venv/bin/python bench/image_tile.py --quick    # small images, a few epochs (under 3 minutes)
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seed 1   # segmentation only, another seed (30 min)
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --encoder residual_se   # the paper's encoder
+    .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seg image_size=128   # one segmenter setting changed
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -205,15 +207,20 @@ def run(
     seed: int = SEED,
     parts: tuple[str, ...] = ("seg", "ae"),
     encoder: str = "effnet_lite0",
+    seg_settings: dict | None = None,
 ) -> str:
     """Train and test the assessors of ``parts``; the markdown section with the figures.
 
     ``seed`` changes the models' seed only: another validation split and initialization, the same test images.
-    ``encoder="residual_se"`` trains the segmenter on the paper's own encoder, from scratch."""
+    ``encoder="residual_se"`` trains the segmenter on the paper's own encoder, from scratch; ``seg_settings``
+    replace the plan's segmenter settings (how the plan's were chosen: docs/benchmarks.md)."""
     torch.set_num_threads(threads)
     plan = QUICK if quick else FULL
-    if encoder != plan.seg["encoder"]:
-        plan = replace(plan, seg={**plan.seg, "encoder": encoder}, note=f"segmenter encoder {encoder}; {plan.note}")
+    changed = {k: v for k, v in {"encoder": encoder, **(seg_settings or {})}.items() if plan.seg.get(k) != v}
+    if changed:
+        plan = replace(
+            plan, seg={**plan.seg, **changed}, note=f"segmenter settings {changed} replace the plan's; {plan.note}"
+        )
     plan = replace(plan, threads=threads, model_seed=seed)
     started = time.perf_counter()
     tiles = load_magnetic_tile(datasets / "magnetic-tile")
@@ -346,9 +353,22 @@ def main() -> None:
                         help="segmentation, anomaly detection or both (default)")  # fmt: skip
     parser.add_argument("--encoder", choices=get_args(Encoder), default="effnet_lite0",
                         help="the segmenter's encoder (residual_se: the paper's, from scratch)")  # fmt: skip
+    parser.add_argument("--seg", nargs="+", default=[], metavar="KEY=VALUE", type=setting,
+                        help="replace one of the segmenter's settings, e.g. image_size=128 zoom=0.25")  # fmt: skip
     args = parser.parse_args()
     parts = tuple(args.parts)
-    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder))
+    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, dict(args.seg)))
+
+
+def setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON where it can be (numbers, true/false), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 if __name__ == "__main__":
