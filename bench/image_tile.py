@@ -21,7 +21,6 @@ defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -45,6 +44,7 @@ from ml.evaluation.metrics import binary_metrics
 from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import resize_image, resize_mask
 from ml.imagesets.magnetic_tile import load_magnetic_tile
+from services.cli.models import parse_setting
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SEED = 0
@@ -353,22 +353,12 @@ def main() -> None:
                         help="segmentation, anomaly detection or both (default)")  # fmt: skip
     parser.add_argument("--encoder", choices=get_args(Encoder), default="effnet_lite0",
                         help="the segmenter's encoder (residual_se: the paper's, from scratch)")  # fmt: skip
-    parser.add_argument("--seg", nargs="+", default=[], metavar="KEY=VALUE", type=setting,
+    parser.add_argument("--seg", nargs="+", default=[], metavar="KEY=VALUE",
                         help="replace one of the segmenter's settings, e.g. image_size=128 zoom=0.25")  # fmt: skip
     args = parser.parse_args()
     parts = tuple(args.parts)
-    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, dict(args.seg)))
-
-
-def setting(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE read as JSON where it can be (numbers, true/false), else as text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+    seg = dict(parse_setting(text) for text in args.seg)
+    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, seg))
 
 
 if __name__ == "__main__":
