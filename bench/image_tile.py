@@ -76,8 +76,8 @@ FULL = Plan(
     "paper trains its own residual-SE encoder from scratch: `--encoder residual_se`), decoder width 16 (paper: 32), "
     "on whole images resized to 192 × 192, 80 epochs (the best on validation kept); autoencoder "
     "on whole tiles resized to 128 × 128 (one patch each, not 16 crops) and smoothed with a Gaussian of σ = 1 "
-    "pixel, 10 epochs at Adam 1e-3 (Bergmann: 200 epochs at 2e-4); all of it to fit in about 30 minutes of two "
-    "CPU threads (the 2026-11-23 plan, width 8 at 64 × 64 for 30 epochs, fitted 25 minutes of one)",
+    "pixel, 10 epochs at Adam 1e-3 (Bergmann: 200 epochs at 2e-4); all of it to fit in under an hour of two "
+    "CPU threads",
 )  # fmt: skip
 QUICK = Plan(
     seg={"encoder": "effnet_lite0", "width": 4, "image_size": 32, "crop_size": 0, "batch_size": 8, "lr": 2e-3,
