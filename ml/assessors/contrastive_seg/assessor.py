@@ -32,7 +32,7 @@ from scipy import ndimage
 
 from ml.assessors.base import Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch, calibrate
 from ml.assessors.contrastive_seg.loss import combo_loss, proposal_contrastive_loss
-from ml.assessors.contrastive_seg.torch_model import ContrastiveSegNet, Encoder
+from ml.assessors.contrastive_seg.torch_model import ContrastiveSegNet, Encoder, size_multiple
 from ml.assessors.pixel_map import PixelMapAssessor
 from ml.evaluation.metrics import binary_metrics, youden_threshold
 from ml.imagesets.base import ImageSet
@@ -89,7 +89,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
     def __init__(self, settings=None, *, name: str | None = None) -> None:
         super().__init__(settings, name=name)
         s = self.s
-        multiple = 2**s.depth if s.encoder == "residual_se" else 32
+        multiple = size_multiple(s.encoder, s.depth)
         if s.image_size % multiple or s.crop_size % multiple:
             raise ValueError(f"image_size and crop_size must be multiples of {multiple} for the {s.encoder} encoder")
         if s.crop_size > s.image_size:

@@ -23,6 +23,12 @@ from torch import nn
 from ml.assessors.effnet.torch_model import EffNetLite0
 
 Encoder = Literal["residual_se", "effnet_lite0"]
+LITE_STRIDE = 32  # EfficientNet-Lite0's deepest features are at 1/32 of the input
+
+
+def size_multiple(encoder: Encoder, depth: int) -> int:
+    """What an input side must be a multiple of, so every skip meets its upsampled partner exactly."""
+    return 2**depth if encoder == "residual_se" else LITE_STRIDE
 
 
 class SqueezeExcitation(nn.Module):
@@ -79,7 +85,7 @@ class ResidualSEEncoder(nn.Module):
         self.skip_channels = channels
         self.decoder_channels = channels
         self.bottom_channels = 2 * channels[-1]
-        self.multiple = 2**depth
+        self.multiple = size_multiple("residual_se", depth)
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         skips = []
@@ -107,11 +113,12 @@ class LiteEncoder(nn.Module):
         stages = self.backbone.stage_of_block
         blocks = self.backbone.net._blocks
         last_of_stage = [i + 1 == len(stages) or stages[i + 1] != s for i, s in enumerate(stages)]
-        self.taps = [i for i, s in enumerate(stages) if s in self.SKIP_STAGES and last_of_stage[i]]
-        self.skip_channels = [1, *(blocks[i]._block_args.output_filters for i in self.taps)]
+        taps = [i for i, s in enumerate(stages) if s in self.SKIP_STAGES and last_of_stage[i]]
+        self.taps = set(taps)
+        self.skip_channels = [1, *(blocks[i]._block_args.output_filters for i in taps)]
         self.decoder_channels = [width, width, 2 * width, 4 * width, 8 * width]
         self.bottom_channels = blocks[-1]._block_args.output_filters
-        self.multiple = 32
+        self.multiple = LITE_STRIDE
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         net = self.backbone.net
