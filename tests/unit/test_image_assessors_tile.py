@@ -184,6 +184,34 @@ def test_contrastive_seg_keeps_the_frozen_imagenet_layers(fitted) -> None:
         ContrastiveSegAssessor({"encoder": "effnet_lite0", "image_size": 48})
 
 
+def test_contrastive_seg_encoder_learning_rate_share(tiles: ImageSet) -> None:
+    assessor = ContrastiveSegAssessor({**TINY["contrastive_seg"], "epochs": 1, "encoder_lr": 1e-4})
+    assessor.fit(tiles, device="cpu")
+    imagenet = assessor.build_network(pretrained=True)
+    # Adam moves each weight by about its group's rate a step: 2e-7 for the encoder, 2e-3 for the decoder
+    encoder_step = (
+        (
+            assessor.net.encoder.backbone.net._blocks[-1]._project_conv.weight
+            - imagenet.encoder.backbone.net._blocks[-1]._project_conv.weight
+        )
+        .abs()
+        .max()
+    )
+    assert 0 < encoder_step < 1e-5
+    assert not torch.allclose(assessor.net.head.bias, imagenet.head.bias, atol=1e-4)
+
+
+def test_contrastive_seg_flip_average_is_flip_equivariant(fitted, unseen: ImageSet) -> None:
+    assessor = fitted("contrastive_seg")
+    image = unseen.images[-1]
+    plain = assessor.probability_maps([image, image[::-1, ::-1]], original_size=False)
+    assert not np.allclose(plain[0][::-1, ::-1], plain[1], atol=1e-6)  # one view is not symmetric
+    averaged = assessor.__class__({**assessor.settings.model_dump(), "flip_average": True})
+    averaged.net = assessor.net
+    a, b = averaged.probability_maps([image, image[::-1, ::-1]], original_size=False)
+    np.testing.assert_allclose(a[::-1, ::-1], b, atol=1e-5)  # the four views of both are the same four
+
+
 def test_contrastive_seg_on_the_papers_encoder(tiles: ImageSet, unseen: ImageSet, tmp_path: Path) -> None:
     assessor = ContrastiveSegAssessor({**TINY["contrastive_seg"], "encoder": "residual_se", "epochs": 1})
     assessor.fit(tiles, device="cpu")

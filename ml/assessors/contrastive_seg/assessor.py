@@ -61,6 +61,9 @@ class ContrastiveSegSettings(AssessorSettings):
         description="EfficientNet-Lite0 with ImageNet weights, or the paper's from scratch (residual_se)",
     )
     freeze: int = Field(2, ge=0, le=7, description="effnet_lite0: stem and first stages kept at ImageNet weights")
+    encoder_lr: float = Field(
+        1.0, gt=0, le=1, description="the encoder's learning rate as a share of lr (pretrained layers move less)"
+    )
     image_size: int = Field(128, ge=32, le=1024, description="images are resized to this square side")
     crop_size: int = Field(0, ge=0, le=1024, description="training crop side (0: the whole image, the default)")
     defect_crop_share: float = Field(0.7, ge=0, le=1, description="training crops centred on a defect pixel")
@@ -69,6 +72,7 @@ class ContrastiveSegSettings(AssessorSettings):
     steps_per_epoch: int = Field(0, ge=0, description="batches per epoch (0: one pass over the training images)")
     pixel_threshold: float = Field(0.5, gt=0, lt=1, description="used when tune_threshold is off")
     tune_threshold: bool = Field(True, description="pick the pixel threshold maximizing validation IoU")
+    flip_average: bool = Field(False, description="average p(defect) over the image and its three flips")
     min_object_px: int = Field(8, ge=0, description="smaller predicted components are removed (image_size scale)")
     area_scale: float = Field(0.002, gt=0, lt=1, description="defect area share that maps to raw p(NOK) = 0.5")
 
@@ -174,9 +178,13 @@ class ContrastiveSegAssessor(PixelMapAssessor):
     ) -> tuple[list[dict[str, float]], int]:
         s = self.s
         net.to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=s.lr)
-        # cosine decay: the late epochs settle instead of jumping between masks (the validation IoU is noisy)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs, eta_min=s.lr * 0.05)
+        encoder = list(net.encoder.parameters())
+        ids = {id(p) for p in encoder}
+        rest = [p for p in net.parameters() if id(p) not in ids]
+        opt = torch.optim.Adam([{"params": encoder, "lr": s.lr * s.encoder_lr}, {"params": rest}], lr=s.lr)
+        # cosine decay to 5 % of each group's rate: the late epochs settle instead of jumping between masks
+        # (the validation IoU is noisy)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.05 + 0.475 * (1 + np.cos(np.pi * e / s.epochs)))
         steps = s.steps_per_epoch or int(np.ceil(len(train_idx) / s.batch_size))
         stopping, history = EarlyStopping(net, s.patience, min_delta=1e-4), []  # on -IoU: higher is better
         for epoch in range(1, s.epochs + 1):
@@ -258,13 +266,17 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         loss = float(combo_loss(logits, target, self.s.bce_weight, self.s.dice_weight))
         return loss, pooled_iou(y, prob >= 0.5)
 
-    @staticmethod
-    def _probabilities(net: ContrastiveSegNet, x: np.ndarray, device: torch.device) -> np.ndarray:
+    def _probabilities(self, net: ContrastiveSegNet, x: np.ndarray, device: torch.device) -> np.ndarray:
+        """p(defect) per pixel; with ``flip_average`` the mean over the image and its flips, each flipped
+        back (the tiles' defects have no preferred side, and the four views disagree mostly at edges)."""
         net.eval()
+        views = ((), (-1,), (-2,), (-2, -1)) if self.s.flip_average else ((),)
         out = []
         with torch.no_grad():
             for b in torch.from_numpy(x[:, None]).split(16):
-                out.append(torch.sigmoid(net(b.to(device))).cpu().numpy()[:, 0])
+                b = b.to(device)
+                prob = sum(torch.sigmoid(net(b.flip(dims))).flip(dims) for dims in views) / len(views)
+                out.append(prob.cpu().numpy()[:, 0])
         return np.concatenate(out)
 
     def _calibrate(self, images: ImageSet, x: np.ndarray, y: np.ndarray, val_idx: np.ndarray) -> None:
