@@ -68,13 +68,15 @@ class Plan:
 
 FULL = Plan(
     seg={"encoder": "effnet_lite0", "width": 16, "image_size": 192, "crop_size": 0, "batch_size": 8, "lr": 2e-3,
-         "epochs": 80, "patience": 80, "min_object_px": 12},
+         "epochs": 80, "patience": 80, "min_object_px": 12, "encoder_lr": 0.1, "tune_threshold": False},
     ae={"lr": 1e-3, "epochs": 10, "patience": 30, "blur": 1.0},
     latents=(100, 300, 500),
     windows=(7, 11, 15),
     note="segmenter with EfficientNet-Lite0's ImageNet-pretrained encoder (stem and first two stages frozen; the "
     "paper trains its own residual-SE encoder from scratch: `--encoder residual_se`), decoder width 16 (paper: 32), "
-    "on whole images resized to 192 × 192, 80 epochs (the best on validation kept); autoencoder "
+    "on whole images resized to 192 × 192, 80 epochs (the best on validation kept), the encoder at a tenth of the "
+    "decoder's learning rate, pixel threshold 0.5 (not tuned on the 20 validation images that also pick the epoch); "
+    "autoencoder "
     "on whole tiles resized to 128 × 128 (one patch each, not 16 crops) and smoothed with a Gaussian of σ = 1 "
     "pixel, 10 epochs at Adam 1e-3 (Bergmann: 200 epochs at 2e-4); all of it to fit in under an hour of two "
     "CPU threads",
