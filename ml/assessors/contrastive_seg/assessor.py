@@ -5,7 +5,7 @@ contrastive defect-segmentation paper (λ = 0.1, τ = 0.1); ``contrastive=False`
 The encoder is EfficientNet-Lite0 with its ImageNet weights by default (``encoder="effnet_lite0"``):
 on the magnetic tiles, 130 training images were too few for the paper's encoder trained from scratch
 (``encoder="residual_se"``, still available), which reached pooled IoU 0.36–0.46 where the pretrained
-one reaches about 0.6 (docs/benchmarks.md).
+one reaches 0.64–0.67 (docs/benchmarks.md).
 
 Training needs pixel masks: an :class:`~ml.imagesets.ImageSet` with ``masks`` (coil matrices have
 none, so a coil dataset is refused). Images are resized to ``image_size`` and standardized (zero mean,
@@ -62,7 +62,7 @@ class ContrastiveSegSettings(AssessorSettings):
     )
     freeze: int = Field(2, ge=0, le=7, description="effnet_lite0: stem and first stages kept at ImageNet weights")
     encoder_lr: float = Field(
-        1.0, gt=0, le=1, description="the encoder's learning rate as a share of lr (pretrained layers move less)"
+        0.1, gt=0, le=1, description="the encoder's learning rate as a share of lr (pretrained layers move less)"
     )
     image_size: int = Field(128, ge=32, le=1024, description="images are resized to this square side")
     crop_size: int = Field(0, ge=0, le=1024, description="training crop side (0: the whole image, the default)")
