@@ -178,10 +178,10 @@ class ContrastiveSegAssessor(PixelMapAssessor):
     ) -> tuple[list[dict[str, float]], int]:
         s = self.s
         net.to(device)
-        encoder = list(net.encoder.parameters())
-        ids = {id(p) for p in encoder}
-        rest = [p for p in net.parameters() if id(p) not in ids]
-        opt = torch.optim.Adam([{"params": encoder, "lr": s.lr * s.encoder_lr}, {"params": rest}], lr=s.lr)
+        rest = [p for name, p in net.named_parameters() if not name.startswith("encoder.")]
+        opt = torch.optim.Adam(
+            [{"params": net.encoder.parameters(), "lr": s.lr * s.encoder_lr}, {"params": rest}], lr=s.lr
+        )
         # cosine decay to 5 % of each group's rate: the late epochs settle instead of jumping between masks
         # (the validation IoU is noisy)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.05 + 0.475 * (1 + np.cos(np.pi * e / s.epochs)))
