@@ -143,6 +143,28 @@ def test_ssim_ae_trains_on_ok_images_of_rendered_coils() -> None:
     assert assessor.metrics["validation"]["pixel_threshold_rule"].startswith("ok_quantile")  # coils have no masks
 
 
+def test_ssim_ae_reports_whether_it_beats_the_mean_image(fitted, caplog: pytest.LogCaptureFixture) -> None:
+    assessor = fitted("ssim_ae")
+    check = assessor.metrics["validation"]
+    assert check["mean_image_dssim"] > 0 and check["reconstruction_gain"] == pytest.approx(
+        1 - check["dssim"] / check["mean_image_dssim"]
+    )
+    rng = np.random.default_rng(0)
+    train = rng.random((4, 128, 128), dtype=np.float32)
+    val = rng.random((3, 128, 128), dtype=np.float32)
+    mean_dssim = float(
+        dssim_loss(
+            torch.from_numpy(val[:, None]), torch.from_numpy(np.broadcast_to(train.mean(0), val.shape)[:, None].copy())
+        )
+    )
+    with caplog.at_level("WARNING"):
+        collapsed = assessor._reconstruction_check([{"val_loss": mean_dssim}], train, 3, val)
+    assert collapsed["reconstruction_gain"] == pytest.approx(0, abs=1e-6) and "mean training image" in caplog.text
+    caplog.clear()
+    assert assessor._reconstruction_check([{"val_loss": 0.0}], train, 3, val)["reconstruction_gain"] == 1.0
+    assert not caplog.text
+
+
 def test_ssim_ae_without_defects_thresholds_on_ok_quantiles(tiles: ImageSet) -> None:
     ok_only = tiles.subset(np.flatnonzero(tiles.nok == 0))
     assessor = SsimAeAssessor({**TINY["ssim_ae"], "epochs": 1, "score": "area"})

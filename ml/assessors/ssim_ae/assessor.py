@@ -14,10 +14,16 @@ pixels above the pixel threshold mapped to [0, 1) as a / (a + ``area_scale``) (`
 takes its worst image, and abstains (NaN) without images. The image-level threshold is again Youden's J
 on the validation images when both classes are there, else the ``ok_quantile`` of the OK scores; the
 shared calibration then puts it at 0.5.
+
+Whether it learned anything: the validation DSSIM is compared with that of the mean training image
+(``mean_image_dssim``). An autoencoder trained too briefly outputs that mean whatever it is shown, and its
+residual map is then just the image's own texture; a ``reconstruction_gain`` near 0 says so (and is
+logged as a warning) before anyone trusts its scores.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -36,7 +42,10 @@ from ml.imagesets.folder import as_image_set, image_set_summary, resize_image, r
 from ml.training.loop import EarlyStopping
 from ml.training.runtime import fit_runtime, resolve_device, seed_everything
 
+log = logging.getLogger(__name__)
+
 MAX_CALIBRATION_PIXELS = 2_000_000  # Youden's J on a seeded sample beyond this: same threshold, less memory
+MIN_RECONSTRUCTION_GAIN = 0.1  # below this share of the mean image's DSSIM removed, the network is not reconstructing
 
 
 class SsimAeSettings(AssessorSettings):
@@ -109,6 +118,7 @@ class SsimAeAssessor(PixelMapAssessor):
         self.net = net.cpu().eval()
 
         self._calibrate(images, val_idx)
+        self.metrics["validation"].update(self._reconstruction_check(history, train, len(val_ok_idx), val_patches))
         self.training_data = {
             **image_set_summary(images),
             "n_train_ok": len(train_idx),
@@ -199,6 +209,29 @@ class SsimAeAssessor(PixelMapAssessor):
         metrics["pixel_threshold"] = self.pixel_threshold
         metrics.update(binary_metrics(y_img, calibrate(scores, self.threshold)))
         self.metrics = {"validation": metrics}
+
+    def _reconstruction_check(
+        self, history: list[dict[str, float]], train: np.ndarray, n_val: int, val_patches: np.ndarray
+    ) -> dict[str, float]:
+        """The best validation DSSIM against the mean training image's, patch by patch."""
+        dssim = min(row["val_loss"] for row in history)
+        mean_patches = np.tile(_tile_patches(train.mean(0, keepdims=True)), (n_val, 1, 1))
+        with torch.no_grad():
+            baseline = float(
+                dssim_loss(
+                    torch.from_numpy(val_patches[:, None]), torch.from_numpy(mean_patches[:, None]), self.s.train_window
+                )
+            )
+        gain = 1.0 - dssim / baseline if baseline > 0 else 0.0
+        if gain < MIN_RECONSTRUCTION_GAIN:
+            log.warning(
+                "%s: validation DSSIM %.3f is hardly below the mean training image's %.3f: the autoencoder outputs "
+                "about the same image whatever it sees, so its residuals are the images' own texture; train longer",
+                self.name,
+                dssim,
+                baseline,
+            )
+        return {"dssim": dssim, "mean_image_dssim": baseline, "reconstruction_gain": gain}
 
     # ------------------------------------------------------------------ scoring
 
