@@ -180,6 +180,7 @@ def run_anomaly(tiles: ImageSet, parts: tuple[np.ndarray, ...], plan: Plan) -> d
                 "fit_s": fit_s,
                 "predict_ms": predict_ms,
                 "epochs": assessor.runtime["epochs_run"],
+                "reconstruction": {k: assessor.metrics["validation"][k] for k in ("dssim", "mean_image_dssim")},
             }
             if window == assessor.s.window:  # the assessor's own calibrated decision
                 row["decision"] = binary_metrics(y, calibrate(scores, assessor.threshold))
@@ -210,19 +211,23 @@ def run(
     parts: tuple[str, ...] = ("seg", "ae"),
     encoder: str = "effnet_lite0",
     seg_settings: dict | None = None,
+    ae_settings: dict | None = None,
 ) -> str:
     """Train and test the assessors of ``parts``; the markdown section with the figures.
 
     ``seed`` changes the models' seed only: another validation split and initialization, the same test images.
     ``encoder="residual_se"`` trains the segmenter on the paper's own encoder, from scratch; ``seg_settings``
-    replace the plan's segmenter settings (how the plan's were chosen: docs/benchmarks.md)."""
+    replace the plan's segmenter settings and ``ae_settings`` the autoencoder's (how the plan's were chosen:
+    docs/benchmarks.md)."""
     torch.set_num_threads(threads)
     plan = QUICK if quick else FULL
-    changed = {k: v for k, v in {"encoder": encoder, **(seg_settings or {})}.items() if plan.seg.get(k) != v}
-    if changed:
-        plan = replace(
-            plan, seg={**plan.seg, **changed}, note=f"segmenter settings {changed} replace the plan's; {plan.note}"
-        )
+    for part, name, changes in (("seg", "segmenter", {"encoder": encoder, **(seg_settings or {})}),
+                                ("ae", "autoencoder", ae_settings or {})):  # fmt: skip
+        current = getattr(plan, part)
+        changed = {k: v for k, v in changes.items() if current.get(k) != v}
+        if changed:
+            note = f"{name} settings {changed} replace the plan's; {plan.note}"
+            plan = replace(plan, **{part: {**current, **changed}}, note=note)
     plan = replace(plan, threads=threads, model_seed=seed)
     started = time.perf_counter()
     tiles = load_magnetic_tile(datasets / "magnetic-tile")
@@ -252,20 +257,21 @@ def report(plan: Plan, tiles: ImageSet, splits, seg: dict, ae: dict, total_s: fl
         "",
         f"### (c) Training time (CPU, {threads_label(plan.threads)})",
         "",
-        "| model | settings | epochs run | train s | predict ms/image |",
-        "|---|---|---:|---:|---:|",
+        "| model | settings | epochs run | train s | predict ms/image | validation DSSIM (mean image's) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for contrastive in (True, False) if seg else ():
         r = seg[contrastive]
         lines.append(
             f"| contrastive_seg (contrastive={contrastive}) | {_settings(plan.seg)} | {r['epochs']} "
-            f"| {r['fit_s']:.0f} | {r['predict_ms']:.1f} |"
+            f"| {r['fit_s']:.0f} | {r['predict_ms']:.1f} | |"
         )
     for latent in plan.latents if ae else ():
         r = ae[(latent, plan.windows[0])]
+        dssim = r["reconstruction"]
         lines.append(
             f"| ssim_ae (latent {latent}) | {_settings(plan.ae)} | {r['epochs']} | {r['fit_s']:.0f} "
-            f"| {r['predict_ms']:.1f} |"
+            f"| {r['predict_ms']:.1f} | {dssim['dssim']:.3f} ({dssim['mean_image_dssim']:.3f}) |"
         )
     lines += ["", f"Whole run: {total_s / 60:.1f} minutes."]
     return "\n".join(lines)
@@ -357,10 +363,13 @@ def main() -> None:
                         help="the segmenter's encoder (residual_se: the paper's, from scratch)")  # fmt: skip
     parser.add_argument("--seg", nargs="+", default=[], metavar="KEY=VALUE",
                         help="replace one of the segmenter's settings, e.g. image_size=128 zoom=0.25")  # fmt: skip
+    parser.add_argument("--ae", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="replace one of the autoencoder's settings, e.g. epochs=60 blur=3")  # fmt: skip
     args = parser.parse_args()
     parts = tuple(args.parts)
     seg = dict(parse_setting(text) for text in args.seg)
-    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, seg))
+    ae = dict(parse_setting(text) for text in args.ae)
+    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, seg, ae))
 
 
 if __name__ == "__main__":
