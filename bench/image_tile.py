@@ -16,6 +16,7 @@ defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seed 1   # segmentation only, another seed (40 min)
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --encoder residual_se   # the paper's encoder
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seg image_size=128   # one segmenter setting changed
+    .venv/bin/python bench/image_tile.py --threads 2 --parts ae --ae epochs=120   # one autoencoder setting changed
 """
 
 from __future__ import annotations

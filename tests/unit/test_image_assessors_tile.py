@@ -158,10 +158,10 @@ def test_ssim_ae_reports_whether_it_beats_the_mean_image(fitted, caplog: pytest.
         )
     )
     with caplog.at_level("WARNING"):
-        collapsed = assessor._reconstruction_check([{"val_loss": mean_dssim}], train, 3, val)
+        collapsed = assessor._reconstruction_check(mean_dssim, train, 3, val)
     assert collapsed["reconstruction_gain"] == pytest.approx(0, abs=1e-6) and "mean training image" in caplog.text
     caplog.clear()
-    assert assessor._reconstruction_check([{"val_loss": 0.0}], train, 3, val)["reconstruction_gain"] == 1.0
+    assert assessor._reconstruction_check(0.0, train, 3, val)["reconstruction_gain"] == 1.0
     assert not caplog.text
 
 

@@ -114,11 +114,11 @@ class SsimAeAssessor(PixelMapAssessor):
             net.load_state_dict(init.net.state_dict())
         train = np.stack([self.prepare(images.images[i]) for i in train_idx])
         val_patches = _tile_patches(np.stack([self.prepare(images.images[i]) for i in val_ok_idx]))
-        history, best_epoch = self._train(net, train, val_patches, rng, torch_device, callback)
+        history, best_epoch, best_dssim = self._train(net, train, val_patches, rng, torch_device, callback)
         self.net = net.cpu().eval()
 
         self._calibrate(images, val_idx)
-        self.metrics["validation"].update(self._reconstruction_check(history, train, len(val_ok_idx), val_patches))
+        self.metrics["validation"].update(self._reconstruction_check(best_dssim, train, len(val_ok_idx), val_patches))
         self.training_data = {
             **image_set_summary(images),
             "n_train_ok": len(train_idx),
@@ -146,7 +146,7 @@ class SsimAeAssessor(PixelMapAssessor):
         rng: np.random.Generator,
         device: torch.device,
         callback: FitCallback | None,
-    ) -> tuple[list[dict[str, float]], int]:
+    ) -> tuple[list[dict[str, float]], int, float]:
         s = self.s
         net.to(device)
         opt = torch.optim.Adam(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -175,7 +175,7 @@ class SsimAeAssessor(PixelMapAssessor):
             if stopping.should_stop(epoch, val_loss):
                 break
         stopping.restore_best()
-        return history, stopping.best_epoch
+        return history, stopping.best_epoch, stopping.best_loss
 
     def _calibrate(self, images: ImageSet, val_idx: np.ndarray) -> None:
         """Pixel threshold, image threshold and validation metrics from the held-out images."""
@@ -211,10 +211,9 @@ class SsimAeAssessor(PixelMapAssessor):
         self.metrics = {"validation": metrics}
 
     def _reconstruction_check(
-        self, history: list[dict[str, float]], train: np.ndarray, n_val: int, val_patches: np.ndarray
+        self, dssim: float, train: np.ndarray, n_val: int, val_patches: np.ndarray
     ) -> dict[str, float]:
-        """The best validation DSSIM against the mean training image's, patch by patch."""
-        dssim = min(row["val_loss"] for row in history)
+        """The kept weights' validation DSSIM against the mean training image's, patch by patch."""
         mean_patches = np.tile(_tile_patches(train.mean(0, keepdims=True)), (n_val, 1, 1))
         with torch.no_grad():
             baseline = float(
