@@ -16,6 +16,7 @@ defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seed 1   # segmentation only, another seed (40 min)
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --encoder residual_se   # the paper's encoder
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seg image_size=128   # one segmenter setting changed
+    .venv/bin/python bench/image_tile.py --threads 1 --parts seg --branch with --seg width=32   # one variant only
     .venv/bin/python bench/image_tile.py --threads 2 --parts ae --ae epochs=120   # one autoencoder setting changed
 """
 
@@ -52,6 +53,7 @@ SEED = 0
 TRAIN_SHARE = 0.7
 PAPER_SEG = {True: (0.66, 0.77, 0.78, 0.81), False: (0.21, 0.31, 0.67, 0.21)}
 PAPER_AE = 0.9397
+BRANCHES = {"both": (True, False), "with": (True,), "without": (False,)}  # --branch: the segmenter variants
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Plan:
     note: str
     threads: int = 1  # torch CPU threads, set by the command line
     model_seed: int = SEED  # the models' seed (validation split, initialization); the test split stays seed 0
+    branches: tuple[bool, ...] = (True, False)  # the segmenter with its contrastive branch, without, or both
     limit: int | None = None  # images per split and class group (quick mode)
     extra: dict = field(default_factory=dict)
 
@@ -109,7 +112,7 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
     results = {}
     test_images = [tiles.images[i] for i in test]
     test_masks = [tiles.masks[i] for i in test]  # type: ignore[index]
-    for contrastive in (True, False):
+    for contrastive in plan.branches:
         assessor = ContrastiveSegAssessor({**plan.seg, "contrastive": contrastive, "seed": plan.model_seed})
         t = time.perf_counter()
         assessor.fit(tiles.subset(train), device="cpu")
@@ -213,13 +216,15 @@ def run(
     encoder: str = "effnet_lite0",
     seg_settings: dict | None = None,
     ae_settings: dict | None = None,
+    branch: str = "both",
 ) -> str:
     """Train and test the assessors of ``parts``; the markdown section with the figures.
 
     ``seed`` changes the models' seed only: another validation split and initialization, the same test images.
     ``encoder="residual_se"`` trains the segmenter on the paper's own encoder, from scratch; ``seg_settings``
     replace the plan's segmenter settings and ``ae_settings`` the autoencoder's (how the plan's were chosen:
-    docs/benchmarks.md)."""
+    docs/benchmarks.md); ``branch`` "with" or "without" trains one segmenter variant instead of both, to try
+    a setting in half the time."""
     torch.set_num_threads(threads)
     plan = QUICK if quick else FULL
     for part, name, changes in (("seg", "segmenter", {"encoder": encoder, **(seg_settings or {})}),
@@ -229,7 +234,7 @@ def run(
         if changed:
             note = f"{name} settings {changed} replace the plan's; {plan.note}"
             plan = replace(plan, **{part: {**current, **changed}}, note=note)
-    plan = replace(plan, threads=threads, model_seed=seed)
+    plan = replace(plan, threads=threads, model_seed=seed, branches=BRANCHES[branch])
     started = time.perf_counter()
     tiles = load_magnetic_tile(datasets / "magnetic-tile")
     splits = split(tiles, plan.limit)
@@ -261,7 +266,7 @@ def report(plan: Plan, tiles: ImageSet, splits, seg: dict, ae: dict, total_s: fl
         "| model | settings | epochs run | train s | predict ms/image | validation DSSIM (mean image's) |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for contrastive in (True, False) if seg else ():
+    for contrastive in plan.branches if seg else ():
         r = seg[contrastive]
         lines.append(
             f"| contrastive_seg (contrastive={contrastive}) | {_settings(plan.seg)} | {r['epochs']} "
@@ -286,27 +291,29 @@ def segmentation_report(plan: Plan, seg: dict) -> list[str]:
         "| model | IoU | Dice | precision | recall | mean IoU per image | paper IoU / Dice / P / R |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for contrastive, name in (
-        (True, "CNN + contrastive (`contrastive_seg`)"),
-        (False, "CNN baseline (contrastive=False)"),
-    ):
+    names = {True: "CNN + contrastive (`contrastive_seg`)", False: "CNN baseline (contrastive=False)"}
+    for contrastive in plan.branches:
         r = seg[contrastive]
+        name = names[contrastive]
         paper = " / ".join(f"{v:.2f}" for v in PAPER_SEG[contrastive])
         lines.append(
             f"| {name} | {r['iou']:.3f} | {r['dice']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} "
             f"| {r['mean_iou']:.3f} | {paper} |"
         )
+    classes = seg["round trip"]["iou_by_class"]
     lines += ["", "IoU by defect class (test images of that class alone):", "",
-              "| model | " + " | ".join(seg[True]["iou_by_class"]) + " |",
-              "|---|" + "---:|" * len(seg[True]["iou_by_class"])]  # fmt: skip
+              "| model | " + " | ".join(classes) + " |",
+              "|---|" + "---:|" * len(classes)]  # fmt: skip
+    rows = [(contrastive, f"contrastive={contrastive}") for contrastive in plan.branches]
     for key, name in (
-        (True, "contrastive=True"),
-        (False, "contrastive=False"),
+        *rows,
         ("round trip", f"true masks through {plan.seg['image_size']} px and back (upper bound)"),
     ):
         values = " | ".join(f"{v:.3f}" for v in seg[key]["iou_by_class"].values())
         lines.append(f"| {name} | {values} |")
     lines += ["", f"Pooled IoU of the true masks through the resize round trip: {seg['round trip']['iou']:.3f}."]
+    if True not in seg:
+        return lines
     target = seg[True]
     lines += [
         "",
@@ -364,13 +371,15 @@ def main() -> None:
                         help="the segmenter's encoder (residual_se: the paper's, from scratch)")  # fmt: skip
     parser.add_argument("--seg", nargs="+", default=[], metavar="KEY=VALUE",
                         help="replace one of the segmenter's settings, e.g. image_size=128 zoom=0.25")  # fmt: skip
+    parser.add_argument("--branch", choices=tuple(BRANCHES), default="both",
+                        help="the segmenter with its contrastive branch, without it, or both (default)")  # fmt: skip
     parser.add_argument("--ae", nargs="+", default=[], metavar="KEY=VALUE",
                         help="replace one of the autoencoder's settings, e.g. epochs=60 blur=3")  # fmt: skip
     args = parser.parse_args()
     parts = tuple(args.parts)
     seg = dict(parse_setting(text) for text in args.seg)
     ae = dict(parse_setting(text) for text in args.ae)
-    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, seg, ae))
+    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, seg, ae, args.branch))
 
 
 if __name__ == "__main__":
