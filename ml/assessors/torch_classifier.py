@@ -11,14 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ml.assessors.base import AssessBatch, Assessor, FitCallback, FitReport, Stopwatch, calibrate
+from ml.assessors.base import AssessBatch, Assessor, FitCallback, FitReport, Stopwatch
+from ml.assessors.matrix_fit import calibrate_on_validation, start_matrix_fit
 from ml.dataset import CoilDataset
-from ml.evaluation.metrics import binary_metrics
-from ml.normalize import Normalizer
 from ml.training.augment import augment_batch
 from ml.training.loop import LoopConfig, predict_logits, train_binary
 from ml.training.runtime import channels_last_net, fit_runtime, resolve_device, seed_everything
-from ml.training.splits import stratified_split
 
 WEIGHTS = "weights.pt"
 
@@ -53,20 +51,10 @@ class TorchClassifierAssessor(Assessor):
         settings = self.settings
         rng = seed_everything(settings.seed)
         torch_device = resolve_device(device)
-        if init is not None:
-            init = self.warm_start_source(init)
-            # keep the champion's scale so that its learned features still mean the same
-            self.normalizer = init.normalizer
-            net = self.build_network()
-            net.load_state_dict(init.net.state_dict())
-        else:
-            self.normalizer = Normalizer.fit(dataset.X)
-            net = self.build_network()
-        x = self.normalize(dataset.X)
-        y = dataset.y.astype(np.int64)
-        train_idx, val_idx = stratified_split(y, settings.val_fraction, rng)
+        data = start_matrix_fit(self, dataset, init, settings.val_fraction, rng)
+        x, y, train_idx, val_idx = data.x, data.y, data.train, data.val
         result = train_binary(
-            net,
+            data.net,
             x[train_idx],
             y[train_idx],
             x[val_idx],
@@ -84,13 +72,11 @@ class TorchClassifierAssessor(Assessor):
             to_input=self.to_input,
             device=torch_device,
             augment=augment_batch if settings.augment else None,
-            parameters=self.trainable_parameters(net),
+            parameters=self.trainable_parameters(data.net),
             callback=callback,
         )
-        self.net = net.cpu().eval()
-        self.threshold = self.choose_threshold(y[val_idx], result.val_scores)
-        self.metrics = {"validation": binary_metrics(y[val_idx], calibrate(result.val_scores, self.threshold))}
-        self.training_data = dataset.summary()
+        self.net = data.net.cpu().eval()
+        calibrate_on_validation(self, dataset, y[val_idx], result.val_scores)
         self.runtime = fit_runtime(
             torch_device,
             clock.seconds,

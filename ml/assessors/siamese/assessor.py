@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ml.assessors.base import AssessBatch, Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch, calibrate
+from ml.assessors.base import AssessBatch, Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch
+from ml.assessors.matrix_fit import calibrate_on_validation, start_matrix_fit
 from ml.assessors.siamese.torch_model import SiameseNet
 from ml.assessors.siamese.train import (
     PairLoopConfig,
@@ -35,11 +36,8 @@ from ml.assessors.siamese.train import (
     train_pairs,
 )
 from ml.dataset import CoilDataset
-from ml.evaluation.metrics import binary_metrics
-from ml.normalize import Normalizer
 from ml.training.augment import augment_batch
 from ml.training.runtime import fit_runtime, resolve_device, seed_everything
-from ml.training.splits import stratified_split
 
 WEIGHTS = "weights.pt"
 REFERENCES = "references.pt"
@@ -93,21 +91,12 @@ class SiameseAssessor(Assessor):
         s: SiameseSettings = self.settings  # type: ignore[assignment]
         rng = seed_everything(s.seed)
         torch_device = resolve_device(device)
-        if init is not None:
-            init = self.warm_start_source(init)
-            self.normalizer = init.normalizer  # the champion's scale, so its features mean the same
-            net = self.build_network()
-            net.load_state_dict(init.net.state_dict())
-        else:
-            self.normalizer = Normalizer.fit(dataset.X)
-            net = self.build_network()
-        x = self.normalize(dataset.X)
-        y = dataset.y.astype(np.int64)
-        train_idx, val_idx = stratified_split(y, s.val_fraction, rng)
+        data = start_matrix_fit(self, dataset, init, s.val_fraction, rng)
+        x, y, train_idx, val_idx = data.x, data.y, data.train, data.val
         if y[train_idx].sum() == 0 or (y[train_idx] == 0).sum() == 0:
             raise ValueError(f"the {self.key} assessor needs OK and NOK coils to train on, got {dataset.n_nok} NOK")
         result = train_pairs(
-            net,
+            data.net,
             x[train_idx],
             y[train_idx],
             x[val_idx],
@@ -126,13 +115,11 @@ class SiameseAssessor(Assessor):
             augment=augment_batch if s.augment else None,
             callback=callback,
         )
-        self.net = net.cpu().eval()
+        self.net = data.net.cpu().eval()
         cpu = torch.device("cpu")
         self.references = choose_references(embed(self.net, x[train_idx], cpu), y[train_idx], s.references, s.seed)
         val_scores = score(self.net, embed(self.net, x[val_idx], cpu), self.references)
-        self.threshold = self.choose_threshold(y[val_idx], val_scores)
-        self.metrics = {"validation": binary_metrics(y[val_idx], calibrate(val_scores, self.threshold))}
-        self.training_data = dataset.summary()
+        calibrate_on_validation(self, dataset, y[val_idx], val_scores)
         self.runtime = fit_runtime(
             torch_device,
             clock.seconds,

@@ -1,0 +1,56 @@
+"""The steps that open and close fitting a network on coil matrices, shared by the one-logit classifiers
+(``cnn``, ``yolo``, ``effnet``) and the Siamese network, whose training loops differ but whose data,
+warm start and calibration must not: ReTrain compares a challenger with its champion only when both saw
+their coils the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ml.assessors.base import Assessor, calibrate
+from ml.dataset import CoilDataset
+from ml.evaluation.metrics import binary_metrics
+from ml.normalize import Normalizer
+from ml.training.splits import stratified_split
+
+
+@dataclass(frozen=True)
+class MatrixFitData:
+    """The network to train and the normalized coils, split by index into training and validation."""
+
+    net: nn.Module
+    x: np.ndarray
+    y: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+
+
+def start_matrix_fit(
+    assessor: Any, dataset: CoilDataset, init: Assessor | None, val_fraction: float, rng: np.random.Generator
+) -> MatrixFitData:
+    """A fresh network and normalizer, or, warm-starting from ``init``, a copy of its network with its
+    normalizer: the champion's scale, so that its learned features still mean the same. ``assessor`` is
+    any assessor with ``build_network()``."""
+    if init is not None:
+        source = assessor.warm_start_source(init)
+        assessor.normalizer = source.normalizer
+        net = assessor.build_network()
+        net.load_state_dict(source.net.state_dict())
+    else:
+        assessor.normalizer = Normalizer.fit(dataset.X)
+        net = assessor.build_network()
+    y = dataset.y.astype(np.int64)
+    train, val = stratified_split(y, val_fraction, rng)
+    return MatrixFitData(net, assessor.normalize(dataset.X), y, train, val)
+
+
+def calibrate_on_validation(assessor: Assessor, dataset: CoilDataset, y_val: np.ndarray, scores: np.ndarray) -> None:
+    """Set the assessor's threshold from its validation scores, and the validation metrics and data summary
+    its manifest records."""
+    assessor.threshold = assessor.choose_threshold(y_val, scores)
+    assessor.metrics = {"validation": binary_metrics(y_val, calibrate(scores, assessor.threshold))}
+    assessor.training_data = dataset.summary()
