@@ -16,7 +16,7 @@ defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seed 1   # segmentation only, another seed (40 min)
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --encoder residual_se   # the paper's encoder
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seg image_size=128   # one segmenter setting changed
-    .venv/bin/python bench/image_tile.py --threads 1 --parts seg --branch with --seg width=32   # one variant only
+    .venv/bin/python bench/image_tile.py --threads 2 --parts seg --branch with --seg width=32   # one variant only
     .venv/bin/python bench/image_tile.py --threads 2 --parts ae --ae epochs=120   # one autoencoder setting changed
 """
 
@@ -305,10 +305,8 @@ def segmentation_report(plan: Plan, seg: dict) -> list[str]:
               "| model | " + " | ".join(classes) + " |",
               "|---|" + "---:|" * len(classes)]  # fmt: skip
     rows = [(contrastive, f"contrastive={contrastive}") for contrastive in plan.branches]
-    for key, name in (
-        *rows,
-        ("round trip", f"true masks through {plan.seg['image_size']} px and back (upper bound)"),
-    ):
+    rows.append(("round trip", f"true masks through {plan.seg['image_size']} px and back (upper bound)"))
+    for key, name in rows:
         values = " | ".join(f"{v:.3f}" for v in seg[key]["iou_by_class"].values())
         lines.append(f"| {name} | {values} |")
     lines += ["", f"Pooled IoU of the true masks through the resize round trip: {seg['round trip']['iou']:.3f}."]

@@ -1,7 +1,6 @@
 """The steps that open and close fitting a network on coil matrices, shared by the one-logit classifiers
-(``cnn``, ``yolo``, ``effnet``) and the Siamese network, whose training loops differ but whose data,
-warm start and calibration must not: ReTrain compares a challenger with its champion only when both saw
-their coils the same way."""
+(``cnn``, ``yolo``, ``effnet``) and the Siamese network: their training loops differ, but how they warm-start,
+normalize, split and calibrate should not, so it is written once here."""
 
 from __future__ import annotations
 
