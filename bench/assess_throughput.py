@@ -39,6 +39,7 @@ from bench.common import LOCAL_MQTT, own_mosquitto, percentiles, provenance, scr
 from ml.assessors.base import AssessBatch
 from ml.assessors.registry import create
 from ml.sim import LineConfig, LineSimulator
+from services.config import Settings
 from services.db.engine import make_engine
 from services.db.models import Coil
 from services.db.repositories import SqlModelRegistry
@@ -64,8 +65,8 @@ def build_registry(database_url: str, model_dir: Path, kinds: list[str]) -> None
         register(assessor, registry, model_dir, status="active")
 
 
-def compute_limit(database_url: str, model_dir: Path, matrices: np.ndarray, batch_size: int) -> float:
-    serving = EnsembleLoader(SqlModelRegistry(make_engine(database_url)), model_dir).load()
+def compute_limit(database_url: str, model_dir: Path, matrices: np.ndarray, batch_size: int, shards: int) -> float:
+    serving = EnsembleLoader(SqlModelRegistry(make_engine(database_url)), model_dir, shards=shards).load()
     ensemble = serving.ensemble
     ensemble.predict_arrays(AssessBatch(matrices[:batch_size]))  # warm-up
     started = time.perf_counter()
@@ -143,6 +144,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="offered rate of the latency run, coils/s")
     parser.add_argument("--window", type=int, default=600, help="coils outstanding in the closed loop")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=Settings.model_fields["inference_shards"].default,
+        help="threads each batch is split over, in the worker and in the compute limit alike (the worker's default)",
+    )
     parser.add_argument("--binary", action="store_true", help="publish thickness_b64 instead of nested lists")
     parser.add_argument(
         "--mqtt",
@@ -182,7 +189,7 @@ def run(args: argparse.Namespace) -> None:
     with scratch_database() as database_url, tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "models"
         build_registry(database_url, model_dir, kinds)
-        limit = compute_limit(database_url, model_dir, matrices, args.batch_size)
+        limit = compute_limit(database_url, model_dir, matrices, args.batch_size, args.shards)
         console.print(f"(a) compute limit: {limit:.0f} coils/s")
 
         prefix = f"bench{os.getpid()}"
@@ -195,6 +202,7 @@ def run(args: argparse.Namespace) -> None:
             "COILGUARD_MODEL_DIR": str(model_dir),
             "COILGUARD_MQTT_CLIENT_ID": client_id,
             "COILGUARD_BATCH_SIZE": str(args.batch_size),
+            "COILGUARD_INFERENCE_SHARDS": str(args.shards),
             "COILGUARD_LOG_LEVEL": "WARNING",
         }
         topics = Topics(prefix)
@@ -252,7 +260,8 @@ def run(args: argparse.Namespace) -> None:
 | (c) end to end / compute limit | {ratio:.0%} | ≥ 85 % (full ensemble) |
 | coils published / stored | {args.coils + args.latency_coils} / {stored} | all |
 
-Batch size {args.batch_size}, closed loop with {args.window} coils outstanding, {args.coils} coils;
+Batch size {args.batch_size}, split over {args.shards} inference thread(s); closed loop with {args.window}
+coils outstanding, {args.coils} coils;
 latency over {len(latencies)} coils offered at {args.rate:g}/s. Publisher, worker, PostgreSQL 15 and
 Mosquitto 2.0 on the same machine; the broker is {args.broker}.
 

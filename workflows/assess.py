@@ -123,10 +123,11 @@ class ServingEnsemble:
 class EnsembleLoader:
     """Builds the serving ensemble from the registry's active models, reusing already-loaded versions."""
 
-    def __init__(self, registry: ModelRegistry, model_dir: Path, threshold: float = 0.5) -> None:
+    def __init__(self, registry: ModelRegistry, model_dir: Path, threshold: float = 0.5, shards: int = 1) -> None:
         self.registry = registry
         self.model_dir = Path(model_dir)
         self.threshold = threshold
+        self.shards = shards
         self._cache: dict[int, Assessor] = {}
 
     def load(self) -> ServingEnsemble:
@@ -139,7 +140,7 @@ class EnsembleLoader:
             members.append(Member(assessor))
             by_key[(record.name, record.version)] = record
         self._cache = {r.id: m.assessor for r, m in zip(sorted(records, key=lambda r: r.name), members, strict=True)}
-        return ServingEnsemble(Ensemble(members, self.threshold), by_key)
+        return ServingEnsemble(Ensemble(members, self.threshold, self.shards), by_key)
 
 
 # ----------------------------------------------------------------------------- one batch

@@ -13,6 +13,7 @@ coil paper's decision rule (average the votes and confidences, threshold at 0.5)
 
 from __future__ import annotations
 
+import itertools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -74,6 +75,14 @@ class AssessBatch:
 
     def __len__(self) -> int:
         return len(self.matrices)
+
+    def split(self, parts: int) -> list[AssessBatch]:
+        """At most ``parts`` consecutive, non-empty pieces of nearly equal size, in order."""
+        bounds = np.linspace(0, len(self), min(parts, len(self)) + 1).round().astype(int)
+        return [
+            AssessBatch(self.matrices[lo:hi], None if self.images is None else self.images[lo:hi])
+            for lo, hi in itertools.pairwise(bounds)
+        ]
 
 
 @dataclass

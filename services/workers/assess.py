@@ -72,7 +72,9 @@ class AssessWorker:
         self.topics = topics(settings)
         self.engine = engine or make_engine(settings.database_url)
         self.store = SqlCoilStore(self.engine)
-        self.loader = EnsembleLoader(SqlModelRegistry(self.engine), settings.model_dir, settings.decision_threshold)
+        self.loader = EnsembleLoader(
+            SqlModelRegistry(self.engine), settings.model_dir, settings.decision_threshold, settings.inference_shards
+        )
         self.workflow = AssessCoils(self.store, self.topics, max_payload_bytes=settings.max_payload_bytes)
         self.on_batch = on_batch
         self.stats = WorkerStats()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from helpers import stripe_coils
 from ml.assessors.base import AssessBatch, calibrate
 from ml.assessors.manifest import ArtifactError, Manifest
 from ml.assessors.registry import UnknownAssessor, available, create, load_artifact
-from ml.ensemble import ABSTAIN, Ensemble, Member
+from ml.ensemble import ABSTAIN, MIN_SHARD_COILS, Ensemble, Member
 from ml.evaluation.metrics import best_threshold, binary_metrics, cost_threshold
 from ml.normalize import Normalizer, fill_dropped
 from ml.training.augment import augment_batch
@@ -180,6 +181,54 @@ def test_ensemble_averages_votes_and_records_abstentions() -> None:
     assert decisions[0].n_voted == 2 and decisions[1].n_voted == 3
     weighted = Ensemble([Member(members[0].assessor, 3.0), Member(members[1].assessor, 1.0)])
     assert weighted.assess(AssessBatch(np.zeros((3, 264, 18), np.float32)))[2].p_nok == pytest.approx(0.525)
+
+
+class _MeanThickness:
+    """Votes the coil's mean reading; notes which thread saw how many coils."""
+
+    name, version, consumes = "mean", 1, "matrix"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def predict(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray]:
+        self.calls.append((threading.current_thread().name, len(batch)))
+        p = np.nanmean(batch.matrices, axis=(1, 2)).astype(np.float32)
+        if batch.images is not None:  # abstain on coils without an image: the images must follow their coils
+            p = np.where([bool(imgs) for imgs in batch.images], p, np.nan).astype(np.float32)
+        return p, p
+
+
+def test_a_sharded_ensemble_votes_as_the_unsharded_one_in_the_same_order() -> None:
+    n = 2 * MIN_SHARD_COILS + 3
+    X = np.repeat(np.linspace(0.1, 0.7, n, dtype=np.float32)[:, None], 264 * 18, axis=1).reshape(n, 264, 18)
+    images = [[np.zeros((4, 4), np.float32)] if i % 3 else [] for i in range(n)]
+    batch = AssessBatch(X, images)
+    assert [len(part) for part in AssessBatch(X[:7]).split(3)] == [2, 3, 2] and len(AssessBatch(X[:7]).split(10)) == 7
+    assert [bool(imgs) for part in batch.split(3) for imgs in part.images or []] == [bool(i) for i in images]
+
+    whole = Ensemble([Member(_MeanThickness())]).predict_arrays(batch)  # type: ignore[arg-type]
+    voter = _MeanThickness()
+    sharded = Ensemble([Member(voter)], shards=3).predict_arrays(batch)  # type: ignore[arg-type]
+    for a, b in zip(whole, sharded, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(size for _, size in voter.calls) == [n // 2, n - n // 2]  # no shard under MIN_SHARD_COILS
+    assert all(thread.startswith("ensemble-shard") for thread, _ in voter.calls)
+    Ensemble([Member(voter)], shards=3).predict_arrays(AssessBatch(X[: 2 * MIN_SHARD_COILS - 1]))  # too few to split
+    assert voter.calls[-1] == (threading.current_thread().name, 2 * MIN_SHARD_COILS - 1)
+    with pytest.raises(ValueError, match="shards"):
+        Ensemble([Member(voter)], shards=0)  # type: ignore[arg-type]
+
+
+def test_a_sharded_ensemble_of_a_trained_network_predicts_what_it_does_unsharded() -> None:
+    data = stripe_coils(60, seed=2)
+    cnn = create("cnn", {"epochs": 1})
+    cnn.fit(data, device="cpu")
+    batch = AssessBatch(data.X)
+    whole = Ensemble([Member(cnn)]).predict_arrays(batch)
+    sharded = Ensemble([Member(cnn)], shards=2).predict_arrays(batch)
+    for a, b in zip(whole, sharded, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)  # one thread against two may round differently
 
 
 def test_an_assessor_from_another_package_joins_through_its_entry_point(tmp_path: Path) -> None:
