@@ -4,12 +4,12 @@ Each member runs once per batch. An assessor that cannot judge a coil (an image 
 without images) abstains: its vote is recorded as such and the average is taken over the members
 that voted. A coil on which every member abstains is decided by nobody and flagged so.
 
-With ``shards`` > 1 a large batch is split into that many pieces, voted on at once by as many threads
-with torch's intra-op threads divided among them. On two cores shared with the database and the
-broker, two single-threaded shards decided 18-20 % more coils a second end to end than the whole
-batch on two intra-op threads (docs/benchmarks.md, the throughput notes). The likely reason: the two
-threads of one op must finish together, so a core taken by another process stalls both, while two
-shards go on apart.
+With ``shards`` > 1 a large batch is split into that many pieces (at most one per intra-op thread),
+voted on at once by as many threads with torch's intra-op threads divided among them. On two cores
+shared with the database and the broker, two single-threaded shards decided 18-20 % more coils a second
+end to end than the whole batch on two intra-op threads (docs/benchmarks.md, the throughput notes). The
+likely reason: the two threads of one op must finish together, so a core taken by another process stalls
+both, while two shards go on apart.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Ensemble:
 
     def predict_arrays(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per member and coil (M, N): p_nok and confidence (NaN = abstained); then the weighted averages (N,)."""
-        parts = min(self.shards, len(batch) // MIN_SHARD_COILS)
+        parts = min(self.shards, torch.get_num_threads(), len(batch) // MIN_SHARD_COILS)  # never more threads
         if parts < 2:
             p, c = self._vote(batch)
         else:

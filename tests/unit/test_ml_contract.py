@@ -6,10 +6,12 @@ import importlib
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import stripe_coils
 
 from ml.assessors.base import AssessBatch, calibrate
@@ -199,7 +201,16 @@ class _MeanThickness:
         return p, p
 
 
-def test_a_sharded_ensemble_votes_as_the_unsharded_one_in_the_same_order() -> None:
+@pytest.fixture
+def three_torch_threads() -> Iterator[None]:
+    """Other test modules set one thread at import; shards never outnumber the intra-op threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_sharded_ensemble_votes_as_the_unsharded_one_in_the_same_order(three_torch_threads: None) -> None:
     n = 2 * MIN_SHARD_COILS + 3
     X = np.repeat(np.linspace(0.1, 0.7, n, dtype=np.float32)[:, None], 264 * 18, axis=1).reshape(n, 264, 18)
     images = [[np.zeros((4, 4), np.float32)] if i % 3 else [] for i in range(n)]
@@ -216,11 +227,14 @@ def test_a_sharded_ensemble_votes_as_the_unsharded_one_in_the_same_order() -> No
     assert all(thread.startswith("ensemble-shard") for thread, _ in voter.calls)
     Ensemble([Member(voter)], shards=3).predict_arrays(AssessBatch(X[: 2 * MIN_SHARD_COILS - 1]))  # too few to split
     assert voter.calls[-1] == (threading.current_thread().name, 2 * MIN_SHARD_COILS - 1)
+    torch.set_num_threads(1)  # one intra-op thread (COILGUARD_TORCH_THREADS=1): no split
+    Ensemble([Member(voter)], shards=3).predict_arrays(batch)  # type: ignore[arg-type]
+    assert voter.calls[-1] == (threading.current_thread().name, n)
     with pytest.raises(ValueError, match="shards"):
         Ensemble([Member(voter)], shards=0)  # type: ignore[arg-type]
 
 
-def test_a_sharded_ensemble_of_a_trained_network_predicts_what_it_does_unsharded() -> None:
+def test_a_sharded_ensemble_of_a_trained_network_predicts_what_it_does_unsharded(three_torch_threads: None) -> None:
     data = stripe_coils(60, seed=2)
     cnn = create("cnn", {"epochs": 1})
     cnn.fit(data, device="cpu")
