@@ -38,6 +38,7 @@ from sqlalchemy import func, select
 from bench.common import LOCAL_MQTT, own_mosquitto, percentiles, provenance, scratch_database, write_section
 from ml.assessors.base import AssessBatch
 from ml.assessors.registry import create
+from ml.ensemble import share_threads
 from ml.sim import LineConfig, LineSimulator
 from services.config import Settings
 from services.db.engine import make_engine
@@ -66,6 +67,7 @@ def build_registry(database_url: str, model_dir: Path, kinds: list[str]) -> None
 
 
 def compute_limit(database_url: str, model_dir: Path, matrices: np.ndarray, batch_size: int, shards: int) -> float:
+    shards = share_threads(shards)  # as the worker does, so that (a) and (b) run the same inference
     serving = EnsembleLoader(SqlModelRegistry(make_engine(database_url)), model_dir, shards=shards).load()
     ensemble = serving.ensemble
     ensemble.predict_arrays(AssessBatch(matrices[:batch_size]))  # warm-up

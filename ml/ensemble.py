@@ -4,8 +4,8 @@ Each member runs once per batch. An assessor that cannot judge a coil (an image 
 without images) abstains: its vote is recorded as such and the average is taken over the members
 that voted. A coil on which every member abstains is decided by nobody and flagged so.
 
-With ``shards`` > 1 a large batch is split into that many pieces (at most one per intra-op thread),
-voted on at once by as many threads with torch's intra-op threads divided among them. On two cores
+With ``shards`` > 1 a large batch is split into that many pieces, voted on at once by as many threads;
+:func:`share_threads` divides torch's intra-op threads among them. On two cores
 shared with the database and the broker, two single-threaded shards decided 18-20 % more coils a second
 end to end than the whole batch on two intra-op threads (docs/benchmarks.md, the throughput notes). The
 likely reason: the two threads of one op must finish together, so a core taken by another process stalls
@@ -26,6 +26,19 @@ ABSTAIN = "ABSTAIN"
 MIN_SHARD_COILS = 8
 """A smaller batch is voted on whole by the calling thread: a deep network's per-call cost (10 ms for one coil
 through EfficientNet-Lite0 on one core) would make single-coil shards slower than no split."""
+
+
+def share_threads(shards: int, total: int = 0) -> int:
+    """Give each of ``shards`` voting threads its share of ``total`` intra-op threads (0: torch's count now).
+
+    Torch's thread count is one setting for the whole process, not per thread, so this sets it for
+    everything the process runs, small batches voted whole included. Returns the shards that fit: never
+    more than the threads.
+    """
+    total = total or torch.get_num_threads()
+    shards = max(1, min(shards, total))
+    torch.set_num_threads(max(1, total // shards))
+    return shards
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,7 @@ class Ensemble:
 
     def predict_arrays(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per member and coil (M, N): p_nok and confidence (NaN = abstained); then the weighted averages (N,)."""
-        parts = min(self.shards, torch.get_num_threads(), len(batch) // MIN_SHARD_COILS)  # never more threads
+        parts = min(self.shards, len(batch) // MIN_SHARD_COILS)
         if parts < 2:
             p, c = self._vote(batch)
         else:
@@ -109,12 +122,8 @@ class Ensemble:
         return p, c
 
     def _shard_pool(self) -> ThreadPoolExecutor:
-        """Created on first use, dividing the caller's intra-op threads among the shards."""
         if self._pool is None:
-            per_shard = max(1, torch.get_num_threads() // self.shards)
-            self._pool = ThreadPoolExecutor(
-                self.shards, "ensemble-shard", initializer=torch.set_num_threads, initargs=(per_shard,)
-            )
+            self._pool = ThreadPoolExecutor(self.shards, "ensemble-shard")
         return self._pool
 
     def assess(self, batch: AssessBatch) -> list[EnsembleDecision]:

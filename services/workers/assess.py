@@ -25,6 +25,7 @@ import orjson
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from ml.ensemble import share_threads
 from services.config import Settings
 from services.db.engine import make_engine
 from services.db.repositories import SqlCoilStore, SqlModelRegistry
@@ -105,10 +106,7 @@ class AssessWorker:
                 signal.signal(sig, lambda *_: self.stop())
         # 2 cores, full ensemble, share of the compute limit: 67 / 71 % at 5 ms, 76 / 76 / 71 % at 0.5 ms
         sys.setswitchinterval(self.settings.gil_switch_ms / 1000)
-        if self.settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.settings.torch_threads)
+        self.loader.shards = share_threads(self.settings.inference_shards, self.settings.torch_threads)
         self._serving = self._retry("load the ensemble", self.loader.load)
         log.info("serving ensemble: %s", self._serving.describe())
         serve_metrics(self.settings.metrics_port)

@@ -6,7 +6,6 @@ import importlib
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from helpers import stripe_coils
 from ml.assessors.base import AssessBatch, calibrate
 from ml.assessors.manifest import ArtifactError, Manifest
 from ml.assessors.registry import UnknownAssessor, available, create, load_artifact
-from ml.ensemble import ABSTAIN, MIN_SHARD_COILS, Ensemble, Member
+from ml.ensemble import ABSTAIN, MIN_SHARD_COILS, Ensemble, Member, share_threads
 from ml.evaluation.metrics import best_threshold, binary_metrics, cost_threshold
 from ml.normalize import Normalizer, fill_dropped
 from ml.training.augment import augment_batch
@@ -201,16 +200,7 @@ class _MeanThickness:
         return p, p
 
 
-@pytest.fixture
-def three_torch_threads() -> Iterator[None]:
-    """Other test modules set one thread at import; shards never outnumber the intra-op threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_a_sharded_ensemble_votes_as_the_unsharded_one_in_the_same_order(three_torch_threads: None) -> None:
+def test_a_sharded_ensemble_votes_as_the_unsharded_one_in_the_same_order() -> None:
     n = 2 * MIN_SHARD_COILS + 3
     X = np.repeat(np.linspace(0.1, 0.7, n, dtype=np.float32)[:, None], 264 * 18, axis=1).reshape(n, 264, 18)
     images = [[np.zeros((4, 4), np.float32)] if i % 3 else [] for i in range(n)]
@@ -227,14 +217,22 @@ def test_a_sharded_ensemble_votes_as_the_unsharded_one_in_the_same_order(three_t
     assert all(thread.startswith("ensemble-shard") for thread, _ in voter.calls)
     Ensemble([Member(voter)], shards=3).predict_arrays(AssessBatch(X[: 2 * MIN_SHARD_COILS - 1]))  # too few to split
     assert voter.calls[-1] == (threading.current_thread().name, 2 * MIN_SHARD_COILS - 1)
-    torch.set_num_threads(1)  # one intra-op thread (COILGUARD_TORCH_THREADS=1): no split
-    Ensemble([Member(voter)], shards=3).predict_arrays(batch)  # type: ignore[arg-type]
-    assert voter.calls[-1] == (threading.current_thread().name, n)
     with pytest.raises(ValueError, match="shards"):
         Ensemble([Member(voter)], shards=0)  # type: ignore[arg-type]
 
 
-def test_a_sharded_ensemble_of_a_trained_network_predicts_what_it_does_unsharded(three_torch_threads: None) -> None:
+def test_shards_share_the_intra_op_threads_and_never_outnumber_them() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert share_threads(2, 4) == 2 and torch.get_num_threads() == 2
+        assert share_threads(3, 1) == 1 and torch.get_num_threads() == 1  # COILGUARD_TORCH_THREADS=1: no split
+        torch.set_num_threads(3)
+        assert share_threads(1) == 1 and torch.get_num_threads() == 3  # one shard: torch's count untouched
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_sharded_ensemble_of_a_trained_network_predicts_what_it_does_unsharded() -> None:
     data = stripe_coils(60, seed=2)
     cnn = create("cnn", {"epochs": 1})
     cnn.fit(data, device="cpu")
