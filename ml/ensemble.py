@@ -4,8 +4,9 @@ Each member runs once per batch. An assessor that cannot judge a coil (an image 
 without images) abstains: its vote is recorded as such and the average is taken over the members
 that voted. A coil on which every member abstains is decided by nobody and flagged so.
 
-With ``shards`` > 1 a large batch is split into that many pieces, voted on at once by as many threads;
-:func:`share_threads` divides torch's intra-op threads among them. On two cores
+With ``shards`` > 1 a batch of at least ``MIN_SHARD_COILS`` coils per shard is split into up to that
+many pieces, voted on at once by as many threads; :func:`share_threads` divides torch's intra-op
+threads among them. On two cores
 shared with the database and the broker, two single-threaded shards decided 18-20 % more coils a second
 end to end than the whole batch on two intra-op threads (docs/benchmarks.md, the throughput notes). The
 likely reason: the two threads of one op must finish together, so a core taken by another process stalls
@@ -14,7 +15,8 @@ both, while two shards go on apart.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import functools
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,14 +30,20 @@ MIN_SHARD_COILS = 8
 through EfficientNet-Lite0 on one core) would make single-coil shards slower than no split."""
 
 
+@functools.cache
+def _torch_threads_at_start() -> int:
+    """Torch's count before any :func:`share_threads`, so that a second call shares the same total."""
+    return torch.get_num_threads()
+
+
 def share_threads(shards: int, total: int = 0) -> int:
-    """Give each of ``shards`` voting threads its share of ``total`` intra-op threads (0: torch's count now).
+    """Give each of ``shards`` voting threads its share of ``total`` intra-op threads (0: torch's own count).
 
     Torch's thread count is one setting for the whole process, not per thread, so this sets it for
     everything the process runs, small batches voted whole included. Returns the shards that fit: never
     more than the threads.
     """
-    total = total or torch.get_num_threads()
+    total = total or _torch_threads_at_start()
     shards = max(1, min(shards, total))
     torch.set_num_threads(max(1, total // shards))
     return shards
@@ -101,7 +109,9 @@ class Ensemble:
         if parts < 2:
             p, c = self._vote(batch)
         else:
-            votes = list(self._shard_pool().map(self._vote, batch.split(parts)))
+            pending = [self._shard_pool().submit(self._vote, part) for part in batch.split(parts)]
+            wait(pending)  # a shard that fails must not leave the other running into the next batch
+            votes = [future.result() for future in pending]
             p = np.concatenate([v[0] for v in votes], axis=1)
             c = np.concatenate([v[1] for v in votes], axis=1)
         weights = np.array([m.weight for m in self.members], dtype=np.float64)[:, None]
@@ -122,9 +132,15 @@ class Ensemble:
         return p, c
 
     def _shard_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
+        if self._pool is None:  # one caller at a time: the worker's inference thread
             self._pool = ThreadPoolExecutor(self.shards, "ensemble-shard")
         return self._pool
+
+    def close(self) -> None:
+        """Let the shard threads go (a replaced ensemble's would otherwise wait for the garbage collector)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def assess(self, batch: AssessBatch) -> list[EnsembleDecision]:
         p, c, p_avg, c_avg = self.predict_arrays(batch)

@@ -7,7 +7,6 @@ model's manifest so that AssessCoils normalizes a live coil exactly as the model
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,10 +60,14 @@ def fill_dropped(X: np.ndarray) -> np.ndarray:
     if not missing.any():
         return X
     X = X.copy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=RuntimeWarning)  # all-dropped sensors are expected here
-        column_mean = np.nanmean(X, axis=1, keepdims=True)  # (N, 1, 18)
-        coil_mean = np.nanmean(X, axis=(1, 2), keepdims=True)  # (N, 1, 1)
+    # sums and counts rather than np.nanmean under warnings.catch_warnings(), which is not thread-safe
+    # and the ensemble's shards normalize at once
+    present = ~missing
+    sums = np.where(present, X, 0).sum(axis=1, keepdims=True)  # (N, 1, 18)
+    counts = present.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):  # all-dropped sensors are expected here
+        column_mean = sums / counts
+        coil_mean = sums.sum(axis=2, keepdims=True) / counts.sum(axis=2, keepdims=True)  # (N, 1, 1)
     column_mean = np.where(np.isnan(column_mean), coil_mean, column_mean)
     column_mean = np.nan_to_num(column_mean, nan=0.0)
     X[missing] = np.broadcast_to(column_mean, X.shape)[missing]

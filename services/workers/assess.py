@@ -73,9 +73,7 @@ class AssessWorker:
         self.topics = topics(settings)
         self.engine = engine or make_engine(settings.database_url)
         self.store = SqlCoilStore(self.engine)
-        self.loader = EnsembleLoader(
-            SqlModelRegistry(self.engine), settings.model_dir, settings.decision_threshold, settings.inference_shards
-        )
+        self.loader = EnsembleLoader(SqlModelRegistry(self.engine), settings.model_dir, settings.decision_threshold)
         self.workflow = AssessCoils(self.store, self.topics, max_payload_bytes=settings.max_payload_bytes)
         self.on_batch = on_batch
         self.stats = WorkerStats()
@@ -136,6 +134,8 @@ class AssessWorker:
             self._pending.put(None)
             committer.join()
             heartbeat.stop()
+            if self._serving is not None:
+                self._serving.ensemble.close()
             self.client.close()
             log.info("assess worker stopped: %s", self.stats)
         return self.stats
@@ -318,7 +318,9 @@ class AssessWorker:
         active = {(r.name, r.version) for r in self._retry("read the registry", self.loader.registry.active_models)}
         if active == set(current):
             return
-        self._serving = self._retry("load the ensemble", self.loader.load)
+        previous, self._serving = self._serving, self._retry("load the ensemble", self.loader.load)
+        if previous is not None:  # its last batch is voted: reloads happen on this thread, between batches
+            previous.ensemble.close()
         self.stats.reloads += 1
         log.info("ensemble reloaded: %s", self._serving.describe())
 
