@@ -5,12 +5,11 @@ without images) abstains: its vote is recorded as such and the average is taken 
 that voted. A coil on which every member abstains is decided by nobody and flagged so.
 
 With ``shards`` > 1 a batch of at least ``MIN_SHARD_COILS`` coils per shard is split into up to that
-many pieces, voted on at once by as many threads; :func:`share_threads` divides torch's intra-op
-threads among them. On two cores
-shared with the database and the broker, two single-threaded shards decided 18-20 % more coils a second
-end to end than the whole batch on two intra-op threads (docs/benchmarks.md, the throughput notes). The
-likely reason: the two threads of one op must finish together, so a core taken by another process stalls
-both, while two shards go on apart.
+many pieces, voted on at once by as many threads; :func:`share_threads` divides torch's intra-op threads
+among them. On two cores shared with the database and the broker, two single-threaded shards decided
+18-20 % more coils a second end to end than the whole batch on two intra-op threads (docs/benchmarks.md,
+the throughput notes). The likely reason: the two threads of one op must finish together, so a core
+taken by another process stalls both, while two shards go on apart.
 """
 
 from __future__ import annotations
