@@ -11,7 +11,13 @@ from services.cli.base import AppContext, cli, pass_ctx
 
 @cli.command()
 @click.option("--assessor", "kind", required=True, help="Assessor key (see `coilguard models --kinds`).")
-@click.option("--data", "data_spec", default="sim:4542", show_default=True, help="sim:N or a dataset .npz file.")
+@click.option(
+    "--data",
+    "data_spec",
+    default="sim:4542",
+    show_default=True,
+    help="sim:N, a dataset .npz file, or an image folder (one subfolder per class, optional .png masks).",
+)
 @click.option("--name", help="Registry name (default: the assessor key).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Assessor setting, e.g. epochs=10.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the data (sim:N) and the training.")
@@ -31,7 +37,7 @@ def train(
     """Train an assessor, save its artifact and (with --register) put it into service."""
     from ml.assessors.registry import UnknownAssessor, create
     from ml.dataset import CoilDataset
-    from services.progress import fit_progress
+    from services.progress import fit_progress, validation_summary
     from workflows.training import register as register_model
     from workflows.training import training_data
 
@@ -56,11 +62,8 @@ def train(
     click.echo(f"training {assessor.name} ({kind}) on {what}, device {settings.device}")
     with fit_progress(f"train {assessor.name}", assessor.settings.epochs) as on_epoch:
         report = assessor.fit(data, device=settings.device, callback=on_epoch)
-    validation = report.metrics.get("validation", {})
-    click.echo(
-        f"done in {report.duration_s:.0f} s, {report.epochs_run} epochs on {report.device}: validation NOK-F1 "
-        f"{validation.get('f1_nok', float('nan')):.3f}, ROC-AUC {validation.get('roc_auc') or float('nan'):.3f}"
-    )
+    validation = validation_summary(report.metrics.get("validation", {}))
+    click.echo(f"done in {report.duration_s:.0f} s, {report.epochs_run} epochs on {report.device}: {validation}")
     if out is not None:
         assessor.save(out)
         click.echo(f"saved to {out}")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cli_runner import coilguard
 from sqlalchemy import inspect, text
 
 from ml.dataset import CoilDataset
@@ -16,16 +14,6 @@ from services.db.engine import make_engine
 from services.db.models import TABLE_NAMES
 from services.mqtt.client import Inbound, MqttClient
 from workflows.messages import parse_coil_message
-
-
-def coilguard(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_simulate_publishes_valid_messages_an_ordinary_client_decodes(mqtt_url: str, topic_prefix: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from assess_env import AssessEnv, assess_env, wait_for
+from cli_runner import coilguard
 from sqlalchemy import select, text
 
 from ml.assessors.registry import create
@@ -79,13 +80,7 @@ def _feedback_sql(env: AssessEnv, coils: list[SimCoil]) -> None:
 
 
 def _cli(env: AssessEnv, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        env=env.env(worker=False),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return coilguard(*args, env=env.env(worker=False), timeout=timeout)
 
 
 def test_the_loop_closes_score_retrain_promote_reload_without_losing_a_coil(env: AssessEnv) -> None:

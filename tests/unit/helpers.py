@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 from ml.dataset import CoilDataset
 from ml.imagesets.base import ImageSet
@@ -40,3 +43,34 @@ def synthetic_images(per_class: int = 8, seed: int = 0, classes: tuple[str, ...]
             images.append(img)
             labels.append(c)
     return ImageSet(images, np.array(labels), list(classes), meta={"source": "synthetic"})
+
+
+def synthetic_tiles(n_ok: int = 12, n_nok: int = 8, seed: int = 0) -> ImageSet:
+    """Noisy gray tiles of varying size; a defect is a dark disc, marked in the mask."""
+    rng = np.random.default_rng(seed)
+    images, masks, labels = [], [], []
+    for k in range(n_ok + n_nok):
+        h, w = rng.integers(40, 64, 2)
+        image = (0.55 + 0.05 * rng.standard_normal((h, w))).astype(np.float32)
+        mask = np.zeros((h, w), bool)
+        if k >= n_ok:
+            r, c = rng.integers(10, h - 10), rng.integers(10, w - 10)
+            yy, xx = np.ogrid[:h, :w]
+            mask = (yy - r) ** 2 + (xx - c) ** 2 <= rng.integers(5, 9) ** 2
+            image[mask] = 0.1
+        images.append(image.clip(0, 1))
+        masks.append(mask)
+        labels.append(int(k >= n_ok))
+    return ImageSet(images, np.array(labels), ["ok", "defect"], masks, meta={"source": "synthetic"})
+
+
+def write_image_folder(images: ImageSet, root: Path) -> Path:
+    """``images`` as the folder layout ``coilguard train --data`` reads: ``root/<class>/<n>.bmp`` (lossless, not
+    PNG, so that the ``<n>.png`` beside it is its mask)."""
+    for k, (image, label) in enumerate(zip(images.images, images.labels, strict=True)):
+        folder = root / images.classes[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255).round().astype(np.uint8)).save(folder / f"{k}.bmp")
+        if images.masks is not None:
+            Image.fromarray(images.masks[k].astype(np.uint8) * 255).save(folder / f"{k}.png")
+    return root

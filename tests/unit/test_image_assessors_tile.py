@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import stripe_coils
+from helpers import stripe_coils, synthetic_tiles
 from PIL import Image
 
 from ml.assessors.base import AssessBatch, Assessor
@@ -34,25 +34,6 @@ TINY: dict[str, dict] = {
     "contrastive_seg": {**ContrastiveSegAssessor.quick_settings, "epochs": 2, "seed": 3},
 }
 CLASSES_BY_KEY = {"ssim_ae": SsimAeAssessor, "contrastive_seg": ContrastiveSegAssessor}
-
-
-def synthetic_tiles(n_ok: int = 12, n_nok: int = 8, seed: int = 0) -> ImageSet:
-    """Noisy gray tiles of varying size; a defect is a dark disc, marked in the mask."""
-    rng = np.random.default_rng(seed)
-    images, masks, labels = [], [], []
-    for k in range(n_ok + n_nok):
-        h, w = rng.integers(40, 64, 2)
-        image = (0.55 + 0.05 * rng.standard_normal((h, w))).astype(np.float32)
-        mask = np.zeros((h, w), bool)
-        if k >= n_ok:
-            r, c = rng.integers(10, h - 10), rng.integers(10, w - 10)
-            yy, xx = np.ogrid[:h, :w]
-            mask = (yy - r) ** 2 + (xx - c) ** 2 <= rng.integers(5, 9) ** 2
-            image[mask] = 0.1
-        images.append(image.clip(0, 1))
-        masks.append(mask)
-        labels.append(int(k >= n_ok))
-    return ImageSet(images, np.array(labels), ["ok", "defect"], masks, meta={"source": "synthetic"})
 
 
 def coil_batch(images: list[list[np.ndarray]]) -> AssessBatch:

@@ -1,0 +1,81 @@
+"""``coilguard train`` and ``coilguard models`` as an engineer runs them: coil data or an image folder in,
+a saved or registered model out, and a progress line that every kind of assessor can fill.
+
+The assessors report different figures per epoch (NOK-F1, IoU, the defect type's accuracy, or losses
+alone); the progress bar and the closing summary must show what each has and never trip over what it
+lacks. These run the real command in a fresh process on SQLite; no broker is involved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_runner import coilguard
+from helpers import synthetic_images, synthetic_tiles, write_image_folder
+
+from ml.assessors.base import AssessBatch
+from ml.assessors.registry import load_artifact
+from services.progress import epoch_status, validation_summary
+
+# Tiny settings: the command's plumbing is under test, not the models.
+TINY: dict[str, list[str]] = {
+    "ssim_ae": ["epochs=2", "width=4", "batch_size=8", "latent_dim=16"],
+    "contrastive_seg": ["epochs=2", "width=4", "depth=2", "image_size=32", "batch_size=4", "proj_dim=8"],
+    "rmcsam": ["epochs=2", "imgsz=32", "batch_size=16"],
+}
+
+
+def _sets(key: str) -> list[str]:
+    return [arg for setting in TINY[key] for arg in ("--set", setting)]
+
+
+def test_epoch_status_shows_what_each_assessor_reports() -> None:
+    coil = {"epoch": 3, "epochs": 9, "train_loss": 0.41, "val_loss": 0.52, "val_f1": 0.8}
+    segmenter = {"epoch": 1, "epochs": 9, "train_loss": 0.9, "val_loss": 0.7, "val_f1": None, "val_iou": 0.31}
+    autoencoder = {"epoch": 1, "epochs": 9, "train_loss": 0.2, "val_loss": 0.19, "val_f1": None}
+    assert epoch_status(coil) == "loss 0.410  val 0.520  val F1 0.80"
+    assert epoch_status(segmenter) == "loss 0.900  val 0.700  val IoU 0.31"
+    assert epoch_status(autoencoder) == "loss 0.200  val 0.190"
+    assert epoch_status({"epoch": 1, "epochs": 1, "train_loss": 0.3, "val_loss": None}) == "loss 0.300"
+
+
+def test_validation_summary_names_the_figures_a_fit_has() -> None:
+    assert validation_summary({"f1_nok": 0.9, "roc_auc": None, "n": 40}) == "validation NOK-F1 0.900"
+    assert validation_summary({"iou": 0.5, "f1_nok": 0.75}) == "validation NOK-F1 0.750, IoU 0.500"
+    assert validation_summary({}) == "no validation figures"
+
+
+@pytest.mark.parametrize("key", sorted(TINY))
+def test_train_an_image_assessor_on_a_folder(key: str, tmp_path: Path) -> None:
+    images = synthetic_tiles() if key != "rmcsam" else synthetic_images(per_class=10)
+    folder = write_image_folder(images, tmp_path / "images")
+    out = tmp_path / "model"
+    run = coilguard("train", "--assessor", key, "--data", str(folder), "--seed", "3", *_sets(key), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert f"images of {len(images.classes)} classes" in run.stdout and "done in" in run.stdout
+    assert "validation " in run.stdout and f"saved to {out}" in run.stdout
+    assessor = load_artifact(out)
+    assert assessor.key == key and assessor.settings.seed == 3
+    p, _ = assessor.predict(AssessBatch(np.full((2, 264, 18), 140.0, np.float32), [[images.images[-1]], []]))
+    assert np.isfinite(p[0]) and np.isnan(p[1])  # votes on the coil with an image, abstains on the other
+
+
+def test_an_image_folder_is_refused_for_a_matrix_assessor(tmp_path: Path) -> None:
+    folder = write_image_folder(synthetic_tiles(4, 2), tmp_path / "images")
+    run = coilguard("train", "--assessor", "cnn", "--data", str(folder), "--out", str(tmp_path / "m"))
+    assert run.returncode != 0 and "cnn assesses coil matrices, not images" in run.stderr
+
+
+def test_train_registers_a_coil_model_that_models_then_lists(tmp_path: Path) -> None:
+    env = {"COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}", "COILGUARD_MODEL_DIR": str(tmp_path / "m")}
+    assert coilguard("db", "upgrade", env=env).returncode == 0
+    run = coilguard("train", "--assessor", "cnn", "--data", "sim:300", "--set", "epochs=1", "--register", env=env)
+    assert run.returncode == 0, run.stderr
+    assert "300 coils" in run.stdout and "validation NOK-F1" in run.stdout
+    assert "registered cnn v1 (active)" in run.stdout
+    listed = coilguard("models", env={**env, "COLUMNS": "200"})  # a wide table, nothing cut
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if line.strip().startswith("│ cnn"))
+    assert "active" in row and "cnn/v1" in row
