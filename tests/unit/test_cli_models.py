@@ -1,5 +1,6 @@
-"""``coilguard train`` and ``coilguard models`` as an engineer runs them: coil data or an image folder in,
-a saved or registered model out, and a progress line that every kind of assessor can fill.
+"""``coilguard train``, ``models`` and ``evaluate`` as an engineer runs them: coil data or an image folder
+in, a saved or registered model out, a progress line that every kind of assessor can fill, and an
+evaluation report with its table and plots.
 
 The assessors report different figures per epoch (NOK-F1, IoU, the defect type's accuracy, or losses
 alone); the progress bar and the closing summary must show what each has and never trip over what it
@@ -79,3 +80,16 @@ def test_train_registers_a_coil_model_that_models_then_lists(tmp_path: Path) -> 
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if line.strip().startswith("│ cnn"))
     assert "active" in row and "cnn/v1" in row
+
+
+def test_evaluate_writes_the_table_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    args = ("--data", "sim:300", "--folds", "2", "--repeats", "1", "--set", "cnn.epochs=1", "--out", str(out))
+    run = coilguard("evaluate", "--assessors", "cnn", *args)
+    assert run.returncode == 0, run.stderr
+    table = (out / "report.md").read_text()
+    assert "| cnn |" in table and "| ensemble |" in table and f"report: {out / 'report.md'}" in run.stdout
+    for plot in ("confusion_matrices.png", "roc_gold.png", "cv_f1.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    refused = coilguard("evaluate", "--assessors", "cnn,nosuch", *args)
+    assert refused.returncode != 0 and "not installed: nosuch" in refused.stderr

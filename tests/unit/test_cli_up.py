@@ -1,0 +1,92 @@
+"""``coilguard up`` on its embedded defaults (SQLite, the in-process broker), as a newcomer first runs it:
+it starts with no model and says how to train one, starts AssessCoils once one is registered, decides the
+coils a sensor gateway publishes, serves them on the API, and stops cleanly on SIGTERM.
+
+A fresh process on free ports and a scratch folder; no external service is involved.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cli_runner import coilguard
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _until(check: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[tuple[dict[str, str], httpx.Client, subprocess.Popen, Path]]:
+    api_port = _free_port()
+    env = {
+        "COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'coilguard.db'}",
+        "COILGUARD_MQTT_URL": f"embedded://127.0.0.1:{_free_port()}",
+        "COILGUARD_MODEL_DIR": str(tmp_path / "models"),
+        "COILGUARD_REPORT_DIR": str(tmp_path / "reports"),
+        "COILGUARD_API_PORT": str(api_port),
+        "COILGUARD_BATCH_WAIT": "0.05",
+    }
+    log = (tmp_path / "up.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10)
+    try:
+        yield env, client, proc, tmp_path / "up.log"
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.seek(0)
+        print(log.read())  # shown when the test fails
+        log.close()
+
+
+def test_up_on_embedded_defaults_waits_for_a_model_then_decides_coils_and_stops_cleanly(up) -> None:
+    env, api, proc, log = up
+    _until(lambda: api.get("/status").status_code == 200, 90, "the API of coilguard up")
+    assert api.get("/status").json()["active_models"] == []
+    _until(lambda: "coilguard train --assessor cnn" in log.read_text(), 10, "the hint on how to train a model")
+
+    trained = coilguard("train", "--assessor", "cnn", "--data", "sim:300", "--set", "epochs=1", "--register", env=env)
+    assert trained.returncode == 0, trained.stderr
+    _until(lambda: api.get("/status").json()["alive"].get("assess"), 60, "AssessCoils to start on the new model")
+
+    sent = coilguard("simulate", "--coils", "5", "--rate", "0", "--id-prefix", "UP", env=env)
+    assert sent.returncode == 0, sent.stderr
+
+    def decided() -> list[dict]:
+        return [c for c in api.get("/coils").json()["items"] if c["status"] in ("OK", "NOK")]
+
+    _until(lambda: len(decided()) == 5, 60, "five decided coils")
+    assert all(c["coil_id"].startswith("UP") for c in decided())
+    votes = api.get(f"/coils/{decided()[0]['coil_id']}").json()["votes"]
+    assert [v["model"] for v in votes] == ["cnn"]
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
