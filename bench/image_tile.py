@@ -47,6 +47,7 @@ from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import resize_image, resize_mask
 from ml.imagesets.magnetic_tile import load_magnetic_tile
 from services.cli.models import parse_setting
+from services.progress import fit_progress
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SEED = 0
@@ -115,7 +116,8 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
     for contrastive in plan.branches:
         assessor = ContrastiveSegAssessor({**plan.seg, "contrastive": contrastive, "seed": plan.model_seed})
         t = time.perf_counter()
-        assessor.fit(tiles.subset(train), device="cpu")
+        with fit_progress(f"contrastive_seg contrastive={contrastive}", assessor.s.epochs) as on_epoch:
+            assessor.fit(tiles.subset(train), device="cpu", callback=on_epoch)
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
         predicted = assessor.segment(test_images)
@@ -160,7 +162,8 @@ def run_anomaly(tiles: ImageSet, parts: tuple[np.ndarray, ...], plan: Plan) -> d
     for latent in plan.latents:
         assessor = SsimAeAssessor({**plan.ae, "latent_dim": latent, "seed": plan.model_seed})
         t = time.perf_counter()
-        assessor.fit(tiles.subset(np.r_[free_train, defect_train]), device="cpu")
+        with fit_progress(f"ssim_ae latent {latent}", assessor.s.epochs) as on_epoch:
+            assessor.fit(tiles.subset(np.r_[free_train, defect_train]), device="cpu", callback=on_epoch)
         fit_s = time.perf_counter() - t
         prepared = [torch.from_numpy(assessor.prepare(tiles.images[i]))[None, None] for i in test]
         t = time.perf_counter()
