@@ -12,7 +12,9 @@ For every active model whose latest score breaks the rule (below 75 % over more 
    checksummed, one transaction retires the champion and activates the challenger, and only then
    does the ``promoted`` event go out so that the workers reload.
 
-Whatever fails, the champion keeps serving and the run is marked failed with the reason.
+Whatever fails, the champion keeps serving and the run is marked failed with the reason. An image
+assessor is not retrained here (the coil store keeps matrices, not surface images): its run fails at
+once, naming the command that retrains it from labelled images.
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ class ReTrain:
         device: str | None = None
         try:
             champion = load_model(champion_record, self.model_dir)
+            if champion.consumes != "matrix":
+                return self._cannot_retrain_from_coils(champion, run_id, reason, metrics)
             labelled = self.feedback.labelled_coils()
             train_part, holdout = split_by_time(labelled, self.config.holdout_fraction, self.config.min_holdout)
             history = training_history(champion, self.model_dir)
@@ -191,6 +195,21 @@ class ReTrain:
             if not isinstance(exc, Exception):
                 raise
             return RetrainOutcome(champion_record.name, champion_record.version, "failed", why, None, metrics)
+
+    def _cannot_retrain_from_coils(
+        self, champion: Assessor, run_id: int, reason: str, metrics: dict[str, Any]
+    ) -> RetrainOutcome:
+        """An image assessor cannot be retrained here: the coil store keeps each coil's matrix, not the
+        surface images the assessor votes on, so a challenger could only learn from rendered matrices and
+        would abstain on every coil of the holdout. The run is marked failed (the model is below the rule
+        and someone must act) with what to do, before any minute is spent training."""
+        why = (
+            f"{champion.key} assesses surface images and the coil store keeps none; retrain it from labelled "
+            f"images: coilguard train --assessor {champion.key} --name {champion.name} --data FOLDER --register"
+        )
+        self.runs.finish(run_id, "failed", reason=f"{reason}; {why}", metrics=metrics)
+        log.warning("ReTrain %s: %s; v%d keeps serving", champion.name, why, champion.version)
+        return RetrainOutcome(champion.name, champion.version, "failed", why, None, metrics)
 
     def compare(self, champion: Assessor, challenger: Assessor, holdout: list[LabelledCoil]) -> tuple[bool, dict]:
         """Is the challenger at least as good as the champion on the newest labelled coils?"""

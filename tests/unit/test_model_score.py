@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import synthetic_tiles
 from score_scenario import assessed_coil
 from sqlalchemy import text
 
+from ml.assessors.ssim_ae import SsimAeAssessor
 from ml.dataset import CoilDataset
 from ml.ensemble import MemberVote
 from services.db.engine import make_engine
@@ -17,7 +19,8 @@ from services.db.migrate import upgrade
 from services.db.repositories import SqlCoilStore, SqlFeedbackStore, SqlModelRegistry, SqlRetrainRuns, SqlScoreStore
 from workflows.model_score import ScoreRule, due_for_retraining, score_models
 from workflows.ports import LabelledCoil, UnknownCoil
-from workflows.retrain import combine, split_by_time
+from workflows.retrain import ReTrain, combine, split_by_time
+from workflows.training import register
 
 RULE = ScoreRule(threshold=0.75, min_coils=10)
 
@@ -133,6 +136,30 @@ def test_retrain_runs_lock_one_run_per_model_and_clear_dead_ones(engine) -> None
     with engine.connect() as conn:
         status = dict(conn.execute(text("SELECT id, status FROM retrain_runs")).all())
     assert status == {first: "rejected", dead: "failed", third: "running"}
+
+
+def test_an_image_model_due_for_retraining_fails_at_once_with_what_to_do(engine, tmp_path: Path) -> None:
+    """The coil store keeps matrices, not surface images: ReTrain must say so instead of training a challenger
+    on rendered matrices that would then abstain on the whole holdout."""
+    champion = SsimAeAssessor({"epochs": 1, "width": 4, "latent_dim": 16, "batch_size": 8}, name="surface")
+    champion.fit(synthetic_tiles(), device="cpu")
+    registry = SqlModelRegistry(engine)
+    record = register(champion, registry, tmp_path, status="active")
+    retrain = ReTrain(
+        registry=registry,
+        scores=SqlScoreStore(engine),
+        feedback=SqlFeedbackStore(engine),
+        runs=SqlRetrainRuns(engine),
+        model_dir=tmp_path,
+        worker="test:1",
+    )
+    [outcome] = retrain.run(["surface"], force=True)
+    assert outcome.status == "failed" and outcome.challenger_version is None
+    assert "coilguard train --assessor ssim_ae --name surface --data FOLDER --register" in outcome.reason
+    with engine.connect() as conn:
+        run = conn.execute(text("SELECT model_id, status, reason FROM retrain_runs")).one()
+    assert run.model_id == record.id and run.status == "failed" and "surface images" in run.reason
+    assert [(m.name, m.version) for m in registry.active_models()] == [("surface", 1)]  # still serving
 
 
 # ----------------------------------------------------------------------------- the training data
