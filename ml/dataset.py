@@ -91,7 +91,10 @@ class CoilDataset:
         }
 
     def save(self, path: str | Path) -> Path:
+        """Write an ``.npz`` file and return its path (numpy adds ``.npz`` to a name without it)."""
         path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(
             path,

@@ -154,7 +154,7 @@ class Demo:
 
     def _train_initial_ensemble(self, engine: Any) -> None:
         installed = available()
-        kinds = [k for k in self.config.kinds if k in installed]
+        kinds = list(self.config.kinds)  # checked by the command line; an unknown one fails in create()
         history = LineSimulator(LineConfig(seed=self.config.seed + 1, id_prefix="HIST")).dataset(self.config.history)
         self.console.print(
             f"[bold]1. Initial ensemble[/] ({', '.join(kinds)}) on {len(history)} simulated coils of history "

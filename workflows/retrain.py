@@ -137,6 +137,8 @@ class ReTrain:
                 return self._cannot_retrain_from_coils(champion, run_id, reason, metrics)
             labelled = self.feedback.labelled_coils()
             train_part, holdout = split_by_time(labelled, self.config.holdout_fraction, self.config.min_holdout)
+            if not holdout:  # checked before training: a challenger nobody can judge is hours thrown away
+                raise ValueError("no operator-labelled coils to compare champion and challenger on")
             history = training_history(champion, self.model_dir)
             data = combine(history, train_part, self.config.feedback_weight)
             metrics["data"] = {

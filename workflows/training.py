@@ -6,6 +6,7 @@ orphan folder but never a registered model without intact weights.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ from ml.imagesets import ImageSet
 from workflows.ports import ModelRecord, ModelRegistry
 
 DATA_DIR = "data"  # under MODEL_DIR: every training set a registered model was fitted on
+
+# A model name becomes a folder under MODEL_DIR and a path segment of the API (/models/{name}); the
+# pattern keeps it both (no separators, no "..", what the models.name column holds).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
+
+
+def check_model_name(name: str) -> str:
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):
+        raise ValueError(
+            f"model name {name!r}: 1-128 characters of letters, digits, '.', '_' and '-', not starting with '.'"
+        )
+    return name
 
 
 def training_data(spec: str, *, seed: int = 0) -> CoilDataset | ImageSet:
@@ -44,7 +57,7 @@ def training_data(spec: str, *, seed: int = 0) -> CoilDataset | ImageSet:
 
 def artifact_dir(model_dir: Path, name: str, version: int) -> tuple[Path, str]:
     """Where version ``version`` of ``name`` lives, and the URI recorded for it (relative to MODEL_DIR)."""
-    uri = f"{name}/v{version}"
+    uri = f"{check_model_name(name)}/v{version}"
     return Path(model_dir) / uri, uri
 
 

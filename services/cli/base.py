@@ -28,6 +28,68 @@ class AppContext:
 pass_ctx = click.make_pass_decorator(AppContext, ensure=True)
 
 
+class DurationType(click.ParamType):
+    """``60s``, ``15m``, ``24h``, ``7d`` …: a bad one is a usage error naming the option, not a traceback."""
+
+    name = "duration"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        from services.config import parse_duration
+
+        try:
+            return parse_duration(value)  # type: ignore[arg-type]
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = DurationType()
+
+
+def require_schema(settings: Settings) -> None:
+    """Stop, before any work, when the database is behind this release's schema: a fresh SQLite file or a
+    plant database not yet migrated would otherwise fail halfway (after an hour of training, say) with
+    a bare "no such table"."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from services.db.migrate import behind, head
+
+    where = make_url(settings.database_url).render_as_string(hide_password=True)
+    try:
+        at = behind(settings.database_url)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"cannot reach the database {where}: {exc.__class__.__name__}: {exc}") from None
+    if at is not None:
+        raise click.ClickException(
+            f"the database {where} is at schema revision {at}, this coilguard needs {head()}: "
+            "run `coilguard db upgrade` first"
+        )
+
+
+def coil_assessor_kinds(text: str, param_hint: str) -> list[str]:
+    """Comma-separated assessor keys, each installed and assessing coil matrices: the image assessors abstain
+    on coils without surface images, so a coil-only protocol or demo cannot train or judge them."""
+    from ml.assessors.registry import available
+
+    installed = available()
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    if not kinds:
+        raise click.BadParameter("name at least one assessor", param_hint=param_hint)
+    missing = [k for k in kinds if k not in installed]
+    if missing:
+        raise click.BadParameter(
+            f"not installed: {', '.join(missing)} (installed: {', '.join(sorted(installed))})", param_hint=param_hint
+        )
+    image_kinds = [k for k in kinds if installed[k].consumes != "matrix"]
+    if image_kinds:
+        raise click.BadParameter(
+            f"{', '.join(image_kinds)} assess surface images, which these coils do not carry "
+            "(the image benchmark is bench/image_defects.py)",
+            param_hint=param_hint,
+        )
+    return kinds
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """coilguard: assess galvanized coils on MQTT, learn from operators, retrain when wrong."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from services.cli.base import AppContext, cli, pass_ctx
+from services.cli.base import AppContext, cli, coil_assessor_kinds, pass_ctx
 
 
 @cli.command()
@@ -33,6 +33,7 @@ def demo(
     """The whole loop on one machine: train, assess, drift, score, retrain, recover (var/demo/)."""
     from services.demo import run_demo
 
+    chosen = coil_assessor_kinds(kinds, "--kinds")
     run_demo(
         ctx.settings,
         seed=seed,
@@ -41,5 +42,5 @@ def demo(
         before=before,
         after=after,
         rate=rate,
-        kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+        kinds=tuple(chosen),
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from services.cli.base import AppContext, cli, pass_ctx
+from services.cli.base import AppContext, cli, coil_assessor_kinds, pass_ctx
 
 
 @cli.command()
@@ -34,6 +34,7 @@ def evaluate(
     from datetime import UTC, datetime
 
     from ml.assessors.registry import available
+    from ml.dataset import CoilDataset
     from ml.evaluation.protocol import Plan
     from ml.evaluation.protocol import evaluate as run_evaluation
     from ml.evaluation.report import gold_table, write_report
@@ -43,10 +44,7 @@ def evaluate(
     from workflows.training import training_data
 
     installed = available()
-    kinds = [k.strip() for k in assessors.split(",") if k.strip()]
-    missing = [k for k in kinds if k not in installed]
-    if missing:
-        raise click.BadParameter(f"not installed: {', '.join(missing)}", param_hint="--assessors")
+    kinds = coil_assessor_kinds(assessors, "--assessors")
     settings: dict[str, dict] = {k: dict(installed[k].quick_settings) if quick else {} for k in kinds}
     for text in overrides:
         key, value = parse_setting(text)
@@ -61,7 +59,12 @@ def evaluate(
     plan = Plan(
         kinds=kinds, settings=settings, n_splits=folds, n_repeats=repeats, seed=seed, device=ctx.settings.device
     )
-    dev = training_data(data_spec, seed=seed)
+    try:
+        dev = training_data(data_spec, seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from None
+    if not isinstance(dev, CoilDataset):
+        raise click.BadParameter("the protocol needs coils (sim:N or a .npz dataset), not images", param_hint="--data")
     gold = gold_set(seed=seed)
     out = out or ctx.settings.report_dir / f"evaluation-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     click.echo(

@@ -80,7 +80,9 @@ def simulate(
 
 
 @cli.command()
-@click.option("--coils", "n_coils", default=4542, show_default=True, help="How many coils (the paper had 4542).")
+@click.option(
+    "--coils", "n_coils", default=4542, show_default=True, type=click.IntRange(min=1), help="How many (the paper: 4542)."
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .npz file.")
 @sim_options
 def dataset(
@@ -97,5 +99,5 @@ def dataset(
     """Write a simulated dataset (X, y, coil_id, produced_at, meta) to an .npz file."""
     sim = _simulator(seed, line, drift, drift_at, drift_ramp, severity, id_prefix)
     data = sim.dataset(n_coils)
-    data.save(out)
-    click.echo(f"wrote {len(data)} coils ({data.n_nok} NOK, {data.n_nok / len(data):.1%}) to {out}")
+    written = data.save(out)
+    click.echo(f"wrote {len(data)} coils ({data.n_nok} NOK, {data.n_nok / len(data):.1%}) to {written}")

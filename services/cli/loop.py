@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import timedelta
 
 import click
 
-from services.cli.base import AppContext, cli, pass_ctx
+from services.cli.base import DURATION, AppContext, cli, pass_ctx, require_schema
 
 
 @cli.command()
@@ -22,6 +23,7 @@ def feedback(ctx: AppContext, coil_id: str, label: str, operator: str, comment: 
     from services.db.repositories import SqlFeedbackStore
     from workflows.ports import UnknownCoil
 
+    require_schema(ctx.settings)
     try:
         row = SqlFeedbackStore(make_engine(ctx.settings.database_url)).add(coil_id, label, operator, comment)
     except UnknownCoil as exc:
@@ -30,19 +32,19 @@ def feedback(ctx: AppContext, coil_id: str, label: str, operator: str, comment: 
 
 
 @cli.command()
-@click.option("--every", help="Repeat on this interval (e.g. 60s, 5m) instead of running once.")
+@click.option("--every", type=DURATION, help="Repeat on this interval (e.g. 60s, 5m) instead of running once.")
 @click.option("--recount", is_flag=True, help="Forget the running tallies first and count all feedback again.")
 @pass_ctx
-def score(ctx: AppContext, every: str | None, recount: bool) -> None:
+def score(ctx: AppContext, every: timedelta | None, recount: bool) -> None:
     """ModelScore: each active model's agreement with operator feedback, into mperformance."""
-    from services.config import parse_duration
     from services.db.engine import make_engine
     from services.db.repositories import SqlScoreStore
     from services.jobs import run_score
 
+    interval = every.total_seconds() if every else None
+    require_schema(ctx.settings)
     if recount:  # feedback rows deleted or edited by hand: the tallies cannot see that
         SqlScoreStore(make_engine(ctx.settings.database_url)).forget_tallies()
-    interval = parse_duration(every).total_seconds() if every else None
     while True:
         for scored in run_score(ctx.settings):
             click.echo(scored.describe())
@@ -62,6 +64,18 @@ def retrain(ctx: AppContext, names: tuple[str, ...], force: bool) -> None:
     def terminate(*_: object) -> None:  # the CronJob's pod is being stopped: mark the run failed, exit
         raise SystemExit(143)
 
+    require_schema(ctx.settings)
+    if names:
+        from services.db.engine import make_engine
+        from services.db.repositories import SqlModelRegistry
+
+        active = {m.name for m in SqlModelRegistry(make_engine(ctx.settings.database_url)).active_models()}
+        unknown = sorted(set(names) - active)
+        if unknown:
+            raise click.BadParameter(
+                f"no active model named {', '.join(unknown)} (active: {', '.join(sorted(active)) or 'none'})",
+                param_hint="--model",
+            )
     signal.signal(signal.SIGTERM, terminate)
     outcomes = run_retrain(ctx.settings, names=list(names) or None, force=force)
     for o in outcomes:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from services.cli.base import AppContext, cli, pass_ctx
+from services.cli.base import AppContext, cli, pass_ctx, require_schema
 
 
 @cli.command()
@@ -38,8 +38,8 @@ def train(
     from ml.assessors.registry import UnknownAssessor, create
     from ml.dataset import CoilDataset
     from services.progress import fit_progress, validation_summary
+    from workflows.training import check_model_name, training_data
     from workflows.training import register as register_model
-    from workflows.training import training_data
 
     settings = ctx.settings
     options = {"seed": seed, **dict(parse_setting(o) for o in overrides)}
@@ -49,6 +49,12 @@ def train(
         raise click.BadParameter(str(exc), param_hint="--assessor") from None
     except ValueError as exc:  # pydantic validation of the settings
         raise click.BadParameter(str(exc), param_hint="--set") from None
+    try:
+        check_model_name(assessor.name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--name") from None
+    if register:  # before the training, not after it
+        require_schema(settings)
     try:
         data = training_data(data_spec, seed=seed)
     except (FileNotFoundError, ValueError) as exc:
@@ -114,6 +120,7 @@ def models_(ctx: AppContext, kinds: bool, show_all: bool) -> None:
     from services.db.engine import make_engine
     from services.db.repositories import SqlModelRegistry
 
+    require_schema(ctx.settings)
     records = SqlModelRegistry(make_engine(ctx.settings.database_url)).all()
     table = Table("name", "version", "kind", "status", "validation NOK-F1", "created", "artifact")
     for r in records:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import click
 
-from services.cli.base import AppContext, cli, pass_ctx
+from services.cli.base import DURATION, AppContext, cli, pass_ctx
 
 
 @cli.command()
@@ -23,16 +25,15 @@ def api(ctx: AppContext, host: str | None, port: int | None) -> None:
 
 
 @cli.command()
-@click.option("--window", help="How far back to look (e.g. 24h, 7d; default COILGUARD_DRIFT_WINDOW).")
+@click.option("--window", type=DURATION, help="How far back to look (e.g. 24h, 7d; default COILGUARD_DRIFT_WINDOW).")
 @pass_ctx
-def drift(ctx: AppContext, window: str | None) -> None:
+def drift(ctx: AppContext, window: timedelta | None) -> None:
     """An Evidently drift report of recent coils against the active models' training data."""
-    from services.config import parse_duration
     from services.drift import run_drift
     from workflows.drift_report import describe_columns
 
     settings = ctx.settings
-    outcome = run_drift(settings, window=parse_duration(window) if window else None)
+    outcome = run_drift(settings, window=window)
     click.echo(f"{outcome.window_start:%Y-%m-%d %H:%M} – {outcome.window_end:%Y-%m-%d %H:%M} UTC: {outcome.describe()}")
     if outcome.result is not None:
         if outcome.result.drifted_columns:

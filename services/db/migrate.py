@@ -71,3 +71,15 @@ def check(url: str) -> None:
 def head() -> str | None:
     """The newest revision that the installed migrations know."""
     return ScriptDirectory.from_config(alembic_config("")).get_current_head()
+
+
+def behind(url: str) -> str | None:
+    """The revision the database at ``url`` is at when that is behind the installed migrations ("none" for a
+    database never migrated); None when it is at head, or ahead of it (a newer release migrated it: its
+    migrations add, so an older reader still works, as during a rolling upgrade)."""
+    at = current(url)
+    if at is None:
+        return "none"
+    scripts = ScriptDirectory.from_config(alembic_config(""))
+    known = {rev.revision for rev in scripts.walk_revisions()}
+    return at if at in known and at != scripts.get_current_head() else None

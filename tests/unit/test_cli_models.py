@@ -93,3 +93,57 @@ def test_evaluate_writes_the_table_and_plots(tmp_path: Path) -> None:
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     refused = coilguard("evaluate", "--assessors", "cnn,nosuch", *args)
     assert refused.returncode != 0 and "not installed: nosuch" in refused.stderr
+
+
+def test_a_model_name_that_is_not_a_plain_folder_name_is_refused_before_training(tmp_path: Path) -> None:
+    keep = tmp_path / "v1" / "precious.txt"  # what MODEL_DIR/../v1 would have deleted
+    keep.parent.mkdir()
+    keep.write_text("x")
+    env = {"COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}", "COILGUARD_MODEL_DIR": str(tmp_path / "m")}
+    for name in ("..", "a/b", ".hidden", "x" * 129):
+        run = coilguard("train", "--assessor", "cnn", "--data", "sim:50", "--name", name, "--register", env=env)
+        assert run.returncode == 2 and "--name" in run.stderr and "training" not in run.stdout, (name, run.stderr)
+    assert keep.read_text() == "x"
+
+
+def test_commands_on_a_database_never_migrated_say_to_upgrade_before_any_work(tmp_path: Path) -> None:
+    env = {"COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}", "COILGUARD_MODEL_DIR": str(tmp_path / "m")}
+    for args in (
+        ("train", "--assessor", "cnn", "--data", "sim:50", "--register"),
+        ("models",),
+        ("feedback", "C-1", "OK", "--operator", "anna"),
+        ("score",),
+        ("retrain",),
+    ):
+        run = coilguard(*args, env=env)
+        assert run.returncode == 1, (args, run.stderr)
+        assert "schema revision none" in run.stderr and "run `coilguard db upgrade` first" in run.stderr, args
+        assert "Traceback" not in run.stderr and "training" not in run.stdout, args
+    assert not (tmp_path / "m").exists()  # nothing trained, nothing kept
+
+
+def test_bad_options_are_usage_errors_not_tracebacks(tmp_path: Path) -> None:
+    env = {"COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}", "COILGUARD_MODEL_DIR": str(tmp_path / "m")}
+    assert coilguard("db", "upgrade", env=env).returncode == 0
+    folder = write_image_folder(synthetic_tiles(4, 2), tmp_path / "images")
+    cases = {
+        ("evaluate", "--assessors", "cnn,ssim_ae"): "ssim_ae assess surface images",
+        ("evaluate", "--assessors", "cnn", "--data", str(folder)): "needs coils",
+        ("evaluate", "--assessors", "cnn", "--data", "sim:abc"): "expected sim:N",
+        ("evaluate", "--assessors", "cnn", "--data", str(tmp_path / "nosuch.npz")): "no dataset at",
+        ("demo", "--kinds", "cnnn"): "not installed: cnnn",
+        ("demo", "--kinds", "cnn,rmcsam"): "rmcsam assess surface images",
+        ("retrain", "--model", "nosuch"): "no active model named nosuch (active: none)",
+        ("score", "--every", "5x"): "not a duration: '5x'",
+        ("drift", "--window", "24x"): "not a duration: '24x'",
+        ("dataset", "--coils", "0", "--out", str(tmp_path / "d")): "--coils",
+    }
+    for args, says in cases.items():
+        run = coilguard(*args, env=env)
+        assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+
+
+def test_dataset_says_the_file_it_wrote(tmp_path: Path) -> None:
+    run = coilguard("dataset", "--coils", "20", "--out", str(tmp_path / "d"))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.rstrip().endswith(f"to {tmp_path / 'd.npz'}") and (tmp_path / "d.npz").is_file()

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import synthetic_tiles
+from helpers import stripe_coils, synthetic_tiles
 from score_scenario import assessed_coil
 from sqlalchemy import text
 
+from ml.assessors.cnn import CnnAssessor
 from ml.assessors.ssim_ae import SsimAeAssessor
 from ml.dataset import CoilDataset
 from ml.ensemble import MemberVote
@@ -145,21 +146,35 @@ def test_an_image_model_due_for_retraining_fails_at_once_with_what_to_do(engine,
     champion.fit(synthetic_tiles(), device="cpu")
     registry = SqlModelRegistry(engine)
     record = register(champion, registry, tmp_path, status="active")
-    retrain = ReTrain(
-        registry=registry,
-        scores=SqlScoreStore(engine),
-        feedback=SqlFeedbackStore(engine),
-        runs=SqlRetrainRuns(engine),
-        model_dir=tmp_path,
-        worker="test:1",
-    )
-    [outcome] = retrain.run(["surface"], force=True)
+    [outcome] = _retrain(engine, registry, tmp_path).run(["surface"], force=True)
     assert outcome.status == "failed" and outcome.challenger_version is None
     assert "coilguard train --assessor ssim_ae --name surface --data FOLDER --register" in outcome.reason
     with engine.connect() as conn:
         run = conn.execute(text("SELECT model_id, status, reason FROM retrain_runs")).one()
     assert run.model_id == record.id and run.status == "failed" and "surface images" in run.reason
     assert [(m.name, m.version) for m in registry.active_models()] == [("surface", 1)]  # still serving
+
+
+def test_a_forced_retrain_without_labelled_coils_fails_before_training(engine, tmp_path: Path) -> None:
+    champion = CnnAssessor({"epochs": 1}, name="plain")
+    champion.fit(stripe_coils(80, 0.2), device="cpu")
+    registry = SqlModelRegistry(engine)
+    register(champion, registry, tmp_path, status="active")
+    [outcome] = _retrain(engine, registry, tmp_path).run(["plain"], force=True)
+    assert outcome.status == "failed" and "no operator-labelled coils" in outcome.reason
+    assert "train_s" not in outcome.metrics  # no challenger was trained
+    assert [(m.name, m.version) for m in registry.active_models()] == [("plain", 1)]
+
+
+def _retrain(engine, registry: SqlModelRegistry, model_dir: Path) -> ReTrain:
+    return ReTrain(
+        registry=registry,
+        scores=SqlScoreStore(engine),
+        feedback=SqlFeedbackStore(engine),
+        runs=SqlRetrainRuns(engine),
+        model_dir=model_dir,
+        worker="test:1",
+    )
 
 
 # ----------------------------------------------------------------------------- the training data
