@@ -39,6 +39,7 @@ from workflows.ports import (
     FeedbackStore,
     LabelledCoil,
     LatestScore,
+    ModelRecord,
     ModelRegistry,
     Publisher,
     RetrainRuns,
@@ -134,7 +135,7 @@ class ReTrain:
         try:
             champion = load_model(champion_record, self.model_dir)
             if champion.consumes != "matrix":
-                return self._cannot_retrain_from_coils(champion, run_id, reason, metrics)
+                return self._cannot_retrain_from_coils(champion, champion_record, run_id, reason, metrics)
             labelled = self.feedback.labelled_coils()
             train_part, holdout = split_by_time(labelled, self.config.holdout_fraction, self.config.min_holdout)
             if not holdout:  # checked before training: a challenger nobody can judge is hours thrown away
@@ -199,7 +200,7 @@ class ReTrain:
             return RetrainOutcome(champion_record.name, champion_record.version, "failed", why, None, metrics)
 
     def _cannot_retrain_from_coils(
-        self, champion: Assessor, run_id: int, reason: str, metrics: dict[str, Any]
+        self, champion: Assessor, record: ModelRecord, run_id: int, reason: str, metrics: dict[str, Any]
     ) -> RetrainOutcome:
         """An image assessor cannot be retrained here: the coil store keeps each coil's matrix, not the
         surface images the assessor votes on, so a challenger could only learn from rendered matrices and
@@ -207,7 +208,8 @@ class ReTrain:
         and someone must act) with what to do, before any minute is spent training."""
         why = (
             f"{champion.key} assesses surface images and the coil store keeps none; retrain it from labelled "
-            f"images: coilguard train --assessor {champion.key} --name {champion.name} --data FOLDER --register"
+            f"images: coilguard train --assessor {champion.key} --name {champion.name} --data FOLDER --register, "
+            f"with --set for the settings in {record.artifact_uri}/manifest.json that should carry over"
         )
         self.runs.finish(run_id, "failed", reason=f"{reason}; {why}", metrics=metrics)
         log.warning("ReTrain %s: %s; v%d keeps serving", champion.name, why, champion.version)
