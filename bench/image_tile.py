@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
+from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
 from bench.common import add_threads_option, cpu_threads_note, provenance, threads_label
@@ -52,6 +53,7 @@ from services.progress import fit_progress
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SEED = 0
 TRAIN_SHARE = 0.7
+STDERR = Console(stderr=True)  # the bars; the report goes to stdout
 PAPER_SEG = {True: (0.66, 0.77, 0.78, 0.81), False: (0.21, 0.31, 0.67, 0.21)}
 PAPER_AE = 0.9397
 BRANCHES = {"both": (True, False), "with": (True,), "without": (False,)}  # --branch: the segmenter variants
@@ -116,7 +118,7 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
     for contrastive in plan.branches:
         assessor = ContrastiveSegAssessor({**plan.seg, "contrastive": contrastive, "seed": plan.model_seed})
         t = time.perf_counter()
-        with fit_progress(f"contrastive_seg contrastive={contrastive}", assessor.s.epochs) as on_epoch:
+        with fit_progress(f"contrastive_seg contrastive={contrastive}", assessor.s.epochs, STDERR) as on_epoch:
             assessor.fit(tiles.subset(train), device="cpu", callback=on_epoch)
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
@@ -162,7 +164,7 @@ def run_anomaly(tiles: ImageSet, parts: tuple[np.ndarray, ...], plan: Plan) -> d
     for latent in plan.latents:
         assessor = SsimAeAssessor({**plan.ae, "latent_dim": latent, "seed": plan.model_seed})
         t = time.perf_counter()
-        with fit_progress(f"ssim_ae latent {latent}", assessor.s.epochs) as on_epoch:
+        with fit_progress(f"ssim_ae latent {latent}", assessor.s.epochs, STDERR) as on_epoch:
             assessor.fit(tiles.subset(np.r_[free_train, defect_train]), device="cpu", callback=on_epoch)
         fit_s = time.perf_counter() - t
         prepared = [torch.from_numpy(assessor.prepare(tiles.images[i]))[None, None] for i in test]

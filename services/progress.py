@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 # What an epoch row may carry, as (key, label, format). The coil classifiers report a validation
@@ -29,7 +30,9 @@ VALIDATION_FIELDS = (
 )
 
 
-def make_progress(transient: bool = False) -> Progress:
+def make_progress(transient: bool = False, console: Console | None = None) -> Progress:
+    """``console``: where the bar is drawn (rich's default is stdout; a benchmark whose result goes to stdout
+    passes ``Console(stderr=True)``)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -37,6 +40,7 @@ def make_progress(transient: bool = False) -> Progress:
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
         transient=transient,
+        console=console,
     )
 
 
@@ -52,9 +56,9 @@ def validation_summary(validation: Mapping[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def fit_progress(description: str, epochs: int) -> Iterator[Any]:
+def fit_progress(description: str, epochs: int, console: Console | None = None) -> Iterator[Any]:
     """A callback for ``Assessor.fit`` that advances one bar per epoch and shows the losses."""
-    with make_progress() as progress:
+    with make_progress(console=console) as progress:
         task = progress.add_task(description, total=epochs, status="")
 
         def on_epoch(row: dict[str, Any]) -> None:

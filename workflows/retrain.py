@@ -13,8 +13,8 @@ For every active model whose latest score breaks the rule (below 75 % over more 
    does the ``promoted`` event go out so that the workers reload.
 
 Whatever fails, the champion keeps serving and the run is marked failed with the reason. An image
-assessor is not retrained here (the coil store keeps matrices, not surface images): its run fails at
-once, naming the command that retrains it from labelled images.
+assessor is not retrained here (the coil store keeps matrices, not surface images): it is skipped, with
+the command that retrains it from labelled images.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from ml.assessors.base import AssessBatch, Assessor
-from ml.assessors.registry import create
+from ml.assessors.manifest import MANIFEST_FILE
+from ml.assessors.registry import available, create
 from ml.dataset import CoilDataset
 from ml.evaluation.metrics import binary_metrics
 from workflows.messages import ModelEvent, dumps
@@ -46,7 +47,7 @@ from workflows.ports import (
     ScoreStore,
 )
 from workflows.topics import Topics
-from workflows.training import load_model, register, training_history
+from workflows.training import check_folder_name, load_model, register, resolve_artifact, training_history
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class ReTrain:
 
     def retrain(self, latest: LatestScore, forced: bool = False) -> RetrainOutcome:
         champion_record = latest.model
+        if (skipped := self._image_model(champion_record)) is not None:
+            return skipped
         if latest.score is None:
             reason = "forced"
         else:
@@ -133,9 +136,8 @@ class ReTrain:
         metrics: dict[str, Any] = {"trigger": {"score": latest.score, "n_coils": latest.n_coils}}
         device: str | None = None
         try:
+            check_folder_name(champion_record.name)  # before the training, not at the registration after it
             champion = load_model(champion_record, self.model_dir)
-            if champion.consumes != "matrix":
-                return self._cannot_retrain_from_coils(champion, champion_record, run_id, reason, metrics)
             labelled = self.feedback.labelled_coils()
             train_part, holdout = split_by_time(labelled, self.config.holdout_fraction, self.config.min_holdout)
             if not holdout:  # checked before training: a challenger nobody can judge is hours thrown away
@@ -199,21 +201,22 @@ class ReTrain:
                 raise
             return RetrainOutcome(champion_record.name, champion_record.version, "failed", why, None, metrics)
 
-    def _cannot_retrain_from_coils(
-        self, champion: Assessor, record: ModelRecord, run_id: int, reason: str, metrics: dict[str, Any]
-    ) -> RetrainOutcome:
-        """An image assessor cannot be retrained here: the coil store keeps each coil's matrix, not the
-        surface images the assessor votes on, so a challenger could only learn from rendered matrices and
-        would abstain on every coil of the holdout. The run is marked failed (the model is below the rule
-        and someone must act) with what to do, before any minute is spent training."""
+    def _image_model(self, record: ModelRecord) -> RetrainOutcome | None:
+        """An image model is skipped, with what to do: the coil store keeps each coil's matrix, not the surface
+        images the model votes on, so a challenger could only learn from rendered matrices and would abstain
+        on the whole holdout. Skipped, not failed: the condition lasts, and a failed pass would have the
+        CronJob run the whole pass again."""
+        kind = available().get(record.kind)
+        if kind is None or kind.consumes == "matrix":
+            return None
+        manifest = resolve_artifact(self.model_dir, record.artifact_uri) / MANIFEST_FILE
         why = (
-            f"{champion.key} assesses surface images and the coil store keeps none; retrain it from labelled "
-            f"images: coilguard train --assessor {champion.key} --name {champion.name} --data FOLDER --register, "
-            f"with --set for the settings in {record.artifact_uri}/manifest.json that should carry over"
+            f"{record.kind} assesses surface images and the coil store keeps none; retrain it from labelled "
+            f"images: coilguard train --assessor {record.kind} --name {record.name} --data FOLDER --register, "
+            f"with --set for the settings in {manifest} that should carry over"
         )
-        self.runs.finish(run_id, "failed", reason=f"{reason}; {why}", metrics=metrics)
-        log.warning("ReTrain %s: %s; v%d keeps serving", champion.name, why, champion.version)
-        return RetrainOutcome(champion.name, champion.version, "failed", why, None, metrics)
+        log.warning("ReTrain %s: %s; v%d keeps serving", record.name, why, record.version)
+        return RetrainOutcome(record.name, record.version, "skipped", why)
 
     def compare(self, champion: Assessor, challenger: Assessor, holdout: list[LabelledCoil]) -> tuple[bool, dict]:
         """Is the challenger at least as good as the champion on the newest labelled coils?"""

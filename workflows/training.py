@@ -26,10 +26,19 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 
 
 def check_model_name(name: str) -> str:
+    """A new model's name (``coilguard train --name``)."""
     if not re.fullmatch(MODEL_NAME_PATTERN, name):
         raise ValueError(
             f"model name {name!r}: 1-128 characters of letters, digits, '.', '_' and '-', not starting with '.'"
         )
+    return name
+
+
+def check_folder_name(name: str) -> str:
+    """What any name must be to become one folder under MODEL_DIR (names registered by older releases,
+    which did not check them, included): nothing that climbs out of it or nests."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"model name {name!r} cannot be a folder under MODEL_DIR; register the model under another")
     return name
 
 
@@ -57,7 +66,7 @@ def training_data(spec: str, *, seed: int = 0) -> CoilDataset | ImageSet:
 
 def artifact_dir(model_dir: Path, name: str, version: int) -> tuple[Path, str]:
     """Where version ``version`` of ``name`` lives, and the URI recorded for it (relative to MODEL_DIR)."""
-    uri = f"{check_model_name(name)}/v{version}"
+    uri = f"{check_folder_name(name)}/v{version}"
     return Path(model_dir) / uri, uri
 
 

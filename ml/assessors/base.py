@@ -32,7 +32,8 @@ from ml.normalize import Normalizer
 
 InputKind = Literal["matrix", "image"]
 FitCallback = Callable[[dict[str, Any]], None]
-"""Receives one dict per epoch (assessor, epoch, epochs, train_loss, val_loss, val_f1) for progress bars."""
+"""Receives one dict per epoch for progress bars: assessor, epoch, epochs, train_loss, val_loss and val_f1 (None
+where the assessor has no NOK-F1 per epoch), plus val_iou or val_accuracy where the assessor has them."""
 
 
 class AssessorSettings(BaseModel):

@@ -9,7 +9,6 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from services.api import queries
 from services.api.deps import State
 from services.api.schemas import Error, ModelOut
-from workflows.training import MODEL_NAME_PATTERN
 
 router = APIRouter(tags=["models"])
 
@@ -30,7 +29,7 @@ def list_models(
     summary="One model's versions",
     responses={404: {"model": Error, "description": "No model of that name."}},
 )
-def get_model(state: State, name: Annotated[str, Path(pattern=MODEL_NAME_PATTERN)]) -> dict:
+def get_model(state: State, name: Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,128}$")]) -> dict:
     found = queries.model_versions(state.engine, name=name)
     if not found:
         raise HTTPException(404, f"no model named {name!r}")

@@ -29,7 +29,7 @@ pass_ctx = click.make_pass_decorator(AppContext, ensure=True)
 
 
 class DurationType(click.ParamType):
-    """``60s``, ``15m``, ``24h``, ``7d`` …: a bad one is a usage error naming the option, not a traceback."""
+    """``60s``, ``15m``, ``24h``, ``7d`` … (positive): a bad one is a usage error naming the option, not a traceback."""
 
     name = "duration"
 
@@ -37,9 +37,12 @@ class DurationType(click.ParamType):
         from services.config import parse_duration
 
         try:
-            return parse_duration(value)  # type: ignore[arg-type]
+            duration = parse_duration(value)  # type: ignore[arg-type]
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if duration.total_seconds() <= 0:
+            self.fail(f"{value!r} is not a positive duration", param, ctx)
+        return duration
 
 
 DURATION = DurationType()
@@ -82,8 +85,9 @@ def coil_assessor_kinds(text: str, param_hint: str) -> list[str]:
         )
     image_kinds = [k for k in kinds if installed[k].consumes != "matrix"]
     if image_kinds:
+        verb = "assesses" if len(image_kinds) == 1 else "assess"
         raise click.BadParameter(
-            f"{', '.join(image_kinds)} assess surface images, which these coils do not carry "
+            f"{', '.join(image_kinds)} {verb} surface images, which these coils do not carry "
             "(the image benchmark is bench/image_defects.py)",
             param_hint=param_hint,
         )

@@ -81,7 +81,12 @@ def simulate(
 
 @cli.command()
 @click.option(
-    "--coils", "n_coils", default=4542, show_default=True, type=click.IntRange(min=1), help="How many (the paper: 4542)."
+    "--coils",
+    "n_coils",
+    default=4542,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many coils (the paper had 4542).",
 )
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .npz file.")
 @sim_options

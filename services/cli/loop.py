@@ -41,7 +41,7 @@ def score(ctx: AppContext, every: timedelta | None, recount: bool) -> None:
     from services.db.repositories import SqlScoreStore
     from services.jobs import run_score
 
-    interval = every.total_seconds() if every else None
+    interval = every.total_seconds() if every is not None else None
     require_schema(ctx.settings)
     if recount:  # feedback rows deleted or edited by hand: the tallies cannot see that
         SqlScoreStore(make_engine(ctx.settings.database_url)).forget_tallies()

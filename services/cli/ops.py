@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import click
 
-from services.cli.base import DURATION, AppContext, cli, pass_ctx
+from services.cli.base import DURATION, AppContext, cli, pass_ctx, require_schema
 
 
 @cli.command()
@@ -33,6 +33,7 @@ def drift(ctx: AppContext, window: timedelta | None) -> None:
     from workflows.drift_report import describe_columns
 
     settings = ctx.settings
+    require_schema(settings)
     outcome = run_drift(settings, window=window)
     click.echo(f"{outcome.window_start:%Y-%m-%d %H:%M} – {outcome.window_end:%Y-%m-%d %H:%M} UTC: {outcome.describe()}")
     if outcome.result is not None:

@@ -139,7 +139,7 @@ def test_retrain_runs_lock_one_run_per_model_and_clear_dead_ones(engine) -> None
     assert status == {first: "rejected", dead: "failed", third: "running"}
 
 
-def test_an_image_model_due_for_retraining_fails_at_once_with_what_to_do(engine, tmp_path: Path) -> None:
+def test_an_image_model_due_for_retraining_is_skipped_with_what_to_do(engine, tmp_path: Path) -> None:
     """The coil store keeps matrices, not surface images: ReTrain must say so instead of training a challenger
     on rendered matrices that would then abstain on the whole holdout."""
     champion = SsimAeAssessor({"epochs": 1, "width": 4, "latent_dim": 16, "batch_size": 8}, name="surface")
@@ -147,11 +147,11 @@ def test_an_image_model_due_for_retraining_fails_at_once_with_what_to_do(engine,
     registry = SqlModelRegistry(engine)
     record = register(champion, registry, tmp_path, status="active")
     [outcome] = _retrain(engine, registry, tmp_path).run(["surface"], force=True)
-    assert outcome.status == "failed" and outcome.challenger_version is None
+    assert outcome.status == "skipped" and outcome.challenger_version is None
     assert "coilguard train --assessor ssim_ae --name surface --data FOLDER --register" in outcome.reason
+    assert str(tmp_path / record.artifact_uri / "manifest.json") in outcome.reason
     with engine.connect() as conn:
-        run = conn.execute(text("SELECT model_id, status, reason FROM retrain_runs")).one()
-    assert run.model_id == record.id and run.status == "failed" and "surface images" in run.reason
+        assert conn.execute(text("SELECT count(*) FROM retrain_runs")).scalar_one() == 0
     assert [(m.name, m.version) for m in registry.active_models()] == [("surface", 1)]  # still serving
 
 
