@@ -79,14 +79,16 @@ FULL = Plan(
     ae={"lr": 1e-3, "epochs": 60, "patience": 60, "blur": 3.0},
     latents=(100, 300, 500),
     windows=(7, 11, 15),
+    # the figures in braces come from the settings actually run (see ``run``), so an override cannot leave
+    # the description behind
     note="segmenter with EfficientNet-Lite0's ImageNet-pretrained encoder (stem and first two stages frozen; the "
-    "paper trains its own residual-SE encoder from scratch: `--encoder residual_se`), decoder width 16 (paper: 32), "
-    "on whole images resized to 192 × 192, 80 epochs (the best on validation kept), the encoder at a tenth of the "
-    "decoder's learning rate, pixel threshold 0.5 (not tuned on the 20 validation images that also pick the epoch); "
-    "autoencoder "
-    "on whole tiles resized to 128 × 128 (one patch each, not 16 crops) and smoothed with a Gaussian of σ = 3 "
-    "pixels, 60 epochs at Adam 1e-3 (Bergmann: 200 epochs at 2e-4); all of it to fit in about an hour of two "
-    "CPU threads",
+    "paper trains its own residual-SE encoder from scratch: `--encoder residual_se`), decoder width {seg[width]} "
+    "(paper: 32), on whole images resized to {seg[image_size]} × {seg[image_size]}, {seg[epochs]} epochs (the best "
+    "on validation kept), the encoder at {seg[encoder_lr]:g} of the decoder's learning rate, {threshold}; "
+    "autoencoder on whole tiles resized to {ae[image_size]} × {ae[image_size]} and smoothed with a Gaussian of "
+    "σ = {ae[blur]:g} pixels, {ae[epochs]} epochs at Adam "
+    "{ae[lr]:g} (Bergmann: 16 crops per image, 200 epochs at 2e-4); all of it to fit in about an hour of two CPU "
+    "threads",
 )  # fmt: skip
 QUICK = Plan(
     seg={"encoder": "effnet_lite0", "width": 4, "image_size": 32, "crop_size": 0, "batch_size": 8, "lr": 2e-3,
@@ -232,13 +234,22 @@ def run(
     a setting in half the time."""
     torch.set_num_threads(threads)
     plan = QUICK if quick else FULL
+    replaced = []
     for part, name, changes in (("seg", "segmenter", {"encoder": encoder, **(seg_settings or {})}),
                                 ("ae", "autoencoder", ae_settings or {})):  # fmt: skip
         current = getattr(plan, part)
         changed = {k: v for k, v in changes.items() if current.get(k) != v}
         if changed:
-            note = f"{name} settings {changed} replace the plan's; {plan.note}"
-            plan = replace(plan, **{part: {**current, **changed}}, note=note)
+            replaced.append(f"{name} settings {changed} replace the plan's")
+            plan = replace(plan, **{part: {**current, **changed}})
+    seg = ContrastiveSegAssessor.Settings(**plan.seg).model_dump()
+    ae = SsimAeAssessor.Settings(**plan.ae).model_dump()
+    threshold = (
+        "the pixel threshold tuned on the validation images that also pick the epoch"
+        if seg["tune_threshold"]
+        else "pixel threshold 0.5 (not tuned on the 20 validation images that also pick the epoch)"
+    )
+    plan = replace(plan, note="; ".join([*replaced, plan.note.format(seg=seg, ae=ae, threshold=threshold)]))
     plan = replace(plan, threads=threads, model_seed=seed, branches=BRANCHES[branch])
     started = time.perf_counter()
     tiles = load_magnetic_tile(datasets / "magnetic-tile")
