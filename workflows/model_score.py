@@ -34,7 +34,7 @@ class ScoredModel:
 
     def describe(self) -> str:
         if self.row.score is None:
-            return f"{self.row.name} v{self.row.version}: no feedback yet"
+            return f"{self.row.name} v{self.row.version}: no feedback yet on a coil it voted on"
         flag = "  BELOW THRESHOLD" if self.below_threshold else ""
         return f"{self.row.name} v{self.row.version}: {self.row.score:.1%} over {self.row.n_coils} coils{flag}"
 
