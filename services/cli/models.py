@@ -61,6 +61,13 @@ def train(
         raise click.BadParameter(str(exc), param_hint="--data") from None
     if isinstance(data, CoilDataset):
         what = f"{len(data)} coils, {data.n_nok} NOK"
+        if assessor.consumes == "image":  # allowed (#7), but in service it sees surface images, not renders
+            click.echo(
+                f"note: {kind} learns here from coil matrices rendered as images, yet in service it votes only on "
+                "coils whose messages carry surface images (and abstains on the rest); train it on a folder of "
+                "labelled surface images for that",
+                err=True,
+            )
     else:
         if assessor.consumes != "image":
             raise click.BadParameter(f"{kind} assesses coil matrices, not images", param_hint="--data")

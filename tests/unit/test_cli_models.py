@@ -66,6 +66,15 @@ def test_train_an_image_assessor_on_a_folder(key: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_an_image_assessor_trained_on_coils_comes_with_a_note(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    run = coilguard("train", "--assessor", "ssim_ae", "--data", "sim:80", *_sets("ssim_ae"), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "note: ssim_ae learns here from coil matrices rendered as images" in run.stderr
+    assert "80 coils" in run.stdout and load_artifact(out).training_data["source"] == "coils"
+
+
+@pytest.mark.slow
 def test_an_image_folder_is_refused_for_a_matrix_assessor(tmp_path: Path) -> None:
     folder = write_image_folder(synthetic_tiles(4, 2), tmp_path / "images")
     run = coilguard("train", "--assessor", "cnn", "--data", str(folder), "--out", str(tmp_path / "m"))
