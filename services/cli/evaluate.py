@@ -39,9 +39,8 @@ def evaluate(
     from ml.evaluation.protocol import evaluate as run_evaluation
     from ml.evaluation.report import gold_table, write_report
     from ml.sim import gold_set
-    from services.cli.models import parse_setting
+    from services.cli.models import load_data, parse_setting
     from services.progress import make_progress
-    from workflows.training import training_data
 
     installed = available()
     kinds = coil_assessor_kinds(assessors, "--assessors")
@@ -59,10 +58,7 @@ def evaluate(
     plan = Plan(
         kinds=kinds, settings=settings, n_splits=folds, n_repeats=repeats, seed=seed, device=ctx.settings.device
     )
-    try:
-        dev = training_data(data_spec, seed=seed)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--data") from None
+    dev = load_data(data_spec, seed)
     if not isinstance(dev, CoilDataset):
         raise click.BadParameter("the protocol needs coils (sim:N or a .npz dataset), not images", param_hint="--data")
     gold = gold_set(seed=seed)

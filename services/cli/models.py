@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,7 +39,7 @@ def train(
     from ml.assessors.registry import UnknownAssessor, create
     from ml.dataset import CoilDataset
     from services.progress import fit_progress, validation_summary
-    from workflows.training import check_model_name, training_data
+    from workflows.training import check_model_name
     from workflows.training import register as register_model
 
     settings = ctx.settings
@@ -55,10 +56,7 @@ def train(
         raise click.BadParameter(str(exc), param_hint="--name") from None
     if register:  # before the training, not after it
         require_schema(settings)
-    try:
-        data = training_data(data_spec, seed=seed)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--data") from None
+    data = load_data(data_spec, seed)
     if isinstance(data, CoilDataset):
         what = f"{len(data)} coils, {data.n_nok} NOK"
         if assessor.consumes == "image":  # allowed (#7), but in service it sees surface images, not renders
@@ -92,6 +90,17 @@ def train(
             dataset=data if isinstance(data, CoilDataset) else None,  # image folders stay where they are
         )
         click.echo(f"registered {record.name} v{record.version} (active) at {settings.model_dir / record.artifact_uri}")
+
+
+def load_data(spec: str, seed: int) -> Any:
+    """``--data`` of ``train`` and ``evaluate`` (see :func:`workflows.training.training_data`); a bad one is a
+    usage error naming the option."""
+    from workflows.training import training_data
+
+    try:
+        return training_data(spec, seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from None
 
 
 def parse_setting(text: str) -> tuple[str, object]:

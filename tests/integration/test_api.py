@@ -8,7 +8,6 @@ server error and no response that breaks the document.
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import pytest
 import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, settings
+from infra import free_ports
 from schemathesis import checks
 from sqlalchemy import Engine, func, insert, select
 
@@ -46,12 +46,6 @@ class Api:
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.base, timeout=30, **kwargs)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _seed(engine: Engine, report_dir: Path) -> None:
@@ -146,7 +140,7 @@ def _seed(engine: Engine, report_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _serve(settings: Settings, engine: Engine, heartbeat: bool = True) -> Iterator[str]:
-    port = _free_port()
+    port = free_ports()[0]
     app = create_app(settings, engine, heartbeat=heartbeat)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None)
     server = uvicorn.Server(config)
@@ -263,7 +257,7 @@ def test_health_readiness_and_status(api: Api) -> None:
 
 
 def test_not_ready_when_the_broker_is_away(api: Api) -> None:
-    settings = api.settings.model_copy(update={"mqtt_url": f"mqtt://127.0.0.1:{_free_port()}"})
+    settings = api.settings.model_copy(update={"mqtt_url": f"mqtt://127.0.0.1:{free_ports()[0]}"})
     with _serve(settings, api.engine, heartbeat=False) as base, httpx.Client(base_url=base, timeout=30) as client:
         response = client.get("/health/ready")
     checks = response.json()["checks"]

@@ -7,10 +7,8 @@ A fresh process on free ports and a scratch folder; no external service is invol
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 from cli_runner import coilguard
+from infra import free_ports
 
 pytestmark = pytest.mark.slow
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (each socket stays bound until all are read, so none is handed out twice)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 def _until(check: Callable[[], object], timeout: float, what: str) -> object:
@@ -47,7 +37,7 @@ def _until(check: Callable[[], object], timeout: float, what: str) -> object:
 
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[tuple[dict[str, str], httpx.Client, subprocess.Popen, Path]]:
-    api_port, broker_port = _free_ports(2)
+    api_port, broker_port = free_ports(2)
     env = {
         "COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'coilguard.db'}",
         "COILGUARD_MQTT_URL": f"embedded://127.0.0.1:{broker_port}",

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import time
+
+from infra import free_ports
 
 from services.config import MqttUrl
 from services.mqtt.broker import EmbeddedBroker
 from services.mqtt.client import Inbound, MqttClient
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_embedded_broker_carries_qos1_messages_and_shared_topics_degrade() -> None:
-    port = _free_port()
+    port = free_ports()[0]
     url = MqttUrl(scheme="embedded", port=port)
     got: list[Inbound] = []
     with (
