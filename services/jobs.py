@@ -4,6 +4,8 @@ the CronJob and the demo all call, so that each runs the very same code."""
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Engine
@@ -44,13 +46,16 @@ class _MqttPublisher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        topics = ", ".join(sorted({topic for topic, _ in messages}))
         try:
             with mqtt_client(self.settings, client_id=f"coilguard-retrain-{worker_name().replace(':', '-')}") as client:
-                client.publish(topic, payload, qos=1)
-                client.flush(10)
+                for topic, payload in messages:
+                    client.publish(topic, payload, qos=1)
+                if not client.flush(10):
+                    log.warning("the broker did not confirm the events on %s within 10 s", topics)
         except ConnectionError as exc:
-            log.warning("could not announce on %s (%s); workers will notice the new version by polling", topic, exc)
+            log.warning("could not announce on %s (%s); workers will notice the new version by polling", topics, exc)
 
 
 def make_retrain(
@@ -59,6 +64,7 @@ def make_retrain(
     *,
     fit_overrides: dict[str, Any] | None = None,
     publish: bool = True,
+    stop: threading.Event | None = None,
 ) -> ReTrain:
     engine = engine or make_engine(settings.database_url)
     return ReTrain(
@@ -76,11 +82,19 @@ def make_retrain(
         ),
         publisher=_MqttPublisher(settings) if publish else None,
         topics=topics(settings),
+        stop=stop,
     )
 
 
-def run_retrain(settings: Settings, *, names: list[str] | None = None, force: bool = False) -> list[RetrainOutcome]:
-    outcomes = make_retrain(settings).run(names=names, force=force)
+def run_retrain(
+    settings: Settings,
+    *,
+    names: list[str] | None = None,
+    force: bool = False,
+    stop: threading.Event | None = None,
+) -> list[RetrainOutcome]:
+    """``stop``: set by a scheduler that is shutting down; the training in progress ends at its next epoch."""
+    outcomes = make_retrain(settings, stop=stop).run(names=names, force=force)
     for outcome in outcomes:
         METRICS.retrain_runs.labels(outcome.model, outcome.status).inc()
         if "total_s" in outcome.metrics:

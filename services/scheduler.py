@@ -3,12 +3,18 @@
 Each job runs at most once at a time in this process and missed runs are coalesced; two schedulers,
 or a scheduler and the Kubernetes CronJob, are kept from retraining the same model at once by the
 database lock in ``retrain_runs``, not by this process.
+
+Stopping (SIGTERM, or ``coilguard up`` ending) sets the scheduler's ``stopping`` event: a ReTrain in
+progress ends at its next epoch, records its run as failed ("stopped"), and the process exits; the
+champion keeps serving and the next pass starts over. The pod's grace period covers one epoch.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,17 +33,30 @@ log = logging.getLogger(__name__)
 Job = Callable[[Settings], object]
 
 
-def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]] | None = None) -> BlockingScheduler:
+class Scheduler(BlockingScheduler):
+    """APScheduler's blocking scheduler with a ``stopping`` event that long jobs watch."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Ask running jobs to wind down and stop scheduling; callable from a signal handler."""
+        self.stopping.set()
+        self.shutdown(wait=False)
+
+
+def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]] | None = None) -> Scheduler:
     from services.drift import run_drift
     from services.jobs import run_retrain, run_score
 
-    scheduler = BlockingScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+    scheduler = Scheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
     jobs: dict[str, tuple[Job, object]] = {
         "score": (run_score, IntervalTrigger(seconds=settings.score_every.total_seconds())),
         **{
             name: (job, CronTrigger.from_crontab(cron, timezone="UTC"))
             for name, job, cron in (
-                ("retrain", run_retrain, settings.retrain_cron),
+                ("retrain", functools.partial(run_retrain, stop=scheduler.stopping), settings.retrain_cron),
                 ("drift", run_drift, settings.drift_cron),
             )
             if cron != OFF
@@ -86,7 +105,7 @@ def run_scheduler(settings: Settings) -> None:
     from services.metrics import serve_metrics
 
     scheduler = build_scheduler(settings)
-    signal.signal(signal.SIGTERM, lambda *_: scheduler.shutdown(wait=False))
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
     serve_metrics(settings.metrics_port)
     heartbeat = scheduler_heartbeat(settings, scheduler)
     try:

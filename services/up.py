@@ -96,7 +96,7 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
         try:
             server.run()  # until SIGINT/SIGTERM
         finally:
-            scheduler.shutdown(wait=False)
+            scheduler.stop()
             heartbeat.stop()
             assess.stop()
             engine.dispose()

@@ -109,7 +109,8 @@ class ModelRegistry(Protocol):
 
 
 class Publisher(Protocol):
-    def publish(self, topic: str, payload: bytes) -> None: ...
+    def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Send ``(topic, payload)`` pairs together: one connection, one wait, even when the broker is away."""
 
 
 # ----------------------------------------------------------------------------- human in the loop

@@ -12,7 +12,8 @@ For every active model whose latest score breaks the rule (below 75 % over more 
    checksummed, one transaction retires the champion and activates the challenger, and only then
    does the ``promoted`` event go out so that the workers reload.
 
-Whatever fails, the champion keeps serving and the run is marked failed with the reason. An image
+Whatever fails, the champion keeps serving and the run is marked failed with the reason; a process that is
+shutting down (``stop`` set) ends its training at the next epoch the same way, and starts no other. An image
 assessor is not retrained here (the coil store keeps matrices, not surface images): it is skipped, with
 the command that retrains it from labelled images.
 """
@@ -20,6 +21,7 @@ the command that retrains it from labelled images.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +66,10 @@ class RetrainConfig:
     fit_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. fewer epochs for the demo
 
 
+class RetrainStopped(Exception):
+    """The process is shutting down: the training ends at an epoch boundary, and the champion keeps serving."""
+
+
 @dataclass
 class RetrainOutcome:
     model: str
@@ -88,6 +94,7 @@ class ReTrain:
         publisher: Publisher | None = None,
         topics: Topics | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.registry = registry
         self.scores = scores
@@ -99,6 +106,7 @@ class ReTrain:
         self.publisher = publisher
         self.topics = topics or Topics()
         self.on_progress = on_progress
+        self.stop = stop or threading.Event()
 
     def due(self) -> list[LatestScore]:
         return due_for_retraining(self.scores.latest(), self.config.rule)
@@ -117,7 +125,13 @@ class ReTrain:
             candidates = [s for s in self.due() if names is None or s.model.name in names]
         if not candidates:
             log.info("ReTrain: no model is due")
-        return [self.retrain(s, forced=force) for s in candidates]
+        outcomes = []
+        for latest in candidates:
+            if self.stop.is_set():
+                log.info("ReTrain: shutting down; %d model(s) left for the next pass", len(candidates) - len(outcomes))
+                break
+            outcomes.append(self.retrain(latest, forced=force))
+        return outcomes
 
     def retrain(self, latest: LatestScore, forced: bool = False) -> RetrainOutcome:
         champion_record = latest.model
@@ -155,7 +169,7 @@ class ReTrain:
                 champion.key, {**champion.settings.model_dump(), **self.config.fit_overrides}, name=champion.name
             )
             train_started = time.perf_counter()
-            report = challenger.fit(data, init=champion, device=self.config.device)
+            report = challenger.fit(data, init=champion, device=self.config.device, callback=self._epoch_done)
             device = report.device
             metrics["train_s"] = round(time.perf_counter() - train_started, 2)
 
@@ -245,11 +259,15 @@ class ReTrain:
             return
         now = datetime.now(UTC)
         self.publisher.publish(
-            self.topics.model_events, dumps(ModelEvent(event="retired", model=name, version=retired_version, at=now))
+            [
+                (self.topics.model_events, dumps(ModelEvent(event=event, model=name, version=v, at=now)))
+                for event, v in (("retired", retired_version), ("promoted", version))
+            ]
         )
-        self.publisher.publish(
-            self.topics.model_events, dumps(ModelEvent(event="promoted", model=name, version=version, at=now))
-        )
+
+    def _epoch_done(self, row: dict[str, Any]) -> None:
+        if self.stop.is_set():
+            raise RetrainStopped(f"stopped after epoch {row.get('epoch', '?')}: the process is shutting down")
 
     def _progress(self, stage: str, name: str, detail: dict[str, Any]) -> None:
         if self.on_progress is not None:

@@ -39,14 +39,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, every: float 
 
 @dataclass
 class Listener:
-    """An ordinary MQTT client on the decision and rejected topics, as a dashboard would be."""
+    """An ordinary MQTT client on the decision, rejected and model-event topics, as a dashboard would be."""
 
     decisions: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    model_events: list[dict] = field(default_factory=list)
 
     def on_message(self, message: Inbound) -> None:
         doc = orjson.loads(message.payload)
-        (self.rejected if "/rejected/" in message.topic else self.decisions).append(doc)
+        if "/rejected/" in message.topic:
+            self.rejected.append(doc)
+        elif message.topic.endswith("/events/models"):
+            self.model_events.append(doc)
+        else:
+            self.decisions.append(doc)
 
 
 @dataclass
@@ -132,6 +138,7 @@ def assess_env(
     with MqttClient(mqtt_url, on_message=listener.on_message) as sub, MqttClient(mqtt_url) as pub:
         sub.subscribe(topics.all_decisions)
         sub.subscribe(topics.all_rejected)
+        sub.subscribe(topics.model_events)
         time.sleep(0.2)
         try:
             yield AssessEnv(settings, engine, topics, SqlModelRegistry(engine), pub, listener, client_id)

@@ -131,6 +131,8 @@ def test_the_loop_closes_score_retrain_promote_reload_without_losing_a_coil(env:
         run = conn.execute(select(RetrainRun)).one()
         per_coil = conn.execute(select(Assessment.coil_id, Assessment.model_id).order_by(Assessment.coil_id)).all()
     assert run.status == "promoted" and run.challenger_id == active[0].id and run.device
+    events = [(e["event"], e["model"], e["version"]) for e in env.listener.model_events]
+    assert events == [("retired", "cnn", 1), ("promoted", "cnn", 2)], env.listener.model_events  # DESIGN §3
     assert run.metrics["holdout"]["challenger"] > run.metrics["holdout"]["champion"]
     assert len(per_coil) == total == len({c for c, _ in per_coil})  # every coil once, one vote each
     votes = dict(per_coil)

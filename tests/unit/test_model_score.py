@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -166,7 +167,40 @@ def test_a_forced_retrain_without_labelled_coils_fails_before_training(engine, t
     assert [(m.name, m.version) for m in registry.active_models()] == [("plain", 1)]
 
 
-def _retrain(engine, registry: SqlModelRegistry, model_dir: Path) -> ReTrain:
+def test_a_shutdown_ends_the_training_at_the_next_epoch_and_starts_no_other(engine, tmp_path: Path) -> None:
+    """A scheduler stopped mid-ReTrain (SIGTERM) must not leave the pod's grace period to a SIGKILL: the run
+    ends at an epoch boundary, is recorded as failed, the champion keeps serving, the next model waits."""
+    registry = SqlModelRegistry(engine)
+    ids = {}
+    for name in ("first", "second"):
+        champion = CnnAssessor({"epochs": 3, "seed": 0}, name=name)
+        champion.fit(stripe_coils(60, 0.2), device="cpu")
+        ids[(name, 1)] = register(champion, registry, tmp_path, status="active").id
+    labelled = stripe_coils(30, 0.3, seed=5)
+    SqlCoilStore(engine).save_assessed(
+        [
+            assessed_coil(str(c), [MemberVote(n, 1, "OK", 0.5, 0.5) for n in ("first", "second")])
+            for c in labelled.coil_id
+        ],
+        ids,
+    )
+    feedback = SqlFeedbackStore(engine)
+    for coil_id, y in zip(labelled.coil_id, labelled.y, strict=True):
+        feedback.add(str(coil_id), "NOK" if y else "OK", "anna")
+    stop = threading.Event()
+    retrain = _retrain(engine, registry, tmp_path, stop=stop)
+    retrain.on_progress = lambda event: stop.set()  # SIGTERM arrives as the first challenger starts training
+
+    outcomes = retrain.run(force=True)
+    assert [(o.model, o.status) for o in outcomes] == [("first", "failed")], outcomes  # "second" never started
+    assert "RetrainStopped: stopped after epoch 1" in outcomes[0].reason
+    with engine.connect() as conn:
+        runs = conn.execute(text("SELECT status, reason FROM retrain_runs")).all()
+    assert [r.status for r in runs] == ["failed"] and "shutting down" in runs[0].reason
+    assert sorted((m.name, m.version) for m in registry.active_models()) == [("first", 1), ("second", 1)]
+
+
+def _retrain(engine, registry: SqlModelRegistry, model_dir: Path, **options: object) -> ReTrain:
     return ReTrain(
         registry=registry,
         scores=SqlScoreStore(engine),
@@ -174,6 +208,7 @@ def _retrain(engine, registry: SqlModelRegistry, model_dir: Path) -> ReTrain:
         runs=SqlRetrainRuns(engine),
         model_dir=model_dir,
         worker="test:1",
+        **options,
     )
 
 
