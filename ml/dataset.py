@@ -62,6 +62,12 @@ class CoilDataset:
         meta["columns"] = {k: [v[i] for i in idx] for k, v in self.columns.items()}
         return CoilDataset(self.X[idx], self.y[idx], self.coil_id[idx], self.produced_at[idx], meta)
 
+    def unique(self) -> CoilDataset:
+        """Each coil once (its first row): training sets repeat coils on purpose (ReTrain counts an operator's
+        coil several times), a description of the line's coils must not."""
+        _, first = np.unique(self.coil_id, return_index=True)
+        return self if len(first) == len(self) else self.subset(np.sort(first))
+
     @classmethod
     def concat(cls, parts: list[CoilDataset]) -> CoilDataset:
         names = set.intersection(*(set(p.columns) for p in parts)) if parts else set()

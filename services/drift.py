@@ -61,7 +61,8 @@ class SqlDriftSource:
         paths = sorted({p for p in (self._data_path(r) for r in records) if p is not None})
         if not paths:
             return None
-        data = CoilDataset.concat([CoilDataset.load(self.model_dir / p) for p in paths])
+        # each coil once: ReTrain keeps operator-labelled coils three times over, and the models may share data
+        data = CoilDataset.concat([CoilDataset.load(self.model_dir / p) for p in paths]).unique()
         sample = CoilSample(
             data.X,
             labels=np.where(data.y == 1, "NOK", "OK").astype(object),

@@ -81,10 +81,12 @@ def test_coilguard_drift_reports_a_drifted_gauge(
     model_dir, report_dir = tmp_path / "models", tmp_path / "reports"
     history, drifted = line["history"], line["drifted"]
 
-    # a model in service whose kept training data is the history (a quick fit: this is about drift)
+    # a model in service whose kept training data is the history (a quick fit: this is about drift), some
+    # coils three times over as after a ReTrain (the reference counts each coil once)
     cnn = create("cnn", {"epochs": 1, "seed": 0})
     cnn.fit(history.subset(slice(0, 150)), device="cpu")
-    register(cnn, SqlModelRegistry(engine), model_dir, status="active", dataset=history)
+    kept = CoilDataset.concat([history] + [history.subset(slice(0, 50))] * 2)
+    register(cnn, SqlModelRegistry(engine), model_dir, status="active", dataset=kept)
 
     # the drifted coils as AssessCoils would have stored them during the last day, some checked by operators
     p_nok, confidence = cnn.predict(AssessBatch(drifted.X))
