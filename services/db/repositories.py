@@ -625,12 +625,10 @@ class SqlRetrainRuns:
                     .returning(retrain_runs.c.id)
                 ).scalar_one()
         except IntegrityError:  # another process wrote its running row first (SQLite)
-            if lock is not None:
-                lock.close()
+            _release(lock)
             return None
         except BaseException:
-            if lock is not None:
-                lock.close()
+            _release(lock)
             raise
         if lock is not None:
             self._locks[run_id] = lock
@@ -659,9 +657,16 @@ class SqlRetrainRuns:
             with self.engine.begin() as conn:
                 conn.execute(update(retrain_runs).where(retrain_runs.c.id == run_id).values(**values))
         finally:
-            lock = self._locks.pop(run_id, None)
-            if lock is not None:
-                lock.close()  # ends the session: the advisory lock goes with it
+            _release(self._locks.pop(run_id, None))
+
+
+def _release(lock: Connection | None) -> None:
+    """End the lock's session, and the advisory lock with it. ``close()`` alone would hand the connection
+    back to the pool with the lock still held, and every later run of that model would be "already running"
+    until the pool happened to drop it."""
+    if lock is not None:
+        lock.invalidate()
+        lock.close()
 
 
 def _process_alive(worker: str | None) -> bool:

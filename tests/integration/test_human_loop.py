@@ -19,7 +19,9 @@ from sqlalchemy import select, text
 from ml.assessors.registry import create
 from ml.dataset import CoilDataset
 from ml.sim import LineConfig, LineSimulator, SimCoil
+from services.db.engine import make_engine
 from services.db.models import Assessment, Coil, ModelPerformance, RetrainRun
+from services.db.repositories import SqlRetrainRuns
 from services.jobs import make_retrain
 from services.line import publish_coils
 from workflows.ports import ModelRecord
@@ -193,6 +195,21 @@ def test_sigkill_mid_training_leaves_the_champion_serving_and_does_not_block_the
     with env.engine.connect() as conn:
         dead = conn.execute(select(RetrainRun).order_by(RetrainRun.id)).first()
     assert "abandoned" in dead.reason
+
+
+def test_a_finished_run_releases_its_lock_at_once(env: AssessEnv) -> None:
+    """The lock lives on a pooled connection: finishing must free it for this process and for any other."""
+    model = env.registry.add(name="locked", kind="cnn", version=1, artifact_uri="locked/v1", sha256="x")
+    here, elsewhere = SqlRetrainRuns(env.engine), SqlRetrainRuns(make_engine(env.settings.database_url))
+    for status in ("rejected", "failed", "promoted"):
+        run = here.start(model.id, "test", "here:1")
+        assert run is not None, status
+        assert elsewhere.start(model.id, "test", "elsewhere:1") is None  # held while running
+        here.finish(run, status)
+        other = elsewhere.start(model.id, "test", "elsewhere:1")
+        assert other is not None, f"the lock outlived a {status} run"
+        elsewhere.finish(other, "rejected")
+    elsewhere.engine.dispose()
 
 
 def _run_statuses(env: AssessEnv) -> list[str]:
