@@ -177,15 +177,21 @@ class MqttClient:
         return info
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until the broker has acknowledged everything published so far (QoS 1 is acked in order)."""
+        """Wait until the broker has acknowledged everything published so far (QoS 1 is acked in order).
+
+        A message published while the connection was down is sent, and acknowledged, after the reconnect;
+        paho's ``wait_for_publish`` refuses to wait for one, so its state is polled instead."""
         last = self._last_publish
-        if last is None or last.is_published():
-            return True
-        try:
-            last.wait_for_publish(timeout)
-        except (RuntimeError, ValueError):
-            return False
-        return last.is_published()
+        deadline = time.monotonic() + timeout
+        while last is not None and not last.is_published():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                last.wait_for_publish(min(remaining, 0.5))
+            except (RuntimeError, ValueError):
+                time.sleep(min(remaining, 0.1))
+        return True
 
     def ack(self, message: Inbound) -> None:
         """Acknowledge a message received with ``manual_ack``; a no-op for QoS 0."""

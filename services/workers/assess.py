@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promoted` event was missed
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
+CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
 
 
 @dataclass
@@ -225,6 +226,7 @@ class AssessWorker:
         then a redelivered coil would be announced once more, which consumers already tolerate.
         """
         unmarked: list[str] = []
+        unconfirmed = False  # stopping, and the broker never confirmed: later batches are not waited for either
         while True:
             try:
                 item = self._pending.get(timeout=MARK_IDLE_S) if unmarked else self._pending.get()
@@ -239,15 +241,28 @@ class AssessWorker:
             except _Stopped:  # shutting down with the database away: these stay unacknowledged
                 continue
             unmarked = []
+            if unconfirmed:
+                continue
             for out in result.publish:
                 self.client.publish(out.topic, out.payload, qos=1)
-            if not self.client.flush(timeout=30):
-                log.warning("broker did not confirm this batch's decisions in time; they stay queued in the client")
+            if not self._confirmed():
+                unconfirmed = True  # neither acknowledged nor marked: the coils come back and are announced
+                continue
             unmarked = result.to_mark_published
             for message in batch:  # only now: every result is committed and announced
                 self.client.ack(message)
             self._account(result, len(batch), time.perf_counter() - started)
         self._mark_published(unmarked)
+
+    def _confirmed(self) -> bool:
+        """Has the broker acknowledged everything published? While it is away the decisions wait in the client
+        (re-sent on reconnect) and so does this batch; only a worker that is stopping gives up on them."""
+        while not self.client.flush(timeout=CONFIRM_WAIT_S):
+            if self.stopping.is_set():
+                log.warning("stopping before the broker confirmed the last decisions: their coils stay unacknowledged")
+                return False
+            log.warning("the broker has not confirmed this batch's decisions in %.0f s; still waiting", CONFIRM_WAIT_S)
+        return True
 
     def _mark_published(self, coil_ids: list[str]) -> list[str]:
         """Mark on its own; returns what is still unmarked (all of it when stopping with the database away)."""

@@ -13,6 +13,7 @@ class TcpProxy:
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._stalled = threading.Event()
         self.port = 0
 
     def start(self) -> TcpProxy:
@@ -44,6 +45,11 @@ class TcpProxy:
     def restore(self) -> None:
         self.start()
 
+    def stall(self) -> None:
+        """Silently drop what clients send while keeping every connection open: a network that loses
+        packets without anybody noticing (what comes back from the target still arrives)."""
+        self._stalled.set()
+
     def _accept(self, server: socket.socket) -> None:
         while True:
             try:
@@ -61,14 +67,15 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, stall in ((client, upstream, self._stalled), (upstream, client, None)):
+                threading.Thread(target=self._pipe, args=(a, b, stall), daemon=True).start()
 
     @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(source: socket.socket, sink: socket.socket, stall: threading.Event | None) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if stall is None or not stall.is_set():
+                    sink.sendall(data)
         except OSError:
             pass
         finally:

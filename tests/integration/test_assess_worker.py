@@ -7,10 +7,12 @@ import itertools
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import orjson
@@ -23,6 +25,8 @@ from ml.assessors.registry import create
 from ml.sim import LineConfig, LineSimulator
 from services.db.models import Assessment, Coil, Worker
 from services.line import publish_coils
+from services.workers import assess as assess_module
+from services.workers.assess import AssessWorker
 from workflows.messages import ModelEvent, dumps
 
 
@@ -257,6 +261,48 @@ def test_while_the_database_is_down_nothing_is_dropped_and_the_worker_catches_up
         assert env.count(Assessment.id) == 250
         assert {d["coil_id"] for d in env.listener.decisions} == {c.coil_id for c in first + during}
     proxy.cut()
+
+
+def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
+    pg_database_factory: Callable[[], str],
+    mqtt_url: str,
+    topic_prefix: str,
+    tmp_path: Path,
+    trained_cnns: list[Assessor],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A network that drops the worker's packets unnoticed: its decisions never reach the broker, nor do its
+    acknowledgements. Stopped so, the worker must not count those coils as announced; restarted, it announces
+    every one (and decides none twice)."""
+    from tcp_proxy import TcpProxy
+
+    monkeypatch.setattr(assess_module, "CONFIRM_WAIT_S", 1.0)
+    broker = urlsplit(mqtt_url)
+    proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 1883).start()
+    credentials = broker.netloc.rpartition("@")[0]
+    via_proxy = broker._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}".lstrip("@")).geturl()
+    with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/unconfirmed", tmp_path) as env:
+        env.register(trained_cnns[0])
+        coils = _coils(5, "U")
+        settings = env.settings.model_copy(update={"mqtt_url": via_proxy})
+        worker = AssessWorker(settings, engine=env.engine, client_id=env.client_id)
+        thread = threading.Thread(target=worker.run, name="assess-worker", daemon=True)
+        thread.start()
+        try:
+            assert worker.ready.wait(60), "worker did not start"
+            proxy.stall()
+            publish_coils(env.publisher, env.topics, coils)
+            assert wait_for(lambda: env.coils() == 5, timeout=60)  # decided and stored …
+            time.sleep(2.5)  # … and announced into the void: the worker waits for the broker's word
+        finally:
+            worker.stop()
+            thread.join(30)
+            proxy.cut()
+        assert not thread.is_alive() and not env.listener.decisions
+        with env.worker():  # directly connected, same session: the unacknowledged coils come back
+            assert wait_for(lambda: len(env.listener.decisions) >= 5, timeout=60), env.listener.decisions
+        assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in coils)
+        assert env.count(Assessment.id) == 5  # one vote each: stored once, announced after the restart
 
 
 def test_sigterm_finishes_the_batch_acknowledges_and_exits_cleanly(env: AssessEnv, tmp_path: Path) -> None:
