@@ -8,10 +8,24 @@ from services.cli.base import AppContext, cli, pass_ctx
 
 
 @cli.command()
-@click.option("--client-id", help="MQTT client id (the persistent session is tied to it).")
+@click.option(
+    "--client-id",
+    help="MQTT client id (the persistent session is tied to it; default: from the host name). "
+    "Each worker needs its own, and the same one after a restart.",
+)
+@click.option(
+    "--retire",
+    is_flag=True,
+    help="Remove a worker for good: assess what the broker kept for this client id, then end its session "
+    "(otherwise the broker goes on queuing that worker's share of the stream).",
+)
 @pass_ctx
-def assess(ctx: AppContext, client_id: str | None) -> None:
+def assess(ctx: AppContext, client_id: str | None, retire: bool) -> None:
     """The AssessCoils worker: assess every coil on the sensor topics until stopped."""
     from services.workers.assess import AssessWorker
 
-    AssessWorker(ctx.settings, client_id=client_id).run()
+    if retire and not (client_id or ctx.settings.mqtt_client_id or ctx.settings.mqtt.client_id):
+        raise click.UsageError("--retire needs the retired worker's --client-id")
+    stats = AssessWorker(ctx.settings, client_id=client_id, retire=retire).run()
+    if retire:
+        click.echo(f"retired: {stats.decided} coils decided from its session, which is removed")

@@ -30,6 +30,7 @@ from services.config import MqttUrl
 log = logging.getLogger(__name__)
 
 SHARED_PREFIX = "$share/"
+SESSION_TAKEN_OVER = 0x8E  # MQTT v5 DISCONNECT reason: another connection came with the same client id
 
 
 @dataclass(slots=True)
@@ -169,6 +170,16 @@ class MqttClient:
         if not done.wait(timeout):
             raise ConnectionError(f"broker did not confirm the subscription to {topic}")
 
+    def unsubscribe(self, topic: str) -> None:
+        """Stop receiving ``topic`` (and do not subscribe again after a reconnect)."""
+        topic = self._supported(topic)
+        with self._lock:
+            self._subscriptions.pop(topic, None)
+        if self.connected.is_set():
+            result, _ = self._client.unsubscribe(topic)
+            if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise ConnectionError(f"unsubscribe from {topic} failed: {paho.error_string(result)}")
+
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         self._last_publish = info
@@ -235,8 +246,15 @@ class MqttClient:
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
-        if not self._closing:
-            log.warning("MQTT connection to %s lost (%s); reconnecting", self.url.redacted(), reason_code)
+        if self._closing:
+            return
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
+            log.error(
+                "MQTT client id %s is in use by another client, which took this session over; "
+                "give every worker its own client id (--client-id or COILGUARD_MQTT_CLIENT_ID)",
+                self.client_id,
+            )
+        log.warning("MQTT connection to %s lost (%s); reconnecting", self.url.redacted(), reason_code)
 
     def _handle_message(self, client, userdata, message: paho.MQTTMessage) -> None:
         if self._on_message is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -31,7 +32,7 @@ from services.db.engine import make_engine
 from services.db.repositories import SqlCoilStore, SqlModelRegistry
 from services.heartbeat import Heartbeat
 from services.metrics import METRICS, serve_metrics
-from services.mqtt.client import Inbound, MqttClient
+from services.mqtt.client import Inbound, MqttClient, forget_session
 from services.runtime import mqtt_client, topics
 from workflows.assess import (
     AssessCoils,
@@ -49,6 +50,17 @@ log = logging.getLogger(__name__)
 RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promoted` event was missed
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
+RETIRE_IDLE_S = 3.0  # a retiring worker is done when its session has delivered nothing for this long
+
+
+def worker_client_id(settings: Settings, given: str | None = None) -> str:
+    """``--client-id``, ``MQTT_CLIENT_ID``, the ``MQTT_URL``'s ``client_id``, or one derived from the host.
+
+    The broker keeps a persistent session per id and queues that worker's share of the stream while it is
+    away, so the id must come back after a restart (a random one would strand the share) and differ between
+    workers (two with one id knock each other off). The host name does both for one worker per host and
+    for the pods of a StatefulSet; more workers on one host each need their own ``--client-id``."""
+    return given or settings.mqtt_client_id or settings.mqtt.client_id or f"coilguard-assess-{socket.gethostname()}"
 
 
 @dataclass
@@ -69,8 +81,12 @@ class AssessWorker:
         engine: Engine | None = None,
         client_id: str | None = None,
         on_batch: Callable[[BatchResult], None] | None = None,
+        retire: bool = False,
     ) -> None:
+        """``retire``: assess what the broker kept for this client id's session, then end the session (the
+        way to remove a worker for good: its session would otherwise go on queuing its share of the stream)."""
         self.settings = settings
+        self.retire = retire
         self.topics = topics(settings)
         self.engine = engine or make_engine(settings.database_url)
         self.store = SqlCoilStore(self.engine)
@@ -86,10 +102,11 @@ class AssessWorker:
         self._reload = threading.Event()
         self._serving: ServingEnsemble | None = None
         self._last_poll = 0.0
+        self._last_inbound = time.monotonic()
         self.last_decision_at: str | None = None
         self.client: MqttClient = mqtt_client(
             settings,
-            client_id=client_id or settings.mqtt_client_id or "coilguard-assess",
+            client_id=worker_client_id(settings, client_id),
             persistent=True,
             manual_ack=True,
             receive_maximum=max(4 * settings.batch_size, 256),
@@ -110,22 +127,30 @@ class AssessWorker:
         log.info("serving ensemble: %s", self._serving.describe())
         serve_metrics(self.settings.metrics_port)
         self.client.connect(timeout=60)
-        self.client.subscribe(self.topics.model_events, qos=1)
-        self.client.subscribe(self.topics.shared_sensors(), qos=1)
+        if self.retire:  # what the session kept still arrives; nothing new is routed to it
+            self.client.unsubscribe(self.topics.shared_sensors())
+        else:
+            self.client.subscribe(self.topics.model_events, qos=1)
+            self.client.subscribe(self.topics.shared_sensors(), qos=1)
+        self._last_inbound = time.monotonic()
         self.ready.set()
-        log.info("assess worker ready: %s", self.topics.shared_sensors())
+        log.info("assess worker %s %s", "retiring:" if self.retire else "ready:", self.topics.shared_sensors())
         heartbeat = Heartbeat(
             self.engine, "assess", self.client.client_id, self._status, self.settings.heartbeat_every.total_seconds()
         )
         self._retry("start the heartbeat", heartbeat.start)
         committer = threading.Thread(target=self._commit_loop, name="assess-commit", daemon=True)
         committer.start()
+        drained = False
         try:
             while not self.stopping.is_set():
                 self._maybe_reload()
                 batch = self._collect()
                 if batch:
                     self._pending.put(self._prepare(batch))
+                elif self.retire and time.monotonic() - self._last_inbound > RETIRE_IDLE_S:
+                    drained = True
+                    break
             # drain what has already arrived, so that a rolling restart hands back as little as possible
             while batch := self._collect(wait=False):
                 self._pending.put(self._prepare(batch))
@@ -138,6 +163,9 @@ class AssessWorker:
             if self._serving is not None:
                 self._serving.ensemble.close()
             self.client.close()
+            if drained:
+                forget_session(self.client.url, self.client.client_id)
+                log.info("session %s assessed to the end and removed", self.client.client_id)
             log.info("assess worker stopped: %s", self.stats)
         return self.stats
 
@@ -157,6 +185,7 @@ class AssessWorker:
     # ------------------------------------------------------------------ messages in
 
     def _on_message(self, message: Inbound) -> None:
+        self._last_inbound = time.monotonic()
         if message.topic == self.topics.model_events:
             self._on_model_event(message)
         else:

@@ -91,8 +91,8 @@ class AssessEnv:
         return out
 
     @contextlib.contextmanager
-    def worker(self, **kwargs: object) -> Iterator[AssessWorker]:
-        worker = AssessWorker(self.settings, engine=self.engine, client_id=self.client_id, **kwargs)
+    def worker(self, client_id: str | None = None, **kwargs: object) -> Iterator[AssessWorker]:
+        worker = AssessWorker(self.settings, engine=self.engine, client_id=client_id or self.client_id, **kwargs)
         thread = threading.Thread(target=worker.run, name="assess-worker", daemon=True)
         thread.start()
         assert worker.ready.wait(60), "worker did not start"

@@ -292,8 +292,10 @@ def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
             assert worker.ready.wait(60), "worker did not start"
             proxy.stall()
             publish_coils(env.publisher, env.topics, coils)
-            assert wait_for(lambda: env.coils() == 5, timeout=60)  # decided and stored …
-            time.sleep(2.5)  # … and announced into the void: the worker waits for the broker's word
+            # decided and stored, and announced into the void: the worker waits for the broker's word (and
+            # a later batch, when the five came in two, waits behind it)
+            assert wait_for(lambda: env.coils() >= 1, timeout=60)
+            time.sleep(2.5)
         finally:
             worker.stop()
             thread.join(30)
@@ -303,6 +305,27 @@ def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
             assert wait_for(lambda: len(env.listener.decisions) >= 5, timeout=60), env.listener.decisions
         assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in coils)
         assert env.count(Assessment.id) == 5  # one vote each: stored once, announced after the restart
+
+
+def test_a_retired_worker_hands_in_its_queued_share_and_nothing_is_stranded(env: AssessEnv) -> None:
+    """Two workers share the stream; one stops for good (a scaled-in pod). The broker goes on routing half the
+    coils to its session. `coilguard assess --retire` assesses them and removes the session."""
+    leaving = f"{env.client_id}-leaving"
+    first, later = _coils(40, "R1"), _coils(20, "R2", seed=6)
+    with env.worker() as staying:
+        with env.worker(client_id=leaving):
+            pass  # started, subscribed, stopped: its persistent session stays behind
+        publish_coils(env.publisher, env.topics, first)
+        assert wait_for(lambda: staying.stats.decided > 0, timeout=30)
+        time.sleep(1.0)
+        retired = AssessWorker(env.settings, engine=env.engine, client_id=leaving, retire=True).run()
+        assert retired.decided > 0  # the stranded share was waiting in the session
+        assert wait_for(lambda: env.coils() == 40, timeout=30), env.coils()
+        assert staying.stats.decided + retired.decided == 40
+        publish_coils(env.publisher, env.topics, later)
+        assert wait_for(lambda: env.coils() == 60, timeout=30), env.coils()  # the session is gone
+    assert env.count(Assessment.id) == 60
+    assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in first + later)
 
 
 def test_sigterm_finishes_the_batch_acknowledges_and_exits_cleanly(env: AssessEnv, tmp_path: Path) -> None:

@@ -75,11 +75,16 @@ def test_mosquitto_authenticates_and_queues_deliberately() -> None:
     assert "mosquitto_passwd" in str(mosquitto["entrypoint"])  # hashed at start, from .env
 
 
-def test_assess_scales_out() -> None:
-    assess = SERVICES["assess"]
-    assert "container_name" not in assess and "ports" not in assess  # `--scale assess=N` needs both absent
-    (args,) = invocations(assess["entrypoint"], entrypoint_is_coilguard=False)
-    assert "--client-id" in args and "$HOSTNAME" in args[args.index("--client-id") + 1]  # one session each
+def test_each_assess_worker_keeps_one_fixed_client_id() -> None:
+    """The persistent session (and the share of the stream queued for it) belongs to the client id: an id that
+    changes when the container is recreated strands the old session's share."""
+    workers = {name: svc for name, svc in SERVICES.items() if name == "assess" or name.startswith("assess-")}
+    ids = []
+    for name, worker in workers.items():
+        (args,) = invocations(worker["command"], entrypoint_is_coilguard=True)
+        assert args[0] == "assess" and "--client-id" in args, name
+        ids.append(args[args.index("--client-id") + 1])
+    assert all("$" not in i for i in ids) and len(set(ids)) == len(ids), ids
 
 
 def test_api_is_published_and_health_checked() -> None:

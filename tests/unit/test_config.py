@@ -84,3 +84,18 @@ def test_topics() -> None:
     assert topics.line_of("plant/sensors/galv-2/matrix") == "galv-2"
     assert topics.line_of("plant/sensors/a/b/matrix") is None
     assert topics.line_of("other/sensors/a/matrix") is None
+
+
+def test_a_workers_client_id_is_given_or_stable_per_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The persistent session belongs to the id: it must survive restarts and differ between hosts."""
+    import socket
+
+    from services.workers.assess import worker_client_id
+
+    monkeypatch.delenv("COILGUARD_MQTT_CLIENT_ID", raising=False)
+    plain = load_settings(_env_file=None, mqtt_url="mqtt://broker:1883")
+    assert worker_client_id(plain) == f"coilguard-assess-{socket.gethostname()}" == worker_client_id(plain)
+    in_url = load_settings(_env_file=None, mqtt_url="mqtt://broker:1883?client_id=line-2-a")
+    assert worker_client_id(in_url) == "line-2-a"
+    both = load_settings(_env_file=None, mqtt_url="mqtt://broker:1883?client_id=line-2-a", mqtt_client_id="pod-0")
+    assert worker_client_id(both) == "pod-0" and worker_client_id(both, "given") == "given"
