@@ -24,7 +24,8 @@ from ml.matrix import N_SECTIONS, N_SENSORS, SHAPE
 
 SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 1 << 20
-COIL_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Applied with fullmatch: under re.match a "$" also matches before a final newline, which let "C-1\n" through.
+COIL_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MATRIX_BYTES = N_SECTIONS * N_SENSORS * 4
 _NUMBER_TYPES = frozenset({float, int, type(None)})
 
@@ -65,6 +66,7 @@ class _Envelope(BaseModel):
 
     schema_: Literal[1] = Field(alias="schema")
     coil_id: str
+    # pydantic applies ``pattern`` with the Rust regex engine, whose "$" is the end of the text only
     line: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     produced_at: datetime
     product: Product | None = None
@@ -73,7 +75,7 @@ class _Envelope(BaseModel):
     @field_validator("coil_id")
     @classmethod
     def _coil_id(cls, value: str) -> str:
-        if not COIL_ID_PATTERN.match(value):
+        if not COIL_ID_PATTERN.fullmatch(value):
             raise ValueError("must be 1–64 characters of [A-Za-z0-9._-]")
         return value
 

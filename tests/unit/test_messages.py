@@ -119,6 +119,17 @@ def test_every_bad_message_names_its_reason_and_field(matrix: np.ndarray, case: 
     assert error.field == field, (case, error.field, error.reason)
 
 
+@pytest.mark.parametrize("coil_id", ["C-1\n", "C" * 64 + "\n", "\nC-1", "C-1\r\n"])
+def test_a_coil_id_with_a_line_break_is_refused(matrix: np.ndarray, coil_id: str) -> None:
+    # re.match with "$" let a final "\n" through; an id with a line break splits log lines and SQL keys
+    error = _refusal(orjson.dumps(_doc(matrix, coil_id=coil_id)))
+    assert error.field == "coil_id" and "[A-Za-z0-9._-]" in error.reason
+
+
+def test_a_line_with_a_line_break_is_refused(matrix: np.ndarray) -> None:
+    assert _refusal(orjson.dumps(_doc(matrix, line="galv-1\n"))).field == "line"
+
+
 def test_infinity_in_json_is_refused(matrix: np.ndarray) -> None:
     text = encode_coil_message("C-1", "galv-1", AT, matrix).replace(b"[[", b"[[1e999,", 1)
     _refusal(text)
