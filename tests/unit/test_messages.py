@@ -109,6 +109,15 @@ BAD_CASES = {
     "wrong schema": (lambda m: orjson.dumps(_doc(m, schema=2)), "schema"),
     "bad timestamp": (lambda m: orjson.dumps(_doc(m, produced_at="yesterday")), "produced_at"),
     "bad product": (lambda m: orjson.dumps(_doc(m, product={"width_mm": -5})), "product.width_mm"),
+    # only the JSON types the contract names: pydantic's lax mode would read these as something else
+    "schema true": (lambda m: orjson.dumps(_doc(m, schema=True)), "schema"),
+    "schema a float": (lambda m: orjson.dumps(_doc(m, schema=1.0)), "schema"),
+    "schema a string": (lambda m: orjson.dumps(_doc(m, schema="1")), "schema"),
+    "width a string": (lambda m: orjson.dumps(_doc(m, product={"width_mm": "1250"})), "product.width_mm"),
+    "thickness a boolean": (lambda m: orjson.dumps(_doc(m, product={"thickness_mm": True})), "product.thickness_mm"),
+    "time a number": (lambda m: orjson.dumps(_doc(m, produced_at=1795428000)), "produced_at"),
+    "time a numeric string": (lambda m: orjson.dumps(_doc(m, produced_at="1795428000")), "produced_at"),
+    "time without a time": (lambda m: orjson.dumps(_doc(m, produced_at="2026-11-23")), "produced_at"),
 }
 
 
@@ -128,6 +137,26 @@ def test_a_coil_id_with_a_line_break_is_refused(matrix: np.ndarray, coil_id: str
 
 def test_a_line_with_a_line_break_is_refused(matrix: np.ndarray) -> None:
     assert _refusal(orjson.dumps(_doc(matrix, line="galv-1\n"))).field == "line"
+
+
+def test_product_numbers_may_be_integers_or_decimals(matrix: np.ndarray) -> None:
+    product = {"coating": "Z275", "width_mm": 1250, "thickness_mm": 0.8}
+    msg = parse_coil_message(orjson.dumps(_doc(matrix, product=product)))
+    assert msg.product is not None and (msg.product.width_mm, msg.product.thickness_mm) == (1250, 0.8)
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"schema": True}, "must be the integer 1 (CoilMessage v1), got true"),
+        ({"schema": 2}, "must be the integer 1 (CoilMessage v1), got 2"),
+        ({"coil_id": "C 1"}, "must be 1–64 characters of [A-Za-z0-9._-]"),
+        ({"produced_at": 1795428000}, "must be an ISO 8601 date and time"),
+    ],
+)
+def test_a_refusal_says_what_the_field_must_be(matrix: np.ndarray, changes: dict, words: str) -> None:
+    # the reason goes out on the rejected topic as it is: no pydantic "Value error, " prefix
+    assert _refusal(orjson.dumps(_doc(matrix, **changes))).reason.startswith(words)
 
 
 def test_infinity_in_json_is_refused(matrix: np.ndarray) -> None:
