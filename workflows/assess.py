@@ -281,12 +281,14 @@ def _decision_from_stored(stored: StoredDecision) -> Decision:
 
 
 def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
+    """The pixels, for image assessors; the parser has already checked the base64 and the format's
+    signature, so what is left to refuse here is a file that PIL cannot read (the field names which one)."""
     decoded: list[np.ndarray] = []
-    for image in coil.images:
+    for i, image in enumerate(coil.images):
         try:
             decoded.append(decode_image(image.decode()))
         except ValueError as exc:
-            raise RejectedMessage(str(exc), "images", coil.coil_id) from None
+            raise RejectedMessage(str(exc), f"images.{i}", coil.coil_id) from None
     return decoded
 
 

@@ -18,13 +18,15 @@ from typing import Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ml.matrix import N_SECTIONS, N_SENSORS, SHAPE
 
 SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 1 << 20
-COIL_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Applied with fullmatch: under re.match a "$" also matches before a final newline, which let "C-1\n" through.
+COIL_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_DATE_AND_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")  # a prefix: pydantic's parser checks the rest
 _MATRIX_BYTES = N_SECTIONS * N_SENSORS * 4
 _NUMBER_TYPES = frozenset({float, int, type(None)})
 
@@ -40,22 +42,55 @@ class RejectedMessage(ValueError):
 
 
 class Product(BaseModel):
+    """Strict numbers: lax mode would read "1250" and ``true`` as millimetres, which the contract never sends."""
+
     model_config = ConfigDict(extra="allow")
 
     coating: str | None = Field(None, max_length=32)
-    width_mm: float | None = Field(None, gt=0, lt=5000)
-    thickness_mm: float | None = Field(None, gt=0, lt=20)
+    width_mm: float | None = Field(None, gt=0, lt=5000, strict=True)
+    thickness_mm: float | None = Field(None, gt=0, lt=20, strict=True)
+
+
+# What a file of each declared format starts with; checking it costs nothing beside the base64 decode.
+_SIGNATURES = {
+    "png": (b"\x89PNG\r\n\x1a\n", "PNG"),
+    "jpeg": (b"\xff\xd8\xff", "JPEG"),
+    "jpg": (b"\xff\xd8\xff", "JPEG"),
+}
 
 
 class SurfaceImage(BaseModel):
+    """One of a CoilMessage's ``images`` (DESIGN §3), checked while parsing so that a malformed image is
+    refused whatever models are active, not only when an image assessor happens to decode it. The base64
+    is decoded once, here: ``data`` keeps the file's bytes for the assessors."""
+
     model_config = ConfigDict(extra="forbid")
 
     kind: str = Field("surface", max_length=32)
     format: Literal["png", "jpeg", "jpg"] = "png"
-    data_b64: str = Field(min_length=4)
+    data: bytes = Field(alias="data_b64", repr=False)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _base64(cls, value: object) -> bytes:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a base64 string, got {_show(value)}")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not valid base64") from None
+
+    @field_validator("data")
+    @classmethod
+    def _of_its_format(cls, value: bytes, info: ValidationInfo) -> bytes:
+        fmt = info.data.get("format")  # absent when the format itself was refused
+        if fmt in _SIGNATURES and not value.startswith(_SIGNATURES[fmt][0]):
+            raise ValueError(f"not a {_SIGNATURES[fmt][1]} image, as its format {fmt!r} says")
+        return value
 
     def decode(self) -> bytes:
-        return base64.b64decode(self.data_b64, validate=True)
+        """The image file's bytes (PNG or JPEG, as ``format`` says)."""
+        return self.data
 
 
 class _Envelope(BaseModel):
@@ -65,16 +100,35 @@ class _Envelope(BaseModel):
 
     schema_: Literal[1] = Field(alias="schema")
     coil_id: str
+    # pydantic applies ``pattern`` with the Rust regex engine, whose "$" is the end of the text only
     line: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     produced_at: datetime
     product: Product | None = None
     images: list[SurfaceImage] = Field(default_factory=list, max_length=16)
 
+    @field_validator("schema_", mode="before")
+    @classmethod
+    def _schema(cls, value: object) -> object:
+        """Only the JSON integer 1: ``Literal[1]`` alone lets lax mode take ``true`` and ``1.0`` for it."""
+        if type(value) is not int or value != SCHEMA_VERSION:
+            raise ValueError(f"must be the integer {SCHEMA_VERSION} (CoilMessage v1), got {_show(value)}")
+        return value
+
     @field_validator("coil_id")
     @classmethod
     def _coil_id(cls, value: str) -> str:
-        if not COIL_ID_PATTERN.match(value):
+        if not COIL_ID_PATTERN.fullmatch(value):
             raise ValueError("must be 1–64 characters of [A-Za-z0-9._-]")
+        return value
+
+    @field_validator("produced_at", mode="before")
+    @classmethod
+    def _date_and_time(cls, value: object) -> object:
+        """A date and a time as text: lax mode would read a number (or digits) as seconds since 1970, so a
+        gateway sending milliseconds would date its coils tens of thousands of years ahead, and a bare date
+        as midnight."""
+        if not isinstance(value, str) or not _DATE_AND_TIME.match(value):
+            raise ValueError(f"must be an ISO 8601 date and time, e.g. 2026-11-23T10:00:00Z, got {_show(value)}")
         return value
 
     @field_validator("produced_at")
@@ -130,7 +184,8 @@ def parse_coil_message(
         field = ".".join(str(p) for p in err["loc"]) or None
         if field == "schema_":
             field = "schema"
-        raise RejectedMessage(err["msg"], field, coil_id) from None
+        # our validators' words go out on the rejected topic as they are, without pydantic's prefix
+        raise RejectedMessage(err["msg"].removeprefix("Value error, "), field, coil_id) from None
     if topic_line is not None and envelope.line != topic_line:
         raise RejectedMessage(f"line {envelope.line!r} differs from the topic's {topic_line!r}", "line", coil_id)
     if np.isnan(matrix).all():
@@ -143,6 +198,12 @@ def parse_coil_message(
         product=envelope.product,
         images=envelope.images,
     )
+
+
+def _show(value: object, limit: int = 40) -> str:
+    """A refused value as JSON, cut short: enough for a reason, never the whole payload."""
+    text = orjson.dumps(value, default=str).decode()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _matrix_from_lists(rows: Any, coil_id: str | None) -> np.ndarray:

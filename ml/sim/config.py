@@ -12,7 +12,9 @@ from ml.sim.labels import LabelRule
 from ml.sim.products import DEFAULT_MIX, mix_probabilities
 from ml.sim.sensors import SensorModel
 
-_PREFIX = re.compile(r"^[A-Za-z0-9._-]{1,40}$")
+# Applied with fullmatch: under re.match a "$" also matches before a final newline.
+_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,40}")
+_LINE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,9 @@ class LineConfig:
     drift: DriftConfig | None = None
 
     def __post_init__(self) -> None:
-        if not _PREFIX.match(self.id_prefix):
+        if not _PREFIX.fullmatch(self.id_prefix):
             raise ValueError("id_prefix must be 1–40 characters of [A-Za-z0-9._-]")
-        if not re.match(r"^[A-Za-z0-9._-]{1,64}$", self.line):
+        if not _LINE.fullmatch(self.line):
             raise ValueError("line must be 1–64 characters of [A-Za-z0-9._-]")
         if self.start.tzinfo is None:
             raise ValueError("start must be timezone-aware")

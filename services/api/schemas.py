@@ -30,7 +30,7 @@ _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-
 def _rfc3339(value: object) -> object:
     """Only what the document promises (RFC 3339 ``date-time``, with its offset), not pydantic's lax extras:
     a bare number would otherwise be read as seconds since 1970."""
-    if not isinstance(value, str) or not _RFC3339.match(value):
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):  # match: "$" passes a final newline
         raise ValueError("expected an ISO 8601 time with its offset, e.g. 2026-01-05T06:00:00Z")
     return value
 

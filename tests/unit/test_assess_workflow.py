@@ -128,6 +128,17 @@ def test_bad_messages_are_rejected_on_their_line_and_the_batch_goes_on(serving: 
     ].startswith("invalid JSON")
 
 
+def test_an_image_that_is_not_base64_is_rejected_with_no_image_model_active(serving: ServingEnsemble) -> None:
+    assert not serving.ensemble.needs_images  # so the workflow itself never decodes images
+    m = np.full((264, 18), 140.0, np.float32)
+    image = {"kind": "surface", "format": "png", "data_b64": "!!!!"}
+    payload = encode_coil_message("I", "galv-1", datetime(2026, 11, 23, tzinfo=UTC), m, images=[image])
+    result = AssessCoils(MemoryStore(), TOPICS).process([RawMessage(TOPICS.sensors("galv-1"), payload, 0.0)], serving)
+    assert result.decided == [] and [(r.coil_id, r.field) for r in result.rejected] == [("I", "images.0.data_b64")]
+    rejection = orjson.loads(next(o.payload for o in result.publish if o.topic == "cg/rejected/galv-1"))
+    assert rejection["reason"] == "not valid base64" and rejection["field"] == "images.0.data_b64"
+
+
 def test_a_message_whose_line_differs_from_its_topic_is_rejected(serving: ServingEnsemble) -> None:
     raw = _coil("C")
     moved = RawMessage(TOPICS.sensors("galv-9"), raw.payload, raw.received_at)

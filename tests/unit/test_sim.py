@@ -109,6 +109,13 @@ def test_id_prefix_and_first_index() -> None:
         LineConfig(id_prefix="bad prefix!")
 
 
+@pytest.mark.parametrize("field", ["id_prefix", "line"])
+def test_names_with_a_trailing_newline_are_refused(field: str) -> None:
+    # re.match with "$" let a final "\n" through: the simulator then published ids the parser refuses
+    with pytest.raises(ValueError, match=field):
+        LineConfig(**{field: "galv-1\n"})
+
+
 # ----------------------------------------------------------------------------- labels
 
 
