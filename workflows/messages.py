@@ -200,6 +200,16 @@ def parse_coil_message(
     )
 
 
+def coil_id_of(payload: bytes) -> str | None:
+    """The coil id of a message refused after it parsed (it broke the ensemble), for the rejection."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    value = doc.get("coil_id") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) and COIL_ID_PATTERN.fullmatch(value) else None
+
+
 def _show(value: object, limit: int = 40) -> str:
     """A refused value as JSON, cut short: enough for a reason, never the whole payload."""
     text = orjson.dumps(value, default=str).decode()

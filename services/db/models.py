@@ -113,7 +113,8 @@ class UtcDateTime(TypeDecorator[datetime]):
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 # JSON documents: JSONB on PostgreSQL.
-Json = JSON().with_variant(JSONB(), "postgresql")
+# Python None is SQL NULL, not the JSON document "null": `WHERE product IS NULL` finds a coil sent without one.
+Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 def _id() -> Mapped[int]:

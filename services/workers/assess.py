@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import orjson
 from sqlalchemy import Engine
@@ -43,7 +44,7 @@ from workflows.assess import (
     RawMessage,
     ServingEnsemble,
 )
-from workflows.messages import RejectedMessage, Rejection, dumps
+from workflows.messages import RejectedMessage, Rejection, coil_id_of, dumps
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class AssessWorker:
                 raise
             except Exception as exc:  # this message breaks the ensemble: reject it, keep the stream going
                 log.exception("message on %s could not be assessed", raw.topic)
-                parts.append(self._unassessable(raw.topic, raw.payload, exc, serving.model_ids))
+                parts.append(self._unassessable(raw, exc, serving.model_ids))
         return batch, Prepared.merge(parts), started
 
     def _commit_loop(self) -> None:
@@ -322,17 +323,17 @@ class AssessWorker:
                 log.exception("coil could not be stored", extra={"coil_id": coil.coil_id})
                 done = part.result
                 error = RejectedMessage(f"could not be stored: {type(exc).__name__}: {exc}", coil_id=coil.coil_id)
-                rejection = Rejection.of(error, coil.coil_id.encode())
+                rejection = Rejection.of(error, coil.coil_id.encode(), coil.received_at)
                 done.rejected.append(rejection)
                 done.publish.append(Outgoing(self.topics.rejected(coil.line), dumps(rejection)))
             merged.extend(done)
         return merged
 
-    def _unassessable(self, topic: str, payload: bytes, exc: Exception, model_ids: dict) -> Prepared:
-        error = RejectedMessage(f"could not be assessed: {type(exc).__name__}: {exc}")
-        rejection = Rejection.of(error, payload)
+    def _unassessable(self, raw: RawMessage, exc: Exception, model_ids: dict) -> Prepared:
+        error = RejectedMessage(f"could not be assessed: {type(exc).__name__}: {exc}", coil_id=coil_id_of(raw.payload))
+        rejection = Rejection.of(error, raw.payload, datetime.fromtimestamp(raw.received_at, UTC))
         result = BatchResult(rejected=[rejection])
-        result.publish.append(Outgoing(self.topics.rejected(self.topics.line_of(topic)), dumps(rejection)))
+        result.publish.append(Outgoing(self.topics.rejected(self.topics.line_of(raw.topic)), dumps(rejection)))
         return Prepared(result, model_ids)
 
     def _retry(self, what: str, action: Callable):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -137,6 +138,21 @@ def test_an_image_that_is_not_base64_is_rejected_with_no_image_model_active(serv
     assert result.decided == [] and [(r.coil_id, r.field) for r in result.rejected] == [("I", "images.0.data_b64")]
     rejection = orjson.loads(next(o.payload for o in result.publish if o.topic == "cg/rejected/galv-1"))
     assert rejection["reason"] == "not valid base64" and rejection["field"] == "images.0.data_b64"
+
+
+def test_a_message_that_breaks_the_ensemble_is_rejected_with_its_coil_and_arrival(tmp_path: Path) -> None:
+    """The worker's last resort (a message that parsed but broke a model): the rejection still names the coil
+    and when it arrived, as DESIGN §3's rejected payload has them."""
+    from services.config import load_settings
+    from services.workers.assess import AssessWorker
+
+    settings = load_settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'cg.db'}", mqtt_url="embedded")
+    worker = AssessWorker(settings, client_id="test")
+    raw = RawMessage(TOPICS.sensors("galv-1"), _coil("C-broke").payload, 1_790_000_000.0)
+    [rejection] = worker._unassessable(raw, RuntimeError("boom"), {}).result.rejected
+    assert rejection.coil_id == "C-broke" and rejection.reason == "could not be assessed: RuntimeError: boom"
+    assert rejection.received_at == datetime.fromtimestamp(1_790_000_000.0, UTC)
+    worker.engine.dispose()
 
 
 def test_a_message_whose_line_differs_from_its_topic_is_rejected(serving: ServingEnsemble) -> None:

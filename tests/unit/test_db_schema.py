@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 from alembic import command
 from alembic.config import Config
+from score_scenario import assessed_coil
 from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
+from ml.ensemble import MemberVote
 from services.db import migrate
 from services.db.engine import make_engine, session_factory
 from services.db.models import OPERATIONAL_TABLE_NAMES, TABLE_NAMES, Assessment, Base, Coil, Feedback, Model
+from services.db.repositories import SqlCoilStore
 
 SEVEN = set(TABLE_NAMES)
 ALL_TABLES = SEVEN | set(OPERATIONAL_TABLE_NAMES)
@@ -199,6 +202,16 @@ def test_orm_round_trip_keeps_bytes_json_and_utc(engine: Engine) -> None:
         assert coil.assessments[0].model.metrics == {"f1": 0.9}
         assert [f.operator for f in coil.feedback] == ["anna"]
         assert session.scalars(select(Feedback.id)).all() == [1]
+
+
+def test_a_coil_without_product_has_sql_null_not_json_null(engine: Engine) -> None:
+    """DESIGN §3: product is optional; an operator's `WHERE product IS NULL` must find such coils."""
+    at = datetime.now(UTC)
+    SqlCoilStore(engine).save_assessed(
+        [assessed_coil("C-none", [MemberVote("cnn", 1, "OK", 0.1, 0.8)], at)], {("cnn", 1): add_model(engine)}
+    )
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM coils WHERE product IS NULL")).scalar_one() == 1
 
 
 def test_downgrade_removes_everything_and_upgrade_works_again(engine: Engine, url: str) -> None:
