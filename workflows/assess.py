@@ -48,6 +48,10 @@ class RawMessage:
     received_at: float  # epoch seconds, when the worker got it
 
 
+class NoActiveModel(RuntimeError):
+    """Nothing to vote with yet: the worker waits for a model rather than exiting."""
+
+
 @dataclass
 class Outgoing:
     topic: str
@@ -133,7 +137,7 @@ class EnsembleLoader:
     def load(self) -> ServingEnsemble:
         records = self.registry.active_models()
         if not records:
-            raise RuntimeError("no active model in the registry: train one with `coilguard train … --register`")
+            raise NoActiveModel("no active model in the registry: train one with `coilguard train … --register`")
         members, by_key = [], {}
         for record in sorted(records, key=lambda r: r.name):
             assessor = self._cache.get(record.id) or load_model(record, self.model_dir)

@@ -39,6 +39,7 @@ from workflows.assess import (
     AssessCoils,
     BatchResult,
     EnsembleLoader,
+    NoActiveModel,
     Outgoing,
     Prepared,
     RawMessage,
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promoted` event was missed
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
+MODEL_WAIT_S = 5.0  # with no active model yet, look at the registry again this often
 RETIRE_IDLE_S = 3.0  # a retiring worker is done when its session has delivered nothing for this long
 
 
@@ -96,7 +98,8 @@ class AssessWorker:
         self.on_batch = on_batch
         self.stats = WorkerStats()
         self.stopping = threading.Event()
-        self.ready = threading.Event()
+        self.subscribed = threading.Event()  # the broker keeps coils for this worker from now on
+        self.ready = threading.Event()  # … and it assesses them
         self._inbox: queue.Queue[Inbound] = queue.Queue()
         # at most two voted batches wait for the committer: enough to overlap, little to redo after a crash
         self._pending: queue.Queue[tuple[list[Inbound], Prepared, float] | None] = queue.Queue(maxsize=2)
@@ -124,15 +127,20 @@ class AssessWorker:
         # 2 cores, full ensemble, share of the compute limit: 67 / 71 % at 5 ms, 76 / 76 / 71 % at 0.5 ms
         sys.setswitchinterval(self.settings.gil_switch_ms / 1000)
         self.loader.shards = share_threads(self.settings.inference_shards, self.settings.torch_threads)
-        self._serving = self._retry("load the ensemble", self.loader.load)
-        log.info("serving ensemble: %s", self._serving.describe())
         serve_metrics(self.settings.metrics_port)
+        # subscribed before any model is there: the broker keeps the coils of a fresh install for the session
         self.client.connect(timeout=60)
         if self.retire:  # what the session kept still arrives; nothing new is routed to it
             self.client.unsubscribe(self.topics.shared_sensors())
         else:
             self.client.subscribe(self.topics.model_events, qos=1)
             self.client.subscribe(self.topics.shared_sensors(), qos=1)
+        self.subscribed.set()
+        self._serving = self._wait_for_models()
+        if self._serving is None:
+            self.client.close()
+            return self.stats
+        log.info("serving ensemble: %s", self._serving.describe())
         self._last_inbound = time.monotonic()
         self.ready.set()
         log.info("assess worker %s %s", "retiring:" if self.retire else "ready:", self.topics.shared_sensors())
@@ -172,6 +180,24 @@ class AssessWorker:
 
     def stop(self) -> None:
         self.stopping.set()
+        self._reload.set()  # wakes a worker waiting for its first model
+
+    def _wait_for_models(self) -> ServingEnsemble | None:
+        """The ensemble, once a model is registered (None if stopped first): a fresh install's worker waits,
+        subscribed, instead of exiting and restarting until somebody trains one."""
+        told = False
+        while not self.stopping.is_set():
+            try:
+                return self._retry("look for a model", self.loader.load)
+            except _Stopped:
+                return None
+            except NoActiveModel as exc:
+                if not told:
+                    log.warning("%s; waiting for one (coils wait for this worker in the broker)", exc)
+                    told = True
+                self._reload.wait(MODEL_WAIT_S)  # a `promoted` event, or the next look
+                self._reload.clear()
+        return None
 
     def _status(self) -> dict:
         """What the heartbeat reports: counters, backlog, the versions voting, the last decision."""

@@ -328,6 +328,33 @@ def test_a_retired_worker_hands_in_its_queued_share_and_nothing_is_stranded(env:
     assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in first + later)
 
 
+def test_a_worker_started_before_any_model_waits_subscribed_and_loses_no_coil(
+    pg_database_factory: Callable[[], str], mqtt_url: str, topic_prefix: str, tmp_path: Path, trained_cnns: list
+) -> None:
+    """A fresh install: the worker starts before anybody trained a model. It must neither exit (a restart
+    loop, with nobody subscribed meanwhile) nor drop the coils that arrive before the first model."""
+    with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/no-model", tmp_path) as env:
+        worker = AssessWorker(env.settings, engine=env.engine, client_id=env.client_id)
+        thread = threading.Thread(target=worker.run, name="assess-worker", daemon=True)
+        thread.start()
+        try:
+            assert worker.subscribed.wait(60), "worker did not subscribe"
+            coils = _coils(10, "W")
+            publish_coils(env.publisher, env.topics, coils)
+            time.sleep(1.0)
+            assert thread.is_alive() and not worker.ready.is_set() and env.coils() == 0
+            record = env.register(trained_cnns[0])
+            event = ModelEvent(event="promoted", model=record.name, version=record.version, at=datetime.now(UTC))
+            env.publisher.publish(env.topics.model_events, dumps(event))
+            assert worker.ready.wait(30), "the first model was not picked up"
+            assert wait_for(lambda: env.coils() == 10, timeout=30), env.coils()
+        finally:
+            worker.stop()
+            thread.join(30)
+        assert not thread.is_alive()
+        assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in coils)
+
+
 def test_sigterm_finishes_the_batch_acknowledges_and_exits_cleanly(env: AssessEnv, tmp_path: Path) -> None:
     coils = _coils(600, "T")
     log = tmp_path / "assess.log"
