@@ -107,10 +107,15 @@ class AssessWorker:
         self.loader.shards = share_threads(self.settings.inference_shards, self.settings.torch_threads)
         self._serving = self._retry("load the ensemble", self.loader.load)
         log.info("serving ensemble: %s", self._serving.describe())
-        serve_metrics(self.settings.metrics_port)
-        self.client.connect(timeout=60)
-        self.client.subscribe(self.topics.model_events, qos=1)
-        self.client.subscribe(self.topics.shared_sensors(), qos=1)
+        try:
+            serve_metrics(self.settings.metrics_port)
+            self.client.connect(timeout=60)
+            self.client.subscribe(self.topics.model_events, qos=1)
+            self.client.subscribe(self.topics.shared_sensors(), qos=1)
+        except BaseException:  # e.g. the broker unreachable: let go of everything for a caller that retries
+            self._serving.ensemble.close()
+            self.client.close()  # a subscribe that failed after connecting must not leave this client id online
+            raise
         self.ready.set()
         log.info("assess worker ready: %s", self.topics.shared_sensors())
         heartbeat = Heartbeat(
