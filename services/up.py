@@ -110,7 +110,7 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
         try:
             server.run()  # until SIGINT/SIGTERM
         finally:
-            scheduler.stop()
+            scheduler.stop(wait=True)  # the heartbeat row stays while a job finishes its epoch
             heartbeat.stop()
             assess.stop()
             engine.dispose()
