@@ -24,7 +24,7 @@ from ml.assessors.base import AssessBatch
 from ml.assessors.manifest import Manifest
 from ml.dataset import CoilDataset
 from services.config import Settings
-from services.db.engine import make_engine
+from services.db.engine import engine_for
 from services.db.models import Coil, DriftReport
 from services.db.repositories import SqlModelRegistry, latest_feedback, matrix_from_bytes
 from services.metrics import METRICS
@@ -175,17 +175,17 @@ def run_drift(
     engine: Engine | None = None,
 ) -> DriftOutcome:
     """One drift report over the last ``window`` (default ``DRIFT_WINDOW``), counted in the metrics."""
-    engine = engine or make_engine(settings.database_url)
     config = drift_config(settings)
     started = time.perf_counter()
     try:
-        outcome = run_drift_report(
-            SqlDriftSource(engine, settings.model_dir, settings.report_dir / DRIFT_DIR / "cache", config),
-            FileDriftReportStore(engine, settings.report_dir),
-            now=now or datetime.now(UTC),
-            window=window or settings.drift_window,
-            config=config,
-        )
+        with engine_for(settings.database_url, engine) as engine:
+            outcome = run_drift_report(
+                SqlDriftSource(engine, settings.model_dir, settings.report_dir / DRIFT_DIR / "cache", config),
+                FileDriftReportStore(engine, settings.report_dir),
+                now=now or datetime.now(UTC),
+                window=window or settings.drift_window,
+                config=config,
+            )
     except Exception:
         METRICS.drift_reports.labels("failed").inc()
         raise

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from services.config import Settings
-from services.db.engine import make_engine
+from services.db.engine import engine_for, make_engine
 from services.db.repositories import (
     SqlFeedbackStore,
     SqlModelRegistry,
@@ -32,8 +32,8 @@ def score_rule(settings: Settings) -> ScoreRule:
 
 
 def run_score(settings: Settings, engine: Engine | None = None) -> list[ScoredModel]:
-    engine = engine or make_engine(settings.database_url)
-    scored = score_models(SqlScoreStore(engine), score_rule(settings), window=settings.score_window)
+    with engine_for(settings.database_url, engine) as engine:
+        scored = score_models(SqlScoreStore(engine), score_rule(settings), window=settings.score_window)
     for s in scored:
         if s.row.score is not None:
             METRICS.score.labels(s.row.name).set(s.row.score)
@@ -94,7 +94,8 @@ def run_retrain(
     stop: threading.Event | None = None,
 ) -> list[RetrainOutcome]:
     """``stop``: set by a scheduler that is shutting down; the training in progress ends at its next epoch."""
-    outcomes = make_retrain(settings, stop=stop).run(names=names, force=force)
+    with engine_for(settings.database_url) as engine:
+        outcomes = make_retrain(settings, engine, stop=stop).run(names=names, force=force)
     for outcome in outcomes:
         METRICS.retrain_runs.labels(outcome.model, outcome.status).inc()
         if "total_s" in outcome.metrics:

@@ -58,9 +58,16 @@ class _Metrics:
 METRICS = _Metrics()
 
 
+_SERVED: set[int] = set()
+
+
 def serve_metrics(port: int) -> None:
-    """Expose this process's metrics on ``:port/metrics`` (workers and the scheduler; the API has its own)."""
-    if port:
+    """Expose this process's metrics on ``:port/metrics`` (workers and the scheduler; the API has its own).
+
+    Once per port: ``coilguard up`` starts AssessCoils again after an outage, in the same process.
+    """
+    if port and port not in _SERVED:
         from prometheus_client import start_http_server
 
         start_http_server(port)
+        _SERVED.add(port)

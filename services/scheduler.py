@@ -4,9 +4,10 @@ Each job runs at most once at a time in this process and missed runs are coalesc
 or a scheduler and the Kubernetes CronJob, are kept from retraining the same model at once by the
 database lock in ``retrain_runs``, not by this process.
 
-Stopping (SIGTERM, or ``coilguard up`` ending) sets the scheduler's ``stopping`` event: a ReTrain in
-progress ends at its next epoch, records its run as failed ("stopped"), and the process exits; the
-champion keeps serving and the next pass starts over. The pod's grace period covers one epoch.
+Stopping (SIGTERM, Ctrl-C, or ``coilguard up`` ending) sets the scheduler's ``stopping`` event: a
+ReTrain in progress ends at its next epoch, records its run as failed ("stopped"), and the process
+exits once it has; the champion keeps serving and the next pass starts over. Compose's
+``stop_grace_period`` covers one epoch (on Kubernetes ReTrain is the CronJob's, not the scheduler's).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 
 Job = Callable[[Settings], object]
 
+SCHEMA_POLL_S = 5.0  # how often a scheduler started before its database is ready looks again
+SIGNAL_POLL_S = 0.2  # how soon the main thread notices SIGTERM or Ctrl-C
+
 
 class Scheduler(BlockingScheduler):
     """APScheduler's blocking scheduler with a ``stopping`` event that long jobs watch."""
@@ -40,10 +45,40 @@ class Scheduler(BlockingScheduler):
         super().__init__(**options)
         self.stopping = threading.Event()
 
-    def stop(self) -> None:
-        """Ask running jobs to wind down and stop scheduling; callable from a signal handler."""
+    def stop(self, wait: bool = False) -> None:
+        """Ask running jobs to wind down (``stopping``) and stop scheduling; with ``wait``, return only once
+        the jobs running now have finished. Never from a signal handler: shutting down takes locks (the
+        scheduler's, its thread pool's) that the interrupted main thread may be holding."""
         self.stopping.set()
-        self.shutdown(wait=False)
+        if self.running:
+            self.shutdown(wait=wait)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) as a request the main thread polls for.
+
+    The handler only sets an attribute: a Python signal handler runs on the main thread between two
+    bytecodes, possibly while that thread holds a lock, so one that stopped the scheduler itself could
+    deadlock the process (it did, when the signal came as a job was being submitted).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> StopSignals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._note)
+        return self
+
+    def _note(self, *_: object) -> None:
+        self.requested = True
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, less if a stop is requested; whether one is."""
+        deadline = time.monotonic() + timeout
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, SIGNAL_POLL_S))
+        return self.requested
 
 
 def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]] | None = None) -> Scheduler:
@@ -101,14 +136,44 @@ def scheduler_heartbeat(settings: Settings, scheduler: BaseScheduler) -> Heartbe
     ).start()  # fmt: skip
 
 
+def wait_for_schema(settings: Settings, stop: StopSignals) -> bool:
+    """Wait until the database answers at this release's schema; False when a stop is requested first.
+
+    On Kubernetes the scheduler starts alongside the migrate Job and a database may be restarting: a
+    process that died with a traceback would only be restarted into the same race.
+    """
+    from services.db.migrate import schema_problem
+
+    said = None
+    while problem := schema_problem(settings.database_url):
+        if problem != said:
+            log.warning("scheduler waiting for the database: %s (trying every %.0f s)", problem, SCHEMA_POLL_S)
+            said = problem
+        if stop.wait(SCHEMA_POLL_S):
+            return False
+    if said is not None:
+        log.info("the database is ready; scheduling")
+    return True
+
+
 def run_scheduler(settings: Settings) -> None:
+    """Until SIGTERM or Ctrl-C; then ``stopping`` is set and the process keeps its heartbeat row until the
+    running job (a ReTrain finishing its epoch) is done. The scheduler loops on a thread so that the main
+    thread, where signals arrive, holds no lock of its own when one does."""
     from services.metrics import serve_metrics
 
     scheduler = build_scheduler(settings)
-    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
+    stop = StopSignals().install()
     serve_metrics(settings.metrics_port)
+    if not wait_for_schema(settings, stop):
+        return
     heartbeat = scheduler_heartbeat(settings, scheduler)
+    scheduling = threading.Thread(target=scheduler.start, name="scheduler", daemon=True)
     try:
-        scheduler.start()
+        scheduling.start()
+        while scheduling.is_alive() and not stop.wait(1.0):
+            pass
+        scheduler.stop(wait=True)
+        scheduling.join()
     finally:
         heartbeat.stop()

@@ -28,6 +28,7 @@ from services.workers.assess import AssessWorker
 log = logging.getLogger(__name__)
 
 MODEL_POLL_S = 5.0
+RETRY_S = 10.0  # after the database or the broker failed AssessCoils in `up`
 NO_MODELS = (
     "no active model is registered, so no coil can be assessed yet. Train and register one, e.g.\n"
     "    coilguard train --assessor cnn --data sim:1500 --register\n"
@@ -37,12 +38,18 @@ NO_MODELS = (
 
 
 class AssessWhenModels:
-    """Runs the AssessCoils worker on a thread once the registry has an active model."""
+    """Runs the AssessCoils worker on a thread once the registry has an active model.
+
+    An outage on the way (the database while the registry is polled, the broker when the worker
+    connects) is logged and tried again after ``RETRY_S``: the thread must not end for good while the
+    API and the scheduler of the same process keep running as if nothing were missing.
+    """
 
     def __init__(self, settings: Settings, engine: Engine, say: Callable[[str], None]) -> None:
         self.settings, self.engine, self.say = settings, engine, say
         self.worker: AssessWorker | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # a worker is never created after stop() has looked for one
         self._thread = threading.Thread(target=self._run, name="assess", daemon=True)
 
     def start(self) -> AssessWhenModels:
@@ -53,19 +60,26 @@ class AssessWhenModels:
         registry = SqlModelRegistry(self.engine)
         told = False
         while not self._stop.is_set():
-            if registry.active_models():
-                break
-            if not told:
-                self.say(NO_MODELS)
-                told = True
-            self._stop.wait(MODEL_POLL_S)
-        if self._stop.is_set():
-            return
-        self.worker = AssessWorker(self.settings, engine=self.engine)
-        self.worker.run()
+            try:
+                if not registry.active_models():
+                    if not told:
+                        self.say(NO_MODELS)
+                        told = True
+                    self._stop.wait(MODEL_POLL_S)
+                    continue
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    self.worker = AssessWorker(self.settings, engine=self.engine)
+                self.worker.run()
+                return
+            except Exception:
+                log.exception("AssessCoils could not run; trying again in %.0f s", RETRY_S)
+                self._stop.wait(RETRY_S)
 
     def stop(self) -> None:
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
         if self.worker is not None:
             self.worker.stop()
         self._thread.join(60)
@@ -96,7 +110,7 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
         try:
             server.run()  # until SIGINT/SIGTERM
         finally:
-            scheduler.stop()
+            scheduler.stop(wait=True)  # the heartbeat row stays while a job finishes its epoch
             heartbeat.stop()
             assess.stop()
             engine.dispose()

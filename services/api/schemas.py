@@ -97,6 +97,7 @@ class SystemStatus(BaseModel):
     coils_last_24h: int
     backlog: Backlog
     active_models: list[ModelRef]
+    broker: Check = Field(description="A short MQTT connect: the workers' broker, which the API itself never needs.")
 
 
 class Performance(BaseModel):

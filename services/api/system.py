@@ -30,11 +30,13 @@ def live() -> Liveness:
 @router.get(
     "/health/ready",
     response_model=Readiness,
-    summary="Database and broker reachable (readiness probe)",
-    responses={503: {"model": Readiness, "description": "The database or the broker is not reachable."}},
+    summary="Database reachable (readiness probe)",
+    responses={503: {"model": Readiness, "description": "The database is not reachable."}},
 )
 def ready(state: State) -> Response:
-    checks = {"database": _timed(lambda: _database(state)), "broker": _timed(lambda: _broker(state.settings))}
+    """Only the database: the API never uses MQTT, and a broker outage must not take the API (status,
+    feedback) out of the Service exactly when operators need it. ``/status`` reports the broker."""
+    checks = {"database": _timed(lambda: _database(state))}
     body = Readiness(status="ready" if all(c.ok for c in checks.values()) else "not ready", checks=checks)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.status == "ready" else 503)
 
@@ -64,7 +66,9 @@ def _broker(settings: Settings) -> str:
     return url.redacted()
 
 
-@router.get("/status", response_model=SystemStatus, summary="Workers alive, last decision, backlog, active models")
+@router.get(
+    "/status", response_model=SystemStatus, summary="Workers alive, last decision, backlog, active models, broker"
+)
 def system_status(state: State) -> SystemStatus:
     now = datetime.now(UTC)
     rows = queries.workers_seen(state.engine, now, state.settings.heartbeat_every)
@@ -84,6 +88,7 @@ def system_status(state: State) -> SystemStatus:
             ModelRef(id=m.id, name=m.name, kind=m.kind, version=m.version, promoted_at=m.promoted_at)
             for m in queries.active_models(state.engine)
         ],
+        broker=_timed(lambda: _broker(state.settings)),
     )
 
 

@@ -52,21 +52,10 @@ def require_schema(settings: Settings) -> None:
     """Stop, before any work, when the database is behind this release's schema: a fresh SQLite file or a
     plant database not yet migrated would otherwise fail halfway (after an hour of training, say) with
     a bare "no such table"."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
+    from services.db.migrate import schema_problem
 
-    from services.db.migrate import behind, head
-
-    where = make_url(settings.database_url).render_as_string(hide_password=True)
-    try:
-        at = behind(settings.database_url)
-    except SQLAlchemyError as exc:
-        raise click.ClickException(f"cannot reach the database {where}: {exc.__class__.__name__}: {exc}") from None
-    if at is not None:
-        raise click.ClickException(
-            f"the database {where} is at schema revision {at}, this coilguard needs {head()}: "
-            "run `coilguard db upgrade` first"
-        )
+    if problem := schema_problem(settings.database_url):
+        raise click.ClickException(problem)
 
 
 def coil_assessor_kinds(text: str, param_hint: str) -> list[str]:

@@ -23,11 +23,15 @@ def db_upgrade(ctx: AppContext, revision: str) -> None:
     click.echo(f"database at revision {current(ctx.settings.database_url)}")
 
 
-@db.command("downgrade")
-@click.argument("revision", default="base")
+@db.command("downgrade", context_settings={"ignore_unknown_options": True})  # so that `-1` is a revision
+@click.argument("revision")
 @pass_ctx
 def db_downgrade(ctx: AppContext, revision: str) -> None:
-    """Migrate the database down to REVISION (default: empty)."""
+    """Migrate the database down to REVISION: -1 for one step, a revision id, or base (drops every table).
+
+    REVISION is required, as in Alembic's own command line: a bare downgrade must not empty a plant's
+    database without being asked to.
+    """
     from services.db.migrate import current, downgrade
 
     downgrade(ctx.settings.database_url, revision)

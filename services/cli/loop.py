@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from datetime import timedelta
@@ -9,6 +10,8 @@ from datetime import timedelta
 import click
 
 from services.cli.base import DURATION, AppContext, cli, pass_ctx, require_schema
+
+log = logging.getLogger(__name__)
 
 
 @cli.command()
@@ -41,16 +44,22 @@ def score(ctx: AppContext, every: timedelta | None, recount: bool) -> None:
     from services.db.repositories import SqlScoreStore
     from services.jobs import run_score
 
-    interval = every.total_seconds() if every is not None else None
+    def once() -> None:
+        for scored in run_score(ctx.settings):
+            click.echo(scored.describe())
+
     require_schema(ctx.settings)
     if recount:  # feedback rows deleted or edited by hand: the tallies cannot see that
         SqlScoreStore(make_engine(ctx.settings.database_url)).forget_tallies()
-    while True:
-        for scored in run_score(ctx.settings):
-            click.echo(scored.describe())
-        if interval is None:
-            return
-        time.sleep(interval)
+    if every is None:
+        once()
+        return
+    while True:  # until Ctrl-C or SIGTERM: a failed run (the database restarting, say) waits for the next tick
+        try:
+            once()
+        except Exception:
+            log.exception("ModelScore failed; trying again in %.0f s", every.total_seconds())
+        time.sleep(every.total_seconds())
 
 
 @cli.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,21 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(parsed, **kwargs)
+
+
+@contextmanager
+def engine_for(url: str, engine: Engine | None = None) -> Iterator[Engine]:
+    """``engine`` when the caller has one (and disposes of it), else a new one for ``url``, disposed of on the
+    way out: a job that runs every few minutes would otherwise leave its idle pooled connections open on the
+    server until the garbage collector happened to close them."""
+    if engine is not None:
+        yield engine
+        return
+    owned = make_engine(url)
+    try:
+        yield owned
+    finally:
+        owned.dispose()
 
 
 def session_factory(engine: Engine, **kwargs: Any) -> sessionmaker[Session]:

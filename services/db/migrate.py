@@ -13,6 +13,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import pool
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.db.engine import make_engine
 
@@ -83,3 +85,19 @@ def behind(url: str) -> str | None:
     scripts = ScriptDirectory.from_config(alembic_config(""))
     known = {rev.revision for rev in scripts.walk_revisions()}
     return at if at in known and at != scripts.get_current_head() else None
+
+
+def schema_problem(url: str) -> str | None:
+    """Why nothing can work on the database at ``url`` yet (unreachable, or behind this release's schema),
+    or None when it is ready: one wording for the commands that stop at once and the scheduler that waits."""
+    where = make_url(url).render_as_string(hide_password=True)
+    try:
+        at = behind(url)
+    except SQLAlchemyError as exc:
+        return f"cannot reach the database {where}: {exc.__class__.__name__}: {exc}"
+    if at is not None:
+        return (
+            f"the database {where} is at schema revision {at}, this coilguard needs {head()}: "
+            "run `coilguard db upgrade` first"
+        )
+    return None

@@ -129,14 +129,18 @@ class AssessWorker:
         self.loader.shards = share_threads(self.settings.inference_shards, self.settings.torch_threads)
         serve_metrics(self.settings.metrics_port)
         # subscribed before any model is there: the broker keeps the coils of a fresh install for the session
-        self.client.connect(timeout=60)
-        if self.retire:  # what the session kept still arrives; nothing new is routed to it
-            self.client.unsubscribe(self.topics.shared_sensors())
-        else:
-            self.client.subscribe(self.topics.model_events, qos=1)
-            self.client.subscribe(self.topics.shared_sensors(), qos=1)
-        self.subscribed.set()
-        self._serving = self._wait_for_models()
+        try:
+            self.client.connect(timeout=60)
+            if self.retire:  # what the session kept still arrives; nothing new is routed to it
+                self.client.unsubscribe(self.topics.shared_sensors())
+            else:
+                self.client.subscribe(self.topics.model_events, qos=1)
+                self.client.subscribe(self.topics.shared_sensors(), qos=1)
+            self.subscribed.set()
+            self._serving = self._wait_for_models()
+        except BaseException:  # e.g. the broker unreachable: let go of everything for a caller that retries
+            self.client.close()  # a subscribe that failed after connecting must not leave this client id online
+            raise
         if self._serving is None:
             self.client.close()
             return self.stats

@@ -6,11 +6,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from alembic.script import ScriptDirectory
 from cli_runner import coilguard
 from sqlalchemy import inspect, text
 
 from ml.dataset import CoilDataset
 from services.db.engine import make_engine
+from services.db.migrate import alembic_config, head
 from services.db.models import TABLE_NAMES
 from services.mqtt.client import Inbound, MqttClient
 from workflows.messages import parse_coil_message
@@ -48,7 +50,15 @@ def test_db_upgrade_and_downgrade_on_an_empty_postgresql(pg_database_factory: Ca
         conn.execute(text("INSERT INTO coils (coil_id, line, matrix) VALUES ('C-1', 'galv-1', '\\x00')"))
         conn.execute(text("INSERT INTO feedback (coil_id, label, operator) VALUES ('C-1', 'NOK', 'anna')"))
     engine.dispose()
-    down = coilguard("db", "downgrade", env={"COILGUARD_DATABASE_URL": url})
+    env = {"COILGUARD_DATABASE_URL": url}
+    bare = coilguard("db", "downgrade", env=env)  # no revision: refused, nothing dropped
+    assert bare.returncode == 2 and "Missing argument 'REVISION'" in bare.stderr
+    assert set(TABLE_NAMES) <= set(inspect(make_engine(url)).get_table_names())
+    step = coilguard("db", "downgrade", "-1", env=env)
+    assert step.returncode == 0, step.stderr
+    one_below = ScriptDirectory.from_config(alembic_config("")).get_revision(head()).down_revision
+    assert f"database at revision {one_below}" in step.stdout
+    down = coilguard("db", "downgrade", "base", env=env)
     assert down.returncode == 0, down.stderr
     assert set(inspect(make_engine(url)).get_table_names()) <= {"alembic_version"}
 

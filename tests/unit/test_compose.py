@@ -109,3 +109,9 @@ def test_files_the_compose_file_needs_exist() -> None:
     required = set(re.findall(r"\$\{(\w+):\?", (ROOT / "docker-compose.yml").read_text()))
     example = (ROOT / "deploy/compose.env.example").read_text()
     assert all(re.search(rf"^{name}=", example, re.M) for name in required), required
+
+
+def test_the_scheduler_retrains_and_has_time_to_stop_at_an_epoch() -> None:
+    scheduler = SERVICES["scheduler"]
+    assert scheduler["environment"].get("COILGUARD_RETRAIN_CRON") != "off"  # here ReTrain runs in the scheduler
+    assert scheduler["stop_grace_period"] == "300s"  # Docker's default 10 s would kill it mid-epoch

@@ -274,3 +274,36 @@ def test_feedback_deleted_by_hand_is_caught_up_by_a_recount(engine, tmp_path: Pa
     assert result.exit_code == 0, result.output
     assert "a v1:" in result.output
     history.check()  # tallies and recount agree again
+
+
+def test_score_every_goes_on_after_a_database_error(engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`coilguard score --every`: one failed run (the database restarting) is logged; the next tick runs again."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+    from sqlalchemy.exc import OperationalError
+
+    import services.cli.loop
+    import services.jobs
+    from services.cli import cli
+
+    outcomes: list[BaseException | None] = [
+        OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly")),
+        None,
+        KeyboardInterrupt(),  # Ctrl-C still ends the loop
+    ]
+    calls: list[int] = []
+
+    def run_score(settings: object) -> list:
+        calls.append(1)
+        if (outcome := outcomes[len(calls) - 1]) is not None:
+            raise outcome
+        return []
+
+    monkeypatch.setattr(services.jobs, "run_score", run_score)
+    monkeypatch.setattr(services.cli.loop, "time", SimpleNamespace(sleep=lambda _: None))
+    env = {"COILGUARD_DATABASE_URL": str(engine.url), "COILGUARD_MQTT_URL": "embedded"}
+    result = CliRunner().invoke(cli, ["score", "--every", "1m"], env=env)
+    assert len(calls) == 3, result.output
+    assert "ModelScore failed; trying again in 60 s" in result.output
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)  # click's "Aborted!"

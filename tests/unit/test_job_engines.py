@@ -1,0 +1,62 @@
+"""The periodic jobs dispose of the engine they made for one run (the scheduler calls them every few
+minutes: undisposed engines left their idle connections open on the server until garbage collection)
+and leave an engine the caller handed them alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from services.config import Settings, load_settings
+from services.db.engine import make_engine
+from services.db.migrate import upgrade
+from services.drift import run_drift
+from services.jobs import run_retrain, run_score
+
+JOBS: dict[str, Callable[..., object]] = {
+    "score": run_score,
+    "retrain": lambda settings, engine=None: run_retrain(settings),
+    "drift": lambda settings, engine=None: run_drift(settings, engine=engine),
+}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    return load_settings(
+        _env_file=None, database_url=url, model_dir=tmp_path / "models", report_dir=tmp_path / "reports"
+    )
+
+
+@pytest.fixture
+def disposed(monkeypatch: pytest.MonkeyPatch) -> list[Engine]:
+    """Every engine disposed of from now on."""
+    seen: list[Engine] = []
+    dispose = Engine.dispose
+
+    def spy(self: Engine, close: bool = True) -> None:
+        seen.append(self)
+        dispose(self, close)
+
+    monkeypatch.setattr(Engine, "dispose", spy)
+    return seen
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_a_job_disposes_of_the_engine_it_made(job: str, settings: Settings, disposed: list[Engine]) -> None:
+    JOBS[job](settings)
+    assert len(disposed) == 1 and str(disposed[0].url) == settings.database_url
+
+
+@pytest.mark.parametrize("job", ["score", "drift"])  # run_retrain takes no engine
+def test_a_job_leaves_the_callers_engine_alone(job: str, settings: Settings, disposed: list[Engine]) -> None:
+    engine = make_engine(settings.database_url)
+    JOBS[job](settings, engine)
+    assert disposed == []
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    engine.dispose()

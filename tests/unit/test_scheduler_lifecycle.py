@@ -1,0 +1,139 @@
+"""``coilguard scheduler`` starting and stopping: it waits for a database that is not migrated yet (on
+Kubernetes it races the migrate Job) instead of dying, Ctrl-C stops it like SIGTERM (the ``stopping``
+event a ReTrain watches is set), and its heartbeat row stays until the running job has finished.
+
+Each test runs ``run_scheduler`` on pytest's main thread, where signal handlers live, and sends the
+signal to this process; the original handlers are put back afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import func, select
+
+from services import scheduler as sched
+from services.config import Settings, load_settings
+from services.db.engine import make_engine
+from services.db.migrate import upgrade
+from services.db.models import Worker
+
+GIVE_UP_S = 10.0
+
+
+@pytest.fixture
+def handlers() -> Iterator[None]:
+    """Signal handlers as pytest had them; SIGINT ignored meanwhile, so that a scheduler without its own
+    handler is not interrupted (it then keeps running: the test notices and stops it)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _settings(url: str) -> Settings:
+    return load_settings(_env_file=None, database_url=url, retrain_cron="off", drift_cron="off")
+
+
+def _heartbeats(url: str) -> int:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(Worker.__table__)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _with_job(monkeypatch: pytest.MonkeyPatch, job: Callable[[sched.Scheduler], None]) -> list[sched.Scheduler]:
+    """``run_scheduler`` builds its scheduler with one more job, handed that scheduler: due as soon as the
+    scheduler starts, then hourly (repeating, as the real jobs: APScheduler cannot drop a one-off job that
+    a shutdown overtakes)."""
+    built: list[sched.Scheduler] = []
+    build = sched.build_scheduler
+
+    def with_job(settings: Settings) -> sched.Scheduler:
+        scheduler = build(settings)
+        scheduler.add_job(
+            job, IntervalTrigger(hours=1), args=[scheduler], id="probe",
+            next_run_time=datetime.now(UTC), misfire_grace_time=3600,
+        )  # fmt: skip
+        built.append(scheduler)
+        return scheduler
+
+    monkeypatch.setattr(sched, "build_scheduler", with_job)
+    return built
+
+
+def _in_background(action: Callable[[], None]) -> None:
+    threading.Thread(target=action, daemon=True).start()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_the_scheduler_once_the_running_job_is_done_heartbeat_kept_till_then(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handlers: None, sig: signal.Signals
+) -> None:
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    seen: dict[str, object] = {}
+    running = threading.Event()
+
+    def epochs(scheduler: sched.Scheduler) -> None:  # like ReTrain: stops at the next epoch after `stopping`
+        running.set()
+        seen["told_to_stop"] = scheduler.stopping.wait(GIVE_UP_S / 2)
+        time.sleep(0.5)  # the epoch under way
+        seen["heartbeats_while_finishing"] = _heartbeats(url)
+        seen["finished"] = time.monotonic()
+
+    built = _with_job(monkeypatch, epochs)
+
+    def send_signal() -> None:
+        assert running.wait(GIVE_UP_S)
+        os.kill(os.getpid(), sig)
+        time.sleep(GIVE_UP_S)
+        built[0].stop()  # a scheduler that ignored the signal: end the test rather than hang
+
+    _in_background(send_signal)
+    started = time.monotonic()
+    sched.run_scheduler(_settings(url))
+    returned = time.monotonic()
+    assert returned - started < GIVE_UP_S  # no deadlock: the signal came while the job was being submitted
+    assert seen["told_to_stop"] is True  # the signal set `stopping`
+    assert seen["heartbeats_while_finishing"] == 1  # the row stayed while the job finished
+    assert returned >= seen["finished"]  # run_scheduler waited for the job
+    assert _heartbeats(url) == 0  # and then removed the row
+
+
+def test_the_scheduler_waits_for_the_schema_then_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, handlers: None
+) -> None:
+    url = f"sqlite:///{tmp_path / 'cg.db'}"  # nothing migrated yet: the migrate Job is still running
+    monkeypatch.setattr(sched, "SCHEMA_POLL_S", 0.05, raising=False)
+    caplog.set_level(logging.INFO, logger="services.scheduler")
+    ran = threading.Event()
+    _with_job(monkeypatch, lambda _: ran.set())
+
+    def migrate_meanwhile_then_stop() -> None:
+        deadline = time.monotonic() + GIVE_UP_S
+        while not any("db upgrade" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        upgrade(url)
+        if ran.wait(GIVE_UP_S):  # never once the test is over: pytest's SIGTERM would end the whole run
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _in_background(migrate_meanwhile_then_stop)
+    sched.run_scheduler(_settings(url))
+    assert ran.is_set()
+    waiting = [r.getMessage() for r in caplog.records if "waiting for the database" in r.getMessage()]
+    assert waiting and "run `coilguard db upgrade` first" in waiting[0]
