@@ -14,7 +14,7 @@ Everything here is plain Python over the ports; the worker in ``services`` owns 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,8 +168,14 @@ class AssessCoils:
         """Prepare and commit one batch (the worker runs the two halves on two threads)."""
         return self.commit(self.prepare(messages, serving))
 
-    def prepare(self, messages: Sequence[RawMessage], serving: ServingEnsemble) -> Prepared:
-        """Everything before the write: parse, reject, drop coils already decided, and let the ensemble vote."""
+    def prepare(
+        self, messages: Sequence[RawMessage], serving: ServingEnsemble, announced: Container[str] = ()
+    ) -> Prepared:
+        """Everything before the write: parse, reject, drop coils already decided, and let the ensemble vote.
+
+        ``announced``: coils whose decision the broker has confirmed although the store may not say so yet
+        (the mark is written with the next batch): a coil sent again meanwhile is a duplicate, not a coil
+        to announce once more."""
         result = BatchResult()
         fresh: dict[str, tuple[RawMessage, CoilMessage, list[np.ndarray]]] = {}
         for raw in messages:
@@ -188,7 +194,7 @@ class AssessCoils:
         if fresh:
             for coil_id, stored in self.store.decided(list(fresh)).items():
                 del fresh[coil_id]
-                if stored.published:
+                if stored.published or coil_id in announced:
                     result.duplicates.append(coil_id)
                 else:  # decided before a crash, never announced: announce the stored decision
                     result.republished.append(coil_id)

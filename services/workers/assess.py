@@ -12,6 +12,7 @@ stops sending rather than anything being dropped.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import signal
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import orjson
 from sqlalchemy import Engine
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promoted` event was missed
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
+ANNOUNCED_MEMORY = 4096  # coils whose decision the broker confirmed, remembered until long after their mark
 MODEL_WAIT_S = 5.0  # with no active model yet, look at the registry again this often
 RETIRE_IDLE_S = 3.0  # a retiring worker is done when its session has delivered nothing for this long
 
@@ -104,6 +107,9 @@ class AssessWorker:
         # at most two voted batches wait for the committer: enough to overlap, little to redo after a crash
         self._pending: queue.Queue[tuple[list[Inbound], Prepared, float] | None] = queue.Queue(maxsize=2)
         self._reload = threading.Event()
+        # coils the committer saw confirmed, for the worker thread to tell a re-sent coil from one to announce
+        self._announced: collections.deque[str] = collections.deque(maxlen=ANNOUNCED_MEMORY)
+        self._announced_lock = threading.Lock()
         self._serving: ServingEnsemble | None = None
         self._last_poll = 0.0
         self._last_inbound = time.monotonic()
@@ -259,8 +265,11 @@ class AssessWorker:
         raws = [RawMessage(m.topic, m.payload, m.received_at) for m in batch]
         serving = self._serving
         assert serving is not None
+        with self._announced_lock:
+            announced = set(self._announced)
         try:
-            return batch, self._retry("look up decided coils", lambda: self.workflow.prepare(raws, serving)), started
+            prepared = self._retry("look up decided coils", partial(self.workflow.prepare, raws, serving, announced))
+            return batch, prepared, started
         except _Stopped:
             raise
         except Exception:
@@ -269,7 +278,7 @@ class AssessWorker:
         for raw in raws:
             try:
                 parts.append(
-                    self._retry("look up decided coils", lambda raw=raw: self.workflow.prepare([raw], serving))
+                    self._retry("look up decided coils", partial(self.workflow.prepare, [raw], serving, announced))
                 )
             except _Stopped:
                 raise
@@ -309,6 +318,8 @@ class AssessWorker:
                 unconfirmed = True  # neither acknowledged nor marked: the coils come back and are announced
                 continue
             unmarked = result.to_mark_published
+            with self._announced_lock:
+                self._announced.extend(unmarked)
             for message in batch:  # only now: every result is committed and announced
                 self.client.ack(message)
             self._account(result, len(batch), time.perf_counter() - started)

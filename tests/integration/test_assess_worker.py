@@ -307,6 +307,22 @@ def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
         assert env.count(Assessment.id) == 5  # one vote each: stored once, announced after the restart
 
 
+def test_a_coil_sent_twice_in_quick_succession_is_announced_once(
+    env: AssessEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway's QoS 1 resend arrives before the worker has written that the first decision went out."""
+    monkeypatch.setattr(assess_module, "MARK_IDLE_S", 5.0)  # the mark waits for a next batch, or 5 s
+    [coil] = _coils(1, "Q")
+    with env.worker() as worker:
+        publish_coils(env.publisher, env.topics, [coil])
+        assert wait_for(lambda: len(env.listener.decisions) == 1, timeout=30)
+        publish_coils(env.publisher, env.topics, [coil])
+        assert wait_for(lambda: worker.stats.duplicates + worker.stats.republished == 1, timeout=30)
+        time.sleep(0.5)
+    assert [d["coil_id"] for d in env.listener.decisions] == [coil.coil_id]
+    assert worker.stats.duplicates == 1 and worker.stats.republished == 0
+
+
 def test_a_retired_worker_hands_in_its_queued_share_and_nothing_is_stranded(env: AssessEnv) -> None:
     """Two workers share the stream; one stops for good (a scaled-in pod). The broker goes on routing half the
     coils to its session. `coilguard assess --retire` assesses them and removes the session."""

@@ -101,6 +101,15 @@ def test_a_coil_is_decided_once(serving: ServingEnsemble) -> None:
     assert store.coils["A"].label == "OK" and len(store.votes) == 1
 
 
+def test_a_coil_sent_again_before_its_mark_is_written_is_not_announced_twice(serving: ServingEnsemble) -> None:
+    """The worker writes "published" with the next batch; a gateway's QoS 1 resend can come first."""
+    store = MemoryStore()
+    workflow = AssessCoils(store, TOPICS)
+    first = workflow.process([_coil("A")], serving)  # announced and confirmed; the mark not yet written
+    again = workflow.commit(workflow.prepare([_coil("A")], serving, announced=first.to_mark_published))
+    assert again.duplicates == ["A"] and again.republished == [] and again.publish == []
+
+
 def test_a_decision_stored_but_never_announced_is_announced_on_redelivery(serving: ServingEnsemble) -> None:
     store = MemoryStore()
     workflow = AssessCoils(store, TOPICS)
