@@ -292,7 +292,8 @@ class AssessWorker:
 
         That a batch's decisions reached the broker is written with the next batch's transaction (or
         on its own once the stream pauses): one database round trip per batch instead of two. Until
-        then a redelivered coil would be announced once more, which consumers already tolerate.
+        then the worker remembers what the broker confirmed, so a coil sent again is not announced again;
+        only after a crash in that window is a decision announced twice (at-least-once, as QoS 1 is).
         """
         unmarked: list[str] = []
         unconfirmed = False  # stopping, and the broker never confirmed: later batches are not waited for either
