@@ -43,7 +43,7 @@ def start_matrix_fit(
         assessor.normalizer = Normalizer.fit(dataset.X)
         net = assessor.build_network()
     y = dataset.y.astype(np.int64)
-    train, val = stratified_split(y, val_fraction, rng)
+    train, val = stratified_split(y, val_fraction, rng, groups=dataset.coil_id)
     return MatrixFitData(net, assessor.normalize(dataset.X), y, train, val)
 
 

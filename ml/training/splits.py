@@ -5,10 +5,29 @@ from __future__ import annotations
 import numpy as np
 
 
-def stratified_split(y: np.ndarray, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    y: np.ndarray, val_fraction: float, rng: np.random.Generator, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val), each class split at ``val_fraction`` with at least one coil of it in val
-    when the class has two or more, so early stopping and calibration always see some NOK."""
+    when the class has two or more, so early stopping and calibration always see some NOK.
+
+    ``groups`` (the coil ids) keeps the rows of one coil on one side: ReTrain repeats every operator-labelled
+    coil, and a row-wise split put copies of most of them in both parts, so early stopping and the threshold
+    were fitted on coils the network had memorised. Validation then holds each coil once. Without repeats the
+    split is the row-wise one, row for row (the same seed gives the same models as before)."""
     y = np.asarray(y)
+    if groups is None:
+        return _by_class(y, val_fraction, rng)
+    ids, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    if len(ids) == len(y):
+        return _by_class(y, val_fraction, rng)
+    group_y = np.zeros(len(ids), dtype=y.dtype)
+    np.maximum.at(group_y, inverse, y)  # a coil is NOK if any of its rows says so (ReTrain's rows agree)
+    _, val_groups = _by_class(group_y, val_fraction, rng)
+    return np.flatnonzero(~np.isin(inverse, val_groups)), np.sort(first[val_groups])
+
+
+def _by_class(y: np.ndarray, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     train, val = [], []
     for label in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == label))

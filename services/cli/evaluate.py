@@ -61,6 +61,9 @@ def evaluate(
     dev = load_data(data_spec, seed)
     if not isinstance(dev, CoilDataset):
         raise click.BadParameter("the protocol needs coils (sim:N or a .npz dataset), not images", param_hint="--data")
+    if len(unique := dev.unique()) < len(dev):  # e.g. a ReTrain's kept data: copies would sit in both folds
+        click.echo(f"note: {len(dev) - len(unique)} repeated rows of the same coils dropped; each coil counts once")
+        dev = unique
     gold = gold_set(seed=seed)
     out = out or ctx.settings.report_dir / f"evaluation-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     click.echo(

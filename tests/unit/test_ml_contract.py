@@ -94,6 +94,25 @@ def test_splits_and_oversampling_keep_nok_everywhere() -> None:
     assert np.sum(y[idx] == 1) == 15 and np.sum(y[idx] == 0) == 95
 
 
+def test_a_coil_repeated_for_weight_stays_on_one_side_of_the_split() -> None:
+    """ReTrain's training set repeats each operator-labelled coil; validation must not see a copy of a
+    training coil, and holds each of its coils once."""
+    coil_id = np.array([f"H{i}" for i in range(200)] + [f"F{i}" for i in range(30)] * 3)
+    y = np.array([0] * 190 + [1] * 10 + ([0] * 25 + [1] * 5) * 3)
+    train, val = stratified_split(y, 0.2, np.random.default_rng(0), groups=coil_id)
+    assert not set(coil_id[train]) & set(coil_id[val])
+    assert len(set(coil_id[val])) == len(val) and y[val].sum() >= 1
+    assert sorted(set(coil_id[train]) | set(coil_id[val])) == sorted(set(coil_id))
+    unique = np.array([f"U{i}" for i in range(100)])  # no repeats: exactly the row-wise split
+    y100 = np.array([0] * 95 + [1] * 5)
+    for a, b in zip(
+        stratified_split(y100, 0.2, np.random.default_rng(0), groups=unique),
+        stratified_split(y100, 0.2, np.random.default_rng(0)),
+        strict=True,
+    ):
+        assert np.array_equal(a, b)
+
+
 def test_cnn_trains_saves_loads_and_predicts_identically(tmp_path: Path) -> None:
     data = stripe_coils(240, seed=1)
     cnn = create("cnn", {"epochs": 3, "batch_size": 32, "seed": 3})
