@@ -1,0 +1,71 @@
+"""How many magnetic-tile test images have a near-copy in the training split (bench/image_tile.py's split).
+
+The set holds several photographs of the same physical tile (different ``expN`` runs, nearby numbers, the
+same defect); a split image by image can put one shot in training and another in test, which flatters
+the test figures. Each test image is compared with every training image of the same split at 24 × 24
+pixels (zero-mean, unit-norm: a correlation), and for defect images the masks of the nearest pair are
+compared too. Random test/train pairs give the baseline of what "similar" means on this set.
+
+    .venv/bin/python bench/tile_overlap.py
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import provenance  # noqa: E402
+from bench.image_tile import DATASETS, split  # noqa: E402
+from ml.imagesets.folder import resize_image, resize_mask  # noqa: E402
+from ml.imagesets.magnetic_tile import load_magnetic_tile  # noqa: E402
+
+NEAR = 0.98  # correlation above which two tiles are taken for shots of the same tile
+SIDE = 24
+
+
+def thumbnails(images: list[np.ndarray], index: np.ndarray) -> np.ndarray:
+    x = np.stack([resize_image(images[i], SIDE).ravel().astype(np.float64) for i in index])
+    x -= x.mean(axis=1, keepdims=True)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-9)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = resize_mask(a, 64).astype(bool), resize_mask(b, 64).astype(bool)
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def main() -> None:
+    tiles = load_magnetic_tile(DATASETS / "magnetic-tile")
+    defect_train, defect_test, free_train, free_test = split(tiles, None)
+    similarity = thumbnails(tiles.images, defect_test) @ thumbnails(tiles.images, defect_train).T
+    nearest, partner = similarity.max(axis=1), defect_train[similarity.argmax(axis=1)]
+    near = nearest > NEAR
+    same_defect = np.array(
+        [mask_iou(tiles.masks[i], tiles.masks[j]) > 0.5 for i, j in zip(defect_test, partner, strict=True)]
+    )
+    baseline = np.quantile(similarity.ravel(), [0.5, 0.99])
+    free_nearest = (thumbnails(tiles.images, free_test) @ thumbnails(tiles.images, free_train).T).max(axis=1)
+    by_class = collections.Counter(
+        tiles.classes[tiles.labels[i]] for i, hit in zip(defect_test, near & same_defect, strict=True) if hit
+    )
+    print(f"## Near-copies across the magnetic-tile split (correlation > {NEAR} at {SIDE} × {SIDE} px)\n")
+    print("| images | test | with a near-copy in training | … whose defect mask also overlaps (IoU > 0.5) |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| defect | {len(defect_test)} | {near.sum()} | {(near & same_defect).sum()} |")
+    print(f"| defect-free | {len(free_test)} | {(free_nearest > NEAR).sum()} | — |")
+    print(
+        f"\nAll test × training defect pairs: median correlation {baseline[0]:.2f}, 99th percentile "
+        f"{baseline[1]:.3f}. Near-copies with the same defect, by class: "
+        + ", ".join(f"{name} {n}" for name, n in sorted(by_class.items()))
+        + f".\n\n{provenance()}"
+    )
+
+
+if __name__ == "__main__":
+    main()
