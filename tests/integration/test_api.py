@@ -218,6 +218,7 @@ def test_a_request_without_the_token_is_refused(api: Api) -> None:
         ({"coil_id": "C-2026-000001", "label": "MAYBE", "operator": "anna"}, "label", "'OK' or 'NOK'"),
         ({"coil_id": "C 1; DROP TABLE coils", "label": "OK", "operator": "anna"}, "coil_id", "pattern"),
         ({"coil_id": "C-2026-000001", "label": "OK", "operator": ""}, "operator", "at least 1"),
+        ({"coil_id": "C-2026-000001", "label": "OK", "operator": "   "}, "operator", "at least 1"),
         ({"coil_id": "C-2026-000001", "label": "OK", "operator": "a\x00b"}, "operator", "control characters"),
         ({"coil_id": "C-2026-000001", "label": "OK", "operator": "anna", "shift": 2}, "shift", "not permitted"),
     ],
