@@ -148,14 +148,17 @@ def encode_cursor(received_at: datetime, coil_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position a cursor names, in UTC; anything :func:`encode_cursor` cannot have written is a
+    :class:`BadCursor` (400), including a forged time that has no UTC equivalent (year 1 at +05:00)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, coil_id = raw.split("|", 1)
         when = datetime.fromisoformat(stamp)
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        if when.tzinfo is None or not _COIL_ID.fullmatch(coil_id):
+            raise ValueError("no offset, or not a coil id")
+        when = when.astimezone(UTC)  # here, not when the driver binds it: OverflowError was a 500
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as exc:
         raise BadCursor("not a cursor from this API: pass next_cursor from the previous page") from exc
-    if when.tzinfo is None or not _COIL_ID.fullmatch(coil_id):
-        raise BadCursor("not a cursor from this API: pass next_cursor from the previous page")
     return when, coil_id
 
 

@@ -7,6 +7,7 @@ server error and no response that breaks the document.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import threading
 import time
@@ -305,6 +306,10 @@ def test_coils_are_filtered_and_paged_without_gaps_or_repeats(api: Api) -> None:
             "/coils", params={"since": (T0 + timedelta(minutes=100)).isoformat(), "until": "2999-01-01T00:00:00Z"}
         ).json()["items"]
         bad_cursor = client.get("/coils", params={"cursor": "not-a-cursor"})
+        forged = [  # times with no UTC equivalent: an OverflowError binding them was a 500
+            client.get("/coils", params={"cursor": base64.urlsafe_b64encode(f"{at}|C-1".encode()).decode()})
+            for at in ("0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00")
+        ]
         bad_time = client.get("/coils", params={"since": "yesterday"})
         with_matrix = client.get("/coils/C-2026-000003", params={"matrix": "true"}).json()
         missing = client.get("/coils/C-2026-424242")
@@ -313,6 +318,7 @@ def test_coils_are_filtered_and_paged_without_gaps_or_repeats(api: Api) -> None:
     assert {c["coil_id"] for c in noks} == {f"C-2026-{i:06d}" for i in range(0, N_COILS, 5)}
     assert len(window) == N_COILS - 10
     assert bad_cursor.status_code == 400 and "cursor" in bad_cursor.json()["detail"]
+    assert [r.status_code for r in forged] == [400, 400]
     assert bad_time.status_code == 422
     rows = with_matrix["matrix"]
     assert len(rows) == 264 and len(rows[0]) == 18 and rows[0][0] is None and rows[0][1] == 140
