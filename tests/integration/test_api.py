@@ -270,11 +270,15 @@ def test_still_ready_when_the_broker_is_away_and_status_says_so(api: Api) -> Non
 
 
 def test_not_ready_when_the_database_is_away(api: Api) -> None:
-    engine = make_engine(f"postgresql://postgres@127.0.0.1:{free_ports()[0]}/nowhere")
+    engine = make_engine(f"postgresql://postgres:hunter2@127.0.0.1:{free_ports()[0]}/nowhere")
+    body = {"coil_id": "C-2026-000001", "label": "OK", "operator": "anna"}
     with _serve(api.settings, engine, heartbeat=False) as base, httpx.Client(base_url=base, timeout=30) as client:
         response = client.get("/health/ready")
+        away = [client.get("/status"), client.get("/coils"), client.post("/feedback", json=body, headers=AUTH)]
     engine.dispose()
     assert response.status_code == 503 and not response.json()["checks"]["database"]["ok"]
+    assert [r.status_code for r in away] == [503, 503, 503]  # was a bare 500
+    assert all(r.json()["detail"].startswith("database unavailable: ") and "hunter2" not in r.text for r in away)
 
 
 def test_models_with_versions_and_latest_score(api: Api) -> None:
@@ -346,11 +350,13 @@ def test_metrics_and_no_page_that_needs_the_internet(api: Api) -> None:
         metrics = client.get("/metrics")
         openapi = client.get("/openapi.json")
         docs, redoc = client.get("/docs"), client.get("/redoc")
+        index = client.get("/").json()
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     assert 'coilguard_api_requests_total{method="GET",route="/status",status="200"}' in metrics.text
     assert "coilguard_coils_assessed_total" in metrics.text and "coilguard_feedback_total" in metrics.text
     assert openapi.status_code == 200 and "/feedback" in openapi.json()["paths"]
     assert docs.status_code == redoc.status_code == 404  # Swagger UI and ReDoc load scripts from a CDN
+    assert index["endpoints"] == sorted(openapi.json()["paths"])  # was empty
 
 
 # ----------------------------------------------------------------------------- property-based
