@@ -132,7 +132,7 @@ class ModelVersion(BaseModel):
 class ModelOut(BaseModel):
     name: str
     kind: str
-    active_version: int | None
+    active_version: int | None = Field(description="The version serving now, whatever `status` filters out.")
     versions: list[ModelVersion]
 
 

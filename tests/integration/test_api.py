@@ -285,12 +285,15 @@ def test_models_with_versions_and_latest_score(api: Api) -> None:
     with api.client() as client:
         models = client.get("/models").json()
         active = client.get("/models", params={"status": "active"}).json()
+        retired = client.get("/models", params={"status": "retired"}).json()
         missing = client.get("/models/nope")
     (cnn,) = models
     assert cnn["active_version"] == 2 and [v["status"] for v in cnn["versions"]] == ["retired", "active"]
     assert cnn["versions"][1]["latest_performance"]["score"] == 0.75
     assert cnn["versions"][1]["validation"] == {"f1_nok": 0.81, "roc_auc": None}
     assert [v["version"] for v in active[0]["versions"]] == [2]
+    assert [v["version"] for v in retired[0]["versions"]] == [1]
+    assert retired[0]["active_version"] == 2  # the model's, whatever versions the filter shows (was null)
     assert missing.status_code == 404
 
 
