@@ -102,7 +102,10 @@ class SystemStatus(BaseModel):
     coils_last_24h: int
     backlog: Backlog
     active_models: list[ModelRef]
-    broker: Check = Field(description="A short MQTT connect: the workers' broker, which the API itself never needs.")
+    broker: Check = Field(
+        description="A short MQTT connect to the workers' broker, which the API itself never needs; "
+        "the answer is reused for 10 s, so polling opens no connection per request."
+    )
 
 
 class Performance(BaseModel):
