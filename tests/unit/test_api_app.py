@@ -67,11 +67,14 @@ def test_validation_errors_keep_fastapis_shape(client: TestClient) -> None:
 
 
 def test_a_body_that_is_not_json_is_a_422_as_documented(client: TestClient) -> None:
-    response = client.post("/feedback", content=b"{bad", headers={**AUTH, "content-type": "application/json"})
-    assert response.status_code == 422 and response.json()["detail"][0]["type"] == "json_invalid"
+    json_body = {**AUTH, "content-type": "application/json"}
+    not_json = client.post("/feedback", content=b"{bad", headers=json_body)
+    not_text = client.post("/feedback", content=b"\x1aI\xff\xfeg", headers=json_body)
+    assert not_json.status_code == 422 and not_json.json()["detail"][0]["type"] == "json_invalid"
+    assert not_text.status_code == 400  # FastAPI's "There was an error parsing the body"
     documented = client.get("/openapi.json").json()["paths"]["/feedback"]["post"]
-    assert "400" not in documented["responses"] and "422" in documented["responses"]
-    assert "not JSON" in documented["description"]
+    assert "not JSON" in documented["description"] and "422" in documented["responses"]
+    assert "UTF-8" in documented["responses"]["400"]["description"]  # it said "The body is not JSON."
 
 
 @pytest.mark.parametrize(("path", "method"), [("/coils", "get"), ("/status", "get"), ("/feedback", "post")])
