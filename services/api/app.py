@@ -8,12 +8,18 @@ tools (and for the property-based test that drives the API from it).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from services.api import catalogue, coils, drift, system
 from services.api.deps import ApiState
@@ -57,16 +63,43 @@ def create_app(settings: Settings, engine: Engine | None = None, *, heartbeat: b
     for module in (system, catalogue, coils, drift):
         app.include_router(module.router)
     app.middleware("http")(_observe)
+    app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(DBAPIError)(_database_error)
 
     @app.get("/", include_in_schema=False)
     def index() -> dict[str, object]:
-        return {
-            "service": "coilguard",
-            "openapi": "/openapi.json",
-            "endpoints": sorted({r.path for r in app.routes if getattr(r, "include_in_schema", False)}),
-        }
+        # From the OpenAPI document: the routes of included routers are not plain routes with a path.
+        return {"service": "coilguard", "openapi": "/openapi.json", "endpoints": sorted(app.openapi()["paths"])}
 
     return app
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a lone surrogate echoed from a request (``"\\ud800"``
+    is valid JSON) has no UTF-8 encoding, and Starlette's UTF-8 JSON raised on it."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+async def _validation_error(_: Request, exc: Exception) -> Response:
+    """FastAPI's own 422 body (``detail``: the errors, each with the input at fault), written ASCII-safe."""
+    assert isinstance(exc, RequestValidationError)
+    return AsciiJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    """A database that cannot be reached (refused, down, the connection lost) is a 503 that says so, as
+    ``/health/ready`` does; any other database error is a fault of this code and stays a 500."""
+    assert isinstance(exc, DBAPIError)
+    if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+        raise exc
+    reason = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    password = request.app.state.coilguard.engine.url.password
+    if password:  # drivers do not echo it today; the answer goes to anyone on the plant network
+        reason = reason.replace(str(password), "***")
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, reason)
+    return JSONResponse({"detail": f"database unavailable: {reason}"}, status_code=503)
 
 
 async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

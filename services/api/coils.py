@@ -76,9 +76,12 @@ def get_coil(
     status_code=status.HTTP_201_CREATED,
     summary="An operator's verdict on a coil (the latest verdict for a coil wins)",
     dependencies=[Depends(require_token)],
-    responses={400: {"model": Error, "description": "The body is not JSON."}, **WRITE_ERRORS},
-    description="422 when the coil is unknown (never assessed), the label is not OK/NOK or the body is malformed; "
-    "`detail` names the field and the reason.",
+    responses={
+        400: {"model": Error, "description": "The body is not UTF-8 text, so it cannot be read."},
+        **WRITE_ERRORS,
+    },
+    description="422 when the coil is unknown (never assessed), the label is not OK/NOK, the operator is blank, "
+    "or the body is malformed or not JSON at all (`json_invalid`); `detail` names the field and the reason.",
 )
 def post_feedback(state: State, body: FeedbackIn) -> dict:
     try:

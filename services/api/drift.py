@@ -76,7 +76,10 @@ def report_html(state: State, report_id: ReportId) -> FileResponse:
 
 
 def _inside(root: FilePath, uri: str) -> FilePath | None:
-    """The report file under REPORT_DIR; a URI pointing elsewhere (``..``, absolute) is not served."""
+    """The report file under REPORT_DIR; a URI pointing elsewhere (``..``, absolute) is not served, nor
+    one no file can have: a NUL byte (SQLite stores it) made the path calls raise ValueError, a 500."""
+    if "\x00" in uri:
+        return None
     base = FilePath(root).resolve()
     path = (base / uri).resolve()
     return path if path.is_relative_to(base) else None

@@ -95,18 +95,23 @@ def model_versions(engine: Engine, name: str | None = None, status: str | None =
         .outerjoin(perf, perf.c.id == newest.c.id)
         .order_by(models.c.name, models.c.version)
     )
+    # The active version is the model's, not the page's: looked up apart from the status filter, so
+    # that ?status=retired does not say "none active" while one serves.
+    serving = select(models.c.name, models.c.version).where(models.c.status == "active").order_by(models.c.version)
     if name is not None:
         query = query.where(models.c.name == name)
+        serving = serving.where(models.c.name == name)
     if status is not None:
         query = query.where(models.c.status == status)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
+        active = {r.name: r.version for r in conn.execute(serving)}  # the newest, should two be active
     grouped: dict[str, dict[str, Any]] = {}
     for r in rows:
-        entry = grouped.setdefault(r.name, {"name": r.name, "kind": r.kind, "active_version": None, "versions": []})
+        entry = grouped.setdefault(
+            r.name, {"name": r.name, "kind": r.kind, "active_version": active.get(r.name), "versions": []}
+        )
         entry["kind"] = r.kind  # the newest version's kind
-        if r.status == "active":
-            entry["active_version"] = r.version
         performance = None
         if r.perf_computed_at is not None:
             performance = {c: getattr(r, f"perf_{c}") for c in _PERFORMANCE_COLUMNS}
@@ -148,14 +153,17 @@ def encode_cursor(received_at: datetime, coil_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position a cursor names, in UTC; anything :func:`encode_cursor` cannot have written is a
+    :class:`BadCursor` (400), including a forged time that has no UTC equivalent (year 1 at +05:00)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, coil_id = raw.split("|", 1)
         when = datetime.fromisoformat(stamp)
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        if when.tzinfo is None or not _COIL_ID.fullmatch(coil_id):
+            raise ValueError("no offset, or not a coil id")
+        when = when.astimezone(UTC)  # here, not when the driver binds it: OverflowError was a 500
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as exc:
         raise BadCursor("not a cursor from this API: pass next_cursor from the previous page") from exc
-    if when.tzinfo is None or not _COIL_ID.fullmatch(coil_id):
-        raise BadCursor("not a cursor from this API: pass next_cursor from the previous page")
     return when, coil_id
 
 

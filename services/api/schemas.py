@@ -42,7 +42,12 @@ def _utc(value: datetime) -> datetime:
         raise ValueError("time out of range") from None
 
 
-Text = Annotated[str, AfterValidator(_printable)]
+# Constraints are listed before the printable check: placed after a validator function, pydantic
+# checks the length of the untrimmed text, so "   " passed as one character and was stored as "".
+OperatorName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128), AfterValidator(_printable)
+]
+Comment = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_printable)]
 UtcTime = Annotated[datetime, BeforeValidator(_rfc3339), AfterValidator(_utc)]
 
 
@@ -97,7 +102,10 @@ class SystemStatus(BaseModel):
     coils_last_24h: int
     backlog: Backlog
     active_models: list[ModelRef]
-    broker: Check = Field(description="A short MQTT connect: the workers' broker, which the API itself never needs.")
+    broker: Check = Field(
+        description="A short MQTT connect to the workers' broker, which the API itself never needs; "
+        "the answer is reused for 10 s, so polling opens no connection per request."
+    )
 
 
 class Performance(BaseModel):
@@ -127,7 +135,7 @@ class ModelVersion(BaseModel):
 class ModelOut(BaseModel):
     name: str
     kind: str
-    active_version: int | None
+    active_version: int | None = Field(description="The version serving now, whatever `status` filters out.")
     versions: list[ModelVersion]
 
 
@@ -182,8 +190,8 @@ class FeedbackIn(BaseModel):
 
     coil_id: CoilId
     label: Label
-    operator: Annotated[Text, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
-    comment: Annotated[Text, StringConstraints(max_length=2000)] | None = None
+    operator: OperatorName = Field(description="Who checked the coil; surrounding blanks are trimmed.")
+    comment: Comment | None = None
 
 
 class DriftReportOut(BaseModel):

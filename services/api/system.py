@@ -88,7 +88,7 @@ def system_status(state: State) -> SystemStatus:
             ModelRef(id=m.id, name=m.name, kind=m.kind, version=m.version, promoted_at=m.promoted_at)
             for m in queries.active_models(state.engine)
         ],
-        broker=_timed(lambda: _broker(state.settings)),
+        broker=state.broker.get(lambda: _timed(lambda: _broker(state.settings))),
     )
 
 

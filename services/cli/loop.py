@@ -6,19 +6,26 @@ import logging
 import signal
 import time
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import click
 
 from services.cli.base import DURATION, AppContext, cli, pass_ctx, require_schema
 
+if TYPE_CHECKING:
+    from services.api.schemas import FeedbackIn
+
 log = logging.getLogger(__name__)
+
+
+_FEEDBACK_PARAMS = {"coil_id": "COIL_ID", "label": "LABEL", "operator": "--operator", "comment": "--comment"}
 
 
 @cli.command()
 @click.argument("coil_id")
 @click.argument("label", type=click.Choice(["OK", "NOK"]))
-@click.option("--operator", required=True, help="Who checked the coil.")
-@click.option("--comment", help="Free text, e.g. what was seen.")
+@click.option("--operator", required=True, help="Who checked the coil (surrounding blanks are trimmed).")
+@click.option("--comment", help="Free text, e.g. what was seen (at most 2000 characters).")
 @pass_ctx
 def feedback(ctx: AppContext, coil_id: str, label: str, operator: str, comment: str | None) -> None:
     """Record an operator's verdict on a coil (the latest verdict for a coil wins)."""
@@ -26,12 +33,30 @@ def feedback(ctx: AppContext, coil_id: str, label: str, operator: str, comment: 
     from services.db.repositories import SqlFeedbackStore
     from workflows.ports import UnknownCoil
 
+    given = _feedback_in(coil_id=coil_id, label=label, operator=operator, comment=comment)
     require_schema(ctx.settings)
     try:
-        row = SqlFeedbackStore(make_engine(ctx.settings.database_url)).add(coil_id, label, operator, comment)
+        row = SqlFeedbackStore(make_engine(ctx.settings.database_url)).add(
+            given.coil_id, given.label, given.operator, given.comment
+        )
     except UnknownCoil as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"feedback #{row}: {coil_id} is {label} according to {operator}")
+    click.echo(f"feedback #{row}: {given.coil_id} is {given.label} according to {given.operator}")
+
+
+def _feedback_in(**fields: str | None) -> FeedbackIn:
+    """The API's own request model, so that the command stores exactly what ``POST /feedback`` would:
+    a blank or untrimmed operator, control characters or an overlong comment are refused (exit 2)."""
+    from pydantic import ValidationError
+
+    from services.api.schemas import FeedbackIn
+
+    try:
+        return FeedbackIn.model_validate(fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        raise click.BadParameter(error["msg"], param_hint=_FEEDBACK_PARAMS.get(field, field)) from None
 
 
 @cli.command()

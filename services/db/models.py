@@ -169,6 +169,9 @@ class Coil(Base):
         CheckConstraint(_in("status", COIL_STATUSES), name="status"),
         Index("ix_coils_line_received_at", "line", "received_at"),
         Index("ix_coils_status_received_at", "status", "received_at"),
+        # The API's unfiltered page (newest first) and /status's last decision and 24-hour count (0004).
+        Index("ix_coils_received_at_coil_id", "received_at", "coil_id"),
+        Index("ix_coils_decided_at", "decided_at"),
     )
 
     def __repr__(self) -> str:

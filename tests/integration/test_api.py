@@ -7,6 +7,7 @@ server error and no response that breaks the document.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import threading
 import time
@@ -218,6 +219,7 @@ def test_a_request_without_the_token_is_refused(api: Api) -> None:
         ({"coil_id": "C-2026-000001", "label": "MAYBE", "operator": "anna"}, "label", "'OK' or 'NOK'"),
         ({"coil_id": "C 1; DROP TABLE coils", "label": "OK", "operator": "anna"}, "coil_id", "pattern"),
         ({"coil_id": "C-2026-000001", "label": "OK", "operator": ""}, "operator", "at least 1"),
+        ({"coil_id": "C-2026-000001", "label": "OK", "operator": "   "}, "operator", "at least 1"),
         ({"coil_id": "C-2026-000001", "label": "OK", "operator": "a\x00b"}, "operator", "control characters"),
         ({"coil_id": "C-2026-000001", "label": "OK", "operator": "anna", "shift": 2}, "shift", "not permitted"),
     ],
@@ -268,23 +270,30 @@ def test_still_ready_when_the_broker_is_away_and_status_says_so(api: Api) -> Non
 
 
 def test_not_ready_when_the_database_is_away(api: Api) -> None:
-    engine = make_engine(f"postgresql://postgres@127.0.0.1:{free_ports()[0]}/nowhere")
+    engine = make_engine(f"postgresql://postgres:hunter2@127.0.0.1:{free_ports()[0]}/nowhere")
+    body = {"coil_id": "C-2026-000001", "label": "OK", "operator": "anna"}
     with _serve(api.settings, engine, heartbeat=False) as base, httpx.Client(base_url=base, timeout=30) as client:
         response = client.get("/health/ready")
+        away = [client.get("/status"), client.get("/coils"), client.post("/feedback", json=body, headers=AUTH)]
     engine.dispose()
     assert response.status_code == 503 and not response.json()["checks"]["database"]["ok"]
+    assert [r.status_code for r in away] == [503, 503, 503]  # was a bare 500
+    assert all(r.json()["detail"].startswith("database unavailable: ") and "hunter2" not in r.text for r in away)
 
 
 def test_models_with_versions_and_latest_score(api: Api) -> None:
     with api.client() as client:
         models = client.get("/models").json()
         active = client.get("/models", params={"status": "active"}).json()
+        retired = client.get("/models", params={"status": "retired"}).json()
         missing = client.get("/models/nope")
     (cnn,) = models
     assert cnn["active_version"] == 2 and [v["status"] for v in cnn["versions"]] == ["retired", "active"]
     assert cnn["versions"][1]["latest_performance"]["score"] == 0.75
     assert cnn["versions"][1]["validation"] == {"f1_nok": 0.81, "roc_auc": None}
     assert [v["version"] for v in active[0]["versions"]] == [2]
+    assert [v["version"] for v in retired[0]["versions"]] == [1]
+    assert retired[0]["active_version"] == 2  # the model's, whatever versions the filter shows (was null)
     assert missing.status_code == 404
 
 
@@ -304,6 +313,10 @@ def test_coils_are_filtered_and_paged_without_gaps_or_repeats(api: Api) -> None:
             "/coils", params={"since": (T0 + timedelta(minutes=100)).isoformat(), "until": "2999-01-01T00:00:00Z"}
         ).json()["items"]
         bad_cursor = client.get("/coils", params={"cursor": "not-a-cursor"})
+        forged = [  # times with no UTC equivalent: an OverflowError binding them was a 500
+            client.get("/coils", params={"cursor": base64.urlsafe_b64encode(f"{at}|C-1".encode()).decode()})
+            for at in ("0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00")
+        ]
         bad_time = client.get("/coils", params={"since": "yesterday"})
         with_matrix = client.get("/coils/C-2026-000003", params={"matrix": "true"}).json()
         missing = client.get("/coils/C-2026-424242")
@@ -312,6 +325,7 @@ def test_coils_are_filtered_and_paged_without_gaps_or_repeats(api: Api) -> None:
     assert {c["coil_id"] for c in noks} == {f"C-2026-{i:06d}" for i in range(0, N_COILS, 5)}
     assert len(window) == N_COILS - 10
     assert bad_cursor.status_code == 400 and "cursor" in bad_cursor.json()["detail"]
+    assert [r.status_code for r in forged] == [400, 400]
     assert bad_time.status_code == 422
     rows = with_matrix["matrix"]
     assert len(rows) == 264 and len(rows[0]) == 18 and rows[0][0] is None and rows[0][1] == 140
@@ -339,11 +353,13 @@ def test_metrics_and_no_page_that_needs_the_internet(api: Api) -> None:
         metrics = client.get("/metrics")
         openapi = client.get("/openapi.json")
         docs, redoc = client.get("/docs"), client.get("/redoc")
+        index = client.get("/").json()
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     assert 'coilguard_api_requests_total{method="GET",route="/status",status="200"}' in metrics.text
     assert "coilguard_coils_assessed_total" in metrics.text and "coilguard_feedback_total" in metrics.text
     assert openapi.status_code == 200 and "/feedback" in openapi.json()["paths"]
     assert docs.status_code == redoc.status_code == 404  # Swagger UI and ReDoc load scripts from a CDN
+    assert index["endpoints"] == sorted(openapi.json()["paths"])  # was empty
 
 
 # ----------------------------------------------------------------------------- property-based

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from services.api.schemas import UtcTime
+from services.api.schemas import FeedbackIn, UtcTime
 
 
 def test_a_time_with_its_offset_is_read_as_utc() -> None:
@@ -17,3 +17,27 @@ def test_anything_but_an_rfc3339_time_is_refused_saying_so(value: object) -> Non
     # re.match with "$" let a final "\n" past the check; pydantic then refused it with a parser's message
     with pytest.raises(ValidationError, match="expected an ISO 8601 time with its offset"):
         TypeAdapter(UtcTime).validate_python(value)
+
+
+def _feedback(**fields: object) -> FeedbackIn:
+    return FeedbackIn.model_validate({"coil_id": "C-1", "label": "OK", "operator": "anna", **fields})
+
+
+@pytest.mark.parametrize("operator", ["", "   ", "\t", " \n "])
+def test_a_blank_operator_is_refused_after_trimming(operator: str) -> None:
+    # the length used to be checked before the trim: "   " passed and was stored as ""
+    with pytest.raises(ValidationError, match="at least 1 character"):
+        _feedback(operator=operator)
+
+
+def test_an_operator_is_trimmed_before_its_length_is_checked() -> None:
+    assert _feedback(operator="  anna  ").operator == "anna"
+    assert _feedback(operator="a" * 128 + "  ").operator == "a" * 128
+    with pytest.raises(ValidationError, match="at most 128 characters"):
+        _feedback(operator="a" * 129)
+
+
+@pytest.mark.parametrize(("field", "value"), [("operator", "a\x1b[2Jb"), ("comment", "x\x00")])
+def test_control_characters_are_refused(field: str, value: str) -> None:
+    with pytest.raises(ValidationError, match="control characters"):
+        _feedback(**{field: value})

@@ -229,6 +229,11 @@ def test_downgrade_removes_everything_and_upgrade_works_again(engine: Engine, ur
 
 def test_default_downgrade_is_one_step(engine: Engine, url: str) -> None:
     engine.dispose()
+    coil_indexes = {"ix_coils_received_at_coil_id", "ix_coils_decided_at"}
+    assert coil_indexes <= {i["name"] for i in inspect(engine).get_indexes("coils")}
+    assert migrate.downgrade(url) == "0003"  # 0004 (the API's coil indexes) undone, the tables kept
+    assert tables(engine) == ALL_TABLES | {"alembic_version"}
+    assert not coil_indexes & {i["name"] for i in inspect(engine).get_indexes("coils")}
     assert migrate.downgrade(url) == "0002"  # 0003 (ModelScore's tallies) undone
     assert tables(engine) == SEVEN | {"workers", "alembic_version"}
     assert "score_pass" not in {c["name"] for c in inspect(engine).get_columns("feedback")}

@@ -1,0 +1,104 @@
+"""The API application itself, in-process over a SQLite URL it never needs: its index, its error
+answers (validation, a database that is away) and what its OpenAPI document promises."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from services.api import create_app, queries
+from services.config import load_settings
+from services.db.engine import make_engine
+
+TOKEN = "tok"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PASSWORD = "hunter2"
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    url = f"postgresql+psycopg://coilguard:{PASSWORD}@127.0.0.1:1/coilguard"  # never connected to
+    settings = load_settings(_env_file=None, database_url=url, api_token=TOKEN)
+    engine = make_engine(url)
+    with TestClient(create_app(settings, engine, heartbeat=False), raise_server_exceptions=False) as client:
+        yield client
+    engine.dispose()
+
+
+def test_the_index_lists_every_documented_endpoint(client: TestClient) -> None:
+    index = client.get("/").json()
+    assert index["endpoints"] == sorted(client.get("/openapi.json").json()["paths"])
+    assert {"/coils", "/coils/{coil_id}", "/feedback", "/status", "/models"} <= set(index["endpoints"])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"coil_id":"C-001","label":"NOK","operator":"an\\ud800na"}',
+        b'{"coil_id":"C-001","label":"NOK","operator":"x","comment":"\\udfff"}',
+    ],
+)
+def test_a_lone_surrogate_is_refused_with_the_usual_422(client: TestClient, body: bytes) -> None:
+    # the default handler writes UTF-8 and could not encode the echoed input: a 500
+    response = client.post("/feedback", content=body, headers={**AUTH, "content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.content.isascii()
+    (problem,) = response.json()["detail"]
+    assert problem["type"] == "string_unicode" and problem["loc"][0] == "body"
+
+
+def test_validation_errors_keep_fastapis_shape(client: TestClient) -> None:
+    response = client.post("/feedback", json={"coil_id": "C-1", "label": "ok", "operator": "Jürgen"}, headers=AUTH)
+    assert response.status_code == 422
+    assert response.json() == {
+        "detail": [
+            {
+                "type": "literal_error",
+                "loc": ["body", "label"],
+                "msg": "Input should be 'OK' or 'NOK'",
+                "input": "ok",
+                "ctx": {"expected": "'OK' or 'NOK'"},
+            }
+        ]
+    }
+
+
+def test_a_body_that_is_not_json_is_a_422_as_documented(client: TestClient) -> None:
+    json_body = {**AUTH, "content-type": "application/json"}
+    not_json = client.post("/feedback", content=b"{bad", headers=json_body)
+    not_text = client.post("/feedback", content=b"\x1aI\xff\xfeg", headers=json_body)
+    assert not_json.status_code == 422 and not_json.json()["detail"][0]["type"] == "json_invalid"
+    assert not_text.status_code == 400  # FastAPI's "There was an error parsing the body"
+    documented = client.get("/openapi.json").json()["paths"]["/feedback"]["post"]
+    assert "not JSON" in documented["description"] and "422" in documented["responses"]
+    assert "UTF-8" in documented["responses"]["400"]["description"]  # it said "The body is not JSON."
+
+
+@pytest.mark.parametrize(("path", "method"), [("/coils", "get"), ("/status", "get"), ("/feedback", "post")])
+def test_a_database_that_is_away_is_a_503_without_credentials(client: TestClient, path: str, method: str) -> None:
+    body = {"coil_id": "C-1", "label": "OK", "operator": "anna"}
+    response = client.request(method, path, headers=AUTH, **({"json": body} if method == "post" else {}))
+    assert response.status_code == 503, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("database unavailable: ") and "127.0.0.1" in detail
+    assert PASSWORD not in response.text
+
+
+def test_a_lost_connection_is_a_503_and_other_database_errors_stay_500(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(exc: Exception) -> None:
+        def raising(*_: object, **__: object) -> None:
+            raise exc
+
+        monkeypatch.setattr(queries, "model_versions", raising)
+
+    fail(OperationalError("SELECT", {}, Exception(f"server closed the connection; password {PASSWORD}")))
+    lost = client.get("/models")
+    fail(IntegrityError("INSERT", {}, Exception("duplicate key")))
+    bug = client.get("/models")
+    assert lost.status_code == 503 and PASSWORD not in lost.text and "server closed" in lost.json()["detail"]
+    assert bug.status_code == 500
