@@ -15,14 +15,14 @@ import collections
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import provenance  # noqa: E402
-from bench.image_tile import DATASETS, split  # noqa: E402
-from ml.imagesets.folder import resize_image, resize_mask  # noqa: E402
-from ml.imagesets.magnetic_tile import load_magnetic_tile  # noqa: E402
+from bench.common import provenance
+from bench.image_tile import DATASETS, split
+from ml.imagesets.folder import resize_image, resize_mask
+from ml.imagesets.magnetic_tile import load_magnetic_tile
 
 NEAR = 0.98  # correlation above which two tiles are taken for shots of the same tile
 SIDE = 24
