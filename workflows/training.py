@@ -80,8 +80,13 @@ def load_model(record: ModelRecord, model_dir: Path) -> Assessor:
     """A registered model, verified twice: weights against its manifest, manifest against the registry."""
     path = resolve_artifact(model_dir, record.artifact_uri)
     assessor = load_artifact(path)
-    if record.sha256 and Manifest.read(path).weights_sha256 != record.sha256:
-        raise ArtifactError(f"{path} is not the artifact registered as {record.name} v{record.version}")
+    manifest = Manifest.read(path)
+    if record.sha256 and manifest.weights_sha256 != record.sha256:
+        raise ArtifactError(
+            f"{path} is not the artifact registered as {record.name} v{record.version}: its manifest "
+            f"(integrity version {manifest.integrity}) hashes to {manifest.weights_sha256[:12]}…, "
+            f"the registry recorded {record.sha256[:12]}…"
+        )
     assessor.name, assessor.version = record.name, record.version
     return assessor
 

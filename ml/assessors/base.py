@@ -178,12 +178,14 @@ class Assessor(ABC):
         )
 
     def save(self, directory: str | Path) -> Manifest:
-        """Weights first, then the manifest with their checksums: a crash leaves no valid-looking artifact."""
+        """Weights first, then the manifest with their checksums and its own (``artifact_sha256``, the registry's
+        ``sha256``): a crash leaves no valid-looking artifact, and a later edit to either is refused by :meth:`load`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save_weights(directory)
         manifest = self.manifest()
         manifest.files = {name: sha256_file(directory / name) for name in self.weight_files}
+        manifest.seal()
         manifest.write(directory)
         return manifest
 
@@ -193,7 +195,7 @@ class Assessor(ABC):
         manifest = Manifest.read(directory)
         if manifest.kind != cls.key:
             raise ArtifactError(f"{directory} holds a {manifest.kind!r} model, not {cls.key!r}")
-        manifest.verify(directory)
+        manifest.verify(directory, cls.weight_files)
         assessor = cls(manifest.settings, name=manifest.name)
         assessor.version = manifest.version
         assessor.normalizer = Normalizer.from_dict(manifest.normalization) if manifest.normalization else None

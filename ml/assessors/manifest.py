@@ -2,21 +2,37 @@
 
 A plant must be able to answer "which data, which code, which settings made the model that called
 this coil NOK?" years later, and must never serve a weights file that was altered or half-written.
+
+The manifest is not only a description: a loaded model takes its threshold, normalization limits,
+settings and (image classifiers) class list from it, so an edited manifest changes predictions as
+surely as edited weights. Since integrity version 2 the artifact's checksum (:attr:`Manifest.weights_sha256`,
+the ``sha256`` of its registry row) therefore covers the manifest's content as well as the weight files.
+Version 1 manifests, written by older releases, carry no ``integrity`` field; their checksum keeps the
+old definition (weight files only) so that their registry rows still match.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
+from collections.abc import Collection
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 MANIFEST_FILE = "manifest.json"
+LEGACY_INTEGRITY = 1
+"""Checksum over the weight files only: what a manifest without an ``integrity`` field was written with."""
+INTEGRITY = 2
+"""Checksum over the weight files and the manifest's content: what :meth:`Assessor.save` writes now."""
+UNHASHED = frozenset({"files", "artifact_sha256"})
+"""The manifest fields left out of its canonical content: ``files`` enters the checksum through the per-file
+checksums (sorted by name, so its listing order does not matter) and ``artifact_sha256`` is the checksum."""
 
 
 class ArtifactError(RuntimeError):
@@ -38,6 +54,11 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     runtime: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)  # file name → sha256
+    integrity: Literal[1, 2] = INTEGRITY
+    """How :attr:`weights_sha256` is defined; :meth:`read` takes a manifest without the field as version 1."""
+    artifact_sha256: str | None = None
+    """:attr:`weights_sha256` as :meth:`seal` computed it on saving, so that a manifest edited afterwards is
+    refused even where no registry row is there to compare with (version 2 only)."""
 
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST_FILE
@@ -46,17 +67,36 @@ class Manifest(BaseModel):
         tmp.replace(path)  # atomic: a reader sees the old manifest or the new one, never half
         return path
 
+    def seal(self) -> None:
+        """Record :attr:`weights_sha256` in the manifest itself; call it last, once ``files`` is filled in."""
+        self.artifact_sha256 = self.weights_sha256
+
     @classmethod
     def read(cls, directory: Path) -> Manifest:
         path = Path(directory) / MANIFEST_FILE
         if not path.is_file():
             raise ArtifactError(f"no {MANIFEST_FILE} in {directory}")
-        return cls.model_validate_json(path.read_text())
+        try:
+            manifest = cls.model_validate_json(path.read_text())
+        except ValidationError as exc:
+            raise ArtifactError(f"{path} is not a valid manifest: {exc}") from None
+        if "integrity" not in manifest.model_fields_set:  # written before the field existed
+            manifest.integrity = LEGACY_INTEGRITY
+        return manifest
 
-    def verify(self, directory: Path) -> None:
-        """Raise :class:`ArtifactError` unless every listed file exists with its recorded checksum."""
-        if not self.files:
-            raise ArtifactError(f"manifest in {directory} lists no weight files")
+    def verify(self, directory: Path, weight_files: Collection[str]) -> None:
+        """Raise :class:`ArtifactError` unless the manifest lists exactly ``weight_files`` (the assessor's; a
+        file left out of the list would otherwise go unchecked), each exists with its recorded checksum, and
+        (version 2) the manifest's content is what it was when it was saved."""
+        manifest_path = Path(directory) / MANIFEST_FILE
+        if set(self.files) != set(weight_files):
+            missing = sorted(set(weight_files) - set(self.files))
+            unexpected = sorted(set(self.files) - set(weight_files))
+            raise ArtifactError(
+                f"{manifest_path} lists the weight files {sorted(self.files)}, "
+                f"a {self.kind!r} model has {sorted(weight_files)}"
+                f" (not listed: {missing}, not expected: {unexpected})"
+            )
         for name, expected in self.files.items():
             path = Path(directory) / name
             if not path.is_file():
@@ -66,14 +106,40 @@ class Manifest(BaseModel):
                 raise ArtifactError(
                     f"{path} does not match its manifest (sha256 {actual[:12]}…, expected {expected[:12]}…)"
                 )
+        if self.integrity >= INTEGRITY and self.artifact_sha256 != self.weights_sha256:
+            raise ArtifactError(
+                f"{manifest_path} was changed after it was saved: its content hashes to {self.weights_sha256[:12]}…, "
+                f"its artifact_sha256 says {str(self.artifact_sha256)[:12]}…"
+            )
 
     @property
     def weights_sha256(self) -> str:
-        """One checksum for the whole artifact (what the `models` table records)."""
+        """One checksum for the whole artifact (what the ``models`` table records).
+
+        Version 1: the weight files' names and checksums. Version 2 starts from a line naming the version
+        (so the two definitions never coincide: a version 2 manifest rewritten to claim version 1 no longer
+        matches its registry row) and adds :meth:`canonical_content`.
+        """
         digest = hashlib.sha256()
+        if self.integrity >= INTEGRITY:
+            digest.update(f"coilguard manifest integrity {self.integrity}\n".encode())
         for name in sorted(self.files):
             digest.update(f"{name}:{self.files[name]}\n".encode())
+        if self.integrity >= INTEGRITY:
+            digest.update(self.canonical_content().encode())
         return digest.hexdigest()
+
+    def canonical_content(self) -> str:
+        """Every field but :data:`UNHASHED` as compact JSON with sorted keys: the same for the manifest in
+        memory and as read back from disk, whatever the file's indentation or key order.
+
+        Not only what decides predictions (kind, settings, normalization, calibration, the image classifiers'
+        classes in ``training_data``) but the provenance too (name, version, created_at, code_version, data,
+        metrics, runtime): nothing rewrites a manifest once it is saved, so no field may legitimately differ,
+        and "which data and code made this model" is worth as much as the threshold years later.
+        """
+        content = json.loads(self.model_dump_json(exclude=set(UNHASHED)))  # the serialisation write() uses
+        return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def sha256_file(path: Path) -> str:

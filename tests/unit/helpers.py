@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -74,3 +78,23 @@ def write_image_folder(images: ImageSet, root: Path) -> Path:
         if images.masks is not None:
             Image.fromarray(images.masks[k].astype(np.uint8) * 255).save(folder / f"{k}.png")
     return root
+
+
+def edit_manifest(directory: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    """Change ``manifest.json`` in place as a hand or a foreign tool would: the raw JSON, not the Manifest API."""
+    path = directory / "manifest.json"
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content, indent=2))
+
+
+def as_written_by_release_1(content: dict[str, Any]) -> None:
+    """A manifest as releases before integrity version 2 wrote it: no ``integrity``, no ``artifact_sha256``."""
+    content.pop("integrity", None)
+    content.pop("artifact_sha256", None)
+
+
+def legacy_sha256(files: dict[str, str]) -> str:
+    """The registry checksum older releases recorded: weight file names and checksums only. Spelled out here,
+    not imported, so that a change to the definition breaks this test instead of the plants' registry rows."""
+    return hashlib.sha256("".join(f"{name}:{files[name]}\n" for name in sorted(files)).encode()).hexdigest()

@@ -5,16 +5,17 @@ validates its settings; plus what is particular to YOLO (offline, weights file, 
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import stripe_coils
+from helpers import as_written_by_release_1, edit_manifest, stripe_coils
 
 from ml.assessors.base import AssessBatch, Assessor
-from ml.assessors.manifest import ArtifactError
+from ml.assessors.manifest import MANIFEST_FILE, ArtifactError
 from ml.assessors.registry import assessor_class, available, create, load_artifact
 from ml.training.pairs import all_pairs, balanced_pairs, pair_batches, pair_type_weights
 from ml.training.render import render_gray, render_rgb, tile
@@ -109,6 +110,21 @@ def test_a_tampered_weights_file_is_refused(trained: Assessor, tmp_path: Path) -
             load_artifact(directory)
         path.unlink()
         with pytest.raises(ArtifactError, match="missing"):
+            load_artifact(directory)
+
+
+def test_a_manifest_that_leaves_out_a_weight_file_is_refused(trained: Assessor, tmp_path: Path) -> None:
+    """Only the files a manifest lists get their checksums checked: one left out of the list would go unchecked.
+    The manifest claims integrity version 1 here, so that only the file list, not its own checksum, can notice."""
+    for name in trained.weight_files:
+        directory = tmp_path / name
+        trained.save(directory)
+        edit_manifest(directory, as_written_by_release_1)
+        edit_manifest(directory, lambda content, gone=name: content["files"].pop(gone))
+        with pytest.raises(
+            ArtifactError,
+            match=re.escape(f"{MANIFEST_FILE} lists the weight files") + r".*" + re.escape(f"not listed: ['{name}']"),
+        ):
             load_artifact(directory)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import stripe_coils
+from helpers import as_written_by_release_1, edit_manifest, legacy_sha256, stripe_coils
 
 from ml.assessors.base import AssessBatch, calibrate
 from ml.assessors.manifest import ArtifactError, Manifest
@@ -22,6 +23,8 @@ from ml.normalize import Normalizer, fill_dropped
 from ml.training.augment import augment_batch
 from ml.training.loop import epoch_indices
 from ml.training.splits import stratified_split
+from workflows.ports import ModelRecord
+from workflows.training import load_model
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -161,6 +164,95 @@ def test_a_manifest_of_another_kind_is_refused(tmp_path: Path) -> None:
     manifest.write(tmp_path)
     with pytest.raises(ArtifactError, match="nonexistent"):
         load_artifact(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn():
+    """One quickly trained CNN for the manifest tests: they edit copies of its saved artifact, never the model."""
+    cnn = create("cnn", {"epochs": 1, "batch_size": 32, "seed": 3}, name="tiny")
+    cnn.fit(stripe_coils(80), device="cpu")
+    return cnn
+
+
+def _record(directory: Path, sha256: str) -> ModelRecord:
+    """The registry row of the artifact in ``directory`` (tiny v1), as the `models` table would return it."""
+    return ModelRecord(
+        id=1, name="tiny", kind="cnn", version=1, status="active", artifact_uri=str(directory), sha256=sha256
+    )
+
+
+def _higher_threshold(content: dict) -> None:
+    content["calibration"]["threshold"] = 0.999
+
+
+def _wider_normalization(content: dict) -> None:
+    content["normalization"]["high"] *= 3
+
+
+def _other_settings(content: dict) -> None:
+    content["settings"]["threshold_rule"] = "f1"
+
+
+MANIFEST_EDITS = [_higher_threshold, _wider_normalization, _other_settings]
+
+
+@pytest.mark.parametrize("edit", MANIFEST_EDITS)
+def test_an_edited_manifest_is_refused(tiny_cnn, edit, tmp_path: Path) -> None:
+    """The threshold, the normalization and the settings are read from the manifest: an edit changes predictions
+    as an edited weights file would. A plain load notices through ``artifact_sha256``; a forger who recomputes
+    that passes a plain load, and only the registry row (the anchor outside the folder) refuses the artifact."""
+    record = _record(tmp_path, tiny_cnn.save(tmp_path).weights_sha256)
+    edit_manifest(tmp_path, edit)
+    with pytest.raises(ArtifactError, match=r"manifest\.json was changed after it was saved"):
+        load_artifact(tmp_path)
+    with pytest.raises(ArtifactError, match="changed after it was saved"):
+        load_model(record, tmp_path)
+    resealed = Manifest.read(tmp_path)
+    resealed.seal()
+    resealed.write(tmp_path)
+    load_artifact(tmp_path)
+    with pytest.raises(ArtifactError, match="not the artifact registered as tiny v1"):
+        load_model(record, tmp_path)
+
+
+def test_a_manifest_written_by_an_older_release_still_loads(tiny_cnn, tmp_path: Path) -> None:
+    """Registry rows of models saved before integrity version 2 hold the weight-files-only checksum."""
+    manifest = tiny_cnn.save(tmp_path)
+    edit_manifest(tmp_path, as_written_by_release_1)
+    old = Manifest.read(tmp_path)
+    assert old.integrity == 1 and old.weights_sha256 == legacy_sha256(manifest.files)
+    loaded = load_model(_record(tmp_path, legacy_sha256(manifest.files)), tmp_path)
+    coils = stripe_coils(20, seed=5).X
+    np.testing.assert_array_equal(loaded.predict(AssessBatch(coils))[0], tiny_cnn.predict(AssessBatch(coils))[0])
+
+
+@pytest.mark.parametrize("edit", [None, *MANIFEST_EDITS])
+def test_a_manifest_downgraded_to_version_1_is_refused_by_the_registry(tiny_cnn, edit, tmp_path: Path) -> None:
+    """A version 1 manifest has nothing to check its content against, so a plain load accepts it; the
+    registry recorded the version 2 checksum, which the version 1 definition never produces."""
+    record = _record(tmp_path, tiny_cnn.save(tmp_path).weights_sha256)
+    edit_manifest(tmp_path, as_written_by_release_1)
+    if edit:
+        edit_manifest(tmp_path, edit)
+    load_artifact(tmp_path)
+    with pytest.raises(ArtifactError, match=r"not the artifact registered as tiny v1.*integrity version 1"):
+        load_model(record, tmp_path)
+
+
+def test_the_artifact_checksum_covers_the_manifest_content_not_its_layout() -> None:
+    files = {"weights.pt": "a" * 64, "references.pt": "b" * 64}
+    manifest = Manifest(kind="selfcon_margin", name="m", training_data={"classes": ["ok", "scratch"]}, files=files)
+    content = dict(reversed(json.loads(manifest.model_dump_json()).items()))
+    content["files"] = dict(reversed(files.items()))
+    reread = Manifest.model_validate_json(json.dumps(content, indent=4))
+    assert reread.weights_sha256 == manifest.weights_sha256  # key order, indentation, files' order: not content
+    for change in [
+        {"training_data": {"classes": ["scratch", "ok"]}},  # which output is the defect-free class
+        {"calibration": {"threshold": 0.4}},
+        {"code_version": "coilguard 0.0"},
+        {"files": {**files, "references.pt": "c" * 64}},
+    ]:
+        assert manifest.model_copy(update=change).weights_sha256 != manifest.weights_sha256, change
 
 
 def test_unknown_assessor_names_the_installed_ones() -> None:
