@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 from rich.console import Console
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.metrics import roc_auc_score
 
 from bench.common import add_threads_option, cpu_threads_note, provenance, threads_label
@@ -53,6 +55,8 @@ from services.progress import fit_progress
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SEED = 0
 TRAIN_SHARE = 0.7
+NEAR = 0.98  # thumbnail correlation above which two tiles are taken for shots of the same tile
+THUMB_SIDE = 24
 STDERR = Console(stderr=True)  # the bars; the report goes to stdout
 PAPER_SEG = {True: (0.66, 0.77, 0.78, 0.81), False: (0.21, 0.31, 0.67, 0.21)}
 PAPER_AE = 0.9397
@@ -70,6 +74,7 @@ class Plan:
     model_seed: int = SEED  # the models' seed (validation split, initialization); the test split stays seed 0
     branches: tuple[bool, ...] = (True, False)  # the segmenter with its contrastive branch, without, or both
     limit: int | None = None  # images per split and class group (quick mode)
+    grouped: bool = False  # the shots of one tile on one side of the split (see ``split``)
     extra: dict = field(default_factory=dict)
 
 
@@ -101,16 +106,45 @@ QUICK = Plan(
 )  # fmt: skip
 
 
-def split(images: ImageSet, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def split(
+    images: ImageSet, limit: int | None, grouped: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Seeded 70/30 splits of the defect images and of the defect-free ones: (defect train, defect test,
-    free train, free test)."""
+    free train, free test).
+
+    Image by image (the figures recorded before 2026-12-03), or ``grouped``: the set holds several shots of one
+    physical tile, and an image-by-image split puts near-copies of training tiles into the test set
+    (`bench/tile_overlap.py`); grouped, the shots of one tile (near-copies, joined transitively) stay together."""
     rng = np.random.default_rng(SEED)
     nok = images.nok.astype(bool)
-    defect, free = rng.permutation(np.flatnonzero(nok)), rng.permutation(np.flatnonzero(~nok))
-    if limit:
-        defect, free = defect[:limit], free[:limit]
-    nd, nf = int(TRAIN_SHARE * len(defect)), int(TRAIN_SHARE * len(free))
-    return defect[:nd], defect[nd:], free[:nf], free[nf:]
+    parts = []
+    for index in (np.flatnonzero(nok), np.flatnonzero(~nok)):
+        if grouped:
+            groups = near_copy_groups(images, index)
+            order = np.concatenate([index[groups == g] for g in rng.permutation(groups.max() + 1)])
+        else:
+            order = rng.permutation(index)
+        if limit:
+            order = order[:limit]
+        n_train = int(TRAIN_SHARE * len(order))
+        if grouped:  # whole groups: the train part ends where a group ends
+            ends = np.flatnonzero(np.diff(groups[np.searchsorted(index, order)]) != 0) + 1
+            n_train = int(ends[ends >= n_train][0]) if np.any(ends >= n_train) else len(order)
+        parts += [order[:n_train], order[n_train:]]
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def thumbnails(images: list[np.ndarray], index: np.ndarray) -> np.ndarray:
+    """Zero-mean, unit-norm 24 × 24 thumbnails: their dot product is a correlation."""
+    x = np.stack([resize_image(images[i], THUMB_SIDE).ravel().astype(np.float64) for i in index])
+    x -= x.mean(axis=1, keepdims=True)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-9)
+
+
+def near_copy_groups(images: ImageSet, index: np.ndarray) -> np.ndarray:
+    """A group number for each of ``index``: images whose thumbnails correlate above ``NEAR``, transitively."""
+    x = thumbnails(images.images, index)
+    return connected_components(csr_matrix(x @ x.T > NEAR), directed=False)[1]
 
 
 def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan: Plan) -> dict:
@@ -224,6 +258,7 @@ def run(
     seg_settings: dict | None = None,
     ae_settings: dict | None = None,
     branch: str = "both",
+    grouped: bool = False,
 ) -> str:
     """Train and test the assessors of ``parts``; the markdown section with the figures.
 
@@ -250,10 +285,10 @@ def run(
         else "pixel threshold 0.5 (not tuned on the 20 validation images that also pick the epoch)"
     )
     plan = replace(plan, note="; ".join([*replaced, plan.note.format(seg=seg, ae=ae, threshold=threshold)]))
-    plan = replace(plan, threads=threads, model_seed=seed, branches=BRANCHES[branch])
+    plan = replace(plan, threads=threads, model_seed=seed, branches=BRANCHES[branch], grouped=grouped)
     started = time.perf_counter()
     tiles = load_magnetic_tile(datasets / "magnetic-tile")
-    splits = split(tiles, plan.limit)
+    splits = split(tiles, plan.limit, plan.grouped)
     seg = run_segmentation(tiles, splits[0], splits[1], plan) if "seg" in parts else {}
     ae = run_anomaly(tiles, splits, plan) if "ae" in parts else {}
     return report(plan, tiles, splits, seg, ae, time.perf_counter() - started)
@@ -267,7 +302,9 @@ def report(plan: Plan, tiles: ImageSet, splits, seg: dict, ae: dict, total_s: fl
         provenance(),
         "",
         f"Magnetic-tile development portion: {len(tiles)} images ({int(tiles.nok.sum())} defect, "
-        f"{int((tiles.nok == 0).sum())} defect-free). Split seed {SEED}: defect images {len(defect_train)} train / "
+        f"{int((tiles.nok == 0).sum())} defect-free). Split seed {SEED}"
+        + (", grouped (the shots of one tile together)" if plan.grouped else ", image by image")
+        + f": defect images {len(defect_train)} train / "
         f"{len(defect_test)} test, defect-free {len(free_train)} train / {len(free_test)} test; model seed "
         f"{plan.model_seed}. **Deviations from the papers' protocols: {plan.note}.** " + cpu_threads_note(plan.threads),
     ]
@@ -389,11 +426,14 @@ def main() -> None:
                         help="the segmenter with its contrastive branch, without it, or both (default)")  # fmt: skip
     parser.add_argument("--ae", nargs="+", default=[], metavar="KEY=VALUE",
                         help="replace one of the autoencoder's settings, e.g. epochs=60 blur=3")  # fmt: skip
+    parser.add_argument("--split", choices=("images", "grouped"), default="images",
+                        help="image by image (the recorded figures), or the shots of one tile together")  # fmt: skip
     args = parser.parse_args()
     parts = tuple(args.parts)
     seg = dict(parse_setting(text) for text in args.seg)
     ae = dict(parse_setting(text) for text in args.ae)
-    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, seg, ae, args.branch))
+    grouped = args.split == "grouped"
+    print(run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, seg, ae, args.branch, grouped))
 
 
 if __name__ == "__main__":

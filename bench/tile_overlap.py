@@ -20,18 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from bench.common import provenance
-from bench.image_tile import DATASETS, split
-from ml.imagesets.folder import resize_image, resize_mask
+from bench.image_tile import DATASETS, NEAR, THUMB_SIDE, split, thumbnails
+from ml.imagesets.folder import resize_mask
 from ml.imagesets.magnetic_tile import load_magnetic_tile
-
-NEAR = 0.98  # correlation above which two tiles are taken for shots of the same tile
-SIDE = 24
-
-
-def thumbnails(images: list[np.ndarray], index: np.ndarray) -> np.ndarray:
-    x = np.stack([resize_image(images[i], SIDE).ravel().astype(np.float64) for i in index])
-    x -= x.mean(axis=1, keepdims=True)
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-9)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,7 +45,7 @@ def main() -> None:
     by_class = collections.Counter(
         tiles.classes[tiles.labels[i]] for i, hit in zip(defect_test, near & same_defect, strict=True) if hit
     )
-    print(f"## Near-copies across the magnetic-tile split (correlation > {NEAR} at {SIDE} × {SIDE} px)\n")
+    print(f"## Near-copies across the magnetic-tile split (correlation > {NEAR} at {THUMB_SIDE} × {THUMB_SIDE} px)\n")
     print("| images | test | with a near-copy in training | … whose defect mask also overlaps (IoU > 0.5) |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| defect | {len(defect_test)} | {near.sum()} | {(near & same_defect).sum()} |")
