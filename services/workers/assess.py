@@ -12,7 +12,6 @@ stops sending rather than anything being dropped.
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import signal
@@ -69,6 +68,28 @@ def worker_client_id(settings: Settings, given: str | None = None) -> str:
     return given or settings.mqtt_client_id or settings.mqtt.client_id or f"coilguard-assess-{socket.gethostname()}"
 
 
+class RecentCoils:
+    """The last ``size`` coil ids added, with a lock: the committer adds, the worker thread asks about the rare
+    coil found decided but not yet marked published (no copy per batch on the hot path)."""
+
+    def __init__(self, size: int) -> None:
+        self._ids: dict[str, None] = {}  # insertion-ordered: the oldest goes first
+        self._size = size
+        self._lock = threading.Lock()
+
+    def add_all(self, coil_ids: list[str]) -> None:
+        with self._lock:
+            for coil_id in coil_ids:
+                self._ids.pop(coil_id, None)
+                self._ids[coil_id] = None
+            while len(self._ids) > self._size:
+                del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, coil_id: object) -> bool:
+        with self._lock:
+            return coil_id in self._ids
+
+
 @dataclass
 class WorkerStats:
     batches: int = 0
@@ -108,8 +129,7 @@ class AssessWorker:
         self._pending: queue.Queue[tuple[list[Inbound], Prepared, float] | None] = queue.Queue(maxsize=2)
         self._reload = threading.Event()
         # coils the committer saw confirmed, for the worker thread to tell a re-sent coil from one to announce
-        self._announced: collections.deque[str] = collections.deque(maxlen=ANNOUNCED_MEMORY)
-        self._announced_lock = threading.Lock()
+        self._announced = RecentCoils(ANNOUNCED_MEMORY)
         self._serving: ServingEnsemble | None = None
         self._last_poll = 0.0
         self._last_inbound = time.monotonic()
@@ -265,8 +285,7 @@ class AssessWorker:
         raws = [RawMessage(m.topic, m.payload, m.received_at) for m in batch]
         serving = self._serving
         assert serving is not None
-        with self._announced_lock:
-            announced = set(self._announced)
+        announced = self._announced
         try:
             prepared = self._retry("look up decided coils", partial(self.workflow.prepare, raws, serving, announced))
             return batch, prepared, started
@@ -319,8 +338,7 @@ class AssessWorker:
                 unconfirmed = True  # neither acknowledged nor marked: the coils come back and are announced
                 continue
             unmarked = result.to_mark_published
-            with self._announced_lock:
-                self._announced.extend(unmarked)
+            self._announced.add_all(unmarked)
             for message in batch:  # only now: every result is committed and announced
                 self.client.ack(message)
             self._account(result, len(batch), time.perf_counter() - started)

@@ -169,3 +169,12 @@ def test_a_message_whose_line_differs_from_its_topic_is_rejected(serving: Servin
     moved = RawMessage(TOPICS.sensors("galv-9"), raw.payload, raw.received_at)
     result = AssessCoils(MemoryStore(), TOPICS).process([moved], serving)
     assert result.decided == [] and result.rejected[0].field == "line"
+
+
+def test_the_worker_remembers_only_its_most_recent_confirmed_coils() -> None:
+    from services.workers.assess import RecentCoils
+
+    recent = RecentCoils(3)
+    recent.add_all(["A", "B", "C"])
+    recent.add_all(["A", "D"])  # A is refreshed, B (now the oldest) goes
+    assert [c in recent for c in "ABCD"] == [True, False, True, True]
