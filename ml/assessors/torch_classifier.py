@@ -14,7 +14,6 @@ from torch import nn
 from ml.assessors.base import AssessBatch, Assessor, FitCallback, FitReport, Stopwatch
 from ml.assessors.matrix_fit import calibrate_on_validation, start_matrix_fit
 from ml.dataset import CoilDataset
-from ml.training.augment import augment_batch
 from ml.training.loop import LoopConfig, predict_logits, train_binary
 from ml.training.runtime import channels_last_net, fit_runtime, resolve_device, seed_everything
 
@@ -71,7 +70,7 @@ class TorchClassifierAssessor(Assessor):
             ),
             to_input=self.to_input,
             device=torch_device,
-            augment=augment_batch if settings.augment else None,
+            augment=data.augment,
             parameters=self.trainable_parameters(data.net),
             callback=callback,
         )

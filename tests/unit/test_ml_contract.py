@@ -16,6 +16,7 @@ from helpers import as_written_by_release_1, edit_manifest, legacy_sha256, strip
 
 from ml.assessors.base import AssessBatch, calibrate
 from ml.assessors.manifest import ArtifactError, Manifest
+from ml.assessors.matrix_fit import start_matrix_fit
 from ml.assessors.registry import UnknownAssessor, available, create, load_artifact
 from ml.ensemble import ABSTAIN, MIN_SHARD_COILS, Ensemble, Member, share_threads
 from ml.evaluation.metrics import best_threshold, binary_metrics, cost_threshold
@@ -87,6 +88,34 @@ def test_augmentation_flips_each_side_on_its_own_and_stays_in_range() -> None:
     assert len(hot) > 1
     noisy = augment_batch(x, np.random.default_rng(1))
     assert noisy.min() >= 0 and noisy.max() <= 1 and noisy.shape == x.shape
+
+
+def test_a_gain_error_scales_whole_sensors_about_zero_coating() -> None:
+    """A gauge off calibration reads every section of its sensor the same share too low or too high; the
+    normalized scale has an offset, so the gain must pivot on 0 g/m², not on 0 of the scale."""
+    limits = Normalizer(low=20.0, high=220.0)
+    coating = np.random.default_rng(2).uniform(60.0, 180.0, size=(32, 264, 18)).astype(np.float32)
+    x = limits.transform(coating)
+    zero = -limits.low / (limits.high - limits.low)
+    plain = dict(p_flip=0.0, max_shear_sections=0, noise_sigma=0.0)
+    out = augment_batch(x, np.random.default_rng(3), gain_sigma=0.03, zero=zero, **plain)
+    gain = (out * (limits.high - limits.low) + limits.low) / coating
+    np.testing.assert_allclose(gain, np.broadcast_to(gain[:, :1, :], gain.shape), rtol=1e-4)  # one per coil and sensor
+    assert 0.925 - 1e-6 <= gain.min() < 0.98 and 1.02 < gain.max() <= 1.075 + 1e-6
+    assert len(np.unique(gain[:, 0, :].round(6))) > 100  # drawn per coil and sensor, not shared
+    np.testing.assert_array_equal(augment_batch(x, np.random.default_rng(3), **plain), x)  # off by default
+
+
+@pytest.mark.parametrize("kind", ["cnn", "yolo", "effnet", "siamese"])
+def test_every_matrix_assessor_trains_with_its_gain_error_setting(kind: str) -> None:
+    coils = stripe_coils(40, seed=1)
+    fit = start_matrix_fit(create(kind, {"gain_jitter": 0.05}), coils, None, 0.2, np.random.default_rng(0))
+    assert fit.augment is not None and fit.augment.keywords["gain_sigma"] == 0.05
+    limits = Normalizer.fit(coils.X)
+    assert fit.augment.keywords["zero"] == pytest.approx(-limits.low / (limits.high - limits.low))
+    assert create(kind).settings.gain_jitter == 0.03
+    plain = create(kind, {"augment": False})
+    assert start_matrix_fit(plain, coils, None, 0.2, np.random.default_rng(0)).augment is None
 
 
 def test_splits_and_oversampling_keep_nok_everywhere() -> None:
@@ -265,6 +294,8 @@ def test_bad_settings_are_refused() -> None:
         create("cnn", {"epochs": 0})
     with pytest.raises(ValueError, match="extra"):
         create("cnn", {"no_such_setting": 1})
+    with pytest.raises(ValueError, match="gain_jitter"):
+        create("siamese", {"gain_jitter": -0.01})
 
 
 class _Fixed:

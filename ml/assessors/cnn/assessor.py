@@ -7,12 +7,12 @@ from typing import Any, ClassVar
 from pydantic import Field
 from torch import nn
 
-from ml.assessors.base import AssessorSettings
 from ml.assessors.cnn.torch_model import CoilCNN
+from ml.assessors.matrix_fit import MatrixSettings
 from ml.assessors.torch_classifier import TorchClassifierAssessor
 
 
-class CnnSettings(AssessorSettings):
+class CnnSettings(MatrixSettings):
     depth: int = Field(4, ge=1, le=12, description="convolutions; the paper's best was 10")
     width: int = Field(8, ge=2, le=128, description="channels of the first convolution, doubled at each pooling")
     dropout: float = Field(0.3, ge=0, lt=1)

@@ -18,14 +18,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ml.assessors.base import Assessor, AssessorSettings, FitCallback, FitReport
+from ml.assessors.base import Assessor, FitCallback, FitReport
 from ml.assessors.effnet.torch_model import N_STAGES, EffNetLite0
+from ml.assessors.matrix_fit import MatrixSettings
 from ml.assessors.torch_classifier import TorchClassifierAssessor
 from ml.dataset import CoilDataset
 from ml.training.render import render_rgb
 
 
-class EffNetSettings(AssessorSettings):
+class EffNetSettings(MatrixSettings):
     imgsz: int = Field(64, ge=32, le=512, description="side of the square image the matrix is rendered to")
     render: Literal["resize", "tile"] = Field("tile", description="how 264 × 18 becomes a square (ml.training.render)")
     freeze: int = Field(3, ge=0, le=N_STAGES, description="stem and first k of 7 stages keep ImageNet weights")

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ml.assessors.base import AssessBatch, Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch
-from ml.assessors.matrix_fit import calibrate_on_validation, start_matrix_fit
+from ml.assessors.base import AssessBatch, Assessor, FitCallback, FitReport, Stopwatch
+from ml.assessors.matrix_fit import MatrixSettings, calibrate_on_validation, start_matrix_fit
 from ml.assessors.siamese.torch_model import SiameseNet
 from ml.assessors.siamese.train import (
     PairLoopConfig,
@@ -36,14 +36,13 @@ from ml.assessors.siamese.train import (
     train_pairs,
 )
 from ml.dataset import CoilDataset
-from ml.training.augment import augment_batch
 from ml.training.runtime import fit_runtime, resolve_device, seed_everything
 
 WEIGHTS = "weights.pt"
 REFERENCES = "references.pt"
 
 
-class SiameseSettings(AssessorSettings):
+class SiameseSettings(MatrixSettings):
     depth: int = Field(4, ge=1, le=12, description="convolutions of the encoder (the paper's best: 4 to 10)")
     width: int = Field(8, ge=2, le=128, description="channels of the first convolution, doubled at each one")
     embedding_dim: int = Field(32, ge=2, le=512)
@@ -112,7 +111,7 @@ class SiameseAssessor(Assessor):
                 label=self.name,
             ),
             device=torch_device,
-            augment=augment_batch if s.augment else None,
+            augment=data.augment,
             callback=callback,
         )
         self.net = data.net.cpu().eval()

@@ -21,7 +21,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ml.assessors.base import Assessor, AssessorSettings, FitCallback, FitReport
+from ml.assessors.base import Assessor, FitCallback, FitReport
+from ml.assessors.matrix_fit import MatrixSettings
 from ml.assessors.torch_classifier import TorchClassifierAssessor
 from ml.assessors.yolo.torch_model import N_LAYERS, YoloClassifier, ultralytics_offline
 from ml.dataset import CoilDataset
@@ -30,7 +31,7 @@ from ml.training.render import render_gray
 Start = Literal["scratch", "file", "init"]
 
 
-class YoloSettings(AssessorSettings):
+class YoloSettings(MatrixSettings):
     epochs: int = Field(50, ge=1, le=500)
     size: Literal["n", "s"] = Field("s", description="YOLOv8 scale; the paper's best was s")
     imgsz: int = Field(
