@@ -3,7 +3,7 @@
 The embedded broker (when ``MQTT_URL=embedded``), the AssessCoils worker, the scheduler (score,
 retrain, drift reports) and the REST API, over the configured database (migrated on start: on one
 machine nobody else runs ``db upgrade``). It serves whatever models are registered; with none, it
-says how to train one and starts AssessCoils as soon as one is registered.
+says how to train one, and AssessCoils, subscribed meanwhile, starts assessing once one is registered.
 """
 
 from __future__ import annotations
@@ -27,46 +27,39 @@ from services.workers.assess import AssessWorker
 
 log = logging.getLogger(__name__)
 
-MODEL_POLL_S = 5.0
 RETRY_S = 10.0  # after the database or the broker failed AssessCoils in `up`
 NO_MODELS = (
     "no active model is registered, so no coil can be assessed yet. Train and register one, e.g.\n"
     "    coilguard train --assessor cnn --data sim:1500 --register\n"
     "(`coilguard models --kinds` lists the assessors; `coilguard demo` runs the whole loop with its own models).\n"
-    "AssessCoils starts here as soon as a model is registered."
+    "AssessCoils is subscribed already: coils sent meanwhile wait in the broker and are assessed as soon as a model "
+    "is registered."
 )
 
 
-class AssessWhenModels:
-    """Runs the AssessCoils worker on a thread once the registry has an active model.
+class AssessThread:
+    """Runs the AssessCoils worker on a thread, and runs it again after an outage.
 
-    An outage on the way (the database while the registry is polled, the broker when the worker
-    connects) is logged and tried again after ``RETRY_S``: the thread must not end for good while the
-    API and the scheduler of the same process keep running as if nothing were missing.
+    The worker subscribes at once and waits for the first model itself, so that the broker keeps the
+    coils of a fresh install for it. An outage (the database not there yet, the broker refusing the
+    worker) is logged and tried again after ``RETRY_S``: the thread must not end for good while the API
+    and the scheduler of the same process keep running as if nothing were missing.
     """
 
-    def __init__(self, settings: Settings, engine: Engine, say: Callable[[str], None]) -> None:
-        self.settings, self.engine, self.say = settings, engine, say
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings, self.engine = settings, engine
         self.worker: AssessWorker | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # a worker is never created after stop() has looked for one
         self._thread = threading.Thread(target=self._run, name="assess", daemon=True)
 
-    def start(self) -> AssessWhenModels:
+    def start(self) -> AssessThread:
         self._thread.start()
         return self
 
     def _run(self) -> None:
-        registry = SqlModelRegistry(self.engine)
-        told = False
         while not self._stop.is_set():
             try:
-                if not registry.active_models():
-                    if not told:
-                        self.say(NO_MODELS)
-                        told = True
-                    self._stop.wait(MODEL_POLL_S)
-                    continue
                 with self._lock:
                     if self._stop.is_set():
                         return
@@ -89,7 +82,9 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
     upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     with broker_for(settings, host_embedded=True) as url:
-        assess = AssessWhenModels(settings, engine, say).start()
+        assess = AssessThread(settings, engine).start()
+        if not SqlModelRegistry(engine).active_models():
+            say(NO_MODELS)
         scheduler = build_scheduler(settings)
         heartbeat = scheduler_heartbeat(settings, scheduler)
         scheduling = threading.Thread(target=scheduler.start, name="scheduler", daemon=True)

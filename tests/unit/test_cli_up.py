@@ -1,6 +1,7 @@
 """``coilguard up`` on its embedded defaults (SQLite, the in-process broker), as a newcomer first runs it:
-it starts with no model and says how to train one, starts AssessCoils once one is registered, decides the
-coils a sensor gateway publishes, serves them on the API, and stops cleanly on SIGTERM.
+it starts with no model and says how to train one, keeps the coils sent before there is one, starts assessing
+once one is registered, decides the coils a sensor gateway publishes, serves them on the API, and stops
+cleanly on SIGTERM.
 
 A fresh process on free ports and a scratch folder; no external service is involved.
 """
@@ -68,6 +69,9 @@ def test_up_on_embedded_defaults_waits_for_a_model_then_decides_coils_and_stops_
     _until(lambda: api.get("/status").status_code == 200, 90, "the API of coilguard up")
     assert api.get("/status").json()["active_models"] == []
     _until(lambda: "coilguard train --assessor cnn" in log.read_text(), 10, "the hint on how to train a model")
+    _until(lambda: "coils wait for this worker" in log.read_text(), 30, "AssessCoils to subscribe without a model")
+    early = coilguard("simulate", "--coils", "3", "--rate", "0", "--id-prefix", "EARLY", env=env)
+    assert early.returncode == 0, early.stderr
 
     trained = coilguard("train", "--assessor", "cnn", "--data", "sim:300", "--set", "epochs=1", "--register", env=env)
     assert trained.returncode == 0, trained.stderr
@@ -79,8 +83,8 @@ def test_up_on_embedded_defaults_waits_for_a_model_then_decides_coils_and_stops_
     def decided() -> list[dict]:
         return [c for c in api.get("/coils").json()["items"] if c["status"] in ("OK", "NOK")]
 
-    _until(lambda: len(decided()) == 5, 60, "five decided coils")
-    assert all(c["coil_id"].startswith("UP") for c in decided())
+    _until(lambda: len(decided()) == 8, 60, "eight decided coils")
+    assert sorted(c["coil_id"][:2] for c in decided()) == ["EA"] * 3 + ["UP"] * 5  # none sent early was lost
     votes = api.get(f"/coils/{decided()[0]['coil_id']}").json()["votes"]
     assert [v["model"] for v in votes] == ["cnn"]
 

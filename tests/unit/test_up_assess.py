@@ -1,6 +1,7 @@
-"""``coilguard up``'s AssessCoils thread rides out outages: a database that is not there (yet) while it
-waits for the first model, and a broker that refuses the worker, are logged and tried again; the thread
-never ends for good while the API and the scheduler of the same process keep running without it."""
+"""``coilguard up``'s AssessCoils thread rides out outages: a database that is not there (yet) and a broker
+that refuses the worker are logged and tried again; the thread never ends for good while the API and the
+scheduler of the same process keep running without it. It starts the worker before any model is
+registered: the worker waits for one itself, subscribed, so that no coil of a fresh install is lost."""
 
 from __future__ import annotations
 
@@ -11,27 +12,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert
 from sqlalchemy.exc import OperationalError
 
 from services import up
 from services.config import load_settings
 from services.db.engine import make_engine
-from services.db.migrate import upgrade
-from services.db.models import Model
+from services.db.repositories import SqlModelRegistry
 
 
 class FlakyWorker:
-    """Stands in for AssessWorker: the first run cannot reach the broker, the second serves until stopped."""
+    """Stands in for AssessWorker: the first run finds no database, the second cannot reach the broker, the
+    third serves until stopped."""
 
     runs = 0
 
-    def __init__(self, *_: object, **__: object) -> None:
+    def __init__(self, *_: object, engine: object, **__: object) -> None:
+        self.engine = engine
         self.stopping = threading.Event()
 
     def run(self) -> None:
         FlakyWorker.runs += 1
         if FlakyWorker.runs == 1:
+            SqlModelRegistry(self.engine).active_models()  # not migrated: OperationalError (no such table)
+        if FlakyWorker.runs == 2:
             raise ConnectionError("MQTT broker mqtt://127.0.0.1:1 unreachable")
         self.stopping.wait()
 
@@ -54,23 +57,16 @@ def test_the_assess_thread_retries_the_database_and_the_broker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(up, "AssessWorker", FlakyWorker)
-    monkeypatch.setattr(up, "MODEL_POLL_S", 0.02)
     monkeypatch.setattr(up, "RETRY_S", 0.02)
     FlakyWorker.runs = 0
     url = f"sqlite:///{tmp_path / 'cg.db'}"
-    engine = make_engine(url)  # not migrated yet: the registry raises OperationalError (no such table)
-    said: list[str] = []
+    engine = make_engine(url)  # never migrated, and no model registered
     caplog.set_level(logging.ERROR, logger="services.up")
-    assess = up.AssessWhenModels(load_settings(_env_file=None, database_url=url), engine, said.append).start()
+    assess = up.AssessThread(load_settings(_env_file=None, database_url=url), engine).start()
     try:
-        _until(lambda: _logged(caplog, OperationalError))
-        upgrade(url)
-        _until(lambda: said == [up.NO_MODELS])
-        with engine.begin() as conn:
-            conn.execute(insert(Model.__table__).values(name="cnn", kind="cnn", version=1, status="active"))
-        _until(lambda: FlakyWorker.runs == 2)  # the broker's refusal was retried too
+        _until(lambda: FlakyWorker.runs == 3)  # the worker runs without a model: it waits for one itself
         assert assess._thread.is_alive()
-        assert _logged(caplog, ConnectionError)
+        assert _logged(caplog, OperationalError) and _logged(caplog, ConnectionError)
     finally:
         assess.stop()
         engine.dispose()
