@@ -7,6 +7,7 @@ clause is what makes a coil id decided once even when two replicas race for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections import defaultdict
@@ -33,7 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ml.ensemble import MemberVote
 from ml.matrix import SHAPE
@@ -661,10 +662,18 @@ class SqlRetrainRuns:
 
 
 def _release(lock: Connection | None) -> None:
-    """End the lock's session, and the advisory lock with it. ``close()`` alone would hand the connection
-    back to the pool with the lock still held, and every later run of that model would be "already running"
-    until the pool happened to drop it."""
-    if lock is not None:
+    """Unlock, then end the lock's session. ``close()`` alone would hand the connection back to the pool
+    with the lock still held, and every later run of that model would be "already running" until the pool
+    happened to drop it. Ending the session alone is not enough either: the server frees a session's locks
+    only once its backend has exited, a moment after the client hung up, so a run started at once by another
+    process could still find the lock taken. The explicit unlock is answered before this returns."""
+    if lock is None:
+        return
+    try:
+        with contextlib.suppress(SQLAlchemyError):  # a broken connection: its session ends with it anyway
+            lock.execute(text("SELECT pg_advisory_unlock_all()"))
+            lock.commit()
+    finally:
         lock.invalidate()
         lock.close()
 
