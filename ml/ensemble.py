@@ -1,4 +1,11 @@
-"""The coil paper's decision rule: average the active models' p(NOK) and confidences, threshold at 0.5.
+"""The coil paper's decision rule: average the active models' p(NOK) and confidences, then threshold the average.
+
+The threshold is 0.5 in the paper. Each member's p(NOK) is calibrated so that 0.5 is its own least-cost
+threshold, but their average is not: under a drift the weaker members lose their NOK votes first and pull the
+average of a NOK coil under 0.5 while the best members still call it. :func:`shared_validation_threshold`
+therefore fits the average's threshold the way each member's was fitted, by the least cost on validation
+coils, here the ones every member held out (members trained together on the same data hold out the same
+coils); the workers use it unless a threshold is configured (docs/benchmarks.md, the quality notes).
 
 Each member runs once per batch. An assessor that cannot judge a coil (an image model on a coil
 without images) abstains: its vote is recorded as such and the average is taken over the members
@@ -22,8 +29,13 @@ import numpy as np
 import torch
 
 from ml.assessors.base import AssessBatch, Assessor
+from ml.evaluation.metrics import cost_threshold
 
 ABSTAIN = "ABSTAIN"
+NOK_COST = 5.0
+"""A missed NOK coil costs this many false alarms: the paper's 5:1, the members' default class weight."""
+MIN_SHARED_PER_CLASS = 5
+"""Fewer shared validation coils of either class than this and the average's threshold is not fitted."""
 MIN_SHARD_COILS = 8
 """A smaller batch is voted on whole by the calling thread: a deep network's per-call cost (10 ms for one coil
 through EfficientNet-Lite0 on one core) would make single-coil shards slower than no split."""
@@ -113,14 +125,15 @@ class Ensemble:
             votes = [future.result() for future in pending]
             p = np.concatenate([v[0] for v in votes], axis=1)
             c = np.concatenate([v[1] for v in votes], axis=1)
+        return p, c, self.average(p), self.average(c)
+
+    def average(self, values: np.ndarray) -> np.ndarray:
+        """The members' weighted mean per coil of (M, N) ``values``, over the members that voted (not NaN)."""
         weights = np.array([m.weight for m in self.members], dtype=np.float64)[:, None]
-        voted = ~np.isnan(p)
-        w = np.where(voted, weights, 0.0)
+        w = np.where(np.isnan(values), 0.0, weights)
         total = w.sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            p_avg = np.where(total > 0, np.nansum(p * w, axis=0) / total, np.nan)
-            c_avg = np.where(total > 0, np.nansum(c * w, axis=0) / total, np.nan)
-        return p, c, p_avg, c_avg
+            return np.where(total > 0, np.nansum(values * w, axis=0) / total, np.nan)
 
     def _vote(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray]:
         """Every member's p_nok and confidence on ``batch``, (M, N) each."""
@@ -156,3 +169,54 @@ class Ensemble:
             label = "NOK" if p_avg[j] >= self.threshold else "OK"
             decisions.append(EnsembleDecision(label, float(p_avg[j]), float(c_avg[j]), votes))
         return decisions
+
+
+@dataclass(frozen=True)
+class SharedValidation:
+    """The average's least-cost threshold and the validation coils it was chosen on."""
+
+    threshold: float
+    n_coils: int
+    n_nok: int
+
+    def describe(self) -> str:
+        return f"threshold {self.threshold:.3f} from {self.n_coils} shared validation coils ({self.n_nok} NOK)"
+
+
+def shared_validation_threshold(
+    ensemble: Ensemble, nok_cost: float = NOK_COST, low: float = 0.05, high: float = 0.95
+) -> SharedValidation | None:
+    """The threshold on the members' average p(NOK) with the least cost on the validation coils every member
+    held out, or None where that cannot be said: a member without recorded votes (image assessors, models
+    saved by older releases), or fewer than :data:`MIN_SHARED_PER_CLASS` shared coils of a class (members
+    trained apart, as after ReTrain replaced one, share few). A coil whose labels differ between the members'
+    training data is left out."""
+    votes = [m.assessor.validation_votes for m in ensemble.members]
+    if any(v is None for v in votes):
+        return None
+    shared = functools.reduce(np.intersect1d, [v.coil_id for v in votes])  # type: ignore[union-attr]
+    p = np.empty((len(votes), len(shared)), dtype=np.float64)
+    y = np.empty((len(votes), len(shared)), dtype=np.int8)
+    for i, v in enumerate(votes):
+        assert v is not None
+        order = np.argsort(v.coil_id)
+        at = order[np.searchsorted(v.coil_id, shared, sorter=order)]
+        p[i], y[i] = v.p_nok[at], v.y[at]
+    agreed = (y == y[0]).all(axis=0)
+    y_shared, p_avg = y[0][agreed].astype(bool), ensemble.average(p[:, agreed])
+    n_nok = int(y_shared.sum())
+    if min(n_nok, len(y_shared) - n_nok) < MIN_SHARED_PER_CLASS:
+        return None
+    threshold = cost_threshold(y_shared, p_avg, nok_cost=nok_cost, low=low, high=high)
+    return SharedValidation(threshold, len(y_shared), n_nok)
+
+
+def decision_threshold(ensemble: Ensemble, configured: float | None) -> tuple[float, str]:
+    """The threshold the ensemble decides at, and where it came from: ``configured`` when it is set, else
+    :func:`shared_validation_threshold`, else the paper's 0.5."""
+    if configured is not None:
+        return configured, f"threshold {configured:.3f} (configured)"
+    shared = shared_validation_threshold(ensemble)
+    if shared is None:
+        return 0.5, "threshold 0.5 (the members share too few validation coils to fit one)"
+    return shared.threshold, shared.describe()

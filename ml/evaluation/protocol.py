@@ -2,7 +2,8 @@
 
 1. Repeated stratified k-fold cross-validation on the development data (the paper: 5 folds × 10
    repeats on 4,542 coils): each assessor is trained on k−1 folds and judged on the last; the
-   ensemble is the average of the members' calibrated p(NOK) on the same fold.
+   ensemble is the average of the members' calibrated p(NOK) on the same fold, thresholded as the workers
+   threshold it (``ml.ensemble.decision_threshold``: fitted on the validation coils the members share).
 2. The gold set: every assessor trained once on all development data, then judged on a balanced
    set of 30 OK + 30 NOK coils from a later period of the line, never used for any choice. Its NOK-F1
    gets a bootstrap 95 % interval, and the best two are compared with a paired permutation test.
@@ -14,15 +15,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from ml.assessors.base import AssessBatch, Assessor
+from ml.assessors.base import AssessBatch, Assessor, calibrate
 from ml.assessors.registry import create
 from ml.dataset import CoilDataset
+from ml.ensemble import Ensemble, Member, decision_threshold
 from ml.evaluation.metrics import binary_metrics
 from ml.evaluation.stats import bootstrap_f1_interval, permutation_test_f1
 
@@ -64,6 +66,7 @@ class GoldResult:
     fit_s: float | None = None
     predict_s: float | None = None
     device: str | None = None
+    threshold: float | None = None  # the ensemble's: where on the members' average it decides
 
 
 @dataclass
@@ -100,6 +103,7 @@ def evaluate(dev: CoilDataset, gold: CoilDataset, plan: Plan, progress: Progress
     folds = cross_validate(dev, plan, notify)
     gold_results = []
     members: dict[str, np.ndarray] = {}
+    fitted: list[Assessor] = []
     for kind in plan.kinds:
         notify({"stage": "gold", "kind": kind})
         assessor = _assessor(kind, plan, plan.seed)
@@ -110,10 +114,11 @@ def evaluate(dev: CoilDataset, gold: CoilDataset, plan: Plan, progress: Progress
         p, _ = assessor.predict(AssessBatch(gold.X))
         predict_s = time.perf_counter() - started
         members[kind] = p
+        fitted.append(assessor)
         gold_results.append(_gold(kind, gold.y, p, plan, fit_s, predict_s, report.device))
         notify({"stage": "fit", "kind": kind, "done": True})
-    ensemble = np.mean(np.stack(list(members.values())), axis=0)
-    gold_results.append(_gold(ENSEMBLE, gold.y, ensemble, plan))
+    ensemble, threshold = ensemble_p_nok(fitted, np.stack(list(members.values())))
+    gold_results.append(replace(_gold(ENSEMBLE, gold.y, ensemble, plan), threshold=threshold))
     ranked = sorted(gold_results, key=lambda g: g.metrics["f1_nok"], reverse=True)
     comparison: dict[str, Any] = {}
     if len(ranked) >= 2:
@@ -140,7 +145,7 @@ def cross_validate(dev: CoilDataset, plan: Plan, notify: Progress) -> list[FoldR
     for i, (train, val) in enumerate(splitter.split(dev.X, dev.y)):
         repeat, fold = divmod(i, plan.n_splits)
         batch = AssessBatch(dev.X[val])
-        members = []
+        members, fitted = [], []
         for kind in plan.kinds:
             notify({"stage": "cv", "kind": kind, "repeat": repeat, "fold": fold})
             assessor = _assessor(kind, plan, plan.seed + i)
@@ -149,11 +154,20 @@ def cross_validate(dev: CoilDataset, plan: Plan, notify: Progress) -> list[FoldR
             fit_s = time.perf_counter() - started
             p, _ = assessor.predict(batch)
             members.append(p)
+            fitted.append(assessor)
             results.append(FoldResult(kind, repeat, fold, binary_metrics(dev.y[val], p), fit_s))
             notify({"stage": "fit", "kind": kind, "done": True})
-        ensemble = np.mean(np.stack(members), axis=0)
+        ensemble, _ = ensemble_p_nok(fitted, np.stack(members))
         results.append(FoldResult(ENSEMBLE, repeat, fold, binary_metrics(dev.y[val], ensemble), 0.0))
     return results
+
+
+def ensemble_p_nok(fitted: list[Assessor], p: np.ndarray) -> tuple[np.ndarray, float]:
+    """The members' average of ``p`` (M, N) shifted so that the threshold the workers would decide at sits at
+    0.5 (decisions, ranking and ROC-AUC as the workers' own), and that threshold."""
+    ensemble = Ensemble([Member(a) for a in fitted])
+    threshold, _ = decision_threshold(ensemble, None)
+    return calibrate(ensemble.average(p), threshold), threshold
 
 
 def _assessor(kind: str, plan: Plan, seed: int) -> Assessor:
