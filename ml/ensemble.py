@@ -184,13 +184,18 @@ class SharedValidation:
 
 
 def shared_validation_threshold(
-    ensemble: Ensemble, nok_cost: float = NOK_COST, low: float = 0.05, high: float = 0.95
+    ensemble: Ensemble, nok_cost: float = NOK_COST, low: float = 0.05, high: float = 0.5
 ) -> SharedValidation | None:
     """The threshold on the members' average p(NOK) with the least cost on the validation coils every member
-    held out, or None where that cannot be said: a member without recorded votes (image assessors, models
-    saved by older releases), or fewer than :data:`MIN_SHARED_PER_CLASS` shared coils of a class (members
-    trained apart, as after ReTrain replaced one, share few). A coil whose labels differ between the members'
-    training data is left out."""
+    held out, never above ``high`` (the members' own 0.5); None where that cannot be said: a member without
+    recorded votes (image assessors, models saved by older releases), or fewer than
+    :data:`MIN_SHARED_PER_CLASS` shared coils of a class (members trained apart, as after ReTrain replaced one,
+    share few). A coil whose labels differ between the members' training data is left out.
+
+    Why the cap: above 0.5 the ensemble would be slower to call NOK than each of its members, the wrong way both
+    for the 5:1 cost and under drift, where members lose NOK votes first (why the threshold is fitted at all).
+    With a dozen or two validation NOK coils, some labelled wrongly by operators, the uncapped fit went to 0.60
+    on two simulated lines of nine and missed NOK coils of the later period there (docs/benchmarks.md)."""
     votes = [m.assessor.validation_votes for m in ensemble.members]
     if any(v is None for v in votes):
         return None

@@ -52,6 +52,16 @@ def test_the_average_gets_the_least_cost_threshold_on_the_shared_coils() -> None
     assert decision_threshold(_ensemble(strong, weak), None) == (shared.threshold, shared.describe())
 
 
+def test_the_average_is_never_slower_to_call_nok_than_its_members() -> None:
+    ids = [f"C{i:02d}" for i in range(20)]
+    y = [1] * 8 + [0] * 12
+    alarmist = _votes(ids, y, [0.9] * 8 + [0.6] * 12)  # calls every OK coil NOK: the least cost is over 0.6
+    twin = _votes(ids, y, [0.9] * 8 + [0.6] * 12)
+    assert cost_threshold(alarmist.y, alarmist.p_nok, nok_cost=5.0) > 0.6
+    shared = shared_validation_threshold(_ensemble(alarmist, twin))
+    assert shared is not None and shared.threshold == 0.5
+
+
 def test_only_coils_every_member_held_out_with_one_label_count() -> None:
     strong, weak = _drifted_pair()
     partial = _votes(list(weak.coil_id[5:]), list(weak.y[5:]), list(weak.p_nok[5:]))  # misses 5 OK coils
