@@ -90,15 +90,7 @@ def main() -> None:
         if comparison
         else ""
     )
-    thresholds = ", ".join(
-        f"seed {e.plan.seed}: {g.threshold:.3f}" for e in evaluations for g in e.gold_results if g.name == ENSEMBLE
-    )
-    rule = (
-        f"The ensemble decided at these thresholds on its members' average p(NOK), each the least cost on the "
-        f"validation coils the four held out (ml.ensemble.decision_threshold, as the workers): {thresholds}."
-    )
     print(verdict)
-    print(rule)
     if not args.no_write:
         parts = [
             "## Model quality on the gold set (issue 4)",
@@ -114,7 +106,7 @@ def main() -> None:
                 "Gold NOK-F1 on every seed (each its own simulated line, gold set and training seed):",
                 seeds_table(evaluations),
             ]
-        write_section("quality", "\n\n".join([*parts, rule, verdict + (" " + test if test else "")]))
+        write_section("quality", "\n\n".join([*parts, verdict + (" " + test if test else "")]))
 
 
 def _evaluate(data: str, plan: Plan, out: Path) -> Evaluation:

@@ -1,11 +1,4 @@
-"""The coil paper's decision rule: average the active models' p(NOK) and confidences, then threshold the average.
-
-The threshold is 0.5 in the paper. Each member's p(NOK) is calibrated so that 0.5 is its own least-cost
-threshold, but their average is not: under a drift the weaker members lose their NOK votes first and pull the
-average of a NOK coil under 0.5 while the best members still call it. :func:`shared_validation_threshold`
-therefore fits the average's threshold the way each member's was fitted, by the least cost on validation
-coils, here the ones every member held out (members trained together on the same data hold out the same
-coils); the workers use it unless a threshold is configured (docs/benchmarks.md, the quality notes).
+"""The coil paper's decision rule: average the active models' p(NOK) and confidences, threshold at 0.5.
 
 Each member runs once per batch. An assessor that cannot judge a coil (an image model on a coil
 without images) abstains: its vote is recorded as such and the average is taken over the members
@@ -29,13 +22,8 @@ import numpy as np
 import torch
 
 from ml.assessors.base import AssessBatch, Assessor
-from ml.evaluation.metrics import cost_threshold
 
 ABSTAIN = "ABSTAIN"
-NOK_COST = 5.0
-"""A missed NOK coil costs this many false alarms: the paper's 5:1, the members' default class weight."""
-MIN_SHARED_PER_CLASS = 5
-"""Fewer shared validation coils of either class than this and the average's threshold is not fitted."""
 MIN_SHARD_COILS = 8
 """A smaller batch is voted on whole by the calling thread: a deep network's per-call cost (10 ms for one coil
 through EfficientNet-Lite0 on one core) would make single-coil shards slower than no split."""
@@ -169,59 +157,3 @@ class Ensemble:
             label = "NOK" if p_avg[j] >= self.threshold else "OK"
             decisions.append(EnsembleDecision(label, float(p_avg[j]), float(c_avg[j]), votes))
         return decisions
-
-
-@dataclass(frozen=True)
-class SharedValidation:
-    """The average's least-cost threshold and the validation coils it was chosen on."""
-
-    threshold: float
-    n_coils: int
-    n_nok: int
-
-    def describe(self) -> str:
-        return f"threshold {self.threshold:.3f} from {self.n_coils} shared validation coils ({self.n_nok} NOK)"
-
-
-def shared_validation_threshold(
-    ensemble: Ensemble, nok_cost: float = NOK_COST, low: float = 0.05, high: float = 0.5
-) -> SharedValidation | None:
-    """The threshold on the members' average p(NOK) with the least cost on the validation coils every member
-    held out, never above ``high`` (the members' own 0.5); None where that cannot be said: a member without
-    recorded votes (image assessors, models saved by older releases), or fewer than
-    :data:`MIN_SHARED_PER_CLASS` shared coils of a class (members trained apart, as after ReTrain replaced one,
-    share few). A coil whose labels differ between the members' training data is left out.
-
-    Why the cap: above 0.5 the ensemble would be slower to call NOK than each of its members, the wrong way both
-    for the 5:1 cost and under drift, where members lose NOK votes first (why the threshold is fitted at all).
-    With a dozen or two validation NOK coils, some labelled wrongly by operators, the uncapped fit went to 0.60
-    on two simulated lines of nine and missed NOK coils of the later period there (docs/benchmarks.md)."""
-    votes = [m.assessor.validation_votes for m in ensemble.members]
-    if any(v is None for v in votes):
-        return None
-    shared = functools.reduce(np.intersect1d, [v.coil_id for v in votes])  # type: ignore[union-attr]
-    p = np.empty((len(votes), len(shared)), dtype=np.float64)
-    y = np.empty((len(votes), len(shared)), dtype=np.int8)
-    for i, v in enumerate(votes):
-        assert v is not None
-        order = np.argsort(v.coil_id)
-        at = order[np.searchsorted(v.coil_id, shared, sorter=order)]
-        p[i], y[i] = v.p_nok[at], v.y[at]
-    agreed = (y == y[0]).all(axis=0)
-    y_shared, p_avg = y[0][agreed].astype(bool), ensemble.average(p[:, agreed])
-    n_nok = int(y_shared.sum())
-    if min(n_nok, len(y_shared) - n_nok) < MIN_SHARED_PER_CLASS:
-        return None
-    threshold = cost_threshold(y_shared, p_avg, nok_cost=nok_cost, low=low, high=high)
-    return SharedValidation(threshold, len(y_shared), n_nok)
-
-
-def decision_threshold(ensemble: Ensemble, configured: float | None) -> tuple[float, str]:
-    """The threshold the ensemble decides at, and where it came from: ``configured`` when it is set, else
-    :func:`shared_validation_threshold`, else the paper's 0.5."""
-    if configured is not None:
-        return configured, f"threshold {configured:.3f} (configured)"
-    shared = shared_validation_threshold(ensemble)
-    if shared is None:
-        return 0.5, "threshold 0.5 (the members share too few validation coils to fit one)"
-    return shared.threshold, shared.describe()

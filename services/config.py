@@ -104,11 +104,6 @@ def parse_duration(value: str | float | int | timedelta) -> timedelta:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
-def _auto_is_none(value: object) -> object:
-    """``auto`` (or an empty variable) for a setting whose default is worked out at run time."""
-    return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
-
-
 def _sqlalchemy_url(url: str) -> str:
     """Let operators write the usual ``postgresql://`` URL; SQLAlchemy needs the psycopg 3 driver named."""
     for plain in ("postgresql://", "postgres://"):
@@ -131,11 +126,7 @@ class Settings(BaseSettings):
     report_dir: Path = Path("var/reports")
 
     # AssessCoils
-    decision_threshold: Annotated[Annotated[float, Field(gt=0, lt=1)] | None, BeforeValidator(_auto_is_none)] = Field(
-        None,
-        description="the ensemble's NOK threshold on its members' average p(NOK); unset or 'auto': fitted on the "
-        "validation coils the members share, 0.5 where they share too few (ml.ensemble.decision_threshold)",
-    )
+    decision_threshold: float = Field(0.5, gt=0, lt=1)
     batch_size: int = Field(64, ge=1, le=4096)
     batch_wait: Duration = timedelta(0)  # 0: natural batching, take what has queued up while busy
     torch_threads: int = Field(0, ge=0, le=256, description="intra-op threads for inference; 0 = torch's default")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ml.assessors.base import AssessBatch, Assessor
-from ml.ensemble import Ensemble, EnsembleDecision, Member, MemberVote, decision_threshold
+from ml.ensemble import Ensemble, EnsembleDecision, Member, MemberVote
 from ml.images import decode_image
 from workflows.messages import (
     CoilMessage,
@@ -115,26 +115,19 @@ class ServingEnsemble:
 
     ensemble: Ensemble
     records: dict[tuple[str, int], ModelRecord]
-    threshold_source: str = ""
 
     @property
     def model_ids(self) -> dict[tuple[str, int], int]:
         return {key: record.id for key, record in self.records.items()}
 
     def describe(self) -> str:
-        members = ", ".join(f"{name} v{version}" for name, version in sorted(self.records))
-        return f"{members}; {self.threshold_source}" if self.threshold_source else members
+        return ", ".join(f"{name} v{version}" for name, version in sorted(self.records))
 
 
 class EnsembleLoader:
-    """Builds the serving ensemble from the registry's active models, reusing already-loaded versions.
+    """Builds the serving ensemble from the registry's active models, reusing already-loaded versions."""
 
-    ``threshold`` None: the ensemble decides at the threshold fitted on its members' shared validation coils
-    (:func:`ml.ensemble.decision_threshold`), chosen again whenever the active models change."""
-
-    def __init__(
-        self, registry: ModelRegistry, model_dir: Path, threshold: float | None = None, shards: int = 1
-    ) -> None:
+    def __init__(self, registry: ModelRegistry, model_dir: Path, threshold: float = 0.5, shards: int = 1) -> None:
         self.registry = registry
         self.model_dir = Path(model_dir)
         self.threshold = threshold
@@ -151,9 +144,7 @@ class EnsembleLoader:
             members.append(Member(assessor))
             by_key[(record.name, record.version)] = record
         self._cache = {r.id: m.assessor for r, m in zip(sorted(records, key=lambda r: r.name), members, strict=True)}
-        ensemble = Ensemble(members, shards=self.shards)
-        ensemble.threshold, source = decision_threshold(ensemble, self.threshold)
-        return ServingEnsemble(ensemble, by_key, source)
+        return ServingEnsemble(Ensemble(members, self.threshold, self.shards), by_key)
 
 
 # ----------------------------------------------------------------------------- one batch

@@ -86,35 +86,6 @@ class AssessBatch:
         ]
 
 
-@dataclass(frozen=True)
-class ValidationVotes:
-    """An assessor's calibrated p(NOK) on the coils it held out for validation, by coil id.
-
-    Kept in the manifest so that assessors trained on the same data, each with its own validation split of it
-    (the same coils for the same seed), can give their ensemble a decision threshold chosen on coils none of
-    them trained on (:func:`ml.ensemble.shared_validation_threshold`).
-    """
-
-    coil_id: np.ndarray  # (N,) str
-    y: np.ndarray  # (N,) int8, the training labels
-    p_nok: np.ndarray  # (N,) float32, calibrated
-
-    def to_dict(self) -> dict[str, list]:
-        return {
-            "coil_id": [str(c) for c in self.coil_id],
-            "y": [int(v) for v in self.y],
-            "p_nok": [float(v) for v in self.p_nok],  # float32 → float → float32 round-trips exactly
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ValidationVotes:
-        return cls(
-            np.asarray(data["coil_id"], dtype=str),
-            np.asarray(data["y"], dtype=np.int8),
-            np.asarray(data["p_nok"], dtype=np.float32),
-        )
-
-
 @dataclass
 class FitReport:
     """What training produced: metrics on the assessor's own validation split, and how long it took."""
@@ -141,7 +112,6 @@ class Assessor(ABC):
         self.version: int | None = None
         self.normalizer: Normalizer | None = None
         self.threshold = 0.5  # raw-output threshold that calibration maps to 0.5
-        self.validation_votes: ValidationVotes | None = None
         self.training_data: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
         self.runtime: dict[str, Any] = {}
@@ -201,8 +171,7 @@ class Assessor(ABC):
             consumes=self.consumes,
             settings=self.settings.model_dump(mode="json"),
             normalization=self.normalizer.to_dict() if self.normalizer else None,
-            calibration={"threshold": self.threshold}
-            | ({"validation_votes": self.validation_votes.to_dict()} if self.validation_votes else {}),
+            calibration={"threshold": self.threshold},
             training_data=self.training_data,
             metrics=self.metrics,
             runtime=self.runtime,
@@ -231,8 +200,6 @@ class Assessor(ABC):
         assessor.version = manifest.version
         assessor.normalizer = Normalizer.from_dict(manifest.normalization) if manifest.normalization else None
         assessor.threshold = float(manifest.calibration.get("threshold", 0.5))
-        votes = manifest.calibration.get("validation_votes")
-        assessor.validation_votes = ValidationVotes.from_dict(votes) if votes else None
         assessor.training_data = manifest.training_data
         assessor.metrics = manifest.metrics
         assessor.runtime = manifest.runtime

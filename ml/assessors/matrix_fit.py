@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import Field
 from torch import nn
 
-from ml.assessors.base import Assessor, AssessorSettings, ValidationVotes, calibrate
+from ml.assessors.base import Assessor, AssessorSettings, calibrate
 from ml.dataset import CoilDataset
 from ml.evaluation.metrics import binary_metrics
 from ml.normalize import Normalizer
@@ -74,14 +74,9 @@ def _augmenter(assessor: Any) -> Augment | None:
     return functools.partial(augment_batch, gain_sigma=settings.gain_jitter, zero=zero)
 
 
-def calibrate_on_validation(assessor: Assessor, dataset: CoilDataset, val_idx: np.ndarray, scores: np.ndarray) -> None:
-    """Set the assessor's threshold from its validation scores, and the validation metrics, votes and data
-    summary its manifest records."""
-    y_val = dataset.y[val_idx]
+def calibrate_on_validation(assessor: Assessor, dataset: CoilDataset, y_val: np.ndarray, scores: np.ndarray) -> None:
+    """Set the assessor's threshold from its validation scores, and the validation metrics and data summary
+    its manifest records."""
     assessor.threshold = assessor.choose_threshold(y_val, scores)
-    p_nok = calibrate(scores, assessor.threshold)
-    assessor.metrics = {"validation": binary_metrics(y_val, p_nok)}
-    assessor.validation_votes = ValidationVotes(
-        dataset.coil_id[val_idx], y_val.astype(np.int8), p_nok.astype(np.float32)
-    )
+    assessor.metrics = {"validation": binary_metrics(y_val, calibrate(scores, assessor.threshold))}
     assessor.training_data = dataset.summary()

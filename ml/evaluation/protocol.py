@@ -2,8 +2,8 @@
 
 1. Repeated stratified k-fold cross-validation on the development data (the paper: 5 folds × 10
    repeats on 4,542 coils): each assessor is trained on k−1 folds and judged on the last; the
-   ensemble is the average of the members' calibrated p(NOK) on the same fold, thresholded as the workers
-   threshold it (``ml.ensemble.decision_threshold``: fitted on the validation coils the members share).
+   ensemble is the average of the members' calibrated p(NOK) on the same fold (``Ensemble.average``, the
+   workers' own arithmetic), decided at 0.5.
 2. The gold set: every assessor trained once on all development data, then judged on a balanced
    set of 30 OK + 30 NOK coils from a later period of the line, never used for any choice. Its NOK-F1
    gets a bootstrap 95 % interval, and the best two are compared with a paired permutation test.
@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from ml.assessors.base import AssessBatch, Assessor, calibrate
+from ml.assessors.base import AssessBatch, Assessor
 from ml.assessors.registry import create
 from ml.dataset import CoilDataset
-from ml.ensemble import Ensemble, Member, decision_threshold
+from ml.ensemble import Ensemble, Member
 from ml.evaluation.metrics import binary_metrics
 from ml.evaluation.stats import bootstrap_f1_interval, permutation_test_f1
 
@@ -66,7 +66,6 @@ class GoldResult:
     fit_s: float | None = None
     predict_s: float | None = None
     device: str | None = None
-    threshold: float | None = None  # the ensemble's: where on the members' average it decides
 
 
 @dataclass
@@ -117,8 +116,8 @@ def evaluate(dev: CoilDataset, gold: CoilDataset, plan: Plan, progress: Progress
         fitted.append(assessor)
         gold_results.append(_gold(kind, gold.y, p, plan, fit_s, predict_s, report.device))
         notify({"stage": "fit", "kind": kind, "done": True})
-    ensemble, threshold = ensemble_p_nok(fitted, np.stack(list(members.values())))
-    gold_results.append(replace(_gold(ENSEMBLE, gold.y, ensemble, plan), threshold=threshold))
+    ensemble = Ensemble([Member(a) for a in fitted]).average(np.stack(list(members.values())))
+    gold_results.append(_gold(ENSEMBLE, gold.y, ensemble, plan))
     ranked = sorted(gold_results, key=lambda g: g.metrics["f1_nok"], reverse=True)
     comparison: dict[str, Any] = {}
     if len(ranked) >= 2:
@@ -157,17 +156,9 @@ def cross_validate(dev: CoilDataset, plan: Plan, notify: Progress) -> list[FoldR
             fitted.append(assessor)
             results.append(FoldResult(kind, repeat, fold, binary_metrics(dev.y[val], p), fit_s))
             notify({"stage": "fit", "kind": kind, "done": True})
-        ensemble, _ = ensemble_p_nok(fitted, np.stack(members))
+        ensemble = Ensemble([Member(a) for a in fitted]).average(np.stack(members))
         results.append(FoldResult(ENSEMBLE, repeat, fold, binary_metrics(dev.y[val], ensemble), 0.0))
     return results
-
-
-def ensemble_p_nok(fitted: list[Assessor], p: np.ndarray) -> tuple[np.ndarray, float]:
-    """The members' average of ``p`` (M, N) shifted so that the threshold the workers would decide at sits at
-    0.5 (decisions, ranking and ROC-AUC as the workers' own), and that threshold."""
-    ensemble = Ensemble([Member(a) for a in fitted])
-    threshold, _ = decision_threshold(ensemble, None)
-    return calibrate(ensemble.average(p), threshold), threshold
 
 
 def _assessor(kind: str, plan: Plan, seed: int) -> Assessor:

@@ -42,7 +42,6 @@ def results_dict(evaluation: Evaluation) -> dict[str, Any]:
                 "fit_s": g.fit_s,
                 "predict_s": g.predict_s,
                 "device": g.device,
-                "threshold": g.threshold,
                 "p_nok": g.p_nok,
             }
             for g in evaluation.gold_results
@@ -102,7 +101,6 @@ def seeds_table(evaluations: list[Evaluation]) -> str:
 def render_markdown(evaluation: Evaluation, title: str, plots: dict[str, str]) -> str:
     plan = evaluation.plan
     comparison = evaluation.comparison
-    threshold = next((g.threshold for g in evaluation.gold_results if g.name == ENSEMBLE), None)
     parts = [
         f"# {title}",
         "",
@@ -110,8 +108,7 @@ def render_markdown(evaluation: Evaluation, title: str, plots: dict[str, str]) -
         f"cross-validation {plan.n_splits} folds × {plan.n_repeats} repeats; gold set "
         f"{evaluation.gold.get('n_ok')} OK + {evaluation.gold.get('n_nok')} NOK coils from a later period "
         f"(labels: {evaluation.gold.get('labels')}). Assessors: {', '.join(plan.kinds)}; the ensemble averages "
-        f"their calibrated p(NOK) and decides at {_num(threshold)} on the average, the least-cost threshold on the "
-        "validation coils the members share (0.5 where they share too few), as the workers do.",
+        "their calibrated p(NOK) and thresholds at 0.5.",
         "",
         gold_table(evaluation),
         "",
