@@ -101,7 +101,6 @@ def evaluate(dev: CoilDataset, gold: CoilDataset, plan: Plan, progress: Progress
     notify = progress or (lambda _: None)
     folds = cross_validate(dev, plan, notify)
     gold_results = []
-    members: dict[str, np.ndarray] = {}
     fitted: list[Assessor] = []
     for kind in plan.kinds:
         notify({"stage": "gold", "kind": kind})
@@ -112,11 +111,10 @@ def evaluate(dev: CoilDataset, gold: CoilDataset, plan: Plan, progress: Progress
         started = time.perf_counter()
         p, _ = assessor.predict(AssessBatch(gold.X))
         predict_s = time.perf_counter() - started
-        members[kind] = p
         fitted.append(assessor)
         gold_results.append(_gold(kind, gold.y, p, plan, fit_s, predict_s, report.device))
         notify({"stage": "fit", "kind": kind, "done": True})
-    ensemble = Ensemble([Member(a) for a in fitted]).average(np.stack(list(members.values())))
+    ensemble = _average(fitted, [g.p_nok for g in gold_results])
     gold_results.append(_gold(ENSEMBLE, gold.y, ensemble, plan))
     ranked = sorted(gold_results, key=lambda g: g.metrics["f1_nok"], reverse=True)
     comparison: dict[str, Any] = {}
@@ -156,9 +154,14 @@ def cross_validate(dev: CoilDataset, plan: Plan, notify: Progress) -> list[FoldR
             fitted.append(assessor)
             results.append(FoldResult(kind, repeat, fold, binary_metrics(dev.y[val], p), fit_s))
             notify({"stage": "fit", "kind": kind, "done": True})
-        ensemble = Ensemble([Member(a) for a in fitted]).average(np.stack(members))
+        ensemble = _average(fitted, members)
         results.append(FoldResult(ENSEMBLE, repeat, fold, binary_metrics(dev.y[val], ensemble), 0.0))
     return results
+
+
+def _average(fitted: list[Assessor], votes: list[np.ndarray]) -> np.ndarray:
+    """The ensemble's p(NOK) from its members' ``votes``, with the workers' own arithmetic."""
+    return Ensemble([Member(a) for a in fitted]).average(np.stack(votes))
 
 
 def _assessor(kind: str, plan: Plan, seed: int) -> Assessor:
