@@ -3,6 +3,9 @@
 ``meta`` is one JSON document: dataset-level facts (source, seed, scenario, settings) and, under
 ``columns``, per-coil lists such as the product's coating class or the simulator's true label. Keeping
 it JSON means any tool can read the file without coilguard installed.
+
+One column has a meaning to training: ``learned_by_init`` (true or false per coil) says which coils the model
+a fit warm-starts from has learned from; such coils never validate the new model (ReTrain sets it).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ml.matrix import as_matrix_batch
 
 OK, NOK = 0, 1
 LABELS = ("OK", "NOK")
+LEARNED_BY_INIT = "learned_by_init"
 
 
 @dataclass

@@ -34,7 +34,7 @@ import numpy as np
 from ml.assessors.base import AssessBatch, Assessor
 from ml.assessors.manifest import MANIFEST_FILE
 from ml.assessors.registry import available, create
-from ml.dataset import CoilDataset
+from ml.dataset import LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics
 from workflows.messages import ModelEvent, dumps
 from workflows.model_score import ScoreRule, due_for_retraining
@@ -157,7 +157,8 @@ class ReTrain:
             if not holdout:  # checked before training: a challenger nobody can judge is hours thrown away
                 raise ValueError("no operator-labelled coils to compare champion and challenger on")
             history = training_history(champion, self.model_dir)
-            data = combine(history, train_part, self.config.feedback_weight)
+            validated = champion.training_data.get("validation_coils")
+            data = combine(history, train_part, self.config.feedback_weight, validated)
             metrics["data"] = {
                 "history": len(history) if history is not None else 0,
                 "feedback_train": len(train_part),
@@ -283,8 +284,15 @@ def split_by_time(
     return labelled[:cut], labelled[cut:]
 
 
-def combine(history: CoilDataset | None, labelled: list[LabelledCoil], weight: int) -> CoilDataset:
-    """History plus the labelled coils (each ``weight`` times); a coil in both takes the operator's label."""
+def combine(
+    history: CoilDataset | None, labelled: list[LabelledCoil], weight: int, validated: list[str] | None = None
+) -> CoilDataset:
+    """History plus the labelled coils (each ``weight`` times); a coil in both takes the operator's label.
+
+    ``history`` is the champion's own training data, and ``validated`` the coils among it that only validated
+    the champion (its manifest lists them): every other history coil is marked ``learned_by_init``, so the
+    warm-started challenger never validates on a coil its starting weights learned. Without the history,
+    what the champion learned is unknown and nothing is marked."""
     parts = []
     if labelled:
         ids = np.array([c.coil_id for c in labelled])
@@ -298,6 +306,7 @@ def combine(history: CoilDataset | None, labelled: list[LabelledCoil], weight: i
     else:
         feedback_set = None
     if history is not None:
+        learned = np.setdiff1d(history.coil_id, np.asarray(validated or [], dtype=str))
         if feedback_set is not None:
             keep = ~np.isin(history.coil_id, feedback_set.coil_id)
             history = history.subset(np.flatnonzero(keep))
@@ -306,4 +315,7 @@ def combine(history: CoilDataset | None, labelled: list[LabelledCoil], weight: i
         parts.extend([feedback_set] * max(weight, 1))
     if not parts:
         raise ValueError("nothing to train on: no history and no labelled coils")
-    return CoilDataset.concat(parts) if len(parts) > 1 else parts[0]
+    data = CoilDataset.concat(parts) if len(parts) > 1 else parts[0]
+    if history is not None:
+        data.columns[LEARNED_BY_INIT] = np.isin(data.coil_id, learned).tolist()
+    return data

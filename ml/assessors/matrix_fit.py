@@ -5,6 +5,7 @@ normalize, split and calibrate should not, so it is written once here."""
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,12 +14,14 @@ from pydantic import Field
 from torch import nn
 
 from ml.assessors.base import Assessor, AssessorSettings, calibrate
-from ml.dataset import CoilDataset
+from ml.dataset import LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics
 from ml.normalize import Normalizer
 from ml.training.augment import augment_batch
 from ml.training.loop import Augment
-from ml.training.splits import stratified_split
+from ml.training.splits import split_keeping, stratified_split
+
+log = logging.getLogger(__name__)
 
 
 class MatrixSettings(AssessorSettings):
@@ -43,6 +46,7 @@ class MatrixFitData:
     train: np.ndarray
     val: np.ndarray
     augment: Augment | None
+    split: dict[str, Any]  # how the validation coils were chosen, for the manifest
 
 
 def start_matrix_fit(
@@ -60,8 +64,43 @@ def start_matrix_fit(
         assessor.normalizer = Normalizer.fit(dataset.X)
         net = assessor.build_network()
     y = dataset.y.astype(np.int64)
+    train, val, split = _validation_split(dataset, y, init, val_fraction, rng)
+    return MatrixFitData(net, assessor.normalize(dataset.X), y, train, val, _augmenter(assessor), split)
+
+
+def _validation_split(
+    dataset: CoilDataset, y: np.ndarray, init: Assessor | None, val_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Training and validation rows. Warm-starting, a coil validates the new model only if the starting model
+    did not learn from it: a coil that validated the starting model (its manifest lists them) stays in
+    validation, so that successive versions are judged on a stable set; a coil the dataset's
+    ``learned_by_init`` column marks stays in training, for it would reward what the starting weights
+    remember and fit early stopping and the threshold to memorised coils; a share of the rest is drawn."""
+    if init is None:
+        train, val = stratified_split(y, val_fraction, rng, groups=dataset.coil_id)
+        return train, val, {"rule": "drawn"}
+    if LEARNED_BY_INIT not in dataset.columns:
+        log.warning("warm start from %s, no %r column: validation drawn from all coils", init.name, LEARNED_BY_INIT)
+        train, val = stratified_split(y, val_fraction, rng, groups=dataset.coil_id)
+        return train, val, {"rule": f"drawn, although warm-started: no {LEARNED_BY_INIT} column"}
+    learned = dataset.column(LEARNED_BY_INIT).astype(bool)
+    kept = np.isin(dataset.coil_id, np.asarray(init.training_data.get("validation_coils", []), dtype=str)) & ~learned
+    train, val = split_keeping(y, val_fraction, rng, dataset.coil_id, in_train=learned, in_val=kept)
+    if len(np.unique(y[val])) == 2 or len(np.unique(y)) < 2:
+        n_kept = len(np.unique(dataset.coil_id[kept]))
+        return (
+            train,
+            val,
+            {
+                "rule": "warm start: the starting model's validation coils, and a share of the coils it did not learn",
+                "kept": n_kept,
+                "drawn": len(val) - n_kept,
+            },
+        )
+    missing = "NOK" if 1 not in y[val] else "OK"
+    log.warning("warm start from %s: no %s coil it did not learn; validation drawn from all coils", init.name, missing)
     train, val = stratified_split(y, val_fraction, rng, groups=dataset.coil_id)
-    return MatrixFitData(net, assessor.normalize(dataset.X), y, train, val, _augmenter(assessor))
+    return train, val, {"rule": f"drawn, although warm-started: no {missing} coil the starting model did not learn"}
 
 
 def _augmenter(assessor: Any) -> Augment | None:
@@ -74,9 +113,15 @@ def _augmenter(assessor: Any) -> Augment | None:
     return functools.partial(augment_batch, gain_sigma=settings.gain_jitter, zero=zero)
 
 
-def calibrate_on_validation(assessor: Assessor, dataset: CoilDataset, y_val: np.ndarray, scores: np.ndarray) -> None:
+def calibrate_on_validation(assessor: Assessor, dataset: CoilDataset, data: MatrixFitData, scores: np.ndarray) -> None:
     """Set the assessor's threshold from its validation scores, and the validation metrics and data summary
-    its manifest records."""
+    its manifest records; the validation coils are listed so that a model warm-started from this one can
+    keep them out of its training (see :func:`_validation_split`)."""
+    y_val = data.y[data.val]
     assessor.threshold = assessor.choose_threshold(y_val, scores)
     assessor.metrics = {"validation": binary_metrics(y_val, calibrate(scores, assessor.threshold))}
-    assessor.training_data = dataset.summary()
+    assessor.training_data = {
+        **dataset.summary(),
+        "validation": {**data.split, "coils": len(data.val)},
+        "validation_coils": sorted(np.unique(dataset.coil_id[data.val]).tolist()),
+    }

@@ -75,7 +75,7 @@ class TorchClassifierAssessor(Assessor):
             callback=callback,
         )
         self.net = data.net.cpu().eval()
-        calibrate_on_validation(self, dataset, y[val_idx], result.val_scores)
+        calibrate_on_validation(self, dataset, data, result.val_scores)
         self.runtime = fit_runtime(
             torch_device,
             clock.seconds,

@@ -37,3 +37,29 @@ def _by_class(y: np.ndarray, val_fraction: float, rng: np.random.Generator) -> t
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def split_keeping(
+    y: np.ndarray,
+    val_fraction: float,
+    rng: np.random.Generator,
+    groups: np.ndarray,
+    in_train: np.ndarray,
+    in_val: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with some coils' side fixed: rows where ``in_train`` go to training, rows where
+    ``in_val`` to validation (each coil once, as in :func:`stratified_split`), and the rest are split by
+    :func:`stratified_split`. A model warm-started from another must not be validated on coils the other
+    learned from: its validation would reward what the starting weights remember, not what they learned."""
+    y, groups = np.asarray(y), np.asarray(groups)
+    if np.any(in_train & in_val):
+        raise ValueError("a row cannot be kept in both training and validation")
+    free = np.flatnonzero(~(in_train | in_val))
+    drawn_train, drawn_val = (
+        stratified_split(y[free], val_fraction, rng, groups=groups[free]) if len(free) else ([], [])
+    )
+    kept_val = np.flatnonzero(in_val)
+    _, first = np.unique(groups[kept_val], return_index=True)
+    val = np.sort(np.concatenate([kept_val[first], free[drawn_val]]).astype(np.int64))
+    train = np.sort(np.concatenate([np.flatnonzero(in_train), free[drawn_train]]).astype(np.int64))
+    return train, val

@@ -17,6 +17,7 @@ from helpers import as_written_by_release_1, edit_manifest, stripe_coils
 from ml.assessors.base import AssessBatch, Assessor
 from ml.assessors.manifest import MANIFEST_FILE, ArtifactError
 from ml.assessors.registry import assessor_class, available, create, load_artifact
+from ml.dataset import LEARNED_BY_INIT
 from ml.training.pairs import all_pairs, balanced_pairs, pair_batches, pair_type_weights
 from ml.training.render import render_gray, render_rgb, tile
 from ml.training.runtime import channels_last
@@ -136,6 +137,11 @@ def test_warm_start_from_a_trained_instance(trained: Assessor, data, unseen) -> 
     assert np.isfinite(p).all()
     if trained.key != "cnn":
         assert challenger.runtime["start"] == "init"
+    marked = data.subset(np.arange(len(data)))  # ReTrain's marks: everything the champion did not validate on
+    validated = trained.training_data["validation_coils"]
+    marked.columns[LEARNED_BY_INIT] = (~np.isin(marked.coil_id, validated)).tolist()
+    challenger.fit(marked, init=trained, device="cpu")
+    assert challenger.training_data["validation_coils"] == validated  # validated on nothing the champion learned
     with pytest.raises(TypeError, match="warm-start"):
         create(trained.key, TINY[trained.key]).fit(data, init=create("cnn" if trained.key != "cnn" else "yolo"))
 

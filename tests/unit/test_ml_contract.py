@@ -18,12 +18,13 @@ from ml.assessors.base import AssessBatch, calibrate
 from ml.assessors.manifest import ArtifactError, Manifest
 from ml.assessors.matrix_fit import start_matrix_fit
 from ml.assessors.registry import UnknownAssessor, available, create, load_artifact
+from ml.dataset import LEARNED_BY_INIT, CoilDataset
 from ml.ensemble import ABSTAIN, MIN_SHARD_COILS, Ensemble, Member, share_threads
 from ml.evaluation.metrics import best_threshold, binary_metrics, cost_threshold
 from ml.normalize import Normalizer, fill_dropped
 from ml.training.augment import augment_batch
 from ml.training.loop import epoch_indices
-from ml.training.splits import stratified_split
+from ml.training.splits import split_keeping, stratified_split
 from workflows.ports import ModelRecord
 from workflows.training import load_model
 
@@ -143,6 +144,56 @@ def test_a_coil_repeated_for_weight_stays_on_one_side_of_the_split() -> None:
         strict=True,
     ):
         assert np.array_equal(a, b)
+
+
+def test_kept_coils_stay_on_their_side_and_the_rest_is_drawn() -> None:
+    coil_id = np.array([f"H{i}" for i in range(100)] + [f"F{i}" for i in range(20)] * 3)
+    y = np.array(([0] * 9 + [1]) * 10 + ([0] * 18 + [1] * 2) * 3)
+    in_val = np.isin(coil_id, [f"H{i}" for i in range(0, 100, 10)] + ["H9", "F0"])  # F0 is repeated three times
+    in_train = ~in_val & np.char.startswith(coil_id, "H")
+    train, val = split_keeping(y, 0.25, np.random.default_rng(0), coil_id, in_train, in_val)
+    assert set(coil_id[val]) >= set(coil_id[in_val]) and not set(coil_id[val]) & set(coil_id[in_train])
+    assert len(set(coil_id[val])) == len(val)  # each coil once, F0 too
+    drawn = set(coil_id[val]) - set(coil_id[in_val])
+    assert drawn and all(c.startswith("F") for c in drawn) and y[np.isin(coil_id, list(drawn))].any()
+    assert not set(coil_id[train]) & set(coil_id[val]) and set(coil_id[train]) | set(coil_id[val]) == set(coil_id)
+    with pytest.raises(ValueError, match="both"):
+        split_keeping(y, 0.25, np.random.default_rng(0), coil_id, in_val, in_val)
+
+
+def test_a_warm_started_model_is_validated_only_on_coils_its_start_never_learned() -> None:
+    """ReTrain warm-starts a challenger from the champion on the champion's data plus operator feedback. A
+    validation coil the champion trained on rewards what its weights remember: early stopping and the
+    threshold would be fitted on memorised coils."""
+    history = stripe_coils(120, seed=1)
+    champion = create("cnn", {"epochs": 1, "batch_size": 32, "seed": 3})
+    champion.fit(history, device="cpu")
+    validated = set(champion.training_data["validation_coils"])
+    assert champion.training_data["validation"] == {"rule": "drawn", "coils": len(validated)}
+    assert validated and validated < set(history.coil_id)
+    feedback = stripe_coils(60, nok_share=0.2, seed=2)
+    data = CoilDataset.concat([history, feedback, feedback, feedback])
+    learned = set(history.coil_id) - validated
+    data.columns[LEARNED_BY_INIT] = np.isin(data.coil_id, list(learned)).tolist()
+    fit = start_matrix_fit(create("cnn"), data, champion, 0.15, np.random.default_rng(0))
+    val_coils = set(data.coil_id[fit.val])
+    assert validated <= val_coils and len(val_coils) == len(fit.val) and not val_coils & learned
+    drawn = val_coils - validated
+    assert drawn <= set(feedback.coil_id) and 0 < len(drawn) < 60 and fit.y[fit.val].sum() > 0
+    assert fit.split["kept"] == len(validated) and fit.split["drawn"] == len(drawn)
+    assert not set(data.coil_id[fit.train]) & val_coils
+
+    unmarked = CoilDataset.concat([history, feedback])  # not told what the champion learned: drawn, as before
+    assert start_matrix_fit(create("cnn"), unmarked, champion, 0.15, np.random.default_rng(0)).split["rule"] == (
+        f"drawn, although warm-started: no {LEARNED_BY_INIT} column"
+    )
+    ok_only = feedback.subset(np.flatnonzero(feedback.y == 0))
+    all_learned = CoilDataset.concat([history, ok_only])
+    all_learned.columns[LEARNED_BY_INIT] = np.isin(all_learned.coil_id, history.coil_id).tolist()
+    champion.training_data = {**champion.training_data, "validation_coils": []}  # a manifest from before the list
+    fallback = start_matrix_fit(create("cnn"), all_learned, champion, 0.15, np.random.default_rng(0))
+    assert "no NOK coil the starting model did not learn" in fallback.split["rule"]
+    assert fallback.y[fallback.val].sum() > 0
 
 
 def test_cnn_trains_saves_loads_and_predicts_identically(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from ml.assessors.cnn import CnnAssessor
 from ml.assessors.ssim_ae import SsimAeAssessor
-from ml.dataset import CoilDataset
+from ml.dataset import LEARNED_BY_INIT, CoilDataset
 from ml.ensemble import MemberVote
 from services.db.engine import make_engine
 from services.db.migrate import upgrade
@@ -241,6 +241,21 @@ def test_combine_lets_the_operator_label_win_and_weights_feedback() -> None:
     assert len(data) == 2 + 2 * 3  # F1 leaves the history: the operator said NOK
     assert sorted(set(data.coil_id)) == ["F0", "F1", "H0", "H2"]
     assert data.y[data.coil_id == "F1"].tolist() == [1, 1, 1]
+
+
+def test_combine_marks_the_coils_the_champion_learned() -> None:
+    """Every history coil but the champion's validation coils; an operator's coil only if the champion had it."""
+    history = CoilDataset(
+        np.zeros((4, 264, 18), np.float32),
+        np.array([0, 0, 0, 1]),
+        np.array(["H0", "F1", "H2", "H3"]),
+        np.array(["2026-01-01"] * 4, dtype="datetime64[ms]"),
+    )
+    history.columns[LEARNED_BY_INIT] = [False] * 4  # left by the champion's own warm start: not this one's
+    data = combine(history, _labelled(2), weight=2, validated=["H2"])
+    marked = dict(zip(data.coil_id, data.column(LEARNED_BY_INIT), strict=True))
+    assert marked == {"H0": True, "H3": True, "H2": False, "F0": False, "F1": True}
+    assert LEARNED_BY_INIT not in combine(None, _labelled(2), weight=2).columns  # unknown: not claimed
 
 
 def test_incremental_tallies_equal_a_full_recount_through_corrections_promotion_and_rollback(engine) -> None:

@@ -118,7 +118,7 @@ class SiameseAssessor(Assessor):
         cpu = torch.device("cpu")
         self.references = choose_references(embed(self.net, x[train_idx], cpu), y[train_idx], s.references, s.seed)
         val_scores = score(self.net, embed(self.net, x[val_idx], cpu), self.references)
-        calibrate_on_validation(self, dataset, y[val_idx], val_scores)
+        calibrate_on_validation(self, dataset, data, val_scores)
         self.runtime = fit_runtime(
             torch_device,
             clock.seconds,
