@@ -71,11 +71,15 @@ def start_matrix_fit(
 def _validation_split(
     dataset: CoilDataset, y: np.ndarray, init: Assessor | None, val_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Training and validation rows. Warm-starting, a coil validates the new model only if the starting model
-    did not learn from it: a coil that validated the starting model (its manifest lists them) stays in
-    validation, so that successive versions are judged on a stable set; a coil the dataset's
-    ``learned_by_init`` column marks stays in training, for it would reward what the starting weights
-    remember and fit early stopping and the threshold to memorised coils; a share of the rest is drawn."""
+    """Training and validation rows.
+
+    Warm-starting (ReTrain's challenger), validation is a share of the coils the starting model never saw:
+    those not marked in the dataset's ``learned_by_init`` column nor listed as its own validation coils in its
+    manifest, i.e. the newly labelled ones. They are the regime the model is retrained for: validated mostly on
+    the old coils, early stopping ended the training before it had learned a sensor drift (docs/benchmarks.md).
+    A coil the starting model learned never validates: it would reward what the weights remember. Where the
+    new coils hold no NOK, the starting model's validation coils join them; the fit says which in its manifest.
+    """
     if init is None:
         train, val = stratified_split(y, val_fraction, rng, groups=dataset.coil_id)
         return train, val, {"rule": "drawn"}
@@ -84,15 +88,20 @@ def _validation_split(
         train, val = stratified_split(y, val_fraction, rng, groups=dataset.coil_id)
         return train, val, {"rule": f"drawn, although warm-started: no {LEARNED_BY_INIT} column"}
     learned = dataset.column(LEARNED_BY_INIT).astype(bool)
-    kept = np.isin(dataset.coil_id, np.asarray(init.training_data.get("validation_coils", []), dtype=str)) & ~learned
-    train, val = split_keeping(y, val_fraction, rng, dataset.coil_id, in_train=learned, in_val=kept)
+    validated = np.isin(dataset.coil_id, np.asarray(init.training_data.get("validation_coils", []), dtype=str))
+    validated &= ~learned
+    nothing = np.zeros(len(y), dtype=bool)
+    train, val = split_keeping(y, val_fraction, rng, dataset.coil_id, in_train=learned | validated, in_val=nothing)
     if len(np.unique(y[val])) == 2 or len(np.unique(y)) < 2:
-        n_kept = len(np.unique(dataset.coil_id[kept]))
+        return train, val, {"rule": "warm start: a share of the coils new to the starting model", "coils_new": len(val)}
+    train, val = split_keeping(y, val_fraction, rng, dataset.coil_id, in_train=learned, in_val=validated)
+    if len(np.unique(y[val])) == 2:
+        n_kept = len(np.unique(dataset.coil_id[validated]))
         return (
             train,
             val,
             {
-                "rule": "warm start: the starting model's validation coils, and a share of the coils it did not learn",
+                "rule": "warm start: the starting model's validation coils and a share of the new coils (no new NOK)",
                 "kept": n_kept,
                 "drawn": len(val) - n_kept,
             },

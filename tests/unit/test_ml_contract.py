@@ -161,10 +161,10 @@ def test_kept_coils_stay_on_their_side_and_the_rest_is_drawn() -> None:
         split_keeping(y, 0.25, np.random.default_rng(0), coil_id, in_val, in_val)
 
 
-def test_a_warm_started_model_is_validated_only_on_coils_its_start_never_learned() -> None:
+def test_a_warm_started_model_is_validated_on_the_coils_new_to_its_start() -> None:
     """ReTrain warm-starts a challenger from the champion on the champion's data plus operator feedback. A
-    validation coil the champion trained on rewards what its weights remember: early stopping and the
-    threshold would be fitted on memorised coils."""
+    validation coil the champion trained on rewards what its weights remember, and validation on the old
+    coils stops the training before it has learned the drift it is retrained for."""
     history = stripe_coils(120, seed=1)
     champion = create("cnn", {"epochs": 1, "batch_size": 32, "seed": 3})
     champion.fit(history, device="cpu")
@@ -177,21 +177,23 @@ def test_a_warm_started_model_is_validated_only_on_coils_its_start_never_learned
     data.columns[LEARNED_BY_INIT] = np.isin(data.coil_id, list(learned)).tolist()
     fit = start_matrix_fit(create("cnn"), data, champion, 0.15, np.random.default_rng(0))
     val_coils = set(data.coil_id[fit.val])
-    assert validated <= val_coils and len(val_coils) == len(fit.val) and not val_coils & learned
-    drawn = val_coils - validated
-    assert drawn <= set(feedback.coil_id) and 0 < len(drawn) < 60 and fit.y[fit.val].sum() > 0
-    assert fit.split["kept"] == len(validated) and fit.split["drawn"] == len(drawn)
-    assert not set(data.coil_id[fit.train]) & val_coils
+    assert val_coils <= set(feedback.coil_id) and 0 < len(val_coils) == len(fit.val) < 60
+    assert fit.y[fit.val].sum() > 0 and fit.split["coils_new"] == len(val_coils)
+    assert not set(data.coil_id[fit.train]) & val_coils and set(data.coil_id[fit.train]) >= set(history.coil_id)
 
     unmarked = CoilDataset.concat([history, feedback])  # not told what the champion learned: drawn, as before
     assert start_matrix_fit(create("cnn"), unmarked, champion, 0.15, np.random.default_rng(0)).split["rule"] == (
         f"drawn, although warm-started: no {LEARNED_BY_INIT} column"
     )
-    ok_only = feedback.subset(np.flatnonzero(feedback.y == 0))
-    all_learned = CoilDataset.concat([history, ok_only])
-    all_learned.columns[LEARNED_BY_INIT] = np.isin(all_learned.coil_id, history.coil_id).tolist()
-    champion.training_data = {**champion.training_data, "validation_coils": []}  # a manifest from before the list
-    fallback = start_matrix_fit(create("cnn"), all_learned, champion, 0.15, np.random.default_rng(0))
+    ok_only = feedback.subset(np.flatnonzero(feedback.y == 0))  # the new coils hold no NOK to validate on
+    no_new_nok = CoilDataset.concat([history, ok_only])
+    no_new_nok.columns[LEARNED_BY_INIT] = np.isin(no_new_nok.coil_id, list(learned)).tolist()
+    joined = start_matrix_fit(create("cnn"), no_new_nok, champion, 0.15, np.random.default_rng(0))
+    assert joined.split["kept"] == len(validated) and validated <= set(no_new_nok.coil_id[joined.val])
+    assert not set(no_new_nok.coil_id[joined.val]) & learned and joined.y[joined.val].sum() > 0
+    champion.training_data = {**champion.training_data, "validation_coils": []}  # a manifest from before the list:
+    no_new_nok.columns[LEARNED_BY_INIT] = np.isin(no_new_nok.coil_id, history.coil_id).tolist()  # all history learned
+    fallback = start_matrix_fit(create("cnn"), no_new_nok, champion, 0.15, np.random.default_rng(0))
     assert "no NOK coil the starting model did not learn" in fallback.split["rule"]
     assert fallback.y[fallback.val].sum() > 0
 
