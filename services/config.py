@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     score_window: Duration | None = None
     retrain_cron: str = "0 3 * * 1"
     retrain_margin: float = Field(0.0, ge=0, le=1)
+    retrain_recalibrate: bool = Field(
+        True,
+        description="ReTrain puts the champion's history in the gauges' current calibration, read from the newest "
+        "labelled OK coils, before training the challenger (ml/recalibration.py)",
+    )
     drift_cron: str = "30 2 * * *"
     drift_window: Duration = timedelta(hours=24)
     drift_share: float = Field(0.2, gt=0, le=1, description="share of drifted features that makes a window drifted")

@@ -77,6 +77,7 @@ def make_retrain(
         config=RetrainConfig(
             rule=score_rule(settings),
             margin=settings.retrain_margin,
+            recalibrate=settings.retrain_recalibrate,
             device=settings.device,
             fit_overrides=fit_overrides or {},
         ),

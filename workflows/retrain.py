@@ -5,7 +5,8 @@ For every active model whose latest score breaks the rule (below 75 % over more 
 1. open a ``retrain_runs`` row under a lock, so two schedulers or a scheduler and the CronJob never
    retrain the same model at once (a run left behind by a killed process is marked failed here);
 2. split the operator-labelled coils by time: the most recent part is the holdout, the rest joins the
-   champion's training history (the operator's label wins over the history's for the same coil);
+   champion's training history (the operator's label wins over the history's for the same coil), put first
+   in the gauges' current calibration where a gauge has drifted since it was measured (ml/recalibration.py);
 3. train a challenger warm-started from the champion, on the GPU when there is one;
 4. compare champion and challenger on the holdout; promote only if the challenger is not worse
    (by more than the configured margin). Promotion is atomic: the artifact is written and
@@ -36,6 +37,7 @@ from ml.assessors.manifest import MANIFEST_FILE
 from ml.assessors.registry import available, create
 from ml.dataset import LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics
+from ml.recalibration import GaugeGains, estimate_gains
 from workflows.messages import ModelEvent, dumps
 from workflows.model_score import ScoreRule, due_for_retraining
 from workflows.ports import (
@@ -62,6 +64,9 @@ class RetrainConfig:
     min_holdout: int = 20
     feedback_weight: int = 3  # a labelled coil counts this many times against one coil of history
     min_nok_for_f1: int = 5  # fewer NOK coils in the holdout: compare accuracy instead of NOK-F1
+    recalibrate: bool = True  # put the history in the gauges' current calibration (ml/recalibration.py)
+    recalibration_coils: int = 100  # the newest labelled OK coils that say what the current calibration is
+    recalibration_tolerance: float = 0.02  # a gauge that moved less than this is left as it was
     device: str = "auto"
     fit_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. fewer epochs for the demo
 
@@ -156,7 +161,7 @@ class ReTrain:
             train_part, holdout = split_by_time(labelled, self.config.holdout_fraction, self.config.min_holdout)
             if not holdout:  # checked before training: a challenger nobody can judge is hours thrown away
                 raise ValueError("no operator-labelled coils to compare champion and challenger on")
-            history = training_history(champion, self.model_dir)
+            history, gains = recalibrated(training_history(champion, self.model_dir), train_part, self.config)
             validated = champion.training_data.get("validation_coils")
             data = combine(history, train_part, self.config.feedback_weight, validated)
             metrics["data"] = {
@@ -164,6 +169,7 @@ class ReTrain:
                 "feedback_train": len(train_part),
                 "holdout": len(holdout),
                 "training_set": len(data),
+                "recalibration": gains.summary() if gains is not None else None,
             }
             self._progress("training", champion_record.name, metrics["data"])
             challenger = create(
@@ -173,6 +179,7 @@ class ReTrain:
             report = challenger.fit(data, init=champion, device=self.config.device, callback=self._epoch_done)
             device = report.device
             metrics["train_s"] = round(time.perf_counter() - train_started, 2)
+            challenger.training_data["recalibration"] = metrics["data"]["recalibration"]
 
             verdict, comparison = self.compare(champion, challenger, holdout)
             metrics["holdout"] = comparison
@@ -282,6 +289,28 @@ def split_by_time(
     n_holdout = min(len(labelled), max(minimum, round(len(labelled) * fraction)))
     cut = len(labelled) - n_holdout
     return labelled[:cut], labelled[cut:]
+
+
+def recalibrated(
+    history: CoilDataset | None, labelled: list[LabelledCoil], config: RetrainConfig
+) -> tuple[CoilDataset | None, GaugeGains | None]:
+    """The champion's history in the gauges' current calibration, read from the newest labelled OK coils
+    (ml/recalibration.py), and the gains applied; the history as it was where no gauge moved, too few coils
+    say how they read now, or ``config.recalibrate`` is off."""
+    if history is None or not config.recalibrate:
+        return history, None
+    recent = [c.matrix for c in labelled if c.label == 0][-config.recalibration_coils :]
+    gains = estimate_gains(
+        np.stack(recent) if recent else np.empty((0, *history.X.shape[1:]), np.float32),
+        history.X[history.y == 0],
+        tolerance=config.recalibration_tolerance,
+    )
+    if gains is None or not gains.moved:
+        return history, gains
+    log.info("ReTrain: gauges moved since the history was measured, %s; the history is recalibrated", gains.moved)
+    moved = history.subset(slice(None))
+    moved.X = gains.apply(history.X)
+    return moved, gains
 
 
 def combine(

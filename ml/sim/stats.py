@@ -13,33 +13,14 @@ import numpy as np
 
 from ml.dataset import CoilDataset
 from ml.matrix import CENTRE_SENSORS, EDGE_SENSORS, SENSORS_PER_SIDE, as_matrix_batch
-
-# Rows a statistic looks at: away from head and tail transients.
-BODY = slice(12, 252)
+from ml.recalibration import BODY, sensor_levels
+from ml.recalibration import sensor_offsets as sensor_offsets  # re-exported: the bench and tests read it here
 
 
 def _nanmedian(a: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices give NaN, which is what we want
         return np.nanmedian(a, axis=axis)
-
-
-def sensor_levels(X: np.ndarray) -> np.ndarray:
-    """(N, 18) each sensor's median reading over the coil body."""
-    return _nanmedian(as_matrix_batch(X)[:, BODY], axis=1)
-
-
-def sensor_offsets(X: np.ndarray) -> np.ndarray:
-    """(N, 18) each sensor's body median relative to the median of its side's sensors, minus 1.
-
-    A calibrated gauge sits within a few per cent of its side (lip profile, crossbow, edge build-up);
-    a gauge with a gain error sits off by that error on every coil.
-    """
-    lv = sensor_levels(X)
-    top = _nanmedian(lv[:, :SENSORS_PER_SIDE], axis=1)[:, None]
-    bot = _nanmedian(lv[:, SENSORS_PER_SIDE:], axis=1)[:, None]
-    side = np.concatenate([np.repeat(top, SENSORS_PER_SIDE, 1), np.repeat(bot, SENSORS_PER_SIDE, 1)], axis=1)
-    return lv / side - 1.0
 
 
 def edge_centre_ratio(X: np.ndarray) -> np.ndarray:
