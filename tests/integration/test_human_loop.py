@@ -137,9 +137,12 @@ def test_the_loop_closes_score_retrain_promote_reload_without_losing_a_coil(env:
     events = [(e["event"], e["model"], e["version"]) for e in env.listener.model_events]
     assert events == [("retired", "cnn", 1), ("promoted", "cnn", 2)], env.listener.model_events  # DESIGN §3
     assert run.metrics["holdout"]["challenger"] > run.metrics["holdout"]["champion"]
-    challenger = load_model(active[0], env.settings.model_dir)  # validated on operators' coils new to the champion
-    assert challenger.training_data["validation"]["rule"].startswith("warm start")
-    assert set(challenger.training_data["validation_coils"]) <= {c.coil_id for c in first}
+    challenger = load_model(active[0], env.settings.model_dir)  # validated on the champion's validation coils and
+    assert challenger.training_data["validation"]["rule"].startswith("warm start")  # operators' coils new to it
+    kept = load_model(env.registry.get(champion.id), env.settings.model_dir).training_data["validation_coils"]
+    validation = set(challenger.training_data["validation_coils"])
+    assert validation - set(kept) and validation <= set(kept) | {c.coil_id for c in first}
+    assert challenger.training_data["recalibration"] == run.metrics["data"]["recalibration"]  # gauges: what moved
     assert len(per_coil) == total == len({c for c, _ in per_coil})  # every coil once, one vote each
     votes = dict(per_coil)
     assert {votes[c.coil_id] for c in first} == {champion.id}
