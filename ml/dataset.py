@@ -5,7 +5,10 @@
 it JSON means any tool can read the file without coilguard installed.
 
 One column has a meaning to training: ``learned_by_init`` (true or false per coil) says which coils the model
-a fit warm-starts from has learned from; such coils never validate the new model (ReTrain sets it).
+a fit warm-starts from has learned from; such coils never validate the new model (ReTrain sets it). So has one
+dataset-level fact, ``meta["init_validation_current"]``: true where the starting model's validation coils were
+put in the line's current regime (ReTrain recalibrated them after a gauge drift), so that they may validate
+the new model beside the new coils.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ml.matrix import as_matrix_batch
 OK, NOK = 0, 1
 LABELS = ("OK", "NOK")
 LEARNED_BY_INIT = "learned_by_init"
+INIT_VALIDATION_CURRENT = "init_validation_current"
 
 
 @dataclass

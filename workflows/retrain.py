@@ -35,7 +35,7 @@ import numpy as np
 from ml.assessors.base import AssessBatch, Assessor
 from ml.assessors.manifest import MANIFEST_FILE
 from ml.assessors.registry import available, create
-from ml.dataset import LEARNED_BY_INIT, CoilDataset
+from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics
 from ml.recalibration import GaugeGains, estimate_gains
 from workflows.messages import ModelEvent, dumps
@@ -163,7 +163,8 @@ class ReTrain:
                 raise ValueError("no operator-labelled coils to compare champion and challenger on")
             history, gains = recalibrated(training_history(champion, self.model_dir), train_part, self.config)
             validated = champion.training_data.get("validation_coils")
-            data = combine(history, train_part, self.config.feedback_weight, validated)
+            moved = gains is not None and bool(gains.moved)
+            data = combine(history, train_part, self.config.feedback_weight, validated, recalibrated=moved)
             metrics["data"] = {
                 "history": len(history) if history is not None else 0,
                 "feedback_train": len(train_part),
@@ -314,14 +315,21 @@ def recalibrated(
 
 
 def combine(
-    history: CoilDataset | None, labelled: list[LabelledCoil], weight: int, validated: list[str] | None = None
+    history: CoilDataset | None,
+    labelled: list[LabelledCoil],
+    weight: int,
+    validated: list[str] | None = None,
+    *,
+    recalibrated: bool = False,
 ) -> CoilDataset:
     """History plus the labelled coils (each ``weight`` times); a coil in both takes the operator's label.
 
     ``history`` is the champion's own training data, and ``validated`` the coils among it that only validated
     the champion (its manifest lists them): every other history coil is marked ``learned_by_init``, so the
     warm-started challenger never validates on a coil its starting weights learned. Without the history,
-    what the champion learned is unknown and nothing is marked."""
+    what the champion learned is unknown and nothing is marked. ``recalibrated``: the history was put in the
+    gauges' current calibration, so the champion's validation coils speak for the line as it is now and
+    validate the challenger beside the new coils (``init_validation_current``)."""
     parts = []
     if labelled:
         ids = np.array([c.coil_id for c in labelled])
@@ -347,4 +355,5 @@ def combine(
     data = CoilDataset.concat(parts) if len(parts) > 1 else parts[0]
     if history is not None:
         data.columns[LEARNED_BY_INIT] = np.isin(data.coil_id, learned).tolist()
+        data.meta[INIT_VALIDATION_CURRENT] = recalibrated
     return data

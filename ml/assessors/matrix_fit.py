@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from ml.assessors.base import Assessor, AssessorSettings, calibrate
-from ml.dataset import LEARNED_BY_INIT, CoilDataset
+from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics
 from ml.normalize import Normalizer
 from ml.training.augment import augment_batch
@@ -73,15 +73,16 @@ def _validation_split(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Training and validation rows.
 
-    Warm-starting (ReTrain's challenger), validation is the starting model's own validation coils (its manifest
-    lists them) plus a share of the coils it never saw, the newly labelled ones; a coil marked in the dataset's
-    ``learned_by_init`` column never validates, as it would reward what the weights remember. The old validation
-    coils give early stopping and the NOK threshold a few dozen NOK coils where the new ones hold a handful;
-    ReTrain puts them in the gauges' current calibration first (ml/recalibration.py): validated on old coils in
-    the old calibration, the challenger stopped before it had learned a sensor drift, and validated on the new
-    coils alone, its threshold followed one or two NOK coils (docs/benchmarks.md, drift recovery). Without the
-    marks, or where the kept and new coils hold no NOK, the split is drawn from all coils, and the manifest
-    says so.
+    Warm-starting (ReTrain's challenger), a coil marked in the dataset's ``learned_by_init`` column never
+    validates: it would reward what the weights remember. Validation is a share of the coils the starting model
+    never saw, the newly labelled ones, the regime the model is retrained for; the starting model's own
+    validation coils (its manifest lists them) join them where they were put in that regime (the dataset's
+    ``init_validation_current``: ReTrain recalibrated them after a gauge drift), or where the new coils hold no
+    NOK. Why (docs/benchmarks.md, drift recovery): validated on old coils in the old calibration, the challenger
+    stopped before it had learned a sensor drift; validated on the new coils alone, its threshold followed one
+    or two NOK coils, which after a gauge drift cost more than the recalibrated old coils did, and after a new
+    defect type less. Without the marks, or with no NOK coil it did not learn, the split is drawn from all
+    coils. The manifest says which rule chose the coils.
     """
     if init is None:
         train, val = stratified_split(y, val_fraction, rng, groups=dataset.coil_id)
@@ -93,11 +94,18 @@ def _validation_split(
     learned = dataset.column(LEARNED_BY_INIT).astype(bool)
     validated = np.isin(dataset.coil_id, np.asarray(init.training_data.get("validation_coils", []), dtype=str))
     validated &= ~learned
-    train, val = split_keeping(y, val_fraction, rng, dataset.coil_id, in_train=learned, in_val=validated)
-    if len(np.unique(y[val])) == 2 or len(np.unique(y)) < 2:
-        kept = len(np.unique(dataset.coil_id[validated]))
-        rule = "warm start: the starting model's validation coils and a share of the coils new to it"
-        return train, val, {"rule": rule, "kept": kept, "coils_new": len(np.unique(dataset.coil_id[val])) - kept}
+    kept = ("the starting model's validation coils and a share of the coils new to it", learned, validated)
+    if dataset.meta.get(INIT_VALIDATION_CURRENT):
+        attempts = [(f"{kept[0]} (its validation coils recalibrated)", learned, validated)]
+    else:
+        new_only = ("a share of the coils new to the starting model", learned | validated, np.zeros(len(y), bool))
+        attempts = [new_only, (f"{kept[0]} (no new NOK)", learned, validated)]
+    for rule, in_train, in_val in attempts:
+        train, val = split_keeping(y, val_fraction, rng, dataset.coil_id, in_train=in_train, in_val=in_val)
+        if len(np.unique(y[val])) == 2 or len(np.unique(y)) < 2:
+            n_kept = len(np.unique(dataset.coil_id[in_val]))
+            n_new = len(np.unique(dataset.coil_id[val])) - n_kept
+            return train, val, {"rule": f"warm start: {rule}", "kept": n_kept, "coils_new": n_new}
     missing = "NOK" if 1 not in y[val] else "OK"
     log.warning("warm start from %s: no %s coil it did not learn; validation drawn from all coils", init.name, missing)
     train, val = stratified_split(y, val_fraction, rng, groups=dataset.coil_id)

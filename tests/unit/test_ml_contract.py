@@ -14,11 +14,11 @@ import pytest
 import torch
 from helpers import as_written_by_release_1, edit_manifest, legacy_sha256, stripe_coils
 
-from ml.assessors.base import AssessBatch, calibrate
+from ml.assessors.base import AssessBatch, Assessor, calibrate
 from ml.assessors.manifest import ArtifactError, Manifest
 from ml.assessors.matrix_fit import start_matrix_fit
 from ml.assessors.registry import UnknownAssessor, available, create, load_artifact
-from ml.dataset import LEARNED_BY_INIT, CoilDataset
+from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.ensemble import ABSTAIN, MIN_SHARD_COILS, Ensemble, Member, share_threads
 from ml.evaluation.metrics import best_threshold, binary_metrics, cost_threshold
 from ml.normalize import Normalizer, fill_dropped
@@ -161,10 +161,9 @@ def test_kept_coils_stay_on_their_side_and_the_rest_is_drawn() -> None:
         split_keeping(y, 0.25, np.random.default_rng(0), coil_id, in_val, in_val)
 
 
-def test_a_warm_started_model_is_validated_on_its_starts_validation_coils_and_new_ones() -> None:
-    """ReTrain warm-starts a challenger from the champion on the champion's data plus operator feedback. A
-    validation coil the champion trained on rewards what its weights remember; the champion's own validation
-    coils (a few dozen NOK) and a share of the new ones (the regime it is retrained for) validate it."""
+def _warm_start_case() -> tuple[CoilDataset, Assessor, CoilDataset, CoilDataset]:
+    """A champion trained on a history, and ReTrain's data: its history plus operator feedback counted three
+    times, the coils it learned marked (its validation coils are not)."""
     history = stripe_coils(120, seed=1)
     champion = create("cnn", {"epochs": 1, "batch_size": 32, "seed": 3})
     champion.fit(history, device="cpu")
@@ -173,27 +172,58 @@ def test_a_warm_started_model_is_validated_on_its_starts_validation_coils_and_ne
     assert validated and validated < set(history.coil_id)
     feedback = stripe_coils(60, nok_share=0.2, seed=2)
     data = CoilDataset.concat([history, feedback, feedback, feedback])
+    data.columns[LEARNED_BY_INIT] = (
+        ~np.isin(data.coil_id, list(validated)) & np.isin(data.coil_id, history.coil_id)
+    ).tolist()
+    return history, champion, feedback, data
+
+
+def test_a_warm_started_model_is_validated_on_the_coils_new_to_its_start() -> None:
+    """ReTrain warm-starts a challenger from the champion on the champion's data plus operator feedback. A
+    validation coil the champion trained on rewards what its weights remember, and validation on the old
+    coils stops the training before it has learned the drift it is retrained for."""
+    history, champion, feedback, data = _warm_start_case()
+    validated = set(champion.training_data["validation_coils"])
     learned = set(history.coil_id) - validated
-    data.columns[LEARNED_BY_INIT] = np.isin(data.coil_id, list(learned)).tolist()
     fit = start_matrix_fit(create("cnn"), data, champion, 0.15, np.random.default_rng(0))
     val_coils = set(data.coil_id[fit.val])
-    new = val_coils & set(feedback.coil_id)
-    assert val_coils == validated | new and len(val_coils) == len(fit.val)  # each coil once
-    assert 0 < len(new) < 60 and fit.split["coils_new"] == len(new) and fit.split["kept"] == len(validated)
-    assert fit.y[fit.val].sum() > 0 and not val_coils & learned
-    assert not set(data.coil_id[fit.train]) & val_coils and set(data.coil_id[fit.train]) >= learned
+    assert val_coils <= set(feedback.coil_id) and 0 < len(val_coils) == len(fit.val) < 60
+    assert fit.y[fit.val].sum() > 0 and fit.split["coils_new"] == len(val_coils)
+    assert fit.split["rule"] == "warm start: a share of the coils new to the starting model"
+    assert not set(data.coil_id[fit.train]) & val_coils and set(data.coil_id[fit.train]) >= set(history.coil_id)
 
     unmarked = CoilDataset.concat([history, feedback])  # not told what the champion learned: drawn, as before
     assert start_matrix_fit(create("cnn"), unmarked, champion, 0.15, np.random.default_rng(0)).split["rule"] == (
         f"drawn, although warm-started: no {LEARNED_BY_INIT} column"
     )
-    ok_only = feedback.subset(np.flatnonzero(feedback.y == 0))  # the new coils hold no NOK to validate on,
+    ok_only = feedback.subset(np.flatnonzero(feedback.y == 0))  # the new coils hold no NOK to validate on
     no_new_nok = CoilDataset.concat([history, ok_only])
-    champion.training_data = {**champion.training_data, "validation_coils": []}  # and a manifest from before the list
+    no_new_nok.columns[LEARNED_BY_INIT] = np.isin(no_new_nok.coil_id, list(learned)).tolist()
+    joined = start_matrix_fit(create("cnn"), no_new_nok, champion, 0.15, np.random.default_rng(0))
+    assert joined.split["kept"] == len(validated) and validated <= set(no_new_nok.coil_id[joined.val])
+    assert joined.split["rule"].endswith("(no new NOK)")
+    assert not set(no_new_nok.coil_id[joined.val]) & learned and joined.y[joined.val].sum() > 0
+    champion.training_data = {**champion.training_data, "validation_coils": []}  # a manifest from before the list:
     no_new_nok.columns[LEARNED_BY_INIT] = np.isin(no_new_nok.coil_id, history.coil_id).tolist()  # all history learned
     fallback = start_matrix_fit(create("cnn"), no_new_nok, champion, 0.15, np.random.default_rng(0))
     assert "no NOK coil the starting model did not learn" in fallback.split["rule"]
     assert fallback.y[fallback.val].sum() > 0
+
+
+def test_after_a_recalibration_the_starts_validation_coils_validate_too() -> None:
+    """Where ReTrain put the champion's history in the gauges' current calibration, the champion's own validation
+    coils (a few dozen NOK) speak for the line as it is now and validate beside a share of the new ones."""
+    history, champion, feedback, data = _warm_start_case()
+    validated = set(champion.training_data["validation_coils"])
+    learned = set(history.coil_id) - validated
+    data.meta[INIT_VALIDATION_CURRENT] = True
+    fit = start_matrix_fit(create("cnn"), data, champion, 0.15, np.random.default_rng(0))
+    val_coils = set(data.coil_id[fit.val])
+    new = val_coils & set(feedback.coil_id)
+    assert val_coils == validated | new and len(val_coils) == len(fit.val)  # each coil once
+    assert 0 < len(new) < 60 and fit.split["coils_new"] == len(new) and fit.split["kept"] == len(validated)
+    assert fit.y[fit.val].sum() > 0 and not val_coils & learned and "recalibrated" in fit.split["rule"]
+    assert not set(data.coil_id[fit.train]) & val_coils and set(data.coil_id[fit.train]) >= learned
 
 
 def test_cnn_trains_saves_loads_and_predicts_identically(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from ml.assessors.cnn import CnnAssessor
 from ml.assessors.ssim_ae import SsimAeAssessor
-from ml.dataset import LEARNED_BY_INIT, CoilDataset
+from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.ensemble import MemberVote
 from services.db.engine import make_engine
 from services.db.migrate import upgrade
@@ -256,6 +256,10 @@ def test_combine_marks_the_coils_the_champion_learned() -> None:
     marked = dict(zip(data.coil_id, data.column(LEARNED_BY_INIT), strict=True))
     assert marked == {"H0": True, "H3": True, "H2": False, "F0": False, "F1": True}
     assert LEARNED_BY_INIT not in combine(None, _labelled(2), weight=2).columns  # unknown: not claimed
+    # the champion's validation coils speak for the line now only where the history was recalibrated
+    assert data.meta[INIT_VALIDATION_CURRENT] is False
+    recalibrated = combine(history, _labelled(2), weight=2, validated=["H2"], recalibrated=True)
+    assert recalibrated.meta[INIT_VALIDATION_CURRENT] is True
 
 
 def test_incremental_tallies_equal_a_full_recount_through_corrections_promotion_and_rollback(engine) -> None:
