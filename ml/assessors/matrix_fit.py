@@ -94,12 +94,12 @@ def _validation_split(
     learned = dataset.column(LEARNED_BY_INIT).astype(bool)
     validated = np.isin(dataset.coil_id, np.asarray(init.training_data.get("validation_coils", []), dtype=str))
     validated &= ~learned
-    kept = ("the starting model's validation coils and a share of the coils new to it", learned, validated)
+    with_kept = "the starting model's validation coils and a share of the coils new to it"
     if dataset.meta.get(INIT_VALIDATION_CURRENT):
-        attempts = [(f"{kept[0]} (its validation coils recalibrated)", learned, validated)]
+        attempts = [(f"{with_kept} (its validation coils recalibrated)", learned, validated)]
     else:
         new_only = ("a share of the coils new to the starting model", learned | validated, np.zeros(len(y), bool))
-        attempts = [new_only, (f"{kept[0]} (no new NOK)", learned, validated)]
+        attempts = [new_only, (f"{with_kept} (no new NOK)", learned, validated)]
     for rule, in_train, in_val in attempts:
         train, val = split_keeping(y, val_fraction, rng, dataset.coil_id, in_train=in_train, in_val=in_val)
         if len(np.unique(y[val])) == 2 or len(np.unique(y)) < 2:
