@@ -9,13 +9,16 @@ from the handful of NOK coils among the new ones, and it did not (docs/benchmark
 Multiplying each history coil's sensor by the gain its gauge has drifted by puts the whole history, NOK coils
 included, into the current calibration.
 
-The gain of a sensor is its typical offset from its side's median sensor (:func:`sensor_offsets`) over recent
-OK coils, divided by the same over the history's OK coils. Relative to its own side, the offset does not move
-with the product mix (a Z100 and a Z275 coil have the same profile), only with the gauge, or with a real
-change of the cross profile such as worn knife lips, which the ratio then carries into the history as well;
-the champion/challenger comparison on the newest labelled coils judges the result either way. OK coils only,
+The gain of a sensor is its typical level relative to its side's median sensor (1 + :func:`sensor_offsets`)
+over recent OK coils, divided by the same over the history's OK coils, and then by the median of its side's
+gains (see :func:`estimate_gains`). Relative to its own side, the level does not move with the product mix
+(a Z100 and a Z275 coil have the same profile), only with the gauge, or with a real change of the cross
+profile such as worn knife lips, which the ratio then carries into the history as well; the
+champion/challenger comparison on the newest labelled coils judges the result either way. OK coils only,
 so that NOK stripes do not bias a sensor's level; gains within ``tolerance`` of 1 stay 1, so that the history
-of a line whose gauges did not move is used exactly as it was.
+of a line whose gauges did not move is used exactly as it was. A gain outside [``MIN_GAIN``, ``MAX_GAIN``] is
+not a calibration drift but a dead or wild gauge: it stays 1 and is reported, so that a repaired gauge is not
+left scaled to nothing in every later history.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 from ml.matrix import SENSORS_PER_SIDE, as_matrix_batch
 
 BODY = slice(12, 252)  # sections away from the head and tail transients
+MIN_GAIN, MAX_GAIN = 0.5, 2.0  # beyond these a gauge is broken, not off calibration
 
 
 def sensor_levels(X: np.ndarray) -> np.ndarray:
@@ -61,6 +65,7 @@ class GaugeGains:
     n_recent: int  # OK coils the current calibration was read from
     n_history: int
     tolerance: float
+    implausible: tuple[int, ...] = ()  # sensors whose gain was outside [MIN_GAIN, MAX_GAIN], left at 1
 
     @property
     def moved(self) -> dict[int, float]:
@@ -77,6 +82,7 @@ class GaugeGains:
             "recent_ok_coils": self.n_recent,
             "history_ok_coils": self.n_history,
             "tolerance": self.tolerance,
+            "implausible": [f"s{k:02d}" for k in self.implausible],
         }
 
 
@@ -99,5 +105,7 @@ def estimate_gains(
         # have stayed, so each side's gains are divided by their median
         for side in (slice(0, SENSORS_PER_SIDE), slice(SENSORS_PER_SIDE, None)):
             gains[side] /= np.nanmedian(gains[side])
-    gains[~np.isfinite(gains) | (np.abs(gains - 1.0) <= tolerance)] = 1.0
-    return GaugeGains(gains.astype(np.float64), len(recent_ok), len(history_ok), tolerance)
+    implausible = ~np.isfinite(gains) | (gains < MIN_GAIN) | (gains > MAX_GAIN)
+    gains[implausible | (np.abs(gains - 1.0) <= tolerance)] = 1.0
+    broken = tuple(int(k) for k in np.flatnonzero(implausible))
+    return GaugeGains(gains.astype(np.float64), len(recent_ok), len(history_ok), tolerance, broken)

@@ -300,12 +300,18 @@ def recalibrated(
     say how they read now, or ``config.recalibrate`` is off."""
     if history is None or not config.recalibrate:
         return history, None
-    recent = [c.matrix for c in labelled if c.label == 0][-config.recalibration_coils :]
+    ok = [c.matrix for c in labelled if c.label == 0]
+    recent = ok[max(len(ok) - config.recalibration_coils, 0) :]
     gains = estimate_gains(
         np.stack(recent) if recent else np.empty((0, *history.X.shape[1:]), np.float32),
         history.X[history.y == 0],
         tolerance=config.recalibration_tolerance,
     )
+    if gains is not None and gains.implausible:
+        log.warning(
+            "ReTrain: gauges %s read implausibly against the history (dead or wild?); their readings stay as they are",
+            [f"s{k:02d}" for k in gains.implausible],
+        )
     if gains is None or not gains.moved:
         return history, gains
     log.info("ReTrain: gauges moved since the history was measured, %s; the history is recalibrated", gains.moved)

@@ -95,7 +95,7 @@ def _validation_split(
     validated = np.isin(dataset.coil_id, np.asarray(init.training_data.get("validation_coils", []), dtype=str))
     validated &= ~learned
     with_kept = "the starting model's validation coils and a share of the coils new to it"
-    if dataset.meta.get(INIT_VALIDATION_CURRENT):
+    if dataset.meta.get(INIT_VALIDATION_CURRENT) and validated.any():
         attempts = [(f"{with_kept} (its validation coils recalibrated)", learned, validated)]
     else:
         new_only = ("a share of the coils new to the starting model", learned | validated, np.zeros(len(y), bool))

@@ -61,6 +61,19 @@ def test_no_gauge_moves_where_only_the_product_or_the_defects_changed(history: C
     assert np.array_equal(gains.apply(history.X), history.X, equal_nan=True)
 
 
+def test_a_dead_or_silent_gauge_is_reported_and_left_alone(history: CoilDataset) -> None:
+    """A detector reading nothing is broken, not off calibration: scaling the history's sensor to nothing would
+    stay in every later history, long after the gauge is repaired."""
+    sim, _, drifted = _line("sensor-drift")
+    broken = _ok(drifted).copy()
+    broken[:, :, 0] = 2.0  # stuck low: a dead detector's constant
+    broken[:, :, 17] = np.nan  # silent over the whole coil
+    gains = estimate_gains(broken, _ok(history))
+    assert gains is not None and gains.implausible == (0, 17)
+    assert gains.gains[0] == gains.gains[17] == 1.0 and sorted(gains.moved) == sorted(sim.drifted_sensors)
+    assert gains.summary()["implausible"] == ["s00", "s17"]
+
+
 def test_too_few_coils_say_nothing(history: CoilDataset) -> None:
     assert estimate_gains(_ok(history)[:29], _ok(history)) is None
     assert estimate_gains(_ok(history), _ok(history)[:29]) is None
