@@ -86,7 +86,7 @@ def _thinnest_runs(X: np.ndarray, run: int) -> np.ndarray:
     return np.nanmax(sliding_window_view(X, run, axis=1), axis=-1)
 
 
-def _per_side(values: np.ndarray, reduce) -> np.ndarray:
+def per_side(values: np.ndarray, reduce) -> np.ndarray:
     """(N, 18) → (N, 18): ``reduce`` over each side's sensors, repeated across that side."""
     top = reduce(values[:, :SENSORS_PER_SIDE], axis=1, keepdims=True)
     bottom = reduce(values[:, SENSORS_PER_SIDE:], axis=1, keepdims=True)
@@ -102,7 +102,7 @@ def coil_features(X: np.ndarray) -> dict[str, np.ndarray]:
         spread = np.nanstd(body, axis=1)
         runs = _thinnest_runs(body, RUN)  # (N, rows, 18)
         low = np.nanmin(runs, axis=1)
-        side_median = _per_side(mean, np.nanmedian)
+        side_median = per_side(mean, np.nanmedian)
         depth = 1.0 - runs / side_median[:, None, :]  # (N, rows, 18): how far below its side
         flat = np.where(np.isnan(depth), -np.inf, depth).reshape(len(depth), -1)
         worst = flat.argmax(axis=1)
@@ -114,7 +114,7 @@ def coil_features(X: np.ndarray) -> dict[str, np.ndarray]:
         bottom = np.nanmean(mean[:, SENSORS_PER_SIDE:], axis=1)
     relative = {
         "mean": (mean / side_median - 1.0) * 100.0,
-        "spread": spread / _per_side(spread, np.nanmedian),
+        "spread": spread / per_side(spread, np.nanmedian),
         "min": (low / side_median - 1.0) * 100.0,
     }
     features = {sensor_column(k, name): values[:, k] for name, values in relative.items() for k in range(N_SENSORS)}

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from ml.matrix import SENSORS_PER_SIDE, as_matrix_batch
+from ml.drift import BODY, per_side
+from ml.matrix import as_matrix_batch
 
-BODY = slice(12, 252)  # sections away from the head and tail transients
 MIN_GAIN, MAX_GAIN = 0.5, 2.0  # beyond these a gauge is broken, not off calibration
 
 
@@ -51,10 +51,7 @@ def sensor_offsets(X: np.ndarray) -> np.ndarray:
     levels = sensor_levels(X)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        top = np.nanmedian(levels[:, :SENSORS_PER_SIDE], axis=1, keepdims=True)
-        bottom = np.nanmedian(levels[:, SENSORS_PER_SIDE:], axis=1, keepdims=True)
-    side = np.concatenate([np.repeat(top, SENSORS_PER_SIDE, 1), np.repeat(bottom, SENSORS_PER_SIDE, 1)], axis=1)
-    return levels / side - 1.0
+        return levels / per_side(levels, np.nanmedian) - 1.0
 
 
 @dataclass(frozen=True)
@@ -103,8 +100,7 @@ def estimate_gains(
         # a drifted gauge also moves its side's median a little (the side's readings change order), which
         # shows as every other gauge of the side moving the other way: most gauges of a side are taken to
         # have stayed, so each side's gains are divided by their median
-        for side in (slice(0, SENSORS_PER_SIDE), slice(SENSORS_PER_SIDE, None)):
-            gains[side] /= np.nanmedian(gains[side])
+        gains /= per_side(gains[None, :], np.nanmedian)[0]
     implausible = ~np.isfinite(gains) | (gains < MIN_GAIN) | (gains > MAX_GAIN)
     gains[implausible | (np.abs(gains - 1.0) <= tolerance)] = 1.0
     broken = tuple(int(k) for k in np.flatnonzero(implausible))

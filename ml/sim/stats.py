@@ -12,8 +12,9 @@ import warnings
 import numpy as np
 
 from ml.dataset import CoilDataset
+from ml.drift import BODY
 from ml.matrix import CENTRE_SENSORS, EDGE_SENSORS, SENSORS_PER_SIDE, as_matrix_batch
-from ml.recalibration import BODY, sensor_levels
+from ml.recalibration import sensor_levels
 from ml.recalibration import sensor_offsets as sensor_offsets  # re-exported: the bench and tests read it here
 
 
