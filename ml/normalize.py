@@ -3,22 +3,33 @@
 One pair of limits for the whole population, not per coil: a thin coil must still look thin after
 normalization, and a Z100 coil must look different from a Z275 one. The limits travel in each
 model's manifest so that AssessCoils normalizes a live coil exactly as the model's training data was.
+
+Where gauges have drifted since a model learned, ReTrain may give the model ``gauge_gains`` (ml/recalibration.py):
+each reading is divided by its gauge's gain first, so that the model sees a coil measured today as the gauges
+measured when it learned.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from ml.matrix import as_matrix_batch
+from ml.matrix import N_SENSORS, as_matrix_batch
 
 
 @dataclass(frozen=True)
 class Normalizer:
     low: float  # g/m² mapped to 0
     high: float  # g/m² mapped to 1
+    gauge_gains: tuple[float, ...] | None = None  # per sensor: how far each gauge has drifted since the model learned
+
+    def __post_init__(self) -> None:
+        if self.gauge_gains is not None and (
+            len(self.gauge_gains) != N_SENSORS or not all(g > 0 for g in self.gauge_gains)
+        ):
+            raise ValueError(f"gauge_gains must be {N_SENSORS} positive factors, got {self.gauge_gains!r}")
 
     @classmethod
     def fit(cls, X: np.ndarray, quantiles: tuple[float, float] = (0.001, 0.999), margin: float = 0.25) -> Normalizer:
@@ -39,18 +50,28 @@ class Normalizer:
     def transform(self, X: np.ndarray) -> np.ndarray:
         """(N, 264, 18) g/m² with NaN → float32 in [0, 1], dropped readings filled, values clipped."""
         X = fill_dropped(as_matrix_batch(X))
+        if self.gauge_gains is not None:
+            X = X / np.asarray(self.gauge_gains, dtype=np.float32)
         out = (X - np.float32(self.low)) * np.float32(1.0 / (self.high - self.low))
         np.clip(out, 0.0, 1.0, out=out)
         return out
 
+    def without_gauge_gains(self) -> Normalizer:
+        """The limits alone: what a model trained on coils in the gauges' current calibration needs."""
+        return replace(self, gauge_gains=None)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "global-limits", "low": self.low, "high": self.high}
+        data: dict[str, Any] = {"method": "global-limits", "low": self.low, "high": self.high}
+        if self.gauge_gains is not None:
+            data["gauge_gains"] = list(self.gauge_gains)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalizer:
         if data.get("method", "global-limits") != "global-limits":
             raise ValueError(f"unknown normalization method {data.get('method')!r}")
-        return cls(float(data["low"]), float(data["high"]))
+        gains = data.get("gauge_gains")
+        return cls(float(data["low"]), float(data["high"]), tuple(float(g) for g in gains) if gains else None)
 
 
 def fill_dropped(X: np.ndarray) -> np.ndarray:

@@ -19,18 +19,26 @@ so that NOK stripes do not bias a sensor's level; gains within ``tolerance`` of 
 of a line whose gauges did not move is used exactly as it was. A gain outside [``MIN_GAIN``, ``MAX_GAIN``] is
 not a calibration drift but a dead or wild gauge: it stays 1 and is reported, so that a repaired gauge is not
 left scaled to nothing in every later history.
+
+The same gains can also be undone on a model's input instead (:func:`read_through`): the model, unchanged,
+divides each live reading by its gauge's gain and sees the coil as its gauges measured when it learned. For a
+pure gauge drift that is the whole fix, without the noise of a retraining; ReTrain offers it beside the
+retrained challenger (docs/benchmarks.md, drift recovery).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ml.drift import BODY, per_side
 from ml.matrix import as_matrix_batch
+
+if TYPE_CHECKING:
+    from ml.assessors.base import Assessor
 
 MIN_GAIN, MAX_GAIN = 0.5, 2.0  # beyond these a gauge is broken, not off calibration
 
@@ -105,3 +113,13 @@ def estimate_gains(
     gains[implausible | (np.abs(gains - 1.0) <= tolerance)] = 1.0
     broken = tuple(int(k) for k in np.flatnonzero(implausible))
     return GaugeGains(gains.astype(np.float64), len(recent_ok), len(history_ok), tolerance, broken)
+
+
+def read_through(model: Assessor, gains: GaugeGains) -> None:
+    """Make ``model`` undo ``gains`` on every coil it reads (its normalizer's ``gauge_gains``), and say so in its
+    training data. ``gains`` must be relative to the data the network learned from (its training history):
+    they replace any gains the model had, they are not added to them."""
+    if model.normalizer is None:
+        raise ValueError(f"{model.describe()} reads no coil matrices to recalibrate")
+    model.normalizer = replace(model.normalizer, gauge_gains=tuple(float(g) for g in gains.gains))
+    model.training_data = {**model.training_data, "recalibration": {**gains.summary(), "applied_to": "inputs"}}

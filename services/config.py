@@ -160,6 +160,11 @@ class Settings(BaseSettings):
         description="ReTrain puts the champion's history in the gauges' current calibration, read from the newest "
         "labelled OK coils, before training the challenger (ml/recalibration.py)",
     )
+    retrain_read_through: bool = Field(
+        True,
+        description="after a gauge drift ReTrain also offers the champion reading through the gauges' gains, taken "
+        "unless the retrained challenger does better on the holdout",
+    )
     drift_cron: str = "30 2 * * *"
     drift_window: Duration = timedelta(hours=24)
     drift_share: float = Field(0.2, gt=0, le=1, description="share of drifted features that makes a window drifted")

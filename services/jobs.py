@@ -78,6 +78,7 @@ def make_retrain(
             rule=score_rule(settings),
             margin=settings.retrain_margin,
             recalibrate=settings.retrain_recalibrate,
+            read_through=settings.retrain_read_through,
             device=settings.device,
             fit_overrides=fit_overrides or {},
         ),

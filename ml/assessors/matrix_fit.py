@@ -53,11 +53,13 @@ def start_matrix_fit(
     assessor: Any, dataset: CoilDataset, init: Assessor | None, val_fraction: float, rng: np.random.Generator
 ) -> MatrixFitData:
     """A fresh network and normalizer, or, warm-starting from ``init``, a copy of its network with its
-    normalizer: the champion's scale, so that its learned features still mean the same. ``assessor`` is
-    any assessor with ``build_network()``."""
+    normalizer: the champion's scale, so that its learned features still mean the same. Not the champion's
+    ``gauge_gains``: the data a challenger is trained on is in the gauges' current calibration (ReTrain
+    recalibrates the history), so it must read live coils as they come. ``assessor`` is any assessor with
+    ``build_network()``."""
     if init is not None:
         source = assessor.warm_start_source(init)
-        assessor.normalizer = source.normalizer
+        assessor.normalizer = source.normalizer.without_gauge_gains()
         net = assessor.build_network()
         net.load_state_dict(source.net.state_dict())
     else:
