@@ -13,6 +13,8 @@ from PIL import Image
 
 from ml.dataset import CoilDataset
 from ml.imagesets.base import ImageSet
+from services.db.repositories import SqlFeedbackStore, SqlModelRegistry, SqlRetrainRuns, SqlScoreStore
+from workflows.retrain import ReTrain
 
 
 def stripe_coils(n: int, nok_share: float = 0.1, seed: int = 0) -> CoilDataset:
@@ -98,3 +100,16 @@ def legacy_sha256(files: dict[str, str]) -> str:
     """The registry checksum older releases recorded: weight file names and checksums only. Spelled out here,
     not imported, so that a change to the definition breaks this test instead of the plants' registry rows."""
     return hashlib.sha256("".join(f"{name}:{files[name]}\n" for name in sorted(files)).encode()).hexdigest()
+
+
+def sql_retrain(engine: Any, registry: SqlModelRegistry, model_dir: Path, **options: Any) -> ReTrain:
+    """ReTrain on the stores of ``engine`` (a test database), as the scheduler builds it."""
+    return ReTrain(
+        registry=registry,
+        scores=SqlScoreStore(engine),
+        feedback=SqlFeedbackStore(engine),
+        runs=SqlRetrainRuns(engine),
+        model_dir=model_dir,
+        worker="test:1",
+        **options,
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import stripe_coils, synthetic_tiles
+from helpers import sql_retrain, stripe_coils, synthetic_tiles
 from score_scenario import assessed_coil
 from sqlalchemy import text
 
@@ -21,7 +21,7 @@ from services.db.migrate import upgrade
 from services.db.repositories import SqlCoilStore, SqlFeedbackStore, SqlModelRegistry, SqlRetrainRuns, SqlScoreStore
 from workflows.model_score import ScoreRule, due_for_retraining, score_models
 from workflows.ports import LabelledCoil, UnknownCoil
-from workflows.retrain import ReTrain, combine, split_by_time
+from workflows.retrain import combine, split_by_time
 from workflows.training import register
 
 RULE = ScoreRule(threshold=0.75, min_coils=10)
@@ -147,7 +147,7 @@ def test_an_image_model_due_for_retraining_is_skipped_with_what_to_do(engine, tm
     champion.fit(synthetic_tiles(), device="cpu")
     registry = SqlModelRegistry(engine)
     record = register(champion, registry, tmp_path, status="active")
-    [outcome] = _retrain(engine, registry, tmp_path).run(["surface"], force=True)
+    [outcome] = sql_retrain(engine, registry, tmp_path).run(["surface"], force=True)
     assert outcome.status == "skipped" and outcome.challenger_version is None
     assert "coilguard train --assessor ssim_ae --name surface --data FOLDER --register" in outcome.reason
     assert str(tmp_path / record.artifact_uri / "manifest.json") in outcome.reason
@@ -161,7 +161,7 @@ def test_a_forced_retrain_without_labelled_coils_fails_before_training(engine, t
     champion.fit(stripe_coils(80, 0.2), device="cpu")
     registry = SqlModelRegistry(engine)
     register(champion, registry, tmp_path, status="active")
-    [outcome] = _retrain(engine, registry, tmp_path).run(["plain"], force=True)
+    [outcome] = sql_retrain(engine, registry, tmp_path).run(["plain"], force=True)
     assert outcome.status == "failed" and "no operator-labelled coils" in outcome.reason
     assert "train_s" not in outcome.metrics  # no challenger was trained
     assert [(m.name, m.version) for m in registry.active_models()] == [("plain", 1)]
@@ -188,7 +188,7 @@ def test_a_shutdown_ends_the_training_at_the_next_epoch_and_starts_no_other(engi
     for coil_id, y in zip(labelled.coil_id, labelled.y, strict=True):
         feedback.add(str(coil_id), "NOK" if y else "OK", "anna")
     stop = threading.Event()
-    retrain = _retrain(engine, registry, tmp_path, stop=stop)
+    retrain = sql_retrain(engine, registry, tmp_path, stop=stop)
     retrain.on_progress = lambda event: stop.set()  # SIGTERM arrives as the first challenger starts training
 
     outcomes = retrain.run(force=True)
@@ -198,18 +198,6 @@ def test_a_shutdown_ends_the_training_at_the_next_epoch_and_starts_no_other(engi
         runs = conn.execute(text("SELECT status, reason FROM retrain_runs")).all()
     assert [r.status for r in runs] == ["failed"] and "shutting down" in runs[0].reason
     assert sorted((m.name, m.version) for m in registry.active_models()) == [("first", 1), ("second", 1)]
-
-
-def _retrain(engine, registry: SqlModelRegistry, model_dir: Path, **options: object) -> ReTrain:
-    return ReTrain(
-        registry=registry,
-        scores=SqlScoreStore(engine),
-        feedback=SqlFeedbackStore(engine),
-        runs=SqlRetrainRuns(engine),
-        model_dir=model_dir,
-        worker="test:1",
-        **options,
-    )
 
 
 # ----------------------------------------------------------------------------- the training data

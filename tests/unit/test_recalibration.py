@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import stripe_coils
+from helpers import sql_retrain, stripe_coils
 from score_scenario import assessed_coil
 
 from ml.assessors.base import AssessBatch
@@ -22,9 +22,9 @@ from ml.sim import DriftConfig, LineConfig, LineSimulator
 from ml.sim.drift import SENSOR_DRIFT_GAINS
 from services.db.engine import make_engine
 from services.db.migrate import upgrade
-from services.db.repositories import SqlCoilStore, SqlFeedbackStore, SqlModelRegistry, SqlRetrainRuns, SqlScoreStore
+from services.db.repositories import SqlCoilStore, SqlFeedbackStore, SqlModelRegistry
 from workflows.ports import LabelledCoil
-from workflows.retrain import ReTrain, RetrainConfig, RetrainOutcome, recalibrated
+from workflows.retrain import RetrainConfig, RetrainOutcome, recalibrated
 from workflows.training import load_model, register
 
 N = 240
@@ -165,15 +165,7 @@ def test_after_a_gauge_drift_the_champion_reading_through_the_gains_replaces_a_w
     _store_labelled(engine, "plain", first.id, today)
 
     def retrain(**config: object) -> RetrainOutcome:
-        runner = ReTrain(
-            registry=registry,
-            scores=SqlScoreStore(engine),
-            feedback=SqlFeedbackStore(engine),
-            runs=SqlRetrainRuns(engine),
-            model_dir=tmp_path,
-            worker="test:1",
-            config=RetrainConfig(**config),  # type: ignore[arg-type]
-        )
+        runner = sql_retrain(engine, registry, tmp_path, config=RetrainConfig(**config))  # type: ignore[arg-type]
         return runner.run(["plain"], force=True)[0]
 
     wrecking = {"epochs": 1, "lr": 0.5, "class_weight_nok": 0.01, "augment": False}
