@@ -28,6 +28,7 @@ retrained challenger (docs/benchmarks.md, drift recovery).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -115,11 +116,14 @@ def estimate_gains(
     return GaugeGains(gains.astype(np.float64), len(recent_ok), len(history_ok), tolerance, broken)
 
 
-def read_through(model: Assessor, gains: GaugeGains) -> None:
-    """Make ``model`` undo ``gains`` on every coil it reads (its normalizer's ``gauge_gains``), and say so in its
-    training data. ``gains`` must be relative to the data the network learned from (its training history):
-    they replace any gains the model had, they are not added to them."""
+def read_through(model: Assessor, gains: GaugeGains) -> Assessor:
+    """A copy of ``model`` that undoes ``gains`` on every coil it reads (its normalizer's ``gauge_gains``) and
+    says so in its training data; the network is shared, not copied, since neither is trained again. ``gains``
+    must be relative to the data the network learned from (its training history): they replace any gains the
+    model had, they are not added to them."""
     if model.normalizer is None:
         raise ValueError(f"{model.describe()} reads no coil matrices to recalibrate")
-    model.normalizer = replace(model.normalizer, gauge_gains=tuple(float(g) for g in gains.gains))
-    model.training_data = {**model.training_data, "recalibration": {**gains.summary(), "applied_to": "inputs"}}
+    adjusted = copy.copy(model)
+    adjusted.normalizer = replace(model.normalizer, gauge_gains=tuple(float(g) for g in gains.gains))
+    adjusted.training_data = {**model.training_data, "recalibration": {**gains.summary(), "applied_to": "inputs"}}
+    return adjusted

@@ -184,7 +184,9 @@ class ReTrain:
             device = report.device
             metrics["train_s"] = round(time.perf_counter() - train_started, 2)
             challenger.training_data["recalibration"] = metrics["data"]["recalibration"]
-            challenger, kept = self._choose(champion_record, challenger, data, gains if moved else None, holdout)
+            challenger, kept = self._choose(
+                champion_record, champion, challenger, data, gains if moved else None, holdout
+            )
             metrics["candidates"] = kept.pop("candidates", None)
 
             verdict, comparison = self.compare(champion, challenger, holdout)
@@ -251,6 +253,7 @@ class ReTrain:
     def _choose(
         self,
         record: ModelRecord,
+        champion: Assessor,
         retrained: Assessor,
         data: CoilDataset,
         gains: GaugeGains | None,
@@ -265,8 +268,7 @@ class ReTrain:
         champion's history, to which the next ReTrain's gains are again relative."""
         if gains is None or not self.config.read_through:
             return retrained, {"dataset": data}
-        adjusted = load_model(record, self.model_dir)
-        read_through(adjusted, gains)
+        adjusted = read_through(champion, gains)
         metric, results = self._holdout_metrics({"retrained": retrained, "read_through": adjusted}, holdout)
         chosen = "read_through" if results["read_through"][metric] >= results["retrained"][metric] else "retrained"
         log.info(
