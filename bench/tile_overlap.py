@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from bench.common import provenance
-from bench.image_tile import DATASETS, NEAR, THUMB_SIDE, split, thumbnails
+from bench.image_tile import DATASETS, split
 from ml.imagesets.folder import resize_mask
 from ml.imagesets.magnetic_tile import load_magnetic_tile
+from ml.imagesets.near_copies import NEAR, THUMB_SIDE, thumbnails
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

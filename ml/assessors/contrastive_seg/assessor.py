@@ -13,7 +13,9 @@ unit spread: tiles differ in exposure more than defects in contrast); each step 
 flipped at random, or, with ``crop_size``, on random crops, most of them centred on a defect pixel.
 Whole images are the default: on the magnetic tiles crops learned far more slowly (their batch-norm
 statistics differ from the whole images seen at inference). ``val_fraction`` of the images is held
-out for early stopping on the validation IoU, and for choosing the pixel threshold that maximizes it.
+out for early stopping on the validation IoU, and for choosing the pixel threshold that maximizes it;
+with ``val_split="near_copies"`` the held-out images are whole groups of near-copies (several shots of
+one tile), so both are chosen on tiles the network has not seen.
 
 Inference: sigmoid probabilities at ``image_size``, resized back to the image, thresholded, and
 connected components smaller than ``min_object_px`` (at ``image_size`` scale) removed, as the paper's
@@ -23,7 +25,7 @@ worst image) as a / (a + ``area_scale``): 0.5 when the defect covers ``area_scal
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from ml.assessors.pixel_map import PixelMapAssessor
 from ml.evaluation.metrics import binary_metrics, youden_threshold
 from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import as_image_set, image_set_summary, resize_image, resize_mask
+from ml.imagesets.near_copies import group_holdout, near_copy_groups
 from ml.training.loop import EarlyStopping
 from ml.training.runtime import fit_runtime, resolve_device, seed_everything
 
@@ -72,6 +75,9 @@ class ContrastiveSegSettings(AssessorSettings):
     steps_per_epoch: int = Field(0, ge=0, description="batches per epoch (0: one pass over the training images)")
     pixel_threshold: float = Field(0.5, gt=0, lt=1, description="used when tune_threshold is off")
     tune_threshold: bool = Field(True, description="pick the pixel threshold maximizing validation IoU")
+    val_split: Literal["images", "near_copies"] = Field(
+        "images", description="validation images drawn one by one, or whole groups of near-copies (shots of one tile)"
+    )
     flip_average: bool = Field(False, description="average p(defect) over the image and its three flips")
     min_object_px: int = Field(8, ge=0, description="smaller predicted components are removed (image_size scale)")
     area_scale: float = Field(0.002, gt=0, lt=1, description="defect area share that maps to raw p(NOK) = 0.5")
@@ -139,9 +145,12 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         rng = seed_everything(s.seed)
         generator = torch.Generator().manual_seed(s.seed)
         torch_device = resolve_device(device)
-        order = rng.permutation(len(images))
-        n_val = max(1, round(len(images) * s.val_fraction))
-        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        if s.val_split == "near_copies":
+            train_idx, val_idx = group_holdout(near_copy_groups(images.images), s.val_fraction, rng)
+        else:
+            order = rng.permutation(len(images))
+            n_val = max(1, round(len(images) * s.val_fraction))
+            val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         if len(train_idx) == 0:
             raise ValueError("too few images to hold out a validation split")
         net = self.build_network(pretrained=init is None)
@@ -326,12 +335,14 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         prob = self._probabilities(self.net, x, torch.device("cpu"))
         return [resize_image(p, im.shape) if original_size else p for p, im in zip(prob, images, strict=True)]
 
-    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Boolean defect masks at each image's own size (small components removed, scaled to that size)."""
+    def segment(self, images: list[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:
+        """Boolean defect masks at each image's own size (small components removed, scaled to that size), at the
+        model's pixel threshold or at ``threshold`` (to see what another would give)."""
+        threshold = self.pixel_threshold if threshold is None else threshold
         out = []
         for prob, image in zip(self.probability_maps(images), images, strict=True):
             scale = image.shape[0] * image.shape[1] / self.s.image_size**2
-            out.append(self._postprocess(prob, self.pixel_threshold, self.s.min_object_px * scale))
+            out.append(self._postprocess(prob, threshold, self.s.min_object_px * scale))
         return out
 
     def image_scores(self, images: list[np.ndarray]) -> np.ndarray:
