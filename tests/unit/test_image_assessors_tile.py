@@ -23,6 +23,7 @@ from ml.assessors.ssim_ae.loss import dssim_loss, residual_map
 from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import load_folder
 from ml.imagesets.magnetic_tile import CLASSES, load_magnetic_tile
+from ml.imagesets.near_copies import group_holdout, near_copy_groups
 
 torch.set_num_threads(1)
 
@@ -227,6 +228,41 @@ def test_contrastive_seg_augmentation_keeps_image_and_mask_aligned() -> None:
         x, y = assessor._augment(mask * 3.0 - 1.0, mask, rng)  # standardized values: outside [0, 1]
         assert x.shape == y.shape == (64, 64) and x.max() > 1.5 and x.min() < -0.5
         assert np.mean((x > 0.5) == (y > 0.5)) > 0.97  # the image's bright square is where the mask is
+
+
+def two_shots_of_each(tiles: ImageSet) -> ImageSet:
+    """Each tile photographed twice: the second shot brighter, with a little sensor noise of its own."""
+    rng = np.random.default_rng(4)
+    images = [
+        im
+        for image in tiles.images
+        for im in (image, (1.1 * image + 0.02 + 0.003 * rng.standard_normal(image.shape)).clip(0, 1).astype(np.float32))
+    ]
+    masks = [m for mask in tiles.masks for m in (mask, mask)]
+    names = [f"{n}{shot}" for n in tiles.names for shot in "ab"]
+    return ImageSet(images, np.repeat(tiles.labels, 2), tiles.classes, masks, names, dict(tiles.meta))
+
+
+def test_near_copies_are_grouped_and_held_out_whole(tiles: ImageSet) -> None:
+    shots = two_shots_of_each(tiles)
+    groups = near_copy_groups(shots.images)
+    assert groups.max() + 1 == len(tiles)  # one group per tile, however bright the shot
+    assert np.array_equal(groups[0::2], groups[1::2])
+    kept, out = group_holdout(groups, 0.3, np.random.default_rng(0))
+    assert len(out) == 12 and len(kept) + len(out) == len(shots)  # 30 % of 40 shots: 6 whole tiles
+    assert not set(groups[kept]) & set(groups[out])
+    one = np.zeros(4, np.int64)
+    assert len(group_holdout(one, 0.3, np.random.default_rng(0))[1]) == 4  # a single group: nothing to keep
+
+
+def test_contrastive_seg_validates_on_tiles_it_has_not_seen(tiles: ImageSet) -> None:
+    shots = two_shots_of_each(tiles)
+    for val_split, together in (("near_copies", True), ("images", False)):
+        assessor = ContrastiveSegAssessor({**TINY["contrastive_seg"], "epochs": 1, "val_split": val_split})
+        assessor.fit(shots, device="cpu")
+        held_out = set(assessor.training_data["validation_images"])
+        pairs = {name[:-1] for name in held_out}
+        assert held_out and (held_out == {p + s for p in pairs for s in "ab"}) is together
 
 
 def test_losses_reward_the_right_answers() -> None:

@@ -162,7 +162,12 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         history, best_epoch = self._train(net, x, y, train_idx, val_idx, rng, generator, torch_device, callback)
         self.net = net.cpu().eval()
         self._calibrate(images, x, y, val_idx)
-        self.training_data = {**image_set_summary(images), "n_train": len(train_idx), "n_val": len(val_idx)}
+        self.training_data = {
+            **image_set_summary(images),
+            "n_train": len(train_idx),
+            "n_val": len(val_idx),
+            "validation_images": [images.names[i] for i in val_idx],
+        }
         self.runtime = fit_runtime(
             torch_device,
             clock.seconds,
