@@ -17,6 +17,12 @@ out for early stopping on the validation IoU, and for choosing the pixel thresho
 with ``val_split="near_copies"`` the held-out images are whole groups of near-copies (several shots of
 one tile), so both are chosen on tiles the network has not seen.
 
+``keep_aspect``: a square resize squashes a 600-px-wide shot three times more across than a portrait
+one, so the same surface texture reaches the network at different shapes. With it, each image is scaled
+so its short side is ``image_size`` (one scale, no distortion), the network trains on one random
+``image_size`` square of it per step, and predicts on half-overlapping squares whose probabilities are
+averaged.
+
 Inference: sigmoid probabilities at ``image_size``, resized back to the image, thresholded, and
 connected components smaller than ``min_object_px`` (at ``image_size`` scale) removed, as the paper's
 ``remove_small_objects``. A coil's raw p(NOK) comes from the predicted defect area a (share of its
@@ -75,6 +81,7 @@ class ContrastiveSegSettings(AssessorSettings):
     steps_per_epoch: int = Field(0, ge=0, description="batches per epoch (0: one pass over the training images)")
     pixel_threshold: float = Field(0.5, gt=0, lt=1, description="used when tune_threshold is off")
     tune_threshold: bool = Field(True, description="pick the pixel threshold maximizing validation IoU")
+    keep_aspect: bool = Field(False, description="short side to image_size, squares along the long side (no squash)")
     val_split: Literal["images", "near_copies"] = Field(
         "images", description="validation images drawn one by one, or whole groups of near-copies (shots of one tile)"
     )
@@ -104,6 +111,8 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             raise ValueError(f"image_size and crop_size must be multiples of {multiple} for the {s.encoder} encoder")
         if s.crop_size > s.image_size:
             raise ValueError("crop_size cannot exceed image_size")
+        if s.keep_aspect and s.crop_size:
+            raise ValueError("keep_aspect trains on image_size squares already: leave crop_size at 0")
         self.net: ContrastiveSegNet | None = None
         self.pixel_threshold = s.pixel_threshold
 
@@ -157,8 +166,8 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         if init is not None:
             init = self.warm_start_source(init)
             net.load_state_dict(init.net.state_dict())
-        x = standardize(np.stack([resize_image(images.images[i], s.image_size) for i in range(len(images))]))
-        y = np.stack([resize_mask(images.masks[i], s.image_size) for i in range(len(images))])
+        x = self._inputs(images.images)
+        y = as_batch([resize_mask(m, self._shape(m.shape)) for m in images.masks])
         history, best_epoch = self._train(net, x, y, train_idx, val_idx, rng, generator, torch_device, callback)
         self.net = net.cpu().eval()
         self._calibrate(images, x, y, val_idx)
@@ -233,19 +242,24 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         return history, stopping.best_epoch
 
     def _crops(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training crops (most centred on a defect pixel), flipped at random when ``augment``."""
+        """Training crops (most centred on a defect pixel) or, with ``keep_aspect``, a random square along the
+        long side; flipped at random when ``augment``."""
         s = self.s
-        size, crop = x.shape[1], s.crop_size or x.shape[1]
+        crop = s.crop_size or s.image_size
         xs, ys = np.empty((len(x), crop, crop), np.float32), np.empty((len(x), crop, crop), np.float32)
         for k in range(len(x)):
-            if crop < size and y[k].any() and rng.random() < s.defect_crop_share:
+            h, w = x[k].shape
+            if crop < min(h, w) and y[k].any() and rng.random() < s.defect_crop_share:
                 rows, cols = np.nonzero(y[k])
                 j = rng.integers(len(rows))
-                r = int(np.clip(rows[j] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, size - crop))
-                c = int(np.clip(cols[j] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, size - crop))
-            else:
-                r, c = (int(v) for v in rng.integers(0, size - crop + 1, 2))
-            xi, yi = x[k, r : r + crop, c : c + crop], y[k, r : r + crop, c : c + crop]
+                r = int(np.clip(rows[j] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, h - crop))
+                c = int(np.clip(cols[j] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, w - crop))
+            elif h == w:  # both offsets in one draw, as every recorded run drew them
+                r, c = (int(v) for v in rng.integers(0, h - crop + 1, 2))
+            else:  # keep_aspect: the short side is the square's, so only the long side has room
+                offset = int(rng.integers(0, max(h, w) - crop + 1))
+                r, c = (offset, 0) if h > w else (0, offset)
+            xi, yi = x[k][r : r + crop, c : c + crop], y[k][r : r + crop, c : c + crop]
             if s.augment:
                 xi, yi = self._augment(xi, yi, rng)
             xs[k], ys[k] = xi, yi
@@ -273,12 +287,46 @@ class ContrastiveSegAssessor(PixelMapAssessor):
     def _validate(
         self, net: ContrastiveSegNet, x: np.ndarray, y: np.ndarray, device: torch.device
     ) -> tuple[float, float]:
-        """Validation ComboLoss and pooled IoU at probability 0.5, on the whole resized images."""
-        prob = self._probabilities(net, x, device)
-        target = torch.from_numpy(y[:, None].astype(np.float32))
-        logits = torch.logit(torch.from_numpy(prob[:, None]).clamp(1e-6, 1 - 1e-6))
+        """Validation ComboLoss and pooled IoU at probability 0.5, on the whole resized images (the loss pools
+        all pixels, as it does a batch's)."""
+        prob = self._maps(net, x, device)
+        target = torch.from_numpy(np.concatenate([t.ravel() for t in y]).astype(np.float32))
+        logits = torch.logit(torch.from_numpy(np.concatenate([p.ravel() for p in prob])).clamp(1e-6, 1 - 1e-6))
         loss = float(combo_loss(logits, target, self.s.bce_weight, self.s.dice_weight))
-        return loss, pooled_iou(y, prob >= 0.5)
+        return loss, pooled_iou(y, [p >= 0.5 for p in prob])
+
+    def _shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The (H, W) an image of ``shape`` is resized to: the square, or with ``keep_aspect`` the short side at
+        ``image_size`` and the long side in proportion."""
+        size = self.s.image_size
+        if not self.s.keep_aspect:
+            return size, size
+        h, w = shape[:2]
+        return max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
+
+    def _inputs(self, images: list[np.ndarray]) -> np.ndarray:
+        """The images resized and standardized: an (N, S, S) array, or with ``keep_aspect`` one of objects."""
+        if not self.s.keep_aspect:
+            return standardize(np.stack([resize_image(im, self.s.image_size) for im in images]))
+        return as_batch([standardize(resize_image(im, self._shape(im.shape))) for im in images])
+
+    def _maps(self, net: ContrastiveSegNet, x: np.ndarray, device: torch.device) -> np.ndarray | list[np.ndarray]:
+        """p(defect) per pixel of each prepared image; with ``keep_aspect`` the mean over half-overlapping
+        ``image_size`` squares (the network only ever sees squares of one scale)."""
+        if not self.s.keep_aspect:
+            return self._probabilities(net, x, device)
+        size, out = self.s.image_size, []
+        for image in x:
+            h, w = image.shape
+            rows, cols = _starts(h, size), _starts(w, size)
+            squares = np.stack([image[r : r + size, c : c + size] for r in rows for c in cols])
+            prob = self._probabilities(net, squares, device)
+            total, count = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+            for p, (r, c) in zip(prob, [(r, c) for r in rows for c in cols], strict=True):
+                total[r : r + size, c : c + size] += p
+                count[r : r + size, c : c + size] += 1
+            out.append(total / count)
+        return out
 
     def _probabilities(self, net: ContrastiveSegNet, x: np.ndarray, device: torch.device) -> np.ndarray:
         """p(defect) per pixel; with ``flip_average`` the mean over the image and its flips, each flipped
@@ -296,7 +344,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
     def _calibrate(self, images: ImageSet, x: np.ndarray, y: np.ndarray, val_idx: np.ndarray) -> None:
         s = self.s
         assert self.net is not None
-        prob = self._probabilities(self.net, x[val_idx], torch.device("cpu"))
+        prob = self._maps(self.net, x[val_idx], torch.device("cpu"))
         if s.tune_threshold:
             ious = [pooled_iou(y[val_idx], self._postprocess(prob, t)) for t in THRESHOLD_GRID]
             self.pixel_threshold = float(THRESHOLD_GRID[int(np.argmax(ious))])
@@ -316,6 +364,8 @@ class ContrastiveSegAssessor(PixelMapAssessor):
     def _postprocess(self, prob: np.ndarray, threshold: float, min_px: float | None = None) -> np.ndarray:
         """Threshold and drop small connected components, per map of a (N, H, W) or (H, W) array."""
         min_px = self.s.min_object_px if min_px is None else min_px
+        if isinstance(prob, list):
+            return [self._postprocess(p, threshold, min_px) for p in prob]
         if prob.ndim == 3:
             return np.stack([self._postprocess(p, threshold, min_px) for p in prob])
         mask = prob >= threshold
@@ -336,8 +386,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             raise RuntimeError(f"{self.key} assessor has not been fitted or loaded")
         if not images:
             return []
-        x = standardize(np.stack([resize_image(im, self.s.image_size) for im in images]))
-        prob = self._probabilities(self.net, x, torch.device("cpu"))
+        prob = self._maps(self.net, self._inputs(images), torch.device("cpu"))
         return [resize_image(p, im.shape) if original_size else p for p, im in zip(prob, images, strict=True)]
 
     def segment(self, images: list[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:
@@ -346,7 +395,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         threshold = self.pixel_threshold if threshold is None else threshold
         out = []
         for prob, image in zip(self.probability_maps(images), images, strict=True):
-            scale = image.shape[0] * image.shape[1] / self.s.image_size**2
+            scale = image.shape[0] * image.shape[1] / np.prod(self._shape(image.shape))
             out.append(self._postprocess(prob, threshold, self.s.min_object_px * scale))
         return out
 
@@ -357,10 +406,28 @@ class ContrastiveSegAssessor(PixelMapAssessor):
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
-    """Each image to zero mean and unit spread: tiles differ in exposure far more than defects in contrast."""
-    mean = x.mean(axis=(1, 2), keepdims=True)
-    std = x.std(axis=(1, 2), keepdims=True)
+    """Each image of an (N, H, W) or (H, W) array to zero mean and unit spread: tiles differ in exposure far
+    more than defects in contrast."""
+    mean = x.mean(axis=(-2, -1), keepdims=True)
+    std = x.std(axis=(-2, -1), keepdims=True)
     return ((x - mean) / (std + 0.02)).astype(np.float32)
+
+
+def as_batch(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays of one shape stacked; of several shapes, a 1-D array of objects (fancy indexing works on both)."""
+    if len({a.shape for a in arrays}) <= 1:
+        return np.stack(arrays)
+    out = np.empty(len(arrays), dtype=object)
+    for k, a in enumerate(arrays):
+        out[k] = a
+    return out
+
+
+def _starts(length: int, size: int) -> list[int]:
+    """Offsets of ``size`` windows covering ``length``, half-overlapping, the last flush with the end."""
+    if length <= size:
+        return [0]
+    return [int(v) for v in np.linspace(0, length - size, int(np.ceil((length - size) / (size / 2))) + 1).round()]
 
 
 def pooled_iou(truth: np.ndarray | list[np.ndarray], pred: np.ndarray | list[np.ndarray]) -> float:
