@@ -21,7 +21,7 @@ from ml.assessors.manifest import ArtifactError
 from ml.assessors.ssim_ae import SsimAeAssessor
 from ml.assessors.ssim_ae.loss import dssim_loss, residual_map
 from ml.imagesets.base import ImageSet
-from ml.imagesets.folder import load_folder
+from ml.imagesets.folder import load_folder, resize_mask
 from ml.imagesets.magnetic_tile import CLASSES, load_magnetic_tile
 from ml.imagesets.near_copies import group_holdout, near_copy_groups
 
@@ -263,6 +263,35 @@ def test_contrastive_seg_validates_on_tiles_it_has_not_seen(tiles: ImageSet) -> 
         held_out = set(assessor.training_data["validation_images"])
         pairs = {name[:-1] for name in held_out}
         assert held_out and (held_out == {p + s for p in pairs for s in "ab"}) is together
+
+
+def test_contrastive_seg_keep_aspect_sees_every_shot_at_one_scale(tiles: ImageSet, tmp_path: Path) -> None:
+    # shots three times as wide as tall: the tile repeated across
+    wide = ImageSet([np.tile(im, (1, 3)) for im in tiles.images], tiles.labels, tiles.classes,
+                    [np.tile(m, (1, 3)) for m in tiles.masks])  # fmt: skip
+    assessor = ContrastiveSegAssessor({**TINY["contrastive_seg"], "epochs": 1, "keep_aspect": True})
+    assessor.fit(wide, device="cpu")
+    assert assessor._shape((40, 120)) == (32, 96) and assessor._shape((120, 40)) == (96, 32)
+    disc = np.zeros((40, 120), bool)
+    disc[10:30, 50:70] = True
+    side = assessor._shape(disc.shape)
+    scaled = resize_mask(disc, side)
+    assert np.ptp(np.nonzero(scaled)[0]) == np.ptp(np.nonzero(scaled)[1])  # a square stays square
+    # the map of a wide image is the network's on each square; where one square alone covers, exactly that
+    image = wide.images[0]
+    x = assessor._inputs([image])[0]
+    stitched = assessor._maps(assessor.net, np.array([x]), torch.device("cpu"))[0]
+    first = assessor._probabilities(assessor.net, x[None, :, :32], torch.device("cpu"))[0]
+    assert stitched.shape == x.shape and x.shape[0] == 32 and x.shape[1] > 64
+    np.testing.assert_allclose(stitched[:, :8], first[:, :8], atol=1e-6)  # the next square starts 10+ px on
+    masks = assessor.segment(wide.images)
+    assert [m.shape for m in masks] == [im.shape for im in wide.images]
+    batch = coil_batch([[im] for im in wide.images])
+    p, _ = assessor.predict(batch)
+    assessor.save(tmp_path)
+    np.testing.assert_array_equal(p, ContrastiveSegAssessor.load(tmp_path).predict(batch)[0])
+    with pytest.raises(ValueError, match="crop_size"):
+        ContrastiveSegAssessor({"keep_aspect": True, "crop_size": 64})
 
 
 def test_losses_reward_the_right_answers() -> None:
