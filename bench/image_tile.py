@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import get_args
@@ -163,15 +164,15 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
             "sweep": {t: segmentation_metrics(test_masks, assessor.segment(test_images, t)) for t in SWEEP},
         }
         print(f"contrastive_seg contrastive={contrastive}: IoU {metrics['iou']:.3f}", file=sys.stderr, flush=True)
-    results["round trip"] = round_trip(tiles, test, plan.seg["image_size"])
+    results["round trip"] = round_trip(tiles, test, ContrastiveSegAssessor(plan.seg).model_shape)
     return results
 
 
-def round_trip(tiles: ImageSet, test: np.ndarray, size: int) -> dict:
-    """IoU of the true masks after the segmenter's resize to ``size`` and back (its own resampling): the most
-    any model working at that size could score, so a low class IoU can be told apart from lost resolution."""
+def round_trip(tiles: ImageSet, test: np.ndarray, model_shape: Callable[[tuple[int, ...]], tuple[int, int]]) -> dict:
+    """IoU of the true masks after the segmenter's resize to ``model_shape`` and back (its own resampling): the
+    most any model working at that size could score, so a low class IoU can be told apart from lost resolution."""
     truth = [tiles.masks[i] for i in test]  # type: ignore[index]
-    back = [resize_image(resize_mask(m, size).astype(np.float32), m.shape) >= 0.5 for m in truth]
+    back = [resize_image(resize_mask(m, model_shape(m.shape)).astype(np.float32), m.shape) >= 0.5 for m in truth]
     return {
         "iou": segmentation_metrics(truth, back)["iou"],
         "iou_by_class": by_class(
@@ -350,7 +351,8 @@ def segmentation_report(plan: Plan, seg: dict) -> list[str]:
               "| model | " + " | ".join(classes) + " |",
               "|---|" + "---:|" * len(classes)]  # fmt: skip
     rows = [(contrastive, f"contrastive={contrastive}") for contrastive in plan.branches]
-    rows.append(("round trip", f"true masks through {plan.seg['image_size']} px and back (upper bound)"))
+    geometry = "its short side at " if plan.seg.get("keep_aspect") else ""
+    rows.append(("round trip", f"true masks through {geometry}{plan.seg['image_size']} px and back (upper bound)"))
     for key, name in rows:
         values = " | ".join(f"{v:.3f}" for v in seg[key]["iou_by_class"].values())
         lines.append(f"| {name} | {values} |")

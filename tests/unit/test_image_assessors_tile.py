@@ -271,10 +271,10 @@ def test_contrastive_seg_keep_aspect_sees_every_shot_at_one_scale(tiles: ImageSe
                     [np.tile(m, (1, 3)) for m in tiles.masks])  # fmt: skip
     assessor = ContrastiveSegAssessor({**TINY["contrastive_seg"], "epochs": 1, "keep_aspect": True})
     assessor.fit(wide, device="cpu")
-    assert assessor._shape((40, 120)) == (32, 96) and assessor._shape((120, 40)) == (96, 32)
+    assert assessor.model_shape((40, 120)) == (32, 96) and assessor.model_shape((120, 40)) == (96, 32)
     disc = np.zeros((40, 120), bool)
     disc[10:30, 50:70] = True
-    side = assessor._shape(disc.shape)
+    side = assessor.model_shape(disc.shape)
     scaled = resize_mask(disc, side)
     assert np.ptp(np.nonzero(scaled)[0]) == np.ptp(np.nonzero(scaled)[1])  # a square stays square
     # the map of a wide image is the network's on each square; where one square alone covers, exactly that

@@ -167,7 +167,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             init = self.warm_start_source(init)
             net.load_state_dict(init.net.state_dict())
         x = self._inputs(images.images)
-        y = as_batch([resize_mask(m, self._shape(m.shape)) for m in images.masks])
+        y = as_batch([resize_mask(m, self.model_shape(m.shape)) for m in images.masks])
         history, best_epoch = self._train(net, x, y, train_idx, val_idx, rng, generator, torch_device, callback)
         self.net = net.cpu().eval()
         self._calibrate(images, x, y, val_idx)
@@ -295,7 +295,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         loss = float(combo_loss(logits, target, self.s.bce_weight, self.s.dice_weight))
         return loss, pooled_iou(y, [p >= 0.5 for p in prob])
 
-    def _shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+    def model_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """The (H, W) an image of ``shape`` is resized to: the square, or with ``keep_aspect`` the short side at
         ``image_size`` and the long side in proportion."""
         size = self.s.image_size
@@ -308,7 +308,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         """The images resized and standardized: an (N, S, S) array, or with ``keep_aspect`` one of objects."""
         if not self.s.keep_aspect:
             return standardize(np.stack([resize_image(im, self.s.image_size) for im in images]))
-        return as_batch([standardize(resize_image(im, self._shape(im.shape))) for im in images])
+        return as_batch([standardize(resize_image(im, self.model_shape(im.shape))) for im in images])
 
     def _maps(self, net: ContrastiveSegNet, x: np.ndarray, device: torch.device) -> np.ndarray | list[np.ndarray]:
         """p(defect) per pixel of each prepared image; with ``keep_aspect`` the mean over half-overlapping
@@ -395,7 +395,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         threshold = self.pixel_threshold if threshold is None else threshold
         out = []
         for prob, image in zip(self.probability_maps(images), images, strict=True):
-            scale = image.shape[0] * image.shape[1] / np.prod(self._shape(image.shape))
+            scale = image.shape[0] * image.shape[1] / np.prod(self.model_shape(image.shape))
             out.append(self._postprocess(prob, threshold, self.s.min_object_px * scale))
         return out
 
