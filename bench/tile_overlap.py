@@ -6,6 +6,10 @@ the test figures. Each test image is compared with every training image of the s
 pixels (zero-mean, unit-norm: a correlation), and for defect images the masks of the nearest pair are
 compared too. Random test/train pairs give the baseline of what "similar" means on this set.
 
+Then, for the grouped splits (``--split grouped --split-seed N`` of bench/image_tile.py), which test shots
+carry the pooled figure: the share of the test defect pixels in ``MT_Uneven`` images and in wide shots
+(more than 1.8 times as wide as tall, which a square resize squashes most).
+
     .venv/bin/python bench/tile_overlap.py
 """
 
@@ -32,6 +36,26 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
+WIDE = 1.8  # width / height above which a shot counts as wide
+GROUPED_SPLITS = (0, 1, 2)
+
+
+def shot_shapes(tiles) -> list[str]:
+    """A table row per grouped split: where its test defect pixels lie."""
+    wide = np.array([im.shape[1] / im.shape[0] > WIDE for im in tiles.images])
+    uneven = tiles.labels == tiles.classes.index("MT_Uneven")
+    pixels = np.array([int(m.sum()) for m in tiles.masks])
+    rows = []
+    for seed in GROUPED_SPLITS:
+        train, test = split(tiles, None, grouped=True, seed=seed)[:2]
+        share = [pixels[test][k[test]].sum() / pixels[test].sum() for k in (uneven, wide, wide & uneven)]
+        rows.append(
+            f"| {seed} | {wide[train].sum()} / {wide[test].sum()} | {(wide & uneven)[train].sum()} / "
+            f"{(wide & uneven)[test].sum()} | " + " | ".join(f"{v:.2f}" for v in share) + " |"
+        )
+    return rows
+
+
 def main() -> None:
     tiles = load_magnetic_tile(DATASETS / "magnetic-tile")
     defect_train, defect_test, free_train, free_test = split(tiles, None)
@@ -55,8 +79,14 @@ def main() -> None:
         f"\nAll test × training defect pairs: median correlation {baseline[0]:.2f}, 99th percentile "
         f"{baseline[1]:.3f}. Near-copies with the same defect, by class: "
         + ", ".join(f"{name} {n}" for name, n in sorted(by_class.items()))
-        + f".\n\n{provenance()}"
+        + "."
     )
+    print(f"\n## Where the test defect pixels lie, grouped splits (wide: more than {WIDE} times as wide as tall)\n")
+    print("| grouped split seed | wide defect shots train / test | wide `MT_Uneven` train / test "
+          "| share of test defect pixels: `MT_Uneven` | wide | wide `MT_Uneven` |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(shot_shapes(tiles)))
+    print(f"\n{provenance()}")
 
 
 if __name__ == "__main__":
