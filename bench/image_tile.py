@@ -18,6 +18,8 @@ defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seg image_size=128   # one segmenter setting changed
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --branch with --seg width=32   # one variant only
     .venv/bin/python bench/image_tile.py --threads 2 --parts ae --ae epochs=120   # one autoencoder setting changed
+    .venv/bin/python bench/image_tile.py --threads 2 --parts seg --branch with --split grouped --split-seed 1 \
+        --seg val_split=near_copies tune_threshold=true keep_aspect=true   # unseen tiles; the 2026-12-03 evening runs
 """
 
 from __future__ import annotations

@@ -17,11 +17,12 @@ out for early stopping on the validation IoU, and for choosing the pixel thresho
 with ``val_split="near_copies"`` the held-out images are whole groups of near-copies (several shots of
 one tile), so both are chosen on tiles the network has not seen.
 
-``keep_aspect``: a square resize squashes a 600-px-wide shot three times more across than a portrait
+``keep_aspect``: a square resize squashes a 600-px-wide shot about 2.5 times more across than a 200-px-wide
 one, so the same surface texture reaches the network at different shapes. With it, each image is scaled
 so its short side is ``image_size`` (one scale, no distortion), the network trains on one random
 ``image_size`` square of it per step, and predicts on half-overlapping squares whose probabilities are
-averaged.
+averaged. Off by default: on the magnetic tiles it lifted the wide uneven-grinding shots of one grouped
+split and cost the small defects on both splits tried (docs/benchmarks.md).
 
 Inference: sigmoid probabilities at ``image_size``, resized back to the image, thresholded, and
 connected components smaller than ``min_object_px`` (at ``image_size`` scale) removed, as the paper's
