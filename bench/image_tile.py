@@ -147,7 +147,8 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
             assessor.fit(tiles.subset(train), device="cpu", callback=on_epoch)
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
-        predicted = assessor.segment(test_images)
+        maps = assessor.probability_maps(test_images)
+        predicted = assessor.masks(maps, test_images)
         predict_ms = 1000 * (time.perf_counter() - t) / len(test)
         metrics = segmentation_metrics(test_masks, predicted)
         results[contrastive] = {
@@ -163,7 +164,7 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
             "best_epoch": assessor.runtime["best_epoch"],
             "pixel_threshold": assessor.pixel_threshold,
             "val_images": assessor.training_data["n_val"],
-            "sweep": {t: segmentation_metrics(test_masks, assessor.segment(test_images, t)) for t in SWEEP},
+            "sweep": {t: segmentation_metrics(test_masks, assessor.masks(maps, test_images, t)) for t in SWEEP},
         }
         print(f"contrastive_seg contrastive={contrastive}: IoU {metrics['iou']:.3f}", file=sys.stderr, flush=True)
     results["round trip"] = round_trip(tiles, test, ContrastiveSegAssessor(plan.seg).model_shape)

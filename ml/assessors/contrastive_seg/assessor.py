@@ -393,9 +393,15 @@ class ContrastiveSegAssessor(PixelMapAssessor):
     def segment(self, images: list[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:
         """Boolean defect masks at each image's own size (small components removed, scaled to that size), at the
         model's pixel threshold or at ``threshold`` (to see what another would give)."""
+        return self.masks(self.probability_maps(images), images, threshold)
+
+    def masks(
+        self, maps: list[np.ndarray], images: list[np.ndarray], threshold: float | None = None
+    ) -> list[np.ndarray]:
+        """:meth:`segment` from maps already computed by :meth:`probability_maps` (one inference, many thresholds)."""
         threshold = self.pixel_threshold if threshold is None else threshold
         out = []
-        for prob, image in zip(self.probability_maps(images), images, strict=True):
+        for prob, image in zip(maps, images, strict=True):
             scale = image.shape[0] * image.shape[1] / np.prod(self.model_shape(image.shape))
             out.append(self._postprocess(prob, threshold, self.s.min_object_px * scale))
         return out
