@@ -20,6 +20,8 @@ defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
     .venv/bin/python bench/image_tile.py --threads 2 --parts ae --ae epochs=120   # one autoencoder setting changed
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --branch with --split grouped --split-seed 1 \
         --seg val_split=near_copies tune_threshold=true keep_aspect=true   # unseen tiles; the 2026-12-03 evening runs
+    .venv/bin/python bench/image_tile.py --threads 2 --parts seg --branch with --split grouped --split-seed 1 \
+        --seg val_split=near_copies tune_threshold=true keep_aspect=true aspect_limit=1.8   # only wide shots kept
 """
 
 from __future__ import annotations
@@ -354,7 +356,10 @@ def segmentation_report(plan: Plan, seg: dict) -> list[str]:
               "| model | " + " | ".join(classes) + " |",
               "|---|" + "---:|" * len(classes)]  # fmt: skip
     rows = [(contrastive, f"contrastive={contrastive}") for contrastive in plan.branches]
-    geometry = "its short side at " if plan.seg.get("keep_aspect") else ""
+    geometry = ""
+    if plan.seg.get("keep_aspect"):
+        limit = float(plan.seg.get("aspect_limit", 1))
+        geometry = "its short side at " if limit <= 1 else f"its short side (over {limit:g}:1) or a square at "
     rows.append(("round trip", f"true masks through {geometry}{plan.seg['image_size']} px and back (upper bound)"))
     for key, name in rows:
         values = " | ".join(f"{v:.3f}" for v in seg[key]["iou_by_class"].values())

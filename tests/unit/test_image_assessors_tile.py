@@ -294,6 +294,31 @@ def test_contrastive_seg_keep_aspect_sees_every_shot_at_one_scale(tiles: ImageSe
         ContrastiveSegAssessor({"keep_aspect": True, "crop_size": 64})
 
 
+def test_contrastive_seg_aspect_limit_keeps_only_the_long_shots(tiles: ImageSet, tmp_path: Path) -> None:
+    # every other shot three times as wide as tall (over 1.8:1), the rest as they are (at most 1.6:1)
+    images = [np.tile(im, (1, 3)) if k % 2 else im for k, im in enumerate(tiles.images)]
+    masks = [np.tile(m, (1, 3)) if k % 2 else m for k, m in enumerate(tiles.masks)]
+    mixed = ImageSet(images, tiles.labels, tiles.classes, masks)
+    settings = {**TINY["contrastive_seg"], "epochs": 1, "keep_aspect": True, "aspect_limit": 1.8}
+    assessor = ContrastiveSegAssessor(settings)
+    assessor.fit(mixed, device="cpu")
+    assert assessor.model_shape((40, 60)) == (32, 32) and assessor.model_shape((60, 40)) == (32, 32)  # squashed
+    assert assessor.model_shape((40, 120)) == (32, 96)  # kept
+    x = assessor._inputs(images[:2])
+    assert x[0].shape == (32, 32) and x[1].shape == assessor.model_shape(images[1].shape) and x[1].shape[1] > 56
+    maps = assessor._maps(assessor.net, x, torch.device("cpu"))
+    # a squashed shot's map is the network's on the whole square, as without keep_aspect
+    alone = assessor._probabilities(assessor.net, x[0][None], torch.device("cpu"))[0]
+    np.testing.assert_allclose(maps[0], alone, atol=1e-6)
+    assert maps[1].shape == x[1].shape
+    batch = coil_batch([[im] for im in images])
+    p, _ = assessor.predict(batch)
+    assessor.save(tmp_path)
+    np.testing.assert_array_equal(p, ContrastiveSegAssessor.load(tmp_path).predict(batch)[0])
+    with pytest.raises(ValueError, match="aspect_limit"):
+        ContrastiveSegAssessor({"keep_aspect": True, "aspect_limit": 0.5})
+
+
 def test_losses_reward_the_right_answers() -> None:
     target = torch.zeros(2, 1, 16, 16)
     target[:, :, 4:8, 4:8] = 1

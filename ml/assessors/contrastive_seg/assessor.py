@@ -22,7 +22,9 @@ one, so the same surface texture reaches the network at different shapes. With i
 so its short side is ``image_size`` (one scale, no distortion), the network trains on one random
 ``image_size`` square of it per step, and predicts on half-overlapping squares whose probabilities are
 averaged. Off by default: on the magnetic tiles it lifted the wide uneven-grinding shots of one grouped
-split and cost the small defects on both splits tried (docs/benchmarks.md).
+split and cost the small defects on all three splits tried (docs/benchmarks.md). ``aspect_limit`` keeps
+the aspect only of shots longer than that ratio (e.g. 1.8: the wide ones) and squashes the rest as
+without it, so the small defects of ordinary shots stay in every training step.
 
 Inference: sigmoid probabilities at ``image_size``, resized back to the image, thresholded, and
 connected components smaller than ``min_object_px`` (at ``image_size`` scale) removed, as the paper's
@@ -83,6 +85,9 @@ class ContrastiveSegSettings(AssessorSettings):
     pixel_threshold: float = Field(0.5, gt=0, lt=1, description="used when tune_threshold is off")
     tune_threshold: bool = Field(True, description="pick the pixel threshold maximizing validation IoU")
     keep_aspect: bool = Field(False, description="short side to image_size, squares along the long side (no squash)")
+    aspect_limit: float = Field(
+        1.0, ge=1, description="keep_aspect: only shots longer than this ratio keep it; the others are squashed square"
+    )
     val_split: Literal["images", "near_copies"] = Field(
         "images", description="validation images drawn one by one, or whole groups of near-copies (shots of one tile)"
     )
@@ -297,12 +302,12 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         return loss, pooled_iou(y, [p >= 0.5 for p in prob])
 
     def model_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """The (H, W) an image of ``shape`` is resized to: the square, or with ``keep_aspect`` the short side at
-        ``image_size`` and the long side in proportion."""
+        """The (H, W) an image of ``shape`` is resized to: the square, or with ``keep_aspect`` (for shots longer
+        than ``aspect_limit``) the short side at ``image_size`` and the long side in proportion."""
         size = self.s.image_size
-        if not self.s.keep_aspect:
-            return size, size
         h, w = shape[:2]
+        if not self.s.keep_aspect or max(h, w) <= self.s.aspect_limit * min(h, w):
+            return size, size
         return max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
 
     def _inputs(self, images: list[np.ndarray]) -> np.ndarray:
@@ -314,10 +319,17 @@ class ContrastiveSegAssessor(PixelMapAssessor):
     def _maps(self, net: ContrastiveSegNet, x: np.ndarray, device: torch.device) -> np.ndarray | list[np.ndarray]:
         """p(defect) per pixel of each prepared image; with ``keep_aspect`` the mean over half-overlapping
         ``image_size`` squares (the network only ever sees squares of one scale)."""
+        size = self.s.image_size
         if not self.s.keep_aspect:
             return self._probabilities(net, x, device)
-        size, out = self.s.image_size, []
-        for image in x:
+        out: list[np.ndarray] = [None] * len(x)  # type: ignore[list-item]
+        square = [k for k, image in enumerate(x) if image.shape == (size, size)]
+        if square:  # one batch for the shots squashed square (all of them below aspect_limit)
+            for k, p in zip(square, self._probabilities(net, np.stack([x[k] for k in square]), device), strict=True):
+                out[k] = p
+        for k, image in enumerate(x):
+            if out[k] is not None:
+                continue
             h, w = image.shape
             rows, cols = _starts(h, size), _starts(w, size)
             squares = np.stack([image[r : r + size, c : c + size] for r in rows for c in cols])
@@ -326,7 +338,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             for p, (r, c) in zip(prob, [(r, c) for r in rows for c in cols], strict=True):
                 total[r : r + size, c : c + size] += p
                 count[r : r + size, c : c + size] += 1
-            out.append(total / count)
+            out[k] = total / count
         return out
 
     def _probabilities(self, net: ContrastiveSegNet, x: np.ndarray, device: torch.device) -> np.ndarray:
