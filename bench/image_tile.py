@@ -22,6 +22,8 @@ defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
         --seg val_split=near_copies tune_threshold=true keep_aspect=true   # unseen tiles; the 2026-12-03 evening runs
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --branch with --split grouped --split-seed 1 \
         --seg val_split=near_copies tune_threshold=true keep_aspect=true aspect_limit=1.8   # only wide shots kept
+    .venv/bin/python bench/image_tile.py --threads 2 --parts seg --branch with --split grouped --split-seed 1 \
+        --seg val_split=near_copies tune_threshold=true keep_aspect=true aspect_defect_share=0.7   # squares on defects
 """
 
 from __future__ import annotations

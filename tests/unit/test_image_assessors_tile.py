@@ -319,6 +319,26 @@ def test_contrastive_seg_aspect_limit_keeps_only_the_long_shots(tiles: ImageSet,
         ContrastiveSegAssessor({"keep_aspect": True, "aspect_limit": 0.5})
 
 
+def test_contrastive_seg_aspect_defect_share_centres_the_squares_on_defects() -> None:
+    # a shot four times as wide as tall, one small defect near its left end
+    x = np.random.default_rng(0).normal(size=(3, 32, 128)).astype(np.float32)
+    y = np.zeros_like(x)
+    y[:, 14:18, 4:8] = 1
+    assessors = {
+        share: ContrastiveSegAssessor({**TINY["contrastive_seg"], "keep_aspect": True, "aspect_defect_share": share})
+        for share in (1.0, 0.0)
+    }
+    for share, always in ((1.0, True), (0.0, False)):
+        rng = np.random.default_rng(1)
+        seen = [assessors[share]._crops(x, y, rng)[1].sum(dim=(1, 2, 3)) > 0 for _ in range(20)]
+        assert bool(torch.cat(seen).all()) is always  # at random, 8 of the 97 offsets hold the defect
+    # a shot squashed square has no room: the setting changes nothing there, not even the random draws
+    square, mask = x[:, :, :32].copy(), y[:, :, :32].copy()
+    crops = [assessors[share]._crops(square, mask, np.random.default_rng(2)) for share in (1.0, 0.0)]
+    for a, b in zip(*crops, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_losses_reward_the_right_answers() -> None:
     target = torch.zeros(2, 1, 16, 16)
     target[:, :, 4:8, 4:8] = 1

@@ -24,7 +24,9 @@ so its short side is ``image_size`` (one scale, no distortion), the network trai
 averaged. Off by default: on the magnetic tiles it lifted the wide uneven-grinding shots of one grouped
 split and cost the small defects on all three splits tried (docs/benchmarks.md). ``aspect_limit`` keeps
 the aspect only of shots longer than that ratio (e.g. 1.8: the wide ones) and squashes the rest as
-without it, so the small defects of ordinary shots stay in every training step.
+without it, so the small defects of ordinary shots stay in every training step. ``aspect_defect_share``
+keeps every aspect and instead centres that share of a defect shot's training squares on one of its defect
+pixels (nnU-Net's foreground oversampling), so a small defect is not left outside the square.
 
 Inference: sigmoid probabilities at ``image_size``, resized back to the image, thresholded, and
 connected components smaller than ``min_object_px`` (at ``image_size`` scale) removed, as the paper's
@@ -87,6 +89,9 @@ class ContrastiveSegSettings(AssessorSettings):
     keep_aspect: bool = Field(False, description="short side to image_size, squares along the long side (no squash)")
     aspect_limit: float = Field(
         1.0, ge=1, description="keep_aspect: only shots longer than this ratio keep it; the others are squashed square"
+    )
+    aspect_defect_share: float = Field(
+        0.0, ge=0, le=1, description="keep_aspect: training squares of a long shot centred on a defect pixel"
     )
     val_split: Literal["images", "near_copies"] = Field(
         "images", description="validation images drawn one by one, or whole groups of near-copies (shots of one tile)"
@@ -248,14 +253,19 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         return history, stopping.best_epoch
 
     def _crops(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training crops (most centred on a defect pixel) or, with ``keep_aspect``, a random square along the
-        long side; flipped at random when ``augment``."""
+        """Training crops (most centred on a defect pixel) or, with ``keep_aspect``, a square along the long
+        side (centred on a defect pixel for ``aspect_defect_share`` of the defect shots, else at random);
+        flipped at random when ``augment``."""
         s = self.s
         crop = s.crop_size or s.image_size
         xs, ys = np.empty((len(x), crop, crop), np.float32), np.empty((len(x), crop, crop), np.float32)
         for k in range(len(x)):
             h, w = x[k].shape
-            if crop < min(h, w) and y[k].any() and rng.random() < s.defect_crop_share:
+            if crop < min(h, w):
+                centred = y[k].any() and rng.random() < s.defect_crop_share
+            else:  # keep_aspect: a square shot has no room; a long one may centre its square on a defect
+                centred = h != w and s.aspect_defect_share > 0 and y[k].any() and rng.random() < s.aspect_defect_share
+            if centred:
                 rows, cols = np.nonzero(y[k])
                 j = rng.integers(len(rows))
                 r = int(np.clip(rows[j] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, h - crop))
