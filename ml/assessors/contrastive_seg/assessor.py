@@ -25,9 +25,9 @@ averaged. Off by default: on the magnetic tiles it lifted the wide uneven-grindi
 split and cost the small defects on all three splits tried (docs/benchmarks.md). ``aspect_limit`` keeps
 the aspect only of shots longer than that ratio (e.g. 1.8: the wide ones) and squashes the rest as
 without it, so the small defects of ordinary shots stay in every training step. ``aspect_defect_share``
-keeps every aspect and instead centres that share of a defect shot's training squares on one of its defect
-pixels (nnU-Net's foreground oversampling), so a small defect is not left outside the square. At 0.7 it
-gave the best three-split mean so far, still below the paper's IoU, on one model seed: off until more seeds.
+centres that share of the training squares of a defect shot whose aspect is kept on one of its defect
+pixels (nnU-Net's foreground oversampling), so a small defect is not left outside the square. Both stay
+off: on a second model seed neither could be told apart from ``keep_aspect`` alone (docs/benchmarks.md).
 
 Inference: sigmoid probabilities at ``image_size``, resized back to the image, thresholded, and
 connected components smaller than ``min_object_px`` (at ``image_size`` scale) removed, as the paper's
