@@ -18,6 +18,8 @@ defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seg image_size=128   # one segmenter setting changed
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --branch with --seg width=32   # one variant only
     .venv/bin/python bench/image_tile.py --threads 2 --parts ae --ae epochs=120   # one autoencoder setting changed
+    .venv/bin/python bench/image_tile.py --threads 2 --parts ae --latents 100 --ae image_size=256 patches_per_image=4 \
+        blur=6   # one latent only: Bergmann's patches of a larger image
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --branch with --split grouped --split-seed 1 \
         --seg val_split=near_copies tune_threshold=true keep_aspect=true   # unseen tiles; the 2026-12-03 evening runs
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --branch with --split grouped --split-seed 1 \
@@ -256,6 +258,7 @@ def run(
     branch: str = "both",
     grouped: bool = False,
     split_seed: int = SEED,
+    latents: tuple[int, ...] | None = None,
 ) -> str:
     """Train and test the assessors of ``parts``; the markdown section with the figures.
 
@@ -264,9 +267,11 @@ def run(
     ``encoder="residual_se"`` trains the segmenter on the paper's own encoder, from scratch; ``seg_settings``
     replace the plan's segmenter settings and ``ae_settings`` the autoencoder's (how the plan's were chosen:
     docs/benchmarks.md); ``branch`` "with" or "without" trains one segmenter variant instead of both, to try
-    a setting in half the time."""
+    a setting in half the time; ``latents`` trains only those autoencoders, for the same reason."""
     torch.set_num_threads(threads)
     plan = QUICK if quick else FULL
+    if latents:
+        plan = replace(plan, latents=tuple(latents))
     replaced = []
     for part, name, changes in (("seg", "segmenter", {"encoder": encoder, **(seg_settings or {})}),
                                 ("ae", "autoencoder", ae_settings or {})):  # fmt: skip
@@ -450,6 +455,8 @@ def main() -> None:
                         help="the segmenter with its contrastive branch, without it, or both (default)")  # fmt: skip
     parser.add_argument("--ae", nargs="+", default=[], metavar="KEY=VALUE",
                         help="replace one of the autoencoder's settings, e.g. epochs=60 blur=3")  # fmt: skip
+    parser.add_argument("--latents", nargs="+", type=int, default=None, metavar="N",
+                        help="train only these autoencoder latent sizes (default: the plan's 100 300 500)")  # fmt: skip
     parser.add_argument("--split", choices=("images", "grouped"), default="images",
                         help="image by image (the recorded figures), or the shots of one tile together")  # fmt: skip
     args = parser.parse_args()
@@ -459,7 +466,7 @@ def main() -> None:
     grouped = args.split == "grouped"
     print(
         run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, seg, ae, args.branch, grouped,
-            args.split_seed)
+            args.split_seed, args.latents)
     )  # fmt: skip
 
 

@@ -63,7 +63,7 @@ class SsimAeSettings(AssessorSettings):
     score: Literal["max", "area"] = Field("max", description="image score: largest residual, or area above threshold")
     area_scale: float = Field(0.01, gt=0, lt=1, description="area share that maps to raw p(NOK) = 0.5 (score=area)")
     ok_quantile: float = Field(0.99, gt=0.5, lt=1, description="thresholds when the validation has no defects")
-    blur: float = Field(0.0, ge=0, le=5, description="Gaussian σ (pixels at image_size) applied before the network")
+    blur: float = Field(0.0, ge=0, le=16, description="Gaussian σ (pixels at image_size) applied before the network")
 
 
 class SsimAeAssessor(PixelMapAssessor):
