@@ -11,7 +11,7 @@ and the test defect images: pixel-level ROC-AUC over the test defect images' pix
 defect vs free. Paper's best (MVTec AD grid): pixel ROC-AUC 0.9397.
 (c) Training time of each model on this machine's CPU.
 
-    .venv/bin/python bench/image_tile.py --threads 2   # the full run (about an hour on 2 CPU cores)
+    .venv/bin/python bench/image_tile.py --threads 2   # the full run (about an hour and a quarter on 2 CPU cores)
     .venv/bin/python bench/image_tile.py --quick    # small images, a few epochs (under 3 minutes)
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --seed 1   # segmentation only, another seed (40 min)
     .venv/bin/python bench/image_tile.py --threads 2 --parts seg --encoder residual_se   # the paper's encoder
@@ -89,7 +89,7 @@ class Plan:
 FULL = Plan(
     seg={"encoder": "effnet_lite0", "width": 16, "image_size": 192, "crop_size": 0, "batch_size": 8, "lr": 2e-3,
          "epochs": 80, "patience": 80, "min_object_px": 12, "encoder_lr": 0.1, "tune_threshold": False},
-    ae={"lr": 1e-3, "epochs": 60, "patience": 60, "blur": 3.0},
+    ae={"lr": 2e-4, "epochs": 200, "patience": 200, "blur": 3.0},
     latents=(100, 300, 500),
     windows=(7, 11, 15),
     # the figures in braces come from the settings actually run (see ``run``), so an override cannot leave
@@ -100,8 +100,8 @@ FULL = Plan(
     "on validation kept), the encoder at {seg[encoder_lr]:g} of the decoder's learning rate, {threshold}; "
     "autoencoder on whole tiles resized to {ae[image_size]} × {ae[image_size]} and smoothed with a Gaussian of "
     "σ = {ae[blur]:g} pixels, {ae[epochs]} epochs at Adam "
-    "{ae[lr]:g} (Bergmann: 16 crops per image, 200 epochs at 2e-4); all of it to fit in about an hour of two CPU "
-    "threads",
+    "{ae[lr]:g} (Bergmann: 16 crops per image, 200 epochs at 2e-4); all of it to fit in about an hour and a "
+    "quarter of two CPU threads",
 )  # fmt: skip
 QUICK = Plan(
     seg={"encoder": "effnet_lite0", "width": 4, "image_size": 32, "crop_size": 0, "batch_size": 8, "lr": 2e-3,
