@@ -25,7 +25,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from bench.common import provenance
-from bench.image_tile import DATASETS, SEED, split
+from bench.image_tile import DATASETS, SEED, by_class, split
 from ml.imagesets.magnetic_tile import load_magnetic_tile
 
 SMOOTH = 8.0  # px at the tile's own resolution: about σ = 3 at the autoencoder's 128 px
@@ -65,8 +65,7 @@ CUES = {
 def run(datasets: Path = DATASETS, grouped: bool = False, split_seed: int = SEED) -> str:
     tiles = load_magnetic_tile(datasets / "magnetic-tile")
     _, defect_test, _, free_test = split(tiles, None, grouped, split_seed)
-    classes = tiles.labels[defect_test]
-    names = [tiles.classes[c] for c in np.unique(classes)]
+    names = [tiles.classes[c] for c in np.unique(tiles.labels[defect_test])]
     truth = [tiles.masks[i].ravel() for i in defect_test]  # type: ignore[index]
     test = np.r_[free_test, defect_test]
     y = tiles.nok[test].astype(int)
@@ -80,15 +79,13 @@ def run(datasets: Path = DATASETS, grouped: bool = False, split_seed: int = SEED
     for name, cue in CUES.items():
         maps = {i: cue(tiles.images[i].astype(np.float32)) for i in test}
         pixels = [maps[i].ravel() for i in defect_test]
-        pooled = roc_auc_score(np.concatenate(truth), np.concatenate(pixels))
+
+        def pixel_auc(k, pixels=pixels) -> float:  # k: positions into defect_test
+            return roc_auc_score(np.concatenate([truth[j] for j in k]), np.concatenate([pixels[j] for j in k]))
+
+        pooled = pixel_auc(range(len(defect_test)))
         image = roc_auc_score(y, [maps[i].max() for i in test])
-        per_class = [
-            roc_auc_score(
-                np.concatenate([truth[k] for k in np.flatnonzero(classes == c)]),
-                np.concatenate([pixels[k] for k in np.flatnonzero(classes == c)]),
-            )
-            for c in np.unique(classes)
-        ]
+        per_class = by_class(tiles, defect_test, pixel_auc).values()
         lines.append(f"| {name} | {pooled:.3f} | {image:.3f} | " + " | ".join(f"{a:.3f}" for a in per_class) + " |")
     return "\n".join(lines)
 
