@@ -164,6 +164,48 @@ def test_a_message_that_breaks_the_ensemble_is_rejected_with_its_coil_and_arriva
     worker.engine.dispose()
 
 
+class BreaksOnThick(Thinness):
+    """Raises on a coil above 300 g/m² everywhere, as a model with a bug on such input would."""
+
+    def predict(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray]:
+        if (np.nanmin(batch.matrices, axis=(1, 2)) > 300).any():
+            raise RuntimeError("boom")
+        return super().predict(batch)
+
+
+def test_a_coil_that_breaks_a_model_mid_batch_is_rejected_and_the_others_are_decided(tmp_path: Path) -> None:
+    """The worker isolates the message at fault; the batch's other rejections and the other coils' decisions
+    survive it, and the batch commits with every vote naming its model."""
+    from services.config import load_settings
+    from services.mqtt.client import Inbound
+    from services.workers.assess import AssessWorker
+
+    record = ModelRecord(id=17, name="thin", kind="thin", version=4, status="active", artifact_uri="", sha256="")
+    thick = encode_coil_message(
+        "C-thick", "galv-1", datetime(2026, 11, 23, tzinfo=UTC), np.full((264, 18), 320.0, np.float32)
+    )
+    raws = [  # the coil at fault first: the merged batch must still know every model's id
+        RawMessage(TOPICS.sensors("galv-1"), thick, time.time()),
+        _coil("C-1"),
+        RawMessage(TOPICS.sensors("galv-1"), b"{not json", time.time()),
+        _coil("C-2", thin=True),
+    ]
+    settings = load_settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'cg.db'}", mqtt_url="embedded")
+    worker = AssessWorker(settings, client_id="test")
+    store = MemoryStore()
+    worker.workflow = AssessCoils(store, TOPICS)
+    worker._serving = ServingEnsemble(Ensemble([Member(BreaksOnThick())]), {("thin", 4): record})  # type: ignore[arg-type]
+    _, prepared, _ = worker._prepare([Inbound(r.topic, r.payload, mid=i, qos=1) for i, r in enumerate(raws)])
+    result = worker.workflow.commit(prepared)
+    assert [(d.coil_id, d.decision) for d in result.decided] == [("C-1", "OK"), ("C-2", "NOK")]
+    assert sorted(str(r.coil_id) for r in result.rejected) == ["C-thick", "None"]
+    assert (
+        next(r for r in result.rejected if r.coil_id == "C-thick").reason == "could not be assessed: RuntimeError: boom"
+    )
+    assert store.votes == [("C-1", 17), ("C-2", 17)]
+    worker.engine.dispose()
+
+
 def test_a_message_whose_line_differs_from_its_topic_is_rejected(serving: ServingEnsemble) -> None:
     raw = _coil("C")
     moved = RawMessage(TOPICS.sensors("galv-9"), raw.payload, raw.received_at)
