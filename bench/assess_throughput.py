@@ -158,9 +158,15 @@ def main() -> None:
         default="own",
         help="broker URL, or 'own': a private Mosquitto with deploy/mosquitto/mosquitto.conf's tuning (default)",
     )
-    parser.add_argument("--profile", help="record the worker with py-spy into this SVG flame graph")
+    parser.add_argument(
+        "--profile",
+        help="record the worker with py-spy into this file: collapsed stacks per thread, idle included "
+        "(py-spy is not a dependency: `.venv/bin/pip install py-spy`)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
+    if args.profile and not (Path(sys.executable).parent / "py-spy").exists():
+        parser.error("--profile needs py-spy beside this Python: .venv/bin/pip install py-spy")
     with contextlib.ExitStack() as stack:
         if args.mqtt == "own":
             url = stack.enter_context(own_mosquitto())
