@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
@@ -17,6 +18,9 @@ from workflows.assess import AssessCoils, RawMessage, ServingEnsemble
 from workflows.messages import encode_coil_message
 from workflows.ports import AssessedCoil, ModelRecord, StoredDecision
 from workflows.topics import Topics
+
+if TYPE_CHECKING:
+    from services.workers.assess import AssessWorker
 
 TOPICS = Topics("cg")
 
@@ -65,8 +69,22 @@ class Thinness:
 
 @pytest.fixture
 def serving() -> ServingEnsemble:
+    return _serving(Thinness())
+
+
+def _serving(assessor: Thinness) -> ServingEnsemble:
+    """``assessor`` alone in the ensemble, registered as model id 17."""
     record = ModelRecord(id=17, name="thin", kind="thin", version=4, status="active", artifact_uri="", sha256="")
-    return ServingEnsemble(Ensemble([Member(Thinness())]), {("thin", 4): record})  # type: ignore[arg-type]
+    return ServingEnsemble(Ensemble([Member(assessor)]), {("thin", 4): record})  # type: ignore[arg-type]
+
+
+def _worker(tmp_path: Path) -> AssessWorker:
+    """An AssessWorker on SQLite and the embedded broker, never started: its batch methods are called directly."""
+    from services.config import load_settings
+    from services.workers.assess import AssessWorker
+
+    settings = load_settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'cg.db'}", mqtt_url="embedded")
+    return AssessWorker(settings, client_id="test")
 
 
 def _coil(coil_id: str, thin: bool = False, line: str = "galv-1") -> RawMessage:
@@ -152,11 +170,7 @@ def test_an_image_that_is_not_base64_is_rejected_with_no_image_model_active(serv
 def test_a_message_that_breaks_the_ensemble_is_rejected_with_its_coil_and_arrival(tmp_path: Path) -> None:
     """The worker's last resort (a message that parsed but broke a model): the rejection still names the coil
     and when it arrived, as DESIGN §3's rejected payload has them."""
-    from services.config import load_settings
-    from services.workers.assess import AssessWorker
-
-    settings = load_settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'cg.db'}", mqtt_url="embedded")
-    worker = AssessWorker(settings, client_id="test")
+    worker = _worker(tmp_path)
     raw = RawMessage(TOPICS.sensors("galv-1"), _coil("C-broke").payload, 1_790_000_000.0)
     [rejection] = worker._unassessable(raw, RuntimeError("boom"), {}).result.rejected
     assert rejection.coil_id == "C-broke" and rejection.reason == "could not be assessed: RuntimeError: boom"
@@ -176,11 +190,8 @@ class BreaksOnThick(Thinness):
 def test_a_coil_that_breaks_a_model_mid_batch_is_rejected_and_the_others_are_decided(tmp_path: Path) -> None:
     """The worker isolates the message at fault; the batch's other rejections and the other coils' decisions
     survive it, and the batch commits with every vote naming its model."""
-    from services.config import load_settings
     from services.mqtt.client import Inbound
-    from services.workers.assess import AssessWorker
 
-    record = ModelRecord(id=17, name="thin", kind="thin", version=4, status="active", artifact_uri="", sha256="")
     thick = encode_coil_message(
         "C-thick", "galv-1", datetime(2026, 11, 23, tzinfo=UTC), np.full((264, 18), 320.0, np.float32)
     )
@@ -190,11 +201,10 @@ def test_a_coil_that_breaks_a_model_mid_batch_is_rejected_and_the_others_are_dec
         RawMessage(TOPICS.sensors("galv-1"), b"{not json", time.time()),
         _coil("C-2", thin=True),
     ]
-    settings = load_settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'cg.db'}", mqtt_url="embedded")
-    worker = AssessWorker(settings, client_id="test")
+    worker = _worker(tmp_path)
     store = MemoryStore()
     worker.workflow = AssessCoils(store, TOPICS)
-    worker._serving = ServingEnsemble(Ensemble([Member(BreaksOnThick())]), {("thin", 4): record})  # type: ignore[arg-type]
+    worker._serving = _serving(BreaksOnThick())
     _, prepared, _ = worker._prepare([Inbound(r.topic, r.payload, mid=i, qos=1) for i, r in enumerate(raws)])
     result = worker.workflow.commit(prepared)
     assert [(d.coil_id, d.decision) for d in result.decided] == [("C-1", "OK"), ("C-2", "NOK")]
