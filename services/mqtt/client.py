@@ -181,28 +181,26 @@ class MqttClient:
                 raise ConnectionError(f"unsubscribe from {topic} failed: {paho.error_string(result)}")
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
+        """Publish; while the connection is down a QoS 1 message waits in the client and goes out on reconnect."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        self._last_publish = info
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0:
+            # paho keeps the message (no queue limit is set) and re-sends it after the reconnect, but leaves this
+            # code on its info for good, and then its is_published() and wait_for_publish() raise even once the
+            # broker has acknowledged it. The message is queued, which is what success means here.
+            info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        self._last_publish = info
         return info
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until the broker has acknowledged everything published so far (QoS 1 is acked in order).
-
-        A message published while the connection was down is sent, and acknowledged, after the reconnect;
-        paho's ``wait_for_publish`` refuses to wait for one, so its state is polled instead."""
+        """Wait until the broker has acknowledged everything published so far (QoS 1 is acked in order),
+        including what was published while the connection was down and is re-sent after the reconnect."""
         last = self._last_publish
-        deadline = time.monotonic() + timeout
-        while last is not None and not last.is_published():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                last.wait_for_publish(min(remaining, 0.5))
-            except (RuntimeError, ValueError):
-                time.sleep(min(remaining, 0.1))
-        return True
+        if last is None:
+            return True
+        last.wait_for_publish(timeout)
+        return last.is_published()
 
     def ack(self, message: Inbound) -> None:
         """Acknowledge a message received with ``manual_ack``; a no-op for QoS 0."""

@@ -91,8 +91,12 @@ class AssessEnv:
         return out
 
     @contextlib.contextmanager
-    def worker(self, client_id: str | None = None, **kwargs: object) -> Iterator[AssessWorker]:
-        worker = AssessWorker(self.settings, engine=self.engine, client_id=client_id or self.client_id, **kwargs)
+    def worker(
+        self, client_id: str | None = None, mqtt_url: str | None = None, **kwargs: object
+    ) -> Iterator[AssessWorker]:
+        """A worker on its own thread, stopped on exit; ``mqtt_url``: reach the broker another way (a proxy)."""
+        settings = self.settings.model_copy(update={"mqtt_url": mqtt_url}) if mqtt_url else self.settings
+        worker = AssessWorker(settings, engine=self.engine, client_id=client_id or self.client_id, **kwargs)
         thread = threading.Thread(target=worker.run, name="assess-worker", daemon=True)
         thread.start()
         assert worker.ready.wait(60), "worker did not start"

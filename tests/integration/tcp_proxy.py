@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from urllib.parse import urlsplit
 
 
 class TcpProxy:
@@ -15,6 +16,14 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._stalled = threading.Event()
         self.port = 0
+
+    @classmethod
+    def in_front_of(cls, url: str, default_port: int) -> tuple[TcpProxy, str]:
+        """A started proxy to ``url``'s host and port, and ``url`` pointing at the proxy instead."""
+        parts = urlsplit(url)
+        proxy = cls(parts.hostname or "127.0.0.1", parts.port or default_port).start()
+        credentials = parts.netloc.rpartition("@")[0]
+        return proxy, parts._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}".lstrip("@")).geturl()
 
     def start(self) -> TcpProxy:
         server = socket.socket()

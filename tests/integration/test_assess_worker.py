@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import orjson
@@ -236,13 +235,9 @@ def test_while_the_database_is_down_nothing_is_dropped_and_the_worker_catches_up
     tmp_path: Path,
     trained_cnns: list[Assessor],
 ) -> None:
-    from sqlalchemy.engine import make_url
     from tcp_proxy import TcpProxy
 
-    direct = pg_database_factory()
-    parsed = make_url(direct)
-    proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432).start()
-    via_proxy = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy, via_proxy = TcpProxy.in_front_of(pg_database_factory(), 5432)
     with assess_env(via_proxy, mqtt_url, f"{topic_prefix}/db-outage", tmp_path) as env:
         env.register(trained_cnns[0])
         first, during = _coils(100, "D1", seed=41), _coils(150, "D2", seed=42)
@@ -277,34 +272,67 @@ def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
     from tcp_proxy import TcpProxy
 
     monkeypatch.setattr(assess_module, "CONFIRM_WAIT_S", 1.0)
-    broker = urlsplit(mqtt_url)
-    proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 1883).start()
-    credentials = broker.netloc.rpartition("@")[0]
-    via_proxy = broker._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}".lstrip("@")).geturl()
+    proxy, via_proxy = TcpProxy.in_front_of(mqtt_url, 1883)
     with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/unconfirmed", tmp_path) as env:
         env.register(trained_cnns[0])
         coils = _coils(5, "U")
-        settings = env.settings.model_copy(update={"mqtt_url": via_proxy})
-        worker = AssessWorker(settings, engine=env.engine, client_id=env.client_id)
-        thread = threading.Thread(target=worker.run, name="assess-worker", daemon=True)
-        thread.start()
         try:
-            assert worker.ready.wait(60), "worker did not start"
-            proxy.stall()
-            publish_coils(env.publisher, env.topics, coils)
-            # decided and stored, and announced into the void: the worker waits for the broker's word (and
-            # a later batch, when the five came in two, waits behind it)
-            assert wait_for(lambda: env.coils() >= 1, timeout=60)
-            time.sleep(2.5)
+            with env.worker(mqtt_url=via_proxy):  # stopped on leaving, with the network still dropping packets
+                proxy.stall()
+                publish_coils(env.publisher, env.topics, coils)
+                # decided and stored, and announced into the void: the worker waits for the broker's word (and
+                # a later batch, when the five came in two, waits behind it)
+                assert wait_for(lambda: env.coils() >= 1, timeout=60)
+                time.sleep(2.5)
         finally:
-            worker.stop()
-            thread.join(30)
             proxy.cut()
-        assert not thread.is_alive() and not env.listener.decisions
+        assert not env.listener.decisions
         with env.worker():  # directly connected, same session: the unacknowledged coils come back
             assert wait_for(lambda: len(env.listener.decisions) >= 5, timeout=60), env.listener.decisions
         assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in coils)
         assert env.count(Assessment.id) == 5  # one vote each: stored once, announced after the restart
+
+
+def test_a_broker_connection_broken_as_a_batch_is_announced_loses_nothing_and_the_stream_goes_on(
+    pg_database_factory: Callable[[], str],
+    mqtt_url: str,
+    topic_prefix: str,
+    tmp_path: Path,
+    trained_cnns: list[Assessor],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection breaks between a batch's commit and its announcement (a broker restart, a network blip):
+    the decisions wait in the client, go out after the reconnect, and only then is the batch acknowledged;
+    the worker goes on with the coils that come later."""
+    from tcp_proxy import TcpProxy
+
+    proxy, via_proxy = TcpProxy.in_front_of(mqtt_url, 1883)
+    with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/reconnect", tmp_path) as env:
+        env.register(trained_cnns[0])
+        first, later = _coils(20, "B1", seed=43), _coils(30, "B2", seed=44)
+        try:
+            with env.worker(mqtt_url=via_proxy) as worker:
+                commit, broken = worker.workflow.commit, threading.Event()
+
+                def commit_then_lose_the_broker(*args: object):
+                    result = commit(*args)
+                    if not broken.is_set():  # the first batch: announced while the connection is down
+                        broken.set()
+                        proxy.cut()
+                        wait_for(lambda: not worker.client.connected.is_set(), timeout=10)
+                        threading.Timer(1.0, proxy.restore).start()
+                    return result
+
+                monkeypatch.setattr(worker.workflow, "commit", commit_then_lose_the_broker)
+                publish_coils(env.publisher, env.topics, first)
+                assert wait_for(lambda: broken.is_set() and worker.client.connected.is_set(), timeout=60)
+                publish_coils(env.publisher, env.topics, later)
+                assert wait_for(lambda: env.coils() == 50, timeout=60), env.coils()
+                every = {c.coil_id for c in first + later}
+                assert wait_for(lambda: {d["coil_id"] for d in env.listener.decisions} == every, timeout=30)
+        finally:
+            proxy.cut()
+        assert env.count(Assessment.id) == 50  # each decided once (a coil redelivered after the break is not)
 
 
 def test_a_coil_sent_twice_in_quick_succession_is_announced_once(

@@ -79,6 +79,32 @@ def test_unacked_messages_are_redelivered_after_a_crash(mqtt_url: str, topic_pre
     MqttClient(mqtt_url, client_id=client_id).connect().close()  # clean_start: forget the session
 
 
+def test_what_is_published_while_the_broker_is_away_goes_out_and_is_confirmed_after_the_reconnect(
+    mqtt_url: str, topic_prefix: str
+) -> None:
+    """A worker announces decisions while its connection is down: they wait in the client, reach the broker
+    after the reconnect, and ``flush`` then says so (it must neither raise nor wait for ever)."""
+    from tcp_proxy import TcpProxy
+
+    proxy, via_proxy = TcpProxy.in_front_of(mqtt_url, 1883)
+    topic = f"{topic_prefix}/away/{uuid.uuid4().hex[:6]}"
+    got: list[Inbound] = []
+    with MqttClient(mqtt_url, on_message=got.append) as sub, MqttClient(via_proxy) as pub:
+        sub.subscribe(topic)
+        pub.publish(topic, b"before")
+        assert pub.flush(5)
+        proxy.cut()
+        assert _wait_for(lambda: not pub.connected.is_set())
+        for i in range(3):
+            pub.publish(topic, f"away{i}".encode())
+        assert not pub.flush(0.5), "nothing can be confirmed while the broker is away"
+        proxy.restore()
+        assert pub.flush(15)
+        assert _wait_for(lambda: len(got) == 4)
+    proxy.cut()
+    assert [m.payload for m in got] == [b"before", b"away0", b"away1", b"away2"]
+
+
 def test_shared_subscription_splits_the_stream(mqtt_url: str, topic_prefix: str) -> None:
     a: list[Inbound] = []
     b: list[Inbound] = []
