@@ -26,6 +26,10 @@ class _Metrics:
         )
         self.votes = Counter("coilguard_model_votes_total", "Votes cast", ["model", "version", "label"])
         self.db_retries = Counter("coilguard_db_retries_total", "Database operations retried during an outage")
+        self.refused_reloads = Counter(
+            "coilguard_refused_reloads_total",
+            "Registry changes the worker could not load (the previous ensemble served)",
+        )
         self.retrain_runs = Counter("coilguard_retrain_runs_total", "ReTrain runs by outcome", ["model", "status"])
         self.retrain_seconds = Histogram(
             "coilguard_retrain_seconds",

@@ -98,6 +98,7 @@ class WorkerStats:
     duplicates: int = 0
     republished: int = 0
     reloads: int = 0
+    refused_reloads: int = 0  # registry changes that did not load: the previous ensemble went on serving
 
 
 class AssessWorker:
@@ -213,18 +214,26 @@ class AssessWorker:
         self._reload.set()  # wakes a worker waiting for its first model
 
     def _wait_for_models(self) -> ServingEnsemble | None:
-        """The ensemble, once a model is registered (None if stopped first): a fresh install's worker waits,
-        subscribed, instead of exiting and restarting until somebody trains one."""
-        told = False
+        """The ensemble, once the registry has one that loads (None if stopped first): a fresh install's worker,
+        or one whose models do not load (a tampered or missing file), waits subscribed instead of exiting and
+        restarting in a loop; the coils wait for it in the broker."""
+        told = ""
         while not self.stopping.is_set():
             try:
                 return self._retry("look for a model", self.loader.load)
             except _Stopped:
                 return None
-            except NoActiveModel as exc:
-                if not told:
-                    log.warning("%s; waiting for one (coils wait for this worker in the broker)", exc)
-                    told = True
+            except DBAPIError:
+                raise
+            except Exception as exc:  # NoActiveModel, or an artifact the manifest check refuses
+                if str(exc) != told:
+                    if isinstance(exc, NoActiveModel):
+                        log.warning("%s; waiting for one (coils wait for this worker in the broker)", exc)
+                    else:
+                        log.error(
+                            "cannot serve the registry's active models (%s); waiting for a version that loads", exc
+                        )
+                    told = str(exc)
                 self._reload.wait(MODEL_WAIT_S)  # a `promoted` event, or the next look
                 self._reload.clear()
         return None
@@ -423,7 +432,23 @@ class AssessWorker:
         active = {(r.name, r.version) for r in self._retry("read the registry", self.loader.registry.active_models)}
         if active == set(current):
             return
-        previous, self._serving = self._serving, self._retry("load the ensemble", self.loader.load)
+        try:
+            loaded = self._retry("load the ensemble", self.loader.load)
+        except DBAPIError:
+            raise
+        except Exception as exc:  # nothing active (retired before the next was activated) or a broken artifact
+            self.stats.refused_reloads += 1
+            METRICS.refused_reloads.inc()
+            wanted = ", ".join(f"{name} v{version}" for name, version in sorted(active)) or "none"
+            log.error(
+                "the registry's active models (%s) did not load: %s; %s keeps serving, trying again in %.0f s",
+                wanted,
+                exc,
+                self._serving.describe() if self._serving else "nothing",
+                RELOAD_POLL_S,
+            )
+            return
+        previous, self._serving = self._serving, loaded
         if previous is not None:  # its last batch is voted: reloads happen on this thread, between batches
             previous.ensemble.close()
         self.stats.reloads += 1

@@ -64,6 +64,7 @@ class AssessEnv:
     publisher: MqttClient
     listener: Listener
     client_id: str
+    _threads: dict[int, threading.Thread] = field(default_factory=dict)
 
     def register(self, assessor: Assessor, status: str = "active", dataset: CoilDataset | None = None) -> ModelRecord:
         return register(assessor, self.registry, self.settings.model_dir, status=status, dataset=dataset)
@@ -92,20 +93,26 @@ class AssessEnv:
 
     @contextlib.contextmanager
     def worker(
-        self, client_id: str | None = None, mqtt_url: str | None = None, **kwargs: object
+        self, client_id: str | None = None, mqtt_url: str | None = None, ready: bool = True, **kwargs: object
     ) -> Iterator[AssessWorker]:
-        """A worker on its own thread, stopped on exit; ``mqtt_url``: reach the broker another way (a proxy)."""
+        """A worker on its own thread, stopped on exit; ``mqtt_url``: reach the broker another way (a proxy);
+        ``ready=False``: yield it once subscribed, before it has an ensemble to serve."""
         settings = self.settings.model_copy(update={"mqtt_url": mqtt_url}) if mqtt_url else self.settings
         worker = AssessWorker(settings, engine=self.engine, client_id=client_id or self.client_id, **kwargs)
         thread = threading.Thread(target=worker.run, name="assess-worker", daemon=True)
+        self._threads[id(worker)] = thread
         thread.start()
-        assert worker.ready.wait(60), "worker did not start"
+        started = worker.ready if ready else worker.subscribed
+        assert started.wait(60), "worker did not start"
         try:
             yield worker
         finally:
             worker.stop()
             thread.join(30)
             assert not thread.is_alive(), "worker did not stop"
+
+    def running(self, worker: AssessWorker) -> bool:
+        return self._threads[id(worker)].is_alive()
 
     def env(self, worker: bool = True) -> dict[str, str]:
         """Environment for a `coilguard …` subprocess with the same settings (``worker``: as this worker)."""

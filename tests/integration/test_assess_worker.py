@@ -27,6 +27,7 @@ from services.line import publish_coils
 from services.workers import assess as assess_module
 from services.workers.assess import AssessWorker
 from workflows.messages import ModelEvent, dumps
+from workflows.training import resolve_artifact
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +213,7 @@ def test_promotion_mid_stream_switches_versions_without_losing_a_coil(
         with env.engine.connect() as conn:  # the worker's heartbeat names what it serves
             beat = conn.execute(select(Worker.kind, Worker.info)).one()
         assert beat.kind == "assess" and beat.info["models"] == {"cnn": 1}
-        challenger = env.register(trained_cnns[1], status="candidate")
-        env.registry.promote(challenger.id)
-        event = ModelEvent(event="promoted", model="cnn", version=challenger.version, at=datetime.now(UTC))
-        env.publisher.publish(env.topics.model_events, dumps(event))
+        _promote(env, env.register(trained_cnns[1], status="candidate"))
         assert wait_for(lambda: worker.stats.reloads == 1, timeout=30)
         publish_coils(env.publisher, env.topics, second, rate=None)
         assert wait_for(lambda: env.coils() == 600, timeout=60)
@@ -378,25 +376,56 @@ def test_a_worker_started_before_any_model_waits_subscribed_and_loses_no_coil(
     """A fresh install: the worker starts before anybody trained a model. It must neither exit (a restart
     loop, with nobody subscribed meanwhile) nor drop the coils that arrive before the first model."""
     with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/no-model", tmp_path) as env:
-        worker = AssessWorker(env.settings, engine=env.engine, client_id=env.client_id)
-        thread = threading.Thread(target=worker.run, name="assess-worker", daemon=True)
-        thread.start()
-        try:
-            assert worker.subscribed.wait(60), "worker did not subscribe"
-            coils = _coils(10, "W")
+        coils = _coils(10, "W")
+        with env.worker(ready=False) as worker:
             publish_coils(env.publisher, env.topics, coils)
             time.sleep(1.0)
-            assert thread.is_alive() and not worker.ready.is_set() and env.coils() == 0
-            record = env.register(trained_cnns[0])
-            event = ModelEvent(event="promoted", model=record.name, version=record.version, at=datetime.now(UTC))
-            env.publisher.publish(env.topics.model_events, dumps(event))
+            assert env.running(worker) and not worker.ready.is_set() and env.coils() == 0
+            _promote(env, env.register(trained_cnns[0]))
             assert worker.ready.wait(30), "the first model was not picked up"
             assert wait_for(lambda: env.coils() == 10, timeout=30), env.coils()
-        finally:
-            worker.stop()
-            thread.join(30)
-        assert not thread.is_alive()
         assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in coils)
+
+
+def test_a_promoted_version_that_does_not_load_is_refused_and_the_one_serving_goes_on(
+    pg_database_factory: Callable[[], str], mqtt_url: str, topic_prefix: str, tmp_path: Path, trained_cnns: list
+) -> None:
+    """A version whose weights were altered (or half copied) is promoted. The worker refuses it and decides with
+    the version it serves; a worker started while only that version is active waits, subscribed, instead of
+    exiting in a restart loop; both take the next version that loads."""
+    with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/broken", tmp_path) as env:
+        env.register(trained_cnns[0])
+        first, second, third = (_coils(40, f"T{i}", seed=50 + i) for i in range(3))
+        with env.worker() as worker:
+            publish_coils(env.publisher, env.topics, first)
+            assert wait_for(lambda: env.coils() == 40, timeout=60)
+            broken = env.register(trained_cnns[1], status="candidate")
+            weights = resolve_artifact(env.settings.model_dir, broken.artifact_uri) / "weights.pt"
+            data = bytearray(weights.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            weights.write_bytes(bytes(data))
+            _promote(env, broken)
+            assert wait_for(lambda: worker.stats.refused_reloads >= 1, timeout=30)
+            publish_coils(env.publisher, env.topics, second)
+            assert wait_for(lambda: env.coils() == 80, timeout=60)
+            assert env.running(worker) and worker.stats.reloads == 0
+        with env.worker(ready=False) as fresh:  # only the broken version is active now
+            publish_coils(env.publisher, env.topics, third)
+            time.sleep(1.0)
+            assert env.running(fresh) and not fresh.ready.is_set() and env.coils() == 80
+            _promote(env, env.register(trained_cnns[1], status="candidate"))
+            assert fresh.ready.wait(30), "the version that loads was not picked up"
+            assert wait_for(lambda: env.coils() == 120, timeout=30), env.coils()
+    votes = env.votes_per_coil()
+    assert {tuple(votes[c.coil_id]) for c in first + second} == {(("cnn", 1),)}
+    assert {tuple(votes[c.coil_id]) for c in third} == {(("cnn", 3),)}
+
+
+def _promote(env: AssessEnv, record) -> None:
+    """Make ``record`` the active version and tell the workers, as ReTrain and `coilguard models promote` do."""
+    env.registry.promote(record.id)
+    event = ModelEvent(event="promoted", model=record.name, version=record.version, at=datetime.now(UTC))
+    env.publisher.publish(env.topics.model_events, dumps(event))
 
 
 def test_sigterm_finishes_the_batch_acknowledges_and_exits_cleanly(env: AssessEnv, tmp_path: Path) -> None:
