@@ -422,7 +422,7 @@ def test_a_promoted_version_that_does_not_load_is_refused_and_the_one_serving_go
 
 
 def _promote(env: AssessEnv, record) -> None:
-    """Make ``record`` the active version and tell the workers, as ReTrain and `coilguard models promote` do."""
+    """Make ``record`` the active version and tell the workers, as ReTrain does."""
     env.registry.promote(record.id)
     event = ModelEvent(event="promoted", model=record.name, version=record.version, at=datetime.now(UTC))
     env.publisher.publish(env.topics.model_events, dumps(event))
