@@ -102,10 +102,16 @@ class ModelRegistry(Protocol):
         parent_id: int | None = None,
     ) -> ModelRecord: ...
 
-    def promote(self, model_id: int) -> ModelRecord | None:
-        """Activate ``model_id`` and retire the name's previous active version, atomically."""
+    def promote(self, model_id: int, replacing: int | None = None) -> ModelRecord | None:
+        """Activate ``model_id`` and retire the name's previous active version, atomically; with ``replacing``,
+        only if that version is still the active one (:class:`ChampionChanged` otherwise)."""
 
     def set_status(self, model_id: int, status: str) -> None: ...
+
+
+class ChampionChanged(RuntimeError):
+    """The version a challenger was judged against is no longer the active one: promoting it would retire a
+    version nobody compared it with."""
 
 
 class Publisher(Protocol):

@@ -43,6 +43,7 @@ from ml.recalibration import GaugeGains, estimate_gains, read_through
 from workflows.messages import ModelEvent, dumps
 from workflows.model_score import ScoreRule, due_for_retraining
 from workflows.ports import (
+    ChampionChanged,
     FeedbackStore,
     LabelledCoil,
     LatestScore,
@@ -145,6 +146,10 @@ class ReTrain:
         champion_record = latest.model
         if (skipped := self._image_model(champion_record)) is not None:
             return skipped
+        if champion_record.id not in {m.id for m in self.registry.active_models()}:  # replaced since the pass began
+            why = f"v{champion_record.version} is no longer the active version"
+            log.info("ReTrain %s: %s; skipped", champion_record.name, why)
+            return RetrainOutcome(champion_record.name, champion_record.version, "skipped", why)
         if latest.score is None:
             reason = "forced"
         else:
@@ -157,6 +162,7 @@ class ReTrain:
         started = time.perf_counter()
         metrics: dict[str, Any] = {"trigger": {"score": latest.score, "n_coils": latest.n_coils}}
         device: str | None = None
+        promoted: ModelRecord | None = None
         try:
             check_folder_name(champion_record.name)  # before the training, not at the registration after it
             champion = load_model(champion_record, self.model_dir)
@@ -210,7 +216,21 @@ class ReTrain:
                 parent_id=champion_record.id,
                 dataset=kept.get("dataset"),
             )
-            self.registry.promote(record.id)
+            try:
+                self.registry.promote(record.id, replacing=champion_record.id)
+            except ChampionChanged as exc:  # somebody promoted or retired a version during the training
+                why = f"{exc}; the challenger stays a candidate (v{record.version}), judged against the old version"
+                self.runs.finish(
+                    run_id,
+                    "rejected",
+                    reason=f"{reason}; {why}",
+                    challenger_id=record.id,
+                    metrics=metrics,
+                    device=device,
+                )
+                log.warning("ReTrain %s: %s", champion_record.name, why)
+                return RetrainOutcome(champion_record.name, champion_record.version, "rejected", why, None, metrics)
+            promoted = record
             metrics["total_s"] = round(time.perf_counter() - started, 2)
             self.runs.finish(run_id, "promoted", challenger_id=record.id, metrics=metrics, device=device)
             self._announce(record.name, record.version, champion_record.version)
@@ -227,11 +247,27 @@ class ReTrain:
         except BaseException as exc:  # SIGTERM and Ctrl-C too: the run must not stay "running"
             metrics["total_s"] = round(time.perf_counter() - started, 2)
             why = f"{type(exc).__name__}: {exc}"
-            self.runs.finish(run_id, "failed", reason=f"{reason}; {why}", metrics=metrics, device=device)
-            log.exception("ReTrain %s failed; v%d keeps serving", champion_record.name, champion_record.version)
+            if promoted is None:
+                self.runs.finish(run_id, "failed", reason=f"{reason}; {why}", metrics=metrics, device=device)
+                log.exception("ReTrain %s failed; v%d keeps serving", champion_record.name, champion_record.version)
+                outcome = RetrainOutcome(champion_record.name, champion_record.version, "failed", why, None, metrics)
+            else:  # what failed came after the promotion (recording the run, the event): the new version serves
+                why = f"promoted, then {why} (workers find the new version by polling)"
+                self.runs.finish(
+                    run_id,
+                    "promoted",
+                    reason=f"{reason}; {why}",
+                    challenger_id=promoted.id,
+                    metrics=metrics,
+                    device=device,
+                )
+                log.exception("ReTrain %s: v%d %s", promoted.name, promoted.version, why)
+                outcome = RetrainOutcome(
+                    champion_record.name, champion_record.version, "promoted", why, promoted.version, metrics
+                )
             if not isinstance(exc, Exception):
                 raise
-            return RetrainOutcome(champion_record.name, champion_record.version, "failed", why, None, metrics)
+            return outcome
 
     def _image_model(self, record: ModelRecord) -> RetrainOutcome | None:
         """An image model is skipped, with what to do: the coil store keeps each coil's matrix, not the surface

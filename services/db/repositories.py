@@ -51,6 +51,7 @@ from services.db.models import (
 )
 from workflows.ports import (
     AssessedCoil,
+    ChampionChanged,
     LabelledCoil,
     LatestScore,
     ModelRecord,
@@ -283,11 +284,12 @@ class SqlModelRegistry:
             self.set_status(model_id, status)
         return self.get(model_id)
 
-    def promote(self, model_id: int) -> ModelRecord | None:
+    def promote(self, model_id: int, replacing: int | None = None) -> ModelRecord | None:
         """In one transaction: retire the name's active version (if any) and activate ``model_id``.
 
-        Returns the retired champion. The partial unique index on active versions makes a concurrent
-        double promotion fail instead of leaving two versions serving.
+        Returns the retired champion. With ``replacing`` (ReTrain's champion), nothing changes unless that is
+        still the active version: the check and the change share the transaction, and the partial unique index
+        on active versions makes a concurrent double promotion fail instead of leaving two versions serving.
         """
         now = datetime.now(UTC)
         with self.engine.begin() as conn:
@@ -295,6 +297,10 @@ class SqlModelRegistry:
             champion = conn.execute(
                 select(models).where(models.c.name == name, models.c.status == "active", models.c.id != model_id)
             ).first()
+            if replacing is not None and (champion is None or champion.id != replacing):
+                expected = conn.execute(select(models.c.version).where(models.c.id == replacing)).scalar_one()
+                now_active = f"v{champion.version} is active now" if champion is not None else "no version is active"
+                raise ChampionChanged(f"{name} v{expected} was to be replaced, but {now_active}")
             if champion is not None:
                 conn.execute(update(models).where(models.c.id == champion.id).values(status="retired", retired_at=now))
             conn.execute(update(models).where(models.c.id == model_id).values(status="active", promoted_at=now))

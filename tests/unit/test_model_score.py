@@ -20,8 +20,8 @@ from services.db.engine import make_engine
 from services.db.migrate import upgrade
 from services.db.repositories import SqlCoilStore, SqlFeedbackStore, SqlModelRegistry, SqlRetrainRuns, SqlScoreStore
 from workflows.model_score import ScoreRule, due_for_retraining, score_models
-from workflows.ports import LabelledCoil, UnknownCoil
-from workflows.retrain import combine, split_by_time
+from workflows.ports import LabelledCoil, LatestScore, ModelRecord, UnknownCoil
+from workflows.retrain import RetrainConfig, combine, split_by_time
 from workflows.training import register
 
 RULE = ScoreRule(threshold=0.75, min_coils=10)
@@ -171,22 +171,7 @@ def test_a_shutdown_ends_the_training_at_the_next_epoch_and_starts_no_other(engi
     """A scheduler stopped mid-ReTrain (SIGTERM) must not leave the pod's grace period to a SIGKILL: the run
     ends at an epoch boundary, is recorded as failed, the champion keeps serving, the next model waits."""
     registry = SqlModelRegistry(engine)
-    ids = {}
-    for name in ("first", "second"):
-        champion = CnnAssessor({"epochs": 3, "seed": 0}, name=name)
-        champion.fit(stripe_coils(60, 0.2), device="cpu")
-        ids[(name, 1)] = register(champion, registry, tmp_path, status="active").id
-    labelled = stripe_coils(30, 0.3, seed=5)
-    SqlCoilStore(engine).save_assessed(
-        [
-            assessed_coil(str(c), [MemberVote(n, 1, "OK", 0.5, 0.5) for n in ("first", "second")])
-            for c in labelled.coil_id
-        ],
-        ids,
-    )
-    feedback = SqlFeedbackStore(engine)
-    for coil_id, y in zip(labelled.coil_id, labelled.y, strict=True):
-        feedback.add(str(coil_id), "NOK" if y else "OK", "anna")
+    _serving_with_feedback(engine, registry, tmp_path, ("first", "second"), epochs=3)
     stop = threading.Event()
     retrain = sql_retrain(engine, registry, tmp_path, stop=stop)
     retrain.on_progress = lambda event: stop.set()  # SIGTERM arrives as the first challenger starts training
@@ -198,6 +183,71 @@ def test_a_shutdown_ends_the_training_at_the_next_epoch_and_starts_no_other(engi
         runs = conn.execute(text("SELECT status, reason FROM retrain_runs")).all()
     assert [r.status for r in runs] == ["failed"] and "shutting down" in runs[0].reason
     assert sorted((m.name, m.version) for m in registry.active_models()) == [("first", 1), ("second", 1)]
+
+
+def test_a_challenger_judged_against_a_version_replaced_meanwhile_is_not_promoted(engine, tmp_path: Path) -> None:
+    """An operator promotes another version while ReTrain trains against the old one. The challenger was never
+    compared with the version now serving, so it must not retire it: it stays a candidate. A pass whose list of
+    models predates the change skips the version that is no longer active."""
+    registry = SqlModelRegistry(engine)
+    [old_champion] = _serving_with_feedback(engine, registry, tmp_path, ("line",))
+    other = CnnAssessor({"epochs": 1, "seed": 1}, name="line")
+    other.fit(stripe_coils(60, 0.2), device="cpu")
+    meanwhile = register(other, registry, tmp_path)  # a candidate, v2
+    retrain = sql_retrain(engine, registry, tmp_path, config=RetrainConfig(margin=1.0))  # any challenger passes
+    retrain.on_progress = lambda event: registry.promote(meanwhile.id)  # the operator, as training starts
+
+    [outcome] = retrain.run(["line"], force=True)
+    assert outcome.status == "rejected", outcome
+    assert "line v1 was to be replaced, but v2 is active now" in outcome.reason
+    assert [(m.name, m.version) for m in registry.active_models()] == [("line", 2)]
+    with engine.connect() as conn:
+        run = conn.execute(text("SELECT status, challenger_id FROM retrain_runs")).one()
+    challenger = registry.get(run.challenger_id)
+    assert run.status == "rejected" and (challenger.version, challenger.status) == (3, "candidate")
+
+    stale = retrain.retrain(LatestScore(old_champion, 0, None, datetime.now(UTC)))
+    assert stale.status == "skipped" and "v1 is no longer the active version" in stale.reason
+
+
+def test_a_promotion_whose_announcement_fails_is_recorded_as_a_promotion(engine, tmp_path: Path) -> None:
+    """The new version serves once the registry says so; an event that cannot go out afterwards must not have the
+    run recorded as failed and the log say the old version keeps serving."""
+
+    class BrokenBroker:
+        def publish(self, messages) -> None:
+            raise RuntimeError("the broker went away")
+
+    registry = SqlModelRegistry(engine)
+    _serving_with_feedback(engine, registry, tmp_path, ("line",))
+    retrain = sql_retrain(engine, registry, tmp_path, config=RetrainConfig(margin=1.0), publisher=BrokenBroker())
+    [outcome] = retrain.run(["line"], force=True)
+    assert (outcome.status, outcome.challenger_version) == ("promoted", 2), outcome
+    assert "RuntimeError: the broker went away" in outcome.reason
+    assert [(m.name, m.version) for m in registry.active_models()] == [("line", 2)]
+    with engine.connect() as conn:
+        run = conn.execute(text("SELECT status, reason FROM retrain_runs")).one()
+    assert run.status == "promoted" and "the broker went away" in run.reason
+
+
+def _serving_with_feedback(
+    engine, registry: SqlModelRegistry, model_dir: Path, names: tuple[str, ...], epochs: int = 1
+) -> list[ModelRecord]:
+    """CNNs named ``names`` in service (v1 each), and 30 assessed coils the operators labelled."""
+    records = []
+    for name in names:
+        champion = CnnAssessor({"epochs": epochs, "seed": 0}, name=name)
+        champion.fit(stripe_coils(60, 0.2), device="cpu")
+        records.append(register(champion, registry, model_dir, status="active"))
+    labelled = stripe_coils(30, 0.3, seed=5)
+    SqlCoilStore(engine).save_assessed(
+        [assessed_coil(str(c), [MemberVote(n, 1, "OK", 0.5, 0.5) for n in names]) for c in labelled.coil_id],
+        {(r.name, 1): r.id for r in records},
+    )
+    feedback = SqlFeedbackStore(engine)
+    for coil_id, y in zip(labelled.coil_id, labelled.y, strict=True):
+        feedback.add(str(coil_id), "NOK" if y else "OK", "anna")
+    return records
 
 
 # ----------------------------------------------------------------------------- the training data
