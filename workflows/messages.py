@@ -134,7 +134,10 @@ class _Envelope(BaseModel):
     @field_validator("produced_at")
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        try:
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:30:00-01:00 is in year 10000 in UTC
+            raise ValueError(f"{value.isoformat()} is out of range once converted to UTC") from None
 
 
 class CoilMessage(BaseModel):

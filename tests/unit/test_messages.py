@@ -132,6 +132,14 @@ BAD_CASES = {
     "time a number": (lambda m: orjson.dumps(_doc(m, produced_at=1795428000)), "produced_at"),
     "time a numeric string": (lambda m: orjson.dumps(_doc(m, produced_at="1795428000")), "produced_at"),
     "time without a time": (lambda m: orjson.dumps(_doc(m, produced_at="2026-11-23")), "produced_at"),
+    "time past year 9999 in UTC": (
+        lambda m: orjson.dumps(_doc(m, produced_at="9999-12-31T23:30:00-01:00")),
+        "produced_at",
+    ),
+    "time before year 1 in UTC": (
+        lambda m: orjson.dumps(_doc(m, produced_at="0001-01-01T00:30:00+01:00")),
+        "produced_at",
+    ),
     # images are refused while parsing, whether or not an image assessor is active to decode them
     "image not base64": (lambda m: orjson.dumps(_doc(m, images=[_image("!!!!")])), "images.0.data_b64"),
     "image base64 with a newline": (
