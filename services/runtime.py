@@ -31,6 +31,6 @@ def topics(settings: Settings) -> Topics:
 
 
 def mqtt_client(settings: Settings, url: MqttUrl | None = None, **kwargs: object) -> MqttClient:
-    if settings.mqtt_client_id and "client_id" not in kwargs:
-        kwargs["client_id"] = settings.mqtt_client_id
+    """A client of the configured broker; under its own client id unless ``client_id`` is given (the worker's
+    id, from ``worker_client_id``, is for the worker's session alone)."""
     return MqttClient(url or settings.mqtt, **kwargs)  # type: ignore[arg-type]

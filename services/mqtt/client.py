@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,7 +64,9 @@ class MqttClient:
         on_message: MessageHandler | None = None,
     ) -> None:
         self.url = MqttUrl.parse(url) if isinstance(url, str) else url
-        self.client_id = client_id or self.url.client_id or f"coilguard-{socket.gethostname()}-{id(self):x}"
+        # ``?client_id=`` in the URL names the assess worker's persistent session (``worker_client_id``), not
+        # every client of the URL: a publisher or listener under that id would take the worker's session over.
+        self.client_id = client_id or f"coilguard-{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
         self.v5 = not self.url.embedded
         self.persistent = persistent
         self.manual_ack = manual_ack

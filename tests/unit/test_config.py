@@ -86,6 +86,18 @@ def test_topics() -> None:
     assert topics.line_of("other/sensors/a/matrix") is None
 
 
+def test_no_other_client_takes_the_workers_client_id() -> None:
+    """`coilguard simulate`, the demo's publisher and listener, ReTrain's events: a client of the same MQTT_URL
+    under the worker's id would take the worker's persistent session over and discard the coils queued in it."""
+    from services.mqtt.client import MqttClient
+    from services.runtime import mqtt_client
+
+    settings = load_settings(_env_file=None, mqtt_url="mqtt://broker:1883?client_id=line-2-a", mqtt_client_id="pod-0")
+    others = {mqtt_client(settings).client_id, mqtt_client(settings).client_id, MqttClient(settings.mqtt).client_id}
+    assert len(others) == 3 and not others & {"line-2-a", "pod-0"}
+    assert mqtt_client(settings, client_id="given").client_id == "given"
+
+
 def test_a_workers_client_id_is_given_or_stable_per_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """The persistent session belongs to the id: it must survive restarts and differ between hosts."""
     import socket
