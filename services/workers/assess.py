@@ -191,8 +191,11 @@ class AssessWorker:
                 elif self.retire and time.monotonic() - self._last_inbound > RETIRE_IDLE_S:
                     drained = True
                     break
-            # drain what has already arrived, so that a rolling restart hands back as little as possible
-            while batch := self._collect(wait=False):
+            # assess what had arrived when the stop came, so that a rolling restart hands back little; not what
+            # arrives after it: a worker catching up on a backlog would drain until the grace period ran out
+            left = self._inbox.qsize()
+            while left > 0 and (batch := self._collect(wait=False, limit=left)):
+                left -= len(batch)
                 self._pending.put(self._prepare(batch))
         except _Stopped:
             log.warning("stopped while the database was unreachable; unacknowledged coils will be redelivered")
@@ -270,15 +273,17 @@ class AssessWorker:
         finally:
             self.client.ack(message)
 
-    def _collect(self, wait: bool = True) -> list[Inbound]:
-        """Up to ``batch_size`` messages: block briefly for the first, then at most ``batch_wait`` more."""
+    def _collect(self, wait: bool = True, limit: int | None = None) -> list[Inbound]:
+        """Up to ``batch_size`` (and ``limit``) messages: block briefly for the first, then at most ``batch_wait``
+        more."""
         batch: list[Inbound] = []
         try:
             batch.append(self._inbox.get(timeout=0.1) if wait else self._inbox.get_nowait())
         except queue.Empty:
             return batch
         deadline = time.monotonic() + self.settings.batch_wait.total_seconds()
-        while len(batch) < self.settings.batch_size:
+        size = min(self.settings.batch_size, limit or self.settings.batch_size)
+        while len(batch) < size:
             remaining = deadline - time.monotonic()
             try:
                 batch.append(self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait())

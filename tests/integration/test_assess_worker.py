@@ -349,6 +349,27 @@ def test_a_coil_sent_twice_in_quick_succession_is_announced_once(
     assert worker.stats.duplicates == 1 and worker.stats.republished == 0
 
 
+def test_a_worker_stopped_while_catching_up_hands_the_backlog_back(env: AssessEnv) -> None:
+    """A rolling restart while the worker works through a backlog (after an outage, say). The broker refills the
+    worker's inbox as fast as it acknowledges, so draining "until nothing is left" would last until the grace
+    period ran out and the pod was killed. It assesses what it had received, stops, and the next worker gets
+    the rest, each coil once. (900 coils: a broker on Mosquitto's default limits drops a backlog beyond 1000
+    queued messages per client; deploy/mosquitto/mosquitto.conf raises that limit.)"""
+    coils = _coils(900, "K")
+    with env.worker():  # the worker's session exists: what is published while it is away waits in the broker
+        pass
+    publish_coils(env.publisher, env.topics, coils)
+    first_batch = threading.Event()
+    with env.worker(on_batch=lambda result: first_batch.set()) as worker:
+        assert first_batch.wait(60)
+    handed_back = len(coils) - env.coils()
+    assert handed_back >= 200, f"it drained the backlog instead of stopping ({worker.stats})"
+    with env.worker():
+        assert wait_for(lambda: env.coils() == 900, timeout=120), env.coils()
+    assert env.count(Assessment.id) == 900
+    assert {d["coil_id"] for d in env.listener.decisions} == {c.coil_id for c in coils}
+
+
 def test_a_retired_worker_hands_in_its_queued_share_and_nothing_is_stranded(env: AssessEnv) -> None:
     """Two workers share the stream; one stops for good (a scaled-in pod). The broker goes on routing half the
     coils to its session. `coilguard assess --retire` assesses them and removes the session."""
