@@ -173,9 +173,9 @@ class AssessCoils:
     ) -> Prepared:
         """Everything before the write: parse, reject, drop coils already decided, and let the ensemble vote.
 
-        ``announced``: coils whose decision the broker has confirmed although the store may not say so yet
-        (the mark is written with the next batch): a coil sent again meanwhile is a duplicate, not a coil
-        to announce once more."""
+        ``announced``: coils whose decision has gone out to the broker (confirmed, or awaiting its confirmation)
+        although the store may not say so yet (the mark is written with the next batch): a coil sent again
+        meanwhile is a duplicate, not a coil to announce once more."""
         result = BatchResult()
         fresh: dict[str, tuple[RawMessage, CoilMessage, list[np.ndarray]]] = {}
         for raw in messages:

@@ -325,7 +325,7 @@ class AssessWorker:
 
         That a batch's decisions reached the broker is written with the next batch's transaction (or
         on its own once the stream pauses): one database round trip per batch instead of two. Until
-        then the worker remembers what the broker confirmed, so a coil sent again is not announced again;
+        then the worker remembers what it has announced, so a coil sent again is not announced again;
         only after a crash in that window is a decision announced twice (at-least-once, as QoS 1 is).
         """
         unmarked: list[str] = []
@@ -346,13 +346,15 @@ class AssessWorker:
             unmarked = []
             if unconfirmed:
                 continue
+            # from here on a copy of one of these coils is a duplicate: the decision is on its way, and should the
+            # broker never confirm it, the worker stops without acknowledging this batch or any later one
+            self._announced.add_all(result.to_mark_published)
             for out in result.publish:
                 self.client.publish(out.topic, out.payload, qos=1)
             if not self._confirmed():
                 unconfirmed = True  # neither acknowledged nor marked: the coils come back and are announced
                 continue
             unmarked = result.to_mark_published
-            self._announced.add_all(unmarked)
             for message in batch:  # only now: every result is committed and announced
                 self.client.ack(message)
             self._account(result, len(batch), time.perf_counter() - started)

@@ -370,6 +370,30 @@ def test_a_worker_stopped_while_catching_up_hands_the_backlog_back(env: AssessEn
     assert {d["coil_id"] for d in env.listener.decisions} == {c.coil_id for c in coils}
 
 
+def test_a_coil_sent_again_while_its_decision_awaits_the_brokers_word_is_announced_once(
+    env: AssessEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's resend arrives after the decision was stored and published, before the broker confirmed
+    it: the copy is a duplicate, not a decided coil whose announcement is missing."""
+    [coil] = _coils(1, "A")
+    with env.worker() as worker:
+        flush, copy_sent = worker.client.flush, threading.Event()
+
+        def flush_once_the_copy_is_voted(timeout: float = 30.0) -> bool:
+            if not copy_sent.is_set():  # the first batch: its decision is out, its confirmation not yet in
+                copy_sent.set()
+                publish_coils(env.publisher, env.topics, [coil])
+                wait_for(lambda: worker._pending.qsize() == 1, timeout=10)  # prepared behind this batch
+            return flush(timeout)
+
+        monkeypatch.setattr(worker.client, "flush", flush_once_the_copy_is_voted)
+        publish_coils(env.publisher, env.topics, [coil])
+        assert wait_for(lambda: worker.stats.duplicates + worker.stats.republished == 1, timeout=30)
+        time.sleep(0.5)
+    assert [d["coil_id"] for d in env.listener.decisions] == [coil.coil_id]
+    assert worker.stats.duplicates == 1 and worker.stats.republished == 0
+
+
 def test_a_retired_worker_hands_in_its_queued_share_and_nothing_is_stranded(env: AssessEnv) -> None:
     """Two workers share the stream; one stops for good (a scaled-in pod). The broker goes on routing half the
     coils to its session. `coilguard assess --retire` assesses them and removes the session."""
