@@ -163,6 +163,17 @@ class ReTrain:
         metrics: dict[str, Any] = {"trigger": {"score": latest.score, "n_coils": latest.n_coils}}
         device: str | None = None
         promoted: ModelRecord | None = None
+
+        def finish(status: str, why: str | None = None, challenger: ModelRecord | None = None) -> None:
+            self.runs.finish(
+                run_id,
+                status,
+                reason=f"{reason}; {why}" if why else None,
+                challenger_id=challenger.id if challenger is not None else None,
+                metrics=metrics,
+                device=device,
+            )
+
         try:
             check_folder_name(champion_record.name)  # before the training, not at the registration after it
             champion = load_model(champion_record, self.model_dir)
@@ -203,7 +214,7 @@ class ReTrain:
                     f"challenger {comparison['metric']} {comparison['challenger']:.3f} is worse than champion "
                     f"{comparison['champion']:.3f} (margin {self.config.margin})"
                 )
-                self.runs.finish(run_id, "rejected", reason=f"{reason}; {why}", metrics=metrics, device=device)
+                finish("rejected", why)
                 log.info("ReTrain %s: %s", champion_record.name, why)
                 return RetrainOutcome(champion_record.name, champion_record.version, "rejected", why, None, metrics)
 
@@ -220,19 +231,12 @@ class ReTrain:
                 self.registry.promote(record.id, replacing=champion_record.id)
             except ChampionChanged as exc:  # somebody promoted or retired a version during the training
                 why = f"{exc}; the challenger stays a candidate (v{record.version}), judged against the old version"
-                self.runs.finish(
-                    run_id,
-                    "rejected",
-                    reason=f"{reason}; {why}",
-                    challenger_id=record.id,
-                    metrics=metrics,
-                    device=device,
-                )
+                finish("rejected", why, record)
                 log.warning("ReTrain %s: %s", champion_record.name, why)
                 return RetrainOutcome(champion_record.name, champion_record.version, "rejected", why, None, metrics)
             promoted = record
             metrics["total_s"] = round(time.perf_counter() - started, 2)
-            self.runs.finish(run_id, "promoted", challenger_id=record.id, metrics=metrics, device=device)
+            finish("promoted", challenger=record)
             self._announce(record.name, record.version, champion_record.version)
             why = (
                 f"{comparison['metric']} on {comparison['n']} recent labelled coils: "
@@ -248,19 +252,12 @@ class ReTrain:
             metrics["total_s"] = round(time.perf_counter() - started, 2)
             why = f"{type(exc).__name__}: {exc}"
             if promoted is None:
-                self.runs.finish(run_id, "failed", reason=f"{reason}; {why}", metrics=metrics, device=device)
+                finish("failed", why)
                 log.exception("ReTrain %s failed; v%d keeps serving", champion_record.name, champion_record.version)
                 outcome = RetrainOutcome(champion_record.name, champion_record.version, "failed", why, None, metrics)
             else:  # what failed came after the promotion (recording the run, the event): the new version serves
                 why = f"promoted, then {why} (workers find the new version by polling)"
-                self.runs.finish(
-                    run_id,
-                    "promoted",
-                    reason=f"{reason}; {why}",
-                    challenger_id=promoted.id,
-                    metrics=metrics,
-                    device=device,
-                )
+                finish("promoted", why, promoted)
                 log.exception("ReTrain %s: v%d %s", promoted.name, promoted.version, why)
                 outcome = RetrainOutcome(
                     champion_record.name, champion_record.version, "promoted", why, promoted.version, metrics

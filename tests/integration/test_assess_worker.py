@@ -18,6 +18,7 @@ import orjson
 import pytest
 from assess_env import AssessEnv, assess_env, wait_for
 from sqlalchemy import func, select
+from tcp_proxy import TcpProxy
 
 from ml.assessors.base import Assessor
 from ml.assessors.registry import create
@@ -54,6 +55,14 @@ def env(
     with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/{request.node.name}", tmp_path) as env:
         env.register(trained_cnns[0])
         yield env
+
+
+@pytest.fixture
+def broker_proxy(mqtt_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A network between a worker and the broker that a test can cut or stall, and the MQTT URL through it."""
+    proxy, via_proxy = TcpProxy.in_front_of(mqtt_url, 1883)
+    yield proxy, via_proxy
+    proxy.cut()
 
 
 def _coils(n: int, prefix: str, seed: int = 5):
@@ -233,8 +242,6 @@ def test_while_the_database_is_down_nothing_is_dropped_and_the_worker_catches_up
     tmp_path: Path,
     trained_cnns: list[Assessor],
 ) -> None:
-    from tcp_proxy import TcpProxy
-
     proxy, via_proxy = TcpProxy.in_front_of(pg_database_factory(), 5432)
     with assess_env(via_proxy, mqtt_url, f"{topic_prefix}/db-outage", tmp_path) as env:
         env.register(trained_cnns[0])
@@ -257,80 +264,57 @@ def test_while_the_database_is_down_nothing_is_dropped_and_the_worker_catches_up
 
 
 def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
-    pg_database_factory: Callable[[], str],
-    mqtt_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    trained_cnns: list[Assessor],
-    monkeypatch: pytest.MonkeyPatch,
+    env: AssessEnv, broker_proxy: tuple[TcpProxy, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A network that drops the worker's packets unnoticed: its decisions never reach the broker, nor do its
     acknowledgements. Stopped so, the worker must not count those coils as announced; restarted, it announces
     every one (and decides none twice)."""
-    from tcp_proxy import TcpProxy
-
+    proxy, via_proxy = broker_proxy
     monkeypatch.setattr(assess_module, "CONFIRM_WAIT_S", 1.0)
-    proxy, via_proxy = TcpProxy.in_front_of(mqtt_url, 1883)
-    with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/unconfirmed", tmp_path) as env:
-        env.register(trained_cnns[0])
-        coils = _coils(5, "U")
-        try:
-            with env.worker(mqtt_url=via_proxy):  # stopped on leaving, with the network still dropping packets
-                proxy.stall()
-                publish_coils(env.publisher, env.topics, coils)
-                # decided and stored, and announced into the void: the worker waits for the broker's word (and
-                # a later batch, when the five came in two, waits behind it)
-                assert wait_for(lambda: env.coils() >= 1, timeout=60)
-                time.sleep(2.5)
-        finally:
-            proxy.cut()
-        assert not env.listener.decisions
-        with env.worker():  # directly connected, same session: the unacknowledged coils come back
-            assert wait_for(lambda: len(env.listener.decisions) >= 5, timeout=60), env.listener.decisions
-        assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in coils)
-        assert env.count(Assessment.id) == 5  # one vote each: stored once, announced after the restart
+    coils = _coils(5, "U")
+    with env.worker(mqtt_url=via_proxy):  # stopped on leaving, with the network still dropping packets
+        proxy.stall()
+        publish_coils(env.publisher, env.topics, coils)
+        # decided and stored, and announced into the void: the worker waits for the broker's word (and
+        # a later batch, when the five came in two, waits behind it)
+        assert wait_for(lambda: env.coils() >= 1, timeout=60)
+        time.sleep(2.5)
+    proxy.cut()
+    assert not env.listener.decisions
+    with env.worker():  # directly connected, same session: the unacknowledged coils come back
+        assert wait_for(lambda: len(env.listener.decisions) >= 5, timeout=60), env.listener.decisions
+    assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in coils)
+    assert env.count(Assessment.id) == 5  # one vote each: stored once, announced after the restart
 
 
 def test_a_broker_connection_broken_as_a_batch_is_announced_loses_nothing_and_the_stream_goes_on(
-    pg_database_factory: Callable[[], str],
-    mqtt_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    trained_cnns: list[Assessor],
-    monkeypatch: pytest.MonkeyPatch,
+    env: AssessEnv, broker_proxy: tuple[TcpProxy, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The connection breaks between a batch's commit and its announcement (a broker restart, a network blip):
     the decisions wait in the client, go out after the reconnect, and only then is the batch acknowledged;
     the worker goes on with the coils that come later."""
-    from tcp_proxy import TcpProxy
+    proxy, via_proxy = broker_proxy
+    first, later = _coils(20, "B1", seed=43), _coils(30, "B2", seed=44)
+    with env.worker(mqtt_url=via_proxy) as worker:
+        commit, broken = worker.workflow.commit, threading.Event()
 
-    proxy, via_proxy = TcpProxy.in_front_of(mqtt_url, 1883)
-    with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/reconnect", tmp_path) as env:
-        env.register(trained_cnns[0])
-        first, later = _coils(20, "B1", seed=43), _coils(30, "B2", seed=44)
-        try:
-            with env.worker(mqtt_url=via_proxy) as worker:
-                commit, broken = worker.workflow.commit, threading.Event()
+        def commit_then_lose_the_broker(*args: object):
+            result = commit(*args)
+            if not broken.is_set():  # the first batch: announced while the connection is down
+                broken.set()
+                proxy.cut()
+                wait_for(lambda: not worker.client.connected.is_set(), timeout=10)
+                threading.Timer(1.0, proxy.restore).start()
+            return result
 
-                def commit_then_lose_the_broker(*args: object):
-                    result = commit(*args)
-                    if not broken.is_set():  # the first batch: announced while the connection is down
-                        broken.set()
-                        proxy.cut()
-                        wait_for(lambda: not worker.client.connected.is_set(), timeout=10)
-                        threading.Timer(1.0, proxy.restore).start()
-                    return result
-
-                monkeypatch.setattr(worker.workflow, "commit", commit_then_lose_the_broker)
-                publish_coils(env.publisher, env.topics, first)
-                assert wait_for(lambda: broken.is_set() and worker.client.connected.is_set(), timeout=60)
-                publish_coils(env.publisher, env.topics, later)
-                assert wait_for(lambda: env.coils() == 50, timeout=60), env.coils()
-                every = {c.coil_id for c in first + later}
-                assert wait_for(lambda: {d["coil_id"] for d in env.listener.decisions} == every, timeout=30)
-        finally:
-            proxy.cut()
-        assert env.count(Assessment.id) == 50  # each decided once (a coil redelivered after the break is not)
+        monkeypatch.setattr(worker.workflow, "commit", commit_then_lose_the_broker)
+        publish_coils(env.publisher, env.topics, first)
+        assert wait_for(lambda: broken.is_set() and worker.client.connected.is_set(), timeout=60)
+        publish_coils(env.publisher, env.topics, later)
+        assert wait_for(lambda: env.coils() == 50, timeout=60), env.coils()
+        every = {c.coil_id for c in first + later}
+        assert wait_for(lambda: {d["coil_id"] for d in env.listener.decisions} == every, timeout=30)
+    assert env.count(Assessment.id) == 50  # each decided once (a coil redelivered after the break is not)
 
 
 def test_a_coil_sent_twice_in_quick_succession_is_announced_once(
