@@ -18,7 +18,7 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def _sqlite_file(database: str | None) -> Path | None:
+def sqlite_file(database: str | None) -> Path | None:
     """The file behind a SQLite URL's database part, or None for an in-memory database."""
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
@@ -46,7 +46,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        path = _sqlite_file(parsed.database)
+        path = sqlite_file(parsed.database)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         connect_args = {"check_same_thread": False, **kwargs.pop("connect_args", {})}

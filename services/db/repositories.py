@@ -13,7 +13,8 @@ import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from sqlalchemy import (
@@ -38,6 +39,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ml.ensemble import MemberVote
 from ml.matrix import SHAPE
+from services.db.engine import sqlite_file
 from services.db.models import (
     Assessment,
     Coil,
@@ -589,15 +591,17 @@ class SqlRetrainRuns:
     row is written and held on its own connection until the run ends. A process that dies loses its
     connection and with it the lock, so the next run can tell a dead run from a live one: if it gets
     the lock while a ``running`` row exists, that row's process is gone and the row is marked failed.
-    On SQLite (one machine) the row's ``host:pid`` is checked instead.
+    On a SQLite file the lock is an ``flock`` on a file beside the database, which the system drops
+    when the process dies, however it dies (a pid, which a restarted container or a reboot hands on,
+    could not say that). Only an in-memory database, one process by nature, checks the row's ``host:pid``.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._locks: dict[int, Connection] = {}
+        self._locks: dict[int, Connection | _FileLock] = {}
 
     def start(self, model_id: int, reason: str, worker: str) -> int | None:
-        lock = None
+        lock: Connection | _FileLock | None = None
         if self.engine.dialect.name == "postgresql":
             lock = self.engine.connect()
             got = lock.execute(
@@ -606,6 +610,10 @@ class SqlRetrainRuns:
             lock.commit()
             if not got:
                 lock.close()
+                return None
+        elif (database := sqlite_file(self.engine.url.database)) is not None:
+            lock = _FileLock.take(database.with_name(f"{database.name}.retrain-{model_id}.lock"))
+            if lock is None:
                 return None
         try:
             with self.engine.begin() as conn:
@@ -667,13 +675,40 @@ class SqlRetrainRuns:
             _release(self._locks.pop(run_id, None))
 
 
-def _release(lock: Connection | None) -> None:
+class _FileLock:
+    """An exclusive ``flock`` on a file: held while the file stays open in this process, dropped by the system
+    when the process ends."""
+
+    def __init__(self, file: IO[str]) -> None:
+        self._file = file
+
+    @classmethod
+    def take(cls, path: Path) -> _FileLock | None:
+        """The lock, or None when another run holds it (this process's included, as the advisory lock does)."""
+        import fcntl  # POSIX only, as coilguard's deployments are
+
+        file = open(path, "a")  # noqa: SIM115 (it stays open as long as the lock is held)
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            return None
+        return cls(file)
+
+    def release(self) -> None:
+        self._file.close()  # closing the only descriptor of the open file drops its flock
+
+
+def _release(lock: Connection | _FileLock | None) -> None:
     """Unlock, then end the lock's session. ``close()`` alone would hand the connection back to the pool
     with the lock still held, and every later run of that model would be "already running" until the pool
     happened to drop it. Ending the session alone is not enough either: the server frees a session's locks
     only once its backend has exited, a moment after the client hung up, so a run started at once by another
     process could still find the lock taken. The explicit unlock is answered before this returns."""
     if lock is None:
+        return
+    if isinstance(lock, _FileLock):
+        lock.release()
         return
     try:
         with contextlib.suppress(SQLAlchemyError):  # a broken connection: its session ends with it anyway

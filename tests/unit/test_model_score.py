@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -122,19 +125,44 @@ def test_feedback_for_an_unknown_coil_or_a_bad_label_is_refused(engine) -> None:
 
 
 def test_retrain_runs_lock_one_run_per_model_and_clear_dead_ones(engine) -> None:
+    """One run per model at a time, across processes. A run whose process was killed (SIGKILL, the OOM killer, a
+    power cut) does not block the next one, although its row names a pid that is alive (pid 1, as a restarted
+    container's entry point is) on this host."""
     model = SqlModelRegistry(engine).add(name="a", kind="cnn", version=1, artifact_uri="a/v1", sha256="x")
     runs = SqlRetrainRuns(engine)
-    import socket
-
-    live = f"{socket.gethostname()}:1"  # pid 1 is alive
-    first = runs.start(model.id, "test", live)
+    first = runs.start(model.id, "test", "here:1")
     assert first is not None
-    assert runs.start(model.id, "test", live) is None  # the live run blocks a second one
+    assert runs.start(model.id, "test", "here:1") is None  # the live run blocks a second one
     runs.finish(first, "rejected")
-    dead = runs.start(model.id, "test", f"{socket.gethostname()}:999999")
-    assert dead is not None  # a process that no longer exists …
-    third = runs.start(model.id, "test", live)
-    assert third is not None  # … does not block the next run, whose start marks it failed
+
+    elsewhere = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import socket, time
+                from services.db.engine import make_engine
+                from services.db.repositories import SqlRetrainRuns
+                runs = SqlRetrainRuns(make_engine({str(engine.url)!r}))  # holds the lock while it lives
+                print(runs.start({model.id}, "test", socket.gethostname() + ":1"), flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert elsewhere.stdout is not None
+        dead = int(elsewhere.stdout.readline())
+        assert runs.start(model.id, "test", "here:1") is None  # running in another process
+        elsewhere.kill()
+        elsewhere.wait(10)
+    finally:
+        elsewhere.kill()
+    third = runs.start(model.id, "test", "here:1")
+    assert third is not None  # the killed run does not block the next one, whose start marks it failed
     with engine.connect() as conn:
         status = dict(conn.execute(text("SELECT id, status FROM retrain_runs")).all())
     assert status == {first: "rejected", dead: "failed", third: "running"}
