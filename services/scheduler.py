@@ -171,6 +171,8 @@ def run_scheduler(settings: Settings) -> None:
     scheduling = threading.Thread(target=scheduler.start, name="scheduler", daemon=True)
     try:
         scheduling.start()
+        while not scheduler.running and scheduling.is_alive():  # stop() shuts down only a scheduler that runs:
+            time.sleep(0.01)  # a signal that came during the start-up would otherwise be lost on it
         while scheduling.is_alive() and not stop.wait(1.0):
             pass
         scheduler.stop(wait=True)

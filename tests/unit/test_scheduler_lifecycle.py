@@ -115,6 +115,41 @@ def test_a_signal_stops_the_scheduler_once_the_running_job_is_done_heartbeat_kep
     assert _heartbeats(url) == 0  # and then removed the row
 
 
+def test_a_signal_during_the_start_up_stops_the_scheduler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handlers: None
+) -> None:
+    """SIGTERM right after the pod starts (a rollout): it arrives while the scheduler's thread is starting, before
+    there is a running scheduler to shut down, and must still end the process rather than wait for SIGKILL."""
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    built = _with_job(monkeypatch, lambda _: None)
+    heartbeat = sched.scheduler_heartbeat
+
+    def heartbeat_then_signal(settings: Settings, scheduler: sched.Scheduler):
+        beat = heartbeat(settings, scheduler)
+        start = scheduler.start
+
+        def slow_start() -> None:  # a busy machine: the thread is scheduled late
+            time.sleep(0.5)
+            start()
+
+        scheduler.start = slow_start  # type: ignore[method-assign]
+        os.kill(os.getpid(), signal.SIGTERM)  # handled on this thread before the scheduler's thread starts
+        return beat
+
+    monkeypatch.setattr(sched, "scheduler_heartbeat", heartbeat_then_signal)
+
+    def give_up() -> None:
+        time.sleep(GIVE_UP_S)
+        built[0].stop()  # a scheduler that lost the signal: end the test rather than hang
+
+    _in_background(give_up)
+    started = time.monotonic()
+    sched.run_scheduler(_settings(url))
+    assert time.monotonic() - started < GIVE_UP_S / 2
+    assert _heartbeats(url) == 0
+
+
 def test_the_scheduler_waits_for_the_schema_then_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, handlers: None
 ) -> None:
