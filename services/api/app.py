@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from services.api import catalogue, coils, drift, system
 from services.api.deps import ApiState
@@ -65,6 +66,7 @@ def create_app(settings: Settings, engine: Engine | None = None, *, heartbeat: b
     app.middleware("http")(_observe)
     app.exception_handler(RequestValidationError)(_validation_error)
     app.exception_handler(DBAPIError)(_database_error)
+    app.exception_handler(PoolTimeout)(_database_error)
 
     @app.get("/", include_in_schema=False)
     def index() -> dict[str, object]:
@@ -89,12 +91,16 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
 
 
 async def _database_error(request: Request, exc: Exception) -> Response:
-    """A database that cannot be reached (refused, down, the connection lost) is a 503 that says so, as
-    ``/health/ready`` does; any other database error is a fault of this code and stays a 500."""
-    assert isinstance(exc, DBAPIError)
-    if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
-        raise exc
-    reason = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    """A database that cannot be reached (refused, down, the connection lost, no pooled connection free) is a
+    503 that says so, as ``/health/ready`` does; any other database error is a fault of this code and stays a
+    500."""
+    if isinstance(exc, PoolTimeout):  # every pooled connection is taken (by requests stuck on the database)
+        reason = "no database connection came free in time"
+    else:
+        assert isinstance(exc, DBAPIError)
+        if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+            raise exc
+        reason = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     password = request.app.state.coilguard.engine.url.password
     if password:  # drivers do not echo it today; the answer goes to anyone on the plant network
         reason = reason.replace(str(password), "***")

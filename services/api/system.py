@@ -23,7 +23,9 @@ BROKER_TIMEOUT_S = 3.0
 
 
 @router.get("/health/live", response_model=Liveness, summary="The process answers (liveness probe)")
-def live() -> Liveness:
+async def live() -> Liveness:
+    """On the event loop, not the thread pool: requests stuck on an unreachable database must not starve the
+    liveness probe and have the pod restarted for the database's fault."""
     return Liveness()
 
 

@@ -36,13 +36,17 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+PG_CONNECT_TIMEOUT_S = 10
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``; ``kwargs`` go to :func:`sqlalchemy.create_engine`.
 
     SQLite: the database file's folder is created, every connection enforces foreign keys, uses
     WAL and waits up to 5 s for a lock, and may be used from several threads (the pool hands each
     connection to one thread at a time). PostgreSQL: connections are checked before use, so a
-    restarted server costs one reconnect instead of an error.
+    restarted server costs one reconnect instead of an error, and a connection attempt gives up after
+    ``PG_CONNECT_TIMEOUT_S``.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -54,7 +58,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(parsed, **kwargs)
+    # A server that vanishes without a word (a lost node, a firewall dropping packets) must cost seconds, not the
+    # minutes of the system's TCP defaults: a connection attempt gives up, and an idle connection is found dead.
+    connect_args = {
+        "connect_timeout": PG_CONNECT_TIMEOUT_S,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        **kwargs.pop("connect_args", {}),
+    }
+    return create_engine(parsed, connect_args=connect_args, **kwargs)
 
 
 @contextmanager

@@ -281,6 +281,47 @@ def test_not_ready_when_the_database_is_away(api: Api) -> None:
     assert all(r.json()["detail"].startswith("database unavailable: ") and "hunter2" not in r.text for r in away)
 
 
+def test_a_database_that_drops_packets_costs_seconds_not_minutes(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lost database node or a firewall that drops packets (nothing refuses the connection): the API must
+    answer 503 within the connection timeout, not hang on the system's TCP defaults, and liveness must hold."""
+    from tcp_proxy import TcpProxy
+
+    from services.db import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PG_CONNECT_TIMEOUT_S", 2)
+    proxy, via_proxy = TcpProxy.in_front_of(api.settings.database_url, 5432)
+    proxy.stall()
+    engine = make_engine(via_proxy)
+    try:
+        with _serve(api.settings, engine, heartbeat=False) as base, httpx.Client(base_url=base, timeout=30) as client:
+            started = time.monotonic()
+            ready = client.get("/health/ready")
+            coils = client.get("/coils")
+            took = time.monotonic() - started
+            live = client.get("/health/live")
+    finally:
+        engine.dispose()
+        proxy.cut()
+    assert ready.status_code == 503 and coils.status_code == 503 and live.status_code == 200
+    assert coils.json()["detail"].startswith("database unavailable: ")
+    assert took < 10, f"two requests took {took:.1f} s"
+
+
+def test_no_free_database_connection_is_a_503(api: Api) -> None:
+    """Every pooled connection taken (requests stuck on a slow database): a 503 that says so, not a bare 500."""
+    engine = make_engine(api.settings.database_url, pool_size=1, max_overflow=0, pool_timeout=0.5)
+    try:
+        with _serve(api.settings, engine, heartbeat=False) as base, httpx.Client(base_url=base, timeout=30) as client:
+            with engine.connect():  # the pool's only connection
+                response = client.get("/coils")
+            after = client.get("/coils")
+    finally:
+        engine.dispose()
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"] == "database unavailable: no database connection came free in time"
+    assert after.status_code == 200
+
+
 def test_models_with_versions_and_latest_score(api: Api) -> None:
     with api.client() as client:
         models = client.get("/models").json()
