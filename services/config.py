@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "COILGUARD_"
@@ -101,7 +101,21 @@ def parse_duration(value: str | float | int | timedelta) -> timedelta:
     return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+def _not_negative(value: timedelta) -> timedelta:
+    if value < timedelta(0):
+        raise ValueError(f"must not be negative, got {value.total_seconds():g} s")
+    return value
+
+
+def _positive(value: timedelta) -> timedelta:
+    """A period of zero would run its job in a loop (heartbeats, ModelScore) or, for a window, see nothing."""
+    if value <= timedelta(0):
+        raise ValueError(f"must be longer than zero, got {value.total_seconds():g} s")
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
+WaitDuration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_not_negative)]
 
 
 def _sqlalchemy_url(url: str) -> str:
@@ -128,7 +142,7 @@ class Settings(BaseSettings):
     # AssessCoils
     decision_threshold: float = Field(0.5, gt=0, lt=1)
     batch_size: int = Field(64, ge=1, le=4096)
-    batch_wait: Duration = timedelta(0)  # 0: natural batching, take what has queued up while busy
+    batch_wait: WaitDuration = timedelta(0)  # 0: natural batching, take what has queued up while busy
     torch_threads: int = Field(0, ge=0, le=256, description="intra-op threads for inference; 0 = torch's default")
     inference_shards: int = Field(
         2,

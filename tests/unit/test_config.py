@@ -47,6 +47,10 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("COILGUARD_RETRAIN_CRON", "every monday"),
         ("COILGUARD_MQTT_TOPIC_PREFIX", "plant/#"),
         ("COILGUARD_DATABASE_URL", "not a url"),
+        ("COILGUARD_HEARTBEAT_EVERY", "0"),  # every process would write its heartbeat in a busy loop
+        ("COILGUARD_SCORE_EVERY", "0s"),
+        ("COILGUARD_SCORE_WINDOW", "0"),  # a window of nothing: no score, so never a ReTrain, silently
+        ("COILGUARD_DRIFT_WINDOW", "0h"),
     ],
 )
 def test_a_bad_value_stops_with_the_variable_named(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
@@ -68,6 +72,7 @@ def test_durations() -> None:
     assert parse_duration(1.5) == timedelta(seconds=1.5)
     with pytest.raises(ValueError):
         parse_duration("1 fortnight")
+    assert load_settings(_env_file=None, batch_wait="0").batch_wait == timedelta(0)  # no waiting is a choice
 
 
 def test_embedded_url() -> None:
