@@ -1,7 +1,8 @@
 """Heartbeats: each long-running process keeps its row in ``workers`` fresh, for the API's status page.
 
 A row not seen for three intervals belongs to a process that is gone (killed, node lost); a clean
-shutdown removes its row.
+shutdown removes its row. A dead process's row stays on the status page for ``FORGET_AFTER``, so that the
+crash can be seen, and is removed when a process starts after that.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete
@@ -21,6 +22,8 @@ from services.db.models import Worker
 
 log = logging.getLogger(__name__)
 workers = Worker.__table__
+
+FORGET_AFTER = timedelta(days=7)
 
 
 class Heartbeat:
@@ -42,6 +45,8 @@ class Heartbeat:
 
     def start(self) -> Heartbeat:
         self.beat()
+        with self.engine.begin() as conn:  # rows of processes long dead (killed, not stopped)
+            conn.execute(delete(workers).where(workers.c.seen_at < datetime.now(UTC) - FORGET_AFTER))
         self._thread.start()
         return self
 

@@ -1,0 +1,39 @@
+"""Heartbeat rows: what the status page says about each long-running process."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import insert, select
+
+from services.db.engine import make_engine
+from services.db.migrate import upgrade
+from services.db.models import Worker
+from services.heartbeat import Heartbeat
+
+
+def test_rows_of_long_dead_processes_are_removed_when_a_process_starts(tmp_path: Path) -> None:
+    """A killed process cannot remove its row: it shows as dead for a week, so the crash can be seen, and then
+    goes, instead of the status page growing with every crash."""
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Worker),
+            [
+                {"worker_id": f"api-host:{pid}", "kind": "api", "host": "host", "pid": pid, "started_at": seen,
+                 "seen_at": seen, "info": {}}
+                for pid, seen in ((1, now - timedelta(days=8)), (2, now - timedelta(days=6)))
+            ],
+        )  # fmt: skip
+    beat = Heartbeat(engine, "assess", "assess-0", every_s=60).start()
+    try:
+        with engine.connect() as conn:
+            left = sorted(conn.execute(select(Worker.worker_id)).scalars())
+    finally:
+        beat.stop()
+        engine.dispose()
+    assert left == ["api-host:2", "assess-0"]
