@@ -136,6 +136,10 @@ def compare(reference: CoilSample, current: CoilSample, config: DriftConfig | No
     labels = min(reference.n_labelled(), current.n_labelled()) >= config.min_labels
     ref = feature_frame(reference, prediction=prediction, labels=labels)
     cur = feature_frame(current, prediction=prediction, labels=labels)
+    # A column with no value on one side (a gauge dead for the whole window) is what a drift report is for, and
+    # Evidently refuses to compare it: it is judged here and left out of Evidently's part.
+    unreadable = _unreadable_columns(ref, cur)
+    ref, cur = ref.drop(columns=list(unreadable)), cur.drop(columns=list(unreadable))
     numerical = [c for c in ref.columns if c != LABEL]
     Report, Dataset, DataDefinition, DataDriftPreset = _evidently()
     definition = DataDefinition(numerical_columns=numerical, categorical_columns=[LABEL] if labels else [])
@@ -149,7 +153,7 @@ def compare(reference: CoilSample, current: CoilSample, config: DriftConfig | No
     snapshot = Report([preset], include_tests=True).run(
         Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
     )
-    columns = _column_verdicts(snapshot.dict())
+    columns = {**_column_verdicts(snapshot.dict()), **unreadable}
     share = sum(c.drifted for c in columns.values()) / max(len(columns), 1)
     return DriftResult(
         dataset_drift=share >= config.drift_share,
@@ -160,6 +164,19 @@ def compare(reference: CoilSample, current: CoilSample, config: DriftConfig | No
         n_current=len(current),
         html=snapshot.get_html_str(as_iframe=False),
     )
+
+
+def _unreadable_columns(ref: pd.DataFrame, cur: pd.DataFrame) -> dict[str, ColumnDrift]:
+    """Columns without a single value in the reference or in the window: drifted when one side has values and
+    the other none (a gauge went silent, or came back), not when neither has any."""
+    verdicts = {}
+    for name in ref.columns:
+        in_ref, in_cur = bool(ref[name].notna().any()), bool(cur[name].notna().any())
+        if in_ref and in_cur:
+            continue
+        why = "no values in the window" if in_ref else "no values in the reference" if in_cur else "no values at all"
+        verdicts[name] = ColumnDrift(in_ref != in_cur, None, why, None)
+    return verdicts
 
 
 def _has_predictions(sample: CoilSample) -> bool:

@@ -72,6 +72,18 @@ def test_an_ordinary_window_is_not_drift(line: dict) -> None:
     assert "<script>" in result.html
 
 
+def test_a_gauge_dead_for_the_whole_window_is_reported_not_a_crash(line: dict) -> None:
+    """A cable fails and the gateway sends null for one sensor all day: the features of that sensor have no
+    value at all in the window. That is drift to report, and Evidently refuses to compare an empty column."""
+    silent = line["ordinary"].X.copy()
+    silent[:, :, 5] = np.nan
+    result = compare(CoilSample(line["history"].X), CoilSample(silent))
+    dead = [name for name in result.columns if name.startswith("s05_")]
+    assert dead and all(result.columns[name].drifted for name in dead), {n: result.columns[n] for n in dead}
+    assert all(result.columns[name].method == "no values in the window" for name in dead if name.endswith("_mean"))
+    assert 5 in result.drifted_sensors
+
+
 def test_coilguard_drift_reports_a_drifted_gauge(
     line: dict, pg_database_factory: Callable[[], str], tmp_path: Path, output_dir: Path
 ) -> None:
