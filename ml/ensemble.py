@@ -2,7 +2,8 @@
 
 Each member runs once per batch. An assessor that cannot judge a coil (an image model on a coil
 without images) abstains: its vote is recorded as such and the average is taken over the members
-that voted. A coil on which every member abstains is decided by nobody and flagged so.
+that voted. A coil on which every member abstains cannot be decided and :meth:`Ensemble.assess` raises;
+the serving ensemble always holds a matrix assessor, which never abstains (``workflows.assess``).
 
 With ``shards`` > 1 a batch of at least ``MIN_SHARD_COILS`` coils per shard is split into up to that
 many pieces, voted on at once by as many threads; :func:`share_threads` divides torch's intra-op threads

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ml.assessors.base import AssessBatch, Assessor
+from ml.assessors.registry import available
 from ml.ensemble import Ensemble, EnsembleDecision, Member, MemberVote
 from ml.images import decode_image
 from workflows.messages import (
@@ -138,6 +139,13 @@ class EnsembleLoader:
         records = self.registry.active_models()
         if not records:
             raise NoActiveModel("no active model in the registry: train one with `coilguard train … --register`")
+        images_only = all((kind := available().get(r.kind)) is not None and kind.consumes == "image" for r in records)
+        if images_only:  # a coil without surface images would be decided by nobody
+            names = ", ".join(f"{r.name} v{r.version} ({r.kind})" for r in records)
+            raise NoActiveModel(
+                f"every active model assesses surface images ({names}), so a coil without images could not be "
+                "decided: register a matrix assessor too, e.g. `coilguard train --assessor cnn --register`"
+            )
         members, by_key = [], {}
         for record in sorted(records, key=lambda r: r.name):
             assessor = self._cache.get(record.id) or load_model(record, self.model_dir)

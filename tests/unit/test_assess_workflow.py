@@ -230,3 +230,31 @@ def test_the_worker_remembers_only_its_most_recent_confirmed_coils() -> None:
     recent.add_all(["A", "B", "C"])
     recent.add_all(["A", "D"])  # A is refreshed, B (now the oldest) goes
     assert [c in recent for c in "ABCD"] == [True, False, True, True]
+
+
+def test_an_ensemble_of_image_models_only_is_not_served(tmp_path: Path) -> None:
+    """Image models abstain on a coil without surface images; with nothing else active such a coil would be
+    decided by nobody. The loader refuses, saying what to do, and serves again once a matrix model is active."""
+    from helpers import stripe_coils, synthetic_tiles
+
+    from ml.assessors.cnn import CnnAssessor
+    from ml.assessors.ssim_ae import SsimAeAssessor
+    from services.db.engine import make_engine
+    from services.db.migrate import upgrade
+    from services.db.repositories import SqlModelRegistry
+    from workflows.assess import EnsembleLoader, NoActiveModel
+    from workflows.training import register
+
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    registry = SqlModelRegistry(make_engine(url))
+    surface = SsimAeAssessor({"epochs": 1, "width": 4, "latent_dim": 16, "batch_size": 8}, name="surface")
+    surface.fit(synthetic_tiles(), device="cpu")
+    register(surface, registry, tmp_path, status="active")
+    loader = EnsembleLoader(registry, tmp_path)
+    with pytest.raises(NoActiveModel, match=r"every active model assesses surface images \(surface v1 \(ssim_ae\)\)"):
+        loader.load()
+    cnn = CnnAssessor({"epochs": 1}, name="coil")
+    cnn.fit(stripe_coils(60, 0.2), device="cpu")
+    register(cnn, registry, tmp_path, status="active")
+    assert sorted(loader.load().records) == [("coil", 1), ("surface", 1)]
