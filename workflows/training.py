@@ -109,7 +109,11 @@ def training_history(assessor: Assessor, model_dir: Path) -> CoilDataset | None:
     relative = assessor.training_data.get("path")
     if not relative or not (Path(model_dir) / relative).is_file():
         return None
-    return CoilDataset.load(Path(model_dir) / relative)
+    path = Path(model_dir) / relative
+    data = CoilDataset.load(path)
+    if not data.summary()["sha256"].startswith(path.stem):  # kept under its content's digest
+        raise ArtifactError(f"{path} was changed after it was kept: its content no longer matches its name")
+    return data
 
 
 def register(

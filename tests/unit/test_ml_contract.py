@@ -26,7 +26,7 @@ from ml.training.augment import augment_batch
 from ml.training.loop import epoch_indices
 from ml.training.splits import split_keeping, stratified_split
 from workflows.ports import ModelRecord
-from workflows.training import load_model
+from workflows.training import keep_training_data, load_model, training_history
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -263,6 +263,18 @@ def test_a_tampered_weights_file_is_refused(tmp_path: Path) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="does not match"):
         load_artifact(tmp_path)
+
+
+def test_a_kept_training_set_changed_on_disk_is_refused(tmp_path: Path) -> None:
+    """ReTrain trains the challenger on the champion's kept history: a file replaced after it was kept must not
+    become training data unnoticed (only the weights and the manifest are checksummed)."""
+    data = stripe_coils(40)
+    cnn = create("cnn", {"epochs": 1, "batch_size": 32})
+    cnn.training_data = {"path": keep_training_data(data, tmp_path)}
+    assert training_history(cnn, tmp_path).summary()["sha256"] == data.summary()["sha256"]
+    stripe_coils(40, seed=9).save(tmp_path / cnn.training_data["path"])  # other coils under the same name
+    with pytest.raises(ArtifactError, match="was changed after it was kept"):
+        training_history(cnn, tmp_path)
 
 
 def test_a_manifest_of_another_kind_is_refused(tmp_path: Path) -> None:
