@@ -79,9 +79,11 @@ def resolve_artifact(model_dir: Path, artifact_uri: str) -> Path:
 def load_model(record: ModelRecord, model_dir: Path) -> Assessor:
     """A registered model, verified twice: weights against its manifest, manifest against the registry."""
     path = resolve_artifact(model_dir, record.artifact_uri)
+    if not record.sha256:  # without it, a manifest rewritten to integrity version 1 could change the threshold
+        raise ArtifactError(f"{record.name} v{record.version} has no checksum in the registry: register it again")
     assessor = load_artifact(path)
     manifest = Manifest.read(path)
-    if record.sha256 and manifest.weights_sha256 != record.sha256:
+    if manifest.weights_sha256 != record.sha256:
         raise ArtifactError(
             f"{path} is not the artifact registered as {record.name} v{record.version}: its manifest "
             f"(integrity version {manifest.integrity}) hashes to {manifest.weights_sha256[:12]}…, "

@@ -361,6 +361,13 @@ def test_a_manifest_downgraded_to_version_1_is_refused_by_the_registry(tiny_cnn,
         load_model(record, tmp_path)
 
 
+def test_a_registry_row_without_a_checksum_is_refused(tiny_cnn, tmp_path: Path) -> None:
+    """Without the registry's checksum a downgraded manifest would pass unnoticed: no checksum, no load."""
+    tiny_cnn.save(tmp_path)
+    with pytest.raises(ArtifactError, match="tiny v1 has no checksum in the registry"):
+        load_model(_record(tmp_path, ""), tmp_path)
+
+
 def test_the_artifact_checksum_covers_the_manifest_content_not_its_layout() -> None:
     files = {"weights.pt": "a" * 64, "references.pt": "b" * 64}
     manifest = Manifest(kind="selfcon_margin", name="m", training_data={"classes": ["ok", "scratch"]}, files=files)
