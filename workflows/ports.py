@@ -100,13 +100,19 @@ class ModelRegistry(Protocol):
         metrics: dict[str, Any] | None = None,
         status: str = "candidate",
         parent_id: int | None = None,
-    ) -> ModelRecord: ...
+    ) -> ModelRecord:
+        """Record a version (:class:`VersionTaken` when that version of the name exists already)."""
 
     def promote(self, model_id: int, replacing: int | None = None) -> ModelRecord | None:
         """Activate ``model_id`` and retire the name's previous active version, atomically; with ``replacing``,
         only if that version is still the active one (:class:`ChampionChanged` otherwise)."""
 
     def set_status(self, model_id: int, status: str) -> None: ...
+
+
+class VersionTaken(RuntimeError):
+    """Another registrant recorded this version of the name first (between a look at the next version and the
+    insert): take the next one."""
 
 
 class ChampionChanged(RuntimeError):

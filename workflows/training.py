@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ from ml.assessors.manifest import ArtifactError, Manifest
 from ml.assessors.registry import load_artifact
 from ml.dataset import CoilDataset
 from ml.imagesets import ImageSet
-from workflows.ports import ModelRecord, ModelRegistry
+from workflows.ports import ModelRecord, ModelRegistry, VersionTaken
 
 DATA_DIR = "data"  # under MODEL_DIR: every training set a registered model was fitted on
+REGISTER_TRIES = 5
 
 # A model name becomes a folder under MODEL_DIR and a path segment of the API (/models/{name}); the
 # pattern keeps it both (no separators, no "..", what the models.name column holds).
@@ -135,20 +137,36 @@ def register(
     """
     if dataset is not None:
         assessor.training_data = {**assessor.training_data, "path": keep_training_data(dataset, model_dir)}
-    version = registry.next_version(assessor.name)
-    directory, uri = artifact_dir(model_dir, assessor.name, version)
-    if directory.exists():  # left behind by a crash before registration: never registered, safe to replace
-        shutil.rmtree(directory)
-    assessor.version = version
-    manifest = assessor.save(directory)
     metrics = {**assessor.metrics, **(extra_metrics or {})}
-    return registry.add(
-        name=assessor.name,
-        kind=assessor.key,
-        version=version,
-        artifact_uri=uri,
-        sha256=manifest.weights_sha256,
-        metrics=metrics,
-        status=status,
-        parent_id=parent_id,
-    )
+    # Saved aside first and moved into its version's folder only once the row is ours: two registrants of one
+    # name (the weekly ReTrain and an operator's `train --register`) may look up the same next version.
+    for _ in range(REGISTER_TRIES):
+        version = registry.next_version(assessor.name)
+        directory, uri = artifact_dir(model_dir, assessor.name, version)
+        staging = directory.with_name(f".{directory.name}-{uuid.uuid4().hex[:12]}")
+        assessor.version = version
+        manifest = assessor.save(staging)
+        try:
+            record = registry.add(
+                name=assessor.name,
+                kind=assessor.key,
+                version=version,
+                artifact_uri=uri,
+                sha256=manifest.weights_sha256,
+                metrics=metrics,
+                parent_id=parent_id,
+            )
+        except VersionTaken:
+            shutil.rmtree(staging)
+            continue
+        if directory.exists():  # left by a crash of an older release between saving and registering
+            shutil.rmtree(directory)
+        staging.rename(directory)
+        break
+    else:
+        raise RuntimeError(f"{assessor.name}: every version tried was registered by another process first")
+    if status == "active":
+        registry.promote(record.id)
+    elif status != "candidate":
+        registry.set_status(record.id, status)
+    return registry.get(record.id)

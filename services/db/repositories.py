@@ -60,6 +60,7 @@ from workflows.ports import (
     ModelScoreRow,
     StoredDecision,
     UnknownCoil,
+    VersionTaken,
 )
 
 coils: Table = Coil.__table__  # type: ignore[assignment]
@@ -265,21 +266,30 @@ class SqlModelRegistry:
         status: str = "candidate",
         parent_id: int | None = None,
     ) -> ModelRecord:
-        with self.engine.begin() as conn:
-            model_id = conn.execute(
-                models.insert()
-                .values(
-                    name=name,
-                    kind=kind,
-                    version=version,
-                    status="candidate",
-                    artifact_uri=artifact_uri,
-                    sha256=sha256,
-                    metrics=metrics or {},
-                    parent_id=parent_id,
-                )
-                .returning(models.c.id)
-            ).scalar_one()
+        try:
+            with self.engine.begin() as conn:
+                model_id = conn.execute(
+                    models.insert()
+                    .values(
+                        name=name,
+                        kind=kind,
+                        version=version,
+                        status="candidate",
+                        artifact_uri=artifact_uri,
+                        sha256=sha256,
+                        metrics=metrics or {},
+                        parent_id=parent_id,
+                    )
+                    .returning(models.c.id)
+                ).scalar_one()
+        except IntegrityError:
+            with self.engine.connect() as conn:
+                taken = conn.execute(
+                    select(models.c.id).where(models.c.name == name, models.c.version == version)
+                ).first()
+            if taken is None:
+                raise
+            raise VersionTaken(f"{name} v{version} was registered by another process meanwhile") from None
         if status == "active":
             self.promote(model_id)
         elif status != "candidate":

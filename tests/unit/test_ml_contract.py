@@ -527,3 +527,33 @@ def test_an_assessor_from_another_package_joins_through_its_entry_point(tmp_path
         sys.path.remove(str(target))
         for name in [m for m in sys.modules if m.startswith("coilguard_tiny")]:
             del sys.modules[name]
+
+
+def test_two_registrants_of_one_name_do_not_overwrite_each_others_artifact(tmp_path: Path) -> None:
+    """The weekly ReTrain and an operator's `train --register` both look up the next version of `cnn` and get 2.
+    The one that records it first keeps its folder; the other takes version 3, and neither artifact is lost."""
+    from services.db.engine import make_engine
+    from services.db.migrate import upgrade
+    from services.db.repositories import SqlModelRegistry
+    from workflows.training import register
+
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    registry = SqlModelRegistry(make_engine(url))
+    data = stripe_coils(60, 0.2)
+    first, second = (create("cnn", {"epochs": 1, "seed": seed}, name="cnn") for seed in (1, 2))
+    for model in (first, second):
+        model.fit(data, device="cpu")
+    register(first, registry, tmp_path, status="active")  # v1
+    stale = registry.next_version("cnn")  # the second registrant's look, before the first records v2
+
+    winner = register(first, registry, tmp_path)  # v2
+    looks = iter([stale])
+    registry.next_version = lambda name: next(looks, None) or SqlModelRegistry.next_version(registry, name)
+    loser = register(second, registry, tmp_path)
+
+    assert (winner.version, loser.version) == (2, 3)
+    batch = AssessBatch(data.X[:8])
+    for record, model in ((winner, first), (loser, second)):
+        np.testing.assert_array_equal(load_model(record, tmp_path).predict(batch)[0], model.predict(batch)[0])
+    assert not [p for p in (tmp_path / "cnn").iterdir() if p.name.startswith(".")]  # no staging folder left
