@@ -3,7 +3,7 @@
 Each member runs once per batch. An assessor that cannot judge a coil (an image model on a coil
 without images) abstains: its vote is recorded as such and the average is taken over the members
 that voted. A coil on which every member abstains cannot be decided and :meth:`Ensemble.assess` raises;
-the serving ensemble always holds a matrix assessor, which never abstains (``workflows.assess``).
+AssessCoils rejects such a coil with its reason before the vote (``workflows.assess``).
 
 With ``shards`` > 1 a batch of at least ``MIN_SHARD_COILS`` coils per shard is split into up to that
 many pieces, voted on at once by as many threads; :func:`share_threads` divides torch's intra-op threads
@@ -102,6 +102,11 @@ class Ensemble:
     @property
     def needs_images(self) -> bool:
         return any(m.assessor.consumes == "image" for m in self.members)
+
+    @property
+    def judges_matrices(self) -> bool:
+        """Is there a member that votes on every coil (one that reads the matrix, and never abstains)?"""
+        return any(m.assessor.consumes == "matrix" for m in self.members)
 
     def predict_arrays(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per member and coil (M, N): p_nok and confidence (NaN = abstained); then the weighted averages (N,)."""

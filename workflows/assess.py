@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from ml.assessors.base import AssessBatch, Assessor
-from ml.assessors.registry import available
 from ml.ensemble import Ensemble, EnsembleDecision, Member, MemberVote
 from ml.images import decode_image
 from workflows.messages import (
@@ -47,6 +46,12 @@ class RawMessage:
     topic: str
     payload: bytes
     received_at: float  # epoch seconds, when the worker got it
+
+
+NO_ONE_TO_JUDGE = (
+    "no surface images, and every active model assesses images: send the coil's images, or register a matrix "
+    "assessor too (coilguard train --assessor cnn --register)"
+)
 
 
 class NoActiveModel(RuntimeError):
@@ -139,13 +144,6 @@ class EnsembleLoader:
         records = self.registry.active_models()
         if not records:
             raise NoActiveModel("no active model in the registry: train one with `coilguard train … --register`")
-        images_only = all((kind := available().get(r.kind)) is not None and kind.consumes == "image" for r in records)
-        if images_only:  # a coil without surface images would be decided by nobody
-            names = ", ".join(f"{r.name} v{r.version} ({r.kind})" for r in records)
-            raise NoActiveModel(
-                f"every active model assesses surface images ({names}), so a coil without images could not be "
-                "decided: register a matrix assessor too, e.g. `coilguard train --assessor cnn --register`"
-            )
         members, by_key = [], {}
         for record in sorted(records, key=lambda r: r.name):
             assessor = self._cache.get(record.id) or load_model(record, self.model_dir)
@@ -191,6 +189,8 @@ class AssessCoils:
             try:
                 coil = parse_coil_message(raw.payload, topic_line=line, max_bytes=self.max_payload_bytes)
                 images = _decode_images(coil) if serving.ensemble.needs_images else []
+                if not images and not serving.ensemble.judges_matrices:  # every member would abstain
+                    raise RejectedMessage(NO_ONE_TO_JUDGE, "images", coil.coil_id)
             except RejectedMessage as exc:
                 self._reject(result, raw, exc, line)
                 continue

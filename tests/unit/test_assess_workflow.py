@@ -232,29 +232,38 @@ def test_the_worker_remembers_only_its_most_recent_confirmed_coils() -> None:
     assert [c in recent for c in "ABCD"] == [True, False, True, True]
 
 
-def test_an_ensemble_of_image_models_only_is_not_served(tmp_path: Path) -> None:
-    """Image models abstain on a coil without surface images; with nothing else active such a coil would be
-    decided by nobody. The loader refuses, saying what to do, and serves again once a matrix model is active."""
-    from helpers import stripe_coils, synthetic_tiles
+class Brightness:
+    """An image model: NOK when the coil's first surface image is dark; abstains on a coil without images."""
 
-    from ml.assessors.cnn import CnnAssessor
-    from ml.assessors.ssim_ae import SsimAeAssessor
-    from services.db.engine import make_engine
-    from services.db.migrate import upgrade
-    from services.db.repositories import SqlModelRegistry
-    from workflows.assess import EnsembleLoader, NoActiveModel
-    from workflows.training import register
+    consumes = "image"
+    name, version = "thin", 4
 
-    url = f"sqlite:///{tmp_path / 'cg.db'}"
-    upgrade(url)
-    registry = SqlModelRegistry(make_engine(url))
-    surface = SsimAeAssessor({"epochs": 1, "width": 4, "latent_dim": 16, "batch_size": 8}, name="surface")
-    surface.fit(synthetic_tiles(), device="cpu")
-    register(surface, registry, tmp_path, status="active")
-    loader = EnsembleLoader(registry, tmp_path)
-    with pytest.raises(NoActiveModel, match=r"every active model assesses surface images \(surface v1 \(ssim_ae\)\)"):
-        loader.load()
-    cnn = CnnAssessor({"epochs": 1}, name="coil")
-    cnn.fit(stripe_coils(60, 0.2), device="cpu")
-    register(cnn, registry, tmp_path, status="active")
-    assert sorted(loader.load().records) == [("coil", 1), ("surface", 1)]
+    def predict(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray]:
+        assert batch.images is not None
+        p = np.array([np.nan if not imgs else 0.9 if imgs[0].mean() < 100 else 0.1 for imgs in batch.images])
+        return p, np.where(np.isnan(p), np.nan, np.maximum(p, 1 - p))
+
+
+def test_with_image_models_only_a_coil_without_images_is_rejected_with_its_reason() -> None:
+    """Every member would abstain on it: the coil is rejected, naming what to do, and the batch goes on (it
+    used to fail the whole batch, each coil then re-run alone and rejected as 'could not be assessed')."""
+    serving = _serving(Brightness())  # type: ignore[arg-type]
+    with_images = _with_image(_coil("A"))
+    result = AssessCoils(MemoryStore(), TOPICS).process([_coil("B"), with_images], serving)
+    assert [d.coil_id for d in result.decided] == ["A"]
+    [rejected] = result.rejected
+    assert (rejected.coil_id, rejected.field) == ("B", "images")
+    assert "every active model assesses images" in rejected.reason
+
+
+def _with_image(raw: RawMessage) -> RawMessage:
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("L", (8, 8), 200).save(png, format="PNG")
+    doc = orjson.loads(raw.payload)
+    doc["images"] = [{"kind": "surface", "format": "png", "data_b64": base64.b64encode(png.getvalue()).decode()}]
+    return RawMessage(raw.topic, orjson.dumps(doc), raw.received_at)
