@@ -145,8 +145,8 @@ def register(
         directory, uri = artifact_dir(model_dir, assessor.name, version)
         staging = directory.with_name(f".{directory.name}-{uuid.uuid4().hex[:12]}")
         assessor.version = version
-        manifest = assessor.save(staging)
         try:
+            manifest = assessor.save(staging)
             record = registry.add(
                 name=assessor.name,
                 kind=assessor.key,
@@ -156,9 +156,11 @@ def register(
                 metrics=metrics,
                 parent_id=parent_id,
             )
-        except VersionTaken:
-            shutil.rmtree(staging)
-            continue
+        except BaseException as exc:  # a full disk, the database away, SIGTERM: no half-saved folder stays
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, VersionTaken):
+                continue
+            raise
         if directory.exists():  # left by a crash of an older release between saving and registering
             shutil.rmtree(directory)
         staging.rename(directory)

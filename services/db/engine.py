@@ -45,8 +45,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     SQLite: the database file's folder is created, every connection enforces foreign keys, uses
     WAL and waits up to 5 s for a lock, and may be used from several threads (the pool hands each
     connection to one thread at a time). PostgreSQL: connections are checked before use, so a
-    restarted server costs one reconnect instead of an error, and a connection attempt gives up after
-    ``PG_CONNECT_TIMEOUT_S``.
+    restarted server costs one reconnect instead of an error, a connection attempt gives up after
+    ``PG_CONNECT_TIMEOUT_S``, and one that waits on a server gone silent after three times that.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -59,13 +59,18 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     # A server that vanishes without a word (a lost node, a firewall dropping packets) must cost seconds, not the
-    # minutes of the system's TCP defaults: a connection attempt gives up, and an idle connection is found dead.
-    connect_args = {
+    # minutes of the system's TCP defaults: a connection attempt gives up, an idle connection is found dead by
+    # keepalives, and one waiting for an answer gives up after tcp_user_timeout. Libpq settings in the URL win.
+    defaults = {
         "connect_timeout": PG_CONNECT_TIMEOUT_S,
         "keepalives": 1,
         "keepalives_idle": 30,
         "keepalives_interval": 10,
         "keepalives_count": 3,
+        "tcp_user_timeout": PG_CONNECT_TIMEOUT_S * 3 * 1000,  # milliseconds
+    }
+    connect_args = {
+        **{key: value for key, value in defaults.items() if key not in parsed.query},
         **kwargs.pop("connect_args", {}),
     }
     return create_engine(parsed, connect_args=connect_args, **kwargs)

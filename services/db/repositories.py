@@ -603,7 +603,8 @@ class SqlRetrainRuns:
     the lock while a ``running`` row exists, that row's process is gone and the row is marked failed.
     On a SQLite file the lock is an ``flock`` on a file beside the database, which the system drops
     when the process dies, however it dies (a pid, which a restarted container or a reboot hands on,
-    could not say that). Only an in-memory database, one process by nature, checks the row's ``host:pid``.
+    could not say that). A database without a file path (in memory, or a ``file:`` URI) checks the row's
+    ``host:pid`` instead.
     """
 
     def __init__(self, engine: Engine) -> None:

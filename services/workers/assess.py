@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promoted` event was missed
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
-ANNOUNCED_MEMORY = 4096  # coils whose decision the broker confirmed, remembered until long after their mark
+ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until long after their mark
 MODEL_WAIT_S = 5.0  # with no active model yet, look at the registry again this often
 RETIRE_IDLE_S = 3.0  # a retiring worker is done when its session has delivered nothing for this long
 
@@ -129,7 +129,7 @@ class AssessWorker:
         # at most two voted batches wait for the committer: enough to overlap, little to redo after a crash
         self._pending: queue.Queue[tuple[list[Inbound], Prepared, float] | None] = queue.Queue(maxsize=2)
         self._reload = threading.Event()
-        # coils the committer saw confirmed, for the worker thread to tell a re-sent coil from one to announce
+        # coils the committer has announced, for the worker thread to tell a re-sent coil from one to announce
         self._announced = RecentCoils(ANNOUNCED_MEMORY)
         self._serving: ServingEnsemble | None = None
         self._last_poll = 0.0

@@ -307,18 +307,39 @@ def test_a_database_that_drops_packets_costs_seconds_not_minutes(api: Api, monke
     assert took < 10, f"two requests took {took:.1f} s"
 
 
-def test_no_free_database_connection_is_a_503(api: Api) -> None:
-    """Every pooled connection taken (requests stuck on a slow database): a 503 that says so, not a bare 500."""
-    engine = make_engine(api.settings.database_url, pool_size=1, max_overflow=0, pool_timeout=0.5)
+def test_libpq_settings_in_the_database_url_win_over_the_defaults(api: Api) -> None:
+    url = api.settings.database_url
+    engine = make_engine(url + ("&" if "?" in url else "?") + "connect_timeout=3")
     try:
-        with _serve(api.settings, engine, heartbeat=False) as base, httpx.Client(base_url=base, timeout=30) as client:
-            with engine.connect():  # the pool's only connection
-                response = client.get("/coils")
-            after = client.get("/coils")
+        with engine.connect() as conn:
+            dsn = conn.connection.dbapi_connection.info.dsn  # type: ignore[union-attr]
     finally:
         engine.dispose()
-    assert response.status_code == 503, response.text
-    assert response.json()["detail"] == "database unavailable: no database connection came free in time"
+    assert "connect_timeout=3 " in dsn and "tcp_user_timeout=30000" in dsn and "keepalives_idle=30" in dsn
+
+
+def test_no_free_database_connection_is_a_503_and_liveness_still_answers(api: Api) -> None:
+    """Every pooled connection taken (requests stuck on a slow database): a 503 that says so, not a bare 500;
+    and the liveness probe answers at once although the requests waiting for a connection fill the API's
+    thread pool (40 threads), or kubelet would restart the pod for the database's fault."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = make_engine(api.settings.database_url, pool_size=1, max_overflow=0, pool_timeout=3)
+    try:
+        with _serve(api.settings, engine, heartbeat=False) as base, ThreadPoolExecutor(48) as pool:
+            with engine.connect():  # the pool's only connection
+                stuck = [pool.submit(httpx.get, f"{base}/coils", timeout=30) for _ in range(48)]
+                time.sleep(1.0)  # every one of them waiting for the connection
+                started = time.monotonic()
+                live = httpx.get(f"{base}/health/live", timeout=30)
+                live_s = time.monotonic() - started
+                answers = [f.result() for f in stuck]
+            after = httpx.get(f"{base}/coils", timeout=30)
+    finally:
+        engine.dispose()
+    assert live.status_code == 200 and live_s < 1.5, f"liveness took {live_s:.1f} s"
+    assert {r.status_code for r in answers} == {503}, {r.status_code for r in answers}
+    assert answers[0].json()["detail"] == "database unavailable: no database connection came free in time"
     assert after.status_code == 200
 
 

@@ -343,9 +343,10 @@ def test_a_worker_stopped_while_catching_up_hands_the_backlog_back(env: AssessEn
     with env.worker():  # the worker's session exists: what is published while it is away waits in the broker
         pass
     publish_coils(env.publisher, env.topics, coils)
-    first_batch = threading.Event()
-    with env.worker(on_batch=lambda result: first_batch.set()) as worker:
-        assert first_batch.wait(60)
+    stopped: list[AssessWorker] = []
+    with env.worker(on_batch=lambda result: stopped and stopped[0].stop()) as worker:  # stops with a first batch
+        stopped.append(worker)
+        assert wait_for(worker.stopping.is_set, timeout=60)
     handed_back = len(coils) - env.coils()
     assert handed_back >= 200, f"it drained the backlog instead of stopping ({worker.stats})"
     with env.worker():
@@ -361,19 +362,19 @@ def test_a_coil_sent_again_while_its_decision_awaits_the_brokers_word_is_announc
     it: the copy is a duplicate, not a decided coil whose announcement is missing."""
     [coil] = _coils(1, "A")
     with env.worker() as worker:
-        flush, copy_sent = worker.client.flush, threading.Event()
+        flush, copy_voted = worker.client.flush, []
 
         def flush_once_the_copy_is_voted(timeout: float = 30.0) -> bool:
-            if not copy_sent.is_set():  # the first batch: its decision is out, its confirmation not yet in
-                copy_sent.set()
+            if not copy_voted:  # the first batch: its decision is out, its confirmation not yet in
                 publish_coils(env.publisher, env.topics, [coil])
-                wait_for(lambda: worker._pending.qsize() == 1, timeout=10)  # prepared behind this batch
+                copy_voted.append(wait_for(lambda: worker._pending.qsize() == 1, timeout=30))  # behind this batch
             return flush(timeout)
 
         monkeypatch.setattr(worker.client, "flush", flush_once_the_copy_is_voted)
         publish_coils(env.publisher, env.topics, [coil])
         assert wait_for(lambda: worker.stats.duplicates + worker.stats.republished == 1, timeout=30)
         time.sleep(0.5)
+    assert copy_voted == [True], "the copy was not voted while the first decision awaited the broker"
     assert [d["coil_id"] for d in env.listener.decisions] == [coil.coil_id]
     assert worker.stats.duplicates == 1 and worker.stats.republished == 0
 

@@ -557,3 +557,24 @@ def test_two_registrants_of_one_name_do_not_overwrite_each_others_artifact(tmp_p
     for record, model in ((winner, first), (loser, second)):
         np.testing.assert_array_equal(load_model(record, tmp_path).predict(batch)[0], model.predict(batch)[0])
     assert not [p for p in (tmp_path / "cnn").iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_a_registration_that_fails_leaves_no_half_saved_folder(tmp_path: Path) -> None:
+    from services.db.engine import make_engine
+    from services.db.migrate import upgrade
+    from services.db.repositories import SqlModelRegistry
+    from workflows.training import register
+
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    registry = SqlModelRegistry(make_engine(url))
+    cnn = create("cnn", {"epochs": 1}, name="cnn")
+    cnn.fit(stripe_coils(40), device="cpu")
+
+    def database_away(**row: object) -> None:
+        raise ConnectionError("the database went away")
+
+    registry.add = database_away  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        register(cnn, registry, tmp_path)
+    assert list((tmp_path / "cnn").iterdir()) == []
