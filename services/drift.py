@@ -31,7 +31,7 @@ from services.metrics import METRICS
 from workflows.assess import EnsembleLoader
 from workflows.drift_report import CoilSample, DriftConfig, DriftOutcome, DriftResult, run_drift_report
 from workflows.ports import ModelRecord
-from workflows.training import resolve_artifact
+from workflows.training import load_kept_data, resolve_artifact
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class SqlDriftSource:
         if not paths:
             return None
         # each coil once: ReTrain keeps operator-labelled coils three times over, and the models may share data
-        data = CoilDataset.concat([CoilDataset.load(self.model_dir / p) for p in paths]).unique()
+        data = CoilDataset.concat([load_kept_data(self.model_dir, p) for p in paths]).unique()
         sample = CoilSample(
             data.X,
             labels=np.where(data.y == 1, "NOK", "OK").astype(object),

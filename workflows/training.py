@@ -113,6 +113,11 @@ def training_history(assessor: Assessor, model_dir: Path) -> CoilDataset | None:
     relative = assessor.training_data.get("path")
     if not relative or not (Path(model_dir) / relative).is_file():
         return None
+    return load_kept_data(model_dir, relative)
+
+
+def load_kept_data(model_dir: Path, relative: str) -> CoilDataset:
+    """A training set kept by :func:`keep_training_data`, refused when its content no longer matches its name."""
     path = Path(model_dir) / relative
     data = CoilDataset.load(path)
     if not data.summary()["sha256"].startswith(path.stem):  # kept under its content's digest

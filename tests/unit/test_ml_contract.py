@@ -26,7 +26,7 @@ from ml.training.augment import augment_batch
 from ml.training.loop import epoch_indices
 from ml.training.splits import split_keeping, stratified_split
 from workflows.ports import ModelRecord
-from workflows.training import keep_training_data, load_model, training_history
+from workflows.training import keep_training_data, load_kept_data, load_model, training_history
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -266,8 +266,8 @@ def test_a_tampered_weights_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_kept_training_set_changed_on_disk_is_refused(tmp_path: Path) -> None:
-    """ReTrain trains the challenger on the champion's kept history: a file replaced after it was kept must not
-    become training data unnoticed (only the weights and the manifest are checksummed)."""
+    """ReTrain trains the challenger on the champion's kept history, and the drift report compares with it: a file
+    replaced after it was kept must not become training data or the reference unnoticed."""
     data = stripe_coils(40)
     cnn = create("cnn", {"epochs": 1, "batch_size": 32})
     cnn.training_data = {"path": keep_training_data(data, tmp_path)}
@@ -275,6 +275,8 @@ def test_a_kept_training_set_changed_on_disk_is_refused(tmp_path: Path) -> None:
     stripe_coils(40, seed=9).save(tmp_path / cnn.training_data["path"])  # other coils under the same name
     with pytest.raises(ArtifactError, match="was changed after it was kept"):
         training_history(cnn, tmp_path)
+    with pytest.raises(ArtifactError, match="was changed after it was kept"):  # the drift report's reference
+        load_kept_data(tmp_path, cnn.training_data["path"])
 
 
 def test_a_manifest_of_another_kind_is_refused(tmp_path: Path) -> None:
