@@ -104,6 +104,17 @@ class CoilDataset:
             "sha256": digest.hexdigest(),
         }
 
+    def content_digest(self) -> str:
+        """sha256 of everything :meth:`save` writes. :meth:`summary`'s digest covers only what a model learns from
+        (X and y); a kept training set is named by this one, so that changed coil ids, times or columns (which
+        ReTrain uses to tell feedback from history and to choose validation coils) are noticed too."""
+        digest = hashlib.sha256()
+        for array in (np.ascontiguousarray(self.X), self.y, self.produced_at.astype(np.int64)):
+            digest.update(array.tobytes())
+        digest.update(json.dumps(self.coil_id.tolist()).encode())
+        digest.update(json.dumps(self.meta, default=_json_default, sort_keys=True).encode())
+        return digest.hexdigest()
+
     def save(self, path: str | Path) -> Path:
         """Write an ``.npz`` file and return its path (numpy adds ``.npz`` to a name without it)."""
         path = Path(path)

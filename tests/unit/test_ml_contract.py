@@ -279,6 +279,34 @@ def test_a_kept_training_set_changed_on_disk_is_refused(tmp_path: Path) -> None:
         load_kept_data(tmp_path, cnn.training_data["path"])
 
 
+@pytest.mark.parametrize("change", ["coil_id", "learned_by_init"])
+def test_a_kept_training_set_with_the_same_matrices_but_other_coils_or_columns_is_refused(
+    tmp_path: Path, change: str
+) -> None:
+    """ReTrain tells the operators' feedback from the history by coil id and keeps the coils the starting model
+    learned from out of validation by a column: those change what a challenger is judged on, so they are part
+    of what the name vouches for, not only X and y."""
+    data = stripe_coils(40)
+    data.columns["learned_by_init"] = [False] * len(data)
+    relative = keep_training_data(data, tmp_path)
+    assert load_kept_data(tmp_path, relative).content_digest() == data.content_digest()
+    if change == "coil_id":
+        data.coil_id = np.roll(data.coil_id, 1)
+    else:
+        data.columns["learned_by_init"] = [True] * len(data)
+    data.save(tmp_path / relative)
+    with pytest.raises(ArtifactError, match="was changed after it was kept"):
+        load_kept_data(tmp_path, relative)
+
+
+def test_a_training_set_kept_by_an_earlier_release_still_loads(tmp_path: Path) -> None:
+    """Files kept before the name covered the whole content are named by the digest of X and y."""
+    data = stripe_coils(40)
+    relative = f"data/{data.summary()['sha256'][:20]}.npz"
+    data.save(tmp_path / relative)
+    assert load_kept_data(tmp_path, relative).content_digest() == data.content_digest()
+
+
 def test_a_manifest_of_another_kind_is_refused(tmp_path: Path) -> None:
     cnn = create("cnn", {"epochs": 1, "batch_size": 32})
     cnn.fit(stripe_coils(80), device="cpu")
