@@ -40,16 +40,17 @@ def run_score(settings: Settings, engine: Engine | None = None) -> list[ScoredMo
     return scored
 
 
-class _MqttPublisher:
+class MqttEventPublisher:
     """Publishes model events; a broker that is away does not undo a promotion (workers also poll)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, purpose: str = "retrain") -> None:
         self.settings = settings
+        self.client_id = f"coilguard-{purpose}-{worker_name().replace(':', '-')}"
 
     def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
         topics = ", ".join(sorted({topic for topic, _ in messages}))
         try:
-            with mqtt_client(self.settings, client_id=f"coilguard-retrain-{worker_name().replace(':', '-')}") as client:
+            with mqtt_client(self.settings, client_id=self.client_id) as client:
                 for topic, payload in messages:
                     client.publish(topic, payload, qos=1)
                 if not client.flush(10):
@@ -82,7 +83,7 @@ def make_retrain(
             device=settings.device,
             fit_overrides=fit_overrides or {},
         ),
-        publisher=_MqttPublisher(settings) if publish else None,
+        publisher=MqttEventPublisher(settings) if publish else None,
         topics=topics(settings),
         stop=stop,
     )

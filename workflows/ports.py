@@ -6,7 +6,7 @@ and what keeps the dependency arrow pointing one way: services → workflows →
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -86,6 +86,9 @@ class ModelRegistry(Protocol):
     def active_models(self) -> list[ModelRecord]: ...
 
     def get(self, model_id: int) -> ModelRecord: ...
+
+    def all(self, names: Iterable[str] | None = None) -> list[ModelRecord]:
+        """Every version (of ``names``), whatever its status, by name and version."""
 
     def next_version(self, name: str) -> int: ...
 

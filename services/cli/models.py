@@ -115,12 +115,78 @@ def parse_setting(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
-@cli.command("models")
+@cli.group("models", invoke_without_command=True)
 @click.option("--kinds", is_flag=True, help="List the installed assessor kinds instead.")
 @click.option("--all", "show_all", is_flag=True, help="Include retired and failed versions.")
+@click.pass_context
+def models_(click_ctx: click.Context, kinds: bool, show_all: bool) -> None:
+    """The registered models and their versions (or the installed assessor kinds); `promote` and `retire`
+    change which versions serve."""
+    if click_ctx.invoked_subcommand is None:
+        list_models(click_ctx.ensure_object(AppContext), kinds, show_all)
+
+
+@models_.command("promote")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(min=1))
 @pass_ctx
-def models_(ctx: AppContext, kinds: bool, show_all: bool) -> None:
-    """The registered models and their versions (or the installed assessor kinds)."""
+def promote(ctx: AppContext, name: str, version: int) -> None:
+    """Put NAME vVERSION in service (a rollback, or a candidate); the name's active version is retired.
+
+    Refused when the version's files do not load or do not match the registry's checksum."""
+    from services.workers.assess import RELOAD_POLL_S
+    from workflows.versions import promote_version
+
+    change = _change_versions(ctx, promote_version, name, version, needs_model_dir=True)
+    before = f", retired v{change.retired}" if change.retired else ""
+    click.echo(
+        f"promoted {name} v{version}{before}; workers reload on the model event, or within {RELOAD_POLL_S:.0f} s"
+    )
+
+
+@models_.command("retire")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(min=1))
+@pass_ctx
+def retire(ctx: AppContext, name: str, version: int) -> None:
+    """Take NAME vVERSION out of service (or out of the candidates)."""
+    from workflows.versions import retire_version
+
+    change = _change_versions(ctx, retire_version, name, version)
+    click.echo(f"retired {name} v{version}")
+    if change.active_left == 0:
+        click.echo(
+            "no version of any model is active now: running workers keep the ensemble they serve, a worker that "
+            "starts waits for one; promote a version to change that",
+            err=True,
+        )
+
+
+def _change_versions(ctx: AppContext, change: Any, name: str, version: int, needs_model_dir: bool = False) -> Any:
+    """Run a :mod:`workflows.versions` change on the configured registry; a refusal is a usage error."""
+    from services.db.engine import engine_for
+    from services.db.repositories import SqlModelRegistry
+    from services.jobs import MqttEventPublisher
+    from services.runtime import topics
+    from workflows.versions import VersionChangeRefused
+
+    require_schema(ctx.settings)
+    extra = {"model_dir": ctx.settings.model_dir} if needs_model_dir else {}
+    with engine_for(ctx.settings.database_url) as engine:
+        try:
+            return change(
+                SqlModelRegistry(engine),
+                name=name,
+                version=version,
+                publisher=MqttEventPublisher(ctx.settings, purpose="models"),
+                model_events=topics(ctx.settings).model_events,
+                **extra,
+            )
+        except VersionChangeRefused as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def list_models(ctx: AppContext, kinds: bool, show_all: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -135,16 +201,27 @@ def models_(ctx: AppContext, kinds: bool, show_all: bool) -> None:
         return
     from services.db.engine import make_engine
     from services.db.repositories import SqlModelRegistry
+    from workflows.training import resolve_artifact
 
     require_schema(ctx.settings)
     records = SqlModelRegistry(make_engine(ctx.settings.database_url)).all()
     table = Table("name", "version", "kind", "status", "validation NOK-F1", "created", "artifact")
+    missing = 0
     for r in records:
         if not show_all and r.status not in ("active", "candidate"):
             continue
         f1 = (r.metrics.get("validation") or {}).get("f1_nok")
         created = r.created_at.strftime("%Y-%m-%d %H:%M") if r.created_at else ""
-        table.add_row(
-            r.name, str(r.version), r.kind, r.status, f"{f1:.3f}" if f1 is not None else "", created, r.artifact_uri
-        )
+        # a registration killed between recording the row and moving the files in leaves a row without files
+        found = resolve_artifact(ctx.settings.model_dir, r.artifact_uri).is_dir()
+        missing += not found
+        artifact = r.artifact_uri if found else f"{r.artifact_uri} (missing)"
+        f1_text = f"{f1:.3f}" if f1 is not None else ""
+        table.add_row(r.name, str(r.version), r.kind, r.status, f1_text, created, artifact)
     console.print(table)
+    if missing:
+        click.echo(
+            f"{missing} version(s) have no files under MODEL_DIR ({ctx.settings.model_dir}): if this host mounts "
+            "it, they cannot be served; retire them (or restore their folders)",
+            err=True,
+        )

@@ -155,6 +155,26 @@ def test_the_loop_closes_score_retrain_promote_reload_without_losing_a_coil(env:
     assert during == sorted(during) and len(published) > 50
 
 
+def test_an_operator_rolls_back_with_models_promote_and_the_worker_follows_at_once(env: AssessEnv) -> None:
+    """A retrained version the operators distrust is taken back by command, not by SQL; the worker reloads on the
+    model event (long before its 30 s registry poll) and the next coils carry the old version's votes."""
+    _register_trained(env, _history(150, seed=41), epochs=1)
+    _register_trained(env, _history(150, seed=43), epochs=1)  # v2 active, v1 retired
+    with env.worker() as worker:
+        publish_coils(env.publisher, env.topics, LineSimulator(LineConfig(seed=57, id_prefix="B1")).take(10))
+        assert wait_for(lambda: env.coils() == 10, timeout=60)
+        rolled = _cli(env, "models", "promote", "cnn", "1")
+        assert rolled.returncode == 0 and "promoted cnn v1, retired v2" in rolled.stdout, rolled.stderr
+        assert wait_for(lambda: worker.stats.reloads >= 1, timeout=15)
+        publish_coils(env.publisher, env.topics, LineSimulator(LineConfig(seed=58, id_prefix="B2")).take(10))
+        assert wait_for(lambda: env.coils() == 20, timeout=60)
+    votes = env.votes_per_coil()
+    assert {tuple(v) for c, v in votes.items() if c.startswith("B1")} == {(("cnn", 2),)}
+    assert {tuple(v) for c, v in votes.items() if c.startswith("B2")} == {(("cnn", 1),)}
+    events = [(e["event"], e["model"], e["version"]) for e in env.listener.model_events]
+    assert events[-2:] == [("retired", "cnn", 2), ("promoted", "cnn", 1)], env.listener.model_events
+
+
 def test_a_worse_challenger_is_refused_and_the_champion_keeps_serving(env: AssessEnv) -> None:
     champion = _register_trained(env, _history(1500, seed=42), epochs=4)
     coils = _coils_with_noks(40, 80, "R1", seed=32)

@@ -10,6 +10,8 @@ lacks. These run the real command in a fresh process on SQLite; no broker is inv
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,10 @@ from helpers import synthetic_images, synthetic_tiles, write_image_folder
 
 from ml.assessors.base import AssessBatch
 from ml.assessors.registry import load_artifact
+from services.db.engine import make_engine
+from services.db.repositories import SqlModelRegistry
 from services.progress import epoch_status, validation_summary
+from workflows.training import register
 
 # Tiny settings: the command's plumbing is under test, not the models.
 TINY: dict[str, list[str]] = {
@@ -93,7 +98,57 @@ def test_train_registers_a_coil_model_that_models_then_lists(tmp_path: Path) -> 
     assert listed.returncode == 0, listed.stderr
     [row] = [line for line in listed.stdout.splitlines() if "cnn/v1" in line]
     cells = [cell.strip() for cell in re.split(r"[│|]", row) if cell.strip()]  # rich's or plain borders
-    assert cells[:4] == ["cnn", "1", "cnn", "active"]
+    assert cells[:4] == ["cnn", "1", "cnn", "active"] and "missing" not in row and not listed.stderr
+    shutil.rmtree(tmp_path / "m" / "cnn" / "v1")  # as a registration killed before moving its files in leaves it
+    listed = coilguard("models", env={**env, "COLUMNS": "200"})
+    [row] = [line for line in listed.stdout.splitlines() if "cnn/v1" in line]
+    assert "cnn/v1 (missing)" in row and "1 version(s) have no files under MODEL_DIR" in listed.stderr
+
+
+@pytest.mark.slow
+def test_models_promote_and_retire_refuse_what_would_break_serving(tmp_path: Path) -> None:
+    """Without a broker (port 9 refuses): the change stands, and workers find it by polling the registry."""
+    model_dir = tmp_path / "m"
+    env = {
+        "COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}",
+        "COILGUARD_MODEL_DIR": str(model_dir),
+        "COILGUARD_MQTT_URL": "mqtt://127.0.0.1:9",
+    }
+    assert coilguard("db", "upgrade", env=env).returncode == 0
+    trained = coilguard("train", "--assessor", "cnn", "--data", "sim:200", "--set", "epochs=1", "--register", env=env)
+    assert trained.returncode == 0, trained.stderr
+    registry = SqlModelRegistry(make_engine(env["COILGUARD_DATABASE_URL"]))
+    for _ in range(2):  # v2 and v3: candidates, as a ReTrain challenger or `train --register` of a rival would be
+        register(load_artifact(model_dir / "cnn" / "v1"), registry, model_dir)
+
+    def statuses() -> list[str]:
+        return [r.status for r in registry.all(["cnn"])]
+
+    def models(*args: str) -> subprocess.CompletedProcess:
+        return coilguard("models", *args, env=env)
+
+    for args, why in [
+        (("promote", "cnn", "1"), "cnn v1 is already active"),
+        (("promote", "cnn", "7"), "no version 7 of a model named 'cnn' (registered: v1 (active), v2 (candidate), v3"),
+        (("retire", "rnn", "1"), "no version 1 of a model named 'rnn' (registered: none)"),
+    ]:
+        refused = models(*args)
+        assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+    shutil.rmtree(model_dir / "cnn" / "v3")  # a registration killed before its files were moved in
+    refused = models("promote", "cnn", "3")
+    assert refused.returncode == 1 and "cnn v3 cannot be put in service" in refused.stderr, refused.stderr
+    assert statuses() == ["active", "candidate", "candidate"]
+
+    rolled = models("retire", "cnn", "3")
+    assert rolled.returncode == 0 and "retired cnn v3" in rolled.stdout and not rolled.stderr
+    promoted = models("promote", "cnn", "2")
+    assert promoted.returncode == 0, promoted.stderr
+    assert "promoted cnn v2, retired v1" in promoted.stdout and "could not announce" in promoted.stderr
+    assert statuses() == ["retired", "active", "retired"]
+    assert models("retire", "cnn", "3").returncode == 1  # already retired
+    last = models("retire", "cnn", "2")
+    assert last.returncode == 0 and "no version of any model is active now" in last.stderr
+    assert statuses() == ["retired", "retired", "retired"]
 
 
 @pytest.mark.slow
