@@ -112,7 +112,10 @@ class CoilDataset:
         for array in (np.ascontiguousarray(self.X), self.y, self.produced_at.astype(np.int64)):
             digest.update(array.tobytes())
         digest.update(json.dumps(self.coil_id.tolist()).encode())
-        digest.update(json.dumps(self.meta, default=_json_default, sort_keys=True).encode())
+        # meta as it reads back from the file (keys become strings, numpy values lists), keys then sorted: the
+        # same digest before and after a save, whatever the writer put in
+        stored = json.loads(json.dumps(self.meta, default=_json_default))
+        digest.update(json.dumps(stored, sort_keys=True).encode())
         return digest.hexdigest()
 
     def save(self, path: str | Path) -> Path:

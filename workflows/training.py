@@ -104,10 +104,13 @@ def keep_training_data(dataset: CoilDataset, model_dir: Path) -> str:
     relative = f"{DATA_DIR}/{digest[:20]}.npz"
     path = Path(model_dir) / relative
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        tmp = path.with_suffix(".tmp.npz")
-        dataset.save(tmp)
-        tmp.replace(path)
+    if not path.exists():  # a name of its own: two processes may keep the same content at once
+        tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:12]}.npz")
+        try:
+            dataset.save(tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return relative
 
 

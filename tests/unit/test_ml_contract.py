@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from ml.normalize import Normalizer, fill_dropped
 from ml.training.augment import augment_batch
 from ml.training.loop import epoch_indices
 from ml.training.splits import split_keeping, stratified_split
-from workflows.ports import ModelRecord
+from workflows.ports import LabelledCoil, ModelRecord
+from workflows.retrain import combine
 from workflows.training import keep_training_data, load_kept_data, load_model, training_history
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -299,12 +301,35 @@ def test_a_kept_training_set_with_the_same_matrices_but_other_coils_or_columns_i
         load_kept_data(tmp_path, relative)
 
 
-def test_a_training_set_kept_by_an_earlier_release_still_loads(tmp_path: Path) -> None:
-    """Files kept before the name covered the whole content are named by the digest of X and y."""
+def test_a_training_set_kept_by_an_earlier_release_still_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files kept before the name covered the whole content are named by the digest of X and y: those two are
+    still checked."""
     data = stripe_coils(40)
     relative = f"data/{data.summary()['sha256'][:20]}.npz"
     data.save(tmp_path / relative)
     assert load_kept_data(tmp_path, relative).content_digest() == data.content_digest()
+    assert "kept by an earlier release" in caplog.text
+    data.X[0, 0, 0] += 1.0
+    data.save(tmp_path / relative)
+    with pytest.raises(ArtifactError, match="was changed after it was kept"):
+        load_kept_data(tmp_path, relative)
+
+
+def test_a_retrain_training_set_reads_back_under_its_own_name(tmp_path: Path) -> None:
+    """What ReTrain keeps (history from disk, feedback coils, the columns and nested meta ``combine`` writes, meta
+    keys that are not strings) must match its name when read back, or ReTrain would refuse its own history."""
+    history = load_kept_data(tmp_path, keep_training_data(stripe_coils(40), tmp_path))
+    history.meta["by_gauge"] = {3: np.float32(1.5), 10: (1, 2)}  # int keys and numpy values, as a writer may add
+    feedback = [
+        LabelledCoil(f"F-{k}", stripe_coils(1, seed=k).X[0], k % 2, None, datetime(2026, 12, 6, tzinfo=UTC))
+        for k in range(6)
+    ]
+    data = combine(history, feedback, 3, [history.coil_id[0]], recalibrated=True)
+    relative = keep_training_data(data, tmp_path)
+    assert load_kept_data(tmp_path, relative).content_digest() == data.content_digest()
+    assert not list((tmp_path / "data").glob(".*"))  # no temporary file left behind
 
 
 def test_a_manifest_of_another_kind_is_refused(tmp_path: Path) -> None:
