@@ -108,7 +108,8 @@ class ModelRegistry(Protocol):
 
     def promote(self, model_id: int, replacing: int | None = None) -> ModelRecord | None:
         """Activate ``model_id`` and retire the name's previous active version, atomically; with ``replacing``,
-        only if that version is still the active one (:class:`ChampionChanged` otherwise)."""
+        only if that version (or, with :data:`NO_ACTIVE_VERSION`, none) is still the active one
+        (:class:`ChampionChanged` otherwise, as when another promotion of the name commits at the same time)."""
 
     def set_status(self, model_id: int, status: str) -> None: ...
 
@@ -116,6 +117,9 @@ class ModelRegistry(Protocol):
 class VersionTaken(RuntimeError):
     """Another registrant recorded this version of the name first (between a look at the next version and the
     insert): take the next one."""
+
+
+NO_ACTIVE_VERSION = 0  # promote(replacing=…) when the name is expected to have no active version (ids start at 1)
 
 
 class ChampionChanged(RuntimeError):

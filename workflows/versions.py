@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ml.assessors.manifest import ArtifactError
 from workflows.messages import ModelEvent, dumps
-from workflows.ports import ModelRecord, ModelRegistry, Publisher
+from workflows.ports import NO_ACTIVE_VERSION, ChampionChanged, ModelRecord, ModelRegistry, Publisher
 from workflows.training import load_model
 
 
@@ -26,22 +26,15 @@ class VersionChangeRefused(ValueError):
 
 @dataclass(frozen=True)
 class VersionChange:
-    """What changed. ``retired`` is the version taken out of service, if any. ``active_left`` counts the
-    versions of any name still active afterwards: 0 means the workers have no model to load any more."""
+    """What changed. ``retired`` is the version taken out of service, if any; ``name_active`` whether the name
+    still has an active version (if not, the ensemble votes without it); ``active_left`` counts the versions of
+    any name still active (0: the workers have no model to load any more)."""
 
     name: str
     promoted: int | None
     retired: int | None
+    name_active: bool
     active_left: int
-
-
-def find_version(registry: ModelRegistry, name: str, version: int) -> ModelRecord:
-    records = registry.all([name])
-    for record in records:
-        if record.version == version:
-            return record
-    known = ", ".join(f"v{r.version} ({r.status})" for r in records) or "none"
-    raise VersionChangeRefused(f"no version {version} of a model named {name!r} (registered: {known})")
 
 
 def promote_version(
@@ -54,18 +47,23 @@ def promote_version(
     model_events: str | None = None,
 ) -> VersionChange:
     """Activate ``name`` v``version`` and retire the name's active version in the same transaction, after
-    checking that the version's artifact loads."""
-    record = find_version(registry, name, version)
+    checking that the version's artifact loads. Refused if another change to the name comes in between."""
+    records = registry.all([name])
+    record = _find(records, name, version)
     if record.status == "active":
         raise VersionChangeRefused(f"{name} v{version} is already active")
+    active = [r.id for r in records if r.status == "active"]
     try:
         load_model(record, model_dir)
     except (ArtifactError, OSError) as exc:
         raise VersionChangeRefused(f"{name} v{version} cannot be put in service: {exc}") from None
-    retired = registry.promote(record.id)
+    try:  # only over the version seen above: loading takes a while, and ReTrain may promote meanwhile
+        retired = registry.promote(record.id, replacing=active[0] if active else NO_ACTIVE_VERSION)
+    except ChampionChanged as exc:
+        raise VersionChangeRefused(f"{exc}: nothing was changed; look again with `coilguard models`") from None
     events = [("retired", retired.version)] if retired is not None else []
     _announce(publisher, model_events, name, [*events, ("promoted", version)])
-    return VersionChange(name, version, retired.version if retired else None, len(registry.active_models()))
+    return _change(registry, name, version, retired.version if retired else None)
 
 
 def retire_version(
@@ -73,17 +71,38 @@ def retire_version(
     name: str,
     version: int,
     *,
+    force: bool = False,
     publisher: Publisher | None = None,
     model_events: str | None = None,
 ) -> VersionChange:
-    """Take ``name`` v``version`` out of service (or out of the candidates)."""
-    record = find_version(registry, name, version)
+    """Take ``name`` v``version`` out of service (or out of the candidates). Retiring the last active version of
+    every name needs ``force``: the workers cannot decide without a model, so they would keep serving it."""
+    record = _find(registry.all([name]), name, version)
     if record.status == "retired":
         raise VersionChangeRefused(f"{name} v{version} is already retired")
+    if record.status == "active" and not force and [r.id for r in registry.active_models()] == [record.id]:
+        raise VersionChangeRefused(
+            f"{name} v{version} is the only active version of any model: the workers would keep serving it, as "
+            "nothing else can decide. Promote its successor instead (`coilguard models promote`), or retire it "
+            "anyway with --force"
+        )
     registry.set_status(record.id, "retired")
     if record.status == "active":
         _announce(publisher, model_events, name, [("retired", version)])
-    return VersionChange(name, None, version, len(registry.active_models()))
+    return _change(registry, name, None, version)
+
+
+def _find(records: list[ModelRecord], name: str, version: int) -> ModelRecord:
+    for record in records:
+        if record.version == version:
+            return record
+    known = ", ".join(f"v{r.version} ({r.status})" for r in records) or "none"
+    raise VersionChangeRefused(f"no version {version} of a model named {name!r} (registered: {known})")
+
+
+def _change(registry: ModelRegistry, name: str, promoted: int | None, retired: int | None) -> VersionChange:
+    active = registry.active_models()
+    return VersionChange(name, promoted, retired, any(r.name == name for r in active), len(active))
 
 
 def _announce(publisher: Publisher | None, topic: str | None, name: str, events: list[tuple[str, int]]) -> None:

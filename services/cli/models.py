@@ -137,7 +137,7 @@ def promote(ctx: AppContext, name: str, version: int) -> None:
     from services.workers.assess import RELOAD_POLL_S
     from workflows.versions import promote_version
 
-    change = _change_versions(ctx, promote_version, name, version, needs_model_dir=True)
+    change = _change_versions(ctx, promote_version, name, version, model_dir=ctx.settings.model_dir)
     before = f", retired v{change.retired}" if change.retired else ""
     click.echo(
         f"promoted {name} v{version}{before}; workers reload on the model event, or within {RELOAD_POLL_S:.0f} s"
@@ -147,12 +147,13 @@ def promote(ctx: AppContext, name: str, version: int) -> None:
 @models_.command("retire")
 @click.argument("name")
 @click.argument("version", type=click.IntRange(min=1))
+@click.option("--force", is_flag=True, help="Retire it even if it is the only active version of any model.")
 @pass_ctx
-def retire(ctx: AppContext, name: str, version: int) -> None:
+def retire(ctx: AppContext, name: str, version: int, force: bool) -> None:
     """Take NAME vVERSION out of service (or out of the candidates)."""
     from workflows.versions import retire_version
 
-    change = _change_versions(ctx, retire_version, name, version)
+    change = _change_versions(ctx, retire_version, name, version, force=force)
     click.echo(f"retired {name} v{version}")
     if change.active_left == 0:
         click.echo(
@@ -160,10 +161,12 @@ def retire(ctx: AppContext, name: str, version: int) -> None:
             "starts waits for one; promote a version to change that",
             err=True,
         )
+    elif not change.name_active:
+        click.echo(f"{name} has no active version now: the ensemble votes without it", err=True)
 
 
-def _change_versions(ctx: AppContext, change: Any, name: str, version: int, needs_model_dir: bool = False) -> Any:
-    """Run a :mod:`workflows.versions` change on the configured registry; a refusal is a usage error."""
+def _change_versions(ctx: AppContext, change: Any, name: str, version: int, **options: Any) -> Any:
+    """Run a :mod:`workflows.versions` change on the configured registry; a refusal is an error that says why."""
     from services.db.engine import engine_for
     from services.db.repositories import SqlModelRegistry
     from services.jobs import MqttEventPublisher
@@ -171,7 +174,6 @@ def _change_versions(ctx: AppContext, change: Any, name: str, version: int, need
     from workflows.versions import VersionChangeRefused
 
     require_schema(ctx.settings)
-    extra = {"model_dir": ctx.settings.model_dir} if needs_model_dir else {}
     with engine_for(ctx.settings.database_url) as engine:
         try:
             return change(
@@ -180,7 +182,7 @@ def _change_versions(ctx: AppContext, change: Any, name: str, version: int, need
                 version=version,
                 publisher=MqttEventPublisher(ctx.settings, purpose="models"),
                 model_events=topics(ctx.settings).model_events,
-                **extra,
+                **options,
             )
         except VersionChangeRefused as exc:
             raise click.ClickException(str(exc)) from None
@@ -214,7 +216,7 @@ def list_models(ctx: AppContext, kinds: bool, show_all: bool) -> None:
         created = r.created_at.strftime("%Y-%m-%d %H:%M") if r.created_at else ""
         # a registration killed between recording the row and moving the files in leaves a row without files
         found = resolve_artifact(ctx.settings.model_dir, r.artifact_uri).is_dir()
-        missing += not found
+        missing += not found and r.status in ("active", "candidate")  # retired folders may be pruned
         artifact = r.artifact_uri if found else f"{r.artifact_uri} (missing)"
         f1_text = f"{f1:.3f}" if f1 is not None else ""
         table.add_row(r.name, str(r.version), r.kind, r.status, f1_text, created, artifact)

@@ -52,6 +52,7 @@ from services.db.models import (
     UtcDateTime,
 )
 from workflows.ports import (
+    NO_ACTIVE_VERSION,
     AssessedCoil,
     ChampionChanged,
     LabelledCoil,
@@ -304,20 +305,32 @@ class SqlModelRegistry:
         on active versions makes a concurrent double promotion fail instead of leaving two versions serving.
         """
         now = datetime.now(UTC)
-        with self.engine.begin() as conn:
-            name = conn.execute(select(models.c.name).where(models.c.id == model_id)).scalar_one()
-            champion = conn.execute(
-                select(models).where(models.c.name == name, models.c.status == "active", models.c.id != model_id)
-            ).first()
-            if replacing is not None and (champion is None or champion.id != replacing):
-                expected = conn.execute(select(models.c.version).where(models.c.id == replacing)).scalar_one()
-                now_active = f"v{champion.version} is active now" if champion is not None else "no version is active"
-                raise ChampionChanged(f"{name} v{expected} was to be replaced, but {now_active}")
-            if champion is not None:
-                conn.execute(update(models).where(models.c.id == champion.id).values(status="retired", retired_at=now))
-            conn.execute(update(models).where(models.c.id == model_id).values(status="active", promoted_at=now))
-            # The scoring window starts again at promotion (a version put back in service included).
-            conn.execute(score_tallies.delete().where(score_tallies.c.model_id == model_id))
+        try:
+            with self.engine.begin() as conn:
+                name = conn.execute(select(models.c.name).where(models.c.id == model_id)).scalar_one()
+                champion = conn.execute(
+                    select(models).where(models.c.name == name, models.c.status == "active", models.c.id != model_id)
+                ).first()
+                current = champion.id if champion is not None else NO_ACTIVE_VERSION
+                if replacing is not None and current != replacing:
+                    now_active = f"v{champion.version} is active now" if champion is not None else "none is active"
+                    if replacing == NO_ACTIVE_VERSION:
+                        raise ChampionChanged(f"{name} had no active version, but {now_active}")
+                    expected = conn.execute(select(models.c.version).where(models.c.id == replacing)).scalar_one()
+                    raise ChampionChanged(f"{name} v{expected} was to be replaced, but {now_active}")
+                if champion is not None:
+                    conn.execute(
+                        update(models).where(models.c.id == champion.id).values(status="retired", retired_at=now)
+                    )
+                conn.execute(
+                    update(models)
+                    .where(models.c.id == model_id)
+                    .values(status="active", promoted_at=now, retired_at=None)  # a version put back in service
+                )
+                # The scoring window starts again at promotion (a version put back in service included).
+                conn.execute(score_tallies.delete().where(score_tallies.c.model_id == model_id))
+        except IntegrityError:  # the partial unique index: another promotion of this name committed meanwhile
+            raise ChampionChanged("another version of this name was put in service at the same time") from None
         return _record(champion) if champion is not None else None
 
     def set_status(self, model_id: int, status: str) -> None:

@@ -439,11 +439,15 @@ class AssessWorker:
         active = {(r.name, r.version) for r in self._retry("read the registry", self.loader.registry.active_models)}
         if active == set(current):
             return
+        if not active:  # every version retired on purpose (`coilguard models retire --force`): not a broken artifact
+            serving = self._serving.describe() if self._serving else "nothing"
+            log.warning("no model version is active in the registry; %s keeps serving until one is promoted", serving)
+            return
         try:
             loaded = self._retry("load the ensemble", self.loader.load)
         except DBAPIError:
             raise
-        except Exception as exc:  # nothing active (retired before the next was activated) or a broken artifact
+        except Exception as exc:  # a broken artifact, or a version retired between the two reads
             self.stats.refused_reloads += 1
             METRICS.refused_reloads.inc()
             wanted = ", ".join(f"{name} v{version}" for name, version in sorted(active)) or "none"

@@ -24,6 +24,7 @@ from services.db.models import Assessment, Coil, ModelPerformance, RetrainRun
 from services.db.repositories import SqlRetrainRuns
 from services.jobs import make_retrain
 from services.line import publish_coils
+from services.workers import assess as assess_worker
 from workflows.ports import ModelRecord
 from workflows.training import load_model
 
@@ -155,9 +156,13 @@ def test_the_loop_closes_score_retrain_promote_reload_without_losing_a_coil(env:
     assert during == sorted(during) and len(published) > 50
 
 
-def test_an_operator_rolls_back_with_models_promote_and_the_worker_follows_at_once(env: AssessEnv) -> None:
+def test_an_operator_rolls_back_with_models_promote_and_the_worker_follows_at_once(
+    env: AssessEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A retrained version the operators distrust is taken back by command, not by SQL; the worker reloads on the
-    model event (long before its 30 s registry poll) and the next coils carry the old version's votes."""
+    model event (its registry poll is put off here, so only the event can explain the reload) and the next coils
+    carry the old version's votes. Retiring every version on purpose is not counted as a refused reload."""
+    monkeypatch.setattr(assess_worker, "RELOAD_POLL_S", 3600.0)
     _register_trained(env, _history(150, seed=41), epochs=1)
     _register_trained(env, _history(150, seed=43), epochs=1)  # v2 active, v1 retired
     with env.worker() as worker:
@@ -168,11 +173,17 @@ def test_an_operator_rolls_back_with_models_promote_and_the_worker_follows_at_on
         assert wait_for(lambda: worker.stats.reloads >= 1, timeout=15)
         publish_coils(env.publisher, env.topics, LineSimulator(LineConfig(seed=58, id_prefix="B2")).take(10))
         assert wait_for(lambda: env.coils() == 20, timeout=60)
+        retired = _cli(env, "models", "retire", "cnn", "1", "--force")
+        assert retired.returncode == 0 and "no version of any model is active now" in retired.stderr, retired.stderr
+        assert wait_for(lambda: [e["event"] for e in env.listener.model_events][-1:] == ["retired"], timeout=15)
+        publish_coils(env.publisher, env.topics, LineSimulator(LineConfig(seed=59, id_prefix="B3")).take(10))
+        assert wait_for(lambda: env.coils() == 30, timeout=60)
+        assert (worker.stats.reloads, worker.stats.refused_reloads) == (1, 0)
     votes = env.votes_per_coil()
     assert {tuple(v) for c, v in votes.items() if c.startswith("B1")} == {(("cnn", 2),)}
-    assert {tuple(v) for c, v in votes.items() if c.startswith("B2")} == {(("cnn", 1),)}
+    assert {tuple(v) for c, v in votes.items() if c[:2] in ("B2", "B3")} == {(("cnn", 1),)}
     events = [(e["event"], e["model"], e["version"]) for e in env.listener.model_events]
-    assert events[-2:] == [("retired", "cnn", 2), ("promoted", "cnn", 1)], env.listener.model_events
+    assert events[-3:] == [("retired", "cnn", 2), ("promoted", "cnn", 1), ("retired", "cnn", 1)], events
 
 
 def test_a_worse_challenger_is_refused_and_the_champion_keeps_serving(env: AssessEnv) -> None:

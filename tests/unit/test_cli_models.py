@@ -17,13 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_runner import coilguard
-from helpers import synthetic_images, synthetic_tiles, write_image_folder
+from helpers import stripe_coils, synthetic_images, synthetic_tiles, write_image_folder
+from sqlalchemy import select
 
 from ml.assessors.base import AssessBatch
-from ml.assessors.registry import load_artifact
+from ml.assessors.registry import create, load_artifact
 from services.db.engine import make_engine
+from services.db.migrate import upgrade
+from services.db.models import Model
 from services.db.repositories import SqlModelRegistry
 from services.progress import epoch_status, validation_summary
+from workflows import versions
+from workflows.ports import ModelRecord
 from workflows.training import register
 
 # Tiny settings: the command's plumbing is under test, not the models.
@@ -125,7 +130,7 @@ def test_models_promote_and_retire_refuse_what_would_break_serving(tmp_path: Pat
         return [r.status for r in registry.all(["cnn"])]
 
     def models(*args: str) -> subprocess.CompletedProcess:
-        return coilguard("models", *args, env=env)
+        return coilguard("models", *args, env={**env, "COLUMNS": "200"})  # a wide table, nothing cut
 
     for args, why in [
         (("promote", "cnn", "1"), "cnn v1 is already active"),
@@ -146,9 +151,41 @@ def test_models_promote_and_retire_refuse_what_would_break_serving(tmp_path: Pat
     assert "promoted cnn v2, retired v1" in promoted.stdout and "could not announce" in promoted.stderr
     assert statuses() == ["retired", "active", "retired"]
     assert models("retire", "cnn", "3").returncode == 1  # already retired
-    last = models("retire", "cnn", "2")
+    kept = models("retire", "cnn", "2")  # the workers could not stop serving it: promote a successor instead
+    assert kept.returncode == 1 and "the only active version of any model" in kept.stderr, kept.stderr
+    assert statuses() == ["retired", "active", "retired"]
+    last = models("retire", "cnn", "2", "--force")
     assert last.returncode == 0 and "no version of any model is active now" in last.stderr
     assert statuses() == ["retired", "retired", "retired"]
+    listed = models("--all")
+    assert listed.returncode == 0 and "cnn/v3 (missing)" in listed.stdout and "no files" not in listed.stderr
+
+
+def test_a_promotion_by_hand_does_not_retire_a_version_it_never_saw(tmp_path: Path, monkeypatch) -> None:
+    """Checking the artifact takes a while; a ReTrain that promotes its challenger meanwhile must not have that
+    version retired by an operator who decided on the registry as it was before."""
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    registry = SqlModelRegistry(engine)
+    cnn = create("cnn", {"epochs": 1, "batch_size": 32})
+    cnn.fit(stripe_coils(60), device="cpu")
+    first, rollback, challenger = (register(cnn, registry, tmp_path) for _ in range(3))
+    registry.promote(first.id)
+
+    def slow_check(record: ModelRecord, model_dir: Path) -> None:  # ReTrain promotes while the operator's check runs
+        registry.promote(challenger.id, replacing=first.id)
+
+    monkeypatch.setattr(versions, "load_model", slow_check)
+    with pytest.raises(versions.VersionChangeRefused, match="cnn v1 was to be replaced, but v3 is active now"):
+        versions.promote_version(registry, tmp_path, "cnn", rollback.version)
+    assert [(r.version, r.status) for r in registry.all(["cnn"])] == [(1, "retired"), (2, "candidate"), (3, "active")]
+    monkeypatch.undo()
+    change = versions.promote_version(registry, tmp_path, "cnn", first.version)  # a rollback
+    assert (change.promoted, change.retired, change.name_active) == (1, 3, True)
+    with engine.connect() as conn:  # back in service: no longer shown as retired at some time
+        row = conn.execute(select(Model.status, Model.retired_at).where(Model.id == first.id)).one()
+    assert tuple(row) == ("active", None)
 
 
 @pytest.mark.slow
