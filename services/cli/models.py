@@ -147,7 +147,7 @@ def promote(ctx: AppContext, name: str, version: int) -> None:
 @models_.command("retire")
 @click.argument("name")
 @click.argument("version", type=click.IntRange(min=1))
-@click.option("--force", is_flag=True, help="Retire it even if it is the only active version of any model.")
+@click.option("--force", is_flag=True, help="Retire it even if it is the last active version left in the registry.")
 @pass_ctx
 def retire(ctx: AppContext, name: str, version: int, force: bool) -> None:
     """Take NAME vVERSION out of service (or out of the candidates)."""
