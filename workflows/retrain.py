@@ -40,7 +40,6 @@ from ml.assessors.registry import available, create
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics
 from ml.recalibration import GaugeGains, estimate_gains, read_through
-from workflows.messages import ModelEvent, dumps
 from workflows.model_score import ScoreRule, due_for_retraining
 from workflows.ports import (
     ChampionChanged,
@@ -55,6 +54,7 @@ from workflows.ports import (
 )
 from workflows.topics import Topics
 from workflows.training import check_folder_name, load_model, register, resolve_artifact, training_history
+from workflows.versions import announce
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,12 @@ class ReTrain:
             promoted = record
             metrics["total_s"] = round(time.perf_counter() - started, 2)
             finish("promoted", challenger=record)
-            self._announce(record.name, record.version, champion_record.version)
+            announce(
+                self.publisher,
+                self.topics.model_events,
+                record.name,
+                [("retired", champion_record.version), ("promoted", record.version)],
+            )
             why = (
                 f"{comparison['metric']} on {comparison['n']} recent labelled coils: "
                 f"champion {comparison['champion']:.3f}, challenger {comparison['challenger']:.3f}"
@@ -339,17 +344,6 @@ class ReTrain:
             "detail": results,
         }
         return challenger_value >= champion_value - self.config.margin, comparison
-
-    def _announce(self, name: str, version: int, retired_version: int) -> None:
-        if self.publisher is None:
-            return
-        now = datetime.now(UTC)
-        self.publisher.publish(
-            [
-                (self.topics.model_events, dumps(ModelEvent(event=event, model=name, version=v, at=now)))
-                for event, v in (("retired", retired_version), ("promoted", version))
-            ]
-        )
 
     def _epoch_done(self, row: dict[str, Any]) -> None:
         if self.stop.is_set():

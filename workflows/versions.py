@@ -13,11 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from ml.assessors.manifest import ArtifactError
 from workflows.messages import ModelEvent, dumps
 from workflows.ports import NO_ACTIVE_VERSION, ChampionChanged, ModelRecord, ModelRegistry, Publisher
 from workflows.training import load_model
+
+EventKind = Literal["promoted", "retired"]
 
 
 class VersionChangeRefused(ValueError):
@@ -61,8 +64,8 @@ def promote_version(
         retired = registry.promote(record.id, replacing=active[0] if active else NO_ACTIVE_VERSION)
     except ChampionChanged as exc:
         raise VersionChangeRefused(f"{exc}: nothing was changed; look again with `coilguard models`") from None
-    events = [("retired", retired.version)] if retired is not None else []
-    _announce(publisher, model_events, name, [*events, ("promoted", version)])
+    events: list[tuple[EventKind, int]] = [("retired", retired.version)] if retired is not None else []
+    announce(publisher, model_events, name, [*events, ("promoted", version)])
     return _change(registry, name, version, retired.version if retired else None)
 
 
@@ -88,7 +91,7 @@ def retire_version(
         )
     registry.set_status(record.id, "retired")
     if record.status == "active":
-        _announce(publisher, model_events, name, [("retired", version)])
+        announce(publisher, model_events, name, [("retired", version)])
     return _change(registry, name, None, version)
 
 
@@ -105,10 +108,10 @@ def _change(registry: ModelRegistry, name: str, promoted: int | None, retired: i
     return VersionChange(name, promoted, retired, any(r.name == name for r in active), len(active))
 
 
-def _announce(publisher: Publisher | None, topic: str | None, name: str, events: list[tuple[str, int]]) -> None:
+def announce(publisher: Publisher | None, topic: str | None, name: str, events: list[tuple[EventKind, int]]) -> None:
+    """Publish ``(event, version)`` model events for ``name`` together (ReTrain's promotions too); nothing without
+    a publisher."""
     if publisher is None or topic is None:
         return
     now = datetime.now(UTC)
-    publisher.publish(
-        [(topic, dumps(ModelEvent(event=event, model=name, version=v, at=now))) for event, v in events]  # type: ignore[arg-type]
-    )
+    publisher.publish([(topic, dumps(ModelEvent(event=event, model=name, version=v, at=now))) for event, v in events])
