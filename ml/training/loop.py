@@ -73,6 +73,19 @@ class EarlyStopping:
         self.net.load_state_dict(self._best_state)
 
 
+def weight_average(net: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of ``net``'s weights and batch-norm statistics (``decay`` per step),
+    or None when ``decay`` is 0. Choosing the best epoch on a few validation images picks up their noise
+    along with the weights; the average of the last few hundred steps' weights moves less from one
+    epoch to the next, so the epoch chosen matters less. The caller updates it after each step."""
+    if not decay:
+        return None
+    ema = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)
+    averaged = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=ema, use_buffers=True)
+    averaged.update_parameters(net)  # the average starts at the starting weights, not at the first step's
+    return averaged
+
+
 def _cpu_copy(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 

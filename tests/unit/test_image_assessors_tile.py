@@ -24,6 +24,7 @@ from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import load_folder, resize_mask
 from ml.imagesets.magnetic_tile import CLASSES, load_magnetic_tile
 from ml.imagesets.near_copies import group_holdout, near_copy_groups
+from ml.training.runtime import seed_everything
 
 torch.set_num_threads(1)
 
@@ -196,6 +197,24 @@ def test_contrastive_seg_encoder_learning_rate_share(tiles: ImageSet) -> None:
     trained, start = (n.encoder.backbone.net._blocks[-1]._project_conv.weight for n in (assessor.net, imagenet))
     assert 0 < (trained - start).abs().max() < 1e-5
     assert not torch.allclose(assessor.net.head.bias, imagenet.head.bias, atol=1e-4)
+
+
+def test_contrastive_seg_keeps_the_moving_average_of_its_weights(tiles: ImageSet) -> None:
+    """With a decay near 1 the average hardly leaves the starting weights, while the raw weights move: the
+    kept network must be the average, batch-norm statistics included."""
+    settings = {**TINY["contrastive_seg"], "epochs": 2, "tune_threshold": False}
+    raw, averaged = ContrastiveSegAssessor(settings), ContrastiveSegAssessor({**settings, "ema": 0.9999})
+    for assessor in (raw, averaged):
+        assessor.fit(tiles, device="cpu")
+    seed_everything(3)  # the fit's own start: the same seed gives the same initialization of decoder and head
+    start = averaged.build_network(pretrained=True).state_dict()
+
+    def moved(assessor: ContrastiveSegAssessor, key: str) -> float:
+        return float((assessor.net.state_dict()[key].float() - start[key].float()).abs().max())
+
+    for key in ("head.weight", "encoder.backbone.net._blocks.6._bn2.running_mean"):
+        assert moved(averaged, key) < 0.01 * moved(raw, key), key
+    assert averaged.runtime["best_epoch"] >= 1
 
 
 def test_contrastive_seg_flip_average_is_flip_equivariant(fitted, unseen: ImageSet) -> None:
