@@ -285,7 +285,8 @@ def run(
     threshold = (
         "the pixel threshold tuned on the validation images that also pick the epoch"
         if seg["tune_threshold"]
-        else "pixel threshold 0.5 (not tuned on the 20 validation images that also pick the epoch)"
+        else f"pixel threshold {seg['pixel_threshold']:g} (not tuned on the validation images, "
+        f"{seg['val_fraction']:.0%} of the training images, that also pick the epoch)"
     )
     plan = replace(plan, note="; ".join([*replaced, plan.note.format(seg=seg, ae=ae, threshold=threshold)]))
     plan = replace(
