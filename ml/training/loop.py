@@ -76,7 +76,7 @@ class EarlyStopping:
 def weight_average(net: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
     """An exponential moving average of ``net``'s weights and batch-norm statistics (``decay`` per step),
     or None when ``decay`` is 0. Choosing the best epoch on a few validation images picks up their noise
-    along with the weights; the average of the last few hundred steps' weights moves less from one
+    along with the weights; the average, which spans about 1 / (1 - decay) steps, moves less from one
     epoch to the next, so the epoch chosen matters less. The caller updates it after each step."""
     if not decay:
         return None
