@@ -333,8 +333,11 @@ class Rejection(BaseModel):
         )
 
 
+ModelEventKind = Literal["promoted", "retired"]
+
+
 class ModelEvent(BaseModel):
-    event: Literal["promoted", "retired"]
+    event: ModelEventKind
     model: str
     version: int
     at: datetime

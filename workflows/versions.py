@@ -13,14 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 from ml.assessors.manifest import ArtifactError
-from workflows.messages import ModelEvent, dumps
+from workflows.messages import ModelEvent, ModelEventKind, dumps
 from workflows.ports import NO_ACTIVE_VERSION, ChampionChanged, ModelRecord, ModelRegistry, Publisher
 from workflows.training import load_model
-
-EventKind = Literal["promoted", "retired"]
 
 
 class VersionChangeRefused(ValueError):
@@ -64,7 +61,7 @@ def promote_version(
         retired = registry.promote(record.id, replacing=active[0] if active else NO_ACTIVE_VERSION)
     except ChampionChanged as exc:
         raise VersionChangeRefused(f"{exc}: nothing was changed; look again with `coilguard models`") from None
-    events: list[tuple[EventKind, int]] = [("retired", retired.version)] if retired is not None else []
+    events: list[tuple[ModelEventKind, int]] = [("retired", retired.version)] if retired is not None else []
     announce(publisher, model_events, name, [*events, ("promoted", version)])
     return _change(registry, name, version, retired.version if retired else None)
 
@@ -108,7 +105,9 @@ def _change(registry: ModelRegistry, name: str, promoted: int | None, retired: i
     return VersionChange(name, promoted, retired, any(r.name == name for r in active), len(active))
 
 
-def announce(publisher: Publisher | None, topic: str | None, name: str, events: list[tuple[EventKind, int]]) -> None:
+def announce(
+    publisher: Publisher | None, topic: str | None, name: str, events: list[tuple[ModelEventKind, int]]
+) -> None:
     """Publish ``(event, version)`` model events for ``name`` together (ReTrain's promotions too); nothing without
     a publisher."""
     if publisher is None or topic is None:
