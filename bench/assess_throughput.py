@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -26,11 +27,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import orjson
+import torch
 from rich.console import Console
 from rich.progress import Progress
 from sqlalchemy import func, select
@@ -42,7 +45,7 @@ from ml.ensemble import share_threads
 from ml.sim import LineConfig, LineSimulator
 from services.config import Settings
 from services.db.engine import make_engine
-from services.db.models import Coil
+from services.db.models import Coil, Worker
 from services.db.repositories import SqlModelRegistry
 from services.mqtt.client import Inbound, MqttClient, forget_session
 from workflows.assess import EnsembleLoader
@@ -77,6 +80,42 @@ def compute_limit(database_url: str, model_dir: Path, matrices: np.ndarray, batc
     return len(matrices) / (time.perf_counter() - started)
 
 
+def _limit_share(
+    database_url: str, model_dir: Path, matrices: np.ndarray, batch_size: int, threads: int, start: Any, out: Any
+) -> None:
+    """One process's share of :func:`parallel_compute_limit`: load, warm up, wait for the others, vote."""
+    torch.set_num_threads(threads)
+    ensemble = EnsembleLoader(SqlModelRegistry(make_engine(database_url)), model_dir).load().ensemble
+    ensemble.predict_arrays(AssessBatch(matrices[:batch_size]))  # warm-up
+    start.wait()
+    for first in range(0, len(matrices), batch_size):
+        ensemble.predict_arrays(AssessBatch(matrices[first : first + batch_size]))
+    out.put(time.time())
+
+
+def parallel_compute_limit(
+    database_url: str, model_dir: Path, matrices: np.ndarray, batch_size: int, processes: int
+) -> float:
+    """The compute limit of ``processes`` processes voting at once, the cores shared out among them as the
+    workers of ``--workers`` share them: what those workers could reach with nothing else to do."""
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    context = multiprocessing.get_context("spawn")  # a fresh torch in each, not a fork of this one's threads
+    start, out = context.Barrier(processes + 1), context.Queue()
+    parts = np.array_split(matrices, processes)
+    children = [
+        context.Process(target=_limit_share, args=(database_url, model_dir, part, batch_size, threads, start, out))
+        for part in parts
+    ]
+    for child in children:
+        child.start()
+    start.wait(timeout=300)
+    started = time.time()
+    finished = max(out.get(timeout=600) for _ in children)
+    for child in children:
+        child.join()
+    return len(matrices) / (finished - started)
+
+
 class DecisionClock:
     """Subscribed to the decision topic: records when each coil's decision arrived."""
 
@@ -92,6 +131,23 @@ class DecisionClock:
 
     def count(self) -> int:
         return len(self.arrived)
+
+
+def wait_until_serving(database_url: str, workers: list[subprocess.Popen], logs: list[Path]) -> None:
+    """Until every worker's heartbeat row is there: it writes it once subscribed with its models loaded, so
+    that no worker joins the shared subscription halfway through the closed loop."""
+    engine = make_engine(database_url)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        for worker, log in zip(workers, logs, strict=True):
+            if worker.poll() is not None:
+                raise RuntimeError("a worker exited:\n" + log.read_text()[-3000:])
+        with engine.connect() as conn:
+            serving = conn.execute(select(func.count()).select_from(Worker).where(Worker.kind == "assess")).scalar_one()
+        if serving >= len(workers):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"only {serving} of {len(workers)} workers came up:\n" + logs[0].read_text()[-3000:])
 
 
 def closed_loop(
@@ -152,6 +208,13 @@ def main() -> None:
         default=Settings.model_fields["inference_shards"].default,
         help="threads each batch is split over, in the worker and in the compute limit alike (the worker's default)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the stream (MQTT shared subscription), the cores divided among them; "
+        "with more than one, each votes its batches whole on its share of the cores",
+    )
     parser.add_argument("--binary", action="store_true", help="publish thickness_b64 instead of nested lists")
     parser.add_argument(
         "--mqtt",
@@ -179,6 +242,16 @@ def main() -> None:
         run(args)
 
 
+def serving_setup(args: argparse.Namespace) -> str:
+    if args.workers == 1:
+        return f"One worker, batch size {args.batch_size}, split over {args.shards} inference thread(s)"
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    return (
+        f"{args.workers} workers sharing the stream, batch size {args.batch_size} each, voted whole on "
+        f"{threads} inference thread(s) each (the compute limit: one process, split over {args.shards})"
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     kinds = [k.strip() for k in args.ensemble.split(",") if k.strip()]
 
@@ -199,39 +272,51 @@ def run(args: argparse.Namespace) -> None:
         build_registry(database_url, model_dir, kinds)
         limit = compute_limit(database_url, model_dir, matrices, args.batch_size, args.shards)
         console.print(f"(a) compute limit: {limit:.0f} coils/s")
+        parallel = None
+        if args.workers > 1:
+            parallel = parallel_compute_limit(database_url, model_dir, matrices, args.batch_size, args.workers)
+            console.print(f"(a') compute limit of {args.workers} processes at once: {parallel:.0f} coils/s")
 
         prefix = f"bench{os.getpid()}"
-        client_id = f"bench-assess-{os.getpid()}"
+        client_ids = [f"bench-assess-{os.getpid()}-{i}" for i in range(args.workers)]
         env = {
             **os.environ,
             "COILGUARD_DATABASE_URL": database_url,
             "COILGUARD_MQTT_URL": args.mqtt,
             "COILGUARD_MQTT_TOPIC_PREFIX": prefix,
             "COILGUARD_MODEL_DIR": str(model_dir),
-            "COILGUARD_MQTT_CLIENT_ID": client_id,
             "COILGUARD_BATCH_SIZE": str(args.batch_size),
             "COILGUARD_INFERENCE_SHARDS": str(args.shards),
             "COILGUARD_LOG_LEVEL": "WARNING",
         }
+        if args.workers > 1:  # the cores shared out between processes instead of between shard threads
+            env["COILGUARD_INFERENCE_SHARDS"] = "1"
+            env["COILGUARD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
         topics = Topics(prefix)
         clock = DecisionClock()
-        log = Path(tmp) / "assess.log"
-        with open(log, "wb") as out:
-            worker = subprocess.Popen([sys.executable, "-m", "services.cli", "assess"], env=env, stderr=out)
+        logs = [Path(tmp) / f"assess-{i}.log" for i in range(args.workers)]
+        workers = []
+        for client_id, log in zip(client_ids, logs, strict=True):
+            with open(log, "wb") as out:
+                worker_env = {**env, "COILGUARD_MQTT_CLIENT_ID": client_id}
+                workers.append(
+                    subprocess.Popen([sys.executable, "-m", "services.cli", "assess"], env=worker_env, stderr=out)
+                )
         try:
             with MqttClient(args.mqtt, on_message=clock.on_message) as sub, MqttClient(args.mqtt) as pub:
                 sub.subscribe(topics.all_decisions)
+                wait_until_serving(database_url, workers, logs)
                 warm = payloads[-1]  # re-sent until decided: the worker's session exists only once it is up
                 deadline = time.monotonic() + 120
-                while warm[0] not in clock.arrived and time.monotonic() < deadline and worker.poll() is None:
+                while warm[0] not in clock.arrived and time.monotonic() < deadline:
                     pub.publish(topics.sensors(warm[1]), warm[2])
                     time.sleep(1.0)
                 if warm[0] not in clock.arrived:
-                    raise RuntimeError("the worker did not come up:\n" + log.read_text()[-3000:])
+                    raise RuntimeError("no decision came back:\n" + logs[0].read_text()[-3000:])
                 if args.profile:  # sample the worker (all threads, idle too) while it is under load
                     py_spy = Path(sys.executable).parent / "py-spy"
                     profiler = subprocess.Popen(
-                        [str(py_spy), "record", "--pid", str(worker.pid), "--duration", "10", "--nonblocking",
+                        [str(py_spy), "record", "--pid", str(workers[0].pid), "--duration", "10", "--nonblocking",
                          "--idle", "--threads", "-r", "200", "-f", "raw", "-o", args.profile],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     )  # fmt: skip
@@ -241,9 +326,11 @@ def run(args: argparse.Namespace) -> None:
                 console.print(f"(b) end to end: {sustained:.0f} coils/s sustained")
                 latencies = open_loop(pub, topics, payloads[args.coils : -1], clock, args.rate)
         finally:
-            worker.terminate()
-            worker.wait(60)
-            forget_session(args.mqtt, client_id)
+            for worker in workers:
+                worker.terminate()
+            for worker, client_id in zip(workers, client_ids, strict=True):
+                worker.wait(60)
+                forget_session(args.mqtt, client_id)
         with make_engine(database_url).connect() as conn:
             stored = conn.execute(select(func.count(Coil.coil_id))).scalar_one()
     lost = args.coils + args.latency_coils - int(stored)
@@ -253,12 +340,20 @@ def run(args: argparse.Namespace) -> None:
         f"(b) latency at {args.rate:g} coils/s: p50 {pct[50]:.1f} ms, p95 {pct[95]:.1f} ms, p99 {pct[99]:.1f} ms"
     )
     console.print(f"(c) end to end / compute limit: {ratio:.0%}; coils not stored: {lost}")
+    parallel_rows = ""
+    if parallel is not None:
+        console.print(f"(c') end to end / compute limit of {args.workers} processes: {sustained / parallel:.0%}")
+        parallel_rows = (
+            f"| (a') compute limit, {args.workers} processes voting at once | {parallel:.0f} coils/s | |\n"
+            f"| (c') end to end / (a') | {sustained / parallel:.0%} | |\n"
+        )
 
     ensemble_name = "+".join(kinds)
+    workers_title = f", {args.workers} workers" if args.workers > 1 else ""
     payload_kind = "thickness_b64" if args.binary else "nested-list JSON"
     lat = f"{pct[50]:.1f} / {pct[95]:.1f} / {pct[99]:.1f} ms"
     body = f"""
-### AssessCoils throughput, ensemble `{ensemble_name}`, {payload_kind}
+### AssessCoils throughput, ensemble `{ensemble_name}`, {payload_kind}{workers_title}
 
 | figure | value | target |
 | --- | --- | --- |
@@ -266,9 +361,9 @@ def run(args: argparse.Namespace) -> None:
 | (b) end to end, sustained (MQTT → worker → PostgreSQL → MQTT) | {sustained:.0f} coils/s | ≥ 500 coils/s (CNN-only) |
 | (b) publish→decision latency at {args.rate:g} coils/s, p50 / p95 / p99 | {lat} | p99 ≤ 50 ms |
 | (c) end to end / compute limit | {ratio:.0%} | ≥ 85 % (full ensemble) |
-| coils published / stored | {args.coils + args.latency_coils} / {stored} | all |
+{parallel_rows}| coils published / stored | {args.coils + args.latency_coils} / {stored} | all |
 
-Batch size {args.batch_size}, split over {args.shards} inference thread(s); closed loop with {args.window}
+{serving_setup(args)}; closed loop with {args.window}
 coils outstanding, {args.coils} coils;
 latency over {len(latencies)} coils offered at {args.rate:g}/s. Publisher, worker, PostgreSQL 15 and
 Mosquitto 2.0 on the same machine; the broker is {args.broker}.
@@ -276,7 +371,8 @@ Mosquitto 2.0 on the same machine; the broker is {args.broker}.
 {provenance()}
 """
     if not args.no_write:
-        write_section(f"assess-throughput-{ensemble_name}-{'b64' if args.binary else 'json'}", body)
+        workers_key = f"-{args.workers}workers" if args.workers > 1 else ""
+        write_section(f"assess-throughput-{ensemble_name}-{'b64' if args.binary else 'json'}{workers_key}", body)
         console.print("written to docs/benchmarks.md")
 
 
