@@ -183,6 +183,18 @@ def test_assess_keeps_a_stable_mqtt_identity_and_only_scales_out() -> None:
     assert objects("prod", "HorizontalPodAutoscaler")["coilguard-assess"]["spec"]["minReplicas"] >= 2
 
 
+def test_each_assess_pod_runs_as_many_inference_threads_as_the_cores_it_requests() -> None:
+    """Torch's default is a thread per core of the node: pods sharing a node would each start that many."""
+    for overlay in OVERLAYS:
+        (container,) = pod_spec(objects(overlay, "StatefulSet")["coilguard-assess"])["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        threads, shards = int(env["COILGUARD_TORCH_THREADS"]), int(env["COILGUARD_INFERENCE_SHARDS"])
+        assert threads >= shards >= 1
+        cpu = container["resources"]["requests"]["cpu"]
+        cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+        assert threads == max(1, int(cores)), overlay  # a pod smaller than a core still needs one thread
+
+
 def test_retrain_is_a_weekly_gpu_cronjob_in_prod_and_on_the_cpu_in_dev() -> None:
     for overlay in OVERLAYS:
         cron = objects(overlay, "CronJob")["coilguard-retrain"]
