@@ -57,6 +57,7 @@ from ml.imagesets.base import ImageSet
 from ml.imagesets.folder import resize_image, resize_mask
 from ml.imagesets.magnetic_tile import load_magnetic_tile
 from ml.imagesets.near_copies import near_copy_groups
+from ml.training.runtime import resolve_device
 from services.cli.models import parse_setting
 from services.progress import fit_progress
 
@@ -83,6 +84,7 @@ class Plan:
     branches: tuple[bool, ...] = (True, False)  # the segmenter with its contrastive branch, without, or both
     limit: int | None = None  # images per split and class group (quick mode)
     grouped: bool = False  # the shots of one tile on one side of the split (see ``split``)
+    device: str = "cpu"  # where the models train: "cpu" for every figure recorded so far, or "cuda" / "auto"
     extra: dict = field(default_factory=dict)
 
 
@@ -150,7 +152,7 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
         assessor = ContrastiveSegAssessor({**plan.seg, "contrastive": contrastive, "seed": plan.model_seed})
         t = time.perf_counter()
         with fit_progress(f"contrastive_seg contrastive={contrastive}", assessor.s.epochs, STDERR) as on_epoch:
-            assessor.fit(tiles.subset(train), device="cpu", callback=on_epoch)
+            assessor.fit(tiles.subset(train), device=plan.device, callback=on_epoch)
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
         maps = assessor.probability_maps(test_images)
@@ -199,7 +201,7 @@ def run_anomaly(tiles: ImageSet, parts: tuple[np.ndarray, ...], plan: Plan) -> d
         assessor = SsimAeAssessor({**plan.ae, "latent_dim": latent, "seed": plan.model_seed})
         t = time.perf_counter()
         with fit_progress(f"ssim_ae latent {latent}", assessor.s.epochs, STDERR) as on_epoch:
-            assessor.fit(tiles.subset(np.r_[free_train, defect_train]), device="cpu", callback=on_epoch)
+            assessor.fit(tiles.subset(np.r_[free_train, defect_train]), device=plan.device, callback=on_epoch)
         fit_s = time.perf_counter() - t
         prepared = [torch.from_numpy(assessor.prepare(tiles.images[i]))[None, None] for i in test]
         t = time.perf_counter()
@@ -246,12 +248,10 @@ def by_class(tiles: ImageSet, index: np.ndarray, metric) -> dict[str, float]:
     return out
 
 
-def run(
+def make_plan(
     quick: bool = False,
-    datasets: Path = DATASETS,
     threads: int = 1,
     seed: int = SEED,
-    parts: tuple[str, ...] = ("seg", "ae"),
     encoder: str = "effnet_lite0",
     seg_settings: dict | None = None,
     ae_settings: dict | None = None,
@@ -259,15 +259,9 @@ def run(
     grouped: bool = False,
     split_seed: int = SEED,
     latents: tuple[int, ...] | None = None,
-) -> str:
-    """Train and test the assessors of ``parts``; the markdown section with the figures.
-
-    ``seed`` changes the models' seed only: another validation split and initialization, the same test images;
-    ``split_seed`` draws other test images.
-    ``encoder="residual_se"`` trains the segmenter on the paper's own encoder, from scratch; ``seg_settings``
-    replace the plan's segmenter settings and ``ae_settings`` the autoencoder's (how the plan's were chosen:
-    docs/benchmarks.md); ``branch`` "with" or "without" trains one segmenter variant instead of both, to try
-    a setting in half the time; ``latents`` trains only those autoencoders, for the same reason."""
+    device: str = "cpu",
+) -> Plan:
+    """The plan with the command line's changes, its note saying what they replaced (see :func:`run`)."""
     torch.set_num_threads(threads)
     plan = QUICK if quick else FULL
     if latents:
@@ -289,8 +283,49 @@ def run(
         f"{seg['val_fraction']:.0%} of the training images, that also pick the epoch)"
     )
     plan = replace(plan, note="; ".join([*replaced, plan.note.format(seg=seg, ae=ae, threshold=threshold)]))
-    plan = replace(
-        plan, threads=threads, model_seed=seed, branches=BRANCHES[branch], grouped=grouped, split_seed=split_seed
+    return replace(
+        plan,
+        threads=threads,
+        model_seed=seed,
+        branches=BRANCHES[branch],
+        grouped=grouped,
+        split_seed=split_seed,
+        device=str(resolve_device(device)),
+    )
+
+
+def device_note(plan: Plan) -> str:
+    """Where the training times come from."""
+    if plan.device == "cpu":
+        return cpu_threads_note(plan.threads)
+    return f"Trained on {torch.cuda.get_device_name(torch.device(plan.device))} ({plan.device})."
+
+
+def run(
+    quick: bool = False,
+    datasets: Path = DATASETS,
+    threads: int = 1,
+    seed: int = SEED,
+    parts: tuple[str, ...] = ("seg", "ae"),
+    encoder: str = "effnet_lite0",
+    seg_settings: dict | None = None,
+    ae_settings: dict | None = None,
+    branch: str = "both",
+    grouped: bool = False,
+    split_seed: int = SEED,
+    latents: tuple[int, ...] | None = None,
+    device: str = "cpu",
+) -> str:
+    """Train and test the assessors of ``parts``; the markdown section with the figures.
+
+    ``seed`` changes the models' seed only: another validation split and initialization, the same test images;
+    ``split_seed`` draws other test images.
+    ``encoder="residual_se"`` trains the segmenter on the paper's own encoder, from scratch; ``seg_settings``
+    replace the plan's segmenter settings and ``ae_settings`` the autoencoder's (how the plan's were chosen:
+    docs/benchmarks.md); ``branch`` "with" or "without" trains one segmenter variant instead of both, to try
+    a setting in half the time; ``latents`` trains only those autoencoders, for the same reason."""
+    plan = make_plan(
+        quick, threads, seed, encoder, seg_settings, ae_settings, branch, grouped, split_seed, latents, device
     )
     started = time.perf_counter()
     tiles = load_magnetic_tile(datasets / "magnetic-tile")
@@ -312,7 +347,7 @@ def report(plan: Plan, tiles: ImageSet, splits, seg: dict, ae: dict, total_s: fl
         + (", grouped (the shots of one tile together)" if plan.grouped else ", image by image")
         + f": defect images {len(defect_train)} train / "
         f"{len(defect_test)} test, defect-free {len(free_train)} train / {len(free_test)} test; model seed "
-        f"{plan.model_seed}. **Deviations from the papers' protocols: {plan.note}.** " + cpu_threads_note(plan.threads),
+        f"{plan.model_seed}. **Deviations from the papers' protocols: {plan.note}.** " + device_note(plan),
     ]
     if seg:
         lines += segmentation_report(plan, seg)
@@ -320,7 +355,7 @@ def report(plan: Plan, tiles: ImageSet, splits, seg: dict, ae: dict, total_s: fl
         lines += anomaly_report(ae)
     lines += [
         "",
-        f"### (c) Training time (CPU, {threads_label(plan.threads)})",
+        f"### (c) Training time ({'CPU, ' + threads_label(plan.threads) if plan.device == 'cpu' else plan.device})",
         "",
         "| model | settings | epochs run | train s | predict ms/image | validation DSSIM (mean image's) |",
         "|---|---|---:|---:|---:|---:|",
@@ -439,6 +474,12 @@ def _settings(settings: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items())
 
 
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (every figure recorded so far), cuda, or auto: the GPU when there is one"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small images, a few epochs")
@@ -460,6 +501,7 @@ def main() -> None:
                         help="train only these autoencoder latent sizes (default: the plan's 100 300 500)")  # fmt: skip
     parser.add_argument("--split", choices=("images", "grouped"), default="images",
                         help="image by image (the recorded figures), or the shots of one tile together")  # fmt: skip
+    add_device_option(parser)
     args = parser.parse_args()
     parts = tuple(args.parts)
     seg = dict(parse_setting(text) for text in args.seg)
@@ -467,7 +509,7 @@ def main() -> None:
     grouped = args.split == "grouped"
     print(
         run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, seg, ae, args.branch, grouped,
-            args.split_seed, args.latents)
+            args.split_seed, args.latents, args.device)
     )  # fmt: skip
 
 
