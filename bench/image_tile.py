@@ -261,7 +261,8 @@ def make_plan(
     latents: tuple[int, ...] | None = None,
     device: str = "cpu",
 ) -> Plan:
-    """The plan with the command line's changes, its note saying what they replaced (see :func:`run`)."""
+    """The plan with the command line's changes, its note saying what they replaced (see :func:`run` for what
+    each option means)."""
     torch.set_num_threads(threads)
     plan = QUICK if quick else FULL
     if latents:
@@ -305,28 +306,18 @@ def run(
     quick: bool = False,
     datasets: Path = DATASETS,
     threads: int = 1,
-    seed: int = SEED,
     parts: tuple[str, ...] = ("seg", "ae"),
-    encoder: str = "effnet_lite0",
-    seg_settings: dict | None = None,
-    ae_settings: dict | None = None,
-    branch: str = "both",
-    grouped: bool = False,
-    split_seed: int = SEED,
-    latents: tuple[int, ...] | None = None,
-    device: str = "cpu",
+    **options,
 ) -> str:
     """Train and test the assessors of ``parts``; the markdown section with the figures.
 
-    ``seed`` changes the models' seed only: another validation split and initialization, the same test images;
-    ``split_seed`` draws other test images.
+    ``options`` are :func:`make_plan`'s. ``seed`` changes the models' seed only: another validation split and
+    initialization, the same test images; ``split_seed`` draws other test images.
     ``encoder="residual_se"`` trains the segmenter on the paper's own encoder, from scratch; ``seg_settings``
     replace the plan's segmenter settings and ``ae_settings`` the autoencoder's (how the plan's were chosen:
     docs/benchmarks.md); ``branch`` "with" or "without" trains one segmenter variant instead of both, to try
     a setting in half the time; ``latents`` trains only those autoencoders, for the same reason."""
-    plan = make_plan(
-        quick, threads, seed, encoder, seg_settings, ae_settings, branch, grouped, split_seed, latents, device
-    )
+    plan = make_plan(quick, threads, **options)
     started = time.perf_counter()
     tiles = load_magnetic_tile(datasets / "magnetic-tile")
     splits = split(tiles, plan.limit, plan.grouped, plan.split_seed)
@@ -508,8 +499,9 @@ def main() -> None:
     ae = dict(parse_setting(text) for text in args.ae)
     grouped = args.split == "grouped"
     print(
-        run(args.quick, args.datasets, args.threads, args.seed, parts, args.encoder, seg, ae, args.branch, grouped,
-            args.split_seed, args.latents, args.device)
+        run(args.quick, args.datasets, args.threads, parts, seed=args.seed, encoder=args.encoder, seg_settings=seg,
+            ae_settings=ae, branch=args.branch, grouped=grouped, split_seed=args.split_seed, latents=args.latents,
+            device=args.device)
     )  # fmt: skip
 
 
