@@ -12,6 +12,7 @@ voting at once.
 
     .venv/bin/python bench/assess_throughput.py                      # CNN-only ensemble
     .venv/bin/python bench/assess_throughput.py --ensemble cnn,yolo,effnet,siamese
+    .venv/bin/python bench/assess_throughput.py --ensemble cnn,yolo,effnet,siamese --workers 2   # as on k8s
 
 Everything runs on this machine: publisher, worker, PostgreSQL and Mosquitto share its cores, as
 they would on a single-box install.
