@@ -46,7 +46,7 @@ from sqlalchemy import func, select
 from bench.common import LOCAL_MQTT, own_mosquitto, percentiles, provenance, scratch_database, write_section
 from ml.assessors.base import AssessBatch
 from ml.assessors.registry import create
-from ml.ensemble import share_threads
+from ml.ensemble import Ensemble, share_threads
 from ml.sim import LineConfig, LineSimulator
 from services.config import Settings
 from services.db.engine import make_engine
@@ -80,9 +80,18 @@ def compute_limit(database_url: str, model_dir: Path, matrices: np.ndarray, batc
     ensemble = serving.ensemble
     ensemble.predict_arrays(AssessBatch(matrices[:batch_size]))  # warm-up
     started = time.perf_counter()
-    for start in range(0, len(matrices), batch_size):
-        ensemble.predict_arrays(AssessBatch(matrices[start : start + batch_size]))
+    vote_all(ensemble, matrices, batch_size)
     return len(matrices) / (time.perf_counter() - started)
+
+
+def vote_all(ensemble: Ensemble, matrices: np.ndarray, batch_size: int) -> None:
+    for first in range(0, len(matrices), batch_size):
+        ensemble.predict_arrays(AssessBatch(matrices[first : first + batch_size]))
+
+
+def threads_per_worker(workers: int) -> int:
+    """The cores shared out among ``workers`` processes, as ``--workers`` runs them."""
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def _limit_share(
@@ -93,8 +102,7 @@ def _limit_share(
     ensemble = EnsembleLoader(SqlModelRegistry(make_engine(database_url)), model_dir).load().ensemble
     ensemble.predict_arrays(AssessBatch(matrices[:batch_size]))  # warm-up
     start.wait()
-    for first in range(0, len(matrices), batch_size):
-        ensemble.predict_arrays(AssessBatch(matrices[first : first + batch_size]))
+    vote_all(ensemble, matrices, batch_size)
     out.put(time.time())
 
 
@@ -103,7 +111,7 @@ def parallel_compute_limit(
 ) -> float:
     """The compute limit of ``processes`` processes voting at once, the cores shared out among them as the
     workers of ``--workers`` share them: what those workers could reach with nothing else to do."""
-    threads = max(1, (os.cpu_count() or 1) // processes)
+    threads = threads_per_worker(processes)
     context = multiprocessing.get_context("spawn")  # a fresh torch in each, not a fork of this one's threads
     start, out = context.Barrier(processes + 1), context.Queue()
     parts = np.array_split(matrices, processes)
@@ -270,7 +278,7 @@ def main() -> None:
 def serving_setup(args: argparse.Namespace) -> str:
     if args.workers == 1:
         return f"One worker, batch size {args.batch_size}, split over {args.shards} inference thread(s)"
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    threads = threads_per_worker(args.workers)
     return (
         f"{args.workers} workers sharing the stream, batch size {args.batch_size} each, voted whole on "
         f"{threads} inference thread(s) each (the compute limit: one process, split over {args.shards})"
@@ -311,7 +319,7 @@ def run(args: argparse.Namespace) -> None:
         }
         if args.workers > 1:  # the cores shared out between processes instead of between shard threads
             env["COILGUARD_INFERENCE_SHARDS"] = "1"
-            env["COILGUARD_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
+            env["COILGUARD_TORCH_THREADS"] = str(threads_per_worker(args.workers))
         topics = Topics(prefix)
         clock = DecisionClock()
         logs = [Path(tmp) / f"assess-{i}.log" for i in range(args.workers)]

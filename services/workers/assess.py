@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from typing import get_args
 
 import orjson
 from sqlalchemy import Engine
@@ -46,7 +47,7 @@ from workflows.assess import (
     RawMessage,
     ServingEnsemble,
 )
-from workflows.messages import RejectedMessage, Rejection, coil_id_of, dumps
+from workflows.messages import ModelEventKind, RejectedMessage, Rejection, coil_id_of, dumps
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ class AssessWorker:
     def _on_model_event(self, message: Inbound) -> None:
         try:
             event = orjson.loads(message.payload)
-            if event.get("event") in ("promoted", "retired"):
+            if event.get("event") in get_args(ModelEventKind):
                 log.info(
                     "model event %s %s v%s: reloading", event.get("event"), event.get("model"), event.get("version")
                 )
