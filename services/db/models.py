@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     JSON,
     BigInteger,
     Boolean,
@@ -36,6 +37,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
     false,
     func,
     text,
@@ -81,6 +83,15 @@ def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
+def as_utc(value: datetime | None) -> datetime | None:
+    """What a :class:`UtcDateTime` column stores: in UTC, a naive value taken to be UTC already."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
 class UtcDateTime(TypeDecorator[datetime]):
     """``DateTime(timezone=True)`` that always hands back an aware UTC ``datetime``.
 
@@ -94,18 +105,10 @@ class UtcDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        return as_utc(value)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        return as_utc(value)
 
 
 # A surrogate key: BIGINT identity on PostgreSQL, INTEGER PRIMARY KEY (the rowid alias) on SQLite,
@@ -176,6 +179,14 @@ class Coil(Base):
 
     def __repr__(self) -> str:
         return f"Coil({self.coil_id!r}, line={self.line!r}, status={self.status!r})"
+
+
+# The matrix's float32 readings do not compress: PostgreSQL stores them out of line without trying (0005).
+event.listen(
+    Coil.__table__,
+    "after_create",
+    DDL("ALTER TABLE coils ALTER COLUMN matrix SET STORAGE EXTERNAL").execute_if(dialect="postgresql"),
+)
 
 
 class Model(Base):

@@ -120,7 +120,15 @@ def _catalog(conn: Connection) -> dict[str, object]:
             " WHERE schemaname = 'public' AND tablename <> 'alembic_version' ORDER BY 1, 2"
         )
     ).all()
-    return {"columns": columns, "constraints": constraints, "indexes": indexes}
+    storage = conn.execute(
+        text(
+            "SELECT attrelid::regclass::text, attname, attstorage FROM pg_attribute"
+            " JOIN pg_class ON pg_class.oid = attrelid"
+            " WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' AND relname <> 'alembic_version'"
+            " AND attnum > 0 AND NOT attisdropped ORDER BY 1, 2"
+        )
+    ).all()
+    return {"columns": columns, "constraints": constraints, "indexes": indexes, "storage": storage}
 
 
 def test_migrated_schema_equals_the_models_create_all(engine: Engine, pg_database_factory: Callable[[], str]) -> None:
@@ -131,13 +139,31 @@ def test_migrated_schema_equals_the_models_create_all(engine: Engine, pg_databas
             expected, actual = _catalog(ref), _catalog(migrated)
     finally:
         reference.dispose()
-    for part in ("columns", "constraints", "indexes"):
+    for part in ("columns", "constraints", "indexes", "storage"):
         assert actual[part] == expected[part], part
     identity = {(t, c) for t, c, *_, is_identity, _gen in actual["columns"] if is_identity == "YES"}
     assert identity == {(t, "id") for t in (SEVEN - {"coils"}) | {"score_passes"}}
     predicates = {name: definition for _t, name, definition in actual["indexes"]}
     assert predicates["uq_models_name_active"].endswith("WHERE ((status)::text = 'active'::text)")
     assert predicates["uq_retrain_runs_model_id_running"].endswith("WHERE ((status)::text = 'running'::text)")
+    # the matrix stored out of line uncompressed (0005): readings do not compress, trying cost the server CPU
+    assert ("coils", "matrix", "e") in actual["storage"]
+
+
+def test_downgrading_0005_gives_the_matrix_back_its_default_storage(pg_database_factory: Callable[[], str]) -> None:
+    url = pg_database_factory()
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    storage = "SELECT attstorage FROM pg_attribute WHERE attrelid = 'coils'::regclass AND attname = 'matrix'"
+    try:
+        assert migrate.downgrade(url) == "0004"
+        with engine.connect() as conn:
+            assert conn.execute(text(storage)).scalar_one() == "x"
+        assert migrate.upgrade(url) == HEAD
+        with engine.connect() as conn:
+            assert conn.execute(text(storage)).scalar_one() == "e"
+    finally:
+        engine.dispose()
 
 
 def test_partial_unique_indexes_work(engine: Engine) -> None:
