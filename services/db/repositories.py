@@ -1,8 +1,9 @@
 """SQL implementations of the workflow ports (``workflows/ports.py``), in SQLAlchemy Core.
 
-Core rather than the ORM on the hot path: one multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING``
-per table per batch is what lets AssessCoils write hundreds of coils a second, and the conflict
-clause is what makes a coil id decided once even when two replicas race for it.
+Core rather than the ORM on the hot path: each batch of AssessCoils is one multi-row ``INSERT … ON
+CONFLICT DO NOTHING RETURNING`` for its coils and one ``COPY`` for their votes (PostgreSQL), which is
+what lets it write hundreds of coils a second; the conflict clause is what makes a coil id decided
+once even when two replicas race for it.
 """
 
 from __future__ import annotations
