@@ -22,8 +22,13 @@ depends_on: str | Sequence[str] | None = None
 
 
 def _storage(mode: str) -> None:
+    """A catalog change only (no row is rewritten: matrices already stored keep their form), but under an
+    ACCESS EXCLUSIVE lock: rather than wait behind a long read of ``coils`` while the assess writes queue
+    behind it, give up after a few seconds; the migration Job then fails and is run again."""
     if op.get_bind().dialect.name == "postgresql":
+        op.execute("SET LOCAL lock_timeout = '5s'")
         op.execute(f"ALTER TABLE coils ALTER COLUMN matrix SET STORAGE {mode}")
+        op.execute("SET LOCAL lock_timeout TO DEFAULT")  # later revisions in the same transaction wait as usual
 
 
 def upgrade() -> None:

@@ -207,8 +207,9 @@ def _insert_rows(conn: Connection, table: Table, columns: tuple[str, ...], rows:
     docs/benchmarks.md). ``COPY`` streams them in one statement, in the caller's transaction, on its
     connection. No SQLAlchemy type sees the values: they must be what the columns hold (timestamps
     through :func:`as_utc`). A driver error comes out as SQLAlchemy's, as from ``conn.execute``, so that
-    callers tell an outage (``OperationalError``, the connection invalidated) from a refused row."""
-    if conn.dialect.name != "postgresql":
+    callers tell an outage (``OperationalError``, the connection invalidated) from a refused row. Other
+    drivers (SQLite) take the ``executemany``."""
+    if conn.dialect.driver != "psycopg":  # SQLite, or a PostgreSQL driver without psycopg 3's copy API
         conn.execute(table.insert(), [dict(zip(columns, row, strict=True)) for row in rows])
         return
     statement = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
@@ -220,6 +221,8 @@ def _insert_rows(conn: Connection, table: Table, columns: tuple[str, ...], rows:
             for row in rows:
                 copy.write_row(row)
     except driver_error as exc:
+        # less than SQLAlchemy's own handler does: no handle_error events (none are registered) and only this
+        # connection invalidated, not the pool; pool_pre_ping finds any other that the outage broke
         lost = conn.dialect.is_disconnect(exc, dbapi_connection, None)
         if lost:
             conn.invalidate(exc)

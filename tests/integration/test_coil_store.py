@@ -65,7 +65,17 @@ def test_votes_come_back_as_given_abstentions_and_time_zones_included(engine: En
         assessed_coil("S1-naive", voted, at.replace(tzinfo=None)),  # taken as UTC, as UtcDateTime takes it
         assessed_coil("S1-cest", voted, at.astimezone(timezone(timedelta(hours=2)))),
     ]
-    assert SqlCoilStore(engine).save_assessed(batch, model_ids) == {"S1-aware", "S1-naive", "S1-cest"}
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *_):
+        statements.append(statement.lstrip().upper())
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert SqlCoilStore(engine).save_assessed(batch, model_ids) == {"S1-aware", "S1-naive", "S1-cest"}
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert statements and not any(s.startswith("INSERT INTO ASSESSMENTS") for s in statements)  # COPY, not a row each
     expected = [
         (coil_id, name, label, p_nok, confidence, at)
         for coil_id in sorted(["S1-aware", "S1-naive", "S1-cest"])
@@ -106,12 +116,16 @@ def test_losing_the_server_mid_write_is_an_operational_error_that_invalidates_th
                     {"pid": conn.connection.dbapi_connection.info.backend_pid},
                 )
 
+    invalidated: list[BaseException | None] = []
     event.listen(own, "after_cursor_execute", kill_after_the_coils)
+    event.listen(own, "invalidate", lambda _dbapi, _record, exc: invalidated.append(exc))
     batch = [assessed_coil("S4-1", [MemberVote("store-cnn", 1, "OK", 0.25, 0.5)])]
     try:
         with pytest.raises(OperationalError) as raised:
             SqlCoilStore(own).save_assessed(batch, model_ids)
         assert raised.value.connection_invalidated
+        assert raised.value.statement.startswith("COPY assessments")  # the votes' error, not the rollback's
+        assert invalidated == [raised.value.orig]  # the pooled connection is thrown away
         event.remove(own, "after_cursor_execute", kill_after_the_coils)
         assert coils_of(engine, "S4-") == []
         assert SqlCoilStore(own).save_assessed(batch, model_ids) == {"S4-1"}  # a fresh connection next time
