@@ -2,9 +2,10 @@
 
 A coil's matrix is 19,008 bytes of float32 readings, over the size at which PostgreSQL moves a value
 out of line, and by default it first tries to compress it. Sensor readings do not compress (pglz gave
-up on every simulated coil), so each insert spent the attempt for nothing: about a fifth of the
-server's CPU per coil in the assess write (docs/benchmarks.md, 2026-12-06). The column, its type and its bytes are
-unchanged; SQLite has no such setting, so there this revision does nothing.
+up on every simulated coil), so each insert spent the attempt for nothing: 0.03–0.05 ms of the
+server's 0.22–0.24 ms of CPU per coil in the assess write (docs/benchmarks.md, 2026-12-06). The
+column, its type and its bytes are unchanged; SQLite has no such setting, so there this revision does
+nothing.
 
 Revision ID: 0005
 Revises: 0004
