@@ -44,17 +44,26 @@ def run_grid(args: argparse.Namespace) -> str:
     cells: dict[tuple[int, int, bool], dict] = {}
     plan = None
     for split_seed in args.split_seeds:
-        for model_seed in args.model_seeds:
-            plan = make_plan(
-                args.quick, args.threads, model_seed, seg_settings=settings, branch=args.branch,
-                grouped=args.split == "grouped", split_seed=split_seed, device=args.device,
-            )  # fmt: skip
-            train, test, _, _ = split(tiles, plan.limit, plan.grouped, split_seed)
+        plans = [
+            make_plan(
+                args.quick,
+                args.threads,
+                model_seed,
+                seg_settings=settings,
+                branch=args.branch,
+                grouped=args.split == "grouped",
+                split_seed=split_seed,
+                device=args.device,
+            )
+            for model_seed in args.model_seeds
+        ]
+        train, test, _, _ = split(tiles, plans[0].limit, plans[0].grouped, split_seed)  # one split, every seed
+        for plan in plans:
             results = run_segmentation(tiles, train, test, plan)
             for contrastive in plan.branches:
-                cells[(split_seed, model_seed, contrastive)] = {**results[contrastive], "images": len(test)}
+                cells[(split_seed, plan.model_seed, contrastive)] = {**results[contrastive], "images": len(test)}
                 print(
-                    f"split {split_seed}, model seed {model_seed}, contrastive={contrastive}: "
+                    f"split {split_seed}, model seed {plan.model_seed}, contrastive={contrastive}: "
                     f"IoU {results[contrastive]['iou']:.3f}",
                     file=sys.stderr,
                     flush=True,
@@ -93,11 +102,8 @@ def report(args: argparse.Namespace, plan, cells: dict[tuple[int, int, bool], di
             lines.append(f"| {contrastive} | {name} ({len(rows)}) | " + " | ".join(cols) + " |")
     for contrastive in plan.branches:
         rows = [r for (_, _, c), r in cells.items() if c == contrastive]
-        verdict = ", ".join(
-            f"{m} {statistics.mean(r[m] for r in rows):.3f} against {t} "
-            f"({statistics.mean(r[m] for r in rows) - t:+.3f})"
-            for m, t in TARGET.items()
-        )
+        means = {m: statistics.mean(r[m] for r in rows) for m in TARGET}
+        verdict = ", ".join(f"{m} {means[m]:.3f} against {t} ({means[m] - t:+.3f})" for m, t in TARGET.items())
         lines += ["", f"contrastive={contrastive}, mean of {len(rows)} cells: {verdict}."]
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ml.ensemble import MemberVote
 from services.db.engine import make_engine
-from services.db.repositories import SqlCoilStore
+from services.db.repositories import SqlCoilStore, SqlModelRegistry
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +26,12 @@ def engine(pg_url: str) -> Iterator[Engine]:
 
 @pytest.fixture(scope="module")
 def model_ids(engine: Engine) -> dict[tuple[str, int], int]:
-    with engine.begin() as conn:
-        rows = conn.execute(
-            text(
-                "INSERT INTO models (name, kind, version, status) VALUES"
-                " ('store-cnn', 'cnn', 1, 'candidate'), ('store-img', 'ssim_ae', 1, 'candidate') RETURNING name, id"
-            )
-        ).all()
-    return {(name, 1): model_id for name, model_id in rows}
+    registry = SqlModelRegistry(engine)
+    added = [
+        registry.add(name=name, kind=kind, version=1, artifact_uri=f"{name}/1", sha256="0" * 64)
+        for name, kind in (("store-cnn", "cnn"), ("store-img", "ssim_ae"))
+    ]
+    return {(record.name, record.version): record.id for record in added}
 
 
 def votes_of(engine: Engine, prefix: str) -> list[tuple]:
