@@ -9,6 +9,11 @@
 (c) the ratio (b)/(a).
 With ``--workers N``, N workers share the stream, and (a') and (c') repeat (a) and (c) for N processes
 voting at once.
+(d) CPU per coil: the workers' processes during (b) against the processes of (a') (of (a) with one worker),
+    and how busy the machine's cores were during (b), the workers apart from everything else;
+(e) their ratio: the share of the compute limit the workers' own overheads leave, i.e. what (c') would be
+    with the cores to themselves (broker, database and the benchmark's clients on other machines, as in a
+    plant). An estimate from CPU time, not a run on such a machine.
 
     .venv/bin/python bench/assess_throughput.py                      # CNN-only ensemble
     .venv/bin/python bench/assess_throughput.py --ensemble cnn,yolo,effnet,siamese
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import orjson
+import psutil
 import torch
 from rich.console import Console
 from rich.progress import Progress
@@ -74,14 +81,22 @@ def build_registry(database_url: str, model_dir: Path, kinds: list[str]) -> None
         register(assessor, registry, model_dir, status="active")
 
 
-def compute_limit(database_url: str, model_dir: Path, matrices: np.ndarray, batch_size: int, shards: int) -> float:
+@dataclass(frozen=True)
+class Limit:
+    """A compute limit: coils/s, and the CPU seconds its process(es) spent per coil, every thread counted."""
+
+    rate: float
+    cpu_per_coil: float
+
+
+def compute_limit(database_url: str, model_dir: Path, matrices: np.ndarray, batch_size: int, shards: int) -> Limit:
     shards = share_threads(shards)  # as the worker does, so that (a) and (b) run the same inference
     serving = EnsembleLoader(SqlModelRegistry(make_engine(database_url)), model_dir, shards=shards).load()
     ensemble = serving.ensemble
     ensemble.predict_arrays(AssessBatch(matrices[:batch_size]))  # warm-up
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     vote_all(ensemble, matrices, batch_size)
-    return len(matrices) / (time.perf_counter() - started)
+    return Limit(len(matrices) / (time.perf_counter() - started), (time.process_time() - cpu) / len(matrices))
 
 
 def vote_all(ensemble: Ensemble, matrices: np.ndarray, batch_size: int) -> None:
@@ -102,13 +117,14 @@ def _limit_share(
     ensemble = EnsembleLoader(SqlModelRegistry(make_engine(database_url)), model_dir).load().ensemble
     ensemble.predict_arrays(AssessBatch(matrices[:batch_size]))  # warm-up
     start.wait()
+    cpu = time.process_time()
     vote_all(ensemble, matrices, batch_size)
-    out.put(time.time())
+    out.put((time.time(), time.process_time() - cpu))
 
 
 def parallel_compute_limit(
     database_url: str, model_dir: Path, matrices: np.ndarray, batch_size: int, processes: int
-) -> float:
+) -> Limit:
     """The compute limit of ``processes`` processes voting at once, the cores shared out among them as the
     workers of ``--workers`` share them: what those workers could reach with nothing else to do."""
     threads = threads_per_worker(processes)
@@ -123,10 +139,29 @@ def parallel_compute_limit(
         child.start()
     start.wait(timeout=300)
     started = time.time()
-    finished = max(out.get(timeout=600) for _ in children)
+    finished, cpu = zip(*(out.get(timeout=600) for _ in children), strict=True)
     for child in children:
         child.join()
-    return len(matrices) / (finished - started)
+    return Limit(len(matrices) / (max(finished) - started), sum(cpu) / len(matrices))
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds used so far by the workers' processes (all their threads) and by the whole machine."""
+
+    workers: float
+    machine: float
+
+    @classmethod
+    def take(cls, pids: list[int]) -> CpuSample:
+        workers = sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)  # user + system
+        t = psutil.cpu_times()
+        # work done on the cores; idle, I/O wait and time the hypervisor stole are not (guest is inside user)
+        busy = t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        return cls(workers, busy)
+
+    def until(self, later: CpuSample) -> CpuSample:
+        return CpuSample(later.workers - self.workers, later.machine - self.machine)
 
 
 class DecisionClock:
@@ -155,14 +190,17 @@ class DecisionClock:
 
 def compute_limits(
     args: argparse.Namespace, database_url: str, model_dir: Path, matrices: np.ndarray
-) -> tuple[float, float]:
-    """(a), and with several workers (a') too (0 without)."""
+) -> tuple[Limit, Limit | None]:
+    """(a), and with several workers (a') too (None without)."""
     limit = compute_limit(database_url, model_dir, matrices, args.batch_size, args.shards)
-    console.print(f"(a) compute limit: {limit:.0f} coils/s")
+    console.print(f"(a) compute limit: {limit.rate:.0f} coils/s, {limit.cpu_per_coil * 1e3:.2f} ms of CPU a coil")
     if args.workers == 1:
-        return limit, 0.0
+        return limit, None
     parallel = parallel_compute_limit(database_url, model_dir, matrices, args.batch_size, args.workers)
-    console.print(f"(a') compute limit of {args.workers} processes at once: {parallel:.0f} coils/s")
+    console.print(
+        f"(a') compute limit of {args.workers} processes at once: {parallel.rate:.0f} coils/s, "
+        f"{parallel.cpu_per_coil * 1e3:.2f} ms of CPU a coil"
+    )
     return limit, parallel
 
 
@@ -348,7 +386,11 @@ def run(args: argparse.Namespace) -> None:
                          "--idle", "--threads", "-r", "200", "-f", "raw", "-o", args.profile],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     )  # fmt: skip
+                before = CpuSample.take([worker.pid for worker in workers])
+                loop_started = time.perf_counter()
                 sustained = closed_loop(pub, topics, payloads[: args.coils], clock, args.window)
+                loop_seconds = time.perf_counter() - loop_started
+                used = before.until(CpuSample.take([worker.pid for worker in workers]))
                 if args.profile:
                     profiler.wait(60)
                 console.print(f"(b) end to end: {sustained:.0f} coils/s sustained")
@@ -363,9 +405,9 @@ def run(args: argparse.Namespace) -> None:
             stored = conn.execute(select(func.count(Coil.coil_id))).scalar_one()
         limits.append(compute_limits(args, database_url, model_dir, matrices))
     # the VM's speed drifts by a tenth within minutes: the limits bracket the end-to-end run, and (c) takes their mean
-    limit = statistics.mean(one for one, _ in limits)
-    parallel = statistics.mean(many for _, many in limits) if args.workers > 1 else None
-    measured = " and ".join(f"{one:.0f}" for one, _ in limits)
+    limit = statistics.mean(one.rate for one, _ in limits)
+    parallel = statistics.mean(many.rate for _, many in limits if many) if args.workers > 1 else None
+    measured = " and ".join(f"{one.rate:.0f}" for one, _ in limits)
     lost = args.coils + args.latency_coils - int(stored)
     pct = percentiles(latencies)
     ratio = sustained / limit
@@ -382,6 +424,7 @@ def run(args: argparse.Namespace) -> None:
             f"| (a') compute limit, {args.workers} processes voting at once, likewise | {parallel:.0f} coils/s | |\n"
             f"| (c') end to end / (a') | {sustained / parallel:.0%} | |\n"
         )
+    cpu_rows = cpu_figures(args, limits, used, loop_seconds)
 
     ensemble_name = "+".join(kinds)
     workers_title = f", {args.workers} workers" if args.workers > 1 else ""
@@ -396,7 +439,7 @@ def run(args: argparse.Namespace) -> None:
 | (b) end to end, sustained (MQTT → worker → PostgreSQL → MQTT) | {sustained:.0f} coils/s | ≥ 500 coils/s (CNN-only) |
 | (b) publish→decision latency at {args.rate:g} coils/s, p50 / p95 / p99 | {lat} | p99 ≤ 50 ms |
 | (c) end to end / compute limit | {ratio:.0%} | ≥ 85 % (full ensemble) |
-{parallel_rows}| coils published / stored | {args.coils + args.latency_coils} / {stored} | all |
+{parallel_rows}{cpu_rows}| coils published / stored | {args.coils + args.latency_coils} / {stored} | all |
 
 {serving_setup(args)}; closed loop with {args.window}
 coils outstanding, {args.coils} coils;
@@ -409,6 +452,32 @@ Mosquitto 2.0 on the same machine; the broker is {args.broker}.
         workers_key = f"-{args.workers}workers" if args.workers > 1 else ""
         write_section(f"assess-throughput-{ensemble_name}-{'b64' if args.binary else 'json'}{workers_key}", body)
         console.print("written to docs/benchmarks.md")
+
+
+def cpu_figures(
+    args: argparse.Namespace, limits: list[tuple[Limit, Limit | None]], used: CpuSample, seconds: float
+) -> str:
+    """(d) and (e) as table rows: why (c) falls short, split into the workers' own overhead and the CPU that
+    the broker, the database and the benchmark's clients take from them on a shared machine."""
+    # the limit whose processes vote the way the workers do: (a') with several workers, (a) with one
+    reference = statistics.mean((many or one).cpu_per_coil for one, many in limits)
+    label = "(a')" if args.workers > 1 else "(a)"
+    per_coil = used.workers / args.coils
+    share = reference / per_coil
+    cores = os.cpu_count() or 1
+    busy, rest = used.workers / seconds, (used.machine - used.workers) / seconds
+    console.print(
+        f"(d) CPU a coil: workers {per_coil * 1e3:.2f} ms, {label} {reference * 1e3:.2f} ms; during (b) the workers "
+        f"kept {busy:.2f} and the rest {rest:.2f} of {cores} cores busy"
+    )
+    console.print(f"(e) the workers' own share of the compute limit: {share:.0%}")
+    return (
+        f"| (d) CPU a coil, every thread: the workers during (b) / the processes of {label} | "
+        f"{per_coil * 1e3:.2f} / {reference * 1e3:.2f} ms | |\n"
+        f"| (d) cores kept busy during (b): the workers / everything else (broker, database, the benchmark) | "
+        f"{busy:.2f} / {rest:.2f} of {cores} | |\n"
+        f"| (e) {label}'s CPU a coil / the workers': (c) with the cores to themselves, estimated | {share:.0%} | |\n"
+    )
 
 
 if __name__ == "__main__":
