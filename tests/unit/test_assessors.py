@@ -307,6 +307,31 @@ def test_importing_ultralytics_leaves_the_thread_setting_of_later_processes_alon
     assert out.stdout.strip() == "None", out.stdout
 
 
+def test_importing_ultralytics_on_a_fresh_machine_prints_nothing_and_its_warnings_reach_our_logs(
+    tmp_path: Path,
+) -> None:
+    """Its first import creates a settings file and announces it, with a docs link, on stdout; coilguard's
+    logs and the demo must not carry that, and its warnings must still be seen."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "YOLO_VERBOSE"}
+    env["YOLO_CONFIG_DIR"] = str(tmp_path)  # no settings file yet, as on a fresh machine
+    code = (
+        "import logging, os; logging.basicConfig(format='root: %(message)s');"
+        "from ml.assessors.yolo.torch_model import ultralytics_offline; ultralytics_offline();"
+        "from ultralytics.utils import LOGGER; LOGGER.info('an info line'); LOGGER.warning('a warning');"
+        "print(os.environ.get('YOLO_VERBOSE'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None", out.stdout  # nothing but ours, and the variable put back
+    assert "root: " in out.stderr and "a warning" in out.stderr and "an info line" not in out.stderr, out.stderr
+    settings = json.loads((tmp_path / "Ultralytics" / "settings.json").read_text())
+    assert settings["sync"] is False
+
+
 @pytest.mark.parametrize("kind", ["cnn", "siamese"])
 def test_a_challenger_warm_starts_only_from_a_trained_assessor_of_its_own_kind(kind: str) -> None:
     data = stripe_coils(40, seed=3)

@@ -14,6 +14,7 @@ of frozen blocks in eval mode so that their running statistics stay the pretrain
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from copy import deepcopy
 from pathlib import Path
@@ -32,19 +33,30 @@ def ultralytics_offline() -> Any:
     ``YOLO_OFFLINE`` makes ultralytics skip its DNS probe at import (its ``ONLINE`` flag is then False),
     and ``sync=False`` turns off its telemetry and error reporting. Fonts and the AMP check belong to the
     ultralytics trainer and plotting, which coilguard does not use.
+
+    The import is quiet: on a fresh machine ultralytics announces the settings file it creates, with a link
+    to its documentation, on stdout, in the middle of a demo or a worker's JSON log. Afterwards its
+    warnings go to coilguard's logging instead of its own stdout handler.
     """
     os.environ["YOLO_OFFLINE"] = "1"
-    omp = os.environ.get("OMP_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "YOLO_VERBOSE")}
+    os.environ["YOLO_VERBOSE"] = "False"
     from ultralytics.nn import tasks
-    from ultralytics.utils import SETTINGS
+    from ultralytics.utils import LOGGER, SETTINGS
 
     # ultralytics sets OMP_NUM_THREADS=1 at import (for its training data loaders). Left in place, every
     # process started from ours afterwards (a worker, a benchmark's subprocess) would run torch on one
-    # core: put the variable back as it was.
-    if omp is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = omp
+    # core: put the variables back as they were.
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if saved["YOLO_VERBOSE"] is None and not LOGGER.propagate:  # once, and not against the user's own choice
+        for handler in list(LOGGER.handlers):
+            LOGGER.removeHandler(handler)
+        LOGGER.setLevel(logging.WARNING)
+        LOGGER.propagate = True
 
     with contextlib.suppress(Exception):  # a read-only settings file must not stop a model from loading
         if SETTINGS.get("sync"):
