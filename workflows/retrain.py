@@ -385,7 +385,10 @@ def recalibrated(
         )
     if gains is None or not gains.moved:
         return history, gains
-    log.info("ReTrain: gauges moved since the history was measured, %s; the history is recalibrated", gains.moved)
+    log.info(
+        "ReTrain: gauges moved since the history was measured (%s); the history is recalibrated",
+        ", ".join(f"s{sensor:02d} ×{gain:.3f}" for sensor, gain in gains.moved.items()),
+    )
     moved = history.subset(slice(None))
     moved.X = gains.apply(history.X)
     return moved, gains
