@@ -427,6 +427,7 @@ def run(args: argparse.Namespace) -> None:
     cpu_rows = cpu_figures(args, limits, used, loop_seconds)
 
     ensemble_name = "+".join(kinds)
+    processes = "workers" if args.workers > 1 else "worker"
     workers_title = f", {args.workers} workers" if args.workers > 1 else ""
     payload_kind = "thickness_b64" if args.binary else "nested-list JSON"
     lat = f"{pct[50]:.1f} / {pct[95]:.1f} / {pct[99]:.1f} ms"
@@ -443,7 +444,7 @@ def run(args: argparse.Namespace) -> None:
 
 {serving_setup(args)}; closed loop with {args.window}
 coils outstanding, {args.coils} coils;
-latency over {len(latencies)} coils offered at {args.rate:g}/s. Publisher, worker, PostgreSQL 15 and
+latency over {len(latencies)} coils offered at {args.rate:g}/s. Publisher, {processes}, PostgreSQL 15 and
 Mosquitto 2.0 on the same machine; the broker is {args.broker}.
 
 {provenance()}
