@@ -462,7 +462,7 @@ def cpu_figures(
     the broker, the database and the benchmark's clients take from them on a shared machine."""
     # the limit whose processes vote the way the workers do: (a') with several workers, (a) with one
     reference = statistics.mean((many or one).cpu_per_coil for one, many in limits)
-    label = "(a')" if args.workers > 1 else "(a)"
+    label, share_label = ("(a')", "(c')") if args.workers > 1 else ("(a)", "(c)")
     per_coil = used.workers / args.coils
     share = reference / per_coil
     cores = os.cpu_count() or 1
@@ -477,7 +477,8 @@ def cpu_figures(
         f"{per_coil * 1e3:.2f} / {reference * 1e3:.2f} ms | |\n"
         f"| (d) cores kept busy during (b): the workers / everything else (broker, database, the benchmark) | "
         f"{busy:.2f} / {rest:.2f} of {cores} | |\n"
-        f"| (e) {label}'s CPU a coil / the workers': (c) with the cores to themselves, estimated | {share:.0%} | |\n"
+        f"| (e) {label}'s CPU a coil / the workers': {share_label} with the cores to themselves, estimated "
+        f"| {share:.0%} | |\n"
     )
 
 
