@@ -49,6 +49,7 @@ from services.operators import SimulatedOperators
 from services.progress import fit_progress
 from services.runtime import topics
 from services.workers.assess import AssessWorker
+from workflows.model_score import log as model_score_log
 from workflows.retrain import RetrainOutcome
 from workflows.training import register
 
@@ -130,7 +131,7 @@ class Demo:
         self._train_initial_ensemble(engine)
 
         url = self.settings.mqtt
-        with EmbeddedBroker(port=url.port), self._worker(engine) as worker:
+        with EmbeddedBroker(port=url.port), self._worker(engine) as worker, _quieter(model_score_log):
             operators = SimulatedOperators(
                 SqlFeedbackStore(engine), self._truth, share_ok=self.config.share_ok, seed=self.config.seed
             ).start()
@@ -415,6 +416,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _quieter(logger: logging.Logger) -> Iterator[None]:
+    """``logger`` at WARNING for the block. ModelScore logs one line per model every run, and the demo runs
+    it every few seconds of its compressed week: some 140 lines that buried the drift, the retrain and the
+    promotions. The demo's own table shows every score, and its events say when a model is flagged."""
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def run_demo(settings: Settings, **overrides: Any) -> dict[str, Any]:

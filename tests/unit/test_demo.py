@@ -6,6 +6,7 @@ the embedded broker, so a change that breaks the story fails here rather than in
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from services.demo import Demo, DemoConfig
 pytestmark = pytest.mark.slow
 
 
-def test_the_demo_loop_drifts_retrains_and_recovers(tmp_path: Path) -> None:
+def test_the_demo_loop_drifts_retrains_and_recovers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = DemoConfig(
         kinds=("cnn",),
         history=1500,
@@ -30,7 +31,8 @@ def test_the_demo_loop_drifts_retrains_and_recovers(tmp_path: Path) -> None:
         max_drifted=3000,
         workdir=tmp_path / "demo",
     )
-    summary = Demo(Settings(), config, console=Console(file=open("/dev/null", "w"))).run()  # noqa: SIM115
+    with caplog.at_level(logging.INFO):
+        summary = Demo(Settings(), config, console=Console(file=open("/dev/null", "w"))).run()  # noqa: SIM115
 
     assert summary["decided"] == summary["coils"], "every published coil is decided"
     phases = summary["phases"]
@@ -40,3 +42,7 @@ def test_the_demo_loop_drifts_retrains_and_recovers(tmp_path: Path) -> None:
     before, drifted, after = (phases[p]["nok_f1"] for p in ("before drift", "after drift", "after retrain"))
     assert drifted < before - 0.2, "the drift costs the ensemble"
     assert after > drifted + 0.2, "the promoted version recovers"
+    # its table shows the scores: ModelScore's line per model every few seconds would bury the story
+    assert not [r for r in caplog.records if r.name == "workflows.model_score" and r.levelno < logging.WARNING]
+    assert any(r.name.startswith("workflows.retrain") for r in caplog.records), "the rest of the log is kept"
+    assert logging.getLogger("workflows.model_score").level == logging.NOTSET, "and put back afterwards"
