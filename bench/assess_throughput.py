@@ -461,7 +461,7 @@ def cpu_figures(
     """(d) and (e) as table rows: why (c) falls short, split into the workers' own overhead and the CPU that
     the broker, the database and the benchmark's clients take from them on a shared machine."""
     # the limit whose processes vote the way the workers do: (a') with several workers, (a) with one
-    reference = statistics.mean((many or one).cpu_per_coil for one, many in limits)
+    reference = statistics.mean((many if many is not None else one).cpu_per_coil for one, many in limits)
     label, share_label = ("(a')", "(c')") if args.workers > 1 else ("(a)", "(c)")
     per_coil = used.workers / args.coils
     share = reference / per_coil
@@ -475,7 +475,8 @@ def cpu_figures(
     return (
         f"| (d) CPU a coil, every thread: the workers during (b) / the processes of {label} | "
         f"{per_coil * 1e3:.2f} / {reference * 1e3:.2f} ms | |\n"
-        f"| (d) cores kept busy during (b): the workers / everything else (broker, database, the benchmark) | "
+        f"| (d) cores kept busy over the closed loop, ramp and drain included: the workers / everything else "
+        f"(broker, database, the benchmark) | "
         f"{busy:.2f} / {rest:.2f} of {cores} | |\n"
         f"| (e) {label}'s CPU a coil / the workers': {share_label} with the cores to themselves, estimated "
         f"| {share:.0%} | |\n"

@@ -36,22 +36,24 @@ def ultralytics_offline() -> Any:
 
     The import is quiet: on a fresh machine ultralytics announces the settings file it creates, with a link
     to its documentation, on stdout, in the middle of a demo or a worker's JSON log. Afterwards its
-    warnings go to coilguard's logging instead of its own stdout handler.
+    warnings go to coilguard's logging instead of its own stdout handler (warnings during the import itself
+    are dropped with the notice; its ``VERBOSE`` flag stays off, which only its own trainer reads).
     """
     os.environ["YOLO_OFFLINE"] = "1"
     saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "YOLO_VERBOSE")}
     os.environ["YOLO_VERBOSE"] = "False"
-    from ultralytics.nn import tasks
-    from ultralytics.utils import LOGGER, SETTINGS
-
-    # ultralytics sets OMP_NUM_THREADS=1 at import (for its training data loaders). Left in place, every
-    # process started from ours afterwards (a worker, a benchmark's subprocess) would run torch on one
-    # core: put the variables back as they were.
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    try:
+        from ultralytics.nn import tasks
+        from ultralytics.utils import LOGGER, SETTINGS
+    finally:
+        # ultralytics sets OMP_NUM_THREADS=1 at import (for its training data loaders). Left in place, every
+        # process started from ours afterwards (a worker, a benchmark's subprocess) would run torch on one
+        # core: put the variables back as they were, whether or not the import worked.
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if saved["YOLO_VERBOSE"] is None and not LOGGER.propagate:  # once, and not against the user's own choice
         for handler in list(LOGGER.handlers):
             LOGGER.removeHandler(handler)
