@@ -386,11 +386,11 @@ def run(args: argparse.Namespace) -> None:
                          "--idle", "--threads", "-r", "200", "-f", "raw", "-o", args.profile],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     )  # fmt: skip
-                before = CpuSample.take([worker.pid for worker in workers])
-                loop_started = time.perf_counter()
+                pids = [worker.pid for worker in workers]
+                before, loop_started = CpuSample.take(pids), time.perf_counter()
                 sustained = closed_loop(pub, topics, payloads[: args.coils], clock, args.window)
                 loop_seconds = time.perf_counter() - loop_started
-                used = before.until(CpuSample.take([worker.pid for worker in workers]))
+                used = before.until(CpuSample.take(pids))
                 if args.profile:
                     profiler.wait(60)
                 console.print(f"(b) end to end: {sustained:.0f} coils/s sustained")

@@ -57,7 +57,7 @@ def ultralytics_offline() -> Any:
     if saved["YOLO_VERBOSE"] is None and not LOGGER.propagate:  # once, and not against the user's own choice
         for handler in list(LOGGER.handlers):
             LOGGER.removeHandler(handler)
-        LOGGER.setLevel(logging.WARNING)
+        LOGGER.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))  # as services/logs.py
         LOGGER.propagate = True
 
     with contextlib.suppress(Exception):  # a read-only settings file must not stop a model from loading
