@@ -173,6 +173,7 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
             "pixel_threshold": assessor.pixel_threshold,
             "val_images": assessor.training_data["n_val"],
             "sweep": {t: segmentation_metrics(test_masks, assessor.masks(maps, test_images, t)) for t in SWEEP},
+            "maps": maps,  # p(defect) per test pixel, for bench/tile_grid.py's average over model seeds
         }
         print(f"contrastive_seg contrastive={contrastive}: IoU {metrics['iou']:.3f}", file=sys.stderr, flush=True)
     results["round trip"] = round_trip(tiles, test, ContrastiveSegAssessor(plan.seg).model_shape)
