@@ -86,7 +86,9 @@ def run_grid(args: argparse.Namespace) -> str:
             kept = {c: load_cell(args.maps, split_seed, plan, c, args) for c in plan.branches} if args.maps else {}
             results = kept if kept and all(kept.values()) else run_segmentation(tiles, train, test, plan)
             for contrastive in plan.branches:
-                cell = {**results[contrastive], "images": len(test)}
+                # maps at the precision they are kept at, so that a resumed grid averages what a whole one does
+                maps = [m.astype(np.float16).astype(np.float32) for m in results[contrastive]["maps"]]
+                cell = {**results[contrastive], "maps": maps, "images": len(test)}
                 cells[(split_seed, plan.model_seed, contrastive)] = cell
                 if args.maps and not kept.get(contrastive):
                     save_cell(args.maps, split_seed, plan, contrastive, args, cell)
