@@ -217,6 +217,39 @@ def test_contrastive_seg_keeps_the_moving_average_of_its_weights(tiles: ImageSet
     assert averaged.runtime["best_epoch"] >= 1
 
 
+def test_contrastive_seg_members_are_their_seeds_averaged(
+    fitted, tiles: ImageSet, unseen: ImageSet, tmp_path: Path
+) -> None:
+    """``members=2`` segments with the mean of the maps of two one-network assessors of seeds 3 and 4, each fitted
+    as it is alone (what ``bench/tile_grid.py --average`` measured), and saves and loads as one model."""
+    settings = {**TINY["contrastive_seg"], "epochs": 1}
+    pair = ContrastiveSegAssessor({**settings, "members": 2})
+    pair.fit(tiles, device="cpu")
+    alone = [ContrastiveSegAssessor({**settings, "seed": seed}) for seed in (3, 4)]
+    for assessor in alone:
+        assessor.fit(tiles, device="cpu")
+    images = list(unseen.images)
+    maps = [np.stack(a.probability_maps(images, original_size=False)) for a in alone]
+    assert np.abs(maps[0] - maps[1]).max() > 1e-3  # two seeds, two networks
+    got = np.stack(pair.probability_maps(images, original_size=False))
+    np.testing.assert_allclose(got, (maps[0] + maps[1]) / 2, atol=1e-5)
+    assert pair.pixel_threshold == pytest.approx(np.mean([a.pixel_threshold for a in alone]))
+    assert pair.threshold == pytest.approx(np.mean([a.threshold for a in alone]))
+    assert len(pair.metrics["validation"]["members"]) == 2 and len(pair.runtime["members"]) == 2
+
+    manifest = pair.save(tmp_path / "pair")
+    assert manifest.settings["members"] == 2
+    again = ContrastiveSegAssessor.load(tmp_path / "pair")
+    batch = coil_batch([[im] for im in images])
+    np.testing.assert_array_equal(pair.predict(batch)[0], again.predict(batch)[0])
+
+    # ReTrain warm-starts member by member, or every member from a one-network champion; not across counts
+    assert ContrastiveSegAssessor({**settings, "members": 2}).fit(tiles, init=pair, device="cpu").epochs_run >= 2
+    ContrastiveSegAssessor({**settings, "members": 2}).fit(tiles, init=fitted("contrastive_seg"), device="cpu")
+    with pytest.raises(TypeError, match="warm-start"):
+        ContrastiveSegAssessor(settings).fit(tiles, init=pair, device="cpu")
+
+
 def test_contrastive_seg_flip_average_is_flip_equivariant(fitted, unseen: ImageSet) -> None:
     assessor = fitted("contrastive_seg")
     image = unseen.images[-1]

@@ -182,3 +182,16 @@ class ContrastiveSegNet(nn.Module):
         """Logits and unit-length pixel embeddings (B, proj_dim, H, W) from the projection head."""
         f = self.features(x)
         return self.head(f), F.normalize(self.projection(f), dim=1)
+
+
+class SeedMean(nn.Module):
+    """Networks of one shape, trained from different seeds, as one: the mean of their p(defect), as a logit
+    (the assessor takes the sigmoid of whatever its network returns)."""
+
+    def __init__(self, members: list[ContrastiveSegNet]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([torch.sigmoid(member(x)) for member in self.members]).mean(dim=0)
+        return torch.logit(p, eps=1e-7)
