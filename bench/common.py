@@ -62,9 +62,13 @@ def write_section(key: str, body: str) -> None:
     BENCHMARKS_MD.write_text(text)
 
 
-def provenance() -> str:
+def code_version() -> str:
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout
-    return f"Measured {today()} on {machine()}; code {commit.strip() or 'unknown'}.\n\nCommand: `{command_line()}`"
+    return commit.strip() or "unknown"
+
+
+def provenance() -> str:
+    return f"Measured {today()} on {machine()}; code {code_version()}.\n\nCommand: `{command_line()}`"
 
 
 def threads_label(threads: int) -> str:

@@ -158,14 +158,9 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
         maps = assessor.probability_maps(test_images)
         predicted = assessor.masks(maps, test_images)
         predict_ms = 1000 * (time.perf_counter() - t) / len(test)
-        metrics = segmentation_metrics(test_masks, predicted)
+        metrics = mask_figures(tiles, test, test_masks, predicted)
         results[contrastive] = {
             **metrics,
-            "iou_by_class": by_class(
-                tiles,
-                test,
-                lambda k, p=predicted: segmentation_metrics([test_masks[i] for i in k], [p[i] for i in k])["iou"],
-            ),
             "fit_s": fit_s,
             "predict_ms": predict_ms,
             "epochs": assessor.runtime["epochs_run"],
@@ -178,6 +173,17 @@ def run_segmentation(tiles: ImageSet, train: np.ndarray, test: np.ndarray, plan:
         print(f"contrastive_seg contrastive={contrastive}: IoU {metrics['iou']:.3f}", file=sys.stderr, flush=True)
     results["round trip"] = round_trip(tiles, test, ContrastiveSegAssessor(plan.seg).model_shape)
     return results
+
+
+def mask_figures(tiles: ImageSet, test: np.ndarray, truth: list[np.ndarray], predicted: list[np.ndarray]) -> dict:
+    """Pooled figures of predicted masks, and the IoU of each defect class's images alone (pooled, the figure
+    is mostly ``MT_Uneven``)."""
+    return {
+        **segmentation_metrics(truth, predicted),
+        "iou_by_class": by_class(
+            tiles, test, lambda k: segmentation_metrics([truth[i] for i in k], [predicted[i] for i in k])["iou"]
+        ),
+    }
 
 
 def round_trip(tiles: ImageSet, test: np.ndarray, model_shape: Callable[[tuple[int, ...]], tuple[int, int]]) -> dict:

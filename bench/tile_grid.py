@@ -34,19 +34,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_threads_option, provenance
+from bench.common import add_threads_option, code_version, provenance
 from bench.image_tile import (
     BRANCHES,
     DATASETS,
+    Plan,
     add_device_option,
-    by_class,
     device_note,
     make_plan,
+    mask_figures,
     run_segmentation,
     split,
 )
 from ml.assessors.contrastive_seg import ContrastiveSegAssessor
-from ml.assessors.contrastive_seg.assessor import segmentation_metrics
 from ml.imagesets.base import ImageSet
 from ml.imagesets.magnetic_tile import load_magnetic_tile
 from services.cli.models import parse_setting
@@ -84,17 +84,21 @@ def run_grid(args: argparse.Namespace) -> str:
         train, test, _, _ = split(tiles, plans[0].limit, plans[0].grouped, split_seed)  # one split, every seed
         for plan in plans:
             kept = {c: load_cell(args.maps, split_seed, plan, c, args) for c in plan.branches} if args.maps else {}
-            results = kept if kept and all(kept.values()) else run_segmentation(tiles, train, test, plan)
+            reused = bool(kept) and all(kept.values())  # else both branches train again, as one run does
+            results = kept if reused else run_segmentation(tiles, train, test, plan)
             for contrastive in plan.branches:
-                # maps at the precision they are kept at, so that a resumed grid averages what a whole one does
-                maps = [m.astype(np.float16).astype(np.float32) for m in results[contrastive]["maps"]]
-                cell = {**results[contrastive], "maps": maps, "images": len(test)}
+                cell = {**results[contrastive], "images": len(test)}
+                if args.average or args.maps:
+                    # at the precision they are kept at, so that a resumed grid averages what a whole one does
+                    cell["maps"] = [m.astype(np.float16).astype(np.float32) for m in cell["maps"]]
+                else:
+                    del cell["maps"]  # a grid of many cells would hold every cell's maps for nothing
                 cells[(split_seed, plan.model_seed, contrastive)] = cell
-                if args.maps and not kept.get(contrastive):
+                if args.maps and not reused:
                     save_cell(args.maps, split_seed, plan, contrastive, args, cell)
                 print(
                     f"split {split_seed}, model seed {plan.model_seed}, contrastive={contrastive}: "
-                    f"IoU {cell['iou']:.3f}" + (" (kept from --maps)" if kept.get(contrastive) else ""),
+                    f"IoU {cell['iou']:.3f}" + (f" (kept from --maps, code {cell['code']})" if reused else ""),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -106,31 +110,36 @@ def run_grid(args: argparse.Namespace) -> str:
     return report(args, plan, cells, averages)
 
 
-def cell_file(folder: Path, split_seed: int, plan, contrastive: bool) -> Path:
+def cell_file(folder: Path, split_seed: int, plan: Plan, contrastive: bool) -> Path:
     return folder / f"split{split_seed}-seed{plan.model_seed}-{'with' if contrastive else 'without'}.npz"
 
 
-def cell_key(plan, args: argparse.Namespace) -> str:
-    """What a kept cell must have run under to stand for this command's (CPU results also depend on the
-    thread count)."""
+def cell_key(plan: Plan, args: argparse.Namespace) -> str:
+    """What a kept cell must have run under to stand for this command's: every segmenter setting, defaults
+    included (a default that changed makes another model), and the thread count (CPU results depend on it)."""
+    settings = ContrastiveSegAssessor.Settings(**plan.seg).model_dump()
     return json.dumps(
-        {"seg": plan.seg, "split": args.split, "quick": args.quick, "threads": args.threads, "device": plan.device},
+        {"seg": settings, "split": args.split, "quick": args.quick, "threads": args.threads, "device": plan.device},
         sort_keys=True,
         default=str,
     )
 
 
-def save_cell(folder: Path, split_seed: int, plan, contrastive: bool, args: argparse.Namespace, cell: dict) -> None:
-    """The cell's test maps (float16: a probability needs no more) and figures, with the plan they came from."""
+def save_cell(
+    folder: Path, split_seed: int, plan: Plan, contrastive: bool, args: argparse.Namespace, cell: dict
+) -> None:
+    """The cell's test maps (float16: a probability needs no more), figures and code version, with the settings
+    they came from."""
     folder.mkdir(parents=True, exist_ok=True)
     figures = {k: v for k, v in cell.items() if k not in ("maps", "sweep")}
-    meta = json.dumps({"key": cell_key(plan, args), "cell": figures}, default=str)
+    meta = json.dumps({"key": cell_key(plan, args), "cell": {**figures, "code": code_version()}}, default=str)
     maps = [m.astype(np.float16) for m in cell["maps"]]
     np.savez_compressed(cell_file(folder, split_seed, plan, contrastive), *maps, meta=np.array(meta))
 
 
-def load_cell(folder: Path, split_seed: int, plan, contrastive: bool, args: argparse.Namespace) -> dict | None:
-    """A cell kept by an earlier run of the same command, or None (none kept, or kept under other settings)."""
+def load_cell(folder: Path, split_seed: int, plan: Plan, contrastive: bool, args: argparse.Namespace) -> dict | None:
+    """A cell kept by an earlier run of the same command, or None (none kept, or kept under other settings).
+    A cell kept under other code but the same settings is reused; the progress line names its code version."""
     path = cell_file(folder, split_seed, plan, contrastive)
     if not path.exists():
         return None
@@ -143,9 +152,10 @@ def load_cell(folder: Path, split_seed: int, plan, contrastive: bool, args: argp
     return {**meta["cell"], "maps": maps}
 
 
-def seed_averages(tiles: ImageSet, test: np.ndarray, plan, members: list[dict]) -> dict[str, dict]:
+def seed_averages(tiles: ImageSet, test: np.ndarray, plan: Plan, members: list[dict]) -> dict[str, dict]:
     """What the model seeds segment together: their maps averaged pixel by pixel, then thresholded (at their
-    mean pixel threshold) and cleaned as one model's maps are. For all of them, and the mean over every pair."""
+    mean pixel threshold) and cleaned as one model's maps are. For all of them, and the mean over every pair.
+    The members' own mean is recomputed from the same kept-precision maps, so every row compares like with like."""
     images = [tiles.images[i] for i in test]
     truth = [tiles.masks[i] for i in test]  # type: ignore[index]
     assessor = ContrastiveSegAssessor(plan.seg)  # only its post-processing: threshold, small components
@@ -153,23 +163,18 @@ def seed_averages(tiles: ImageSet, test: np.ndarray, plan, members: list[dict]) 
     def together(group: tuple[dict, ...]) -> dict:
         maps = [np.mean(np.stack(stack), axis=0) for stack in zip(*(m["maps"] for m in group), strict=True)]
         masks = assessor.masks(maps, images, statistics.mean(m["pixel_threshold"] for m in group))
-        return {
-            **segmentation_metrics(truth, masks),
-            "iou_by_class": by_class(
-                tiles, test, lambda k: segmentation_metrics([truth[i] for i in k], [masks[i] for i in k])["iou"]
-            ),
-        }
+        return mask_figures(tiles, test, truth, masks)
 
     out = {f"all {len(members)}": together(tuple(members))}
     if len(members) > 2:
         pairs = [together(pair) for pair in itertools.combinations(members, 2)]
         out[f"mean of the {len(pairs)} pairs"] = mean_figures(pairs)
-    out["members' mean (no averaging)"] = mean_figures(members)
+    out["members' mean (no averaging)"] = mean_figures([together((member,)) for member in members])
     return out
 
 
 def mean_figures(rows: list[dict]) -> dict:
-    """The mean of each figure (and of each class's IoU) over ``rows``."""
+    """The mean of each figure (and of each class's IoU) over ``rows``: what one of them gives, on average."""
     classes = rows[0]["iou_by_class"]
     return {
         **{m: statistics.mean(r[m] for r in rows) for m in (*METRICS, "mean_iou")},
@@ -257,7 +262,10 @@ def main() -> None:
                         help="also the model seeds' maps averaged, per split (an ensemble of the seeds)")  # fmt: skip
     parser.add_argument("--maps", type=Path, default=None, metavar="DIR",
                         help="keep each cell's test maps here; reuse a cell kept there")  # fmt: skip
-    print(run_grid(parser.parse_args()))
+    args = parser.parse_args()
+    if args.average and len(args.model_seeds) < 2:
+        parser.error("--average needs two model seeds or more")
+    print(run_grid(args))
 
 
 if __name__ == "__main__":
