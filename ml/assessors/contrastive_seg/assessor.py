@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from pydantic import Field
 from scipy import ndimage
+from torch import nn
 
 from ml.assessors.base import Assessor, AssessorSettings, FitCallback, FitReport, Stopwatch, calibrate
 from ml.assessors.contrastive_seg.loss import combo_loss, proposal_contrastive_loss
@@ -231,7 +232,8 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         return init
 
     def _member(self, k: int) -> ContrastiveSegAssessor:
-        """Member ``k`` as the one-network assessor it is fitted as."""
+        """Member ``k`` as a one-network assessor of its own seed: fitted that way, it is the network
+        ``bench/tile_grid.py --average`` measured for that seed."""
         return type(self)({**self.s.model_dump(), "members": 1, "seed": self.s.seed + k}, name=self.name)
 
     def _fit_members(
@@ -258,18 +260,18 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         self.pixel_threshold = float(np.mean([m.pixel_threshold for m in members]))
         self.threshold = float(np.mean([m.threshold for m in members]))
         validation = [m.metrics["validation"] for m in members]
-        numeric = [k for k, v in validation[0].items() if isinstance(v, int | float)]
+        # a member whose held-out images were all of one class has no image-level figures: average those that do
+        numeric = {k for v in validation for k, x in v.items() if isinstance(x, int | float)}
         self.metrics = {
             "validation": {
-                **{k: float(np.mean([v.get(k, np.nan) for v in validation])) for k in numeric},
+                **{k: float(np.mean([v[k] for v in validation if k in v])) for k in sorted(numeric)},
                 "pixel_threshold": self.pixel_threshold,
                 "members": validation,  # each on its own held-out images; the figures above are their mean
             }
         }
         self.training_data = {
             **members[0].training_data,
-            "n_val": [m.training_data["n_val"] for m in members],
-            "validation_images": [m.training_data["validation_images"] for m in members],
+            **{k: [m.training_data[k] for m in members] for k in ("n_train", "n_val", "validation_images")},
         }
         runs = [m.runtime for m in members]
         self.runtime = fit_runtime(
@@ -391,9 +393,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             x = x * rng.uniform(1 - s.jitter, 1 + s.jitter) + rng.uniform(-s.jitter, s.jitter)
         return x, y
 
-    def _validate(
-        self, net: ContrastiveSegNet, x: np.ndarray, y: np.ndarray, device: torch.device
-    ) -> tuple[float, float]:
+    def _validate(self, net: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[float, float]:
         """Validation ComboLoss and pooled IoU at probability 0.5, on the whole resized images (the loss pools
         all pixels, as it does a batch's)."""
         prob = self._maps(net, x, device)
@@ -417,7 +417,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             return standardize(np.stack([resize_image(im, self.s.image_size) for im in images]))
         return as_batch([standardize(resize_image(im, self.model_shape(im.shape))) for im in images])
 
-    def _maps(self, net: ContrastiveSegNet, x: np.ndarray, device: torch.device) -> np.ndarray | list[np.ndarray]:
+    def _maps(self, net: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray | list[np.ndarray]:
         """p(defect) per pixel of each prepared image; with ``keep_aspect`` the mean over half-overlapping
         ``image_size`` squares (the network only ever sees squares of one scale)."""
         size = self.s.image_size
@@ -442,7 +442,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             out[k] = total / count
         return out
 
-    def _probabilities(self, net: ContrastiveSegNet, x: np.ndarray, device: torch.device) -> np.ndarray:
+    def _probabilities(self, net: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
         """p(defect) per pixel; with ``flip_average`` the mean over the image and its flips, each flipped
         back (the tiles' defects have no preferred side, and the four views disagree mostly at edges)."""
         net.eval()

@@ -188,7 +188,7 @@ class SeedMean(nn.Module):
     """Networks of one shape, trained from different seeds, as one: the mean of their p(defect), as a logit
     (the assessor takes the sigmoid of whatever its network returns)."""
 
-    def __init__(self, members: list[ContrastiveSegNet]) -> None:
+    def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
 
