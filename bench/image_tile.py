@@ -191,12 +191,8 @@ def round_trip(tiles: ImageSet, test: np.ndarray, model_shape: Callable[[tuple[i
     most any model working at that size could score, so a low class IoU can be told apart from lost resolution."""
     truth = [tiles.masks[i] for i in test]  # type: ignore[index]
     back = [resize_image(resize_mask(m, model_shape(m.shape)).astype(np.float32), m.shape) >= 0.5 for m in truth]
-    return {
-        "iou": segmentation_metrics(truth, back)["iou"],
-        "iou_by_class": by_class(
-            tiles, test, lambda k: segmentation_metrics([truth[i] for i in k], [back[i] for i in k])["iou"]
-        ),
-    }
+    figures = mask_figures(tiles, test, truth, back)
+    return {"iou": figures["iou"], "iou_by_class": figures["iou_by_class"]}
 
 
 def run_anomaly(tiles: ImageSet, parts: tuple[np.ndarray, ...], plan: Plan) -> dict:

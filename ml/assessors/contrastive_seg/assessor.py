@@ -275,8 +275,9 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             **{k: [m.training_data[k] for m in members] for k in ("n_train", "n_val", "validation_images")},
         }
         runs = [m.runtime for m in members]
+        torch_device = resolve_device(device)
         self.runtime = fit_runtime(
-            resolve_device(device),
+            torch_device,
             clock.seconds,
             epochs_run=sum(r["epochs_run"] for r in runs),
             best_epoch=runs[0]["best_epoch"],
@@ -284,7 +285,7 @@ class ContrastiveSegAssessor(PixelMapAssessor):
             start=runs[0].get("start"),
             members=runs,  # best_epoch above is member 0's; each member's own, with its history, is here
         )
-        return FitReport(self.metrics, self.runtime["epochs_run"], clock.seconds, str(resolve_device(device)))
+        return FitReport(self.metrics, self.runtime["epochs_run"], clock.seconds, str(torch_device))
 
     def _train(
         self,
