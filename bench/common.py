@@ -20,16 +20,31 @@ LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LOCAL_MQTT = "mqtt://127.0.0.1:1883"
 
 
+def cpu_identity() -> str:
+    """The CPU model behind the often generic model name, and the kernels torch picked for it. The same seed
+    trains a different network on another CPU model (docs/benchmarks.md, the tile section): the vector kernels
+    sum in another order and 80 epochs carry the rounding apart, so a CPU figure must name both."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model", "stepping"):
+                fields.setdefault(key.strip(), value.strip())
+            elif not line.strip() and fields:
+                break  # the first processor's block is enough
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        family, model, stepping = (fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+        name += f", family {family} model {model} stepping {stepping}"
+    with contextlib.suppress(ImportError):
+        import torch
+
+        name += f", torch kernels {torch.backends.cpu.get_cpu_capability()}"
+    return name
+
+
 def machine() -> str:
     """One line naming the machine a figure was measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         import torch
 
@@ -39,7 +54,8 @@ def machine() -> str:
         gpu = torch_version = ""
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
-        f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB RAM{gpu}, Python {platform.python_version()}{torch_version}"
+        f"{os.cpu_count()} cores ({cpu_identity()}), {mem_gib:.0f} GiB RAM{gpu}, "
+        f"Python {platform.python_version()}{torch_version}"
     )
 
 

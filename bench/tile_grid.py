@@ -31,10 +31,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_threads_option, code_version, provenance
+from bench.common import add_threads_option, code_version, cpu_identity, provenance
 from bench.image_tile import (
     BRANCHES,
     DATASETS,
@@ -116,10 +117,13 @@ def cell_file(folder: Path, split_seed: int, plan: Plan, contrastive: bool) -> P
 
 def cell_key(plan: Plan, args: argparse.Namespace) -> str:
     """What a kept cell must have run under to stand for this command's: every segmenter setting, defaults
-    included (a default that changed makes another model), and the thread count (CPU results depend on it)."""
+    included (a default that changed makes another model), the thread count and the processor models (results
+    depend on each)."""
     settings = ContrastiveSegAssessor.Settings(**plan.seg).model_dump()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    where = {"threads": args.threads, "device": plan.device, "cpu": cpu_identity(), "gpu": gpu}
     return json.dumps(
-        {"seg": settings, "split": args.split, "quick": args.quick, "threads": args.threads, "device": plan.device},
+        {"seg": settings, "split": args.split, "quick": args.quick, **where},
         sort_keys=True,
         default=str,
     )
