@@ -20,26 +20,32 @@ LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LOCAL_MQTT = "mqtt://127.0.0.1:1883"
 
 
+X86_FIELDS = ("cpu family", "model", "stepping")
+ARM_FIELDS = ("CPU implementer", "CPU part", "CPU variant", "CPU revision")
+
+
 def cpu_identity() -> str:
-    """The CPU model behind the often generic model name, and the kernels torch picked for it. The same seed
-    trains a different network on another CPU model (docs/benchmarks.md, the tile section): the vector kernels
-    sum in another order and 80 epochs carry the rounding apart, so a CPU figure must name both."""
+    """The CPU model behind the often generic model name, and ATen's vector dispatch level on it. The same seed
+    trained a different network on another CPU model (docs/benchmarks.md, the tile section), most likely because
+    the kernels sum in another order and 80 epochs carry the rounding apart; so a CPU figure names the model."""
     fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("model name", "cpu family", "model", "stepping"):
+            if key.strip() in ("model name", *X86_FIELDS, *ARM_FIELDS):
                 fields.setdefault(key.strip(), value.strip())
             elif not line.strip() and fields:
                 break  # the first processor's block is enough
     name = fields.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in fields:
-        family, model, stepping = (fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
-        name += f", family {family} model {model} stepping {stepping}"
+    for names in (X86_FIELDS, ARM_FIELDS):
+        if names[0] in fields:
+            name += ", " + " ".join(
+                f"{k.removeprefix('CPU ').removeprefix('cpu ')} {fields.get(k, '?')}" for k in names
+            )
     with contextlib.suppress(ImportError):
         import torch
 
-        name += f", torch kernels {torch.backends.cpu.get_cpu_capability()}"
+        name += f", ATen dispatch {torch.backends.cpu.get_cpu_capability()}"
     return name
 
 

@@ -50,6 +50,7 @@ from bench.image_tile import (
 from ml.assessors.contrastive_seg import ContrastiveSegAssessor
 from ml.imagesets.base import ImageSet
 from ml.imagesets.magnetic_tile import load_magnetic_tile
+from ml.training.runtime import resolve_device
 from services.cli.models import parse_setting
 
 METRICS = ("iou", "dice", "precision", "recall")
@@ -120,7 +121,8 @@ def cell_key(plan: Plan, args: argparse.Namespace) -> str:
     included (a default that changed makes another model), the thread count and the processor models (results
     depend on each)."""
     settings = ContrastiveSegAssessor.Settings(**plan.seg).model_dump()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    device = resolve_device(plan.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     where = {"threads": args.threads, "device": plan.device, "cpu": cpu_identity(), "gpu": gpu}
     return json.dumps(
         {"seg": settings, "split": args.split, "quick": args.quick, **where},
