@@ -246,6 +246,8 @@ class AssessCoils:
         decisions of earlier batches); then what to announce."""
         result = prepared.result
         inserted = self.store.save_assessed(prepared.assessed, prepared.model_ids, published)
+        if len(inserted) < len(prepared.assessed):
+            inserted |= self._written_before(prepared, inserted)
         for record, decision in zip(prepared.assessed, prepared.decisions, strict=True):
             if record.coil_id not in inserted:  # another replica got there first; it announces
                 result.duplicates.append(record.coil_id)
@@ -253,6 +255,14 @@ class AssessCoils:
             latency_ms = (record.decided_at - record.received_at).total_seconds() * 1000.0
             self._queue_decision(result, _decision(record, decision, latency_ms))
         return result
+
+    def _written_before(self, prepared: Prepared, inserted: set[str]) -> set[str]:
+        """Coils already stored by this very batch: a commit tried again because its first try's answer was lost
+        (the connection broke during COMMIT) although the server had committed it. They are still this worker's to
+        announce. A coil another replica decided carries that replica's decision time, not this batch's."""
+        ours = {r.coil_id: r.decided_at for r in prepared.assessed if r.coil_id not in inserted}
+        stored = self.store.decided(list(ours))
+        return {c for c, s in stored.items() if not s.published and s.decided_at == ours[c]}
 
     def _queue_decision(self, result: BatchResult, decision: Decision, *, new: bool = True) -> None:
         if new:

@@ -138,6 +138,35 @@ def test_a_decision_stored_but_never_announced_is_announced_on_redelivery(servin
     assert len(store.votes) == 1
 
 
+def test_a_batch_whose_commit_answer_was_lost_is_announced_when_written_again(serving: ServingEnsemble) -> None:
+    """The server committed, the connection broke before it could say so, and the worker writes the batch again:
+    its coils are on record now, and still this worker's to announce. A coil another replica decided in between
+    carries that replica's decision time and stays that replica's to announce."""
+
+    class AnswerLost(MemoryStore):
+        lost = True
+
+        def save_assessed(self, coils, model_ids, published=()):  # type: ignore[no-untyped-def]
+            inserted = super().save_assessed(coils, model_ids, published)
+            if self.lost:
+                self.lost = False
+                raise ConnectionError("server closed the connection unexpectedly")  # as COMMIT's answer was due
+            return inserted
+
+    store = AnswerLost()
+    ours = AssessCoils(store, TOPICS)
+    prepared = ours.prepare([_coil("A"), _coil("X", thin=True)], serving)
+    store.lost = False
+    AssessCoils(store, TOPICS, clock=lambda: datetime(2026, 11, 23, 5, tzinfo=UTC)).process([_coil("X")], serving)
+    store.lost = True
+    with pytest.raises(ConnectionError):
+        ours.commit(prepared)
+    again = ours.commit(prepared)
+    assert [d.coil_id for d in again.decided] == ["A"] and again.duplicates == ["X"]
+    assert [orjson.loads(o.payload)["coil_id"] for o in again.publish] == ["A"]
+    assert store.coils["X"].label == "OK" and len(store.votes) == 2  # the other replica's decision stands
+
+
 def test_bad_messages_are_rejected_on_their_line_and_the_batch_goes_on(serving: ServingEnsemble) -> None:
     store = MemoryStore()
     batch = [
