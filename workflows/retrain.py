@@ -163,6 +163,7 @@ class ReTrain:
         metrics: dict[str, Any] = {"trigger": {"score": latest.score, "n_coils": latest.n_coils}}
         device: str | None = None
         promoted: ModelRecord | None = None
+        registered: ModelRecord | None = None  # the challenger, once it is in the registry as a candidate
 
         def finish(status: str, why: str | None = None, challenger: ModelRecord | None = None) -> None:
             self.runs.finish(
@@ -219,7 +220,7 @@ class ReTrain:
                 return RetrainOutcome(champion_record.name, champion_record.version, "rejected", why, None, metrics)
 
             # promotion: artifact first (written, checksummed), then one transaction, then the event
-            record = register(
+            record = registered = register(
                 challenger,
                 self.registry,
                 self.model_dir,
@@ -256,6 +257,8 @@ class ReTrain:
         except BaseException as exc:  # SIGTERM and Ctrl-C too: the run must not stay "running"
             metrics["total_s"] = round(time.perf_counter() - started, 2)
             why = f"{type(exc).__name__}: {exc}"
+            if promoted is None and registered is not None:
+                promoted = self._promoted_after_all(registered)
             if promoted is None:
                 finish("failed", why)
                 log.exception("ReTrain %s failed; v%d keeps serving", champion_record.name, champion_record.version)
@@ -270,6 +273,16 @@ class ReTrain:
             if not isinstance(exc, Exception):
                 raise
             return outcome
+
+    def _promoted_after_all(self, challenger: ModelRecord) -> ModelRecord | None:
+        """The challenger, if its promotion committed although the run broke off around it (SIGTERM between the
+        commit and the next line, or a connection lost while the server committed): the workers serve it from
+        their next look at the registry, so the run must say "promoted", not "failed"."""
+        try:
+            return challenger if self.registry.get(challenger.id).status == "active" else None
+        except Exception:  # the database away: nothing more can be known here
+            log.warning("ReTrain %s: could not tell whether v%d was promoted", challenger.name, challenger.version)
+            return None
 
     def _image_model(self, record: ModelRecord) -> RetrainOutcome | None:
         """An image model is skipped, with what to do: the coil store keeps each coil's matrix, not the surface

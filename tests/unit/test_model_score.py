@@ -258,6 +258,34 @@ def test_a_promotion_whose_announcement_fails_is_recorded_as_a_promotion(engine,
     assert run.status == "promoted" and "the broker went away" in run.reason
 
 
+def test_a_promotion_that_committed_as_its_answer_was_lost_is_recorded_as_a_promotion(engine, tmp_path: Path) -> None:
+    """The connection breaks while the server commits the promotion (SIGTERM right after the commit is the same
+    case): the new version serves from the workers' next look at the registry, so the run must say so, not record
+    a failure with "v1 keeps serving"."""
+    from sqlalchemy.exc import OperationalError
+
+    class AnswerLost(SqlModelRegistry):
+        lose = False
+
+        def promote(self, model_id: int, replacing: int | None = None) -> ModelRecord | None:
+            retired = super().promote(model_id, replacing=replacing)
+            if self.lose:
+                raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+            return retired
+
+    registry = AnswerLost(engine)
+    _serving_with_feedback(engine, registry, tmp_path, ("line",))
+    registry.lose = True
+    retrain = sql_retrain(engine, registry, tmp_path, config=RetrainConfig(margin=1.0))  # any challenger passes
+    [outcome] = retrain.run(["line"], force=True)
+    assert (outcome.status, outcome.challenger_version) == ("promoted", 2), outcome
+    assert "server closed the connection" in outcome.reason
+    assert [(m.name, m.version) for m in registry.active_models()] == [("line", 2)]
+    with engine.connect() as conn:
+        run = conn.execute(text("SELECT status FROM retrain_runs")).scalar_one()
+    assert run == "promoted"
+
+
 def _serving_with_feedback(
     engine, registry: SqlModelRegistry, model_dir: Path, names: tuple[str, ...], epochs: int = 1
 ) -> list[ModelRecord]:
