@@ -27,7 +27,7 @@ from typing import get_args
 
 import orjson
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from ml.ensemble import share_threads
 from services.config import Settings
@@ -57,6 +57,10 @@ CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's de
 ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until long after their mark
 MODEL_WAIT_S = 5.0  # with no active model yet, look at the registry again this often
 RETIRE_IDLE_S = 3.0  # a retiring worker is done when its session has delivered nothing for this long
+# What one coil's own values can make the database refuse. Every other database error is the database's state
+# (unreachable, read-only after a failover, a permission revoked, the schema behind), which no coil caused: the
+# worker waits it out with the batch in hand instead of rejecting every coil as "could not be stored".
+ROW_ERRORS = (IntegrityError, DataError)
 
 
 def worker_client_id(settings: Settings, given: str | None = None) -> str:
@@ -132,9 +136,10 @@ class AssessWorker:
         self._reload = threading.Event()
         # coils the committer has announced, for the worker thread to tell a re-sent coil from one to announce
         self._announced = RecentCoils(ANNOUNCED_MEMORY)
+        self._failure: BaseException | None = None  # what stopped the committer, should anything have
         self._serving: ServingEnsemble | None = None
         self._last_poll = 0.0
-        self._last_inbound = time.monotonic()
+        self._last_inbound = self._last_acked = time.monotonic()
         self.last_decision_at: str | None = None
         self.client: MqttClient = mqtt_client(
             settings,
@@ -189,12 +194,12 @@ class AssessWorker:
                 batch = self._collect()
                 if batch:
                     self._pending.put(self._prepare(batch))
-                elif self.retire and time.monotonic() - self._last_inbound > RETIRE_IDLE_S:
+                elif self.retire and self._drained():
                     drained = True
                     break
             # assess what had arrived when the stop came, so that a rolling restart hands back little; not what
             # arrives after it: a worker catching up on a backlog would drain until the grace period ran out
-            left = self._inbox.qsize()
+            left = self._inbox.qsize() if self._failure is None else 0
             while left > 0 and (batch := self._collect(wait=False, limit=left)):
                 left -= len(batch)
                 self._pending.put(self._prepare(batch))
@@ -211,7 +216,19 @@ class AssessWorker:
                 forget_session(self.client.url, self.client.client_id)
                 log.info("session %s assessed to the end and removed", self.client.client_id)
             log.info("assess worker stopped: %s", self.stats)
+        if self._failure is not None:  # exit non-zero, so that the pod (or `coilguard up`) starts a fresh worker
+            raise WorkerFailed(f"the committer failed: {type(self._failure).__name__}: {self._failure}") from (
+                self._failure
+            )
         return self.stats
+
+    def _drained(self) -> bool:
+        """Retiring: has the session handed over all it kept? Only once every batch taken is settled and nothing
+        has arrived for RETIRE_IDLE_S since the last acknowledgement: until then the broker holds back whatever
+        its receive maximum does not let through, however long a commit takes, and removing the session would
+        throw that away."""
+        quiet = time.monotonic() - max(self._last_inbound, self._last_acked)
+        return self._pending.unfinished_tasks == 0 and quiet > RETIRE_IDLE_S
 
     def stop(self) -> None:
         self.stopping.set()
@@ -322,7 +339,20 @@ class AssessWorker:
         return batch, Prepared.merge(parts), started
 
     def _commit_loop(self) -> None:
-        """Second half, on its own thread: write, announce, and only then acknowledge.
+        """The committer thread. Should it fail, the worker stops and its run raises: a committer that died on
+        its own would leave the worker thread blocked on the full queue, its share of the stream stuck while
+        /metrics still answered the liveness probe."""
+        try:
+            self._commit_batches()
+        except BaseException as exc:
+            self._failure = exc
+            log.critical("the committer failed; stopping (unacknowledged coils will be redelivered)", exc_info=True)
+            self.stop()
+            while self._pending.get() is not None:  # frees the worker thread; nothing taken here is acknowledged
+                pass
+
+    def _commit_batches(self) -> None:
+        """Second half: write, announce, and only then acknowledge.
 
         That a batch's decisions reached the broker is written with the next batch's transaction (or
         on its own once the stream pauses): one database round trip per batch instead of two. Until
@@ -341,24 +371,28 @@ class AssessWorker:
                 break
             batch, prepared, started = item
             try:
-                result = self._commit(prepared, unmarked)
-            except _Stopped:  # shutting down with the database away: these stay unacknowledged
-                continue
-            unmarked = []
-            if unconfirmed:
-                continue
-            # from here on a copy of one of these coils is a duplicate: the decision is on its way, and should the
-            # broker never confirm it, the worker stops without acknowledging this batch or any later one
-            self._announced.add_all(result.to_mark_published)
-            for out in result.publish:
-                self.client.publish(out.topic, out.payload, qos=1)
-            if not self._confirmed():
-                unconfirmed = True  # neither acknowledged nor marked: the coils come back and are announced
-                continue
-            unmarked = result.to_mark_published
-            for message in batch:  # only now: every result is committed and announced
-                self.client.ack(message)
-            self._account(result, len(batch), time.perf_counter() - started)
+                try:
+                    result = self._commit(prepared, unmarked)
+                except _Stopped:  # shutting down with the database away: these stay unacknowledged
+                    continue
+                unmarked = []
+                if unconfirmed:
+                    continue
+                # from here on a copy of one of these coils is a duplicate: the decision is on its way, and should
+                # the broker never confirm it, the worker stops without acknowledging this batch or any later one
+                self._announced.add_all(result.to_mark_published)
+                for out in result.publish:
+                    self.client.publish(out.topic, out.payload, qos=1)
+                if not self._confirmed():
+                    unconfirmed = True  # neither acknowledged nor marked: the coils come back and are announced
+                    continue
+                unmarked = result.to_mark_published
+                for message in batch:  # only now: every result is committed and announced
+                    self.client.ack(message)
+                self._last_acked = time.monotonic()
+                self._account(result, len(batch), time.perf_counter() - started)
+            finally:
+                self._pending.task_done()  # settled, one way or the other: what a retiring worker waits for
         self._mark_published(unmarked)
 
     def _confirmed(self) -> bool:
@@ -420,12 +454,12 @@ class AssessWorker:
             try:
                 return action()
             except DBAPIError as exc:
-                if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
-                    raise  # a real error (constraint, bug), not an outage
+                if isinstance(exc, ROW_ERRORS) and not exc.connection_invalidated:
+                    raise  # a value the database refuses: the caller finds the coil at fault
                 if self.stopping.is_set() and what != "load the ensemble":
                     # shutting down with the database away: leave the batch unacknowledged for redelivery
                     raise _Stopped from exc
-                log.warning("database unavailable (%s), retrying in %.1f s: %s", what, delay, exc.__class__.__name__)
+                log.warning("database unavailable (%s), retrying in %.1f s: %s", what, delay, _first_line(exc))
                 METRICS.db_retries.inc()
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -479,5 +513,16 @@ class AssessWorker:
             self.on_batch(result)
 
 
+class WorkerFailed(RuntimeError):
+    """The worker could not go on (its committer failed); every coil it had not acknowledged is redelivered."""
+
+
 class _Stopped(Exception):
     """The worker is stopping while the database is away: the batch stays unacknowledged."""
+
+
+def _first_line(exc: DBAPIError) -> str:
+    """The driver's own words, e.g. "cannot execute INSERT in a read-only transaction": the class alone does not
+    tell an operator a failover from an outage."""
+    words = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+    return f"{type(exc).__name__}: {words[0] if words else ''}"

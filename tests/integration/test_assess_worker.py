@@ -17,16 +17,17 @@ import numpy as np
 import orjson
 import pytest
 from assess_env import AssessEnv, assess_env, wait_for
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from tcp_proxy import TcpProxy
 
 from ml.assessors.base import Assessor
 from ml.assessors.registry import create
 from ml.sim import LineConfig, LineSimulator
+from services.db.engine import make_engine
 from services.db.models import Assessment, Coil, Worker
 from services.line import publish_coils
 from services.workers import assess as assess_module
-from services.workers.assess import AssessWorker
+from services.workers.assess import AssessWorker, WorkerFailed
 from workflows.messages import ModelEvent, dumps
 from workflows.training import resolve_artifact
 
@@ -263,6 +264,74 @@ def test_while_the_database_is_down_nothing_is_dropped_and_the_worker_catches_up
     proxy.cut()
 
 
+def test_a_database_gone_read_only_holds_the_coils_back_and_rejects_none(
+    env: AssessEnv, pg_admin_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a failover the worker's new connections can reach a read-only server: each write is refused ("cannot
+    execute INSERT in a read-only transaction", psycopg's InternalError), which is the database's state, not an
+    outage and not a bad coil. No coil may be rejected as "could not be stored" for it: the worker keeps the batch
+    unacknowledged, tries again, and writes it once the server takes writes."""
+    name = env.engine.url.database
+    admin = make_engine(pg_admin_url)
+
+    def read_only(on: bool) -> None:  # the setting holds for new sessions: end the ones open
+        change = "SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only"
+        with admin.begin() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" {change}'))
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": name})
+
+    first, during = _coils(10, "RO1", seed=45), _coils(20, "RO2", seed=46)
+    try:
+        with env.worker():
+            publish_coils(env.publisher, env.topics, first)
+            assert wait_for(lambda: env.coils() == 10, timeout=60)
+            read_only(True)
+            publish_coils(env.publisher, env.topics, during)
+            assert wait_for(lambda: "read-only transaction" in caplog.text, timeout=30)  # refused, and retried
+            time.sleep(1.0)
+            assert env.coils() == 10 and not env.listener.rejected
+            read_only(False)
+            assert wait_for(lambda: env.coils() == 30, timeout=60), env.coils()
+            assert wait_for(lambda: len(env.listener.decisions) >= 30, timeout=30)
+    finally:
+        read_only(False)
+        admin.dispose()
+    assert not env.listener.rejected
+    assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in first + during)
+    assert env.count(Assessment.id) == 30
+
+
+def test_a_committer_that_fails_stops_the_worker_with_an_error_and_acknowledges_nothing_more(env: AssessEnv) -> None:
+    """Anything unforeseen in the committer (here the batch callback raising) must end the run with an error, for
+    the pod to be restarted, not leave the worker thread blocked on a full queue while /metrics answers."""
+    failures: list[BaseException] = []
+
+    def fail(_result) -> None:
+        raise RuntimeError("unforeseen")
+
+    worker = AssessWorker(env.settings, engine=env.engine, client_id=env.client_id, on_batch=fail)
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert worker.ready.wait(60)
+    publish_coils(env.publisher, env.topics, _coils(200, "CF", seed=47), rate=400)
+    thread.join(60)
+    assert not thread.is_alive(), "the worker hung"
+    assert len(failures) == 1 and isinstance(failures[0], WorkerFailed)
+    assert isinstance(failures[0].__cause__, RuntimeError)
+    assert env.coils() < 200  # it stopped at the first failed batch
+    with env.worker():  # the same session, restarted: what was not acknowledged comes back, nothing twice
+        assert wait_for(lambda: env.coils() == 200, timeout=60), env.coils()
+        assert wait_for(lambda: len({d["coil_id"] for d in env.listener.decisions}) == 200, timeout=30)
+    assert env.count(Assessment.id) == 200
+
+
 def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
     env: AssessEnv, broker_proxy: tuple[TcpProxy, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -398,6 +467,41 @@ def test_a_retired_worker_hands_in_its_queued_share_and_nothing_is_stranded(env:
         assert wait_for(lambda: env.coils() == 60, timeout=30), env.coils()  # the session is gone
     assert env.count(Assessment.id) == 60
     assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in first + later)
+
+
+def test_a_retiring_worker_whose_commits_are_slow_takes_its_whole_share_before_ending_the_session(
+    env: AssessEnv,
+) -> None:
+    """The broker holds back what the receive maximum (256) does not let through until the worker acknowledges.
+    A commit slower than the retiring worker's quiet period (3 s), its acknowledgements reaching the broker a
+    little late, must not read as "the session is empty": the session would be removed with coils still queued in
+    it, and they would be lost."""
+    leaving = f"{env.client_id}-slow"
+    coils = _coils(700, "RS", seed=48)
+    with env.worker() as staying:
+        with env.worker(client_id=leaving):
+            pass  # its persistent session stays behind and is routed about half the coils
+        publish_coils(env.publisher, env.topics, coils)
+        assert wait_for(lambda: staying.stats.decided >= 300, timeout=60)
+        retiring = AssessWorker(env.settings, engine=env.engine, client_id=leaving, retire=True)
+        commit, slow = retiring.workflow.commit, itertools.count()
+
+        def slow_commit(*args, **kwargs):
+            if next(slow) < 2:
+                time.sleep(4.0)
+            return commit(*args, **kwargs)
+
+        ack = retiring.client.ack
+
+        def late_ack(message) -> None:  # a slow link: the broker hears of it half a second later
+            threading.Timer(0.5, ack, args=(message,)).start()
+
+        retiring.workflow.commit = slow_commit  # type: ignore[method-assign]
+        retiring.client.ack = late_ack  # type: ignore[method-assign]
+        retired = retiring.run()
+        assert retired.decided > 256  # more than one receive window's worth waited in the session
+        assert wait_for(lambda: env.coils() == 700, timeout=30), env.coils()
+    assert staying.stats.decided + retired.decided == 700
 
 
 def test_a_worker_started_before_any_model_waits_subscribed_and_loses_no_coil(
