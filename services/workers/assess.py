@@ -137,6 +137,7 @@ class AssessWorker:
         # coils the committer has announced, for the worker thread to tell a re-sent coil from one to announce
         self._announced = RecentCoils(ANNOUNCED_MEMORY)
         self._failure: BaseException | None = None  # what stopped the committer, should anything have
+        self._ended = False  # the committer has taken the end marker: nothing more will be handed over
         self._serving: ServingEnsemble | None = None
         self._last_poll = 0.0
         self._last_inbound = self._last_acked = time.monotonic()
@@ -184,7 +185,12 @@ class AssessWorker:
         heartbeat = Heartbeat(
             self.engine, "assess", self.client.client_id, self._status, self.settings.heartbeat_every.total_seconds()
         )
-        self._retry("start the heartbeat", heartbeat.start)
+        try:
+            self._retry("start the heartbeat", heartbeat.start)
+        except _Stopped:  # stopped while the database is away, before any coil was taken
+            self._serving.ensemble.close()
+            self.client.close()
+            return self.stats
         committer = threading.Thread(target=self._commit_loop, name="assess-commit", daemon=True)
         committer.start()
         drained = False
@@ -348,7 +354,7 @@ class AssessWorker:
             self._failure = exc
             log.critical("the committer failed; stopping (unacknowledged coils will be redelivered)", exc_info=True)
             self.stop()
-            while self._pending.get() is not None:  # frees the worker thread; nothing taken here is acknowledged
+            while not self._ended and self._pending.get() is not None:  # frees the worker thread; none acknowledged
                 pass
 
     def _commit_batches(self) -> None:
@@ -368,6 +374,7 @@ class AssessWorker:
                 unmarked = self._mark_published(unmarked)
                 continue
             if item is None:
+                self._ended = True
                 break
             batch, prepared, started = item
             try:
@@ -460,6 +467,9 @@ class AssessWorker:
                     # shutting down with the database away: leave the batch unacknowledged for redelivery
                     raise _Stopped from exc
                 log.warning("database unavailable (%s), retrying in %.1f s: %s", what, delay, _first_line(exc))
+                if not exc.connection_invalidated:
+                    # the sessions may be what is wrong (read-only ones stay so after the server is writable again)
+                    self.engine.dispose()
                 METRICS.db_retries.inc()
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)

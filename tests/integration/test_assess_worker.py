@@ -274,11 +274,15 @@ def test_a_database_gone_read_only_holds_the_coils_back_and_rejects_none(
     name = env.engine.url.database
     admin = make_engine(pg_admin_url)
 
-    def read_only(on: bool) -> None:  # the setting holds for new sessions: end the ones open
+    def read_only(on: bool) -> None:
         change = "SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only"
         with admin.begin() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" {change}'))
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": name})
+        if on:  # the setting holds for new sessions: end the open ones (on the way back the worker must cope)
+            with admin.begin() as conn:
+                conn.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": name}
+                )
 
     first, during = _coils(10, "RO1", seed=45), _coils(20, "RO2", seed=46)
     try:
