@@ -163,7 +163,7 @@ class ReTrain:
         metrics: dict[str, Any] = {"trigger": {"score": latest.score, "n_coils": latest.n_coils}}
         device: str | None = None
         promoted: ModelRecord | None = None
-        registered: ModelRecord | None = None  # the challenger, once it is in the registry as a candidate
+        record: ModelRecord | None = None  # the challenger, once it is in the registry as a candidate
 
         def finish(status: str, why: str | None = None, challenger: ModelRecord | None = None) -> None:
             self.runs.finish(
@@ -220,7 +220,7 @@ class ReTrain:
                 return RetrainOutcome(champion_record.name, champion_record.version, "rejected", why, None, metrics)
 
             # promotion: artifact first (written, checksummed), then one transaction, then the event
-            record = registered = register(
+            record = register(
                 challenger,
                 self.registry,
                 self.model_dir,
@@ -257,8 +257,8 @@ class ReTrain:
         except BaseException as exc:  # SIGTERM and Ctrl-C too: the run must not stay "running"
             metrics["total_s"] = round(time.perf_counter() - started, 2)
             why = f"{type(exc).__name__}: {exc}"
-            if promoted is None and registered is not None:
-                promoted = self._promoted_after_all(registered)
+            if promoted is None and record is not None:
+                promoted = self._promoted_after_all(record)
             if promoted is None:
                 finish("failed", why)
                 log.exception("ReTrain %s failed; v%d keeps serving", champion_record.name, champion_record.version)
