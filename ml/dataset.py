@@ -39,7 +39,7 @@ class CoilDataset:
 
     def __post_init__(self) -> None:
         self.X = as_matrix_batch(self.X)
-        self.y = np.asarray(self.y, dtype=np.int8)
+        self.y = _checked_labels(self.y)
         self.coil_id = np.asarray(self.coil_id, dtype=str)
         self.produced_at = np.asarray(self.produced_at, dtype="datetime64[ms]")
         n = len(self.X)
@@ -49,6 +49,7 @@ class CoilDataset:
         for name, values in self.columns.items():
             if len(values) != n:
                 raise ValueError(f"meta column {name!r} has {len(values)} rows, X has {n}")
+        _check_readings(self.X, self.coil_id)
 
     def __len__(self) -> int:
         return len(self.X)
@@ -144,6 +145,32 @@ class CoilDataset:
                 produced_at=data["produced_at"],
                 meta=json.loads(str(data["meta"])),
             )
+
+
+def _checked_labels(y: Any) -> np.ndarray:
+    """``y`` as int8, refusing anything but OK (0) and NOK (1): a 7 would count as NOK in some sums and as
+    neither in others, and int8 would silently wrap a 300 into a 44."""
+    raw = np.asarray(y)
+    bad = np.flatnonzero(~np.isin(raw, (OK, NOK)))
+    if len(bad):
+        raise ValueError(
+            f"y holds {len(bad)} labels other than {OK} (OK) and {NOK} (NOK): {raw[bad[:5]].tolist()} "
+            f"at coil index {bad[:5].tolist()}"
+        )
+    return raw.astype(np.int8)
+
+
+def _check_readings(X: np.ndarray, coil_id: np.ndarray) -> None:
+    """Refuse infinite readings. NaN is a dropped reading and is filled later; ±inf is no reading at all and
+    turns the normalization limits fitted on it into NaN, after which a model abstains on every coil."""
+    infinite = np.isinf(X)
+    if not infinite.any():
+        return
+    coils = np.flatnonzero(infinite.any(axis=(1, 2)))
+    raise ValueError(
+        f"X holds {int(infinite.sum())} infinite readings in {len(coils)} coils, first at coil index "
+        f"{coils[0]} ({str(coil_id[coils[0]])!r}); mark a dropped reading with NaN"
+    )
 
 
 def _json_default(value: Any) -> Any:

@@ -11,6 +11,7 @@ measured when it learned.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,10 +27,13 @@ class Normalizer:
     gauge_gains: tuple[float, ...] | None = None  # per sensor: how far each gauge has drifted since the model learned
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.high > self.low):
+            # NaN or infinite limits make every normalized coil NaN, and a model then abstains on all of them
+            raise ValueError(f"normalization limits must be finite with high > low, got {self.low!r}, {self.high!r}")
         if self.gauge_gains is not None and (
-            len(self.gauge_gains) != N_SENSORS or not all(g > 0 for g in self.gauge_gains)
+            len(self.gauge_gains) != N_SENSORS or not all(math.isfinite(g) and g > 0 for g in self.gauge_gains)
         ):
-            raise ValueError(f"gauge_gains must be {N_SENSORS} positive factors, got {self.gauge_gains!r}")
+            raise ValueError(f"gauge_gains must be {N_SENSORS} positive factors (finite), got {self.gauge_gains!r}")
 
     @classmethod
     def fit(cls, X: np.ndarray, quantiles: tuple[float, float] = (0.001, 0.999), margin: float = 0.25) -> Normalizer:
@@ -43,7 +47,14 @@ class Normalizer:
         values = values[~np.isnan(values)]
         if values.size == 0:
             raise ValueError("no readings to fit normalization limits on")
-        low, high = (float(v) for v in np.quantile(values, quantiles))
+        with np.errstate(invalid="ignore"):  # inf − inf between infinite readings: refused just below
+            low, high = (float(v) for v in np.quantile(values, quantiles))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            n_infinite = int(np.isinf(values).sum())
+            raise ValueError(
+                f"the readings give non-finite normalization limits ({low}, {high}): {n_infinite} of them are "
+                "infinite; mark a dropped reading with NaN"
+            )
         span = max(high - low, 1.0)
         return cls(max(low - margin * span, 0.0), high + margin * span)
 

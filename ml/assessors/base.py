@@ -14,6 +14,7 @@ coil paper's decision rule (average the votes and confidences, threshold at 0.5)
 from __future__ import annotations
 
 import itertools
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -41,7 +42,13 @@ class AssessorSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = 0
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="what every random draw of a fit starts from; bounded by the narrowest RNG seeded with it "
+        "(scikit-learn's random_state and NumPy's legacy seed take 0 … 2**32 − 1, default_rng no negative)",
+    )
     epochs: int = Field(30, ge=1, le=500)
     batch_size: int = Field(64, ge=1, le=4096)
     lr: float = Field(1e-3, gt=0, lt=1)
@@ -190,12 +197,26 @@ class Assessor(ABC):
         return manifest
 
     @classmethod
-    def load(cls, directory: str | Path) -> Assessor:
+    def load(cls, directory: str | Path, *, allow_legacy: bool = False) -> Assessor:
+        """The assessor saved in ``directory``, refused (:class:`ArtifactError`) when any file or the manifest
+        changed since :meth:`save`.
+
+        The weights are loaded from a private copy written while they were hashed, so that a file swapped
+        between the check and the load is never used. ``allow_legacy`` accepts a manifest of integrity version 1,
+        whose content nothing checks: pass it only where the registry's sha256 is compared too."""
         directory = Path(directory)
         manifest = Manifest.read(directory)
         if manifest.kind != cls.key:
             raise ArtifactError(f"{directory} holds a {manifest.kind!r} model, not {cls.key!r}")
-        manifest.verify(directory, cls.weight_files)
+        with tempfile.TemporaryDirectory(prefix="coilguard-verified-") as verified:
+            manifest.verify(directory, cls.weight_files, allow_legacy=allow_legacy, copy_to=Path(verified))
+            assessor = cls._from_manifest(manifest)
+            assessor.load_weights(Path(verified))
+        return assessor
+
+    @classmethod
+    def _from_manifest(cls, manifest: Manifest) -> Assessor:
+        """An assessor with everything but its weights taken from ``manifest``."""
         assessor = cls(manifest.settings, name=manifest.name)
         assessor.version = manifest.version
         assessor.normalizer = Normalizer.from_dict(manifest.normalization) if manifest.normalization else None
@@ -203,7 +224,6 @@ class Assessor(ABC):
         assessor.training_data = manifest.training_data
         assessor.metrics = manifest.metrics
         assessor.runtime = manifest.runtime
-        assessor.load_weights(directory)
         return assessor
 
     def describe(self) -> str:

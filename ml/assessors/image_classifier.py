@@ -268,7 +268,7 @@ class ImageClassifierAssessor(Assessor):
     def load_weights(self, directory: Path) -> None:
         self.classes = list(self.training_data.get("classes", []))
         if not self.classes:
-            raise RuntimeError(f"the manifest in {directory} lists no classes")
+            raise RuntimeError(f"the manifest of {self.describe()} lists no classes")
         net = self.build_network(len(self.classes), pretrained=False)
         net.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
         self.net = channels_last_net(net).eval()

@@ -8,7 +8,9 @@ settings and (image classifiers) class list from it, so an edited manifest chang
 surely as edited weights. Since integrity version 2 the artifact's checksum (:attr:`Manifest.weights_sha256`,
 the ``sha256`` of its registry row) therefore covers the manifest's content as well as the weight files.
 Version 1 manifests, written by older releases, carry no ``integrity`` field; their checksum keeps the
-old definition (weight files only) so that their registry rows still match.
+old definition (weight files only) so that their registry rows still match. As nothing in the folder checks
+their content, :meth:`Manifest.verify` refuses them unless the caller opts in (``allow_legacy``) because it
+compares the checksum with the registry's too.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import hashlib
 import json
 import subprocess
 from collections.abc import Collection
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -84,29 +87,49 @@ class Manifest(BaseModel):
             manifest.integrity = LEGACY_INTEGRITY
         return manifest
 
-    def verify(self, directory: Path, weight_files: Collection[str]) -> None:
+    def verify(
+        self,
+        directory: Path,
+        weight_files: Collection[str],
+        *,
+        allow_legacy: bool = False,
+        copy_to: Path | None = None,
+    ) -> None:
         """Raise :class:`ArtifactError` unless the manifest lists exactly ``weight_files`` (the assessor's; a
-        file left out of the list would otherwise go unchecked), each exists with its recorded checksum, and
-        (version 2) the manifest's content is what it was when it was saved."""
-        manifest_path = Path(directory) / MANIFEST_FILE
+        file left out of the list would otherwise go unchecked), its content is what it was when it was saved,
+        and each weight file exists with its recorded checksum.
+
+        A version 1 manifest has nothing to check its content against: an edited threshold would pass. It is
+        refused unless ``allow_legacy``, which only a caller that also compares :attr:`weights_sha256` with the
+        registry's checksum may pass. ``copy_to``: write each weight file there as it is hashed, so that the
+        caller loads the very bytes that were checked, not a file that may have been swapped since."""
+        self._check_file_list(Path(directory), weight_files)
+        self._check_content(Path(directory) / MANIFEST_FILE, allow_legacy)
+        for name, expected in self.files.items():
+            _check_file(Path(directory) / name, expected, None if copy_to is None else Path(copy_to) / name)
+
+    def _check_file_list(self, directory: Path, weight_files: Collection[str]) -> None:
         if set(self.files) != set(weight_files):
             missing = sorted(set(weight_files) - set(self.files))
             unexpected = sorted(set(self.files) - set(weight_files))
             raise ArtifactError(
-                f"{manifest_path} lists the weight files {sorted(self.files)}, "
+                f"{directory / MANIFEST_FILE} lists the weight files {sorted(self.files)}, "
                 f"a {self.kind!r} model has {sorted(weight_files)}"
                 f" (not listed: {missing}, not expected: {unexpected})"
             )
-        for name, expected in self.files.items():
-            path = Path(directory) / name
-            if not path.is_file():
-                raise ArtifactError(f"{path} is missing")
-            actual = sha256_file(path)
-            if actual != expected:
+
+    def _check_content(self, manifest_path: Path, allow_legacy: bool) -> None:
+        if self.integrity < INTEGRITY:
+            if not allow_legacy:
                 raise ArtifactError(
-                    f"{path} does not match its manifest (sha256 {actual[:12]}…, expected {expected[:12]}…)"
+                    f"{manifest_path} is of the old format (integrity version {self.integrity}): its checksum "
+                    "covers the weight files only, so an edit to its threshold, normalization or settings would go "
+                    "unnoticed. Only a load that also checks the registry's sha256 accepts it (allow_legacy=True); "
+                    f"re-seal it by loading it that way and saving it again (integrity version {INTEGRITY}), then "
+                    "register the new folder so that the registry records its new checksum"
                 )
-        if self.integrity >= INTEGRITY and self.artifact_sha256 != self.weights_sha256:
+            return
+        if self.artifact_sha256 != self.weights_sha256:
             raise ArtifactError(
                 f"{manifest_path} was changed after it was saved: its content hashes to {self.weights_sha256[:12]}…, "
                 f"its artifact_sha256 says {str(self.artifact_sha256)[:12]}…"
@@ -142,12 +165,28 @@ class Manifest(BaseModel):
         return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, copy_to: Path | None = None) -> str:
+    """The file's sha256; with ``copy_to``, the bytes hashed are written there too (one read serves both)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open(path, "rb") as fh, _sink(copy_to) as out:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
+            if out is not None:
+                out.write(chunk)
     return digest.hexdigest()
+
+
+def _sink(path: Path | None) -> AbstractContextManager[BinaryIO | None]:
+    """A new file at ``path`` (never an existing one: "x"), or nothing to write to."""
+    return open(path, "xb") if path is not None else nullcontext()
+
+
+def _check_file(path: Path, expected: str, copy_to: Path | None) -> None:
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing")
+    actual = sha256_file(path, copy_to)
+    if actual != expected:
+        raise ArtifactError(f"{path} does not match its manifest (sha256 {actual[:12]}…, expected {expected[:12]}…)")
 
 
 @lru_cache(maxsize=1)

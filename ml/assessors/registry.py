@@ -60,11 +60,12 @@ def create(key: str, settings: dict | None = None, *, name: str | None = None) -
     return assessor_class(key)(settings, name=name)
 
 
-def load_artifact(directory: str | Path) -> Assessor:
-    """Load whichever assessor a model folder holds, verifying its manifest."""
+def load_artifact(directory: str | Path, *, allow_legacy: bool = False) -> Assessor:
+    """Load whichever assessor a model folder holds, verifying its manifest. ``allow_legacy``: see
+    :meth:`Assessor.load` (only for a caller that compares the registry's checksum as well)."""
     manifest = Manifest.read(Path(directory))
     try:
         cls = assessor_class(manifest.kind)
     except UnknownAssessor as exc:
         raise ArtifactError(f"{directory}: {exc}") from None
-    return cls.load(directory)
+    return cls.load(directory, allow_legacy=allow_legacy)

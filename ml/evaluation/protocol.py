@@ -14,12 +14,12 @@ Numbers only; the report and plots are written by ``ml/evaluation/report.py``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import RepeatedStratifiedKFold
+from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold
 
 from ml.assessors.base import AssessBatch, Assessor
 from ml.assessors.registry import create
@@ -85,7 +85,7 @@ class Evaluation:
             if not rows:
                 continue
             f1 = np.array([r.metrics["f1_nok"] for r in rows])
-            auc = np.array([r.metrics["roc_auc"] or np.nan for r in rows])
+            auc = np.array([_missing_as_nan(r.metrics["roc_auc"]) for r in rows], dtype=np.float64)
             fit = [r.fit_s for r in rows if r.fit_s]
             out[name] = {
                 "f1_mean": float(f1.mean()),
@@ -95,6 +95,12 @@ class Evaluation:
                 "folds": len(rows),
             }
         return out
+
+
+def _missing_as_nan(value: float | None) -> float:
+    """None (a fold with one class has no ROC-AUC) as NaN for ``nanmean``; a real 0.0, a model that ranks every
+    NOK coil below every OK one, is kept: it is the worst figure there is, not a missing one."""
+    return np.nan if value is None else float(value)
 
 
 def evaluate(dev: CoilDataset, gold: CoilDataset, plan: Plan, progress: Progress | None = None) -> Evaluation:
@@ -137,9 +143,8 @@ def evaluate(dev: CoilDataset, gold: CoilDataset, plan: Plan, progress: Progress
 def cross_validate(dev: CoilDataset, plan: Plan, notify: Progress) -> list[FoldResult]:
     if plan.n_repeats == 0:
         return []
-    splitter = RepeatedStratifiedKFold(n_splits=plan.n_splits, n_repeats=plan.n_repeats, random_state=plan.seed)
     results: list[FoldResult] = []
-    for i, (train, val) in enumerate(splitter.split(dev.X, dev.y)):
+    for i, (train, val) in enumerate(cv_folds(dev, plan)):
         repeat, fold = divmod(i, plan.n_splits)
         batch = AssessBatch(dev.X[val])
         members, fitted = [], []
@@ -157,6 +162,31 @@ def cross_validate(dev: CoilDataset, plan: Plan, notify: Progress) -> list[FoldR
         ensemble = _average(fitted, members)
         results.append(FoldResult(ENSEMBLE, repeat, fold, binary_metrics(dev.y[val], ensemble), 0.0))
     return results
+
+
+def cv_folds(dev: CoilDataset, plan: Plan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) row indices of every fold, repeat by repeat.
+
+    A dataset that repeats coils (a ReTrain training set holds each operator-labelled coil several times) is
+    split by coil, so that no coil is judged by a model that trained on a copy of it, and each test fold
+    holds each of its coils once, as the assessors' own validation split does. Otherwise the folds are
+    row-wise and exactly those of earlier releases, so that recorded figures stay reproducible."""
+    ids, groups = np.unique(dev.coil_id, return_inverse=True)
+    if len(ids) == len(dev):
+        splitter = RepeatedStratifiedKFold(n_splits=plan.n_splits, n_repeats=plan.n_repeats, random_state=plan.seed)
+        yield from splitter.split(dev.X, dev.y)
+        return
+    rng = np.random.RandomState(plan.seed)  # one stream for all repeats, as RepeatedStratifiedKFold draws them
+    for _ in range(plan.n_repeats):
+        splitter = StratifiedGroupKFold(n_splits=plan.n_splits, shuffle=True, random_state=rng)
+        for train, test in splitter.split(np.zeros((len(dev), 1)), dev.y, groups):
+            yield train, _each_coil_once(test, groups)
+
+
+def _each_coil_once(rows: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``rows`` with only the first row of each coil: a coil counted three times would weigh three times."""
+    _, first = np.unique(groups[rows], return_index=True)
+    return np.sort(rows[first])
 
 
 def _average(fitted: list[Assessor], votes: list[np.ndarray]) -> np.ndarray:

@@ -62,11 +62,20 @@ def augment_batch(
 
 
 def _shear(matrix: np.ndarray, sections: int) -> np.ndarray:
-    """Shift column j along the length by round(sections · j / 17), padding with the edge rows."""
+    """Shift each column along the length in proportion to its position across the strip, padding with the
+    edge rows: the operator-side sensor moves 0 sections, the drive-side one ``sections``.
+
+    The position is the sensor's place on its own side (``j % 9``), not its column: columns 9–17 measure
+    the bottom side at the same places across the strip as columns 0–8 do the top, so a rotation of the
+    strip moves both sides alike and a defect through the coating of both sides stays in line."""
     out = np.empty_like(matrix)
     length = matrix.shape[0]
     for j in range(matrix.shape[1]):
-        s = round(sections * j / (matrix.shape[1] - 1))
-        idx = np.clip(np.arange(length) - s, 0, length - 1)
+        idx = np.clip(np.arange(length) - _shear_offset(sections, j), 0, length - 1)
         out[:, j] = matrix[idx, j]
     return out
+
+
+def _shear_offset(sections: int, column: int) -> int:
+    """How many sections a shear of ``sections`` moves ``column`` along the coil (same for top and bottom)."""
+    return round(sections * (column % SENSORS_PER_SIDE) / (SENSORS_PER_SIDE - 1))

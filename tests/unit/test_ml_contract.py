@@ -405,13 +405,16 @@ def test_a_manifest_written_by_an_older_release_still_loads(tiny_cnn, tmp_path: 
 
 @pytest.mark.parametrize("edit", [None, *MANIFEST_EDITS])
 def test_a_manifest_downgraded_to_version_1_is_refused_by_the_registry(tiny_cnn, edit, tmp_path: Path) -> None:
-    """A version 1 manifest has nothing to check its content against, so a plain load accepts it; the
-    registry recorded the version 2 checksum, which the version 1 definition never produces."""
+    """A version 1 manifest has nothing to check its content against, so a plain load refuses it and only a
+    caller that compares the registry's checksum opts in; the registry recorded the version 2 checksum, which the
+    version 1 definition never produces."""
     record = _record(tmp_path, tiny_cnn.save(tmp_path).weights_sha256)
     edit_manifest(tmp_path, as_written_by_release_1)
     if edit:
         edit_manifest(tmp_path, edit)
-    load_artifact(tmp_path)
+    with pytest.raises(ArtifactError, match="is of the old format"):
+        load_artifact(tmp_path)
+    load_artifact(tmp_path, allow_legacy=True)
     with pytest.raises(ArtifactError, match=r"not the artifact registered as tiny v1.*integrity version 1"):
         load_model(record, tmp_path)
 

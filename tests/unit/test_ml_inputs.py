@@ -1,0 +1,125 @@
+"""What ml/ refuses or keeps at its edges: the shear's geometry, readings and labels a dataset may hold,
+normalization limits, and the seeds an assessor's settings accept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import stripe_coils
+from pydantic import ValidationError
+
+from ml.assessors.registry import create
+from ml.dataset import CoilDataset
+from ml.matrix import N_SECTIONS, SENSORS_PER_SIDE
+from ml.normalize import Normalizer
+from ml.training.augment import _shear, augment_batch
+
+OPERATOR_EDGES = (0, SENSORS_PER_SIDE)  # top, bottom
+DRIVE_EDGES = (SENSORS_PER_SIDE - 1, 2 * SENSORS_PER_SIDE - 1)
+
+
+def _two_identical_sides(seed: int = 0) -> np.ndarray:
+    """A (264, 18) map whose bottom side reads exactly what its top side does, sensor for sensor."""
+    top = np.random.default_rng(seed).random((N_SECTIONS, SENSORS_PER_SIDE)).astype(np.float32)
+    return np.concatenate([top, top], axis=1)
+
+
+def _shifted(column: np.ndarray, sections: int) -> np.ndarray:
+    """``column`` moved ``sections`` along the coil, padded with its edge value (what the shear promises)."""
+    return column[np.clip(np.arange(len(column)) - sections, 0, len(column) - 1)]
+
+
+@pytest.mark.parametrize("sections", [-3, -1, 1, 2, 3])
+def test_a_shear_moves_the_top_and_bottom_sides_alike(sections: int) -> None:
+    """Columns 9–17 measure the bottom side at the places across the strip where 0–8 measure the top: a
+    rotated strip moves both sides alike, from 0 sections at the operator edge to ``sections`` at the drive edge."""
+    matrix = _two_identical_sides()
+    out = _shear(matrix, sections)
+    np.testing.assert_array_equal(out[:, :SENSORS_PER_SIDE], out[:, SENSORS_PER_SIDE:])
+    for j in OPERATOR_EDGES:
+        np.testing.assert_array_equal(out[:, j], matrix[:, j])
+    for j in DRIVE_EDGES:
+        np.testing.assert_array_equal(out[:, j], _shifted(matrix[:, j], sections))
+
+
+def test_augmented_coils_keep_their_two_sides_in_line() -> None:
+    batch = np.stack([_two_identical_sides(seed) for seed in range(16)])
+    out = augment_batch(batch, np.random.default_rng(0), p_flip=0.5, max_shear_sections=3, noise_sigma=0.0)
+    np.testing.assert_array_equal(out[:, :, :SENSORS_PER_SIDE], out[:, :, SENSORS_PER_SIDE:])
+
+
+def _dataset(X: np.ndarray, y: np.ndarray) -> CoilDataset:
+    n = len(X)
+    return CoilDataset(X, y, [f"C-{i}" for i in range(n)], np.full(n, np.datetime64("2026-01-01", "ms")))
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_a_dataset_refuses_infinite_readings_and_names_the_coil(value: float) -> None:
+    X = np.full((4, N_SECTIONS, 18), 140.0, dtype=np.float32)
+    X[2, 10, 3] = X[2, 11, 3] = X[3, 0, 0] = value
+    with pytest.raises(ValueError, match=r"3 infinite readings in 2 coils, first at coil index 2 \('C-2'\)"):
+        _dataset(X, np.zeros(4))
+
+
+def test_a_dataset_keeps_dropped_readings() -> None:
+    X = np.full((2, N_SECTIONS, 18), 140.0, dtype=np.float32)
+    X[1, :, 5] = np.nan  # a dropped sensor is a fact of the line, not an error
+    assert np.isnan(_dataset(X, np.array([0, 1])).X).sum() == N_SECTIONS
+
+
+@pytest.mark.parametrize("labels", [[0, 7, 1], [0, -1, 1], np.array([0, 300, 1]), [0.0, 0.5, 1.0], [0, np.nan, 1]])
+def test_a_dataset_refuses_labels_other_than_ok_and_nok(labels) -> None:
+    with pytest.raises(ValueError, match=r"labels other than 0 \(OK\) and 1 \(NOK\).*coil index \[1\]"):
+        _dataset(np.full((3, N_SECTIONS, 18), 140.0, dtype=np.float32), labels)
+
+
+def test_a_dataset_takes_labels_as_booleans_or_floats_of_zero_and_one() -> None:
+    X = np.full((2, N_SECTIONS, 18), 140.0, dtype=np.float32)
+    for labels in ([False, True], [0.0, 1.0]):
+        data = _dataset(X, labels)
+        assert data.y.dtype == np.int8 and data.y.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_normalization_limits_are_never_fitted_infinite(value: float) -> None:
+    """As many infinite readings as finite ones reach the quantiles: the limits would be ±inf or NaN and every
+    normalized coil NaN, so that a model trained on them abstains on every coil."""
+    X = np.full((2, N_SECTIONS, 18), 140.0, dtype=np.float32)
+    X[0] = value
+    with pytest.raises(ValueError, match=r"non-finite normalization limits.*4752 of them are infinite"):
+        Normalizer.fit(X)
+
+
+def test_a_few_wild_readings_still_fit_finite_limits() -> None:
+    """The quantiles keep a rare wild reading from stretching the scale: below their share nothing changes."""
+    X = stripe_coils(4).X
+    limits = Normalizer.fit(X)
+    X[0, 0, 0] = np.inf
+    fitted = Normalizer.fit(X)
+    assert fitted.low == pytest.approx(limits.low, rel=1e-4) and fitted.high == pytest.approx(limits.high, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"low": float("nan"), "high": 200.0},
+        {"low": 0.0, "high": float("inf")},
+        {"low": 200.0, "high": 200.0},
+        {"low": 0.0, "high": 200.0, "gauge_gains": [1.0] * 17 + [float("inf")]},
+    ],
+)
+def test_normalization_limits_read_from_a_manifest_must_be_finite(data: dict) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        Normalizer.from_dict(data)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_a_seed_no_random_generator_takes_is_refused_up_front(seed: int) -> None:
+    """numpy's default_rng refuses a negative seed, scikit-learn's random_state and numpy's legacy seed anything
+    from 2**32: refused when the settings are read, not minutes into a fit."""
+    with pytest.raises(ValidationError, match="seed"):
+        create("cnn", {"seed": seed})
+
+
+def test_the_widest_seed_every_random_generator_takes_is_accepted() -> None:
+    assert create("cnn", {"seed": 2**32 - 1}).settings.seed == 2**32 - 1
