@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -185,7 +185,14 @@ class ReTrain:
             history, gains = recalibrated(training_history(champion, self.model_dir), train_part, self.config)
             validated = champion.training_data.get("validation_coils")
             moved = gains is not None and bool(gains.moved)
-            data = combine(history, train_part, self.config.feedback_weight, validated, recalibrated=moved)
+            data = combine(
+                history,
+                train_part,
+                self.config.feedback_weight,
+                validated,
+                recalibrated=moved,
+                withheld=[c.coil_id for c in holdout],
+            )
             metrics["data"] = {
                 "history": len(history) if history is not None else 0,
                 "feedback_train": len(train_part),
@@ -260,19 +267,29 @@ class ReTrain:
             if promoted is None and record is not None:
                 promoted = self._promoted_after_all(record)
             if promoted is None:
-                finish("failed", why)
                 log.exception("ReTrain %s failed; v%d keeps serving", champion_record.name, champion_record.version)
+                self._record_end(finish, "failed", why)
                 outcome = RetrainOutcome(champion_record.name, champion_record.version, "failed", why, None, metrics)
             else:  # what failed came after the promotion (recording the run, the event): the new version serves
                 why = f"promoted, then {why} (workers find the new version by polling)"
-                finish("promoted", why, promoted)
                 log.exception("ReTrain %s: v%d %s", promoted.name, promoted.version, why)
+                self._record_end(finish, "promoted", why, promoted)
                 outcome = RetrainOutcome(
                     champion_record.name, champion_record.version, "promoted", why, promoted.version, metrics
                 )
             if not isinstance(exc, Exception):
                 raise
             return outcome
+
+    @staticmethod
+    def _record_end(finish: Callable[..., None], *args: Any) -> None:
+        """Record how a broken-off run ended, if the database lets us: when it is what broke (a failover), the
+        error must not escape, or the pass would end here and the models after this one go untried; the run
+        row stays ``running`` and the next run of this model marks it abandoned."""
+        try:
+            finish(*args)
+        except Exception as exc:
+            log.error("ReTrain: could not record the run's end (%s): %s", args[0], exc)
 
     def _promoted_after_all(self, challenger: ModelRecord) -> ModelRecord | None:
         """The challenger, if its promotion committed although the run broke off around it (SIGTERM between the
@@ -370,9 +387,14 @@ class ReTrain:
 def split_by_time(
     labelled: list[LabelledCoil], fraction: float, minimum: int
 ) -> tuple[list[LabelledCoil], list[LabelledCoil]]:
-    """(older part for training, newest part for the comparison); ``labelled`` is oldest first."""
-    n_holdout = min(len(labelled), max(minimum, round(len(labelled) * fraction)))
-    cut = len(labelled) - n_holdout
+    """(older part for training, newest part for the comparison); ``labelled`` is oldest first.
+
+    The holdout is the newest ``fraction``, at least ``minimum`` coils, and never more than half: when a model
+    first falls under the rule, few coils are labelled (11 and up), and a holdout that took them all would
+    leave the challenger nothing of what the operators said to learn from."""
+    n = len(labelled)
+    n_holdout = min(max(minimum, round(n * fraction)), (n + 1) // 2)
+    cut = n - n_holdout
     return labelled[:cut], labelled[cut:]
 
 
@@ -414,8 +436,13 @@ def combine(
     validated: list[str] | None = None,
     *,
     recalibrated: bool = False,
+    withheld: Collection[str] = (),
 ) -> CoilDataset:
     """History plus the labelled coils (each ``weight`` times); a coil in both takes the operator's label.
+
+    ``withheld``: the holdout's coils, which leave the history too. An earlier ReTrain kept them with the label
+    they had then; an operator who has since corrected one made it one of the newest labelled coils, and the
+    challenger must neither learn the old word nor be judged on a coil it trained on.
 
     ``history`` is the champion's own training data, and ``validated`` the coils among it that only validated
     the champion (its manifest lists them): every other history coil is marked ``learned_by_init``, so the
@@ -437,8 +464,9 @@ def combine(
         feedback_set = None
     if history is not None:
         learned = np.setdiff1d(history.coil_id, np.asarray(validated or [], dtype=str))
-        if feedback_set is not None:
-            keep = ~np.isin(history.coil_id, feedback_set.coil_id)
+        labelled_ids = [c.coil_id for c in labelled] + list(withheld)
+        if labelled_ids:
+            keep = ~np.isin(history.coil_id, np.asarray(labelled_ids, dtype=str))
             history = history.subset(np.flatnonzero(keep))
         parts.append(history)
     if feedback_set is not None:

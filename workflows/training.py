@@ -115,10 +115,19 @@ def keep_training_data(dataset: CoilDataset, model_dir: Path) -> str:
 
 
 def training_history(assessor: Assessor, model_dir: Path) -> CoilDataset | None:
-    """The data ``assessor`` was trained on, when it was kept (see :func:`register`)."""
+    """The data ``assessor`` was trained on, when it was kept (see :func:`register`); None when it was not.
+
+    A set the manifest names but that is gone (pruned, another volume mounted) is an error, not "no history":
+    a challenger trained on the operators' coils alone forgets what the history taught, and once promoted it
+    keeps only those, so every later ReTrain would have lost the history for good."""
     relative = assessor.training_data.get("path")
-    if not relative or not (Path(model_dir) / relative).is_file():
+    if not relative:
         return None
+    if not (Path(model_dir) / relative).is_file():
+        raise ArtifactError(
+            f"{assessor.describe()} was trained on {Path(model_dir) / relative}, which is missing: restore it from "
+            "a copy of MODEL_DIR (the file's name is its content's digest) rather than retrain without the history"
+        )
     return load_kept_data(model_dir, relative)
 
 

@@ -25,7 +25,7 @@ from services.db.repositories import SqlCoilStore, SqlFeedbackStore, SqlModelReg
 from workflows.model_score import ScoreRule, due_for_retraining, score_models
 from workflows.ports import LabelledCoil, LatestScore, ModelRecord, UnknownCoil
 from workflows.retrain import RetrainConfig, combine, split_by_time
-from workflows.training import register
+from workflows.training import load_model, register, training_history
 
 RULE = ScoreRule(threshold=0.75, min_coils=10)
 
@@ -286,15 +286,70 @@ def test_a_promotion_that_committed_as_its_answer_was_lost_is_recorded_as_a_prom
     assert run == "promoted"
 
 
+def test_a_coil_the_operators_corrected_is_trained_with_their_word_and_never_both_trained_and_judged_on(
+    engine, tmp_path: Path
+) -> None:
+    """The champion's kept history holds the labelled coils with the opposite label (an earlier ReTrain kept
+    them before the operators corrected them). The challenger learns the training part with the operators'
+    label only, and the holdout's coils not at all."""
+    registry = SqlModelRegistry(engine)
+    labelled = stripe_coils(30, 0.3, seed=5)
+    before = labelled.subset(slice(None))
+    before.y = 1 - before.y
+    _serving_with_feedback(
+        engine, registry, tmp_path, ("line",), kept=CoilDataset.concat([stripe_coils(60, 0.2), before])
+    )
+    retrain = sql_retrain(engine, registry, tmp_path, config=RetrainConfig(margin=1.0, recalibrate=False))
+    [outcome] = retrain.run(["line"], force=True)
+    assert (outcome.status, outcome.challenger_version) == ("promoted", 2), outcome
+    assert outcome.metrics["data"]["feedback_train"] == outcome.metrics["data"]["holdout"] == 15
+    [challenger] = registry.active_models()
+    learned = training_history(load_model(challenger, tmp_path), tmp_path)
+    operators = dict(zip(labelled.coil_id.tolist(), labelled.y.tolist(), strict=True))
+    seen = [(c, y) for c, y in zip(learned.coil_id.tolist(), learned.y.tolist(), strict=True) if c in operators]
+    assert len(seen) == 15 * 3 and all(operators[c] == y for c, y in seen), seen
+    assert len(learned) == 60 + 15 * 3
+
+
+def test_a_champion_whose_kept_history_is_missing_is_not_retrained_without_it(engine, tmp_path: Path) -> None:
+    """A history file gone from MODEL_DIR fails the run, saying what to restore: a challenger trained on the
+    operators' coils alone would forget the history and, once promoted, lose it for every later ReTrain. Recording
+    that failure may itself fail (the database is what broke): the pass still goes on to the next model."""
+    from sqlalchemy.exc import OperationalError
+
+    class FailoverRuns(SqlRetrainRuns):
+        def finish(self, run_id: int, status: str, **kwargs) -> None:
+            if status == "failed":
+                raise OperationalError("UPDATE retrain_runs", {}, Exception("server closed the connection"))
+            super().finish(run_id, status, **kwargs)
+
+    registry = SqlModelRegistry(engine)
+    lost, _ = _serving_with_feedback(engine, registry, tmp_path, ("lost", "whole"), kept=stripe_coils(60, 0.2))
+    (tmp_path / load_model(lost, tmp_path).training_data["path"]).unlink()  # both kept the same file
+    retrain = sql_retrain(engine, registry, tmp_path, config=RetrainConfig(margin=1.0, recalibrate=False))
+    [outcome] = retrain.run(["lost"], force=True)
+    assert outcome.status == "failed" and "is missing: restore it" in outcome.reason, outcome
+    assert [(m.name, m.version) for m in registry.active_models() if m.name == "lost"] == [("lost", 1)]
+    retrain.runs = FailoverRuns(engine)
+    first, second = retrain.run(["lost", "whole"], force=True)
+    assert [(o.model, o.status) for o in (first, second)] == [("lost", "failed"), ("whole", "failed")]
+
+
 def _serving_with_feedback(
-    engine, registry: SqlModelRegistry, model_dir: Path, names: tuple[str, ...], epochs: int = 1
+    engine,
+    registry: SqlModelRegistry,
+    model_dir: Path,
+    names: tuple[str, ...],
+    epochs: int = 1,
+    kept: CoilDataset | None = None,
 ) -> list[ModelRecord]:
-    """CNNs named ``names`` in service (v1 each), and 30 assessed coils the operators labelled."""
+    """CNNs named ``names`` in service (v1 each), and 30 assessed coils the operators labelled; ``kept``: the
+    champions' training data, kept with them as their history."""
     records = []
     for name in names:
         champion = CnnAssessor({"epochs": epochs, "seed": 0}, name=name)
-        champion.fit(stripe_coils(60, 0.2), device="cpu")
-        records.append(register(champion, registry, model_dir, status="active"))
+        champion.fit(kept or stripe_coils(60, 0.2), device="cpu")
+        records.append(register(champion, registry, model_dir, status="active", dataset=kept))
     labelled = stripe_coils(30, 0.3, seed=5)
     SqlCoilStore(engine).save_assessed(
         [assessed_coil(str(c), [MemberVote(n, 1, "OK", 0.5, 0.5) for n in names]) for c in labelled.coil_id],
@@ -320,8 +375,12 @@ def _labelled(n: int, start: int = 0) -> list[LabelledCoil]:
 def test_holdout_is_the_newest_labelled_coils() -> None:
     train, holdout = split_by_time(_labelled(100), fraction=0.3, minimum=20)
     assert len(holdout) == 30 and holdout[0].coil_id == "F70" and train[-1].coil_id == "F69"
-    train, holdout = split_by_time(_labelled(30), fraction=0.3, minimum=20)
-    assert len(holdout) == 20 and len(train) == 10
+    train, holdout = split_by_time(_labelled(50), fraction=0.3, minimum=20)
+    assert len(holdout) == 20 and len(train) == 30
+    # when a model first falls under the rule, the operators' coils are few: at most half goes to the holdout
+    assert [len(part) for part in split_by_time(_labelled(30), fraction=0.3, minimum=20)] == [15, 15]
+    assert [len(part) for part in split_by_time(_labelled(11), fraction=0.3, minimum=20)] == [5, 6]
+    assert [len(part) for part in split_by_time(_labelled(1), fraction=0.3, minimum=20)] == [0, 1]
 
 
 def test_combine_lets_the_operator_label_win_and_weights_feedback() -> None:
@@ -335,6 +394,17 @@ def test_combine_lets_the_operator_label_win_and_weights_feedback() -> None:
     assert len(data) == 2 + 2 * 3  # F1 leaves the history: the operator said NOK
     assert sorted(set(data.coil_id)) == ["F0", "F1", "H0", "H2"]
     assert data.y[data.coil_id == "F1"].tolist() == [1, 1, 1]
+
+
+def test_combine_leaves_the_holdouts_coils_out_of_the_history() -> None:
+    history = CoilDataset(
+        np.zeros((3, 264, 18), np.float32),
+        np.array([0, 1, 0]),
+        np.array(["H0", "F7", "H2"]),
+        np.array(["2026-01-01"] * 3, dtype="datetime64[ms]"),
+    )
+    data = combine(history, _labelled(2), weight=1, withheld=["F7"])
+    assert sorted(data.coil_id.tolist()) == ["F0", "F1", "H0", "H2"]
 
 
 def test_combine_marks_the_coils_the_champion_learned() -> None:
