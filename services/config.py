@@ -7,12 +7,12 @@ process at start with a message naming the variable, not fail later inside a wor
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,7 +37,7 @@ class MqttUrl:
     host: str = "127.0.0.1"
     port: int = 1883
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line
     client_id: str | None = None
     tls_insecure: bool = False
 
@@ -51,27 +51,26 @@ class MqttUrl:
 
     @classmethod
     def parse(cls, raw: str) -> MqttUrl:
+        """Read ``raw``; a URL that cannot be used raises ValueError saying why, its password masked."""
         raw = raw.strip()
         if raw == "embedded":
             return cls(scheme="embedded", port=18830)
         parts = urlsplit(raw)
+        shown = masked_url(raw)
         if parts.scheme not in ("mqtt", "mqtts", "embedded"):
-            raise ValueError(f"scheme must be mqtt://, mqtts:// or 'embedded', got {raw!r}")
-        if not parts.hostname:
-            raise ValueError(f"no host in {raw!r}")
+            raise ValueError(f"scheme must be mqtt://, mqtts:// or 'embedded', got {shown!r}")
         try:
-            port = parts.port
+            port, query = _mqtt_port(parts), _mqtt_options(parts.query)
+            _check_mqtt_parts(parts)
         except ValueError as exc:
-            raise ValueError(f"bad port in {raw!r}") from exc
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(query) - {"client_id", "tls_insecure"}
-        if unknown:
-            raise ValueError(f"unknown MQTT_URL option(s) {sorted(unknown)}; allowed: client_id, tls_insecure")
+            if _credentials_misread(raw, parts):  # the real cause, not what the parser tripped over after it
+                raise ValueError(f"cannot read {shown!r}: {PERCENT_ENCODE_HINT}") from None
+            raise ValueError(f"{shown!r}: {exc}") from None
         default_port = 8883 if parts.scheme == "mqtts" else (18830 if parts.scheme == "embedded" else 1883)
         return cls(
             scheme=parts.scheme,  # type: ignore[arg-type]
-            host=parts.hostname,
-            port=port or default_port,
+            host=str(parts.hostname),
+            port=default_port if port is None else port,
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             client_id=query.get("client_id"),
@@ -83,6 +82,67 @@ class MqttUrl:
             return f"embedded (127.0.0.1:{self.port})"
         user = f"{self.username}:***@" if self.username else ""
         return f"{self.scheme}://{user}{self.host}:{self.port}"
+
+
+PERCENT_ENCODE_HINT = (
+    "a user name or password with special characters (: / ? # @ % or spaces) must be percent-encoded, "
+    "e.g. %2F for /, %40 for @, %3A for :"
+)
+MQTT_OPTIONS = ("client_id", "tls_insecure")
+
+
+def masked_url(raw: str) -> str:
+    """``raw`` for a message, with whatever may be a password replaced by ``***``.
+
+    Cut by hand, not by a URL parser: a password with an unencoded ``/``, ``?``, ``#`` or ``@`` is exactly what
+    makes parsers misread a URL. Everything between the first ``:`` of the user part and the last ``@`` is
+    masked (an ``@`` in a query value may mask more than needed, never less).
+    """
+    head, at, host = raw.rpartition("@")
+    if not at:
+        return raw
+    scheme, sep, userinfo = head.partition("://")
+    if not sep:
+        scheme, sep, userinfo = "", "", head
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}{sep}{user}{':***' if colon else ''}@{host}"
+
+
+def _credentials_misread(raw: str, parts: SplitResult) -> bool:
+    """An ``@`` that the parser did not take as the end of the credentials: an unencoded character before it
+    (``/``, ``?``, ``#``) ended the host part early, and the host, port or path it then read are nonsense."""
+    return "@" in raw and "@" not in parts.netloc
+
+
+def _mqtt_port(parts: SplitResult) -> int | None:
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("bad port (a number from 1 to 65535)") from None
+    if port == 0:  # was taken as "no port": the default, silently
+        raise ValueError("bad port 0 (a number from 1 to 65535)")
+    return port
+
+
+def _mqtt_options(query: str) -> dict[str, str]:
+    """The ``?client_id=…&tls_insecure=…`` options; anything else is refused rather than ignored."""
+    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    unknown = set(options) - set(MQTT_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown MQTT_URL option(s) {sorted(unknown)}; allowed: {', '.join(MQTT_OPTIONS)}")
+    return options
+
+
+def _check_mqtt_parts(parts: SplitResult) -> None:
+    """Refuse what the client would silently drop: a password without a user name, a path, a fragment."""
+    if not parts.hostname:
+        raise ValueError("no host")
+    if parts.password is not None and not parts.username:
+        raise ValueError("a password without a user name (mqtt://user:password@host)")
+    if parts.path not in ("", "/"):
+        raise ValueError("a path (MQTT has none: the topic prefix is COILGUARD_MQTT_TOPIC_PREFIX)")
+    if parts.fragment:
+        raise ValueError("a '#' fragment")
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -124,6 +184,22 @@ def _sqlalchemy_url(url: str) -> str:
         if url.startswith(plain):
             return "postgresql+psycopg://" + url[len(plain) :]
     return url
+
+
+def _check_database_url(value: str) -> None:
+    """Read ``value`` as SQLAlchemy will, at start: a password is never shown, and a host that swallowed part of
+    the credentials (an unencoded ``@`` in the password) is named as that."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    shown = masked_url(value)
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):  # its message may quote part of a misread password: not shown
+        hint = f": is the port a number? And {PERCENT_ENCODE_HINT}" if "@" in value else ""
+        raise ValueError(f"cannot read the database URL {shown!r}{hint}") from None
+    if url.host is not None and "@" in url.host:
+        raise ValueError(f"cannot read the database URL {shown!r}: {PERCENT_ENCODE_HINT}")
 
 
 class Settings(BaseSettings):
@@ -198,7 +274,10 @@ class Settings(BaseSettings):
     def _database_url(cls, value: str) -> str:
         value = _sqlalchemy_url(value.strip())
         if "://" not in value:
-            raise ValueError(f"not a database URL: {value!r} (e.g. postgresql://user@host/db or sqlite:///file)")
+            raise ValueError(
+                f"not a database URL: {masked_url(value)!r} (e.g. postgresql://user@host/db or sqlite:///file)"
+            )
+        _check_database_url(value)
         return value
 
     @field_validator("mqtt_url")

@@ -24,13 +24,13 @@ def db_upgrade(ctx: AppContext, revision: str) -> None:
 
 
 @db.command("downgrade", context_settings={"ignore_unknown_options": True})  # so that `-1` is a revision
-@click.argument("revision")
+@click.argument("revision", default="-1")
 @pass_ctx
 def db_downgrade(ctx: AppContext, revision: str) -> None:
-    """Migrate the database down to REVISION: -1 for one step, a revision id, or base (drops every table).
+    """Migrate the database down to REVISION: -1 for one step (the default), a revision id, or base (drops every table).
 
-    REVISION is required, as in Alembic's own command line: a bare downgrade must not empty a plant's
-    database without being asked to.
+    A bare `db downgrade` (DESIGN §5) undoes the newest revision only, as services.db.migrate.downgrade does:
+    emptying a plant's database still takes the word base.
     """
     from services.db.migrate import current, downgrade
 

@@ -52,6 +52,7 @@ from services.db.models import (
     ScoreTally,
     UtcDateTime,
     as_utc,
+    utc_now,
 )
 from workflows.ports import (
     NO_ACTIVE_VERSION,
@@ -77,6 +78,15 @@ VOTE_COLUMNS = ("coil_id", "model_id", "label", "p_nok", "confidence", "created_
 TALLIES = ("n_coils", "n_correct", "tp", "predicted_nok", "actual_nok")
 ANALYZE_AFTER = 10_000  # feedback rows in one ModelScore pass that make its statistics worth refreshing
 SCORE_LOCK_NAMESPACE = 0x73636F72  # "scor": one ModelScore pass at a time (pg_advisory_xact_lock)
+
+
+def lock_score_tallies(conn: Connection) -> None:
+    """Until ``conn``'s transaction ends, no other writer of ``score_tallies`` runs: a ModelScore pass, a reset of
+    the tallies, or a promotion that clears them (PostgreSQL's transaction advisory lock; SQLite has one writer
+    anyway). The lock is taken before any row lock by every one of them, so they cannot deadlock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": SCORE_LOCK_NAMESPACE, "key": 0})
+
 
 # A condition on an alias of ``feedback`` (which rows count).
 Counted = Callable[[FromClause], ColumnElement[bool]]
@@ -335,6 +345,9 @@ class SqlModelRegistry:
         now = datetime.now(UTC)
         try:
             with self.engine.begin() as conn:
+                # First, before any row lock: a ModelScore pass running now computed its differences under the old
+                # promoted_at and would add them back after the tallies are cleared below.
+                lock_score_tallies(conn)
                 name = conn.execute(select(models.c.name).where(models.c.id == model_id)).scalar_one()
                 champion = conn.execute(
                     select(models).where(models.c.name == name, models.c.status == "active", models.c.id != model_id)
@@ -491,8 +504,7 @@ class SqlScoreStore:
 
     def _lock(self, conn: Connection) -> None:
         """One pass (or reset) at a time on PostgreSQL, until the transaction ends; SQLite has one writer anyway."""
-        if self.engine.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": SCORE_LOCK_NAMESPACE, "key": 0})
+        lock_score_tallies(conn)
 
     def tallied(self, now: datetime) -> list[ModelScoreRow]:
         """The active versions' tallies as they stand (no pass is run)."""
@@ -617,7 +629,7 @@ def _add_to_tallies(engine: Engine) -> Insert:
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(score_tallies)
     added: dict[str, Any] = {k: score_tallies.c[k] + stmt.excluded[k] for k in TALLIES}
-    added["updated_at"] = func.now()
+    added["updated_at"] = utc_now()
     return stmt.on_conflict_do_update(index_elements=[score_tallies.c.model_id], set_=added)
 
 

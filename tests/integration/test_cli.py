@@ -51,13 +51,11 @@ def test_db_upgrade_and_downgrade_on_an_empty_postgresql(pg_database_factory: Ca
         conn.execute(text("INSERT INTO feedback (coil_id, label, operator) VALUES ('C-1', 'NOK', 'anna')"))
     engine.dispose()
     env = {"COILGUARD_DATABASE_URL": url}
-    bare = coilguard("db", "downgrade", env=env)  # no revision: refused, nothing dropped
-    assert bare.returncode == 2 and "Missing argument 'REVISION'" in bare.stderr
-    assert set(TABLE_NAMES) <= set(inspect(make_engine(url)).get_table_names())
-    step = coilguard("db", "downgrade", "-1", env=env)
-    assert step.returncode == 0, step.stderr
+    bare = coilguard("db", "downgrade", env=env)  # no revision: one step (DESIGN §5), the tables kept
+    assert bare.returncode == 0, bare.stderr
     one_below = ScriptDirectory.from_config(alembic_config("")).get_revision(head()).down_revision
-    assert f"database at revision {one_below}" in step.stdout
+    assert f"database at revision {one_below}" in bare.stdout
+    assert set(TABLE_NAMES) <= set(inspect(make_engine(url)).get_table_names())
     down = coilguard("db", "downgrade", "base", env=env)
     assert down.returncode == 0, down.stderr
     assert set(inspect(make_engine(url)).get_table_names()) <= {"alembic_version"}

@@ -156,12 +156,39 @@ def test_downgrading_0005_gives_the_matrix_back_its_default_storage(pg_database_
     engine = make_engine(url)
     storage = "SELECT attstorage FROM pg_attribute WHERE attrelid = 'coils'::regclass AND attname = 'matrix'"
     try:
-        assert migrate.downgrade(url) == "0004"
+        assert migrate.downgrade(url, "0004") == "0004"
         with engine.connect() as conn:
             assert conn.execute(text(storage)).scalar_one() == "x"
         assert migrate.upgrade(url) == HEAD
         with engine.connect() as conn:
             assert conn.execute(text(storage)).scalar_one() == "e"
+    finally:
+        engine.dispose()
+
+
+def _now_defaults(engine: Engine) -> set[str]:
+    """The column defaults that fill a time: what 0006 changes."""
+    with engine.connect() as conn:
+        return set(
+            conn.execute(
+                text(
+                    "SELECT DISTINCT column_default FROM information_schema.columns WHERE table_schema = 'public'"
+                    " AND data_type = 'timestamp with time zone' AND column_default IS NOT NULL"
+                )
+            ).scalars()
+        )
+
+
+def test_0006_dates_rows_by_statement_and_its_downgrade_restores_now(pg_database_factory: Callable[[], str]) -> None:
+    url = pg_database_factory()
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    try:
+        assert _now_defaults(engine) == {"statement_timestamp()"}
+        assert migrate.downgrade(url) == "0005"
+        assert _now_defaults(engine) == {"now()"}
+        assert migrate.upgrade(url) == HEAD
+        assert _now_defaults(engine) == {"statement_timestamp()"}
     finally:
         engine.dispose()
 

@@ -116,3 +116,83 @@ def test_a_workers_client_id_is_given_or_stable_per_host(monkeypatch: pytest.Mon
     assert worker_client_id(in_url) == "line-2-a"
     both = load_settings(_env_file=None, mqtt_url="mqtt://broker:1883?client_id=line-2-a", mqtt_client_id="pod-0")
     assert worker_client_id(both) == "pod-0" and worker_client_id(both, "given") == "given"
+
+
+PASSWORD = "s3cr/et"
+PERCENT_ENCODED = "must be percent-encoded"
+
+
+def refusal(**setting: str) -> str:
+    """The message ``load_settings`` stops with for one bad setting."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(_env_file=None, **setting)
+    return str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mqtt://anna:{PASSWORD}@broker:1883",  # '/' ends the host part early: the parser blamed the "port"
+        "mqtt://anna:s3cr?et@broker:1883",
+        "mqtt://anna:s3cr#et@broker:1883",
+        "mqtt://anna:s3cr/et@broker",
+    ],
+)
+def test_an_mqtt_password_with_unencoded_characters_is_masked_and_explained(url: str) -> None:
+    message = refusal(mqtt_url=url)
+    secret = url.split("anna:")[1].split("@")[0]
+    assert secret not in message and "s3cr" not in message
+    assert "'mqtt://anna:***@broker" in message and PERCENT_ENCODED in message
+    assert "port" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("mqtt://anna:hunter2@broker:notaport", "bad port"),  # the credentials were read: the port is the problem
+        ("http://anna:hunter2@broker:1883", "scheme must be"),
+        ("mqtt://:hunter2@broker:1883", "a password without a user name"),  # was dropped silently
+        ("mqtt://anna:hunter2@broker:0", "bad port 0"),  # was the default port, silently
+        ("mqtt://anna:hunter2@broker:1883/plant", "a path"),  # was ignored
+        ("mqtt://anna:hunter2@broker:1883#x", "fragment"),
+        ("mqtt://anna:hunter2@broker:1883?clientid=w1", "unknown MQTT_URL option"),
+    ],
+)
+def test_a_bad_mqtt_url_is_refused_with_its_reason_and_never_its_password(url: str, reason: str) -> None:
+    message = refusal(mqtt_url=url)
+    assert reason in message and "COILGUARD_MQTT_URL" in message
+    assert "hunter2" not in message and PERCENT_ENCODED not in message
+
+
+@pytest.mark.parametrize("url", ["mqtt://broker:0", "mqtt://broker/x", "mqtt://:pw@broker"])
+def test_what_the_client_would_have_dropped_is_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        MqttUrl.parse(url)
+
+
+def test_mqtt_urls_that_mean_what_they_say_are_read() -> None:
+    encoded = MqttUrl.parse("mqtt://an%2Fna:s3cr%2Fet%40x@broker:1884/?client_id=a@b")
+    assert (encoded.username, encoded.password, encoded.port, encoded.client_id) == ("an/na", "s3cr/et@x", 1884, "a@b")
+    assert MqttUrl.parse("mqtts://anna@broker").port == 8883
+    assert "s3cr" not in repr(encoded) and "s3cr" not in encoded.redacted()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://anna:s3cr@et@db/coilguard",  # an unencoded '@': the host would have been "et@db"
+        "postgresql://anna:s3cr@et:w0rd@db:5432/coilguard",  # and the port "w0rd@db"
+        "anna:s3cr@et@db/coilguard",
+    ],
+)
+def test_a_bad_database_url_never_shows_its_password(url: str) -> None:
+    message = refusal(database_url=url)
+    assert "COILGUARD_DATABASE_URL" in message and "anna:***@db" in message
+    assert "s3cr" not in message and "w0rd" not in message
+
+
+def test_a_database_password_with_an_unencoded_at_sign_is_explained() -> None:
+    assert PERCENT_ENCODED in refusal(database_url="postgresql://anna:s3cr@et@db/coilguard")
+    assert "postgresql+psycopg://anna:***@db:abc/cg" in refusal(database_url="postgresql://anna:pw@db:abc/cg")
+    ok = load_settings(_env_file=None, database_url="postgresql://anna:s3cr%40et@db/coilguard")
+    assert ok.database_url == "postgresql+psycopg://anna:s3cr%40et@db/coilguard"

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -231,6 +232,8 @@ def test_default_downgrade_is_one_step(engine: Engine, url: str) -> None:
     engine.dispose()
     coil_indexes = {"ix_coils_received_at_coil_id", "ix_coils_decided_at"}
     assert coil_indexes <= {i["name"] for i in inspect(engine).get_indexes("coils")}
+    assert migrate.downgrade(url) == "0005"  # 0006 (statement-time defaults) undone, the tables kept
+    assert tables(engine) == ALL_TABLES | {"alembic_version"}
     assert migrate.downgrade(url) == "0004"  # 0005 (the matrix's storage, PostgreSQL only) undone
     assert tables(engine) == ALL_TABLES | {"alembic_version"}
     assert migrate.downgrade(url) == "0003"  # 0004 (the API's coil indexes) undone, the tables kept
@@ -253,6 +256,68 @@ def test_models_match_the_migration_on_sqlite(engine: Engine) -> None:
         context = MigrationContext.configure(conn, opts={"compare_type": True, "render_as_batch": True})
         assert compare_metadata(context, Base.metadata) == []
     migrate.check(str(engine.url))  # through env.py, as `alembic revision --autogenerate` compares
+
+
+def _schema(engine: Engine) -> dict[str, dict[str, Any]]:
+    """What SQLite says about every table, beyond what autogenerate compares there (defaults, CHECKs, index
+    predicates): a table rebuilt by batch mode must come back whole."""
+    found = inspect(engine)
+
+    def options(index: dict) -> dict[str, str]:
+        return {k: str(v) for k, v in index.get("dialect_options", {}).items()}
+
+    return {
+        table: {
+            "columns": [(c["name"], str(c["type"]), c["nullable"], c["default"]) for c in found.get_columns(table)],
+            "indexes": sorted(
+                (i["name"], tuple(i["column_names"]), i["unique"], str(options(i))) for i in found.get_indexes(table)
+            ),
+            "checks": sorted((c["name"], c["sqltext"]) for c in found.get_check_constraints(table)),
+            "foreign_keys": sorted(
+                (f["name"], tuple(f["constrained_columns"]), f["referred_table"], str(f["options"]))
+                for f in found.get_foreign_keys(table)
+            ),
+            "unique": sorted((u["name"], tuple(u["column_names"])) for u in found.get_unique_constraints(table)),
+            "primary_key": found.get_pk_constraint(table),
+        }
+        for table in sorted(found.get_table_names())
+        if table != "alembic_version"
+    }
+
+
+def test_migrated_sqlite_schema_equals_the_models_create_all(engine: Engine, tmp_path: Path) -> None:
+    reference = make_engine(f"sqlite:///{tmp_path / 'reference.db'}")
+    try:
+        Base.metadata.create_all(reference)
+        expected, actual = _schema(reference), _schema(engine)
+    finally:
+        reference.dispose()
+    assert actual == expected
+    filled = {default for t in actual.values() for name, _, _, default in t["columns"] if name.endswith("ed_at")}
+    assert filled == {None, "strftime('%Y-%m-%d %H:%M:%f000', 'now')"}  # the time of the statement, SQLAlchemy's form
+
+
+def test_0006_lengthens_current_timestamp_values_and_its_downgrade_restores_the_default(url: str) -> None:
+    """Coils already inserted by plain SQL under CURRENT_TIMESTAMP get SQLAlchemy's form of their instant."""
+    migrate.upgrade(url, "0005")
+    engine = make_engine(url)
+    received = "SELECT received_at FROM coils WHERE coil_id = :c"
+    try:
+        add_coil(engine, "C-old")
+        with engine.connect() as conn:
+            short = conn.execute(text(received), {"c": "C-old"}).scalar_one()
+        run(engine, "INSERT INTO coils (coil_id, line, matrix, received_at) VALUES ('C-given', 'l', x'00', 'soon')")
+        assert len(short) == 19
+        assert migrate.upgrade(url) == HEAD
+        with engine.connect() as conn:
+            assert conn.execute(text(received), {"c": "C-old"}).scalar_one() == short + ".000000"
+            assert conn.execute(text(received), {"c": "C-given"}).scalar_one() == "soon"  # not ours to read
+        assert migrate.downgrade(url) == "0005"
+        add_coil(engine, "C-after")
+        with engine.connect() as conn:
+            assert len(conn.execute(text(received), {"c": "C-after"}).scalar_one()) == 19  # CURRENT_TIMESTAMP again
+    finally:
+        engine.dispose()
 
 
 def test_a_failing_sqlite_migration_leaves_the_database_as_it_was(url: str, tmp_path: Path) -> None:

@@ -1,0 +1,36 @@
+"""``coilguard db upgrade|downgrade`` as an operator runs it, on a SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.script import ScriptDirectory
+from cli_runner import coilguard
+
+from services.db import migrate
+
+
+def one_below(revision: str) -> str | None:
+    down = ScriptDirectory.from_config(migrate.alembic_config("")).get_revision(revision).down_revision
+    assert down is None or isinstance(down, str)
+    return down
+
+
+def test_a_bare_downgrade_undoes_one_revision(tmp_path: Path) -> None:
+    """DESIGN §5 lists `db downgrade` with no argument: one step, as migrate.downgrade does by default."""
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    env = {"COILGUARD_DATABASE_URL": url}
+    up = coilguard("db", "upgrade", env=env)
+    assert up.returncode == 0, up.stderr
+    head = migrate.head()
+    assert head is not None and migrate.current(url) == head
+    bare = coilguard("db", "downgrade", env=env)
+    assert bare.returncode == 0, bare.stderr
+    assert migrate.current(url) == one_below(head)
+    assert f"database at revision {one_below(head)}" in bare.stdout
+    step = coilguard("db", "downgrade", "-1", env=env)  # a revision that looks like an option still works
+    assert step.returncode == 0, step.stderr
+    assert migrate.current(url) == one_below(str(one_below(head)))
+    down = coilguard("db", "downgrade", "base", env=env)
+    assert down.returncode == 0, down.stderr
+    assert migrate.current(url) is None and "database at revision base" in down.stdout
