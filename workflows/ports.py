@@ -202,6 +202,15 @@ class ScoreStore(Protocol):
         """The newest ``mperformance`` row of every active model version."""
 
 
+@dataclass(frozen=True)
+class FinishedRun:
+    """How a model's latest finished ReTrain run ended."""
+
+    status: str  # promoted, rejected or failed
+    finished_at: datetime
+    metrics: dict[str, Any]
+
+
 class RetrainRuns(Protocol):
     def start(self, model_id: int, reason: str, worker: str) -> int | None:
         """Open a ``running`` run, or None when another live process is retraining this model. A run left
@@ -217,3 +226,6 @@ class RetrainRuns(Protocol):
         metrics: dict[str, Any] | None = None,
         device: str | None = None,
     ) -> None: ...
+
+    def last_finished(self, model_id: int) -> FinishedRun | None:
+        """The model's latest run that has ended, or None."""

@@ -1,6 +1,8 @@
 """ReTrain: replace the models the operators disagree with, and never put a worse one in service.
 
-For every active model whose latest score breaks the rule (below 75 % over more than 10 coils):
+For every active model whose latest score breaks the rule (below 75 % over more than 10 coils), unless its
+last run was rejected on the very labelled coils, settings and code it would train on now (seeded training
+would give the same challenger; ``force`` trains anyway):
 
 1. open a ``retrain_runs`` row under a lock, so two schedulers or a scheduler and the CronJob never
    retrain the same model at once (a run left behind by a killed process is marked failed here);
@@ -23,6 +25,7 @@ the command that retrains it from labelled images.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -35,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ml.assessors.base import AssessBatch, Assessor
-from ml.assessors.manifest import MANIFEST_FILE
+from ml.assessors.manifest import MANIFEST_FILE, code_version
 from ml.assessors.registry import available, create
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics
@@ -155,12 +158,17 @@ class ReTrain:
         else:
             reason = f"score {latest.score:.1%} over {latest.n_coils} coils (rule: < {self.config.rule.threshold:.0%})"
             reason += " (forced)" if forced else ""
+        labelled = self._labelled_coils()
+        inputs = training_inputs(labelled, self.config) if labelled is not None else None
+        if not forced and (why := self._rejected_before(champion_record, inputs)) is not None:
+            log.info("ReTrain %s: %s; skipped", champion_record.name, why)
+            return RetrainOutcome(champion_record.name, champion_record.version, "skipped", why)
         run_id = self.runs.start(champion_record.id, reason, self.worker)
         if run_id is None:
             log.info("ReTrain: %s is already being retrained elsewhere", champion_record.name)
             return RetrainOutcome(champion_record.name, champion_record.version, "skipped", "already running")
         started = time.perf_counter()
-        metrics: dict[str, Any] = {"trigger": {"score": latest.score, "n_coils": latest.n_coils}}
+        metrics: dict[str, Any] = {"trigger": {"score": latest.score, "n_coils": latest.n_coils}, "inputs": inputs}
         device: str | None = None
         promoted: ModelRecord | None = None
         record: ModelRecord | None = None  # the challenger, once it is in the registry as a candidate
@@ -178,7 +186,8 @@ class ReTrain:
         try:
             check_folder_name(champion_record.name)  # before the training, not at the registration after it
             champion = load_model(champion_record, self.model_dir)
-            labelled = self.feedback.labelled_coils()
+            if labelled is None:  # the first read failed: this one fails the run with the reason
+                labelled = self.feedback.labelled_coils()
             train_part, holdout = split_by_time(labelled, self.config.holdout_fraction, self.config.min_holdout)
             if not holdout:  # checked before training: a challenger nobody can judge is hours thrown away
                 raise ValueError("no operator-labelled coils to compare champion and challenger on")
@@ -280,6 +289,35 @@ class ReTrain:
             if not isinstance(exc, Exception):
                 raise
             return outcome
+
+    def _labelled_coils(self) -> list[LabelledCoil] | None:
+        """The operator-labelled coils, or None when they cannot be read now (the run then fails on them)."""
+        try:
+            return self.feedback.labelled_coils()
+        except Exception as exc:
+            log.warning("ReTrain: could not read the labelled coils: %s", exc)
+            return None
+
+    def _rejected_before(self, record: ModelRecord, inputs: str | None) -> str | None:
+        """Why to skip ``record``: its last run was rejected on the very inputs it would train on now.
+
+        Training is seeded, so the same labelled coils, settings and code train the same challenger and it
+        is rejected again: a weekly CronJob with no new feedback, or a Job retried because another model
+        failed, would spend hours (GPU hours) each time for nothing. ``--force`` trains anyway."""
+        if inputs is None:
+            return None
+        try:
+            last = self.runs.last_finished(record.id)
+        except Exception as exc:  # cannot tell: retrain, as before this check existed
+            log.warning("ReTrain %s: could not read its last run: %s", record.name, exc)
+            return None
+        if last is None or last.status != "rejected" or last.metrics.get("inputs") != inputs:
+            return None
+        return (
+            f"its last run (ended {last.finished_at:%Y-%m-%d %H:%M} UTC) was rejected on the same labelled coils, "
+            "settings and code, which would train the same challenger; it waits for new feedback "
+            "(coilguard retrain --force trains it anyway)"
+        )
 
     @staticmethod
     def _record_end(finish: Callable[..., None], *args: Any) -> None:
@@ -396,6 +434,15 @@ def split_by_time(
     n_holdout = min(max(minimum, round(n * fraction)), (n + 1) // 2)
     cut = n - n_holdout
     return labelled[:cut], labelled[cut:]
+
+
+def training_inputs(labelled: list[LabelledCoil], config: RetrainConfig) -> str:
+    """A digest of what decides a challenger besides its champion: the labelled coils with their labels (a coil's
+    matrix never changes), ReTrain's settings and the code version."""
+    digest = hashlib.sha256(f"{code_version()}\n{config!r}\n".encode())
+    for coil in labelled:
+        digest.update(f"{coil.coil_id}={coil.label}\n".encode())
+    return digest.hexdigest()
 
 
 def recalibrated(

@@ -89,7 +89,11 @@ def score(ctx: AppContext, every: timedelta | None, recount: bool) -> None:
 
 @cli.command()
 @click.option("--model", "names", multiple=True, help="Only this model (repeatable).")
-@click.option("--force", is_flag=True, help="Retrain even if the score rule does not ask for it.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Retrain even if the score rule does not ask for it, or its last run was rejected on the same inputs.",
+)
 @pass_ctx
 def retrain(ctx: AppContext, names: tuple[str, ...], force: bool) -> None:
     """ReTrain once: every model below the score threshold (what the weekly CronJob runs)."""

@@ -58,6 +58,7 @@ from workflows.ports import (
     NO_ACTIVE_VERSION,
     AssessedCoil,
     ChampionChanged,
+    FinishedRun,
     LabelledCoil,
     LatestScore,
     ModelRecord,
@@ -737,6 +738,17 @@ class SqlRetrainRuns:
                 conn.execute(update(retrain_runs).where(retrain_runs.c.id == run_id).values(**values))
         finally:
             _release(self._locks.pop(run_id, None))
+
+    def last_finished(self, model_id: int) -> FinishedRun | None:
+        query = (
+            select(retrain_runs.c.status, retrain_runs.c.finished_at, retrain_runs.c.metrics)
+            .where(retrain_runs.c.model_id == model_id, retrain_runs.c.finished_at.is_not(None))
+            .order_by(retrain_runs.c.finished_at.desc(), retrain_runs.c.id.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else FinishedRun(row.status, as_utc(row.finished_at), row.metrics or {})
 
 
 class _FileLock:

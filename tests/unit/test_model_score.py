@@ -335,6 +335,24 @@ def test_a_champion_whose_kept_history_is_missing_is_not_retrained_without_it(en
     assert [(o.model, o.status) for o in (first, second)] == [("lost", "failed"), ("whole", "failed")]
 
 
+def test_a_model_rejected_on_the_same_inputs_is_not_retrained_until_new_feedback(engine, tmp_path: Path) -> None:
+    """Seeded training on the same labelled coils, settings and code trains the same challenger: a second pass
+    with nothing new (next week's CronJob, or the Job retried after another model failed) skips the model;
+    one more operator word, or --force, trains it again."""
+    registry = SqlModelRegistry(engine)
+    _serving_with_feedback(engine, registry, tmp_path, ("line",))
+    score_models(SqlScoreStore(engine), RULE)  # 70 % agreement over 30 coils: due
+    retrain = sql_retrain(engine, registry, tmp_path, config=RetrainConfig(margin=-1.0))  # nothing passes
+    assert [(o.status, o.metrics["inputs"] is not None) for o in retrain.run()] == [("rejected", True)]
+    [again] = retrain.run()
+    assert again.status == "skipped" and "rejected on the same labelled coils" in again.reason, again
+    assert [o.status for o in retrain.run(force=True)] == ["rejected"]
+    SqlFeedbackStore(engine).add(stripe_coils(30, 0.3, seed=5).coil_id[0], "NOK", "ben")  # a new word
+    assert [o.status for o in retrain.run()] == ["rejected"]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM retrain_runs")).scalar_one() == 3
+
+
 def _serving_with_feedback(
     engine,
     registry: SqlModelRegistry,
