@@ -32,17 +32,21 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import ml
+import workflows
 from ml.assessors.base import AssessBatch, Assessor
 from ml.assessors.manifest import MANIFEST_FILE, code_version
 from ml.assessors.registry import available, create
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics
 from ml.recalibration import GaugeGains, estimate_gains, read_through
+from ml.training.runtime import training_platform
 from workflows.model_score import ScoreRule, due_for_retraining
 from workflows.ports import (
     ChampionChanged,
@@ -431,18 +435,31 @@ def split_by_time(
     first falls under the rule, few coils are labelled (11 and up), and a holdout that took them all would
     leave the challenger nothing of what the operators said to learn from."""
     n = len(labelled)
-    n_holdout = min(max(minimum, round(n * fraction)), (n + 1) // 2)
+    n_holdout = min(max(minimum, round(n * fraction)), max(n // 2, 1))  # one of one: it fails as "too few"
     cut = n - n_holdout
     return labelled[:cut], labelled[cut:]
 
 
 def training_inputs(labelled: list[LabelledCoil], config: RetrainConfig) -> str:
     """A digest of what decides a challenger besides its champion: the labelled coils with their labels (a coil's
-    matrix never changes), ReTrain's settings and the code version."""
-    digest = hashlib.sha256(f"{code_version()}\n{config!r}\n".encode())
+    matrix never changes), ReTrain's settings, the code (its source, since an image's version number does not
+    change with every build) and the platform it trains on (libraries, device, CPU type)."""
+    digest = hashlib.sha256(f"{_source()}\n{training_platform(config.device)}\n{config!r}\n".encode())
     for coil in labelled:
         digest.update(f"{coil.coil_id}={coil.label}\n".encode())
     return digest.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def _source() -> str:
+    """The code version and a digest of the training code's source (ml/ and workflows/)."""
+    digest = hashlib.sha256()
+    for package in (ml, workflows):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{path.relative_to(root.parent)}\n".encode())
+            digest.update(path.read_bytes())
+    return f"{code_version()} {digest.hexdigest()[:16]}"
 
 
 def recalibrated(

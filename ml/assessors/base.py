@@ -45,9 +45,10 @@ class AssessorSettings(BaseModel):
     seed: int = Field(
         0,
         ge=0,
-        lt=2**32,
-        description="what every random draw of a fit starts from; bounded by the narrowest RNG seeded with it "
-        "(scikit-learn's random_state and NumPy's legacy seed take 0 … 2**32 − 1, default_rng no negative)",
+        lt=2**63,
+        description="what every random draw of a fit starts from: no negative (default_rng refuses one), under "
+        "2**63 (a seed k above it, as contrastive_seg's members take, stays within torch's 64 bits); the "
+        "generators that take 32 bits only (NumPy's legacy seed, scikit-learn's random_state) get it modulo 2**32",
     )
     epochs: int = Field(30, ge=1, le=500)
     batch_size: int = Field(64, ge=1, le=4096)
@@ -197,19 +198,26 @@ class Assessor(ABC):
         return manifest
 
     @classmethod
-    def load(cls, directory: str | Path, *, allow_legacy: bool = False) -> Assessor:
+    def load(cls, directory: str | Path, *, allow_legacy: bool = False, expected_sha256: str | None = None) -> Assessor:
         """The assessor saved in ``directory``, refused (:class:`ArtifactError`) when any file or the manifest
         changed since :meth:`save`.
 
         The weights are loaded from a private copy written while they were hashed, so that a file swapped
         between the check and the load is never used. ``allow_legacy`` accepts a manifest of integrity version 1,
-        whose content nothing checks: pass it only where the registry's sha256 is compared too."""
+        whose content nothing checks: pass it only with ``expected_sha256``, the registry's checksum, which is
+        compared with the very manifest the assessor is built from (a second read could be another file)."""
         directory = Path(directory)
         manifest = Manifest.read(directory)
         if manifest.kind != cls.key:
             raise ArtifactError(f"{directory} holds a {manifest.kind!r} model, not {cls.key!r}")
         with tempfile.TemporaryDirectory(prefix="coilguard-verified-") as verified:
             manifest.verify(directory, cls.weight_files, allow_legacy=allow_legacy, copy_to=Path(verified))
+            if expected_sha256 is not None and manifest.weights_sha256 != expected_sha256:
+                raise ArtifactError(
+                    f"{directory} is not the artifact registered: its manifest (integrity version "
+                    f"{manifest.integrity}) hashes to {manifest.weights_sha256[:12]}…, the registry recorded "
+                    f"{expected_sha256[:12]}…"
+                )
             assessor = cls._from_manifest(manifest)
             assessor.load_weights(Path(verified))
         return assessor

@@ -60,12 +60,12 @@ def create(key: str, settings: dict | None = None, *, name: str | None = None) -
     return assessor_class(key)(settings, name=name)
 
 
-def load_artifact(directory: str | Path, *, allow_legacy: bool = False) -> Assessor:
-    """Load whichever assessor a model folder holds, verifying its manifest. ``allow_legacy``: see
-    :meth:`Assessor.load` (only for a caller that compares the registry's checksum as well)."""
+def load_artifact(directory: str | Path, *, allow_legacy: bool = False, expected_sha256: str | None = None) -> Assessor:
+    """Load whichever assessor a model folder holds, verifying its manifest (and its checksum against
+    ``expected_sha256``, the registry's, when given; ``allow_legacy`` only with it: see :meth:`Assessor.load`)."""
     manifest = Manifest.read(Path(directory))
     try:
         cls = assessor_class(manifest.kind)
     except UnknownAssessor as exc:
         raise ArtifactError(f"{directory}: {exc}") from None
-    return cls.load(directory, allow_legacy=allow_legacy)
+    return cls.load(directory, allow_legacy=allow_legacy, expected_sha256=expected_sha256)

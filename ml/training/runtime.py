@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +52,35 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 def channels_last_net(net: nn.Module) -> nn.Module:
     """The network's rank-4 weights in NHWC order, in place (see :func:`channels_last`)."""
     return net.to(memory_format=torch.channels_last)
+
+
+def training_platform(device: str = "auto") -> str:
+    """What decides a trained network's weights besides the code, data, settings and seed: the libraries, the
+    device and, on a CPU, its exact type and thread count (the same seed trains different networks on two
+    CPU types: docs/benchmarks.md, the tile grid)."""
+    from importlib import metadata
+
+    parts = [f"torch {torch.__version__}", f"numpy {np.__version__}"]
+    for name in ("ultralytics", "scikit-learn"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            parts.append(f"{name} {metadata.version(name)}")
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        parts.append(f"cuda {torch.version.cuda} {torch.cuda.get_device_name(resolved)}")
+    else:
+        parts.append(f"cpu {_cpu_type()}, {torch.get_num_threads()} threads")
+    return "; ".join(parts)
+
+
+def _cpu_type() -> str:
+    """Vendor, family, model and stepping (Linux), which the model name alone does not tell apart."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {key.strip(): value for key, value in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    wanted = ("vendor_id", "cpu family", "model", "stepping", "model name")
+    return " ".join(fields.get(k, "").strip() for k in wanted).strip() or platform.machine()
 
 
 def describe_device(device: torch.device) -> str:

@@ -75,6 +75,11 @@ def head() -> str | None:
     return ScriptDirectory.from_config(alembic_config("")).get_current_head()
 
 
+def first() -> str | None:
+    """The oldest revision, the one that creates the tables (going below it drops them all)."""
+    return ScriptDirectory.from_config(alembic_config("")).get_base()
+
+
 def behind(url: str) -> str | None:
     """The revision the database at ``url`` is at when that is behind the installed migrations ("none" for a
     database never migrated); None when it is at head, or ahead of it (a newer release migrated it: its

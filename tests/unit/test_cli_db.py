@@ -31,6 +31,10 @@ def test_a_bare_downgrade_undoes_one_revision(tmp_path: Path) -> None:
     step = coilguard("db", "downgrade", "-1", env=env)  # a revision that looks like an option still works
     assert step.returncode == 0, step.stderr
     assert migrate.current(url) == one_below(str(one_below(head)))
+    assert coilguard("db", "downgrade", str(migrate.first()), env=env).returncode == 0
+    refused = coilguard("db", "downgrade", env=env)  # one step below the first revision drops every table
+    assert refused.returncode != 0 and "downgrade base" in refused.stderr, refused.stderr
+    assert migrate.current(url) == migrate.first()
     down = coilguard("db", "downgrade", "base", env=env)
     assert down.returncode == 0, down.stderr
     assert migrate.current(url) is None and "database at revision base" in down.stdout

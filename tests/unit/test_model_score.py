@@ -335,10 +335,12 @@ def test_a_champion_whose_kept_history_is_missing_is_not_retrained_without_it(en
     assert [(o.model, o.status) for o in (first, second)] == [("lost", "failed"), ("whole", "failed")]
 
 
-def test_a_model_rejected_on_the_same_inputs_is_not_retrained_until_new_feedback(engine, tmp_path: Path) -> None:
-    """Seeded training on the same labelled coils, settings and code trains the same challenger: a second pass
-    with nothing new (next week's CronJob, or the Job retried after another model failed) skips the model;
-    one more operator word, or --force, trains it again."""
+def test_a_model_rejected_on_the_same_inputs_is_not_retrained_until_new_feedback(
+    engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seeded training on the same labelled coils, settings, code and platform trains the same challenger: a
+    second pass with nothing new (next week's CronJob, or the Job retried after another model failed) skips the
+    model; --force, another platform (a GPU node, a new torch) or one more operator word trains it again."""
     registry = SqlModelRegistry(engine)
     _serving_with_feedback(engine, registry, tmp_path, ("line",))
     score_models(SqlScoreStore(engine), RULE)  # 70 % agreement over 30 coils: due
@@ -347,10 +349,13 @@ def test_a_model_rejected_on_the_same_inputs_is_not_retrained_until_new_feedback
     [again] = retrain.run()
     assert again.status == "skipped" and "rejected on the same labelled coils" in again.reason, again
     assert [o.status for o in retrain.run(force=True)] == ["rejected"]
+    monkeypatch.setattr("workflows.retrain.training_platform", lambda device: "torch 9; cuda 13 H100")
+    assert [o.status for o in retrain.run()] == ["rejected"]
+    assert retrain.run()[0].status == "skipped"
     SqlFeedbackStore(engine).add(stripe_coils(30, 0.3, seed=5).coil_id[0], "NOK", "ben")  # a new word
     assert [o.status for o in retrain.run()] == ["rejected"]
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM retrain_runs")).scalar_one() == 3
+        assert conn.execute(text("SELECT count(*) FROM retrain_runs")).scalar_one() == 4
 
 
 def _serving_with_feedback(
@@ -397,7 +402,8 @@ def test_holdout_is_the_newest_labelled_coils() -> None:
     assert len(holdout) == 20 and len(train) == 30
     # when a model first falls under the rule, the operators' coils are few: at most half goes to the holdout
     assert [len(part) for part in split_by_time(_labelled(30), fraction=0.3, minimum=20)] == [15, 15]
-    assert [len(part) for part in split_by_time(_labelled(11), fraction=0.3, minimum=20)] == [5, 6]
+    assert [len(part) for part in split_by_time(_labelled(11), fraction=0.3, minimum=20)] == [6, 5]
+    assert [len(part) for part in split_by_time(_labelled(3), fraction=0.3, minimum=20)] == [2, 1]
     assert [len(part) for part in split_by_time(_labelled(1), fraction=0.3, minimum=20)] == [0, 1]
 
 

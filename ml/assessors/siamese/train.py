@@ -91,7 +91,7 @@ def choose_references(embeddings: torch.Tensor, y: np.ndarray, k: int, seed: int
             raise ValueError("references need coils of both classes")
         n = min(k, len(idx))
         points = emb[idx]
-        km = KMeans(n_clusters=n, n_init=10, random_state=seed).fit(points)
+        km = KMeans(n_clusters=n, n_init=10, random_state=seed % 2**32).fit(points)
         picked: list[int] = []
         for centre in km.cluster_centers_:
             distance = np.linalg.norm(points - centre, axis=1)
