@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from sqlalchemy import Engine
 
 from ml.dataset import CoilDataset
 from ml.imagesets.base import ImageSet
+from services.db import migrate
+from services.db.engine import make_engine
 from services.db.repositories import SqlFeedbackStore, SqlModelRegistry, SqlRetrainRuns, SqlScoreStore
 from workflows.retrain import ReTrain
 
@@ -113,3 +117,14 @@ def sql_retrain(engine: Any, registry: SqlModelRegistry, model_dir: Path, **opti
         worker="test:1",
         **options,
     )
+
+
+@contextmanager
+def migrated_engine(url: str) -> Iterator[Engine]:
+    """An engine on the database at ``url`` (a SQLite file), migrated to the newest revision first."""
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from alembic import command
 from alembic.config import Config
+from helpers import migrated_engine
 from score_scenario import assessed_coil
 from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
@@ -38,10 +39,8 @@ def url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def engine(url: str) -> Iterator[Engine]:
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
+    with migrated_engine(url) as engine:
+        yield engine
 
 
 def tables(engine: Engine) -> set[str]:

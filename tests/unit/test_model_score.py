@@ -395,6 +395,17 @@ def _labelled(n: int, start: int = 0) -> list[LabelledCoil]:
     ]
 
 
+def _history(coil_ids: list[str], labels: list[int]) -> CoilDataset:
+    """A champion's kept training set of blank coils (what combine does with it depends on ids and labels only)."""
+    n = len(coil_ids)
+    return CoilDataset(
+        np.zeros((n, 264, 18), np.float32),
+        np.array(labels),
+        np.array(coil_ids),
+        np.array(["2026-01-01"] * n, dtype="datetime64[ms]"),
+    )
+
+
 def test_holdout_is_the_newest_labelled_coils() -> None:
     train, holdout = split_by_time(_labelled(100), fraction=0.3, minimum=20)
     assert len(holdout) == 30 and holdout[0].coil_id == "F70" and train[-1].coil_id == "F69"
@@ -408,12 +419,7 @@ def test_holdout_is_the_newest_labelled_coils() -> None:
 
 
 def test_combine_lets_the_operator_label_win_and_weights_feedback() -> None:
-    history = CoilDataset(
-        np.zeros((3, 264, 18), np.float32),
-        np.array([0, 0, 0]),
-        np.array(["H0", "F1", "H2"]),
-        np.array(["2026-01-01"] * 3, dtype="datetime64[ms]"),
-    )
+    history = _history(["H0", "F1", "H2"], [0, 0, 0])
     data = combine(history, _labelled(2), weight=3)
     assert len(data) == 2 + 2 * 3  # F1 leaves the history: the operator said NOK
     assert sorted(set(data.coil_id)) == ["F0", "F1", "H0", "H2"]
@@ -421,24 +427,14 @@ def test_combine_lets_the_operator_label_win_and_weights_feedback() -> None:
 
 
 def test_combine_leaves_the_holdouts_coils_out_of_the_history() -> None:
-    history = CoilDataset(
-        np.zeros((3, 264, 18), np.float32),
-        np.array([0, 1, 0]),
-        np.array(["H0", "F7", "H2"]),
-        np.array(["2026-01-01"] * 3, dtype="datetime64[ms]"),
-    )
+    history = _history(["H0", "F7", "H2"], [0, 1, 0])
     data = combine(history, _labelled(2), weight=1, withheld=["F7"])
     assert sorted(data.coil_id.tolist()) == ["F0", "F1", "H0", "H2"]
 
 
 def test_combine_marks_the_coils_the_champion_learned() -> None:
     """Every history coil but the champion's validation coils; an operator's coil only if the champion had it."""
-    history = CoilDataset(
-        np.zeros((4, 264, 18), np.float32),
-        np.array([0, 0, 0, 1]),
-        np.array(["H0", "F1", "H2", "H3"]),
-        np.array(["2026-01-01"] * 4, dtype="datetime64[ms]"),
-    )
+    history = _history(["H0", "F1", "H2", "H3"], [0, 0, 0, 1])
     history.columns[LEARNED_BY_INIT] = [False] * 4  # left by the champion's own warm start: not this one's
     data = combine(history, _labelled(2), weight=2, validated=["H2"])
     marked = dict(zip(data.coil_id, data.column(LEARNED_BY_INIT), strict=True))

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import migrated_engine
 from sqlalchemy import Engine, func, select, text
 
 from services.api import create_app
 from services.config import load_settings
-from services.db import migrate
-from services.db.engine import make_engine
 from services.db.models import Coil
 
 # SQLAlchemy's SQLite DateTime: naive, microseconds always written.
@@ -37,10 +36,8 @@ def url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def engine(url: str) -> Iterator[Engine]:
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
+    with migrated_engine(url) as engine:
+        yield engine
 
 
 @pytest.fixture
