@@ -305,7 +305,7 @@ class ReTrain:
     def _rejected_before(self, record: ModelRecord, inputs: str | None) -> str | None:
         """Why to skip ``record``: its last run was rejected on the very inputs it would train on now.
 
-        Training is seeded, so the same labelled coils, settings and code train the same challenger and it
+        Training is seeded, so the same labelled coils, settings, code and platform train the same challenger and it
         is rejected again: a weekly CronJob with no new feedback, or a Job retried because another model
         failed, would spend hours (GPU hours) each time for nothing. ``--force`` trains anyway."""
         if inputs is None:
@@ -319,7 +319,7 @@ class ReTrain:
             return None
         return (
             f"its last run (ended {last.finished_at:%Y-%m-%d %H:%M} UTC) was rejected on the same labelled coils, "
-            "settings and code, which would train the same challenger; it waits for new feedback "
+            "settings, code and platform, which would train the same challenger; it waits for new feedback "
             "(coilguard retrain --force trains it anyway)"
         )
 

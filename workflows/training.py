@@ -119,9 +119,10 @@ def training_history(assessor: Assessor, model_dir: Path) -> CoilDataset | None:
     relative = assessor.training_data.get("path")
     if not relative:
         return None
-    if not (Path(model_dir) / relative).is_file():
+    path = Path(model_dir) / relative
+    if not path.is_file():
         raise ArtifactError(
-            f"{assessor.describe()} was trained on {Path(model_dir) / relative}, which is missing: restore it from "
+            f"{assessor.describe()} was trained on {path}, which is missing: restore it from "
             "a copy of MODEL_DIR (the file's name is its content's digest) rather than retrain without the history"
         )
     return load_kept_data(model_dir, relative)
