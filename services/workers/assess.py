@@ -463,15 +463,16 @@ class AssessWorker:
             except DBAPIError as exc:
                 if isinstance(exc, ROW_ERRORS) and not exc.connection_invalidated:
                     raise  # a value the database refuses: the caller finds the coil at fault
-                if self.stopping.is_set() and what != "load the ensemble":
-                    # shutting down with the database away: leave the batch unacknowledged for redelivery
+                if self.stopping.is_set():
+                    # shutting down with the database away: leave the batch unacknowledged for redelivery (a
+                    # reload under way is dropped: the serving ensemble votes on nothing more)
                     raise _Stopped from exc
                 log.warning("database unavailable (%s), retrying in %.1f s: %s", what, delay, _first_line(exc))
                 if not exc.connection_invalidated:
                     # the sessions may be what is wrong (read-only ones stay so after the server is writable again)
                     self.engine.dispose()
                 METRICS.db_retries.inc()
-                time.sleep(delay)
+                self.stopping.wait(delay)  # a stop ends the wait: SIGTERM during an outage must not sit out a backoff
                 delay = min(delay * 2, 10.0)
 
     def _maybe_reload(self) -> None:
@@ -490,7 +491,7 @@ class AssessWorker:
             return
         try:
             loaded = self._retry("load the ensemble", self.loader.load)
-        except DBAPIError:
+        except (DBAPIError, _Stopped):
             raise
         except Exception as exc:  # a broken artifact, or a version retired between the two reads
             self.stats.refused_reloads += 1

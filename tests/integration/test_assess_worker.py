@@ -264,6 +264,55 @@ def test_while_the_database_is_down_nothing_is_dropped_and_the_worker_catches_up
     proxy.cut()
 
 
+def test_a_stop_during_a_database_outage_ends_the_worker_at_once_and_acknowledges_nothing(
+    pg_database_factory: Callable[[], str],
+    mqtt_url: str,
+    topic_prefix: str,
+    tmp_path: Path,
+    trained_cnns: list[Assessor],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGTERM while the database is away, twice: once with a batch waiting between retries (the backoff has
+    grown to 8 s), once in the middle of loading a promoted version. Either way the worker must end within the
+    pod's grace period, not when the database returns, and the coils it held come back to the next worker."""
+    proxy, via_proxy = TcpProxy.in_front_of(pg_database_factory(), 5432)
+    with assess_env(via_proxy, mqtt_url, f"{topic_prefix}/db-outage-stop", tmp_path) as env:
+        env.register(trained_cnns[0])
+        first, held = _coils(5, "S0", seed=43), _coils(20, "S1", seed=44)
+        with env.worker() as worker:
+            publish_coils(env.publisher, env.topics, first)
+            assert wait_for(lambda: env.coils() == 5, timeout=60)  # serving: past the start-up's own retries
+            proxy.cut()
+            publish_coils(env.publisher, env.topics, held)
+            assert wait_for(lambda: "look up decided coils" in caplog.text, timeout=30)
+            time.sleep(7.0)  # retries after 0.5, 1, 2 and 4 s: the worker is now in an 8 s wait
+            stopped_at = time.monotonic()
+            worker.stop()
+            assert wait_for(lambda: not env.running(worker), timeout=5), "the stop waited for the database"
+        assert time.monotonic() - stopped_at < 5
+        proxy.restore()
+
+        candidate = env.register(trained_cnns[1], status="candidate")
+        with env.worker() as worker:
+            assert wait_for(lambda: env.coils() == 25, timeout=60), env.coils()  # the held coils, redelivered
+
+            def load_across_an_outage():  # the registry was read; the database goes before the versions load
+                proxy.cut()
+                return original()
+
+            original = worker.loader.load
+            monkeypatch.setattr(worker.loader, "load", load_across_an_outage)
+            _promote(env, candidate)
+            assert wait_for(lambda: proxy._server is None, timeout=30), "the promotion was not seen"
+            time.sleep(2.0)
+            worker.stop()
+            assert wait_for(lambda: not env.running(worker), timeout=5), "the stop waited for the database"
+            assert worker.stats.reloads == 0 and worker.stats.refused_reloads == 0
+        proxy.restore()
+    proxy.cut()
+
+
 def test_a_database_gone_read_only_holds_the_coils_back_and_rejects_none(
     env: AssessEnv, pg_admin_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
