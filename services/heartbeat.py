@@ -50,9 +50,16 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, remove: bool = True) -> None:
+        """End the beats and remove the row; ``remove=False`` (the database is known to be away) leaves the row to
+        go stale on /status rather than wait out a connect timeout, and waits little for a beat caught in one. A
+        beat still under way after the join would write the row again after its removal: it is left in place
+        then too."""
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(5 if remove else 0.5)
+        if not remove or self._thread.is_alive():
+            log.info("heartbeat row %s left in place (the database is away or slow): it goes stale", self.worker_id)
+            return
         try:
             with self.engine.begin() as conn:
                 conn.execute(delete(workers).where(workers.c.worker_id == self.worker_id))

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 SHARED_PREFIX = "$share/"
 SESSION_TAKEN_OVER = 0x8E  # MQTT v5 DISCONNECT reason: another connection came with the same client id
+CONNECT_POLL_S = 0.2  # how often a connection the broker has not yet accepted looks for a stop
+
+
+class ConnectCancelled(ConnectionError):
+    """``connect`` gave up because its ``stop`` event was set, not because the broker is unreachable."""
 
 
 @dataclass(slots=True)
@@ -107,9 +112,12 @@ class MqttClient:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def connect(self, timeout: float = 10.0) -> MqttClient:
-        """Connect and start the network thread; retries with backoff until ``timeout``."""
+    def connect(self, timeout: float = 10.0, stop: threading.Event | None = None) -> MqttClient:
+        """Connect and start the network thread; retries with backoff until ``timeout``. ``stop``: give up
+        (:class:`ConnectCancelled`) as soon as it is set: a worker told to stop while the broker is down must
+        not spend its grace period on connection attempts."""
         deadline = time.monotonic() + timeout
+        stop = stop or threading.Event()
         delay = 0.2
         while True:
             try:
@@ -127,12 +135,18 @@ class MqttClient:
             except OSError as exc:
                 if time.monotonic() + delay > deadline:
                     raise ConnectionError(f"MQTT broker {self.url.redacted()} unreachable: {exc}") from exc
-                time.sleep(delay)
+                if stop.wait(delay):
+                    raise ConnectCancelled(f"stopped while connecting to {self.url.redacted()}: {exc}") from exc
                 delay = min(delay * 2, 5.0)
         self._client.loop_start()
-        if not self.connected.wait(max(deadline - time.monotonic(), 0.5)):
-            self._client.loop_stop()
-            raise ConnectionError(f"MQTT broker {self.url.redacted()} did not accept the connection")
+        accept_by = max(deadline, time.monotonic() + 0.5)
+        while not self.connected.wait(min(max(accept_by - time.monotonic(), 0), CONNECT_POLL_S)):
+            if stop.is_set() or time.monotonic() >= accept_by:
+                self._client.disconnect()
+                self._client.loop_stop()
+                if stop.is_set():
+                    raise ConnectCancelled(f"stopped while {self.url.redacted()} had not accepted the connection")
+                raise ConnectionError(f"MQTT broker {self.url.redacted()} did not accept the connection")
         return self
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from services.db.engine import make_engine
 from services.db.repositories import SqlCoilStore, SqlModelRegistry
 from services.heartbeat import Heartbeat
 from services.metrics import METRICS, serve_metrics
-from services.mqtt.client import Inbound, MqttClient, forget_session
+from services.mqtt.client import ConnectCancelled, Inbound, MqttClient, forget_session
 from services.runtime import mqtt_client, topics
 from workflows.assess import (
     AssessCoils,
@@ -137,6 +137,7 @@ class AssessWorker:
         # coils the committer has announced, for the worker thread to tell a re-sent coil from one to announce
         self._announced = RecentCoils(ANNOUNCED_MEMORY)
         self._failure: BaseException | None = None  # what stopped the committer, should anything have
+        self._gave_up = False  # stopping, and the database was found away: nothing more is tried on it
         self._ended = False  # the committer has taken the end marker: nothing more will be handed over
         self._serving: ServingEnsemble | None = None
         self._last_poll = 0.0
@@ -164,7 +165,11 @@ class AssessWorker:
         serve_metrics(self.settings.metrics_port)
         # subscribed before any model is there: the broker keeps the coils of a fresh install for the session
         try:
-            self.client.connect(timeout=60)
+            try:
+                self.client.connect(timeout=60, stop=self.stopping)
+            except ConnectCancelled:  # stopped before the broker answered: nothing was taken
+                log.info("assess worker stopped before the broker accepted its connection")
+                return self.stats
             if self.retire:  # what the session kept still arrives; nothing new is routed to it
                 self.client.unsubscribe(self.topics.shared_sensors())
             else:
@@ -214,7 +219,7 @@ class AssessWorker:
         finally:
             self._pending.put(None)
             committer.join()
-            heartbeat.stop()
+            heartbeat.stop(remove=not self._gave_up)
             if self._serving is not None:
                 self._serving.ensemble.close()
             self.client.close()
@@ -458,22 +463,29 @@ class AssessWorker:
         """Run ``action``; while the database is unreachable, wait and try again (never give up a batch)."""
         delay = 0.5
         while True:
+            if self._gave_up:  # stopping with the database away: no more attempts, each could take a connect timeout
+                raise _Stopped
             try:
                 return action()
             except DBAPIError as exc:
                 if isinstance(exc, ROW_ERRORS) and not exc.connection_invalidated:
                     raise  # a value the database refuses: the caller finds the coil at fault
+                if not self.stopping.is_set():
+                    log.warning("database unavailable (%s), retrying in %.1f s: %s", what, delay, _first_line(exc))
+                    if not exc.connection_invalidated:
+                        # the sessions may be what is wrong (read-only ones stay so after the server is writable again)
+                        self.engine.dispose()
+                    METRICS.db_retries.inc()
+                    # a stop ends the wait: SIGTERM during an outage must not sit out a backoff
+                    self.stopping.wait(delay)
+                    delay = min(delay * 2, 10.0)
                 if self.stopping.is_set():
                     # shutting down with the database away: leave the batch unacknowledged for redelivery (a
-                    # reload under way is dropped: the serving ensemble votes on nothing more)
+                    # reload under way is dropped: the serving ensemble votes on nothing more). No attempt after
+                    # the stop: against a host that has gone silent each one waits out the connect timeout (10 s),
+                    # and the pod's grace period would end in SIGKILL.
+                    self._gave_up = True
                     raise _Stopped from exc
-                log.warning("database unavailable (%s), retrying in %.1f s: %s", what, delay, _first_line(exc))
-                if not exc.connection_invalidated:
-                    # the sessions may be what is wrong (read-only ones stay so after the server is writable again)
-                    self.engine.dispose()
-                METRICS.db_retries.inc()
-                self.stopping.wait(delay)  # a stop ends the wait: SIGTERM during an outage must not sit out a backoff
-                delay = min(delay * 2, 10.0)
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()

@@ -59,6 +59,10 @@ class TcpProxy:
         packets without anybody noticing (what comes back from the target still arrives)."""
         self._stalled.set()
 
+    def resume(self) -> None:
+        """Pass traffic again on connections made from now on (a stalled one stays broken: cut it)."""
+        self._stalled.clear()
+
     def _accept(self, server: socket.socket) -> None:
         while True:
             try:

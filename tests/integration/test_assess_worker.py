@@ -274,8 +274,9 @@ def test_a_stop_during_a_database_outage_ends_the_worker_at_once_and_acknowledge
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """SIGTERM while the database is away, twice: once with a batch waiting between retries (the backoff has
-    grown to 8 s), once in the middle of loading a promoted version. Either way the worker must end within the
-    pod's grace period, not when the database returns, and the coils it held come back to the next worker."""
+    grown to 8 s) and the database host gone silent (a connection attempt waits out its 10 s timeout), once in
+    the middle of loading a promoted version. Either way the worker must end at once, not when the database
+    returns or the grace period's SIGKILL comes, and the coils it held go to the next worker."""
     proxy, via_proxy = TcpProxy.in_front_of(pg_database_factory(), 5432)
     with assess_env(via_proxy, mqtt_url, f"{topic_prefix}/db-outage-stop", tmp_path) as env:
         env.register(trained_cnns[0])
@@ -287,10 +288,15 @@ def test_a_stop_during_a_database_outage_ends_the_worker_at_once_and_acknowledge
             publish_coils(env.publisher, env.topics, held)
             assert wait_for(lambda: "look up decided coils" in caplog.text, timeout=30)
             time.sleep(7.0)  # retries after 0.5, 1, 2 and 4 s: the worker is now in an 8 s wait
+            proxy.restore()
+            proxy.stall()  # connections are taken and never answered, as by a host that has gone
             stopped_at = time.monotonic()
             worker.stop()
-            assert wait_for(lambda: not env.running(worker), timeout=5), "the stop waited for the database"
-        assert time.monotonic() - stopped_at < 5
+            # not one more attempt (10 s), nor the heartbeat's, nor the heartbeat row's removal
+            assert wait_for(lambda: not env.running(worker), timeout=3), "the stop waited for the database"
+        assert time.monotonic() - stopped_at < 3
+        proxy.cut()
+        proxy.resume()
         proxy.restore()
 
         candidate = env.register(trained_cnns[1], status="candidate")
@@ -311,6 +317,30 @@ def test_a_stop_during_a_database_outage_ends_the_worker_at_once_and_acknowledge
             assert worker.stats.reloads == 0 and worker.stats.refused_reloads == 0
         proxy.restore()
     proxy.cut()
+
+
+@pytest.mark.parametrize("broker", ["refusing", "silent"])
+def test_a_worker_stopped_before_the_broker_answers_ends_at_once(
+    env: AssessEnv, broker_proxy: tuple[TcpProxy, str], broker: str
+) -> None:
+    """SIGTERM while the broker is down at start-up: refusing connections (retried with backoff), or taking them
+    and never answering (waiting for its CONNACK). Either way the worker ends at once instead of trying on for
+    the minute its connect allows, the pod's whole grace period."""
+    proxy, via_proxy = broker_proxy
+    if broker == "refusing":
+        proxy.cut()
+    else:
+        proxy.stall()
+    worker = AssessWorker(env.settings.model_copy(update={"mqtt_url": via_proxy}), engine=env.engine)
+    ended: list[object] = []
+    thread = threading.Thread(target=lambda: ended.append(worker.run()), daemon=True)
+    thread.start()
+    time.sleep(3.0)
+    assert thread.is_alive() and not worker.subscribed.is_set()
+    worker.stop()
+    thread.join(5)
+    assert not thread.is_alive(), "the stop waited for the broker"
+    assert ended == [worker.stats]  # a clean end, not a ConnectionError
 
 
 def test_a_database_gone_read_only_holds_the_coils_back_and_rejects_none(
