@@ -264,6 +264,7 @@ class Demo:
             job = make_retrain(
                 self.settings,
                 fit_overrides={"epochs": self.config.retrain_epochs} if self.config.retrain_epochs else None,
+                stop=self._stopping,  # Ctrl-C: the training ends at its next epoch, not after the whole model
             )
             tried: set[str] = set()
             while due := next((d for d in job.due() if d.model.name not in tried), None):

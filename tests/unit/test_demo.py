@@ -46,3 +46,22 @@ def test_the_demo_loop_drifts_retrains_and_recovers(tmp_path: Path, caplog: pyte
     assert not [r for r in caplog.records if r.name == "workflows.model_score" and r.levelno < logging.WARNING]
     assert any(r.name.startswith("workflows.retrain") for r in caplog.records), "the rest of the log is kept"
     assert logging.getLogger("workflows.model_score").level == logging.NOTSET, "and put back afterwards"
+
+
+def test_ctrl_c_during_the_demos_retrain_reaches_the_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's ReTrain watches the demo's stop: Ctrl-C then ends the training at its next epoch (the run is
+    marked failed) instead of waiting out the model, or leaving torch training in a thread at exit."""
+    given: dict[str, object] = {}
+
+    class NothingDue:
+        def due(self) -> list:
+            return []
+
+    def make_retrain(settings: Settings, **kwargs: object) -> NothingDue:
+        given.update(kwargs)
+        return NothingDue()
+
+    monkeypatch.setattr("services.demo.make_retrain", make_retrain)
+    demo = Demo(Settings(), DemoConfig(workdir=tmp_path), console=Console(quiet=True))
+    demo._retrain()
+    assert given["stop"] is demo._stopping
