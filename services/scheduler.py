@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from services.config import OFF, Settings
+from services.signals import StopSignals
 
 if TYPE_CHECKING:
     from services.heartbeat import Heartbeat
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 Job = Callable[[Settings], object]
 
 SCHEMA_POLL_S = 5.0  # how often a scheduler started before its database is ready looks again
-SIGNAL_POLL_S = 0.2  # how soon the main thread notices SIGTERM or Ctrl-C
 
 
 class Scheduler(BlockingScheduler):
@@ -52,33 +51,6 @@ class Scheduler(BlockingScheduler):
         self.stopping.set()
         if self.running:
             self.shutdown(wait=wait)
-
-
-class StopSignals:
-    """SIGTERM and SIGINT (Ctrl-C) as a request the main thread polls for.
-
-    The handler only sets an attribute: a Python signal handler runs on the main thread between two
-    bytecodes, possibly while that thread holds a lock, so one that stopped the scheduler itself could
-    deadlock the process (it did, when the signal came as a job was being submitted).
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> StopSignals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._note)
-        return self
-
-    def _note(self, *_: object) -> None:
-        self.requested = True
-
-    def wait(self, timeout: float) -> bool:
-        """Sleep up to ``timeout`` seconds, less if a stop is requested; whether one is."""
-        deadline = time.monotonic() + timeout
-        while not self.requested and (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, SIGNAL_POLL_S))
-        return self.requested
 
 
 def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]] | None = None) -> Scheduler:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import socket
 import sys
 import threading
@@ -37,6 +36,7 @@ from services.heartbeat import Heartbeat
 from services.metrics import METRICS, serve_metrics
 from services.mqtt.client import ConnectCancelled, Inbound, MqttClient, forget_session
 from services.runtime import mqtt_client, topics
+from services.signals import SIGNAL_POLL_S, StopSignals
 from workflows.assess import (
     AssessCoils,
     BatchResult,
@@ -155,10 +155,34 @@ class AssessWorker:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> WorkerStats:
-        """Block until :meth:`stop` (or SIGTERM/SIGINT when run from the main thread)."""
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
+        """Block until :meth:`stop` (or SIGTERM/SIGINT when run from the main thread).
+
+        From the main thread the worker runs on a thread of its own while the main thread watches for the
+        signals: a handler that called :meth:`stop` would set an event whose lock the interrupted worker may
+        be holding (``services.signals``)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self._run()
+        signals = StopSignals().install()
+        ended: list[WorkerStats] = []
+        failed: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                ended.append(self._run())
+            except BaseException as exc:  # raised again on the main thread: the exit status says it
+                failed.append(exc)
+
+        thread = threading.Thread(target=serve, name="assess-worker")
+        thread.start()
+        while thread.is_alive():
+            if signals.requested and not self.stopping.is_set():
+                self.stop()
+            thread.join(SIGNAL_POLL_S)
+        if failed:
+            raise failed[0]
+        return ended[0]
+
+    def _run(self) -> WorkerStats:
         # 2 cores, full ensemble, share of the compute limit: 67 / 71 % at 5 ms, 76 / 76 / 71 % at 0.5 ms
         sys.setswitchinterval(self.settings.gil_switch_ms / 1000)
         self.loader.shards = share_threads(self.settings.inference_shards, self.settings.torch_threads)

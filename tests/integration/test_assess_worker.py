@@ -645,6 +645,37 @@ def _promote(env: AssessEnv, record) -> None:
     env.publisher.publish(env.topics.model_events, dumps(event))
 
 
+def test_the_signal_handler_does_not_wait_for_a_lock_the_interrupted_worker_may_hold(env: AssessEnv) -> None:
+    """A handler runs on the main thread between two bytecodes. Had it set the stop event, it would take that
+    event's lock, which the interrupted thread holds for a moment in every wait on it (the database backoff, the
+    wait for a first model): the process would hang until SIGKILL. Here another thread holds the lock while the
+    installed SIGTERM handler is called; the handler must return at once and the worker still stop."""
+    worker = AssessWorker(env.settings, engine=env.engine, client_id=env.client_id)
+    blocked: list[bool] = []
+
+    def probe() -> None:
+        assert worker.ready.wait(60)
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        with worker.stopping._cond:  # what Event.wait/set/clear hold; private, as the lock in question is
+            call = threading.Thread(target=handler, args=(signal.SIGTERM, None), daemon=True)
+            call.start()
+            call.join(2)
+            blocked.append(call.is_alive())
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        stats = worker.run()  # on this, the main thread: where the handlers are installed
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    prober.join(10)
+    assert blocked == [False], "the handler waited for the stop event's lock"
+    assert stats is worker.stats
+
+
 def test_sigterm_finishes_the_batch_acknowledges_and_exits_cleanly(env: AssessEnv, tmp_path: Path) -> None:
     coils = _coils(600, "T")
     log = tmp_path / "assess.log"

@@ -1,0 +1,37 @@
+"""SIGTERM and SIGINT as a request the main thread polls for, never as work done inside the handler.
+
+A Python signal handler runs on the main thread between two bytecodes, possibly while that thread holds a
+lock. A handler that set a ``threading.Event`` takes the event's own lock (a plain, non-reentrant one),
+which the interrupted thread holds for a moment in every ``wait``, ``set`` and ``clear``; one that shut a
+scheduler down takes its locks and its thread pool's. Either can deadlock the process until SIGKILL (the
+scheduler did, when the signal came as a job was being submitted).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+SIGNAL_POLL_S = 0.2  # how soon the main thread notices SIGTERM or Ctrl-C
+
+
+class StopSignals:
+    """Installs handlers for SIGTERM and SIGINT that only note the request."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> StopSignals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._note)
+        return self
+
+    def _note(self, *_: object) -> None:
+        self.requested = True
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, less if a stop is requested; whether one is."""
+        deadline = time.monotonic() + timeout
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, SIGNAL_POLL_S))
+        return self.requested
