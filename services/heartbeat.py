@@ -42,6 +42,7 @@ class Heartbeat:
         self.every_s = every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{kind}", daemon=True)
+        self.failing = False  # the last beat failed: the database may be away
 
     def start(self) -> Heartbeat:
         self.beat()
@@ -89,5 +90,7 @@ class Heartbeat:
         while not self._stop.wait(self.every_s):
             try:
                 self.beat()
+                self.failing = False
             except Exception as exc:  # a heartbeat must never take its process down
+                self.failing = True
                 log.warning("heartbeat failed: %s", exc)

@@ -9,8 +9,10 @@ scheduler did, when the signal came as a job was being submitted).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 
 SIGNAL_POLL_S = 0.2  # how soon the main thread notices SIGTERM or Ctrl-C
 
@@ -25,6 +27,16 @@ class StopSignals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._note)
         return self
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        """Installed for the block, the handlers before it put back after (Ctrl-C works again)."""
+        before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self.install()
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
 
     def _note(self, *_: object) -> None:
         self.requested = True

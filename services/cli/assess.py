@@ -27,5 +27,10 @@ def assess(ctx: AppContext, client_id: str | None, retire: bool) -> None:
     if retire and not (client_id or ctx.settings.mqtt_client_id or ctx.settings.mqtt.client_id):
         raise click.UsageError("--retire needs the retired worker's --client-id")
     stats = AssessWorker(ctx.settings, client_id=client_id, retire=retire).run()
-    if retire:
+    if retire and stats.session_removed:
         click.echo(f"retired: {stats.decided} coils decided from its session, which is removed")
+    elif retire:
+        click.echo(
+            f"stopped before the session was assessed to the end ({stats.decided} coils decided): it is kept; "
+            "run the same command again to finish"
+        )

@@ -114,8 +114,9 @@ class MqttClient:
 
     def connect(self, timeout: float = 10.0, stop: threading.Event | None = None) -> MqttClient:
         """Connect and start the network thread; retries with backoff until ``timeout``. ``stop``: give up
-        (:class:`ConnectCancelled`) as soon as it is set: a worker told to stop while the broker is down must
-        not spend its grace period on connection attempts."""
+        (:class:`ConnectCancelled`) once it is set, between attempts or while waiting for the broker's answer
+        (an attempt under way, paho's socket connect of up to 5 s, is not cut short): a worker told to stop
+        while the broker is down must not spend its grace period on connection attempts."""
         deadline = time.monotonic() + timeout
         stop = stop or threading.Event()
         delay = 0.2
@@ -133,6 +134,8 @@ class MqttClient:
                     self._client.connect(self.url.host, self.url.port, keepalive=30)
                 break
             except OSError as exc:
+                if stop.is_set():
+                    raise ConnectCancelled(f"stopped while connecting to {self.url.redacted()}: {exc}") from exc
                 if time.monotonic() + delay > deadline:
                     raise ConnectionError(f"MQTT broker {self.url.redacted()} unreachable: {exc}") from exc
                 if stop.wait(delay):
@@ -142,6 +145,7 @@ class MqttClient:
         accept_by = max(deadline, time.monotonic() + 0.5)
         while not self.connected.wait(min(max(accept_by - time.monotonic(), 0), CONNECT_POLL_S)):
             if stop.is_set() or time.monotonic() >= accept_by:
+                self._closing = True  # given up, not lost: no "reconnecting" in the log
                 self._client.disconnect()
                 self._client.loop_stop()
                 if stop.is_set():

@@ -104,6 +104,7 @@ class WorkerStats:
     republished: int = 0
     reloads: int = 0
     refused_reloads: int = 0  # registry changes that did not load: the previous ensemble went on serving
+    session_removed: bool = False  # retiring: the session was assessed to the end and removed
 
 
 class AssessWorker:
@@ -162,7 +163,6 @@ class AssessWorker:
         be holding (``services.signals``)."""
         if threading.current_thread() is not threading.main_thread():
             return self._run()
-        signals = StopSignals().install()
         ended: list[WorkerStats] = []
         failed: list[BaseException] = []
 
@@ -173,11 +173,17 @@ class AssessWorker:
                 failed.append(exc)
 
         thread = threading.Thread(target=serve, name="assess-worker")
-        thread.start()
-        while thread.is_alive():
-            if signals.requested and not self.stopping.is_set():
+        with StopSignals().installed() as signals:
+            thread.start()
+            try:
+                while thread.is_alive():
+                    if signals.requested and not self.stopping.is_set():
+                        self.stop()
+                    thread.join(SIGNAL_POLL_S)
+            except BaseException:  # another handler raised here (a test's timeout): the worker must not go on
                 self.stop()
-            thread.join(SIGNAL_POLL_S)
+                thread.join()
+                raise
         if failed:
             raise failed[0]
         return ended[0]
@@ -243,12 +249,13 @@ class AssessWorker:
         finally:
             self._pending.put(None)
             committer.join()
-            heartbeat.stop(remove=not self._gave_up)
+            heartbeat.stop(remove=not (self._gave_up or heartbeat.failing))
             if self._serving is not None:
                 self._serving.ensemble.close()
             self.client.close()
             if drained:
                 forget_session(self.client.url, self.client.client_id)
+                self.stats.session_removed = True
                 log.info("session %s assessed to the end and removed", self.client.client_id)
             log.info("assess worker stopped: %s", self.stats)
         if self._failure is not None:  # exit non-zero, so that the pod (or `coilguard up`) starts a fresh worker
@@ -505,9 +512,10 @@ class AssessWorker:
                     delay = min(delay * 2, 10.0)
                 if self.stopping.is_set():
                     # shutting down with the database away: leave the batch unacknowledged for redelivery (a
-                    # reload under way is dropped: the serving ensemble votes on nothing more). No attempt after
-                    # the stop: against a host that has gone silent each one waits out the connect timeout (10 s),
-                    # and the pod's grace period would end in SIGKILL.
+                    # reload under way is dropped: the serving ensemble votes on nothing more). No new attempt on
+                    # either thread once a failure is seen after the stop: against a host that has gone silent
+                    # each one waits out the connect timeout (10 s), and the pod's grace period would end in
+                    # SIGKILL. (An attempt already under way when the stop came still runs to its timeout.)
                     self._gave_up = True
                     raise _Stopped from exc
 
