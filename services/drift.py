@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from ml.assessors.base import AssessBatch
 from ml.assessors.manifest import Manifest
@@ -195,3 +195,12 @@ def run_drift(
         METRICS.drift_seconds.observe(time.perf_counter() - started)
     log.info(outcome.describe(), extra={"report_id": outcome.report_id})
     return outcome
+
+
+def last_report_at(engine: Engine) -> datetime | None:
+    """When the newest drift report was written (UTC), or None before the first."""
+    with engine.connect() as conn:
+        at = conn.execute(select(func.max(drift_reports.c.created_at))).scalar()
+    if at is None:
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite keeps naive UTC

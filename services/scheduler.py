@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.base import BaseScheduler
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 Job = Callable[[Settings], object]
 
+DRIFT_CATCH_UP = "drift-catch-up"
 SCHEMA_POLL_S = 5.0  # how often a scheduler started before its database is ready looks again
 
 
@@ -72,7 +74,46 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
     }
     for name, (job, trigger) in jobs.items():
         scheduler.add_job(_guarded(name, job), trigger, args=[settings], id=name, name=name, misfire_grace_time=3600)
+    if "drift" in jobs:  # once, as the scheduler starts: a restart over the report's time must not skip a day
+        catch_up = functools.partial(catch_up_drift, trigger=jobs["drift"][1], run=run_drift)
+        scheduler.add_job(_guarded(DRIFT_CATCH_UP, catch_up), "date", args=[settings], id=DRIFT_CATCH_UP)
     return scheduler
+
+
+def catch_up_drift(
+    settings: Settings, *, trigger: CronTrigger, run: Job, now: datetime | None = None
+) -> datetime | None:
+    """Write the drift report the schedule last asked for if none was written since; the time it was due, or
+    None when nothing was missed.
+
+    The schedule lives in memory: a scheduler stopped over the report's time (a rollout, a node drained at
+    02:30) comes back with the next day's time, and without this the day's report would silently be missing.
+    """
+    from services.db.engine import make_engine
+    from services.drift import last_report_at
+
+    now = now or datetime.now(UTC)
+    due = last_fire_time(trigger, now)
+    if due is None:
+        return None
+    engine = make_engine(settings.database_url)
+    try:
+        written = last_report_at(engine)
+    finally:
+        engine.dispose()
+    if written is not None and written >= due:
+        return None
+    log.info("the drift report due at %s was not written (the scheduler was not running then); writing it now", due)
+    run(settings)
+    return due
+
+
+def last_fire_time(trigger: CronTrigger, now: datetime, horizon: timedelta = timedelta(days=35)) -> datetime | None:
+    """The trigger's last time at or before ``now`` within ``horizon`` (APScheduler 3 only looks forward)."""
+    last, fire = None, trigger.get_next_fire_time(None, now - horizon)
+    while fire is not None and fire <= now:
+        last, fire = fire, trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+    return last
 
 
 def _guarded(name: str, job: Job) -> Callable[[Settings], None]:

@@ -172,3 +172,41 @@ def test_the_scheduler_waits_for_the_schema_then_runs(
     assert ran.is_set()
     waiting = [r.getMessage() for r in caplog.records if "waiting for the database" in r.getMessage()]
     assert waiting and "run `coilguard db upgrade` first" in waiting[0]
+
+
+def test_a_drift_report_missed_while_the_scheduler_was_down_is_written_when_it_starts(tmp_path: Path) -> None:
+    """The schedule lives in memory: a scheduler restarted over the report's time (02:30) comes back with the
+    next day's. It writes the missed report once on starting, and only when none was written since it was due."""
+    from apscheduler.triggers.cron import CronTrigger
+    from sqlalchemy import insert
+
+    from services.db.models import DriftReport
+
+    url = f"sqlite:///{tmp_path / 'catch-up.db'}"
+    upgrade(url)
+    settings = _settings(url).model_copy(update={"drift_cron": "30 2 * * *"})
+    trigger = CronTrigger.from_crontab("30 2 * * *", timezone="UTC")
+    runs: list[Settings] = []
+    now = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+
+    def catch_up() -> datetime | None:
+        return sched.catch_up_drift(settings, trigger=trigger, run=runs.append, now=now)
+
+    def report_written(at: datetime) -> None:
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(
+                insert(DriftReport.__table__).values(
+                    created_at=at, window_start=at, window_end=at, dataset_drift=False, share_drifted=0.0
+                )
+            )
+        engine.dispose()
+
+    assert sched.last_fire_time(trigger, now) == datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
+    report_written(datetime(2026, 12, 6, 2, 31, tzinfo=UTC))  # yesterday's; today's 02:30 came and went
+    assert catch_up() == datetime(2026, 12, 7, 2, 30, tzinfo=UTC) and len(runs) == 1
+    report_written(datetime(2026, 12, 7, 2, 31, tzinfo=UTC))
+    assert catch_up() is None and len(runs) == 1  # written on time: nothing to catch up
+    jobs = {job.id for job in sched.build_scheduler(settings).get_jobs()}
+    assert {"drift", sched.DRIFT_CATCH_UP} <= jobs
+    assert sched.DRIFT_CATCH_UP not in {job.id for job in sched.build_scheduler(_settings(url)).get_jobs()}
