@@ -75,19 +75,26 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
     for name, (job, trigger) in jobs.items():
         scheduler.add_job(_guarded(name, job), trigger, args=[settings], id=name, name=name, misfire_grace_time=3600)
     if "drift" in jobs:  # once, as the scheduler starts: a restart over the report's time must not skip a day
-        catch_up = functools.partial(catch_up_drift, trigger=jobs["drift"][1], run=run_drift)
-        scheduler.add_job(_guarded(DRIFT_CATCH_UP, catch_up), "date", args=[settings], id=DRIFT_CATCH_UP)
+        # judged as of now, when the regular job's next time is set too: a start just before 02:30 leaves that
+        # report to the regular job, one just after to this, never both
+        catch_up = functools.partial(catch_up_drift, trigger=jobs["drift"][1], run=run_drift, now=datetime.now(UTC))
+        # no misfire limit: APScheduler's 1 s would drop it when the start is slower (waiting for the schema)
+        scheduler.add_job(
+            _guarded(DRIFT_CATCH_UP, catch_up), "date", args=[settings], id=DRIFT_CATCH_UP, name=DRIFT_CATCH_UP,
+            misfire_grace_time=None,
+        )  # fmt: skip
     return scheduler
 
 
 def catch_up_drift(
-    settings: Settings, *, trigger: CronTrigger, run: Job, now: datetime | None = None
+    settings: Settings, *, trigger: CronTrigger, run: Callable[..., object], now: datetime | None = None
 ) -> datetime | None:
-    """Write the drift report the schedule last asked for if none was written since; the time it was due, or
-    None when nothing was missed.
+    """Write the drift report the schedule last asked for if none was written since, over the window that report
+    would have had; the time it was due, or None when nothing was missed.
 
     The schedule lives in memory: a scheduler stopped over the report's time (a rollout, a node drained at
     02:30) comes back with the next day's time, and without this the day's report would silently be missing.
+    A report that was skipped (no model, too few coils) writes nothing, so such a start looks again: cheap.
     """
     from services.db.engine import make_engine
     from services.drift import last_report_at
@@ -103,13 +110,14 @@ def catch_up_drift(
         engine.dispose()
     if written is not None and written >= due:
         return None
-    log.info("the drift report due at %s was not written (the scheduler was not running then); writing it now", due)
-    run(settings)
+    log.info("no drift report since it was due at %s; writing it now", due)
+    run(settings, now=due)
     return due
 
 
 def last_fire_time(trigger: CronTrigger, now: datetime, horizon: timedelta = timedelta(days=35)) -> datetime | None:
-    """The trigger's last time at or before ``now`` within ``horizon`` (APScheduler 3 only looks forward)."""
+    """The trigger's last time at or before ``now`` within ``horizon`` (APScheduler 3 only looks forward; a
+    schedule rarer than monthly is not caught up)."""
     last, fire = None, trigger.get_next_fire_time(None, now - horizon)
     while fire is not None and fire <= now:
         last, fire = fire, trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))

@@ -36,7 +36,8 @@ class StopSignals:
             yield self.install()
         finally:
             for sig, handler in before.items():
-                signal.signal(sig, handler)
+                if handler is not None:  # None: installed outside Python, nothing that can be put back from here
+                    signal.signal(sig, handler)
 
     def _note(self, *_: object) -> None:
         self.requested = True

@@ -55,6 +55,7 @@ RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promote
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
 ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until long after their mark
+JOIN_ON_ERROR_S = 30.0  # run() interrupted on the main thread: how long it waits for the worker to stop
 MODEL_WAIT_S = 5.0  # with no active model yet, look at the registry again this often
 RETIRE_IDLE_S = 3.0  # a retiring worker is done when its session has delivered nothing for this long
 # What one coil's own values can make the database refuse. Every other database error is the database's state
@@ -182,7 +183,9 @@ class AssessWorker:
                     thread.join(SIGNAL_POLL_S)
             except BaseException:  # another handler raised here (a test's timeout): the worker must not go on
                 self.stop()
-                thread.join()
+                thread.join(JOIN_ON_ERROR_S)
+                if thread.is_alive():
+                    log.error("the worker thread did not stop within %.0f s", JOIN_ON_ERROR_S)
                 raise
         if failed:
             raise failed[0]
