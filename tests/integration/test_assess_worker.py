@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import signal
 import subprocess
@@ -31,6 +32,8 @@ from services.workers.assess import AssessWorker, WorkerFailed
 from workflows.messages import ModelEvent, dumps
 from workflows.training import resolve_artifact
 
+Serving = Callable[[str], contextlib.AbstractContextManager[AssessEnv]]  # a database URL → an environment on it
+
 
 @pytest.fixture(scope="module")
 def trained_cnns() -> list[Assessor]:
@@ -45,16 +48,23 @@ def trained_cnns() -> list[Assessor]:
 
 
 @pytest.fixture
-def env(
-    request: pytest.FixtureRequest,
-    pg_database_factory: Callable[[], str],
-    mqtt_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    trained_cnns: list[Assessor],
-) -> Iterator[AssessEnv]:
-    with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/{request.node.name}", tmp_path) as env:
-        env.register(trained_cnns[0])
+def serving(
+    request: pytest.FixtureRequest, mqtt_url: str, topic_prefix: str, tmp_path: Path, trained_cnns: list[Assessor]
+) -> Serving:
+    """An environment on the database at a URL, under this test's topic prefix, the first CNN version serving."""
+
+    @contextlib.contextmanager
+    def at(database_url: str) -> Iterator[AssessEnv]:
+        with assess_env(database_url, mqtt_url, f"{topic_prefix}/{request.node.name}", tmp_path) as env:
+            env.register(trained_cnns[0])
+            yield env
+
+    return at
+
+
+@pytest.fixture
+def env(serving: Serving, pg_database_factory: Callable[[], str]) -> Iterator[AssessEnv]:
+    with serving(pg_database_factory()) as env:
         yield env
 
 
@@ -64,6 +74,18 @@ def broker_proxy(mqtt_url: str) -> Iterator[tuple[TcpProxy, str]]:
     proxy, via_proxy = TcpProxy.in_front_of(mqtt_url, 1883)
     yield proxy, via_proxy
     proxy.cut()
+
+
+@pytest.fixture
+def db_proxy(serving: Serving, pg_database_factory: Callable[[], str]) -> Iterator[tuple[TcpProxy, AssessEnv]]:
+    """An environment whose database is reached through a proxy a test can cut, stall and restore (and must
+    restore before it ends)."""
+    proxy, via_proxy = TcpProxy.in_front_of(pg_database_factory(), 5432)
+    try:
+        with serving(via_proxy) as env:
+            yield proxy, env
+    finally:
+        proxy.cut()
 
 
 def _coils(n: int, prefix: str, seed: int = 5):
@@ -237,38 +259,28 @@ def test_promotion_mid_stream_switches_versions_without_losing_a_coil(
 
 
 def test_while_the_database_is_down_nothing_is_dropped_and_the_worker_catches_up(
-    pg_database_factory: Callable[[], str],
-    mqtt_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
-    trained_cnns: list[Assessor],
+    db_proxy: tuple[TcpProxy, AssessEnv],
 ) -> None:
-    proxy, via_proxy = TcpProxy.in_front_of(pg_database_factory(), 5432)
-    with assess_env(via_proxy, mqtt_url, f"{topic_prefix}/db-outage", tmp_path) as env:
-        env.register(trained_cnns[0])
-        first, during = _coils(100, "D1", seed=41), _coils(150, "D2", seed=42)
-        with env.worker() as worker:
-            publish_coils(env.publisher, env.topics, first)
-            assert wait_for(lambda: env.coils() == 100, timeout=60)
-            proxy.cut()
-            publish_coils(env.publisher, env.topics, during, rate=100)
-            time.sleep(3.0)  # the worker is retrying; nothing may be announced or acknowledged meanwhile
-            announced = {d["coil_id"] for d in env.listener.decisions}
-            assert not announced & {c.coil_id for c in during}
-            assert worker.ready.is_set() and not worker.stopping.is_set()
-            proxy.restore()
-            assert wait_for(lambda: env.coils() == 250, timeout=90), env.coils()
-            assert wait_for(lambda: len(env.listener.decisions) >= 250, timeout=30)
-        assert env.count(Assessment.id) == 250
-        assert {d["coil_id"] for d in env.listener.decisions} == {c.coil_id for c in first + during}
-    proxy.cut()
+    proxy, env = db_proxy
+    first, during = _coils(100, "D1", seed=41), _coils(150, "D2", seed=42)
+    with env.worker() as worker:
+        publish_coils(env.publisher, env.topics, first)
+        assert wait_for(lambda: env.coils() == 100, timeout=60)
+        proxy.cut()
+        publish_coils(env.publisher, env.topics, during, rate=100)
+        time.sleep(3.0)  # the worker is retrying; nothing may be announced or acknowledged meanwhile
+        announced = {d["coil_id"] for d in env.listener.decisions}
+        assert not announced & {c.coil_id for c in during}
+        assert worker.ready.is_set() and not worker.stopping.is_set()
+        proxy.restore()
+        assert wait_for(lambda: env.coils() == 250, timeout=90), env.coils()
+        assert wait_for(lambda: len(env.listener.decisions) >= 250, timeout=30)
+    assert env.count(Assessment.id) == 250
+    assert {d["coil_id"] for d in env.listener.decisions} == {c.coil_id for c in first + during}
 
 
 def test_a_stop_during_a_database_outage_ends_the_worker_at_once_and_acknowledges_nothing(
-    pg_database_factory: Callable[[], str],
-    mqtt_url: str,
-    topic_prefix: str,
-    tmp_path: Path,
+    db_proxy: tuple[TcpProxy, AssessEnv],
     trained_cnns: list[Assessor],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -277,44 +289,41 @@ def test_a_stop_during_a_database_outage_ends_the_worker_at_once_and_acknowledge
     grown to 8 s) and the database host gone silent (a connection attempt waits out its 10 s timeout), once in
     the middle of loading a promoted version. Either way the worker must end at once, not when the database
     returns or the grace period's SIGKILL comes, and the coils it held go to the next worker."""
-    proxy, via_proxy = TcpProxy.in_front_of(pg_database_factory(), 5432)
-    with assess_env(via_proxy, mqtt_url, f"{topic_prefix}/db-outage-stop", tmp_path) as env:
-        env.register(trained_cnns[0])
-        first, held = _coils(5, "S0", seed=43), _coils(20, "S1", seed=44)
-        with env.worker() as worker:
-            publish_coils(env.publisher, env.topics, first)
-            assert wait_for(lambda: env.coils() == 5, timeout=60)  # serving: past the start-up's own retries
-            proxy.cut()
-            publish_coils(env.publisher, env.topics, held)
-            assert wait_for(lambda: "look up decided coils" in caplog.text, timeout=30)
-            time.sleep(9.0)  # attempts at 0, 0.5, 1.5, 3.5 and 7.5 s: the worker is now in its 8 s wait
-            proxy.restore()
-            proxy.stall()  # connections are taken and never answered, as by a host that has gone
-            worker.stop()
-            # not one more attempt (10 s), nor the heartbeat's, nor the heartbeat row's removal (5 s join + 10 s)
-            assert wait_for(lambda: not env.running(worker), timeout=5), "the stop waited for the database"
+    proxy, env = db_proxy
+    first, held = _coils(5, "S0", seed=43), _coils(20, "S1", seed=44)
+    with env.worker() as worker:
+        publish_coils(env.publisher, env.topics, first)
+        assert wait_for(lambda: env.coils() == 5, timeout=60)  # serving: past the start-up's own retries
         proxy.cut()
-        proxy.resume()
+        publish_coils(env.publisher, env.topics, held)
+        assert wait_for(lambda: "look up decided coils" in caplog.text, timeout=30)
+        time.sleep(9.0)  # attempts at 0, 0.5, 1.5, 3.5 and 7.5 s: the worker is now in its 8 s wait
         proxy.restore()
-
-        candidate = env.register(trained_cnns[1], status="candidate")
-        with env.worker() as worker:
-            assert wait_for(lambda: env.coils() == 25, timeout=60), env.coils()  # the held coils, redelivered
-
-            def load_across_an_outage():  # the registry was read; the database goes before the versions load
-                proxy.cut()
-                return original()
-
-            original = worker.loader.load
-            monkeypatch.setattr(worker.loader, "load", load_across_an_outage)
-            _promote(env, candidate)
-            assert wait_for(lambda: proxy._server is None, timeout=30), "the promotion was not seen"
-            time.sleep(2.0)
-            worker.stop()
-            assert wait_for(lambda: not env.running(worker), timeout=5), "the stop waited for the database"
-            assert worker.stats.reloads == 0 and worker.stats.refused_reloads == 0
-        proxy.restore()
+        proxy.stall()  # connections are taken and never answered, as by a host that has gone
+        worker.stop()
+        # not one more attempt (10 s), nor the heartbeat's, nor the heartbeat row's removal (5 s join + 10 s)
+        assert wait_for(lambda: not env.running(worker), timeout=5), "the stop waited for the database"
     proxy.cut()
+    proxy.resume()
+    proxy.restore()
+
+    candidate = env.register(trained_cnns[1], status="candidate")
+    with env.worker() as worker:
+        assert wait_for(lambda: env.coils() == 25, timeout=60), env.coils()  # the held coils, redelivered
+
+        def load_across_an_outage():  # the registry was read; the database goes before the versions load
+            proxy.cut()
+            return original()
+
+        original = worker.loader.load
+        monkeypatch.setattr(worker.loader, "load", load_across_an_outage)
+        _promote(env, candidate)
+        assert wait_for(lambda: proxy._server is None, timeout=30), "the promotion was not seen"
+        time.sleep(2.0)
+        worker.stop()
+        assert wait_for(lambda: not env.running(worker), timeout=5), "the stop waited for the database"
+        assert worker.stats.reloads == 0 and worker.stats.refused_reloads == 0
+    proxy.restore()
 
 
 @pytest.mark.parametrize("broker", ["refusing", "silent"])
