@@ -75,9 +75,10 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
     for name, (job, trigger) in jobs.items():
         scheduler.add_job(_guarded(name, job), trigger, args=[settings], id=name, name=name, misfire_grace_time=3600)
     if "drift" in jobs:  # once, as the scheduler starts: a restart over the report's time must not skip a day
-        # judged as of now, when the regular job's next time is set too: a start just before 02:30 leaves that
-        # report to the regular job, one just after to this, never both
-        catch_up = functools.partial(catch_up_drift, trigger=jobs["drift"][1], run=run_drift, now=datetime.now(UTC))
+        # judged when it runs, at the start, which is also when the regular job's next time is set (not here: the
+        # scheduler may wait minutes for its schema): a start before 02:30 leaves that report to the regular job,
+        # one after it to this
+        catch_up = functools.partial(catch_up_drift, trigger=jobs["drift"][1], run=run_drift)
         # no misfire limit: APScheduler's 1 s would drop it when the start is slower (waiting for the schema)
         scheduler.add_job(
             _guarded(DRIFT_CATCH_UP, catch_up), "date", args=[settings], id=DRIFT_CATCH_UP, name=DRIFT_CATCH_UP,
