@@ -503,10 +503,13 @@ def test_a_worker_stopped_while_catching_up_hands_the_backlog_back(env: AssessEn
     with env.worker():  # the worker's session exists: what is published while it is away waits in the broker
         pass
     publish_coils(env.publisher, env.topics, coils)
-    stopped: list[AssessWorker] = []
-    with env.worker(on_batch=lambda result: stopped and stopped[0].stop()) as worker:  # stops with a first batch
-        stopped.append(worker)
-        assert wait_for(worker.stopping.is_set, timeout=60)
+    # stopped by its first batch: a callback that could only reach the worker once the test thread had it (after
+    # the worker was ready) let a loaded machine's worker decide 705 coils first (CI, 2026-12-07)
+    worker = AssessWorker(env.settings, engine=env.engine, client_id=env.client_id, on_batch=lambda _: worker.stop())
+    thread = threading.Thread(target=worker.run, name="assess-worker", daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the worker did not stop"
     handed_back = len(coils) - env.coils()
     assert handed_back >= 200, f"it drained the backlog instead of stopping ({worker.stats})"
     with env.worker():
