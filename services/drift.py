@@ -198,9 +198,6 @@ def run_drift(
 
 
 def last_report_at(engine: Engine) -> datetime | None:
-    """When the newest drift report was written (UTC), or None before the first."""
+    """When the newest drift report was written (aware UTC: the column's type sees to it), or None before the first."""
     with engine.connect() as conn:
-        at = conn.execute(select(func.max(drift_reports.c.created_at))).scalar()
-    if at is None:
-        return None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite keeps naive UTC
+        return conn.execute(select(func.max(drift_reports.c.created_at))).scalar()

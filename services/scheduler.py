@@ -97,18 +97,15 @@ def catch_up_drift(
     02:30) comes back with the next day's time, and without this the day's report would silently be missing.
     A report that was skipped (no model, too few coils) writes nothing, so such a start looks again: cheap.
     """
-    from services.db.engine import make_engine
+    from services.db.engine import engine_for
     from services.drift import last_report_at
 
     now = now or datetime.now(UTC)
     due = last_fire_time(trigger, now)
     if due is None:
         return None
-    engine = make_engine(settings.database_url)
-    try:
+    with engine_for(settings.database_url) as engine:
         written = last_report_at(engine)
-    finally:
-        engine.dispose()
     if written is not None and written >= due:
         return None
     log.info("no drift report since it was due at %s; writing it now", due)

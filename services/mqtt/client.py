@@ -134,16 +134,15 @@ class MqttClient:
                     self._client.connect(self.url.host, self.url.port, keepalive=30)
                 break
             except OSError as exc:
-                if stop.is_set():
+                out_of_time = time.monotonic() + delay > deadline
+                if stop.is_set() or (not out_of_time and stop.wait(delay)):  # a stop wins over the deadline
                     raise ConnectCancelled(f"stopped while connecting to {self.url.redacted()}: {exc}") from exc
-                if time.monotonic() + delay > deadline:
+                if out_of_time:
                     raise ConnectionError(f"MQTT broker {self.url.redacted()} unreachable: {exc}") from exc
-                if stop.wait(delay):
-                    raise ConnectCancelled(f"stopped while connecting to {self.url.redacted()}: {exc}") from exc
                 delay = min(delay * 2, 5.0)
         self._client.loop_start()
         accept_by = max(deadline, time.monotonic() + 0.5)
-        while not self.connected.wait(min(max(accept_by - time.monotonic(), 0), CONNECT_POLL_S)):
+        while not self.connected.wait(CONNECT_POLL_S):
             if stop.is_set() or time.monotonic() >= accept_by:
                 self._closing = True  # given up, not lost: no "reconnecting" in the log
                 self._client.disconnect()
