@@ -13,11 +13,13 @@ exits once it has; the champion keeps serving and the next pass starts over. Com
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.base import BaseScheduler
@@ -96,6 +98,11 @@ def catch_up_drift(
     The schedule lives in memory: a scheduler stopped over the report's time (a rollout, a node drained at
     02:30) comes back with the next day's time, and without this the day's report would silently be missing.
     A report that was skipped (no model, too few coils) writes nothing, so such a start looks again: cheap.
+
+    Each due time is tried once across restarts: a mark in ``REPORT_DIR`` says a catch-up began, and a report
+    that failed with an error removes it. A mark left behind means the process died inside the report (the
+    memory limit, most likely); trying again at every restart would turn one failed report a day into a crash
+    loop that starves ModelScore, so the report is left to the regular schedule and the log says why.
     """
     from services.db.engine import engine_for
     from services.drift import last_report_at
@@ -108,9 +115,40 @@ def catch_up_drift(
         written = last_report_at(engine)
     if written is not None and written >= due:
         return None
+    mark = catch_up_mark(settings)
+    if (began := _mark_began(mark, due)) is not None:
+        log.error(
+            "no drift report since it was due at %s, and the catch-up begun at %s never finished (was the process "
+            "killed, out of memory?): not trying it again; the next report is the schedule's (%s)", due, began, mark,
+        )  # fmt: skip
+        return None
     log.info("no drift report since it was due at %s; writing it now", due)
-    run(settings, now=due)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    tmp = mark.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"due": due.isoformat(), "began": datetime.now(UTC).isoformat()}), encoding="utf-8")
+    tmp.replace(mark)
+    try:
+        run(settings, now=due)
+    finally:  # an error is an ordinary failure, worth another try at the next start; only a kill leaves the mark
+        mark.unlink(missing_ok=True)
     return due
+
+
+def catch_up_mark(settings: Settings) -> Path:
+    """Where a drift catch-up in progress is recorded: beside the reports, which outlive the process."""
+    from services.drift import DRIFT_DIR
+
+    return settings.report_dir / DRIFT_DIR / "catch-up-in-progress.json"
+
+
+def _mark_began(mark: Path, due: datetime) -> str | None:
+    """When a catch-up of the report due at ``due`` began, if one did and never finished; a mark that cannot be
+    read counts as none (the worst case is one more try)."""
+    try:
+        doc = json.loads(mark.read_text(encoding="utf-8"))
+        return str(doc["began"]) if datetime.fromisoformat(doc["due"]) == due else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def last_fire_time(trigger: CronTrigger, now: datetime, horizon: timedelta = timedelta(days=35)) -> datetime | None:

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -211,6 +211,47 @@ def test_a_drift_report_missed_while_the_scheduler_was_down_is_written_when_it_s
     jobs = {job.id for job in sched.build_scheduler(settings).get_jobs()}
     assert {"drift", sched.DRIFT_CATCH_UP} <= jobs
     assert sched.DRIFT_CATCH_UP not in {job.id for job in sched.build_scheduler(_settings(url)).get_jobs()}
+
+
+def test_a_drift_catch_up_that_killed_its_process_is_not_tried_at_every_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A report that exceeds the memory limit kills the scheduler; the catch-up must not repeat it at each restart
+    (a crash loop). A report that fails with an error is an ordinary failure and is tried at the next start."""
+    import json
+
+    from apscheduler.triggers.cron import CronTrigger
+
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    upgrade(url)
+    settings = _settings(url).model_copy(update={"drift_cron": "30 2 * * *", "report_dir": tmp_path / "reports"})
+    trigger = CronTrigger.from_crontab("30 2 * * *", timezone="UTC")
+    due = datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
+    mark = sched.catch_up_mark(settings)
+    seen: list[bool] = []
+
+    def catch_up(run: Callable[..., object]) -> datetime | None:
+        return sched.catch_up_drift(settings, trigger=trigger, run=run, now=datetime(2026, 12, 7, 9, tzinfo=UTC))
+
+    def failing(_: Settings, now: datetime) -> None:
+        seen.append(mark.is_file())
+        raise RuntimeError("database gone")
+
+    with pytest.raises(RuntimeError):
+        catch_up(failing)
+    assert seen == [True] and not mark.exists()  # marked while it ran; an error clears the mark
+    assert catch_up(lambda _, now: seen.append(mark.is_file())) == due and seen == [True, True]
+    assert not mark.exists()
+
+    mark.write_text(json.dumps({"due": due.isoformat(), "began": "2026-12-07T09:00:01+00:00"}))  # killed inside
+    caplog.set_level(logging.ERROR, logger="services.scheduler")
+    assert catch_up(lambda _, now: seen.append(True)) is None and len(seen) == 2
+    assert "never finished" in caplog.text and "2026-12-07T09:00:01" in caplog.text
+    yesterday = (due - timedelta(days=1)).isoformat()
+    mark.write_text(json.dumps({"due": yesterday, "began": yesterday}))  # another day's report: tried
+    assert catch_up(lambda _, now: seen.append(True)) == due and len(seen) == 3
+    mark.write_text("not json")  # unreadable: one more try is the lesser harm
+    assert catch_up(lambda _, now: seen.append(True)) == due and len(seen) == 4
 
 
 def test_the_drift_catch_up_runs_however_long_the_scheduler_takes_to_start(
