@@ -5,16 +5,37 @@ lock. A handler that set a ``threading.Event`` takes the event's own lock (a pla
 which the interrupted thread holds for a moment in every ``wait``, ``set`` and ``clear``; one that shut a
 scheduler down takes its locks and its thread pool's. Either can deadlock the process until SIGKILL (the
 scheduler did, when the signal came as a job was being submitted).
+
+A second Ctrl-C ends the process at once, as a person at a terminal expects when a graceful stop (a ReTrain
+finishing its epoch, a database that no longer answers) takes longer than they will wait. Nothing is lost by
+it: coils not yet acknowledged are redelivered by the broker, and the next ReTrain of a model whose run was
+cut short marks that run abandoned (its lock died with the process) and starts over. A second SIGTERM stays a
+request; orchestrators follow theirs with SIGKILL anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Iterator
 
 SIGNAL_POLL_S = 0.2  # how soon the main thread notices SIGTERM or Ctrl-C
+INTERRUPTED = 130  # 128 + SIGINT: the status a shell gives a process ended by Ctrl-C
+AT_ONCE = b"second Ctrl-C: stopping at once (coils not yet acknowledged are redelivered)\n"
+
+
+def exit_at_once(*_: object) -> None:
+    """The second Ctrl-C's handler. Only calls that take no lock: a raw write to stderr, then ``os._exit``
+    (no atexit hooks, no joins: they are what the person is not willing to wait for)."""
+    os.write(2, AT_ONCE)
+    os._exit(INTERRUPTED)
+
+
+def exit_at_once_on_interrupt() -> None:
+    """From now on Ctrl-C ends the process at once: for a shutdown already under way."""
+    signal.signal(signal.SIGINT, exit_at_once)
 
 
 class StopSignals:
@@ -39,7 +60,9 @@ class StopSignals:
                 if handler is not None:  # None: installed outside Python, nothing that can be put back from here
                     signal.signal(sig, handler)
 
-    def _note(self, *_: object) -> None:
+    def _note(self, signum: int, _frame: object) -> None:
+        if self.requested and signum == signal.SIGINT:
+            exit_at_once()
         self.requested = True
 
     def wait(self, timeout: float) -> bool:

@@ -23,6 +23,7 @@ from services.db.migrate import upgrade
 from services.db.repositories import SqlModelRegistry
 from services.runtime import broker_for
 from services.scheduler import build_scheduler, scheduler_heartbeat
+from services.signals import exit_at_once_on_interrupt
 from services.workers.assess import AssessWorker
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
         try:
             server.run()  # until SIGINT/SIGTERM
         finally:
+            exit_at_once_on_interrupt()
+            say("coilguard up: stopping (a ReTrain in progress finishes its epoch first); Ctrl-C again stops at once")
             scheduler.stop(wait=True)  # the heartbeat row stays while a job finishes its epoch
             heartbeat.stop()
             assess.stop()
