@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 Job = Callable[[Settings], object]
 
 DRIFT_CATCH_UP = "drift-catch-up"
+CATCH_UP_TRIES = 2  # catch-ups of one missed report that may die with the process before it is left alone
 SCHEMA_POLL_S = 5.0  # how often a scheduler started before its database is ready looks again
 
 
@@ -99,10 +100,11 @@ def catch_up_drift(
     02:30) comes back with the next day's time, and without this the day's report would silently be missing.
     A report that was skipped (no model, too few coils) writes nothing, so such a start looks again: cheap.
 
-    Each due time is tried once across restarts: a mark in ``REPORT_DIR`` says a catch-up began, and a report
-    that failed with an error removes it. A mark left behind means the process died inside the report (the
-    memory limit, most likely); trying again at every restart would turn one failed report a day into a crash
-    loop that starves ModelScore, so the report is left to the regular schedule and the log says why.
+    A mark in ``REPORT_DIR`` counts the catch-ups of one due time that began; a report that ends, even with an
+    error, removes it. A mark left behind means the process died inside the report: killed by the memory limit,
+    or stopped by force (SIGKILL after a rollout's grace period, a second Ctrl-C). One such death is tried again;
+    after ``CATCH_UP_TRIES`` the report is left to the regular schedule and the log says why: trying at every
+    restart would turn one failed report a day into a crash loop that starves ModelScore.
     """
     from services.db.engine import engine_for
     from services.drift import last_report_at
@@ -116,16 +118,19 @@ def catch_up_drift(
     if written is not None and written >= due:
         return None
     mark = catch_up_mark(settings)
-    if (began := _mark_began(mark, due)) is not None:
+    began = _began_before(mark, due)
+    if len(began) >= CATCH_UP_TRIES:
         log.error(
-            "no drift report since it was due at %s, and the catch-up begun at %s never finished (was the process "
-            "killed, out of memory?): not trying it again; the next report is the schedule's (%s)", due, began, mark,
+            "no drift report since it was due at %s, and its catch-ups begun at %s never finished (the process "
+            "was killed: out of memory, or stopped by force): not trying again; the next report is the "
+            "schedule's (%s)", due, ", ".join(began), mark,
         )  # fmt: skip
         return None
     log.info("no drift report since it was due at %s; writing it now", due)
+    doc = {"due": due.isoformat(), "began": [*began, datetime.now(UTC).isoformat()]}
     mark.parent.mkdir(parents=True, exist_ok=True)
     tmp = mark.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"due": due.isoformat(), "began": datetime.now(UTC).isoformat()}), encoding="utf-8")
+    tmp.write_text(json.dumps(doc), encoding="utf-8")
     tmp.replace(mark)
     try:
         run(settings, now=due)
@@ -141,14 +146,14 @@ def catch_up_mark(settings: Settings) -> Path:
     return settings.report_dir / DRIFT_DIR / "catch-up-in-progress.json"
 
 
-def _mark_began(mark: Path, due: datetime) -> str | None:
-    """When a catch-up of the report due at ``due`` began, if one did and never finished; a mark that cannot be
-    read counts as none (the worst case is one more try)."""
+def _began_before(mark: Path, due: datetime) -> list[str]:
+    """When the catch-ups of the report due at ``due`` that never finished began; a mark that cannot be read, or
+    that is another due time's, counts as none (the worst case is one more try)."""
     try:
         doc = json.loads(mark.read_text(encoding="utf-8"))
-        return str(doc["began"]) if datetime.fromisoformat(doc["due"]) == due else None
+        return [str(t) for t in doc["began"]] if datetime.fromisoformat(doc["due"]) == due else []
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return []
 
 
 def last_fire_time(trigger: CronTrigger, now: datetime, horizon: timedelta = timedelta(days=35)) -> datetime | None:

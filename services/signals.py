@@ -7,10 +7,12 @@ scheduler down takes its locks and its thread pool's. Either can deadlock the pr
 scheduler did, when the signal came as a job was being submitted).
 
 A second Ctrl-C ends the process at once, as a person at a terminal expects when a graceful stop (a ReTrain
-finishing its epoch, a database that no longer answers) takes longer than they will wait. Nothing is lost by
-it: coils not yet acknowledged are redelivered by the broker, and the next ReTrain of a model whose run was
-cut short marks that run abandoned (its lock died with the process) and starts over. A second SIGTERM stays a
-request; orchestrators follow theirs with SIGKILL anyway.
+finishing its epoch, a database that no longer answers) takes longer than they will wait. With a broker of its
+own (Mosquitto) nothing is lost by it: coils not yet acknowledged are redelivered, and the next ReTrain of a
+model whose run was cut short marks that run abandoned (its lock died with the process) and starts over. The
+embedded broker of ``coilguard up`` lives in the process and goes with it, and with it the coils it holds, as
+at any stop of ``up``, and those the worker had taken but not yet stored. A second SIGTERM stays a request;
+orchestrators follow theirs with SIGKILL anyway.
 """
 
 from __future__ import annotations
@@ -23,14 +25,20 @@ from collections.abc import Iterator
 
 SIGNAL_POLL_S = 0.2  # how soon the main thread notices SIGTERM or Ctrl-C
 INTERRUPTED = 130  # 128 + SIGINT: the status a shell gives a process ended by Ctrl-C
-AT_ONCE = b"second Ctrl-C: stopping at once (coils not yet acknowledged are redelivered)\n"
+AT_ONCE = b"second Ctrl-C: stopping at once (an external broker redelivers the coils not yet acknowledged)\n"
 
 
 def exit_at_once(*_: object) -> None:
     """The second Ctrl-C's handler. Only calls that take no lock: a raw write to stderr, then ``os._exit``
-    (no atexit hooks, no joins: they are what the person is not willing to wait for)."""
-    os.write(2, AT_ONCE)
-    os._exit(INTERRUPTED)
+    (no atexit hooks, no joins: they are what the person is not willing to wait for). The exit does not depend
+    on the write: under ``… | tee log`` the first Ctrl-C has already ended the reader, and stderr is a broken
+    pipe."""
+    try:
+        os.write(2, AT_ONCE)
+    except OSError:
+        pass
+    finally:
+        os._exit(INTERRUPTED)
 
 
 def exit_at_once_on_interrupt() -> None:

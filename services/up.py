@@ -23,7 +23,7 @@ from services.db.migrate import upgrade
 from services.db.repositories import SqlModelRegistry
 from services.runtime import broker_for
 from services.scheduler import build_scheduler, scheduler_heartbeat
-from services.signals import exit_at_once_on_interrupt
+from services.signals import exit_at_once, exit_at_once_on_interrupt
 from services.workers.assess import AssessWorker
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,12 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
         try:
             server.run()  # until SIGINT/SIGTERM
         finally:
+            if server.force_exit:  # uvicorn took a second Ctrl-C during its own shutdown as its "at once"
+                exit_at_once()
             exit_at_once_on_interrupt()
-            say("coilguard up: stopping (a ReTrain in progress finishes its epoch first); Ctrl-C again stops at once")
+            # logged, not said: under `… | tee up.log` the first Ctrl-C has ended the reader, and a print would
+            # raise here and skip the stops below
+            log.info("stopping (a ReTrain in progress finishes its epoch first); Ctrl-C again stops at once")
             scheduler.stop(wait=True)  # the heartbeat row stays while a job finishes its epoch
             heartbeat.stop()
             assess.stop()

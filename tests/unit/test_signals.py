@@ -55,3 +55,18 @@ def test_once_a_shutdown_is_under_way_ctrl_c_ends_it_at_once() -> None:
     """)
     assert done.returncode == INTERRUPTED, done.stderr
     assert done.stdout == "" and AT_ONCE.decode() in done.stderr
+
+
+def test_the_second_ctrl_c_ends_the_process_even_when_stderr_is_a_broken_pipe() -> None:
+    """``coilguard up 2>&1 | tee up.log``: the first Ctrl-C ends ``tee`` too, and the handler's message cannot be
+    written; the exit must not depend on it."""
+    done = _child("""
+        read, write = os.pipe()
+        os.close(read)
+        os.dup2(write, 2)  # what stderr is once the reader has gone
+        stop = signals.StopSignals().install()
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        print("still running", flush=True)
+    """)
+    assert done.returncode == INTERRUPTED and done.stdout == ""
