@@ -44,7 +44,7 @@ from ml.assessors.base import AssessBatch, Assessor
 from ml.assessors.manifest import MANIFEST_FILE, code_version
 from ml.assessors.registry import available, create
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
-from ml.evaluation.metrics import binary_metrics
+from ml.evaluation.metrics import binary_metrics, cost_accuracy
 from ml.recalibration import GaugeGains, estimate_gains, read_through
 from ml.training.runtime import training_platform
 from workflows.model_score import ScoreRule, due_for_retraining
@@ -73,7 +73,8 @@ class RetrainConfig:
     holdout_fraction: float = 0.3  # newest share of the labelled coils kept for the comparison
     min_holdout: int = 20
     feedback_weight: int = 3  # a labelled coil counts this many times against one coil of history
-    min_nok_for_f1: int = 5  # fewer NOK coils in the holdout: compare accuracy instead of NOK-F1
+    min_nok_for_f1: int = 5  # fewer NOK coils in the holdout: compare cost-weighted accuracy instead of NOK-F1
+    nok_cost: float = 5.0  # a missed NOK coil weighs as much as this many false alarms (the paper's 5:1)
     recalibrate: bool = True  # put the history in the gauges' current calibration (ml/recalibration.py)
     recalibration_coils: int = 100  # the newest labelled OK coils that say what the current calibration is
     recalibration_tolerance: float = 0.02  # a gauge that moved less than this is left as it was
@@ -393,14 +394,17 @@ class ReTrain:
     def _holdout_metrics(
         self, models: dict[str, Assessor], holdout: list[LabelledCoil]
     ) -> tuple[str, dict[str, dict[str, Any]]]:
-        """The figure the comparison goes by (NOK-F1, or accuracy with too few NOK coils) and every model's
-        metrics on the holdout."""
+        """The figure the comparison goes by (NOK-F1, or with too few NOK coils accuracy weighted by the cost of a
+        miss: plain accuracy would prefer a model that never flags a coil) and every model's metrics on the
+        holdout."""
         if not holdout:
             raise ValueError("no labelled coils to compare champion and challenger on")
         X = np.stack([c.matrix for c in holdout])
         y = np.array([c.label for c in holdout])
         results = {role: binary_metrics(y, model.predict(AssessBatch(X))[0]) for role, model in models.items()}
-        return ("f1_nok" if y.sum() >= self.config.min_nok_for_f1 else "accuracy"), results
+        for figures in results.values():
+            figures["cost_accuracy"] = cost_accuracy(figures["confusion"], self.config.nok_cost)
+        return ("f1_nok" if y.sum() >= self.config.min_nok_for_f1 else "cost_accuracy"), results
 
     def compare(self, champion: Assessor, challenger: Assessor, holdout: list[LabelledCoil]) -> tuple[bool, dict]:
         """Is the challenger at least as good as the champion on the newest labelled coils?"""

@@ -15,6 +15,7 @@ from helpers import sql_retrain, stripe_coils, synthetic_tiles
 from score_scenario import assessed_coil
 from sqlalchemy import text
 
+from ml.assessors.base import AssessBatch
 from ml.assessors.cnn import CnnAssessor
 from ml.assessors.ssim_ae import SsimAeAssessor
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
@@ -404,6 +405,40 @@ def _history(coil_ids: list[str], labels: list[int]) -> CoilDataset:
         np.array(coil_ids),
         np.array(["2026-01-01"] * n, dtype="datetime64[ms]"),
     )
+
+
+class _Fixed:
+    """A model that flags the coils whose first value is 1: what it votes is all the comparison reads."""
+
+    def predict(self, batch: AssessBatch) -> tuple[np.ndarray]:
+        return (batch.matrices[:, 0, 0].astype(float),)
+
+
+def test_with_few_nok_coils_a_challenger_that_never_flags_a_coil_does_not_win_on_accuracy(
+    engine, tmp_path: Path
+) -> None:
+    """100 coils with 4 NOK: the champion finds all four with five false alarms (accuracy 0.95), the challenger
+    calls everything OK (0.96). The comparison weighs a miss as five false alarms, as the training does."""
+    holdout = []
+    now = datetime.now(UTC)
+    for i in range(100):
+        matrix = np.zeros((264, 18), np.float32)
+        matrix[0, 0] = 1.0 if i < 9 else 0.0  # the champion's flags: the 4 NOK and 5 OK coils
+        holdout.append(LabelledCoil(f"C{i}", matrix, int(i < 4), None, now))
+
+    class Never:
+        def predict(self, batch: AssessBatch) -> tuple[np.ndarray]:
+            return (np.zeros(len(batch.matrices)),)
+
+    retrain = sql_retrain(engine, SqlModelRegistry(engine), tmp_path)
+    passed, comparison = retrain.compare(_Fixed(), Never(), holdout)  # type: ignore[arg-type]
+    assert comparison["metric"] == "cost_accuracy" and not passed, comparison
+    assert comparison["detail"]["challenger"]["accuracy"] > comparison["detail"]["champion"]["accuracy"]
+    assert comparison["champion"] == pytest.approx(1 - 5 / 116) and comparison["challenger"] == pytest.approx(
+        1 - 20 / 116
+    )
+    passed, _ = retrain.compare(Never(), _Fixed(), holdout)  # type: ignore[arg-type]
+    assert passed
 
 
 def test_holdout_is_the_newest_labelled_coils() -> None:
