@@ -18,7 +18,7 @@ from sqlalchemy import Engine, Row, Select, and_, func, or_, select
 
 from services.api.schemas import COIL_ID_PATTERN
 from services.db.models import Assessment, Coil, DriftReport, Feedback, Model, ModelPerformance, Worker
-from services.db.repositories import latest_feedback, matrix_from_bytes
+from services.db.repositories import latest_feedback, matrix_from_bytes, newest_scores
 
 coils = Coil.__table__
 assessments = Assessment.__table__
@@ -82,12 +82,9 @@ def active_models(engine: Engine) -> list[Row]:
 
 
 def model_versions(engine: Engine, name: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
-    """Model versions with their newest ``mperformance`` row, grouped by name (oldest version first)."""
-    newest = (
-        select(mperformance.c.model_id, func.max(mperformance.c.id).label("id"))
-        .group_by(mperformance.c.model_id)
-        .subquery("newest")
-    )
+    """Model versions with their newest ``mperformance`` row of their present (or last) time in service, grouped
+    by name (oldest version first)."""
+    newest = newest_scores()
     perf = mperformance.alias("perf")
     query = (
         select(models, *(perf.c[c].label(f"perf_{c}") for c in _PERFORMANCE_COLUMNS))

@@ -519,9 +519,15 @@ class SqlScoreStore:
             return [_score_row(r, r.promoted_at, now) for r in conn.execute(query)]
 
     def recount(self, now: datetime, window: timedelta | None = None) -> list[ModelScoreRow]:
-        """Every vote joined with every latest feedback row: the definition the tallies must equal."""
+        """Every vote joined with every latest feedback row: the definition the tallies must equal.
+
+        A rolling window never reaches back before the version's promotion: a version put back in service (a
+        rollback) would otherwise be judged again on the votes that had it replaced."""
         latest = latest_feedback(self.engine)
-        start = literal(now - window, UtcDateTime()) if window is not None else models.c.promoted_at
+        start: ColumnElement[Any] = models.c.promoted_at
+        if window is not None:
+            since = literal(now - window, UtcDateTime())
+            start = case((models.c.promoted_at > since, models.c.promoted_at), else_=since)
         counts = (
             select(assessments.c.model_id, *[c.label(k) for k, c in _vote_counts(latest).items()])
             .join(latest, latest.c.coil_id == assessments.c.coil_id)
@@ -542,7 +548,7 @@ class SqlScoreStore:
         )
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
-        return [_score_row(r, (now - window) if window is not None else r.promoted_at, now) for r in rows]
+        return [_score_row(r, _window_start(r.promoted_at, now, window), now) for r in rows]
 
     def record(self, rows: Sequence[ModelScoreRow], below: Sequence[bool], computed_at: datetime) -> None:
         if not rows:
@@ -568,11 +574,7 @@ class SqlScoreStore:
             )
 
     def latest(self) -> list[LatestScore]:
-        newest = (
-            select(mperformance.c.model_id, func.max(mperformance.c.id).label("id"))
-            .group_by(mperformance.c.model_id)
-            .subquery("newest")
-        )
+        newest = newest_scores()
         query = (
             select(models, mperformance.c.n_coils, mperformance.c.score, mperformance.c.computed_at)
             .join(mperformance, mperformance.c.model_id == models.c.id)
@@ -632,6 +634,25 @@ def _add_to_tallies(engine: Engine) -> Insert:
     added: dict[str, Any] = {k: score_tallies.c[k] + stmt.excluded[k] for k in TALLIES}
     added["updated_at"] = utc_now()
     return stmt.on_conflict_do_update(index_elements=[score_tallies.c.model_id], set_=added)
+
+
+def newest_scores() -> Subquery:
+    """Each version's newest ``mperformance`` row (``model_id``, ``id``) from its present time in service (its last,
+    for a retired one). A version put back in service has no score until ModelScore's next pass: the row from
+    before it was retired, the score that had it replaced, would have ReTrain undo the rollback."""
+    return (
+        select(mperformance.c.model_id, func.max(mperformance.c.id).label("id"))
+        .join(models, models.c.id == mperformance.c.model_id)
+        .where(models.c.promoted_at.is_(None) | (mperformance.c.computed_at >= models.c.promoted_at))
+        .group_by(mperformance.c.model_id)
+        .subquery("newest")
+    )
+
+
+def _window_start(promoted_at: datetime | None, now: datetime, window: timedelta | None) -> datetime | None:
+    if window is None:
+        return promoted_at
+    return max(now - window, promoted_at) if promoted_at is not None else now - window
 
 
 def _score_row(r: Row[Any], window_start: datetime | None, now: datetime) -> ModelScoreRow:

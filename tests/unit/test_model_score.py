@@ -118,6 +118,34 @@ def test_a_rolling_window_only_counts_recent_votes(engine) -> None:
     assert rows[0].n_coils == 1
 
 
+@pytest.mark.parametrize("window", [None, timedelta(days=7)], ids=["since-promotion", "rolling-window"])
+def test_a_version_put_back_in_service_is_not_judged_on_the_score_that_had_it_replaced(
+    engine, window: timedelta | None
+) -> None:
+    """cnn v1 is wrong on 12 coils, v2 replaces it, an operator rolls back to v1. Until v1 has votes of its own,
+    ReTrain must not see the old 0 % (it would retrain what the operator chose), nor may a rolling window count
+    the votes from before the rollback again."""
+    registry = SqlModelRegistry(engine)
+    v1 = registry.add(name="cnn", kind="cnn", version=1, artifact_uri="c/v1", sha256="x", status="active")
+    v2 = registry.add(name="cnn", kind="cnn", version=2, artifact_uri="c/v2", sha256="y", status="candidate")
+    at = datetime.now(UTC)
+    SqlCoilStore(engine).save_assessed(
+        [assessed_coil(f"C{i}", [MemberVote("cnn", 1, "OK", 0.1, 0.9)], at) for i in range(12)], {("cnn", 1): v1.id}
+    )
+    for i in range(12):
+        SqlFeedbackStore(engine).add(f"C{i}", "NOK", "anna")
+    scores = SqlScoreStore(engine)
+    score_models(scores, RULE, window=window, now=datetime.now(UTC))
+    assert [(s.model.version, s.n_coils, s.score) for s in due_for_retraining(scores.latest(), RULE)] == [(1, 12, 0.0)]
+
+    registry.promote(v2.id)
+    registry.promote(v1.id)  # the rollback
+    assert scores.latest() == [] and due_for_retraining(scores.latest(), RULE) == []
+    [row] = [s.row for s in score_models(scores, RULE, window=window, now=datetime.now(UTC))]
+    assert (row.version, row.n_coils, row.score) == (1, 0, None)  # counted afresh from the rollback
+    assert [(s.model.version, s.n_coils) for s in scores.latest()] == [(1, 0)]
+
+
 def test_feedback_for_an_unknown_coil_or_a_bad_label_is_refused(engine) -> None:
     with pytest.raises(UnknownCoil):
         SqlFeedbackStore(engine).add("NOPE", "OK", "anna")
