@@ -4,6 +4,7 @@ the CronJob and the demo all call, so that each runs the very same code."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -34,9 +35,9 @@ def score_rule(settings: Settings) -> ScoreRule:
 def run_score(settings: Settings, engine: Engine | None = None) -> list[ScoredModel]:
     with engine_for(settings.database_url, engine) as engine:
         scored = score_models(SqlScoreStore(engine), score_rule(settings), window=settings.score_window)
-    for s in scored:
-        if s.row.score is not None:
-            METRICS.score.labels(s.row.name).set(s.row.score)
+    METRICS.score.clear()  # a name no longer active keeps no score
+    for s in scored:  # a version promoted since its name's last score has none yet: NaN, not its predecessor's
+        METRICS.score.labels(s.row.name).set(s.row.score if s.row.score is not None else math.nan)
     return scored
 
 

@@ -37,7 +37,9 @@ class _Metrics:
             ["model"],
             buckets=(10, 30, 60, 120, 300, 600, 1800, 3600),
         )
-        self.score = Gauge("coilguard_model_score", "Latest ModelScore of the active version", ["model"])
+        self.score = Gauge(
+            "coilguard_model_score", "Latest ModelScore of the active version (NaN until it has feedback)", ["model"]
+        )
         self.feedback = Counter("coilguard_feedback_total", "Operator verdicts received", ["label", "source"])
         self.drift_reports = Counter("coilguard_drift_reports_total", "Drift report runs by outcome", ["outcome"])
         self.drift_share = Gauge("coilguard_drift_share", "Share of drifted features in the latest drift report")

@@ -7,6 +7,7 @@ characters of ``[A-Za-z0-9._-]``), so a malformed id is refused with 422 before 
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -18,7 +19,7 @@ Label = Literal["OK", "NOK"]
 
 
 def _printable(value: str) -> str:
-    """Operator names and comments end up in SQL text columns and log lines: no control characters."""
+    """Comments end up in SQL text columns and log lines: no control characters but line breaks and tabs."""
     if any(ord(c) < 32 and c not in "\t\n\r" for c in value) or "\x7f" in value:
         raise ValueError("must not contain control characters")
     return value
@@ -44,8 +45,16 @@ def _utc(value: datetime) -> datetime:
 
 # Constraints are listed before the printable check: placed after a validator function, pydantic
 # checks the length of the untrimmed text, so "   " passed as one character and was stored as "".
+def _one_line_name(value: str) -> str:
+    """An operator's name is one line of visible text: a line break would forge a log line, and invisible
+    characters (a zero-width space, C1 controls) would let one person appear as two who look the same."""
+    if any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in value):
+        raise ValueError("must be one line of visible characters (no line breaks, tabs or invisible characters)")
+    return value
+
+
 OperatorName = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128), AfterValidator(_printable)
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128), AfterValidator(_one_line_name)
 ]
 Comment = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_printable)]
 UtcTime = Annotated[datetime, BeforeValidator(_rfc3339), AfterValidator(_utc)]

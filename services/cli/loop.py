@@ -46,7 +46,8 @@ def feedback(ctx: AppContext, coil_id: str, label: str, operator: str, comment: 
 
 def _feedback_in(**fields: str | None) -> FeedbackIn:
     """The API's own request model, so that the command stores exactly what ``POST /feedback`` would:
-    a blank or untrimmed operator, control characters or an overlong comment are refused (exit 2)."""
+    a blank operator or one that is not one line of visible text, control characters in a comment or an
+    overlong one are refused (exit 2)."""
     from pydantic import ValidationError
 
     from services.api.schemas import FeedbackIn

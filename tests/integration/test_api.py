@@ -220,7 +220,10 @@ def test_a_request_without_the_token_is_refused(api: Api) -> None:
         ({"coil_id": "C 1; DROP TABLE coils", "label": "OK", "operator": "anna"}, "coil_id", "pattern"),
         ({"coil_id": "C-2026-000001", "label": "OK", "operator": ""}, "operator", "at least 1"),
         ({"coil_id": "C-2026-000001", "label": "OK", "operator": "   "}, "operator", "at least 1"),
-        ({"coil_id": "C-2026-000001", "label": "OK", "operator": "a\x00b"}, "operator", "control characters"),
+        ({"coil_id": "C-2026-000001", "label": "OK", "operator": "a\x00b"}, "operator", "visible characters"),
+        ({"coil_id": "C-2026-000001", "label": "OK", "operator": "anna\n06:00 INFO forged"}, "operator", "one line"),
+        ({"coil_id": "C-2026-000001", "label": "OK", "operator": "an\u200bna"}, "operator", "invisible"),
+        ({"coil_id": "C-2026-000001", "label": "OK", "operator": "anna", "comment": "a\x00b"}, "comment", "control"),
         ({"coil_id": "C-2026-000001", "label": "OK", "operator": "anna", "shift": 2}, "shift", "not permitted"),
     ],
 )

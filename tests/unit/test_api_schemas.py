@@ -39,5 +39,14 @@ def test_an_operator_is_trimmed_before_its_length_is_checked() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("operator", "a\x1b[2Jb"), ("comment", "x\x00")])
 def test_control_characters_are_refused(field: str, value: str) -> None:
-    with pytest.raises(ValidationError, match="control characters"):
+    with pytest.raises(ValidationError, match=r"control characters|visible characters"):
         _feedback(**{field: value})
+
+
+@pytest.mark.parametrize("name", ["anna\n06:00 INFO forged", "anna\tben", "an\u200bna", "an\x85na", "an\u2028na"])
+def test_an_operator_name_is_one_line_of_visible_characters(name: str) -> None:
+    """A line break in a name forges a log line; an invisible character makes one person look like two."""
+    with pytest.raises(ValidationError, match="one line of visible characters"):
+        _feedback(operator=name)
+    assert _feedback(operator="Zoë Ångström-Ørsted").operator == "Zoë Ångström-Ørsted"
+    assert _feedback(comment="first line\nsecond line\tindented").comment == "first line\nsecond line\tindented"

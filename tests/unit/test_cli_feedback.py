@@ -42,7 +42,7 @@ def _stored(env: dict[str, str]) -> list[tuple]:
     [
         (["C-1", "OK", "--operator", ""], "--operator", "at least 1 character"),
         (["C-1", "OK", "--operator", "   "], "--operator", "at least 1 character"),
-        (["C-1", "OK", "--operator", "x\x1b[2Jy"], "--operator", "control characters"),
+        (["C-1", "OK", "--operator", "x\x1b[2Jy"], "--operator", "visible characters"),
         (["C-1", "OK", "--operator", "a" * 129], "--operator", "at most 128 characters"),
         (["C-1", "NOK", "--operator", "anna", "--comment", "c" * 5000], "--comment", "at most 2000 characters"),
         (["C-1\n", "OK", "--operator", "anna"], "COIL_ID", "should match pattern"),

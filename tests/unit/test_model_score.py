@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -144,6 +145,37 @@ def test_a_version_put_back_in_service_is_not_judged_on_the_score_that_had_it_re
     [row] = [s.row for s in score_models(scores, RULE, window=window, now=datetime.now(UTC))]
     assert (row.version, row.n_coils, row.score) == (1, 0, None)  # counted afresh from the rollback
     assert [(s.model.version, s.n_coils) for s in scores.latest()] == [(1, 0)]
+
+
+def test_the_score_gauge_follows_the_active_versions(engine, tmp_path: Path) -> None:
+    """After a promotion the new version has no score yet: the gauge says NaN, not its predecessor's score (an
+    alert on it would go on firing after a successful ReTrain); a name no longer active leaves the gauge."""
+    from services.config import load_settings
+    from services.jobs import run_score
+    from services.metrics import METRICS
+
+    registry = SqlModelRegistry(engine)
+    v1 = registry.add(name="cnn", kind="cnn", version=1, artifact_uri="c/v1", sha256="x", status="active")
+    gone = registry.add(name="old", kind="cnn", version=1, artifact_uri="o/v1", sha256="z", status="active")
+    at = datetime.now(UTC)
+    votes = [MemberVote("cnn", 1, "OK", 0.1, 0.9), MemberVote("old", 1, "OK", 0.1, 0.9)]
+    SqlCoilStore(engine).save_assessed(
+        [assessed_coil(f"C{i}", votes, at) for i in range(4)], {("cnn", 1): v1.id, ("old", 1): gone.id}
+    )
+    for i in range(4):
+        SqlFeedbackStore(engine).add(f"C{i}", "NOK" if i else "OK", "anna")
+    settings = load_settings(_env_file=None, database_url=str(engine.url), score_window=None)
+
+    def gauge() -> dict[str, float]:
+        return {s.labels["model"]: s.value for m in METRICS.score.collect() for s in m.samples}
+
+    run_score(settings, engine)
+    assert gauge() == {"cnn": 0.25, "old": 0.25}
+    v2 = registry.add(name="cnn", kind="cnn", version=2, artifact_uri="c/v2", sha256="y", status="candidate")
+    registry.promote(v2.id)
+    registry.set_status(gone.id, "retired")
+    run_score(settings, engine)
+    assert list(gauge()) == ["cnn"] and math.isnan(gauge()["cnn"])
 
 
 def test_feedback_for_an_unknown_coil_or_a_bad_label_is_refused(engine) -> None:
