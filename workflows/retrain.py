@@ -253,6 +253,9 @@ class ReTrain:
                 self.registry.promote(record.id, replacing=champion_record.id)
             except ChampionChanged as exc:  # somebody promoted or retired a version during the training
                 why = f"{exc}; the challenger stays a candidate (v{record.version}), judged against the old version"
+                # not the comparison's verdict: a later run on the same inputs (after a rollback to this champion)
+                # must not be skipped as one that would be rejected again
+                metrics.pop("inputs", None)
                 finish("rejected", why, record)
                 log.warning("ReTrain %s: %s", champion_record.name, why)
                 return RetrainOutcome(champion_record.name, champion_record.version, "rejected", why, None, metrics)

@@ -298,6 +298,10 @@ def test_a_challenger_judged_against_a_version_replaced_meanwhile_is_not_promote
     stale = retrain.retrain(LatestScore(old_champion, 0, None, datetime.now(UTC)))
     assert stale.status == "skipped" and "v1 is no longer the active version" in stale.reason
 
+    registry.promote(old_champion.id)  # rolled back: v1 is retrained, not skipped as "rejected on these inputs"
+    again = retrain.retrain(LatestScore(registry.get(old_champion.id), 0, None, datetime.now(UTC)))
+    assert again.status != "skipped", again
+
 
 def test_a_promotion_whose_announcement_fails_is_recorded_as_a_promotion(engine, tmp_path: Path) -> None:
     """The new version serves once the registry says so; an event that cannot go out afterwards must not have the
