@@ -442,7 +442,7 @@ def split_by_time(
     first falls under the rule, few coils are labelled (11 and up), and a holdout that took them all would
     leave the challenger nothing of what the operators said to learn from."""
     n = len(labelled)
-    n_holdout = min(max(minimum, round(n * fraction)), max(n // 2, 1))  # one of one: it fails as "too few"
+    n_holdout = min(max(minimum, round(n * fraction)), max(n // 2, 1))  # one of one: a forced run is judged on it
     cut = n - n_holdout
     return labelled[:cut], labelled[cut:]
 
