@@ -285,7 +285,7 @@ class ReTrain:
                 promoted = self._promoted_after_all(record)
             if promoted is None:
                 log.exception("ReTrain %s failed; v%d keeps serving", champion_record.name, champion_record.version)
-                self._record_end(finish, "failed", why)
+                self._record_end(finish, "failed", why, record)  # a challenger registered before it failed: linked
                 outcome = RetrainOutcome(champion_record.name, champion_record.version, "failed", why, None, metrics)
             else:  # what failed came after the promotion (recording the run, the event): the new version serves
                 why = f"promoted, then {why} (workers find the new version by polling)"

@@ -323,16 +323,22 @@ def test_a_promotion_whose_announcement_fails_is_recorded_as_a_promotion(engine,
     assert run.status == "promoted" and "the broker went away" in run.reason
 
 
-def test_a_promotion_that_committed_as_its_answer_was_lost_is_recorded_as_a_promotion(engine, tmp_path: Path) -> None:
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
+def test_a_promotion_whose_answer_was_lost_is_recorded_as_what_happened(
+    engine, tmp_path: Path, committed: bool
+) -> None:
     """The connection breaks while the server commits the promotion (SIGTERM right after the commit is the same
     case): the new version serves from the workers' next look at the registry, so the run must say so, not record
-    a failure with "v1 keeps serving"."""
+    a failure with "v1 keeps serving". Broken before the commit, the run failed, the champion serves, and the run
+    names the challenger it had registered (a candidate, there to be promoted by hand)."""
     from sqlalchemy.exc import OperationalError
 
     class AnswerLost(SqlModelRegistry):
         lose = False
 
         def promote(self, model_id: int, replacing: int | None = None) -> ModelRecord | None:
+            if self.lose and not committed:
+                raise OperationalError("BEGIN", {}, Exception("server closed the connection unexpectedly"))
             retired = super().promote(model_id, replacing=replacing)
             if self.lose:
                 raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
@@ -343,12 +349,17 @@ def test_a_promotion_that_committed_as_its_answer_was_lost_is_recorded_as_a_prom
     registry.lose = True
     retrain = sql_retrain(engine, registry, tmp_path, config=RetrainConfig(margin=1.0))  # any challenger passes
     [outcome] = retrain.run(["line"], force=True)
-    assert (outcome.status, outcome.challenger_version) == ("promoted", 2), outcome
     assert "server closed the connection" in outcome.reason
-    assert [(m.name, m.version) for m in registry.active_models()] == [("line", 2)]
     with engine.connect() as conn:
-        run = conn.execute(text("SELECT status FROM retrain_runs")).scalar_one()
-    assert run == "promoted"
+        run = conn.execute(text("SELECT status, challenger_id FROM retrain_runs")).one()
+    challenger = registry.get(run.challenger_id)
+    assert challenger is not None and challenger.version == 2
+    if committed:
+        assert (outcome.status, outcome.challenger_version, run.status) == ("promoted", 2, "promoted"), outcome
+        assert [(m.name, m.version) for m in registry.active_models()] == [("line", 2)]
+    else:
+        assert (outcome.status, run.status, challenger.status) == ("failed", "failed", "candidate"), outcome
+        assert [(m.name, m.version) for m in registry.active_models()] == [("line", 1)]
 
 
 def test_a_coil_the_operators_corrected_is_trained_with_their_word_and_never_both_trained_and_judged_on(
