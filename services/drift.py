@@ -16,12 +16,13 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 
 from ml.assessors.base import AssessBatch
-from ml.assessors.manifest import Manifest
+from ml.assessors.manifest import Manifest, code_version
 from ml.dataset import CoilDataset
 from services.config import Settings
 from services.db.engine import engine_for
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DRIFT_DIR = "drift"
 PREDICT_CHUNK = 64
+READ_CHUNK = 500  # coils read from the database at a time
 
 coils = Coil.__table__
 drift_reports = DriftReport.__table__
@@ -86,46 +88,80 @@ class SqlDriftSource:
     def _predictions(
         self, records: list[ModelRecord], paths: list[str], sample: CoilSample
     ) -> tuple[np.ndarray | None, str]:
-        """The serving ensemble's p_nok on the reference sample, cached per (versions, data, sample)."""
+        """The serving ensemble's p_nok on the reference sample, cached per (versions, data, sample, code).
+
+        The key names each version by its name, number and checksum, not its row id: ids come again after a
+        database is restored beside a kept ``REPORT_DIR``. The code version is in it because an upgrade may
+        change what a model makes of a matrix. A cache that cannot be read or written is a miss, never a failed
+        report."""
+        versions = sorted((r.name, r.version, r.sha256) for r in records)
         key = hashlib.sha256(
-            json.dumps([sorted(r.id for r in records), paths, len(sample), self.config.seed]).encode()
+            json.dumps([versions, paths, len(sample), self.config.seed, code_version()]).encode()
         ).hexdigest()[:24]
         cached = self.cache_dir / f"reference-{key}.npy"
-        if cached.is_file():
-            return np.load(cached), "ensemble of the active versions (cached)"
         try:
-            ensemble = EnsembleLoader(self.registry, self.model_dir).load().ensemble
+            return np.load(cached), "ensemble of the active versions (cached)"
+        except (OSError, ValueError):
+            pass  # not there yet (or unreadable: computed again and rewritten)
+        try:
+            serving = EnsembleLoader(self.registry, self.model_dir).load()
+            if set(serving.records) != {(r.name, r.version) for r in records}:  # a promotion since the reference
+                raise RuntimeError("the active versions changed while the report ran")
+            if serving.ensemble.needs_images:  # the reference has no images: the live p_nok would not compare
+                raise RuntimeError("image assessors vote on the live coils, and the reference coils have no images")
             p_nok = np.concatenate(
                 [
-                    ensemble.predict_arrays(AssessBatch(sample.X[i : i + PREDICT_CHUNK]))[2]
+                    serving.ensemble.predict_arrays(AssessBatch(sample.X[i : i + PREDICT_CHUNK]))[2]
                     for i in range(0, len(sample), PREDICT_CHUNK)
                 ]
             )
         except Exception as exc:  # prediction drift is left out, feature drift is still reported
             log.warning("reference predictions unavailable: %s", exc)
             return None, f"unavailable: {type(exc).__name__}: {exc}"
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp.npy")
-        np.save(tmp, p_nok)
-        tmp.replace(cached)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f"{cached.stem}.{uuid.uuid4().hex[:8]}.tmp.npy")  # two reports may run at once
+            np.save(tmp, p_nok)
+            tmp.replace(cached)
+        except OSError as exc:
+            log.warning("reference predictions not cached: %s", exc)
         return p_nok, "ensemble of the active versions"
 
     def current(self, start: datetime, end: datetime) -> CoilSample:
+        """The window's coils, at most ``max_current`` of them (a seeded draw, in arrival order), read in chunks.
+
+        The memory a report takes must not grow with the window: a week of a busy line, every matrix at once
+        with its features in float64, would take the scheduler past its memory limit, and with it ModelScore."""
         latest = latest_feedback(self.engine)
-        query = (
-            select(coils.c.coil_id, coils.c.matrix, coils.c.p_nok, latest.c.label)
-            .outerjoin(latest, latest.c.coil_id == coils.c.coil_id)
-            .where(coils.c.received_at >= start, coils.c.received_at < end)
-            .order_by(coils.c.received_at, coils.c.coil_id)
-        )
+        in_window = (coils.c.received_at >= start) & (coils.c.received_at < end)
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        X = np.stack([matrix_from_bytes(r.matrix) for r in rows]) if rows else np.empty((0, 264, 18), np.float32)
+            ids = list(
+                conn.execute(
+                    select(coils.c.coil_id).where(in_window).order_by(coils.c.received_at, coils.c.coil_id)
+                ).scalars()
+            )
+            chosen = ids
+            if len(ids) > self.config.max_current:
+                drawn = np.random.default_rng(self.config.seed).choice(len(ids), self.config.max_current, replace=False)
+                chosen = [ids[i] for i in np.sort(drawn)]
+            rows: dict[str, Any] = {}
+            for i in range(0, len(chosen), READ_CHUNK):
+                query = (
+                    select(coils.c.coil_id, coils.c.matrix, coils.c.p_nok, latest.c.label)
+                    .outerjoin(latest, latest.c.coil_id == coils.c.coil_id)
+                    .where(coils.c.coil_id.in_(chosen[i : i + READ_CHUNK]))
+                )
+                rows.update({r.coil_id: (matrix_from_bytes(r.matrix), r.p_nok, r.label) for r in conn.execute(query)})
+        kept = [rows[c] for c in chosen if c in rows]  # a coil deleted meanwhile is left out
+        X = np.stack([m for m, _, _ in kept]) if kept else np.empty((0, 264, 18), np.float32)
+        description: dict[str, Any] = {"n_coils": len(kept), "first": chosen[0] if chosen else None}
+        if len(chosen) < len(ids):
+            description["sampled_from"] = len(ids)
         return CoilSample(
             X,
-            p_nok=np.array([np.nan if r.p_nok is None else r.p_nok for r in rows], dtype=np.float64),
-            labels=np.array([r.label for r in rows], dtype=object),
-            description={"n_coils": len(rows), "first": rows[0].coil_id if rows else None},
+            p_nok=np.array([np.nan if p is None else p for _, p, _ in kept], dtype=np.float64),
+            labels=np.array([label for _, _, label in kept], dtype=object),
+            description=description,
         )
 
 
@@ -197,7 +233,9 @@ def run_drift(
     return outcome
 
 
-def last_report_at(engine: Engine) -> datetime | None:
-    """When the newest drift report was written (aware UTC: the column's type sees to it), or None before the first."""
+def full_report_since(engine: Engine, since: datetime, window: timedelta) -> bool:
+    """Whether a report over at least ``window`` was written at or after ``since``: a report by hand over a
+    shorter window (``coilguard drift --window 1h``) does not stand in for the daily one."""
+    query = select(drift_reports.c.window_start, drift_reports.c.window_end).where(drift_reports.c.created_at >= since)
     with engine.connect() as conn:
-        return conn.execute(select(func.max(drift_reports.c.created_at))).scalar()
+        return any(r.window_end - r.window_start >= window for r in conn.execute(query))

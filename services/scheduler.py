@@ -107,16 +107,15 @@ def catch_up_drift(
     restart would turn one failed report a day into a crash loop that starves ModelScore.
     """
     from services.db.engine import engine_for
-    from services.drift import last_report_at
+    from services.drift import full_report_since
 
     now = now or datetime.now(UTC)
     due = last_fire_time(trigger, now)
     if due is None:
         return None
     with engine_for(settings.database_url) as engine:
-        written = last_report_at(engine)
-    if written is not None and written >= due:
-        return None
+        if full_report_since(engine, due, settings.drift_window):
+            return None
     mark = catch_up_mark(settings)
     began = _began_before(mark, due)
     if len(began) >= CATCH_UP_TRIES:

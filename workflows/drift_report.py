@@ -47,6 +47,7 @@ class DriftConfig:
     min_coils: int = 30  # fewer current coils than this: no report (the tests would mean nothing)
     min_labels: int = 10  # fewer labelled coils than this on either side: no label column
     max_reference: int = 1000
+    max_current: int = 5000  # a larger window is drawn from (seeded): a report's memory must not grow with it
     seed: int = 0
 
 

@@ -192,12 +192,12 @@ def test_a_drift_report_missed_while_the_scheduler_was_down_is_written_when_it_s
     def catch_up() -> datetime | None:
         return sched.catch_up_drift(settings, trigger=trigger, run=lambda _, now: runs.append(now), now=now)
 
-    def report_written(at: datetime) -> None:
+    def report_written(at: datetime, window: timedelta = settings.drift_window) -> None:
         engine = make_engine(url)
         with engine.begin() as conn:
             conn.execute(
                 insert(DriftReport.__table__).values(
-                    created_at=at, window_start=at, window_end=at, dataset_drift=False, share_drifted=0.0
+                    created_at=at, window_start=at - window, window_end=at, dataset_drift=False, share_drifted=0.0
                 )
             )
         engine.dispose()
@@ -206,8 +206,10 @@ def test_a_drift_report_missed_while_the_scheduler_was_down_is_written_when_it_s
     report_written(datetime(2026, 12, 6, 2, 31, tzinfo=UTC))  # yesterday's; today's 02:30 came and went
     assert catch_up() == datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
     assert runs == [datetime(2026, 12, 7, 2, 30, tzinfo=UTC)]  # the window the missed report would have had
+    report_written(datetime(2026, 12, 7, 8, 0, tzinfo=UTC), timedelta(hours=1))  # `coilguard drift --window 1h`
+    assert catch_up() == datetime(2026, 12, 7, 2, 30, tzinfo=UTC) and len(runs) == 2  # no stand-in for the day's
     report_written(datetime(2026, 12, 7, 2, 31, tzinfo=UTC))
-    assert catch_up() is None and len(runs) == 1  # written on time: nothing to catch up
+    assert catch_up() is None and len(runs) == 2  # written on time: nothing to catch up
     jobs = {job.id for job in sched.build_scheduler(settings).get_jobs()}
     assert {"drift", sched.DRIFT_CATCH_UP} <= jobs
     assert sched.DRIFT_CATCH_UP not in {job.id for job in sched.build_scheduler(_settings(url)).get_jobs()}

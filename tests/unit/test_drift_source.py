@@ -1,0 +1,91 @@
+"""What the drift report reads: the window's coils (bounded in number, whatever the window holds) and the
+serving ensemble's predictions on the reference, cached so that a stale or broken cache is never served."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import stripe_coils
+from sqlalchemy import insert, text
+
+from ml.assessors.cnn import CnnAssessor
+from services.db.engine import make_engine
+from services.db.migrate import upgrade
+from services.db.models import Coil
+from services.db.repositories import SqlModelRegistry, matrix_bytes
+from services.drift import SqlDriftSource
+from workflows.drift_report import DriftConfig
+from workflows.training import register
+
+NOW = datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'drift.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def _stored(engine, n: int) -> list[str]:
+    """``n`` coils received a minute apart over the last hours, the matrix of coil i filled with i."""
+    rows = [
+        {
+            "coil_id": f"C{i:04d}",
+            "line": "galv-1",
+            "received_at": NOW - timedelta(minutes=n - i),
+            "status": "OK",
+            "p_nok": i / n,
+            "matrix": matrix_bytes(np.full((264, 18), i, np.float32)),
+        }
+        for i in range(n)
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(Coil.__table__), rows)
+        conn.execute(text("INSERT INTO feedback (coil_id, label, operator) VALUES ('C0007', 'NOK', 'anna')"))
+    return [r["coil_id"] for r in rows]
+
+
+def test_a_window_larger_than_the_cap_is_drawn_from_in_arrival_order(engine, tmp_path: Path) -> None:
+    _stored(engine, 1200)
+    source = SqlDriftSource(engine, tmp_path, tmp_path / "cache", DriftConfig(max_current=700, seed=3))
+    sample = source.current(NOW - timedelta(days=1), NOW + timedelta(seconds=1))
+    assert len(sample) == 700 and sample.description["sampled_from"] == 1200
+    values = sample.X[:, 0, 0]
+    assert np.all(np.diff(values) > 0)  # arrival order, each coil once
+    assert np.allclose(sample.p_nok, values / 1200)  # predictions and labels stay with their coil
+    assert [label for v, label in zip(values, sample.labels, strict=True) if label] == (["NOK"] if 7 in values else [])
+    again = source.current(NOW - timedelta(days=1), NOW + timedelta(seconds=1))
+    assert np.array_equal(again.X, sample.X)  # seeded: the same report twice reads the same coils
+
+    whole = SqlDriftSource(engine, tmp_path, tmp_path / "cache", DriftConfig()).current(
+        NOW - timedelta(days=1), NOW + timedelta(seconds=1)
+    )
+    assert len(whole) == 1200 and "sampled_from" not in whole.description
+    assert whole.labels[7] == "NOK" and whole.description["first"] == "C0000"
+
+
+def test_reference_predictions_are_cached_per_version_and_a_broken_cache_is_a_miss(engine, tmp_path: Path) -> None:
+    data = stripe_coils(60, 0.2)
+    model = CnnAssessor({"epochs": 1, "seed": 0})
+    model.fit(data, device="cpu")
+    registry = SqlModelRegistry(engine)
+    register(model, registry, tmp_path / "models", status="active", dataset=data)
+    cache = tmp_path / "cache"
+    source = SqlDriftSource(engine, tmp_path / "models", cache, DriftConfig())
+
+    first = source.reference()
+    assert first is not None and first.p_nok is not None
+    assert first.description["predictions"] == "ensemble of the active versions"
+    [cached] = cache.glob("reference-*.npy")
+    assert source.reference().description["predictions"].endswith("(cached)")
+
+    cached.write_bytes(b"half a file")  # a disk that filled up as it was written
+    again = source.reference()
+    assert again.description["predictions"] == "ensemble of the active versions"
+    assert np.allclose(again.p_nok, first.p_nok) and [p.name for p in cache.glob("*.npy")] == [cached.name]
