@@ -296,6 +296,9 @@ def _decision(coil: AssessedCoil, decision: EnsembleDecision, latency_ms: float)
 
 
 def _decision_from_stored(stored: StoredDecision) -> Decision:
+    """A decision announced again (its first announcement was lost with a worker) says what the first would have
+    said, its latency included: a dashboard must not read 0 ms for a coil decided before a crash."""
+    latency_ms = (stored.decided_at - stored.received_at).total_seconds() * 1000.0 if stored.received_at else 0.0
     return Decision(
         coil_id=stored.coil_id,
         line=stored.line,
@@ -304,7 +307,7 @@ def _decision_from_stored(stored: StoredDecision) -> Decision:
         confidence=stored.confidence,
         votes=_votes(stored.votes),
         decided_at=stored.decided_at,
-        latency_ms=0.0,
+        latency_ms=round(latency_ms, 3),
     )
 
 

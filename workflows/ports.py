@@ -61,6 +61,7 @@ class StoredDecision:
     decided_at: datetime
     published: bool
     votes: Sequence[MemberVote]
+    received_at: datetime | None = None  # with ``decided_at``, the latency the decision is announced with
 
 
 class CoilStore(Protocol):

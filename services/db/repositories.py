@@ -123,6 +123,7 @@ class SqlCoilStore:
                     coils.c.p_nok,
                     coils.c.confidence,
                     coils.c.decided_at,
+                    coils.c.received_at,
                     coils.c.published_at,
                 ).where(coils.c.coil_id.in_(list(coil_ids)), coils.c.status != "pending")
             ).all()
@@ -138,6 +139,7 @@ class SqlCoilStore:
                 decided_at=r.decided_at,
                 published=r.published_at is not None,
                 votes=votes.get(r.coil_id, ()),
+                received_at=r.received_at,
             )
             for r in rows
         }

@@ -34,7 +34,15 @@ class MemoryStore:
     def decided(self, coil_ids: Sequence[str]) -> dict[str, StoredDecision]:
         return {
             c.coil_id: StoredDecision(
-                c.coil_id, c.line, c.label, c.p_nok, c.confidence, c.decided_at, c.coil_id in self.published, c.votes
+                c.coil_id,
+                c.line,
+                c.label,
+                c.p_nok,
+                c.confidence,
+                c.decided_at,
+                c.coil_id in self.published,
+                c.votes,
+                c.received_at,
             )
             for cid in coil_ids
             if (c := self.coils.get(cid))
@@ -131,10 +139,12 @@ def test_a_coil_sent_again_before_its_mark_is_written_is_not_announced_twice(ser
 def test_a_decision_stored_but_never_announced_is_announced_on_redelivery(serving: ServingEnsemble) -> None:
     store = MemoryStore()
     workflow = AssessCoils(store, TOPICS)
-    workflow.process([_coil("B", thin=True)], serving)  # crash here: committed, never published
+    first = workflow.process([_coil("B", thin=True)], serving)  # crash here: committed, never published
     again = workflow.process([_coil("B", thin=True)], serving)
     assert again.decided == [] and again.republished == ["B"]
-    assert orjson.loads(again.publish[0].payload)["decision"] == "NOK"
+    announced = orjson.loads(again.publish[0].payload)
+    assert announced["decision"] == "NOK"
+    assert announced["latency_ms"] == orjson.loads(first.publish[0].payload)["latency_ms"] > 0  # not a false 0 ms
     assert len(store.votes) == 1
 
 
