@@ -63,19 +63,44 @@ class SqlDriftSource:
         paths = sorted({p for p in (self._data_path(r) for r in records) if p is not None})
         if not paths:
             return None
-        # each coil once: ReTrain keeps operator-labelled coils three times over, and the models may share data
-        data = CoilDataset.concat([load_kept_data(self.model_dir, p) for p in paths]).unique()
-        sample = CoilSample(
-            data.X,
-            labels=np.where(data.y == 1, "NOK", "OK").astype(object),
-            description={
-                "models": [{"name": r.name, "version": r.version} for r in records],
-                "data": paths,
-                "n_coils": len(data),
-            },
-        ).sample(self.config.max_reference, self.config.seed)
+        X, y, n_coils = self._draw(paths)
+        description = {"models": [{"name": r.name, "version": r.version} for r in records], "data": paths}
+        sample = CoilSample(X, labels=np.where(y == 1, "NOK", "OK").astype(object), description=description)
+        sample.description.update({"n_coils": n_coils, **({"sampled_from": n_coils} if len(X) < n_coils else {})})
         sample.p_nok, sample.description["predictions"] = self._predictions(records, paths, sample)
         return sample
+
+    def _draw(self, paths: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        """``max_reference`` of the coils in the kept training sets, each coil once (ReTrain keeps an operator's
+        coil three times over, and models may share data), drawn as ``CoilSample.sample`` draws; and how many
+        coils there were.
+
+        One file in memory at a time, each read twice when there is more than one: a year of weekly ReTrains
+        grows each model's history, and the four histories together would not fit beside the report."""
+        seen: set[str] = set()
+        firsts: list[np.ndarray] = []  # per file, the rows whose coil no earlier row had
+        kept: CoilDataset | None = None
+        for path in paths:
+            kept = load_kept_data(self.model_dir, path)
+            _, first = np.unique(kept.coil_id, return_index=True)
+            rows = np.array([i for i in np.sort(first) if kept.coil_id[i] not in seen], dtype=np.int64)
+            seen.update(kept.coil_id[rows].tolist())
+            firsts.append(rows)
+        n_coils = sum(len(rows) for rows in firsts)
+        chosen = np.arange(n_coils)
+        if n_coils > self.config.max_reference:
+            chosen = np.sort(np.random.default_rng(self.config.seed).choice(n_coils, self.config.max_reference, False))
+        offsets = np.cumsum([0, *(len(rows) for rows in firsts)])
+        X, y = [], []
+        for k, path in enumerate(paths):
+            mine = chosen[(chosen >= offsets[k]) & (chosen < offsets[k + 1])] - offsets[k]
+            if len(mine):
+                data = kept if len(paths) == 1 else load_kept_data(self.model_dir, path)
+                X.append(data.X[firsts[k][mine]])
+                y.append(data.y[firsts[k][mine]])
+        if not X:
+            return np.empty((0, 264, 18), np.float32), np.empty(0, np.int64), 0
+        return np.concatenate(X), np.concatenate(y), n_coils
 
     def _data_path(self, record: ModelRecord) -> str | None:
         try:

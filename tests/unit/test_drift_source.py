@@ -89,3 +89,30 @@ def test_reference_predictions_are_cached_per_version_and_a_broken_cache_is_a_mi
     again = source.reference()
     assert again.description["predictions"] == "ensemble of the active versions"
     assert np.allclose(again.p_nok, first.p_nok) and [p.name for p in cache.glob("*.npy")] == [cached.name]
+
+
+def test_the_reference_is_each_kept_coil_once_drawn_one_file_at_a_time(engine, tmp_path: Path) -> None:
+    """Two models whose histories share coils, one of them holding an operator's coils three times over: the
+    reference draws from the union, each coil once, exactly as from the whole concatenation."""
+    from ml.dataset import CoilDataset
+    from workflows.drift_report import CoilSample
+    from workflows.training import load_kept_data
+
+    a = stripe_coils(60, 0.2, seed=0)
+    b = CoilDataset.concat([a.subset(slice(0, 20)), stripe_coils(40, 0.2, seed=1)] + [a.subset(slice(50, 55))] * 2)
+    registry = SqlModelRegistry(engine)
+    for name, data in (("a", a), ("b", b)):
+        model = CnnAssessor({"epochs": 1, "seed": 0}, name=name)
+        model.fit(data, device="cpu")
+        register(model, registry, tmp_path / "models", status="active", dataset=data)
+
+    for cap in (1000, 30):
+        config = DriftConfig(max_reference=cap, seed=5)
+        sample = SqlDriftSource(engine, tmp_path / "models", tmp_path / "cache", config).reference()
+        paths = sample.description["data"]
+        union = CoilDataset.concat([load_kept_data(tmp_path / "models", p) for p in paths]).unique()
+        expected = CoilSample(union.X, labels=np.where(union.y == 1, "NOK", "OK").astype(object)).sample(cap, 5)
+        assert len(paths) == 2 and sample.description["n_coils"] == len(union) == 100
+        assert len(sample) == min(cap, 100) and sample.description.get("sampled_from") == (100 if cap < 100 else None)
+        assert np.array_equal(sample.X, expected.X, equal_nan=True)
+        assert list(sample.labels) == list(expected.labels)
