@@ -125,9 +125,11 @@ class SqlDriftSource:
         ).hexdigest()[:24]
         cached = self.cache_dir / f"reference-{key}.npy"
         try:
-            return np.load(cached), "ensemble of the active versions (cached)"
-        except (OSError, ValueError):
-            pass  # not there yet (or unreadable: computed again and rewritten)
+            p_nok = np.load(cached)
+            if p_nok.shape == (len(sample),):
+                return p_nok, "ensemble of the active versions (cached)"
+        except Exception:  # not there yet, or unreadable (a crash before the disk had it leaves 0 bytes: EOFError)
+            pass  # computed again and rewritten
         try:
             serving = EnsembleLoader(self.registry, self.model_dir).load()
             if set(serving.records) != {(r.name, r.version) for r in records}:  # a promotion since the reference
@@ -143,12 +145,13 @@ class SqlDriftSource:
         except Exception as exc:  # prediction drift is left out, feature drift is still reported
             log.warning("reference predictions unavailable: %s", exc)
             return None, f"unavailable: {type(exc).__name__}: {exc}"
+        tmp = cached.with_name(f"{cached.stem}.{uuid.uuid4().hex[:8]}.tmp.npy")  # two reports may run at once
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f"{cached.stem}.{uuid.uuid4().hex[:8]}.tmp.npy")  # two reports may run at once
             np.save(tmp, p_nok)
             tmp.replace(cached)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             log.warning("reference predictions not cached: %s", exc)
         return p_nok, "ensemble of the active versions"
 

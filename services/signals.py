@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import time
 from collections.abc import Iterator
 
@@ -32,8 +33,10 @@ def exit_at_once(*_: object) -> None:
     """The second Ctrl-C's handler. Only calls that take no lock: a raw write to stderr, then ``os._exit``
     (no atexit hooks, no joins: they are what the person is not willing to wait for). The exit does not depend
     on the write: under ``… | tee log`` the first Ctrl-C has already ended the reader, and stderr is a broken
-    pipe."""
+    pipe; under a paused pager the pipe may be full."""
     try:
+        if stat.S_ISFIFO(os.fstat(2).st_mode):  # a paused pager (`| less`) with the pipe full must not hold it up;
+            os.set_blocking(2, False)  # a terminal is left as it is: the shell shares it and would inherit the mode
         os.write(2, AT_ONCE)
     except OSError:
         pass

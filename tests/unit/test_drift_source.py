@@ -85,10 +85,13 @@ def test_reference_predictions_are_cached_per_version_and_a_broken_cache_is_a_mi
     [cached] = cache.glob("reference-*.npy")
     assert source.reference().description["predictions"].endswith("(cached)")
 
-    cached.write_bytes(b"half a file")  # a disk that filled up as it was written
-    again = source.reference()
-    assert again.description["predictions"] == "ensemble of the active versions"
-    assert np.allclose(again.p_nok, first.p_nok) and [p.name for p in cache.glob("*.npy")] == [cached.name]
+    for broken in (b"half a file", b""):  # a disk that filled up as it was written; a crash before it had it
+        cached.write_bytes(broken)
+        again = source.reference()
+        assert again.description["predictions"] == "ensemble of the active versions"
+        assert np.allclose(again.p_nok, first.p_nok) and [p.name for p in cache.glob("*.npy")] == [cached.name]
+    np.save(cached, np.zeros(3))  # another sample's: the wrong length is a miss too
+    assert source.reference().description["predictions"] == "ensemble of the active versions"
 
 
 def test_the_reference_is_each_kept_coil_once_drawn_one_file_at_a_time(engine, tmp_path: Path) -> None:

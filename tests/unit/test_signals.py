@@ -70,3 +70,23 @@ def test_the_second_ctrl_c_ends_the_process_even_when_stderr_is_a_broken_pipe() 
         print("still running", flush=True)
     """)
     assert done.returncode == INTERRUPTED and done.stdout == ""
+
+
+def test_the_second_ctrl_c_ends_the_process_even_when_stderr_is_a_full_pipe() -> None:
+    """``coilguard up 2>&1 | less`` with the pager paused: the pipe is full and a plain write would wait."""
+    done = _child("""
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        try:
+            while True:
+                os.write(write, b"x" * 4096)
+        except BlockingIOError:
+            pass
+        os.set_blocking(write, True)
+        os.dup2(write, 2)  # the reader is alive and reads nothing
+        stop = signals.StopSignals().install()
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        print("still running", flush=True)
+    """)
+    assert done.returncode == INTERRUPTED and done.stdout == ""
