@@ -240,6 +240,15 @@ class ReTrain:
                 log.info("ReTrain %s: %s", champion_record.name, why)
                 return RetrainOutcome(champion_record.name, champion_record.version, "rejected", why, None, metrics)
 
+            # what the promotion rests on goes into the manifest, beside the figures of the challenger's own fit
+            challenger.metrics = {
+                **challenger.metrics,
+                "retrain": {
+                    "champion": {"name": champion_record.name, "version": champion_record.version},
+                    "holdout": {k: v for k, v in comparison.items() if k != "detail"},
+                    "candidates": metrics["candidates"],
+                },
+            }
             # promotion: artifact first (written, checksummed), then one transaction, then the event
             record = register(
                 challenger,

@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from ml.assessors.base import AssessBatch
 from ml.assessors.cnn import CnnAssessor
+from ml.assessors.manifest import Manifest
 from ml.assessors.ssim_ae import SsimAeAssessor
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.ensemble import MemberVote
@@ -27,7 +28,7 @@ from services.db.repositories import SqlCoilStore, SqlFeedbackStore, SqlModelReg
 from workflows.model_score import ScoreRule, due_for_retraining, score_models
 from workflows.ports import LabelledCoil, LatestScore, ModelRecord, UnknownCoil
 from workflows.retrain import RetrainConfig, combine, split_by_time
-from workflows.training import load_model, register, training_history
+from workflows.training import load_model, register, resolve_artifact, training_history
 
 RULE = ScoreRule(threshold=0.75, min_coils=10)
 
@@ -321,6 +322,11 @@ def test_a_promotion_whose_announcement_fails_is_recorded_as_a_promotion(engine,
     with engine.connect() as conn:
         run = conn.execute(text("SELECT status, reason FROM retrain_runs")).one()
     assert run.status == "promoted" and "the broker went away" in run.reason
+    promoted = registry.active_models()[0]
+    on_disk = Manifest.read(resolve_artifact(tmp_path, promoted.artifact_uri)).metrics["retrain"]
+    assert on_disk == promoted.metrics["retrain"]  # what the promotion rests on, in the manifest and the registry
+    assert on_disk["champion"] == {"name": "line", "version": 1} and on_disk["holdout"]["n"] > 0
+    assert on_disk["holdout"]["metric"] in ("f1_nok", "cost_accuracy") and "detail" not in on_disk["holdout"]
 
 
 @pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
