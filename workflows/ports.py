@@ -228,5 +228,9 @@ class RetrainRuns(Protocol):
         device: str | None = None,
     ) -> None: ...
 
+    def settle_abandoned(self) -> int:
+        """Close the ``running`` rows of processes that died, of any model (how many): a run killed just after
+        its promotion belongs to a version no later run starts on."""
+
     def last_finished(self, model_id: int) -> FinishedRun | None:
         """The model's latest run that has ended, or None."""

@@ -130,6 +130,11 @@ class ReTrain:
 
     def run(self, names: list[str] | None = None, force: bool = False) -> list[RetrainOutcome]:
         """Retrain every model that is due (or, with ``force``, every active model named in ``names``)."""
+        try:
+            if settled := self.runs.settle_abandoned():
+                log.info("ReTrain: %d run(s) left running by a process that died are closed", settled)
+        except Exception as exc:  # bookkeeping: the pass goes on without it
+            log.warning("ReTrain: could not close runs left by dead processes: %s", exc)
         if force:
             candidates = [s for s in self.scores.latest() if names is None or s.model.name in names]
             known = {s.model.id for s in candidates}

@@ -688,21 +688,28 @@ class SqlRetrainRuns:
         self.engine = engine
         self._locks: dict[int, Connection | _FileLock] = {}
 
-    def start(self, model_id: int, reason: str, worker: str) -> int | None:
-        lock: Connection | _FileLock | None = None
+    def _try_lock(self, model_id: int) -> tuple[bool, Connection | _FileLock | None]:
+        """Whether no live process retrains ``model_id`` as far as the lock can tell, and the lock (None for a
+        SQLite database without a file, which has none: the row's ``host:pid`` is checked instead)."""
         if self.engine.dialect.name == "postgresql":
-            lock = self.engine.connect()
-            got = lock.execute(
+            conn = self.engine.connect()
+            got = conn.execute(
                 text("SELECT pg_try_advisory_lock(:ns, :key)"), {"ns": RETRAIN_LOCK_NAMESPACE, "key": model_id}
             ).scalar()
-            lock.commit()
+            conn.commit()
             if not got:
-                lock.close()
-                return None
-        elif (database := sqlite_file(self.engine.url.database)) is not None:
+                conn.close()
+                return False, None
+            return True, conn
+        if (database := sqlite_file(self.engine.url.database)) is not None:
             lock = _FileLock.take(database.with_name(f"{database.name}.retrain-{model_id}.lock"))
-            if lock is None:
-                return None
+            return lock is not None, lock
+        return True, None
+
+    def start(self, model_id: int, reason: str, worker: str) -> int | None:
+        got, lock = self._try_lock(model_id)
+        if not got:
+            return None
         try:
             with self.engine.begin() as conn:
                 stale = conn.execute(
@@ -711,15 +718,7 @@ class SqlRetrainRuns:
                 if stale is not None:
                     if lock is None and _process_alive(stale.worker):
                         return None
-                    conn.execute(
-                        update(retrain_runs)
-                        .where(retrain_runs.c.id == stale.id)
-                        .values(
-                            status="failed",
-                            finished_at=datetime.now(UTC),
-                            reason=f"{stale.reason or ''} | abandoned: its process ({stale.worker}) died".strip(" |"),
-                        )
-                    )
+                    _settle_dead_run(conn, stale)
                 run_id = conn.execute(
                     retrain_runs.insert()
                     .values(
@@ -762,6 +761,28 @@ class SqlRetrainRuns:
         finally:
             _release(self._locks.pop(run_id, None))
 
+    def settle_abandoned(self) -> int:
+        """Close the ``running`` rows of every model whose process has died; how many.
+
+        :meth:`start` does it for the model it starts, but a run killed just after its promotion committed
+        belongs to a version that is retired now and never retrained again: without this its row would say
+        ``running`` for ever, and never that it promoted."""
+        with self.engine.connect() as conn:
+            stale = conn.execute(select(retrain_runs).where(retrain_runs.c.status == "running")).all()
+        settled = 0
+        for row in stale:
+            got, lock = self._try_lock(row.model_id)
+            if not got:
+                continue
+            try:
+                if lock is None and _process_alive(row.worker):
+                    continue
+                with self.engine.begin() as conn:
+                    settled += _settle_dead_run(conn, row)
+            finally:
+                _release(lock)
+        return settled
+
     def last_finished(self, model_id: int) -> FinishedRun | None:
         query = (
             select(retrain_runs.c.status, retrain_runs.c.finished_at, retrain_runs.c.metrics)
@@ -772,6 +793,28 @@ class SqlRetrainRuns:
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return None if row is None else FinishedRun(row.status, as_utc(row.finished_at), row.metrics or {})
+
+
+def _settle_dead_run(conn: Connection, run: Row[Any]) -> int:
+    """Close the ``running`` row of a process that died, as what it did: ``promoted`` when a version it trained
+    (a child of its model, promoted since the run began) went into service, otherwise ``failed``."""
+    challenger = conn.execute(
+        select(models.c.id, models.c.version)
+        .where(models.c.parent_id == run.model_id, models.c.promoted_at >= run.started_at)
+        .order_by(models.c.promoted_at)
+        .limit(1)
+    ).first()
+    died = f"its process ({run.worker}) died"
+    values: dict[str, Any] = {"status": "failed", "finished_at": datetime.now(UTC)}
+    if challenger is not None:
+        values.update(
+            status="promoted", challenger_id=challenger.id, reason=f"v{challenger.version} promoted, then {died}"
+        )
+    else:
+        values["reason"] = f"{run.reason or ''} | abandoned: {died}".strip(" |")
+    return conn.execute(
+        update(retrain_runs).where(retrain_runs.c.id == run.id, retrain_runs.c.status == "running").values(**values)
+    ).rowcount
 
 
 class _FileLock:

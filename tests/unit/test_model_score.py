@@ -230,6 +230,53 @@ def test_retrain_runs_lock_one_run_per_model_and_clear_dead_ones(engine) -> None
     assert status == {first: "rejected", dead: "failed", third: "running"}
 
 
+def test_a_run_killed_after_its_promotion_is_closed_as_a_promotion_by_the_next_pass(engine) -> None:
+    """SIGKILL just after the promotion committed: the run's model is retired, so no later run starts on it and
+    closes its row. The next pass closes every dead process's row, as what it did; a live one is left alone."""
+    registry = SqlModelRegistry(engine)
+    v1 = registry.add(name="a", kind="cnn", version=1, artifact_uri="a/v1", sha256="x", status="active")
+    other = registry.add(name="b", kind="cnn", version=1, artifact_uri="b/v1", sha256="y", status="active")
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import socket, time
+                from services.db.engine import make_engine
+                from services.db.repositories import SqlModelRegistry, SqlRetrainRuns
+                engine = make_engine({str(engine.url)!r})
+                runs, registry = SqlRetrainRuns(engine), SqlModelRegistry(engine)
+                promoting = runs.start({v1.id}, "score 20%", socket.gethostname() + ":1")
+                failing = runs.start({other.id}, "score 30%", socket.gethostname() + ":1")
+                v2 = registry.add(name="a", kind="cnn", version=2, artifact_uri="a/v2", sha256="z", parent_id={v1.id})
+                registry.promote(v2.id, replacing={v1.id})
+                print(promoting, failing, v2.id, flush=True)
+                time.sleep(60)  # killed here, before either run is finished
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    runs = SqlRetrainRuns(engine)
+    try:
+        assert child.stdout is not None
+        promoting, failing, v2 = map(int, child.stdout.readline().split())
+        assert runs.settle_abandoned() == 0  # alive: its locks are held
+        child.kill()
+        child.wait(10)
+    finally:
+        child.kill()
+    assert runs.settle_abandoned() == 2
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(text("SELECT id, status, challenger_id, reason FROM retrain_runs"))}
+    assert (rows[promoting].status, rows[promoting].challenger_id) == ("promoted", v2)
+    assert "v2 promoted, then its process" in rows[promoting].reason
+    assert rows[failing].status == "failed" and "score 30% | abandoned: its process" in rows[failing].reason
+    assert runs.settle_abandoned() == 0
+
+
 def test_an_image_model_due_for_retraining_is_skipped_with_what_to_do(engine, tmp_path: Path) -> None:
     """The coil store keeps matrices, not surface images: ReTrain must say so instead of training a challenger
     on rendered matrices that would then abstain on the whole holdout."""
