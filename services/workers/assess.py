@@ -195,7 +195,8 @@ class AssessWorker:
         # 2 cores, full ensemble, share of the compute limit: 67 / 71 % at 5 ms, 76 / 76 / 71 % at 0.5 ms
         sys.setswitchinterval(self.settings.gil_switch_ms / 1000)
         self.loader.shards = share_threads(self.settings.inference_shards, self.settings.torch_threads)
-        serve_metrics(self.settings.metrics_port)
+        if not self.retire:  # a retiring worker is run by hand, often inside a pod whose own worker has the port
+            serve_metrics(self.settings.metrics_port)
         # subscribed before any model is there: the broker keeps the coils of a fresh install for the session
         try:
             try:

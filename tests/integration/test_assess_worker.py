@@ -6,6 +6,7 @@ import base64
 import contextlib
 import itertools
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -553,7 +554,11 @@ def test_a_retired_worker_hands_in_its_queued_share_and_nothing_is_stranded(env:
         publish_coils(env.publisher, env.topics, first)
         assert wait_for(lambda: staying.stats.decided > 0, timeout=30)
         time.sleep(1.0)
-        retired = AssessWorker(env.settings, engine=env.engine, client_id=leaving, retire=True).run()
+        with socket.socket() as taken:  # run by hand in a pod whose own worker serves the metrics port
+            taken.bind(("0.0.0.0", 0))
+            taken.listen()
+            in_the_pod = env.settings.model_copy(update={"metrics_port": taken.getsockname()[1]})
+            retired = AssessWorker(in_the_pod, engine=env.engine, client_id=leaving, retire=True).run()
         assert retired.decided > 0 and retired.session_removed  # the stranded share was waiting in the session
         assert wait_for(lambda: env.coils() == 40, timeout=30), env.coils()
         assert staying.stats.decided + retired.decided == 40

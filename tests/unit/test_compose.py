@@ -52,7 +52,7 @@ def test_every_variable_is_a_real_setting(name: str) -> None:
 
 
 def test_postgres_is_health_checked_and_migrations_run_once_before_the_rest() -> None:
-    assert "pg_isready" in str(SERVICES["postgres"]["healthcheck"]["test"])
+    assert "pg_isready -h 127.0.0.1" in str(SERVICES["postgres"]["healthcheck"]["test"])  # TCP, not the socket
     migrate = SERVICES["migrate"]
     assert migrate["restart"] == "no" and check_invocation(migrate["command"]) == "db upgrade"
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"

@@ -180,6 +180,9 @@ def test_assess_keeps_a_stable_mqtt_identity_and_only_scales_out() -> None:
         assert env["COILGUARD_MQTT_CLIENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
         hpa = objects(overlay, "HorizontalPodAutoscaler")["coilguard-assess"]["spec"]
         assert hpa["behavior"]["scaleDown"]["selectPolicy"] == "Disabled"
+        # the autoscaler owns the count: a count here would be put back by each release's apply, deleting the
+        # workers it had added and stranding their sessions' share of the stream
+        assert "replicas" not in assess["spec"], overlay
     assert objects("prod", "HorizontalPodAutoscaler")["coilguard-assess"]["spec"]["minReplicas"] >= 2
 
 
