@@ -280,6 +280,15 @@ class Settings(BaseSettings):
         _check_database_url(value)
         return value
 
+    @field_validator("api_token")
+    @classmethod
+    def _api_token(cls, value: SecretStr | None) -> SecretStr | None:
+        """Printable ASCII: HTTP header values arrive as latin-1, so a token with other characters could never be
+        sent as it is compared, and every write would be refused with 401."""
+        if value is not None and not all(" " < c < "\x7f" for c in value.get_secret_value()):
+            raise ValueError("the API token must be printable ASCII without spaces (e.g. `openssl rand -hex 32`)")
+        return value
+
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_url(cls, value: str) -> str:

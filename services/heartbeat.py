@@ -44,10 +44,19 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{kind}", daemon=True)
         self.failing = False  # the last beat failed: the database may be away
 
-    def start(self) -> Heartbeat:
-        self.beat()
-        with self.engine.begin() as conn:  # rows of processes long dead (killed, not stopped)
-            conn.execute(delete(workers).where(workers.c.seen_at < datetime.now(UTC) - FORGET_AFTER))
+    def start(self, *, first_must_succeed: bool = True) -> Heartbeat:
+        """The first beat, then a beat every ``every_s`` on a thread. ``first_must_succeed=False`` (the API, which
+        must come up while the database is away) logs a failed first beat and lets the thread try again, so the
+        process appears on /status once the database is back instead of never."""
+        try:
+            self.beat()
+            with self.engine.begin() as conn:  # rows of processes long dead (killed, not stopped)
+                conn.execute(delete(workers).where(workers.c.seen_at < datetime.now(UTC) - FORGET_AFTER))
+        except Exception as exc:
+            if first_must_succeed:
+                raise
+            self.failing = True
+            log.warning("heartbeat failed (%s); trying again every %.0f s", exc, self.every_s)
         self._thread.start()
         return self
 

@@ -98,14 +98,32 @@ async def _database_error(request: Request, exc: Exception) -> Response:
         reason = "no database connection came free in time"
     else:
         assert isinstance(exc, DBAPIError)
-        if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+        if not (isinstance(exc, OperationalError) or exc.connection_invalidated or _unavailable(exc)):
             raise exc
         reason = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if _sqlstate(exc) in SCHEMA_BEHIND:
+            reason += " (is the schema behind this release? `coilguard db upgrade`)"
     password = request.app.state.coilguard.engine.url.password
     if password:  # drivers do not echo it today; the answer goes to anyone on the plant network
         reason = reason.replace(str(password), "***")
     log.warning("%s %s: database unavailable: %s", request.method, request.url.path, reason)
     return JSONResponse({"detail": f"database unavailable: {reason}"}, status_code=503)
+
+
+# PostgreSQL's words for "the database cannot serve this now", whatever the driver's exception class: a read-only
+# server after a failover (25006: psycopg raises InternalError), one shutting down (57P01–57P03), out of resources
+# (class 53), no connection (class 08), and tables or columns a migration has not made yet
+SCHEMA_BEHIND = ("42P01", "42703")
+UNAVAILABLE_CLASSES = ("08", "53", "57P")
+
+
+def _sqlstate(exc: DBAPIError) -> str:
+    return str(getattr(exc.orig, "sqlstate", None) or "")
+
+
+def _unavailable(exc: DBAPIError) -> bool:
+    state = _sqlstate(exc)
+    return state.startswith(UNAVAILABLE_CLASSES) or state == "25006" or state in SCHEMA_BEHIND
 
 
 async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -118,10 +136,7 @@ async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Re
     return response
 
 
-def _heartbeat(settings: Settings, engine: Engine) -> Heartbeat | None:
+def _heartbeat(settings: Settings, engine: Engine) -> Heartbeat:
     beat = Heartbeat(engine, "api", f"api-{worker_name()}", every_s=settings.heartbeat_every.total_seconds())
-    try:
-        return beat.start()
-    except Exception as exc:  # the API must come up (and report "not ready") even while the database is away
-        log.warning("API heartbeat not started (%s); /status will not list this process", exc)
-        return None
+    # the API must come up (and report "not ready") even while the database is away, and be listed once it is back
+    return beat.start(first_must_succeed=False)

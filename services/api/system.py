@@ -15,6 +15,7 @@ from services.api import queries
 from services.api.deps import State
 from services.api.schemas import Backlog, Check, Liveness, ModelRef, Readiness, SystemStatus, WorkerOut
 from services.config import Settings
+from services.db.migrate import head, schema_behind
 from services.mqtt.client import MqttClient
 
 router = APIRouter(tags=["system"])
@@ -54,9 +55,20 @@ def _timed(check) -> Check:
 
 
 def _database(state: State) -> str:
+    """Reachable, and at this release's schema: an API that starts before the migration has run would otherwise
+    be put in service while every route fails on a missing table."""
     with state.engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+        at = schema_behind(conn)
+    if at is not None:
+        raise SchemaBehind(
+            f"the database is at schema revision {at}, this coilguard needs {head()}: `coilguard db upgrade`"
+        )
     return state.engine.dialect.name
+
+
+class SchemaBehind(RuntimeError):
+    """The database answers but its schema is older than this release's."""
 
 
 def _broker(settings: Settings) -> str:

@@ -6,13 +6,14 @@ works from an editable checkout and from a wheel alike, whatever the working dir
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import pool
+from sqlalchemy import Connection, pool
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -84,12 +85,26 @@ def behind(url: str) -> str | None:
     """The revision the database at ``url`` is at when that is behind the installed migrations ("none" for a
     database never migrated); None when it is at head, or ahead of it (a newer release migrated it: its
     migrations add, so an older reader still works, as during a rolling upgrade)."""
-    at = current(url)
+    return _behind(current(url))
+
+
+def schema_behind(connection: Connection) -> str | None:
+    """:func:`behind` on a connection already open (the API's readiness probe, every few seconds)."""
+    return _behind(MigrationContext.configure(connection).get_current_revision())
+
+
+def _behind(at: str | None) -> str | None:
     if at is None:
         return "none"
+    known, newest = _revisions()
+    return at if at in known and at != newest else None
+
+
+@lru_cache(maxsize=1)
+def _revisions() -> tuple[frozenset[str], str | None]:
+    """The installed migrations' revisions and their head (read from disk once per process)."""
     scripts = ScriptDirectory.from_config(alembic_config(""))
-    known = {rev.revision for rev in scripts.walk_revisions()}
-    return at if at in known and at != scripts.get_current_head() else None
+    return frozenset(rev.revision for rev in scripts.walk_revisions()), scripts.get_current_head()
 
 
 def schema_problem(url: str) -> str | None:

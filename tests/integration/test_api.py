@@ -24,7 +24,7 @@ import uvicorn
 from hypothesis import HealthCheck, settings
 from infra import free_ports
 from schemathesis import checks
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, insert, select, text
 
 from services.api import create_app
 from services.config import Settings, load_settings
@@ -235,6 +235,25 @@ def test_bad_feedback_is_refused_with_a_reason(api: Api, body: dict, field: str,
     assert any(p["loc"][-1] == field and reason in p["msg"] for p in problems), problems
 
 
+def test_a_read_only_database_is_a_503_not_a_500(api: Api) -> None:
+    """After a failover the server answers but refuses writes (SQLSTATE 25006, which psycopg raises as
+    InternalError): that is the database being unavailable, as the workers treat it, not a fault of the API."""
+    database = api.engine.url.database
+    with api.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on'))
+    api.engine.dispose()  # new sessions take the setting
+    try:
+        with api.client(headers=AUTH) as client:
+            response = client.post("/feedback", json={"coil_id": "C-2026-000001", "label": "OK", "operator": "anna"})
+    finally:
+        with api.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("SET default_transaction_read_only = off"))
+            conn.execute(text(f'ALTER DATABASE "{database}" RESET default_transaction_read_only'))
+        api.engine.dispose()
+    assert response.status_code == 503, response.text
+    assert "read-only transaction" in response.json()["detail"]
+
+
 def test_without_a_configured_token_writes_are_refused_not_open(api: Api) -> None:
     settings = api.settings.model_copy(update={"api_token": None})
     with _serve(settings, api.engine, heartbeat=False) as base, httpx.Client(base_url=base) as client:
@@ -408,6 +427,7 @@ def test_drift_reports_and_their_html(api: Api) -> None:
     assert page["total"] == 2 and oldest["dataset_drift"] and oldest["drifted_columns"] == ["s03_mean"]
     assert detail["summary"]["columns"]["s03_mean"]["score"] == 0.001
     assert html.status_code == 200 and html.headers["content-type"].startswith("text/html") and "drift" in html.text
+    assert "immutable" in html.headers["cache-control"] and html.headers["x-content-type-options"] == "nosniff"
     assert escaped.status_code == 404  # a report_uri outside REPORT_DIR is not served
     assert missing.status_code == 404
 

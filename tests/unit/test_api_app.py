@@ -4,14 +4,16 @@ answers (validation, a database that is away) and what its OpenAPI document prom
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InternalError, OperationalError, ProgrammingError
 
 from services.api import create_app, queries
-from services.config import load_settings
+from services.config import ConfigError, load_settings
 from services.db.engine import make_engine
+from services.db.migrate import upgrade
 
 TOKEN = "tok"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -102,3 +104,68 @@ def test_a_lost_connection_is_a_503_and_other_database_errors_stay_500(
     bug = client.get("/models")
     assert lost.status_code == 503 and PASSWORD not in lost.text and "server closed" in lost.json()["detail"]
     assert bug.status_code == 500
+
+
+class _DriverError(Exception):
+    """What psycopg raises, as far as the API looks: the server's SQLSTATE."""
+
+    def __init__(self, message: str, sqlstate: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "words"),
+    [
+        (
+            InternalError("INSERT", {}, _DriverError("cannot execute INSERT in a read-only transaction", "25006")),
+            503,
+            "read-only transaction",
+        ),
+        (
+            ProgrammingError("SELECT", {}, _DriverError('relation "coils" does not exist', "42P01")),
+            503,
+            "coilguard db upgrade",
+        ),
+        (
+            OperationalError(
+                "SELECT", {}, _DriverError("terminating connection due to administrator command", "57P01")
+            ),
+            503,
+            "administrator command",
+        ),
+        (ProgrammingError("SELECT", {}, _DriverError('syntax error at or near "SELEC"', "42601")), 500, None),
+    ],
+    ids=["read-only", "schema-behind", "shutting-down", "a-bug"],
+)
+def test_the_databases_own_code_says_whether_it_is_unavailable(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, error: Exception, status: int, words: str | None
+) -> None:
+    def raising(*_: object, **__: object) -> None:
+        raise error
+
+    monkeypatch.setattr(queries, "model_versions", raising)
+    response = client.get("/models")
+    assert response.status_code == status, response.text
+    if words is not None:
+        assert words in response.json()["detail"]
+
+
+def test_readiness_waits_for_this_releases_schema(tmp_path: Path) -> None:
+    """An API started before the migration ran must not be put in service while every route fails."""
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    settings = load_settings(_env_file=None, database_url=url, api_token=TOKEN)
+    engine = make_engine(url)
+    with TestClient(create_app(settings, engine, heartbeat=False)) as client:
+        before = client.get("/health/ready")
+        upgrade(url)
+        after = client.get("/health/ready")
+    engine.dispose()
+    assert before.status_code == 503, before.text
+    assert "schema revision none" in before.json()["checks"]["database"]["detail"]
+    assert after.status_code == 200, after.text
+
+
+def test_an_api_token_that_no_client_could_send_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match=r"COILGUARD_API_TOKEN: .*printable ASCII"):
+        load_settings(_env_file=None, api_token="päss")

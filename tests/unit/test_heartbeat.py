@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,3 +38,23 @@ def test_rows_of_long_dead_processes_are_removed_when_a_process_starts(tmp_path:
         beat.stop()
         engine.dispose()
     assert left == ["api-host:2", "assess-0"]
+
+
+def test_a_process_started_while_the_database_was_away_is_listed_once_it_is_back(tmp_path: Path) -> None:
+    """The API comes up during an outage (here: before its schema exists) and must appear on the status page
+    when the database can take its row, not never."""
+    url = f"sqlite:///{tmp_path / 'late.db'}"
+    engine = make_engine(url)
+    beat = Heartbeat(engine, "api", "api-0", every_s=0.1).start(first_must_succeed=False)
+    try:
+        assert beat.failing
+        upgrade(url)
+        deadline = time.monotonic() + 10
+        while beat.failing and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with engine.connect() as conn:
+            listed = list(conn.execute(select(Worker.worker_id)).scalars())
+    finally:
+        beat.stop()
+        engine.dispose()
+    assert listed == ["api-0"]
