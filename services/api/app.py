@@ -26,6 +26,7 @@ from services.api import catalogue, coils, drift, system
 from services.api.deps import ApiState
 from services.config import Settings
 from services.db.engine import make_engine
+from services.db.migrate import schema_behind
 from services.db.repositories import worker_name
 from services.heartbeat import Heartbeat
 from services.metrics import METRICS
@@ -102,7 +103,10 @@ async def _database_error(request: Request, exc: Exception) -> Response:
             raise exc
         reason = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         if _sqlstate(exc) in SCHEMA_BEHIND:
-            reason += " (is the schema behind this release? `coilguard db upgrade`)"
+            at = _schema_behind(request.app.state.coilguard.engine)
+            if at is None:  # at this release's schema (or newer): a missing table or column is this code's fault
+                raise exc
+            reason += f" (the schema is at revision {at}, behind this release: `coilguard db upgrade`)"
     password = request.app.state.coilguard.engine.url.password
     if password:  # drivers do not echo it today; the answer goes to anyone on the plant network
         reason = reason.replace(str(password), "***")
@@ -119,6 +123,15 @@ UNAVAILABLE_CLASSES = ("08", "53", "57P")
 
 def _sqlstate(exc: DBAPIError) -> str:
     return str(getattr(exc.orig, "sqlstate", None) or "")
+
+
+def _schema_behind(engine: Engine) -> str | None:
+    """The revision the database is at when it is behind this release, or None (at head, newer, or unreadable)."""
+    try:
+        with engine.connect() as conn:
+            return schema_behind(conn)
+    except DBAPIError:
+        return None
 
 
 def _unavailable(exc: DBAPIError) -> bool:

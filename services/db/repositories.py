@@ -797,10 +797,15 @@ class SqlRetrainRuns:
 
 def _settle_dead_run(conn: Connection, run: Row[Any]) -> int:
     """Close the ``running`` row of a process that died, as what it did: ``promoted`` when a version it trained
-    (a child of its model, promoted since the run began) went into service, otherwise ``failed``."""
+    (a child of its model, registered and promoted since the run began: an older child put back in service by
+    hand meanwhile is not the run's) went into service, otherwise ``failed``."""
     challenger = conn.execute(
         select(models.c.id, models.c.version)
-        .where(models.c.parent_id == run.model_id, models.c.promoted_at >= run.started_at)
+        .where(
+            models.c.parent_id == run.model_id,
+            models.c.created_at >= run.started_at,
+            models.c.promoted_at >= run.started_at,
+        )
         .order_by(models.c.promoted_at)
         .limit(1)
     ).first()

@@ -427,7 +427,7 @@ def test_drift_reports_and_their_html(api: Api) -> None:
     assert page["total"] == 2 and oldest["dataset_drift"] and oldest["drifted_columns"] == ["s03_mean"]
     assert detail["summary"]["columns"]["s03_mean"]["score"] == 0.001
     assert html.status_code == 200 and html.headers["content-type"].startswith("text/html") and "drift" in html.text
-    assert "immutable" in html.headers["cache-control"] and html.headers["x-content-type-options"] == "nosniff"
+    assert "max-age=300" in html.headers["cache-control"] and html.headers["x-content-type-options"] == "nosniff"
     assert escaped.status_code == 404  # a report_uri outside REPORT_DIR is not served
     assert missing.status_code == 404
 

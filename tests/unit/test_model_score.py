@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -236,6 +237,8 @@ def test_a_run_killed_after_its_promotion_is_closed_as_a_promotion_by_the_next_p
     registry = SqlModelRegistry(engine)
     v1 = registry.add(name="a", kind="cnn", version=1, artifact_uri="a/v1", sha256="x", status="active")
     other = registry.add(name="b", kind="cnn", version=1, artifact_uri="b/v1", sha256="y", status="active")
+    older = registry.add(name="b", kind="cnn", version=2, artifact_uri="b/v2", sha256="w", parent_id=other.id)
+    time.sleep(0.01)  # registered before the runs begin
     child = subprocess.Popen(
         [
             sys.executable,
@@ -251,6 +254,7 @@ def test_a_run_killed_after_its_promotion_is_closed_as_a_promotion_by_the_next_p
                 failing = runs.start({other.id}, "score 30%", socket.gethostname() + ":1")
                 v2 = registry.add(name="a", kind="cnn", version=2, artifact_uri="a/v2", sha256="z", parent_id={v1.id})
                 registry.promote(v2.id, replacing={v1.id})
+                registry.promote({older.id})  # an operator puts an older child of b in service: not the run's
                 print(promoting, failing, v2.id, flush=True)
                 time.sleep(60)  # killed here, before either run is finished
                 """
