@@ -204,9 +204,9 @@ class FileDriftReportStore:
         stem = f"{DRIFT_DIR}/{window_end.astimezone(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         html, doc = self.report_dir / f"{stem}.html", self.report_dir / f"{stem}.json"
         html.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(html, result.html)
+        write_atomic(html, result.html)
         summary = {**summary, "report_json": f"{stem}.json"}
-        _write_atomic(doc, json.dumps(summary, indent=2))
+        write_atomic(doc, json.dumps(summary, indent=2))
         with self.engine.begin() as conn:
             return int(
                 conn.execute(
@@ -225,7 +225,8 @@ class FileDriftReportStore:
             )
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all: a crash leaves the old file or none, never half of one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

@@ -107,7 +107,7 @@ def catch_up_drift(
     restart would turn one failed report a day into a crash loop that starves ModelScore.
     """
     from services.db.engine import engine_for
-    from services.drift import full_report_since
+    from services.drift import full_report_since, write_atomic
 
     now = now or datetime.now(UTC)
     due = last_fire_time(trigger, now)
@@ -126,11 +126,8 @@ def catch_up_drift(
         )  # fmt: skip
         return None
     log.info("no drift report since it was due at %s; writing it now", due)
-    doc = {"due": due.isoformat(), "began": [*began, datetime.now(UTC).isoformat()]}
     mark.parent.mkdir(parents=True, exist_ok=True)
-    tmp = mark.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc), encoding="utf-8")
-    tmp.replace(mark)
+    write_atomic(mark, json.dumps({"due": due.isoformat(), "began": [*began, datetime.now(UTC).isoformat()]}))
     try:
         run(settings, now=due)
     finally:  # an error is an ordinary failure, worth another try at the next start; only a kill leaves the mark

@@ -15,7 +15,7 @@ from services.api import queries
 from services.api.deps import State
 from services.api.schemas import Backlog, Check, Liveness, ModelRef, Readiness, SystemStatus, WorkerOut
 from services.config import Settings
-from services.db.migrate import head, schema_behind
+from services.db.migrate import schema_behind, upgrade_needed
 from services.mqtt.client import MqttClient
 
 router = APIRouter(tags=["system"])
@@ -61,9 +61,7 @@ def _database(state: State) -> str:
         conn.execute(text("SELECT 1"))
         at = schema_behind(conn)
     if at is not None:
-        raise SchemaBehind(
-            f"the database is at schema revision {at}, this coilguard needs {head()}: `coilguard db upgrade`"
-        )
+        raise SchemaBehind(upgrade_needed(at))
     return state.engine.dialect.name
 
 

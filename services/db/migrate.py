@@ -115,9 +115,12 @@ def schema_problem(url: str) -> str | None:
         at = behind(url)
     except SQLAlchemyError as exc:
         return f"cannot reach the database {where}: {exc.__class__.__name__}: {exc}"
-    if at is not None:
-        return (
-            f"the database {where} is at schema revision {at}, this coilguard needs {head()}: "
-            "run `coilguard db upgrade` first"
-        )
-    return None
+    return None if at is None else upgrade_needed(at, where)
+
+
+def upgrade_needed(at: str, where: str = "") -> str:
+    """What to tell an operator whose database is at revision ``at``, behind this release."""
+    return (
+        f"the database {where + ' ' if where else ''}is at schema revision {at}, this coilguard needs {head()}: "
+        "run `coilguard db upgrade` first"
+    )
