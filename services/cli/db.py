@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import click
 
-from services.cli.base import AppContext, cli, pass_ctx
+from services.cli.base import DURATION, AppContext, cli, pass_ctx
 
 
 @cli.group()
@@ -14,13 +16,33 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.argument("revision", default="head")
+@click.option(
+    "--wait",
+    type=DURATION,
+    help="Keep trying to reach the database for this long (e.g. 2m) before giving up: for a migration started "
+    "beside a database that is still starting (docker compose, the Kubernetes Job).",
+)
 @pass_ctx
-def db_upgrade(ctx: AppContext, revision: str) -> None:
+def db_upgrade(ctx: AppContext, revision: str, wait: timedelta | None) -> None:
     """Migrate the database up to REVISION (default: the newest)."""
-    from services.db.migrate import current, upgrade
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
 
-    upgrade(ctx.settings.database_url, revision)
-    click.echo(f"database at revision {current(ctx.settings.database_url)}")
+    from services.db.migrate import current, upgrade, wait_until_reachable
+
+    url = ctx.settings.database_url
+    where = make_url(url).render_as_string(hide_password=True)
+    if wait is not None:
+        try:
+            wait_until_reachable(
+                url,
+                wait.total_seconds(),
+                on_wait=lambda why: click.echo(f"waiting for the database {where}: {why}", err=True),
+            )
+        except OperationalError as exc:
+            raise click.ClickException(f"cannot reach the database {where} within {wait}: {exc.orig or exc}") from None
+    upgrade(url, revision)
+    click.echo(f"database at revision {current(url)}")
 
 
 @db.command("downgrade", context_settings={"ignore_unknown_options": True})  # so that `-1` is a revision

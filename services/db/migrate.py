@@ -6,6 +6,8 @@ works from an editable checkout and from a wheel alike, whatever the working dir
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, pool
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from services.db.engine import make_engine
 
@@ -40,6 +42,30 @@ def upgrade(url: str, revision: str = "head") -> str | None:
     """Migrate the database at ``url`` up to ``revision``; returns the revision it is at afterwards."""
     command.upgrade(alembic_config(url), revision)
     return current(url)
+
+
+def wait_until_reachable(
+    url: str, timeout_s: float, poll_s: float = 2.0, on_wait: Callable[[str], None] | None = None
+) -> None:
+    """Return once the database at ``url`` accepts a connection; raise the last error after ``timeout_s``.
+
+    For a migration started beside a database that is still starting (``docker compose up`` on a fresh volume,
+    a Kubernetes Job racing a restarting server): it would otherwise fail at its first refused connection and
+    leave every service waiting on a schema nobody migrates. ``on_wait`` hears why, once per new reason."""
+    deadline = time.monotonic() + timeout_s
+    said = None
+    while True:
+        try:
+            current(url)
+            return
+        except OperationalError as exc:  # refused, unknown host, not accepting connections yet (57P03)
+            if time.monotonic() + poll_s > deadline:
+                raise
+            why = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+            if on_wait is not None and why != said:
+                on_wait(why)
+                said = why
+            time.sleep(poll_s)
 
 
 def downgrade(url: str, revision: str = "-1") -> str | None:

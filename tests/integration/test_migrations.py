@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC
 from pathlib import Path
@@ -11,8 +12,10 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from cli_runner import coilguard
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import IntegrityError
+from tcp_proxy import TcpProxy
 
 from services.db import migrate
 from services.db.engine import make_engine, session_factory
@@ -265,4 +268,26 @@ def test_concurrent_upgrades_are_serialized(pg_database_factory: Callable[[], st
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert (proc.returncode, out.strip()) == (0, HEAD), err[-2000:]
+    assert migrate.current(url) == HEAD
+
+
+def test_upgrade_waits_for_a_database_that_is_still_starting(pg_database_factory: Callable[[], str]) -> None:
+    """`db upgrade --wait` (docker compose, the Kubernetes Job) rides out refused connections until the
+    database answers; without it, the first refusal ends the command with the reason, not a traceback."""
+    url = pg_database_factory()
+    proxy, via = TcpProxy.in_front_of(url, 5432)
+    proxy.cut()  # nothing listens yet: the server is still starting
+    env = {"COILGUARD_DATABASE_URL": via}
+    at_once = coilguard("db", "upgrade", "--wait", "1s", env=env)
+    assert at_once.returncode == 1, at_once.stderr
+    assert "cannot reach the database" in at_once.stderr and "Traceback" not in at_once.stderr
+    timer = threading.Timer(4.0, proxy.restore)
+    timer.start()
+    try:
+        waited = coilguard("db", "upgrade", "--wait", "2m", env=env)
+    finally:
+        timer.join()
+        proxy.cut()
+    assert waited.returncode == 0, waited.stderr
+    assert "waiting for the database" in waited.stderr and f"database at revision {HEAD}" in waited.stdout
     assert migrate.current(url) == HEAD
