@@ -64,7 +64,7 @@ class SurfaceImage(BaseModel):
     refused whatever models are active, not only when an image assessor happens to decode it. The base64
     is decoded once, here: ``data`` keeps the file's bytes for the assessors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # as the envelope: a gateway adding a field must not stop the line
 
     kind: str = Field("surface", max_length=32)
     format: Literal["png", "jpeg", "jpg"] = "png"

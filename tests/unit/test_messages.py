@@ -67,6 +67,13 @@ def test_unknown_top_level_fields_are_ignored(matrix: np.ndarray) -> None:
     assert parse_coil_message(orjson.dumps(_doc(matrix, gateway="gw-7"))).coil_id == "C-2026-000123"
 
 
+def test_unknown_image_fields_are_ignored(matrix: np.ndarray) -> None:
+    """As at the top level: a camera gateway that adds a field of its own (which side, the exposure) must not
+    have every coil it sends refused."""
+    image = {**_image(PNG_B64), "side": "top", "exposure_ms": 4}
+    assert parse_coil_message(orjson.dumps(_doc(matrix, images=[image]))).images[0].decode() == PNG
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -214,6 +221,7 @@ def test_images_are_decoded_once_while_parsing(
         (_image("!!!!"), "not valid base64"),
         (_image(_b64(b"hello")), "not a PNG image"),
         (_image(PNG_B64, "jpg"), "not a JPEG image"),
+        ({"kind": "surface", "format": "png", "data": PNG_B64}, "Field required"),  # misspelt: data_b64 missing
     ],
 )
 def test_a_bad_image_says_what_is_wrong(matrix: np.ndarray, image: dict, words: str) -> None:
