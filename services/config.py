@@ -259,6 +259,11 @@ class Settings(BaseSettings):
     drift_window: Duration = timedelta(hours=24)
     drift_share: float = Field(0.2, gt=0, le=1, description="share of drifted features that makes a window drifted")
     drift_min_coils: int = Field(30, ge=1, description="fewer coils in the window: no drift report")
+    drift_keep: Duration | None = Field(
+        timedelta(days=400),
+        description="drift report files older than this are deleted after each new report (their rows and "
+        "figures stay); off keeps every file. Each HTML carries Evidently's 3.5 MB script",
+    )
 
     # API and logs
     api_host: str = "127.0.0.1"
@@ -301,6 +306,11 @@ class Settings(BaseSettings):
         if not value or any(c in value for c in "+#") or value.startswith("/") or value.endswith("/"):
             raise ValueError(f"topic prefix must be a plain topic level path without + or #, got {value!r}")
         return value
+
+    @field_validator("drift_keep", mode="before")
+    @classmethod
+    def _keep(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() == OFF else value
 
     @field_validator("retrain_cron", "drift_cron")
     @classmethod

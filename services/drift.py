@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from ml.assessors.base import AssessBatch
 from ml.assessors.manifest import Manifest, code_version
@@ -224,6 +224,23 @@ class FileDriftReportStore:
                 ).scalar_one()
             )
 
+    def prune(self, older_than: datetime) -> int:
+        """Delete the files of the reports created before ``older_than``; their rows and figures stay (the API
+        lists them without an HTML link). Files go first and the row is cleared after, so a crash between the
+        two leaves a row the next prune finishes, never a file no row points at. Returns the reports pruned."""
+        query = select(drift_reports.c.id, drift_reports.c.report_uri, drift_reports.c.summary).where(
+            drift_reports.c.created_at < older_than, drift_reports.c.report_uri.is_not(None)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        for row in rows:
+            for uri in (row.report_uri, (row.summary or {}).get("report_json")):
+                if uri and (path := (self.report_dir / uri).resolve()).is_relative_to(self.report_dir.resolve()):
+                    path.unlink(missing_ok=True)
+            with self.engine.begin() as conn:
+                conn.execute(update(drift_reports).where(drift_reports.c.id == row.id).values(report_uri=None))
+        return len(rows)
+
 
 def write_atomic(path: Path, text: str) -> None:
     """``text`` into ``path`` whole or not at all: a crash leaves the old file or none, never half of one."""
@@ -242,15 +259,19 @@ def run_drift(
     """One drift report over the last ``window`` (default ``DRIFT_WINDOW``), counted in the metrics."""
     config = drift_config(settings)
     started = time.perf_counter()
+    now = now or datetime.now(UTC)
     try:
         with engine_for(settings.database_url, engine) as engine:
+            store = FileDriftReportStore(engine, settings.report_dir)
             outcome = run_drift_report(
                 SqlDriftSource(engine, settings.model_dir, settings.report_dir / DRIFT_DIR / "cache", config),
-                FileDriftReportStore(engine, settings.report_dir),
-                now=now or datetime.now(UTC),
+                store,
+                now=now,
                 window=window or settings.drift_window,
                 config=config,
             )
+            if settings.drift_keep is not None:
+                _prune(store, now - settings.drift_keep)
     except Exception:
         METRICS.drift_reports.labels("failed").inc()
         raise
@@ -260,6 +281,16 @@ def run_drift(
         METRICS.drift_seconds.observe(time.perf_counter() - started)
     log.info(outcome.describe(), extra={"report_id": outcome.report_id})
     return outcome
+
+
+def _prune(store: FileDriftReportStore, older_than: datetime) -> None:
+    """Old reports' files away; a failure here (a read-only volume, the database gone) is logged, not the
+    report's: that one is written and counted."""
+    try:
+        if pruned := store.prune(older_than):
+            log.info("deleted the files of %d drift reports created before %s (DRIFT_KEEP)", pruned, f"{older_than:%F}")
+    except Exception:
+        log.exception("could not delete old drift report files; the new report is written")
 
 
 def full_report_since(engine: Engine, since: datetime, window: timedelta) -> bool:

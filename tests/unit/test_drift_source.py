@@ -12,11 +12,12 @@ from helpers import stripe_coils
 from sqlalchemy import insert, text
 
 from ml.assessors.cnn import CnnAssessor
+from services.config import load_settings
 from services.db.engine import make_engine
 from services.db.migrate import upgrade
-from services.db.models import Coil
+from services.db.models import Coil, DriftReport
 from services.db.repositories import SqlModelRegistry, matrix_bytes
-from services.drift import SqlDriftSource
+from services.drift import FileDriftReportStore, SqlDriftSource
 from workflows.drift_report import DriftConfig
 from workflows.training import register
 
@@ -119,3 +120,40 @@ def test_the_reference_is_each_kept_coil_once_drawn_one_file_at_a_time(engine, t
         assert len(sample) == min(cap, 100) and sample.description.get("sampled_from") == (100 if cap < 100 else None)
         assert np.array_equal(sample.X, expected.X, equal_nan=True)
         assert list(sample.labels) == list(expected.labels)
+
+
+def test_old_reports_lose_their_files_and_keep_their_rows(engine, tmp_path: Path) -> None:
+    """DRIFT_KEEP: a year of daily reports is over a gigabyte of HTML. Old files go; their rows, with the
+    figures operators chart, stay; a row pointing outside the report store deletes nothing there."""
+    reports, outside = tmp_path / "reports", tmp_path / "elsewhere.html"
+    (reports / "drift").mkdir(parents=True)
+    outside.write_text("not a report")
+    ages = {"old": 500, "kept": 30, "escaping": 600}
+    with engine.begin() as conn:
+        for stem, days in ages.items():
+            uri = "../elsewhere.html" if stem == "escaping" else f"drift/{stem}.html"
+            if stem != "escaping":
+                (reports / uri).write_text(stem)
+                (reports / f"drift/{stem}.json").write_text("{}")
+            created = NOW - timedelta(days=days)
+            conn.execute(
+                insert(DriftReport.__table__).values(
+                    created_at=created, window_start=created - timedelta(days=1), window_end=created,
+                    dataset_drift=False, share_drifted=0.0, report_uri=uri,
+                    summary={"report_json": uri.replace(".html", ".json")},
+                )
+            )  # fmt: skip
+    store = FileDriftReportStore(engine, reports)
+    assert store.prune(NOW - timedelta(days=400)) == 2
+    assert sorted(p.name for p in (reports / "drift").iterdir()) == ["kept.html", "kept.json"]
+    assert outside.read_text() == "not a report"
+    with engine.connect() as conn:  # every row is still there, the pruned ones without a file
+        uris = conn.execute(text("SELECT report_uri FROM drift_reports ORDER BY id")).scalars().all()
+    assert uris == [None, "drift/kept.html", None]
+    assert store.prune(NOW - timedelta(days=400)) == 0  # nothing left to do
+
+
+def test_drift_keep_is_a_duration_or_off() -> None:
+    assert load_settings(drift_keep="90d").drift_keep == timedelta(days=90)
+    assert load_settings(drift_keep="off").drift_keep is None
+    assert load_settings().drift_keep == timedelta(days=400)
