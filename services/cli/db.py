@@ -32,15 +32,15 @@ def db_upgrade(ctx: AppContext, revision: str, wait: timedelta | None) -> None:
 
     url = ctx.settings.database_url
     where = make_url(url).render_as_string(hide_password=True)
-    if wait is not None:
-        try:
-            wait_until_reachable(
-                url,
-                wait.total_seconds(),
-                on_wait=lambda why: click.echo(f"waiting for the database {where}: {why}", err=True),
-            )
-        except OperationalError as exc:
-            raise click.ClickException(f"cannot reach the database {where} within {wait}: {exc.orig or exc}") from None
+    try:  # without --wait: one try, and a refusal is one line with the reason, not a traceback
+        wait_until_reachable(
+            url,
+            wait.total_seconds() if wait is not None else 0.0,
+            on_wait=lambda why: click.echo(f"waiting for the database {where}: {why}", err=True),
+        )
+    except OperationalError as exc:
+        within = f" within {wait}" if wait is not None else ""
+        raise click.ClickException(f"cannot reach the database {where}{within}: {exc.orig or exc}") from None
     upgrade(url, revision)
     click.echo(f"database at revision {current(url)}")
 

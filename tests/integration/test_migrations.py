@@ -278,7 +278,7 @@ def test_upgrade_waits_for_a_database_that_is_still_starting(pg_database_factory
     proxy, via = TcpProxy.in_front_of(url, 5432)
     proxy.cut()  # nothing listens yet: the server is still starting
     env = {"COILGUARD_DATABASE_URL": via}
-    at_once = coilguard("db", "upgrade", "--wait", "1s", env=env)
+    at_once = coilguard("db", "upgrade", env=env)
     assert at_once.returncode == 1, at_once.stderr
     assert "cannot reach the database" in at_once.stderr and "Traceback" not in at_once.stderr
     timer = threading.Timer(4.0, proxy.restore)
