@@ -393,7 +393,11 @@ class ReTrain:
         After a gauge drift, the champion reading through the gains (ml/recalibration.py) is taken unless the
         retrained model does better on the holdout: for a pure gauge drift it is the whole fix, without the
         retraining's noise (docs/benchmarks.md, drift recovery), and it is the smaller change. It keeps the
-        champion's history, to which the next ReTrain's gains are again relative."""
+        champion's history, to which the next ReTrain's gains are again relative.
+
+        The choice is made on the holdout that then judges the chosen one against the champion: the better of two
+        faces it, which leans towards promoting. Splitting the holdout (20 coils or so) once more would leave too
+        few to judge on; the lean is accepted, not corrected (README, ReTrain)."""
         if gains is None or not self.config.read_through:
             return retrained, {"dataset": data}
         adjusted = read_through(champion, gains)
