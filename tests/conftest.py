@@ -20,7 +20,7 @@ from infra import in_ci as _in_ci
 from infra import mosquitto_server, postgres_server
 
 # Nothing in a test run may reach the network for models, fonts or telemetry.
-os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "True")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 

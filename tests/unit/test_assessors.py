@@ -5,8 +5,11 @@ validates its settings; plus what is particular to YOLO (offline, weights file, 
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +228,31 @@ def test_yolo_starts_from_a_weights_file_freezes_layers_and_never_goes_online(
     missing = create("yolo", {**TINY["yolo"], "weights": str(tmp_path / "absent.pt")})
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         missing.fit(data, device="cpu")
+
+
+_IMPORT_OFFLINE = """
+import socket
+
+def offline(*args, **kwargs):
+    raise SystemExit(f"the network was touched: {args[:2]!r}")
+
+socket.getaddrinfo = offline
+socket.socket.connect = offline
+from ml.assessors.yolo.torch_model import ultralytics_offline
+
+ultralytics_offline()
+import ultralytics.utils
+
+print("online" if ultralytics.utils.ONLINE else "offline")
+"""
+
+
+def test_ultralytics_is_imported_offline_in_a_fresh_process() -> None:
+    """The check above runs after ultralytics was imported by an earlier test; its probe runs at import, in a
+    worker's first prediction, so a fresh interpreter is where it shows (with YOLO_OFFLINE unset by the plant)."""
+    env = {k: v for k, v in os.environ.items() if k != "YOLO_OFFLINE"}
+    done = subprocess.run([sys.executable, "-c", _IMPORT_OFFLINE], env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "offline"), done.stderr[-2000:]
 
 
 def test_yolo_without_weights_trains_from_scratch_with_nothing_frozen(fitted) -> None:

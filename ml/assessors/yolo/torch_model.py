@@ -39,7 +39,7 @@ def ultralytics_offline() -> Any:
     warnings go to coilguard's logging instead of its own stdout handler (warnings during the import itself
     are dropped with the notice; its ``VERBOSE`` flag stays off, which only its own trainer reads).
     """
-    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_OFFLINE"] = "True"  # "1" is ignored by releases that compare with "true"
     saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "YOLO_VERBOSE")}
     os.environ["YOLO_VERBOSE"] = "False"
     try:
