@@ -17,6 +17,7 @@ from ml.assessors.base import Assessor
 from ml.assessors.manifest import ArtifactError
 from ml.assessors.registry import load_artifact
 from ml.dataset import CoilDataset
+from ml.durable import sync_dir, sync_file, sync_tree
 from ml.imagesets import ImageSet
 from workflows.ports import ModelRecord, ModelRegistry, VersionTaken
 
@@ -100,14 +101,27 @@ def keep_training_data(dataset: CoilDataset, model_dir: Path) -> str:
     relative = f"{DATA_DIR}/{digest[:20]}.npz"
     path = Path(model_dir) / relative
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():  # a name of its own: two processes may keep the same content at once
-        tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:12]}.npz")
+    if not path.exists() or not _intact(model_dir, relative):
+        tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:12]}.npz")  # two processes may keep it at once
         try:
             dataset.save(tmp)
+            sync_file(tmp)
             tmp.replace(path)
+            sync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
     return relative
+
+
+def _intact(model_dir: Path, relative: str) -> bool:
+    """Whether a kept set reads back whole: one truncated by a crash would otherwise stay, named by the content
+    it no longer holds, and fail every ReTrain that starts from it."""
+    try:
+        load_kept_data(model_dir, relative)
+    except Exception as exc:  # truncated zip, bad array, changed content: whatever it is, it is written again
+        log.warning("kept training set %s is unreadable (%s: %s); writing it again", relative, type(exc).__name__, exc)
+        return False
+    return True
 
 
 def training_history(assessor: Assessor, model_dir: Path) -> CoilDataset | None:
@@ -167,6 +181,7 @@ def register(
         assessor.version = version
         try:
             manifest = assessor.save(staging)
+            sync_tree(staging)  # on disk before the row that points at it is committed
             record = registry.add(
                 name=assessor.name,
                 kind=assessor.key,
@@ -184,6 +199,7 @@ def register(
         if directory.exists():  # left by a crash of an older release between saving and registering
             shutil.rmtree(directory)
         staging.rename(directory)
+        sync_dir(directory.parent)
         break
     else:
         raise RuntimeError(f"{assessor.name}: every version tried was registered by another process first")

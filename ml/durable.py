@@ -1,0 +1,36 @@
+"""Files that survive a power cut once a database row says they exist.
+
+A rename or a commit elsewhere is durable long before the page cache reaches the disk: after a crash a model's
+folder can be there, its row committed, and ``weights.pt`` empty. The checksum would refuse it, but the serving
+version would be gone with it. So what a row will point at is synced first, and the folder entry after a rename.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def sync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def sync_dir(path: Path) -> None:
+    """The folder's entries (a file created or renamed in it); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(directory: Path) -> None:
+    """Every file under ``directory``, each folder's entries, and ``directory`` itself."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            sync_file(Path(root) / name)
+        sync_dir(Path(root))
