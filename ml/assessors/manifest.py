@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Collection
 from contextlib import AbstractContextManager, nullcontext
@@ -191,7 +192,11 @@ def _check_file(path: Path, expected: str, copy_to: Path | None) -> None:
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """``coilguard <version>`` plus the git commit (and ``-dirty``) when running from a checkout."""
+    """``coilguard <version> (<commit>; ml <digest>)``: what a manifest says produced the model.
+
+    The commit comes from git in a checkout and from ``COILGUARD_COMMIT`` in an image (a build argument: the
+    image holds no ``.git``, and its package version does not change with every build). The digest of the
+    ``ml`` package's source says which training code it was even where neither is known."""
     try:
         version = metadata.version("coilguard")
     except metadata.PackageNotFoundError:
@@ -208,4 +213,14 @@ def code_version() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return f"coilguard {version}" + (f" ({commit})" if commit else "")
+    commit = commit or os.environ.get("COILGUARD_COMMIT", "").strip()
+    return f"coilguard {version} ({commit + '; ' if commit else ''}ml {_ml_source_digest()})"
+
+
+def _ml_source_digest() -> str:
+    root = Path(__file__).resolve().parents[1]  # the ml package
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(f"{path.relative_to(root)}\n".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]

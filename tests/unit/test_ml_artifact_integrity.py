@@ -117,3 +117,24 @@ def test_a_load_leaves_no_copy_of_the_weights_behind(
     tiny.save(tmp_path)
     load_artifact(tmp_path)
     assert len(copies) == 1 and not copies[0].exists()
+
+
+def test_an_image_without_git_names_its_build_commit_and_the_training_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container there is no .git and the package version never changes: the manifest's code version comes
+    from the COILGUARD_COMMIT build argument, and a digest of ml/ tells two builds of one commit apart."""
+    import subprocess
+
+    from ml.assessors import manifest
+
+    def no_git(*args: object, **kwargs: object) -> None:
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.setenv("COILGUARD_COMMIT", "0123abcd4567")
+    manifest.code_version.cache_clear()
+    try:
+        version = manifest.code_version()
+    finally:
+        manifest.code_version.cache_clear()
+    assert version.startswith("coilguard ") and "(0123abcd4567; ml " in version
+    assert version.endswith(f"ml {manifest._ml_source_digest()})") and len(manifest._ml_source_digest()) == 12
