@@ -17,6 +17,16 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ValueError(f"not a decodable image: {exc}") from None
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the file's header alone, without decoding it: what a message's images would take
+    in memory is known before any of it is spent. Raises ValueError on anything PIL cannot open."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:  # PIL's words name its BytesIO, which would mean nothing on the rejected topic
+        raise ValueError("not a readable image: its header could not be read") from None
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """(H, W) array in [0, 1] (or uint8) → PNG bytes."""
     array = np.asarray(image)

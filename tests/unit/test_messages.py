@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 from datetime import UTC, datetime
 
 import numpy as np
@@ -10,9 +11,11 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from ml.images import encode_png
 from workflows.messages import (
+    MAX_IMAGE_PIXELS,
     Decision,
     RejectedMessage,
     Rejection,
@@ -74,13 +77,35 @@ def test_unknown_image_fields_are_ignored(matrix: np.ndarray) -> None:
     assert parse_coil_message(orjson.dumps(_doc(matrix, images=[image]))).images[0].decode() == PNG
 
 
+def test_images_that_would_decode_to_too_many_pixels_are_refused_before_decoding(matrix: np.ndarray) -> None:
+    """A camera fault sending blank 8192 × 8192 frames: 65 kB each as PNG, so eleven pass the 1 MiB limit and
+    would decode to 2.8 GB. The header says the size; the message is refused with the reason, nothing decoded."""
+    blank = io.BytesIO()
+    Image.new("L", (8192, 8192)).save(blank, format="PNG")
+    assert len(blank.getvalue()) < 100_000
+    error = _refusal(orjson.dumps(_doc(matrix, images=[_image(_b64(blank.getvalue()))])))
+    assert (error.field, error.coil_id) == ("images", "C-2026-000123")
+    assert error.reason == f"the images hold {8192 * 8192} pixels, more than the {MAX_IMAGE_PIXELS} a message may carry"
+    two = [_image(_b64(_jpeg(2048, 1024)), "jpeg")] * 2  # 4 Mpx together: the most a message may carry
+    assert len(parse_coil_message(orjson.dumps(_doc(matrix, images=two))).images) == 2
+    assert _refusal(orjson.dumps(_doc(matrix, images=[*two, _image(PNG_B64)]))).field == "images"
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
 PNG = encode_png(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8))
 PNG_B64 = _b64(PNG)
-JPEG_B64 = _b64(b"\xff\xd8\xff\xe0" + bytes(60))  # the JPEG signature is all the parser looks at
+
+
+def _jpeg(width: int = 8, height: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+JPEG_B64 = _b64(_jpeg())
 
 
 def _image(data_b64: str, fmt: str = "png") -> dict[str, str]:
@@ -221,6 +246,7 @@ def test_images_are_decoded_once_while_parsing(
         (_image("!!!!"), "not valid base64"),
         (_image(_b64(b"hello")), "not a PNG image"),
         (_image(PNG_B64, "jpg"), "not a JPEG image"),
+        (_image(_b64(b"\x89PNG\r\n\x1a\n" + bytes(40))), "not a readable image"),  # a PNG's signature, nothing more
         ({"kind": "surface", "format": "png", "data": PNG_B64}, "Field required"),  # misspelt: data_b64 missing
     ],
 )
