@@ -56,6 +56,11 @@ class MqttEventPublisher:
                     client.publish(topic, payload, qos=1)
                 if not client.flush(10):
                     log.warning("the broker did not confirm the events on %s within 10 s", topics)
+                elif refused := client.take_refused():
+                    log.warning(
+                        "the broker refused the events on %s (%s: its ACL?); workers will notice the new version by "
+                        "polling", topics, ", ".join(sorted(set(refused))),
+                    )  # fmt: skip
         except ConnectionError as exc:
             log.warning("could not announce on %s (%s); workers will notice the new version by polling", topics, exc)
 

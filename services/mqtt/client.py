@@ -81,6 +81,7 @@ class MqttClient:
         self.connected = threading.Event()
         self._closing = False
         self._last_publish: paho.MQTTMessageInfo | None = None
+        self._refused: list[str] = []  # reason codes of PUBACKs that refused a message (MQTT v5), until taken
         self._pending_subacks: dict[int, threading.Event] = {}
         self._early_subacks: dict[int, float] = {}
 
@@ -108,6 +109,7 @@ class MqttClient:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
         self._client.on_subscribe = self._handle_subscribe
+        self._client.on_publish = self._handle_publish
         self._client.on_socket_open = _no_delay
 
     # ------------------------------------------------------------------ lifecycle
@@ -222,6 +224,14 @@ class MqttClient:
         last.wait_for_publish(timeout)
         return last.is_published()
 
+    def take_refused(self) -> list[str]:
+        """The reasons the broker gave for refusing messages published since the last call (``Not authorized``:
+        its ACL), and forget them. paho counts a refused QoS 1 message as published, so :meth:`flush` alone
+        says True for a decision that went nowhere."""
+        with self._lock:
+            refused, self._refused = self._refused, []
+        return refused
+
     def ack(self, message: Inbound) -> None:
         """Acknowledge a message received with ``manual_ack``; a no-op for QoS 0."""
         if self.manual_ack and message.qos > 0:
@@ -249,6 +259,11 @@ class MqttClient:
             flags.session_present,
         )
         self.connected.set()
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            with self._lock:
+                self._refused.append(str(reason_code))
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         failed = [rc for rc in reason_codes if rc.is_failure]

@@ -430,7 +430,7 @@ class AssessWorker:
                 self._announced.add_all(result.to_mark_published)
                 for out in result.publish:
                     self.client.publish(out.topic, out.payload, qos=1)
-                if not self._confirmed():
+                if not self._confirmed({out.topic for out in result.publish}):
                     unconfirmed = True  # neither acknowledged nor marked: the coils come back and are announced
                     continue
                 unmarked = result.to_mark_published
@@ -442,14 +442,25 @@ class AssessWorker:
                 self._pending.task_done()  # settled, one way or the other: what a retiring worker waits for
         self._mark_published(unmarked)
 
-    def _confirmed(self) -> bool:
+    def _confirmed(self, topics: set[str]) -> bool:
         """Has the broker acknowledged everything published? While it is away the decisions wait in the client
-        (re-sent on reconnect) and so does this batch; only a worker that is stopping gives up on them."""
+        (re-sent on reconnect) and so does this batch; only a worker that is stopping gives up on them.
+
+        A decision the broker refused (its ACL has no rule for a new line's topic) raises: acknowledged and
+        marked published, the coil would never be announced, and a redelivered copy would count as a duplicate.
+        The committer fails, the worker exits non-zero with the reason, and the batch comes back once it runs
+        again: a crash loop an operator sees, not decisions silently gone."""
         while not self.client.flush(timeout=CONFIRM_WAIT_S):
             if self.stopping.is_set():
                 log.warning("stopping before the broker confirmed the last decisions: their coils stay unacknowledged")
                 return False
             log.warning("the broker has not confirmed this batch's decisions in %.0f s; still waiting", CONFIRM_WAIT_S)
+        if refused := self.client.take_refused():
+            raise DecisionsRefused(
+                f"the broker refused {len(refused)} of this batch's messages ({', '.join(sorted(set(refused)))}) on "
+                f"{', '.join(sorted(topics))}: does its ACL let coilguard's account publish there? The batch stays "
+                "unacknowledged"
+            )
         return True
 
     def _mark_published(self, coil_ids: list[str]) -> list[str]:
@@ -578,6 +589,10 @@ class WorkerFailed(RuntimeError):
 
 class _Stopped(Exception):
     """The worker is stopping while the database is away: the batch stays unacknowledged."""
+
+
+class DecisionsRefused(RuntimeError):
+    """The broker answered a decision with a failure reason code (MQTT v5): it went nowhere."""
 
 
 def _first_line(exc: DBAPIError) -> str:

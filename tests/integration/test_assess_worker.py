@@ -31,6 +31,7 @@ from services.line import publish_coils
 from services.workers import assess as assess_module
 from services.workers.assess import AssessWorker, WorkerFailed
 from workflows.messages import ModelEvent, dumps
+from workflows.topics import Topics
 from workflows.training import resolve_artifact
 
 Serving = Callable[[str], contextlib.AbstractContextManager[AssessEnv]]  # a database URL → an environment on it
@@ -422,6 +423,41 @@ def test_a_committer_that_fails_stops_the_worker_with_an_error_and_acknowledges_
         assert wait_for(lambda: env.coils() == 200, timeout=60), env.coils()
         assert wait_for(lambda: len({d["coil_id"] for d in env.listener.decisions}) == 200, timeout=30)
     assert env.count(Assessment.id) == 200
+
+
+def test_decisions_the_broker_refuses_stop_the_worker_unacknowledged_and_come_back_once_it_may_publish(
+    env: AssessEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new line whose decision topic the broker's ACL does not cover: Mosquitto answers each decision with
+    PUBACK "Not authorized", which paho counts as published. Taken for confirmed, the coils were acknowledged and
+    marked announced, and their decisions were gone without a word. The worker must fail with the reason and
+    acknowledge nothing; once the broker lets it publish, every coil is announced, none decided twice."""
+    real = Topics.decisions
+    monkeypatch.setattr(Topics, "decisions", lambda self, line: f"$SYS/coilguard-test/decisions/{line}")  # refused
+    failures: list[BaseException] = []
+    worker = AssessWorker(env.settings, engine=env.engine, client_id=env.client_id)
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert worker.ready.wait(60)
+    coils = _coils(20, "NA", seed=48)
+    publish_coils(env.publisher, env.topics, coils, rate=200)
+    thread.join(60)
+    assert not thread.is_alive(), "the worker went on after the broker refused its decisions"
+    assert len(failures) == 1 and isinstance(failures[0], WorkerFailed)
+    assert "Not authorized" in str(failures[0]) and "$SYS/coilguard-test/decisions/" in str(failures[0])
+    assert env.coils() >= 1 and not env.listener.decisions
+    monkeypatch.setattr(Topics, "decisions", real)  # the ACL mended
+    with env.worker():  # the same session: nothing was acknowledged, so every coil comes back
+        assert wait_for(lambda: len({d["coil_id"] for d in env.listener.decisions}) == 20, timeout=60)
+    assert sorted({d["coil_id"] for d in env.listener.decisions}) == sorted(c.coil_id for c in coils)
+    assert env.count(Assessment.id) == 20
 
 
 def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(

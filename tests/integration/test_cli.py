@@ -40,6 +40,19 @@ def test_simulate_publishes_valid_messages_an_ordinary_client_decodes(mqtt_url: 
     assert took >= 100 / 50 * 0.9  # paced at the asked rate, not dumped at once
 
 
+def test_simulate_says_so_when_the_broker_refuses_its_coils(mqtt_url: str) -> None:
+    """A gateway account the ACL does not cover: Mosquitto refuses every coil (here under $SYS, which it refuses
+    to everyone), and the command ends with the reason instead of reporting them published."""
+    done = coilguard(
+        "simulate", "--coils", "3", "--rate", "0", "--line", "galv-9",
+        env={"COILGUARD_MQTT_URL": mqtt_url, "COILGUARD_MQTT_TOPIC_PREFIX": "$SYS/coilguard-test"},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout
+    assert "the broker refused 3 of the 3 coils on $SYS/coilguard-test/sensors/galv-9/matrix (Not authorized)" in (
+        done.stderr
+    )
+
+
 def test_db_upgrade_and_downgrade_on_an_empty_postgresql(pg_database_factory: Callable[[], str]) -> None:
     url = pg_database_factory()
     up = coilguard("db", "upgrade", env={"COILGUARD_DATABASE_URL": url})
