@@ -49,6 +49,7 @@ class Inbound:
     qos: int
     received_at: float = field(default_factory=time.time)  # epoch seconds, for latency figures
     redelivered: bool = False
+    session: int = 0  # the broker session it came in (MqttClient counts the sessions it was given anew)
 
 
 MessageHandler = Callable[[Inbound], None]
@@ -81,6 +82,7 @@ class MqttClient:
         self.connected = threading.Event()
         self._closing = False
         self._last_publish: paho.MQTTMessageInfo | None = None
+        self._session = 0  # bumped on every connection that finds no session of ours on the broker
         self._refused: list[str] = []  # reason codes of PUBACKs that refused a message (MQTT v5), until taken
         self._pending_subacks: dict[int, threading.Event] = {}
         self._early_subacks: dict[int, float] = {}
@@ -233,9 +235,17 @@ class MqttClient:
         return refused
 
     def ack(self, message: Inbound) -> None:
-        """Acknowledge a message received with ``manual_ack``; a no-op for QoS 0."""
-        if self.manual_ack and message.qos > 0:
-            self._client.ack(message.mid, message.qos)
+        """Acknowledge a message received with ``manual_ack``; a no-op for QoS 0.
+
+        Not for a message of a session the broker has since forgotten (it lost its state, or the session
+        expired): message ids start again at 1 in the new one, and the old id would acknowledge a new message
+        not yet safe. The broker no longer expects that acknowledgement anyway."""
+        if not (self.manual_ack and message.qos > 0):
+            return
+        if message.session != self._session:
+            log.debug("not acknowledging message %d of an earlier broker session", message.mid)
+            return
+        self._client.ack(message.mid, message.qos)
 
     def _supported(self, topic: str) -> str:
         if not self.v5 and topic.startswith(SHARED_PREFIX):
@@ -248,6 +258,8 @@ class MqttClient:
         if reason_code.is_failure:
             log.error("MQTT connection to %s refused: %s", self.url.redacted(), reason_code)
             return
+        if not flags.session_present:
+            self._session += 1
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         for topic, qos in subscriptions:
@@ -298,6 +310,7 @@ class MqttClient:
             mid=message.mid,
             qos=message.qos,
             redelivered=bool(message.dup),
+            session=self._session,
         )
         try:
             self._on_message(inbound)

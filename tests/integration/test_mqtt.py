@@ -145,3 +145,46 @@ def test_a_message_the_broker_refuses_is_reported_though_paho_counts_it_publishe
         assert client.take_refused() == []  # taken once
         client.publish(f"{topic_prefix}/accepted", b"{}", qos=1)
         assert client.flush(10) and client.take_refused() == []
+
+
+def test_an_acknowledgement_for_a_session_the_broker_forgot_is_not_sent_into_the_new_one(
+    mqtt_url: str, topic_prefix: str
+) -> None:
+    """The broker loses a worker's session (it crashed before saving it, or the session expired while the worker
+    was cut off). Message ids start again at 1 in the new session, so acknowledging a message of the old one
+    by its id would acknowledge a new message that is not yet safe: a crash would then lose it."""
+    from tcp_proxy import TcpProxy
+
+    proxy, via_proxy = TcpProxy.in_front_of(mqtt_url, 1883)
+    topic = f"{topic_prefix}/forgotten/{uuid.uuid4().hex[:6]}"
+    client_id = f"cg-forgotten-{uuid.uuid4().hex[:6]}"
+    got: list[Inbound] = []
+    worker = MqttClient(
+        via_proxy, client_id=client_id, persistent=True, session_expiry_s=2, manual_ack=True, on_message=got.append
+    ).connect()
+    try:
+        worker.subscribe(topic)
+        with MqttClient(mqtt_url) as pub:
+            pub.publish(topic, b"old")
+            assert pub.flush(5) and _wait_for(lambda: len(got) == 1)
+            proxy.cut()  # the broker forgets the session, and "old" with it, 2 s after the connection is gone
+            assert _wait_for(lambda: not worker.connected.is_set())
+            time.sleep(3.5)
+            proxy.restore()
+            assert _wait_for(worker.connected.is_set, timeout=40)
+            time.sleep(0.5)  # subscribed again
+            pub.publish(topic, b"new")
+            assert pub.flush(5) and _wait_for(lambda: len(got) == 2)
+        old, new = got
+        assert new.mid == old.mid  # the new session numbers from 1 again: the old id is the new message's
+        worker.ack(old)
+        time.sleep(0.3)
+    finally:
+        worker.close()
+        proxy.cut()
+    again: list[Inbound] = []  # within the 2 s the session outlives the connection: "new" must still be owed
+    with MqttClient(mqtt_url, client_id=client_id, persistent=True, manual_ack=True, on_message=again.append) as c:
+        assert _wait_for(lambda: len(again) == 1, timeout=5), "the new message was acknowledged by the old one's id"
+        assert again[0].payload == b"new"
+        c.ack(again[0])
+    MqttClient(mqtt_url, client_id=client_id).connect().close()
