@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promoted` event was missed
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
+CONFIRM_POLL_S = 0.5  # how often that wait looks whether the worker is stopping (a pod's grace period is 30 s)
 ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until long after their mark
 JOIN_ON_ERROR_S = 30.0  # run() interrupted on the main thread: how long it waits for the worker to stop
 MODEL_WAIT_S = 5.0  # with no active model yet, look at the registry again this often
@@ -450,11 +451,15 @@ class AssessWorker:
         marked published, the coil would never be announced, and a redelivered copy would count as a duplicate.
         The committer fails, the worker exits non-zero with the reason, and the batch comes back once it runs
         again: a crash loop an operator sees, not decisions silently gone."""
-        while not self.client.flush(timeout=CONFIRM_WAIT_S):
+        waited = 0.0
+        while not self.client.flush(timeout=CONFIRM_POLL_S):  # in slices: a stop is seen within one, not 30 s
             if self.stopping.is_set():
                 log.warning("stopping before the broker confirmed the last decisions: their coils stay unacknowledged")
                 return False
-            log.warning("the broker has not confirmed this batch's decisions in %.0f s; still waiting", CONFIRM_WAIT_S)
+            waited += CONFIRM_POLL_S
+            if waited >= CONFIRM_WAIT_S:
+                log.warning("the broker has not confirmed this batch's decisions in %.0f s; still waiting", waited)
+                waited = 0.0
         if refused := self.client.take_refused():
             raise DecisionsRefused(
                 f"the broker refused {len(refused)} of this batch's messages ({', '.join(sorted(set(refused)))}) on "
