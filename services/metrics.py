@@ -17,6 +17,11 @@ class _Metrics:
         self.coils_assessed = Counter("coilguard_coils_assessed_total", "Coils decided", ["line", "decision"])
         self.coils_rejected = Counter("coilguard_coils_rejected_total", "Messages rejected as malformed")
         self.coils_duplicate = Counter("coilguard_coils_duplicate_total", "Coil ids already decided (redelivered)")
+        self.coils_qos0 = Counter(
+            "coilguard_coils_qos0_total",
+            "Coils a gateway sent at QoS 0 against the contract's QoS 1: taken, or dropped while the worker was behind",
+            ["outcome"],
+        )
         self.batch_size = Histogram(
             "coilguard_assess_batch_size", "Messages per AssessCoils batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
         )

@@ -13,6 +13,7 @@ stops sending rather than anything being dropped.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import socket
 import sys
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promoted` event was missed
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
+QOS0_HIGH_WATER = 2000  # coils waiting beyond which a coil sent at QoS 0 is dropped (twice the receive maximum)
 CONFIRM_POLL_S = 0.5  # how often that wait looks whether the worker is stopping (a pod's grace period is 30 s)
 ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until long after their mark
 JOIN_ON_ERROR_S = 30.0  # run() interrupted on the main thread: how long it waits for the worker to stop
@@ -134,6 +136,7 @@ class AssessWorker:
         self.subscribed = threading.Event()  # the broker keeps coils for this worker from now on
         self.ready = threading.Event()  # … and it assesses them
         self._inbox: queue.Queue[Inbound] = queue.Queue()
+        self._qos0_warned = -math.inf
         # at most two voted batches wait for the committer: enough to overlap, little to redo after a crash
         self._pending: queue.Queue[tuple[list[Inbound], Prepared, float] | None] = queue.Queue(maxsize=2)
         self._reload = threading.Event()
@@ -322,8 +325,28 @@ class AssessWorker:
         self._last_inbound = time.monotonic()
         if message.topic == self.topics.model_events:
             self._on_model_event(message)
+        elif message.qos == 0:
+            self._take_qos0(message)
         else:
             self._inbox.put(message)
+
+    def _take_qos0(self, message: Inbound) -> None:
+        """A coil at QoS 0, against the contract. The broker's receive maximum holds back only QoS 1 and 2, so
+        nothing bounds these while the worker is behind (a database outage): past a backlog of
+        ``QOS0_HIGH_WATER`` they are dropped, as the sender's QoS allows, rather than grow until the pod is killed
+        and every queued coil is lost with it. Counted either way, so that the gateway's setting shows."""
+        if self._inbox.qsize() < QOS0_HIGH_WATER:
+            METRICS.coils_qos0.labels("taken").inc()
+            self._inbox.put(message)
+            return
+        METRICS.coils_qos0.labels("dropped").inc()
+        now = time.monotonic()
+        if now - self._qos0_warned >= 60.0:
+            self._qos0_warned = now
+            log.warning(
+                "dropping coils sent at QoS 0 on %s while %d coils wait: the contract is QoS 1, which the broker "
+                "would hold for this worker", message.topic, self._inbox.qsize(),
+            )  # fmt: skip
 
     def _on_model_event(self, message: Inbound) -> None:
         try:

@@ -28,9 +28,10 @@ from ml.sim import LineConfig, LineSimulator
 from services.db.engine import make_engine
 from services.db.models import Assessment, Coil, Worker
 from services.line import publish_coils
+from services.metrics import METRICS
 from services.workers import assess as assess_module
 from services.workers.assess import AssessWorker, WorkerFailed
-from workflows.messages import ModelEvent, dumps
+from workflows.messages import ModelEvent, dumps, encode_coil_message
 from workflows.topics import Topics
 from workflows.training import resolve_artifact
 
@@ -458,6 +459,35 @@ def test_decisions_the_broker_refuses_stop_the_worker_unacknowledged_and_come_ba
         assert wait_for(lambda: len({d["coil_id"] for d in env.listener.decisions}) == 20, timeout=60)
     assert sorted({d["coil_id"] for d in env.listener.decisions}) == sorted(c.coil_id for c in coils)
     assert env.count(Assessment.id) == 20
+
+
+def test_coils_sent_at_qos_0_are_taken_and_counted_and_dropped_only_while_the_worker_is_behind(
+    env: AssessEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QoS 0 escapes the broker's receive maximum, so a gateway sending it could grow the worker's backlog
+    without bound during an outage. Taken while the worker keeps up; dropped past the high-water mark (here 0:
+    the worker counts as behind), each counted by outcome, while QoS 1 coils are never dropped."""
+
+    def qos0(outcome: str) -> float:
+        return METRICS.coils_qos0.labels(outcome)._value.get()
+
+    def send(coils: list, qos: int) -> None:
+        for coil in coils:
+            payload = encode_coil_message(coil.coil_id, coil.line, coil.produced_at, coil.thickness)
+            env.publisher.publish(env.topics.sensors(coil.line), payload, qos=qos)
+        assert env.publisher.flush(10)
+
+    taken, dropped = qos0("taken"), qos0("dropped")
+    with env.worker():
+        send(_coils(3, "Q0A", seed=49), qos=0)
+        assert wait_for(lambda: env.coils() == 3, timeout=60)
+        assert qos0("taken") - taken == 3
+        monkeypatch.setattr(assess_module, "QOS0_HIGH_WATER", 0)
+        send(_coils(4, "Q0B", seed=50), qos=0)
+        send(_coils(2, "Q1", seed=51), qos=1)
+        assert wait_for(lambda: env.coils() == 5, timeout=60)
+        assert wait_for(lambda: qos0("dropped") - dropped == 4, timeout=10)
+    assert qos0("taken") - taken == 3
 
 
 def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
