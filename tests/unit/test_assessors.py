@@ -5,6 +5,7 @@ validates its settings; plus what is particular to YOLO (offline, weights file, 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -217,6 +218,7 @@ def test_yolo_starts_from_a_weights_file_freezes_layers_and_never_goes_online(
     yolo = create("yolo", {**TINY["yolo"], "weights": str(weights), "freeze": 7})
     yolo.fit(data, device="cpu")
     assert yolo.runtime["start"] == "file" and yolo.runtime["frozen_layers"] == 7
+    assert yolo.runtime["pretrained"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()  # reproducible
     state = yolo.net.state_dict()
     # grayscale folded into the pretrained RGB stem; frozen layers untouched, batch-norm statistics included
     torch.testing.assert_close(state["model.0.conv.weight"], original["model.0.conv.weight"].sum(1, keepdim=True))

@@ -14,6 +14,8 @@ of frozen blocks in eval mode so that their running statistics stay the pretrain
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import os
 from copy import deepcopy
@@ -135,7 +137,8 @@ class YoloClassifier(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"YOLO weights file {path} does not exist (nothing is downloaded)")
         ultralytics_offline()
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        data = path.read_bytes()  # hashed and loaded from the same bytes: the manifest names what was used
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
         if isinstance(obj, dict) and isinstance(obj.get("ema") or obj.get("model"), nn.Module):
             obj = obj.get("ema") or obj.get("model")
         state = obj.state_dict() if isinstance(obj, nn.Module) else obj
@@ -163,4 +166,5 @@ class YoloClassifier(nn.Module):
         if missing:
             raise ValueError(f"{path} is not a yolov8{self.size}-cls checkpoint: {len(missing)} tensors missing")
         self.load_state_dict(loaded, strict=False)
-        return {"file": str(path), "tensors": len(loaded), "skipped": skipped}
+        sha256 = hashlib.sha256(data).hexdigest()
+        return {"file": str(path), "sha256": sha256, "tensors": len(loaded), "skipped": skipped}
