@@ -119,6 +119,7 @@ def load_folder(
             files.append(f"{name}/{image_path.name}")
             digest.update(files[-1].encode())
             digest.update(image.tobytes())
+            digest.update(_mask_bytes(mask))  # the segmenter learns from the masks: re-annotated is other data
     ok = [n.lower() in OK_CLASSES for n in names]
     complete = all(m is not None or ok[lab] for m, lab in zip(masks, labels, strict=True))
     has_any = any(m is not None for m in masks)
@@ -145,14 +146,20 @@ def as_image_set(dataset: Any, size: int = 128) -> ImageSet:
     raise TypeError(f"expected an ImageSet or a CoilDataset, got {type(dataset).__name__}")
 
 
+def _mask_bytes(mask: np.ndarray | None) -> bytes:
+    return b"no mask" if mask is None else b"mask" + np.packbits(np.ascontiguousarray(mask, dtype=bool)).tobytes()
+
+
 def image_set_summary(images: ImageSet) -> dict[str, Any]:
     """What a model manifest records about the image data it was trained on."""
     nok = images.nok
     counts = {c: int(np.sum(images.labels == i)) for i, c in enumerate(images.classes)}
     digest = hashlib.sha256()
-    for name, image in zip(images.names, images.images, strict=True):
+    masks = images.masks if images.masks is not None else [None] * len(images)
+    for name, image, mask in zip(images.names, images.images, masks, strict=True):
         digest.update(str(name).encode())
         digest.update(np.ascontiguousarray(image).tobytes())
+        digest.update(_mask_bytes(mask))
     return {
         "n_images": len(images),
         "n_nok": int(nok.sum()),

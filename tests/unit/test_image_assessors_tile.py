@@ -21,7 +21,7 @@ from ml.assessors.manifest import ArtifactError
 from ml.assessors.ssim_ae import SsimAeAssessor
 from ml.assessors.ssim_ae.loss import dssim_loss, residual_map
 from ml.imagesets.base import ImageSet
-from ml.imagesets.folder import load_folder, resize_mask
+from ml.imagesets.folder import image_set_summary, load_folder, resize_mask
 from ml.imagesets.magnetic_tile import CLASSES, load_magnetic_tile
 from ml.imagesets.near_copies import group_holdout, near_copy_groups
 from ml.training.runtime import seed_everything
@@ -419,6 +419,13 @@ def test_load_folder_pairs_images_with_masks(tmp_path: Path) -> None:
     assert images.images[0].dtype == np.float32 and 0 <= images.images[0].min() <= images.images[0].max() <= 1
     small = load_folder(tmp_path, size=(10, 15))
     assert small.images[3].shape == (10, 15) and small.masks[3].sum() == pytest.approx(12, abs=6)
+    before = (images.meta["sha256"], image_set_summary(images)["content_sha256"])
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:12, 5:15] = 255  # re-annotated: the same images, another mask to learn from
+    Image.fromarray(mask).save(tmp_path / "scratch" / "scratch_1.png")
+    again = load_folder(tmp_path)
+    after = (again.meta["sha256"], image_set_summary(again)["content_sha256"])
+    assert before[0] != after[0] and before[1] != after[1]  # a manifest tells the two training sets apart
     (tmp_path / "scratch" / "scratch_0.png").unlink()  # a defect image without a mask: no masks at all
     assert load_folder(tmp_path).masks is None
 
