@@ -57,6 +57,10 @@ def promote_version(
         load_model(record, model_dir)
     except (ArtifactError, OSError) as exc:
         raise VersionChangeRefused(f"{name} v{version} cannot be put in service: {exc}") from None
+    except Exception as exc:  # checksums fine, but this release cannot build it (its settings, its network)
+        raise VersionChangeRefused(
+            f"{name} v{version} cannot be put in service by this release: {type(exc).__name__}: {exc}"
+        ) from None
     try:  # only over the version seen above: loading takes a while, and ReTrain may promote meanwhile
         retired = registry.promote(record.id, replacing=active[0] if active else NO_ACTIVE_VERSION)
     except ChampionChanged as exc:
