@@ -65,6 +65,18 @@ class AssessorSettings(BaseModel):
         "class_weight_nok false alarms, or the NOK-F1 optimum (noisy on a dozen validation NOK coils)",
     )
 
+    ignored: ClassVar[dict[str, str]] = {}
+    """Shared settings this assessor has no use for, with the reason: set to anything but the default in a new
+    model, they are refused (:func:`refuse_ignored`) rather than recorded in a manifest that did not use them."""
+
+    @classmethod
+    def refuse_ignored(cls, given: Mapping[str, Any]) -> None:
+        """Raise ValueError for a setting in ``given`` that this assessor ignores and that is not its default.
+        Only where a model is made (``create``): a manifest written before the check still loads."""
+        for name, why in cls.ignored.items():
+            if name in given and given[name] != cls.model_fields[name].default:
+                raise ValueError(f"{name} has no effect on this assessor: {why}")
+
 
 @dataclass
 class AssessBatch:

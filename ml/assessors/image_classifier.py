@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ PREDICT_CHUNK = 64
 
 
 class ImageClassifierSettings(AssessorSettings):
+    ignored: ClassVar[dict[str, str]] = {"oversample_nok": "every image is seen once an epoch"}
+
     lr: float = Field(5e-4, gt=0, lt=1, description="Adam (both papers: 5e-4)")
     batch_size: int = Field(32, ge=2, le=4096)
     imgsz: int = Field(96, ge=32, le=512, description="side of the square the images are resized to")

@@ -57,7 +57,10 @@ def _load(ep: EntryPoint) -> type[Assessor]:
 
 
 def create(key: str, settings: dict | None = None, *, name: str | None = None) -> Assessor:
-    return assessor_class(key)(settings, name=name)
+    """A new, untrained assessor; a shared setting it would ignore (``Settings.ignored``) is refused."""
+    cls = assessor_class(key)
+    cls.Settings.refuse_ignored(settings or {})
+    return cls(settings, name=name)
 
 
 def load_artifact(directory: str | Path, *, allow_legacy: bool = False, expected_sha256: str | None = None) -> Assessor:

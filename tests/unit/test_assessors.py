@@ -370,3 +370,23 @@ def test_a_challenger_warm_starts_only_from_a_trained_assessor_of_its_own_kind(k
         create(kind, {"epochs": 1}).fit(data, init=create(other, {"epochs": 1}), device="cpu")
     with pytest.raises(TypeError, match="cannot warm-start"):  # right kind, never trained
         create(kind, {"epochs": 1}).fit(data, init=create(kind, {"epochs": 1}), device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("key", "setting", "value"),
+    [
+        ("ssim_ae", "threshold_rule", "f1"),
+        ("contrastive_seg", "class_weight_nok", 2.0),
+        ("siamese", "oversample_nok", 5),
+    ],
+)
+def test_a_shared_setting_the_assessor_ignores_is_refused_for_a_new_model(
+    key: str, setting: str, value: object
+) -> None:
+    """`--set threshold_rule=f1` on the autoencoder used to be accepted, recorded in the manifest, and change
+    nothing (its thresholds are Youden's J). Refused where a model is made; a saved manifest still loads."""
+    with pytest.raises(ValueError, match=f"{setting} has no effect on this assessor"):
+        create(key, {setting: value})
+    default = assessor_class(key).Settings.model_fields[setting].default
+    assert create(key, {setting: default}).settings.model_dump()[setting] == default  # ReTrain passes them all
+    assert getattr(assessor_class(key)({setting: value}).settings, setting) == value  # what loading does

@@ -74,6 +74,13 @@ THRESHOLD_GRID = np.round(np.arange(0.2, 0.81, 0.05), 2)
 
 
 class ContrastiveSegSettings(AssessorSettings):
+    ignored: ClassVar[dict[str, str]] = {
+        "class_weight_nok": "its loss is per pixel (0.3·BCE + 0.7·Dice), not per image",
+        "oversample_nok": "every image is seen once an epoch",
+        "threshold_rule": "its coil threshold is Youden's J on the validation split (or the defect area)",
+        "min_threshold": "its coil threshold is Youden's J on the validation split (or the defect area)",
+    }
+
     epochs: int = Field(40, ge=1, le=500)
     batch_size: int = Field(8, ge=1, le=256)
     patience: int = Field(10, ge=1)

@@ -43,6 +43,8 @@ REFERENCES = "references.pt"
 
 
 class SiameseSettings(MatrixSettings):
+    ignored: ClassVar[dict[str, str]] = {"oversample_nok": "its pair sampling balances the classes"}
+
     depth: int = Field(4, ge=1, le=12, description="convolutions of the encoder (the paper's best: 4 to 10)")
     width: int = Field(8, ge=2, le=128, description="channels of the first convolution, doubled at each one")
     embedding_dim: int = Field(32, ge=2, le=512)

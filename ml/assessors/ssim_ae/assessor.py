@@ -49,6 +49,13 @@ MIN_RECONSTRUCTION_GAIN = 0.1  # below this share of the mean image's DSSIM remo
 
 
 class SsimAeSettings(AssessorSettings):
+    ignored: ClassVar[dict[str, str]] = {
+        "class_weight_nok": "it learns from defect-free images only, with no class in its loss",
+        "oversample_nok": "it learns from defect-free images only",
+        "threshold_rule": "its thresholds are Youden's J on the validation split, or a quantile of defect-free scores",
+        "min_threshold": "its thresholds are Youden's J on the validation split, or a quantile of defect-free scores",
+    }
+
     epochs: int = Field(40, ge=1, le=500)
     batch_size: int = Field(16, ge=1, le=1024)
     lr: float = Field(1e-3, gt=0, lt=1, description="Adam (Bergmann et al.: 2e-4 for 200 epochs; slower here)")
