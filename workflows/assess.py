@@ -14,6 +14,7 @@ Everything here is plain Python over the ports; the worker in ``services`` owns 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +48,10 @@ class RawMessage:
     payload: bytes
     received_at: float  # epoch seconds, when the worker got it
 
+
+# A message's surface images are decoded to this many pixels together at most (reduced when they hold more):
+# 16 MB of float32 a coil, 1 GiB for a batch of 64; a 2448 × 2048 camera frame is reduced by 2, NEU's 200 px not.
+MAX_DECODED_PIXELS = 1 << 22
 
 NO_ONE_TO_JUDGE = (
     "no surface images, and every active model assesses images: send the coil's images, or register a matrix "
@@ -312,12 +317,19 @@ def _decision_from_stored(stored: StoredDecision) -> Decision:
 
 
 def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
-    """The pixels, for image assessors; the parser has already checked the base64 and the format's
-    signature, so what is left to refuse here is a file that PIL cannot read (the field names which one)."""
+    """The pixels, for image assessors; the parser has already checked the base64, the format's signature and
+    the header, so what is left to refuse here is a file that PIL cannot read (the field names which one).
+
+    A message's images are decoded to at most ``MAX_DECODED_PIXELS`` together, each reduced by the same whole
+    factor when they hold more: a blank 8192 × 8192 PNG is 65 kB, so the 1 MiB limit lets eleven through, and
+    at full size they would take 2.8 GB of float32 until the ensemble had voted (a batch of them killed the
+    worker, and the redelivered batch again). The assessors resize to 512 px at most anyway."""
+    total = sum(image.pixels for image in coil.images)
+    factor = math.ceil(math.sqrt(total / MAX_DECODED_PIXELS)) if total > MAX_DECODED_PIXELS else 1
     decoded: list[np.ndarray] = []
     for i, image in enumerate(coil.images):
         try:
-            decoded.append(decode_image(image.decode()))
+            decoded.append(decode_image(image.decode(), reduce=factor))
         except ValueError as exc:
             raise RejectedMessage(str(exc), f"images.{i}", coil.coil_id) from None
     return decoded

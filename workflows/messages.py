@@ -35,9 +35,6 @@ from ml.matrix import N_SECTIONS, N_SENSORS, SHAPE
 
 SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 1 << 20
-# The surface images' pixels per message, summed. A blank 8192 × 8192 PNG is 65 kB, so the 1 MiB limit does not
-# bound what images decode to: 4 Mpx is 16 MB of float32 a coil, 1 GiB for a batch of 64; a full-HD frame fits twice.
-MAX_IMAGE_PIXELS = 1 << 22
 # Applied with fullmatch: under re.match a "$" also matches before a final newline, which let "C-1\n" through.
 COIL_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _DATE_AND_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")  # a prefix: pydantic's parser checks the rest
@@ -110,7 +107,7 @@ class SurfaceImage(BaseModel):
 
     @property
     def pixels(self) -> int:
-        """Width × height, read from the header: the message's total is capped before anything is decoded."""
+        """Width × height, read from the header: what decoding it would cost is known before it is decoded."""
         return self._pixels
 
     def decode(self) -> bytes:
@@ -218,10 +215,6 @@ def parse_coil_message(
         raise RejectedMessage(f"line {envelope.line!r} differs from the topic's {topic_line!r}", "line", coil_id)
     if np.isnan(matrix).all():
         raise RejectedMessage("every reading is dropped (null)", "thickness", coil_id)
-    if (pixels := sum(image.pixels for image in envelope.images)) > MAX_IMAGE_PIXELS:
-        raise RejectedMessage(
-            f"the images hold {pixels} pixels, more than the {MAX_IMAGE_PIXELS} a message may carry", "images", coil_id
-        )
     return CoilMessage(
         coil_id=envelope.coil_id,
         line=envelope.line,

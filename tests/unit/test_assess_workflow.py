@@ -14,7 +14,7 @@ import pytest
 
 from ml.assessors.base import AssessBatch
 from ml.ensemble import Ensemble, Member
-from workflows.assess import AssessCoils, RawMessage, ServingEnsemble
+from workflows.assess import MAX_DECODED_PIXELS, AssessCoils, RawMessage, ServingEnsemble
 from workflows.messages import encode_coil_message
 from workflows.ports import AssessedCoil, ModelRecord, StoredDecision
 from workflows.topics import Topics
@@ -295,14 +295,41 @@ def test_with_image_models_only_a_coil_without_images_is_rejected_with_its_reaso
     assert "every active model assesses images" in rejected.reason
 
 
-def _with_image(raw: RawMessage) -> RawMessage:
+def _with_image(raw: RawMessage, side: int = 8, count: int = 1, shade: int = 200) -> RawMessage:
     import base64
     import io
 
     from PIL import Image
 
     png = io.BytesIO()
-    Image.new("L", (8, 8), 200).save(png, format="PNG")
+    Image.new("L", (side, side), shade).save(png, format="PNG")
     doc = orjson.loads(raw.payload)
-    doc["images"] = [{"kind": "surface", "format": "png", "data_b64": base64.b64encode(png.getvalue()).decode()}]
+    image = {"kind": "surface", "format": "png", "data_b64": base64.b64encode(png.getvalue()).decode()}
+    doc["images"] = [image] * count
     return RawMessage(raw.topic, orjson.dumps(doc), raw.received_at)
+
+
+class Sizes(Brightness):
+    """Records the decoded images' shapes."""
+
+    def __init__(self) -> None:
+        self.shapes: list[list[tuple[int, ...]]] = []
+
+    def predict(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray]:
+        self.shapes += [[im.shape for im in imgs] for imgs in batch.images or []]
+        return super().predict(batch)
+
+
+def test_huge_surface_images_are_decoded_reduced_and_ignored_without_an_image_model(serving: ServingEnsemble) -> None:
+    """A camera fault sending blank 8192 × 8192 frames (65 kB each as PNG: eleven pass the 1 MiB limit) would
+    decode to 2.8 GB of float32 a coil, and a batch of them killed the worker on every redelivery. The images of a
+    message are decoded to 4 Mpx together at most; ordinary ones untouched; with no image model, not decoded."""
+    huge = _with_image(_coil("H"), side=8192, count=3, shade=0)
+    assert len(huge.payload) < 1 << 20
+    sizes = Sizes()
+    result = AssessCoils(MemoryStore(), TOPICS).process([huge, _with_image(_coil("S"), side=200)], _serving(sizes))
+    assert [d.coil_id for d in result.decided] == ["H", "S"] and not result.rejected
+    side = -(-8192 // 7)  # 3 × 8192² is 48 times 4 Mpx: each side divided by ⌈√48⌉ = 7
+    assert sizes.shapes == [[(side, side)] * 3, [(200, 200)]] and 3 * side**2 <= MAX_DECODED_PIXELS
+    plain = AssessCoils(MemoryStore(), TOPICS).process([huge], serving)  # no image model: the images are not read
+    assert [d.coil_id for d in plain.decided] == ["H"] and not plain.rejected
