@@ -59,7 +59,7 @@ class MqttEventPublisher:
                 elif refused := client.take_refused():
                     log.warning(
                         "the broker refused the events on %s (%s: its ACL?); workers will notice the new version by "
-                        "polling", topics, ", ".join(sorted(set(refused))),
+                        "polling", topics, ", ".join(sorted({reason for _, reason in refused})),
                     )  # fmt: skip
         except ConnectionError as exc:
             log.warning("could not announce on %s (%s); workers will notice the new version by polling", topics, exc)

@@ -17,6 +17,11 @@ class _Metrics:
         self.coils_assessed = Counter("coilguard_coils_assessed_total", "Coils decided", ["line", "decision"])
         self.coils_rejected = Counter("coilguard_coils_rejected_total", "Messages rejected as malformed")
         self.coils_duplicate = Counter("coilguard_coils_duplicate_total", "Coil ids already decided (redelivered)")
+        self.publish_refused = Counter(
+            "coilguard_publish_refused_total",
+            "Messages the broker refused (its ACL): decisions (held back and offered again) or rejections",
+            ["kind"],
+        )
         self.coils_qos0 = Counter(
             "coilguard_coils_qos0_total",
             "Coils a gateway sent at QoS 0 against the contract's QoS 1: taken, or dropped while the worker was behind",

@@ -67,6 +67,8 @@ class NoActiveModel(RuntimeError):
 class Outgoing:
     topic: str
     payload: bytes
+    coil_id: str | None = None  # a decision's coil (None for a rejection): what to hold back if it is refused
+    line: str | None = None
 
 
 @dataclass
@@ -272,7 +274,9 @@ class AssessCoils:
     def _queue_decision(self, result: BatchResult, decision: Decision, *, new: bool = True) -> None:
         if new:
             result.decided.append(decision)
-        result.publish.append(Outgoing(self.topics.decisions(decision.line), dumps(decision)))
+        result.publish.append(
+            Outgoing(self.topics.decisions(decision.line), dumps(decision), decision.coil_id, decision.line)
+        )
 
     def _reject(self, result: BatchResult, raw: RawMessage, error: RejectedMessage, line: str | None) -> None:
         rejection = Rejection.of(error, raw.payload, datetime.fromtimestamp(raw.received_at, UTC))

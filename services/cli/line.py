@@ -76,9 +76,10 @@ def simulate(
             )
         client.flush()
         if refused := client.take_refused():
+            reasons = ", ".join(sorted({reason for _, reason in refused}))
             raise click.ClickException(
                 f"the broker refused {len(refused)} of the {sent} coils on {topics(settings).sensors(line)} "
-                f"({', '.join(sorted(set(refused)))}): does its ACL let this account publish there?"
+                f"({reasons}): does its ACL let this account publish there?"
             )
     took = time.perf_counter() - start
     click.echo(f"published {sent} coils on {topics(settings).sensors(line)} in {took:.1f} s ({sent / took:.0f}/s)")

@@ -83,7 +83,7 @@ class MqttClient:
         self._closing = False
         self._last_publish: paho.MQTTMessageInfo | None = None
         self._session = 0  # bumped on every connection that finds no session of ours on the broker
-        self._refused: list[str] = []  # reason codes of PUBACKs that refused a message (MQTT v5), until taken
+        self._refused: list[tuple[int, str]] = []  # (mid, reason) of PUBACKs that refused a message (v5), until taken
         self._pending_subacks: dict[int, threading.Event] = {}
         self._early_subacks: dict[int, float] = {}
 
@@ -226,10 +226,10 @@ class MqttClient:
         last.wait_for_publish(timeout)
         return last.is_published()
 
-    def take_refused(self) -> list[str]:
-        """The reasons the broker gave for refusing messages published since the last call (``Not authorized``:
-        its ACL), and forget them. paho counts a refused QoS 1 message as published, so :meth:`flush` alone
-        says True for a decision that went nowhere."""
+    def take_refused(self) -> list[tuple[int, str]]:
+        """(message id, reason) of each message the broker refused since the last call (``Not authorized``: its
+        ACL), and forget them; the id is the ``mid`` of what :meth:`publish` returned. paho counts a refused QoS 1
+        message as published, so :meth:`flush` alone says True for a decision that went nowhere."""
         with self._lock:
             refused, self._refused = self._refused, []
         return refused
@@ -275,7 +275,7 @@ class MqttClient:
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if reason_code.is_failure:
             with self._lock:
-                self._refused.append(str(reason_code))
+                self._refused.append((mid, str(reason_code)))
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         failed = [rc for rc in reason_codes if rc.is_failure]

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promoted` event was missed
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
+HELD_RETRY_S = 10.0  # how often decisions the broker refused are offered again
 QOS0_HIGH_WATER = 2000  # coils waiting beyond which a coil sent at QoS 0 is dropped (twice the receive maximum)
 CONFIRM_POLL_S = 0.5  # how often that wait looks whether the worker is stopping (a pod's grace period is 30 s)
 ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until long after their mark
@@ -137,6 +138,8 @@ class AssessWorker:
         self.ready = threading.Event()  # … and it assesses them
         self._inbox: queue.Queue[Inbound] = queue.Queue()
         self._qos0_warned = -math.inf
+        self._held: dict[str, tuple[Outgoing, Inbound]] = {}  # refused decisions: coil id → (decision, message)
+        self._held_tried = -math.inf
         # at most two voted batches wait for the committer: enough to overlap, little to redo after a crash
         self._pending: queue.Queue[tuple[list[Inbound], Prepared, float] | None] = queue.Queue(maxsize=2)
         self._reload = threading.Event()
@@ -278,7 +281,7 @@ class AssessWorker:
         its receive maximum does not let through, however long a commit takes, and removing the session would
         throw that away."""
         quiet = time.monotonic() - max(self._last_inbound, self._last_acked)
-        return self._pending.unfinished_tasks == 0 and quiet > RETIRE_IDLE_S
+        return self._pending.unfinished_tasks == 0 and quiet > RETIRE_IDLE_S and not self._held
 
     def stop(self) -> None:
         self.stopping.set()
@@ -433,9 +436,9 @@ class AssessWorker:
         unconfirmed = False  # stopping, and the broker never confirmed: later batches are not waited for either
         while True:
             try:
-                item = self._pending.get(timeout=MARK_IDLE_S) if unmarked else self._pending.get()
+                item = self._pending.get(timeout=MARK_IDLE_S) if unmarked or self._held else self._pending.get()
             except queue.Empty:
-                unmarked = self._mark_published(unmarked)
+                unmarked = self._mark_published(unmarked + self._retry_held())
                 continue
             if item is None:
                 self._ended = True
@@ -452,28 +455,79 @@ class AssessWorker:
                 # from here on a copy of one of these coils is a duplicate: the decision is on its way, and should
                 # the broker never confirm it, the worker stops without acknowledging this batch or any later one
                 self._announced.add_all(result.to_mark_published)
-                for out in result.publish:
-                    self.client.publish(out.topic, out.payload, qos=1)
-                if not self._confirmed({out.topic for out in result.publish}):
+                sent = {self.client.publish(out.topic, out.payload, qos=1).mid: out for out in result.publish}
+                if not self._confirmed():
                     unconfirmed = True  # neither acknowledged nor marked: the coils come back and are announced
                     continue
-                unmarked = result.to_mark_published
+                held = self._hold_refused(sent, batch)
+                unmarked = [coil_id for coil_id in result.to_mark_published if coil_id not in held]
+                keep = {id(message) for message in held.values()}
                 for message in batch:  # only now: every result is committed and announced
-                    self.client.ack(message)
+                    if id(message) not in keep:
+                        self.client.ack(message)
                 self._last_acked = time.monotonic()
                 self._account(result, len(batch), time.perf_counter() - started)
             finally:
                 self._pending.task_done()  # settled, one way or the other: what a retiring worker waits for
+            unmarked += self._retry_held()
         self._mark_published(unmarked)
 
-    def _confirmed(self, topics: set[str]) -> bool:
-        """Has the broker acknowledged everything published? While it is away the decisions wait in the client
-        (re-sent on reconnect) and so does this batch; only a worker that is stopping gives up on them.
+    def _hold_refused(self, sent: dict[int, Outgoing], batch: list[Inbound]) -> dict[str, Inbound]:
+        """The decisions of ``sent`` that the broker refused (its ACL does not cover a new line's topic), held back
+        with their messages: {coil id: message}. paho counts a refused message as published; acknowledged and
+        marked, such a coil's decision would be gone without a word, and a redelivered copy a duplicate.
 
-        A decision the broker refused (its ACL has no rule for a new line's topic) raises: acknowledged and
-        marked published, the coil would never be announced, and a redelivered copy would count as a duplicate.
-        The committer fails, the worker exits non-zero with the reason, and the batch comes back once it runs
-        again: a crash loop an operator sees, not decisions silently gone."""
+        Held, the message stays unacknowledged and the decision is offered again every ``HELD_RETRY_S``: once the
+        ACL lets it through it is announced, acknowledged and marked, with no restart. The other lines go on. A
+        refused rejection is logged and counted, never held: a bad message must not stop the stream."""
+        held: dict[str, Inbound] = {}
+        if self._held:  # a copy of a coil still held (redelivered after a reconnect) is the message to keep now
+            for message in batch:
+                if (coil_id := coil_id_of(message.payload)) in self._held:
+                    self._held[coil_id] = (self._held[coil_id][0], message)
+                    held[coil_id] = message
+        refused = [(sent[mid], reason) for mid, reason in self.client.take_refused() if mid in sent]
+        if not refused:
+            return held
+        for out, _ in refused:
+            METRICS.publish_refused.labels("decision" if out.coil_id else "rejection").inc()
+        decisions = {out.coil_id: out for out, _ in refused if out.coil_id is not None}
+        by_coil = {coil_id_of(m.payload): m for m in batch} if decisions else {}
+        new = {coil_id: by_coil[coil_id] for coil_id in decisions if coil_id in by_coil}
+        self._held.update({coil_id: (decisions[coil_id], message) for coil_id, message in new.items()})
+        held.update(new)
+        log.error(
+            "the broker refused %d messages on %s (%s): does its ACL let coilguard's account publish there? %d "
+            "decisions are held back unacknowledged and offered again every %.0f s",
+            len(refused), ", ".join(sorted({out.topic for out, _ in refused})),
+            ", ".join(sorted({reason for _, reason in refused})), len(self._held), HELD_RETRY_S,
+        )  # fmt: skip
+        return held
+
+    def _retry_held(self) -> list[str]:
+        """Offer the held decisions again (at most every ``HELD_RETRY_S``); acknowledge those the broker takes now
+        and return their coil ids, to be marked published."""
+        if not self._held or time.monotonic() - self._held_tried < HELD_RETRY_S:
+            return []
+        self._held_tried = time.monotonic()
+        sent = {}
+        for coil_id, (out, _) in self._held.items():
+            topic = self.topics.decisions(out.line) if out.line else out.topic
+            sent[self.client.publish(topic, out.payload, qos=1).mid] = coil_id
+        if not self._confirmed():
+            return []
+        still = {sent[mid] for mid, _ in self.client.take_refused() if mid in sent}
+        released = [coil_id for coil_id in sent.values() if coil_id not in still]
+        for coil_id in released:
+            self.client.ack(self._held.pop(coil_id)[1])
+        if released:
+            log.info("the broker took %d held decisions; %d still held", len(released), len(self._held))
+        return released
+
+    def _confirmed(self) -> bool:
+        """Has the broker acknowledged everything published? While it is away the decisions wait in the client
+        (re-sent on reconnect) and so does this batch; only a worker that is stopping gives up on them. (That
+        the broker *refused* some is another matter: :meth:`_hold_refused`.)"""
         waited = 0.0
         while not self.client.flush(timeout=CONFIRM_POLL_S):  # in slices: a stop is seen within one, not 30 s
             if self.stopping.is_set():
@@ -483,12 +537,6 @@ class AssessWorker:
             if waited >= CONFIRM_WAIT_S:
                 log.warning("the broker has not confirmed this batch's decisions in %.0f s; still waiting", waited)
                 waited = 0.0
-        if refused := self.client.take_refused():
-            raise DecisionsRefused(
-                f"the broker refused {len(refused)} of this batch's messages ({', '.join(sorted(set(refused)))}) on "
-                f"{', '.join(sorted(topics))}: does its ACL let coilguard's account publish there? The batch stays "
-                "unacknowledged"
-            )
         return True
 
     def _mark_published(self, coil_ids: list[str]) -> list[str]:
@@ -617,10 +665,6 @@ class WorkerFailed(RuntimeError):
 
 class _Stopped(Exception):
     """The worker is stopping while the database is away: the batch stays unacknowledged."""
-
-
-class DecisionsRefused(RuntimeError):
-    """The broker answered a decision with a failure reason code (MQTT v5): it went nowhere."""
 
 
 def _first_line(exc: DBAPIError) -> str:

@@ -426,39 +426,45 @@ def test_a_committer_that_fails_stops_the_worker_with_an_error_and_acknowledges_
     assert env.count(Assessment.id) == 200
 
 
-def test_decisions_the_broker_refuses_stop_the_worker_unacknowledged_and_come_back_once_it_may_publish(
+def test_decisions_the_broker_refuses_are_held_back_while_other_lines_go_on_and_go_out_once_it_takes_them(
     env: AssessEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A new line whose decision topic the broker's ACL does not cover: Mosquitto answers each decision with
-    PUBACK "Not authorized", which paho counts as published. Taken for confirmed, the coils were acknowledged and
-    marked announced, and their decisions were gone without a word. The worker must fail with the reason and
-    acknowledge nothing; once the broker lets it publish, every coil is announced, none decided twice."""
-    real = Topics.decisions
-    monkeypatch.setattr(Topics, "decisions", lambda self, line: f"$SYS/coilguard-test/decisions/{line}")  # refused
-    failures: list[BaseException] = []
-    worker = AssessWorker(env.settings, engine=env.engine, client_id=env.client_id)
+    PUBACK "Not authorized" (here: topics under $SYS, which it refuses to everyone), and paho counts that as
+    published. Taken for announced, those coils were acknowledged and marked, their decisions gone without a
+    word. Now they are held back unacknowledged while the other lines' coils go on; a refused rejection is
+    counted and does not stop the stream; once the broker takes the topic, every held decision goes out once."""
+    real_decisions, real_rejected = Topics.decisions, Topics.rejected
 
-    def run() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:
-            failures.append(exc)
+    def refused(real):
+        return lambda self, line: f"$SYS/coilguard-test/{line}" if line == "galv-new" else real(self, line)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert worker.ready.wait(60)
-    coils = _coils(20, "NA", seed=48)
-    publish_coils(env.publisher, env.topics, coils, rate=200)
-    thread.join(60)
-    assert not thread.is_alive(), "the worker went on after the broker refused its decisions"
-    assert len(failures) == 1 and isinstance(failures[0], WorkerFailed)
-    assert "Not authorized" in str(failures[0]) and "$SYS/coilguard-test/decisions/" in str(failures[0])
-    assert env.coils() >= 1 and not env.listener.decisions
-    monkeypatch.setattr(Topics, "decisions", real)  # the ACL mended
-    with env.worker():  # the same session: nothing was acknowledged, so every coil comes back
-        assert wait_for(lambda: len({d["coil_id"] for d in env.listener.decisions}) == 20, timeout=60)
-    assert sorted({d["coil_id"] for d in env.listener.decisions}) == sorted(c.coil_id for c in coils)
-    assert env.count(Assessment.id) == 20
+    monkeypatch.setattr(Topics, "decisions", refused(real_decisions))
+    monkeypatch.setattr(Topics, "rejected", refused(real_rejected))
+    monkeypatch.setattr(assess_module, "HELD_RETRY_S", 0.5)
+
+    def count(kind: str) -> float:
+        return METRICS.publish_refused.labels(kind)._value.get()
+
+    before = count("decision"), count("rejection")
+    new_line = list(itertools.islice(LineSimulator(LineConfig(seed=52, id_prefix="NL", line="galv-new")).stream(), 8))
+    old_line = _coils(8, "OL", seed=53)
+    with env.worker():
+        publish_coils(env.publisher, env.topics, [c for pair in zip(new_line, old_line, strict=True) for c in pair])
+        env.publisher.publish(env.topics.sensors("galv-new"), b"{not json", qos=1)  # its rejection is refused too
+        assert wait_for(lambda: len(env.listener.decisions) == 8, timeout=60), env.listener.decisions
+        assert wait_for(lambda: count("rejection") - before[1] == 1, timeout=30)
+        time.sleep(1.5)  # offered again, refused again
+        assert {d["coil_id"] for d in env.listener.decisions} == {c.coil_id for c in old_line}
+        assert count("decision") - before[0] == 8 and env.coils() == 16
+        monkeypatch.setattr(Topics, "decisions", real_decisions)  # the ACL mended: no restart needed
+        assert wait_for(lambda: len(env.listener.decisions) == 16, timeout=30), len(env.listener.decisions)
+        assert wait_for(lambda: env.count(Coil.coil_id, Coil.published_at.is_not(None)) == 16, timeout=30)
+    assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in new_line + old_line)
+    assert env.count(Assessment.id) == 16
+    with env.worker():  # every message was acknowledged: nothing comes back, nothing is announced again
+        time.sleep(2.0)
+    assert len(env.listener.decisions) == 16
 
 
 def test_coils_sent_at_qos_0_are_taken_and_counted_and_dropped_only_while_the_worker_is_behind(

@@ -139,9 +139,9 @@ def test_a_message_the_broker_refuses_is_reported_though_paho_counts_it_publishe
     """Mosquitto refuses a publish to $SYS with PUBACK "Not authorized", as its ACL refuses a topic it does not
     cover. paho marks such a message published, so flush() is True: take_refused() is where the refusal shows."""
     with MqttClient(mqtt_url) as client:
-        client.publish("$SYS/coilguard-test/refused", b"{}", qos=1)
+        info = client.publish("$SYS/coilguard-test/refused", b"{}", qos=1)
         assert client.flush(10)
-        assert client.take_refused() == ["Not authorized"]
+        assert client.take_refused() == [(info.mid, "Not authorized")]
         assert client.take_refused() == []  # taken once
         client.publish(f"{topic_prefix}/accepted", b"{}", qos=1)
         assert client.flush(10) and client.take_refused() == []
