@@ -56,7 +56,6 @@ RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promote
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
 HELD_RETRY_S = 10.0  # how often decisions the broker refused are offered again
-QOS0_HIGH_WATER = 2000  # coils waiting beyond which a coil sent at QoS 0 is dropped (twice the receive maximum)
 CONFIRM_POLL_S = 0.5  # how often that wait looks whether the worker is stopping (a pod's grace period is 30 s)
 ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until long after their mark
 JOIN_ON_ERROR_S = 30.0  # run() interrupted on the main thread: how long it waits for the worker to stop
@@ -152,12 +151,15 @@ class AssessWorker:
         self._last_poll = 0.0
         self._last_inbound = self._last_acked = time.monotonic()
         self.last_decision_at: str | None = None
+        receive_maximum = max(4 * settings.batch_size, 256)  # QoS 1 coils the broker lets wait here, at most
+        # a coil sent at QoS 0 is dropped while this many wait: the two kinds together stay within twice that
+        self.qos0_high_water = receive_maximum
         self.client: MqttClient = mqtt_client(
             settings,
             client_id=worker_client_id(settings, client_id),
             persistent=True,
             manual_ack=True,
-            receive_maximum=max(4 * settings.batch_size, 256),
+            receive_maximum=receive_maximum,
             on_message=self._on_message,
         )
 
@@ -335,10 +337,10 @@ class AssessWorker:
 
     def _take_qos0(self, message: Inbound) -> None:
         """A coil at QoS 0, against the contract. The broker's receive maximum holds back only QoS 1 and 2, so
-        nothing bounds these while the worker is behind (a database outage): past a backlog of
-        ``QOS0_HIGH_WATER`` they are dropped, as the sender's QoS allows, rather than grow until the pod is killed
-        and every queued coil is lost with it. Counted either way, so that the gateway's setting shows."""
-        if self._inbox.qsize() < QOS0_HIGH_WATER:
+        nothing bounds these while the worker is behind (a database outage): past a backlog of ``qos0_high_water``
+        (the receive maximum) they are dropped, as the sender's QoS allows, rather than grow until the pod is
+        killed and every queued coil is lost with it. Counted either way, so that the gateway's setting shows."""
+        if self._inbox.qsize() < self.qos0_high_water:
             METRICS.coils_qos0.labels("taken").inc()
             self._inbox.put(message)
             return

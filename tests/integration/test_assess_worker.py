@@ -467,9 +467,7 @@ def test_decisions_the_broker_refuses_are_held_back_while_other_lines_go_on_and_
     assert len(env.listener.decisions) == 16
 
 
-def test_coils_sent_at_qos_0_are_taken_and_counted_and_dropped_only_while_the_worker_is_behind(
-    env: AssessEnv, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_coils_sent_at_qos_0_are_taken_and_counted_and_dropped_only_while_the_worker_is_behind(env: AssessEnv) -> None:
     """QoS 0 escapes the broker's receive maximum, so a gateway sending it could grow the worker's backlog
     without bound during an outage. Taken while the worker keeps up; dropped past the high-water mark (here 0:
     the worker counts as behind), each counted by outcome, while QoS 1 coils are never dropped."""
@@ -484,11 +482,12 @@ def test_coils_sent_at_qos_0_are_taken_and_counted_and_dropped_only_while_the_wo
         assert env.publisher.flush(10)
 
     taken, dropped = qos0("taken"), qos0("dropped")
-    with env.worker():
+    with env.worker() as worker:
+        assert worker.qos0_high_water == 256  # the receive maximum: QoS 1 and 0 together stay within twice it
         send(_coils(3, "Q0A", seed=49), qos=0)
         assert wait_for(lambda: env.coils() == 3, timeout=60)
         assert qos0("taken") - taken == 3
-        monkeypatch.setattr(assess_module, "QOS0_HIGH_WATER", 0)
+        worker.qos0_high_water = 0
         send(_coils(4, "Q0B", seed=50), qos=0)
         send(_coils(2, "Q1", seed=51), qos=1)
         assert wait_for(lambda: env.coils() == 5, timeout=60)
