@@ -17,13 +17,16 @@ def sync_file(path: Path) -> None:
 
 
 def sync_dir(path: Path) -> None:
-    """The folder's entries (a file created or renamed in it); a no-op where folders cannot be opened (Windows)."""
+    """The folder's entries (a file created or renamed in it); a no-op where folders cannot be opened (Windows) or
+    synced (some network file systems)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
+    except OSError:  # some network file systems (a ReadWriteMany volume) refuse fsync on a folder: best effort
+        pass
     finally:
         os.close(fd)
 
