@@ -188,6 +188,26 @@ def test_a_promotion_by_hand_does_not_retire_a_version_it_never_saw(tmp_path: Pa
     assert tuple(row) == ("active", None)
 
 
+def test_a_version_this_release_cannot_build_is_refused_with_the_reason(tmp_path: Path, monkeypatch) -> None:
+    """Checksums fine, but the network in the file no longer fits the code (torch's size mismatch): the promotion
+    is refused with the reason, as a tampered file is, and nothing changes (it was a traceback)."""
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    registry = SqlModelRegistry(make_engine(url))
+    cnn = create("cnn", {"epochs": 1, "batch_size": 32})
+    cnn.fit(stripe_coils(60), device="cpu")
+    serving, other = (register(cnn, registry, tmp_path) for _ in range(2))
+    registry.promote(serving.id)
+
+    def mismatch(record: ModelRecord, model_dir: Path) -> None:
+        raise RuntimeError("Error(s) in loading state_dict for CoilCNN: size mismatch for head.weight")
+
+    monkeypatch.setattr(versions, "load_model", mismatch)
+    with pytest.raises(versions.VersionChangeRefused, match="cannot be put in service by this release: RuntimeError"):
+        versions.promote_version(registry, tmp_path, "cnn", other.version)
+    assert [(r.version, r.status) for r in registry.all(["cnn"])] == [(1, "active"), (2, "candidate")]
+
+
 @pytest.mark.slow
 def test_evaluate_writes_the_table_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "report"
