@@ -237,8 +237,11 @@ class FileDriftReportStore:
             for uri in (row.report_uri, (row.summary or {}).get("report_json")):
                 if uri and (path := (self.report_dir / uri).resolve()).is_relative_to(self.report_dir.resolve()):
                     path.unlink(missing_ok=True)
+            kept = {k: v for k, v in (row.summary or {}).items() if k != "report_json"}  # points at nothing now
             with self.engine.begin() as conn:
-                conn.execute(update(drift_reports).where(drift_reports.c.id == row.id).values(report_uri=None))
+                conn.execute(
+                    update(drift_reports).where(drift_reports.c.id == row.id).values(report_uri=None, summary=kept)
+                )
         return len(rows)
 
 
