@@ -457,6 +457,7 @@ class AssessWorker:
                 # from here on a copy of one of these coils is a duplicate: the decision is on its way, and should
                 # the broker never confirm it, the worker stops without acknowledging this batch or any later one
                 self._announced.add_all(result.to_mark_published)
+                self.client.take_refused()  # stale: of publishes settled before (a retry cut short by a stop)
                 sent = {self.client.publish(out.topic, out.payload, qos=1).mid: out for out in result.publish}
                 if not self._confirmed():
                     unconfirmed = True  # neither acknowledged nor marked: the coils come back and are announced
@@ -512,6 +513,7 @@ class AssessWorker:
         if not self._held or time.monotonic() - self._held_tried < HELD_RETRY_S:
             return []
         self._held_tried = time.monotonic()
+        self.client.take_refused()  # stale, as in the batch: ids are reused, so only this round's refusals count
         sent = {}
         for coil_id, (out, _) in self._held.items():
             topic = self.topics.decisions(out.line) if out.line else out.topic
