@@ -221,7 +221,7 @@ class ReTrain:
             }
             self._progress("training", champion_record.name, metrics["data"])
             challenger = create(
-                champion.key, {**champion.settings.model_dump(), **self.config.fit_overrides}, name=champion.name
+                champion.key, {**champion.settings.inherited(), **self.config.fit_overrides}, name=champion.name
             )
             train_started = time.perf_counter()
             report = challenger.fit(data, init=champion, device=self.config.device, callback=self._epoch_done)

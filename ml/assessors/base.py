@@ -69,6 +69,11 @@ class AssessorSettings(BaseModel):
     """Shared settings this assessor has no use for, with the reason: set to anything but the default in a new
     model, they are refused (:func:`refuse_ignored`) rather than recorded in a manifest that did not use them."""
 
+    def inherited(self) -> dict[str, Any]:
+        """These settings for a model that carries them on (ReTrain's challenger), less the ones this assessor
+        ignores: a manifest from before they were refused may hold one, and it changed nothing then either."""
+        return {k: v for k, v in self.model_dump().items() if k not in self.ignored}
+
     @classmethod
     def refuse_ignored(cls, given: Mapping[str, Any]) -> None:
         """Raise ValueError for a setting in ``given`` that this assessor ignores and that is not its default.

@@ -388,5 +388,7 @@ def test_a_shared_setting_the_assessor_ignores_is_refused_for_a_new_model(
     with pytest.raises(ValueError, match=f"{setting} has no effect on this assessor"):
         create(key, {setting: value})
     default = assessor_class(key).Settings.model_fields[setting].default
-    assert create(key, {setting: default}).settings.model_dump()[setting] == default  # ReTrain passes them all
+    assert create(key, {setting: default}).settings.model_dump()[setting] == default  # at its default: fine
     assert getattr(assessor_class(key)({setting: value}).settings, setting) == value  # what loading does
+    legacy = assessor_class(key)({setting: value}).settings  # a manifest from before the refusal
+    assert create(key, legacy.inherited()).settings.model_dump()[setting] == default  # how ReTrain carries it on
