@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import get_args
@@ -56,6 +56,7 @@ RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promote
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
 HELD_RETRY_S = 10.0  # how often decisions the broker refused are offered again
+HELD_MAX = 4096  # refused decisions held at most; beyond, the oldest are given up (stored, never announced)
 CONFIRM_POLL_S = 0.5  # how often that wait looks whether the worker is stopping (a pod's grace period is 30 s)
 ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until long after their mark
 JOIN_ON_ERROR_S = 30.0  # run() interrupted on the main thread: how long it waits for the worker to stop
@@ -137,7 +138,7 @@ class AssessWorker:
         self.ready = threading.Event()  # … and it assesses them
         self._inbox: queue.Queue[Inbound] = queue.Queue()
         self._qos0_warned = -math.inf
-        self._held: dict[str, tuple[Outgoing, Inbound]] = {}  # refused decisions: coil id → (decision, message)
+        self._held: dict[str, _Held] = {}  # decisions the broker refused, by coil id (oldest first)
         self._held_tried = -math.inf
         # at most two voted batches wait for the committer: enough to overlap, little to redo after a crash
         self._pending: queue.Queue[tuple[list[Inbound], Prepared, float] | None] = queue.Queue(maxsize=2)
@@ -438,7 +439,8 @@ class AssessWorker:
         unconfirmed = False  # stopping, and the broker never confirmed: later batches are not waited for either
         while True:
             try:
-                item = self._pending.get(timeout=MARK_IDLE_S) if unmarked or self._held else self._pending.get()
+                idle = unmarked or self._held
+                item = self._pending.get(timeout=MARK_IDLE_S) if idle else self._pending.get()
             except queue.Empty:
                 unmarked = self._mark_published(unmarked + self._retry_held())
                 continue
@@ -464,9 +466,8 @@ class AssessWorker:
                     continue
                 held = self._hold_refused(sent, batch)
                 unmarked = [coil_id for coil_id in result.to_mark_published if coil_id not in held]
-                keep = {id(message) for message in held.values()}
                 for message in batch:  # only now: every result is committed and announced
-                    if id(message) not in keep:
+                    if not held or coil_id_of(message.payload) not in held:
                         self.client.ack(message)
                 self._last_acked = time.monotonic()
                 self._account(result, len(batch), time.perf_counter() - started)
@@ -474,38 +475,48 @@ class AssessWorker:
                 self._pending.task_done()  # settled, one way or the other: what a retiring worker waits for
             unmarked += self._retry_held()
         self._mark_published(unmarked)
+        if self._held:
+            log.warning(
+                "stopping with %d decisions the broker refused: stored, not announced; their messages stay "
+                "unacknowledged and come back to the session's next worker (coils %s%s)",
+                len(self._held), ", ".join(list(self._held)[:20]), " …" if len(self._held) > 20 else "",
+            )  # fmt: skip
 
-    def _hold_refused(self, sent: dict[int, Outgoing], batch: list[Inbound]) -> dict[str, Inbound]:
-        """The decisions of ``sent`` that the broker refused (its ACL does not cover a new line's topic), held back
-        with their messages: {coil id: message}. paho counts a refused message as published; acknowledged and
-        marked, such a coil's decision would be gone without a word, and a redelivered copy a duplicate.
+    def _hold_refused(self, sent: dict[int, Outgoing], batch: list[Inbound]) -> set[str]:
+        """The coils of this batch to leave unacknowledged and unmarked: those whose decision the broker refused
+        (its ACL does not cover a new line's topic), and copies of coils already held. paho counts a refused
+        message as published; acknowledged and marked, such a coil's decision would be gone without a word, and a
+        redelivered copy a duplicate.
 
-        Held, the message stays unacknowledged and the decision is offered again every ``HELD_RETRY_S``: once the
+        Held, the messages stay unacknowledged and the decision is offered again every ``HELD_RETRY_S``: once the
         ACL lets it through it is announced, acknowledged and marked, with no restart. The other lines go on. A
         refused rejection is logged and counted, never held: a bad message must not stop the stream."""
-        held: dict[str, Inbound] = {}
-        if self._held:  # a copy of a coil still held (redelivered after a reconnect) is the message to keep now
-            for message in batch:
-                if (coil_id := coil_id_of(message.payload)) in self._held:
-                    self._held[coil_id] = (self._held[coil_id][0], message)
-                    held[coil_id] = message
         refused = [(sent[mid], reason) for mid, reason in self.client.take_refused() if mid in sent]
-        if not refused:
-            return held
-        for out, _ in refused:
-            METRICS.publish_refused.labels("decision" if out.coil_id else "rejection").inc()
-        decisions = {out.coil_id: out for out, _ in refused if out.coil_id is not None}
-        by_coil = {coil_id_of(m.payload): m for m in batch} if decisions else {}
-        new = {coil_id: by_coil[coil_id] for coil_id in decisions if coil_id in by_coil}
-        self._held.update({coil_id: (decisions[coil_id], message) for coil_id, message in new.items()})
-        held.update(new)
-        log.error(
-            "the broker refused %d messages on %s (%s): does its ACL let coilguard's account publish there? %d "
-            "decisions are held back unacknowledged and offered again every %.0f s",
-            len(refused), ", ".join(sorted({out.topic for out, _ in refused})),
-            ", ".join(sorted({reason for _, reason in refused})), len(self._held), HELD_RETRY_S,
-        )  # fmt: skip
-        return held
+        refused_coils = {out.coil_id for out, _ in refused if out.coil_id is not None}
+        announced = {out.coil_id for out in sent.values()} - refused_coils
+        for coil_id in [c for c in self._held if c in announced]:
+            self._release(coil_id)  # announced again by this batch (a redelivered copy), and taken this time
+        keep: set[str] = set()
+        if self._held or refused_coils:
+            for message in batch:  # the message(s) of each such coil: a copy of a held coil joins its entry
+                coil_id = coil_id_of(message.payload)
+                if coil_id in refused_coils and coil_id not in self._held:
+                    out = next(out for out, _ in refused if out.coil_id == coil_id)
+                    self._held[coil_id] = _Held(out, [])
+                if coil_id in self._held:
+                    self._held[coil_id].hold(message)
+                    keep.add(coil_id)
+        if refused:
+            for out, _ in refused:
+                METRICS.publish_refused.labels("decision" if out.coil_id else "rejection").inc()
+            log.error(
+                "the broker refused %d messages on %s (%s): does its ACL let coilguard's account publish there? %d "
+                "decisions are held back unacknowledged and offered again every %.0f s",
+                len(refused), ", ".join(sorted({out.topic for out, _ in refused})),
+                ", ".join(sorted({reason for _, reason in refused})), len(self._held), HELD_RETRY_S,
+            )  # fmt: skip
+        self._forget_held_beyond(HELD_MAX)
+        return keep
 
     def _retry_held(self) -> list[str]:
         """Offer the held decisions again (at most every ``HELD_RETRY_S``); acknowledge those the broker takes now
@@ -515,18 +526,35 @@ class AssessWorker:
         self._held_tried = time.monotonic()
         self.client.take_refused()  # stale, as in the batch: ids are reused, so only this round's refusals count
         sent = {}
-        for coil_id, (out, _) in self._held.items():
-            topic = self.topics.decisions(out.line) if out.line else out.topic
-            sent[self.client.publish(topic, out.payload, qos=1).mid] = coil_id
+        for coil_id, held in self._held.items():
+            topic = self.topics.decisions(held.out.line) if held.out.line else held.out.topic
+            sent[self.client.publish(topic, held.out.payload, qos=1).mid] = coil_id
         if not self._confirmed():
             return []
         still = {sent[mid] for mid, _ in self.client.take_refused() if mid in sent}
         released = [coil_id for coil_id in sent.values() if coil_id not in still]
         for coil_id in released:
-            self.client.ack(self._held.pop(coil_id)[1])
+            self._release(coil_id)
         if released:
             log.info("the broker took %d held decisions; %d still held", len(released), len(self._held))
         return released
+
+    def _release(self, coil_id: str) -> None:
+        for message in self._held.pop(coil_id).messages:
+            self.client.ack(message)
+
+    def _forget_held_beyond(self, limit: int) -> None:
+        """Past ``limit`` held decisions (reconnects without the session pile up ones nothing can acknowledge),
+        the oldest are given up: stored and decided, never announced. Said with their coil ids."""
+        if len(self._held) <= limit:
+            return
+        dropped = list(self._held)[: len(self._held) - limit]
+        for coil_id in dropped:
+            del self._held[coil_id]
+        log.error(
+            "more than %d refused decisions held; %d given up, stored but never announced (coils %s%s)",
+            limit, len(dropped), ", ".join(dropped[:20]), " …" if len(dropped) > 20 else "",
+        )  # fmt: skip
 
     def _confirmed(self) -> bool:
         """Has the broker acknowledged everything published? While it is away the decisions wait in the client
@@ -661,6 +689,19 @@ class AssessWorker:
         METRICS.observe_batch(result, size, seconds)
         if self.on_batch is not None:
             self.on_batch(result)
+
+
+@dataclass
+class _Held:
+    """A decision the broker refused, and the messages of its coil to acknowledge once it is announced (kept
+    without their payloads: the id, QoS and session are what an acknowledgement needs)."""
+
+    out: Outgoing
+    messages: list[Inbound]
+
+    def hold(self, message: Inbound) -> None:
+        if message.qos > 0:  # a QoS 0 message is never acknowledged: nothing to keep
+            self.messages.append(replace(message, payload=b""))
 
 
 class WorkerFailed(RuntimeError):

@@ -333,3 +333,43 @@ def test_huge_surface_images_are_decoded_reduced_and_ignored_without_an_image_mo
     assert sizes.shapes == [[(side, side)] * 3, [(200, 200)]] and 3 * side**2 <= MAX_DECODED_PIXELS
     plain = AssessCoils(MemoryStore(), TOPICS).process([huge], serving)  # no image model: the images are not read
     assert [d.coil_id for d in plain.decided] == ["H"] and not plain.rejected
+
+
+def test_the_bookkeeping_of_held_decisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the worker keeps of decisions the broker refused (the broker's side is tested on Mosquitto in
+    test_assess_worker): every message of a held coil is acknowledged once its decision goes out, a copy with
+    another id included; a held coil announced again by a later batch is released, not offered a second time;
+    a QoS 0 message is not kept; past the limit the oldest are given up, by name."""
+    from services.mqtt.client import Inbound
+    from services.workers import assess as worker_module
+    from workflows.assess import Outgoing
+
+    worker = _worker(tmp_path)
+    acked: list[int] = []
+    monkeypatch.setattr(worker.client, "ack", lambda message: acked.append(message.mid))
+    refusals: list[tuple[int, str]] = []
+    monkeypatch.setattr(worker.client, "take_refused", lambda: [refusals.pop() for _ in list(refusals)])
+
+    def message(coil_id: str, mid: int, qos: int = 1) -> Inbound:
+        return Inbound(TOPICS.sensors("galv-1"), _coil(coil_id).payload, mid=mid, qos=qos)
+
+    def decision(coil_id: str) -> Outgoing:
+        return Outgoing(TOPICS.decisions("galv-1"), b"{}", coil_id, "galv-1")
+
+    refusals.append((7, "Not authorized"))  # batch 1: A's decision refused, B's taken
+    kept = worker._hold_refused({7: decision("A"), 8: decision("B")}, [message("A", 1), message("B", 2)])
+    assert kept == {"A"} and list(worker._held) == ["A"] and worker._held["A"].messages[0].payload == b""
+    kept = worker._hold_refused({}, [message("A", 3)])  # batch 2: a copy of A, another id (a duplicate there)
+    assert kept == {"A"} and [m.mid for m in worker._held["A"].messages] == [1, 3]
+    kept = worker._hold_refused({9: decision("A")}, [message("A", 4)])  # batch 3: announced again, and taken
+    assert kept == set() and not worker._held and acked == [1, 3]  # released: not offered once more
+
+    refusals.append((5, "Not authorized"))
+    assert worker._hold_refused({5: decision("Q")}, [message("Q", 0, qos=0)]) == {"Q"}
+    assert worker._held["Q"].messages == []  # nothing to acknowledge at QoS 0
+    monkeypatch.setattr(worker_module, "HELD_MAX", 2)
+    for mid, coil_id in ((11, "C"), (12, "D")):
+        refusals.append((mid, "Not authorized"))
+        worker._hold_refused({mid: decision(coil_id)}, [message(coil_id, mid)])
+    assert list(worker._held) == ["C", "D"]  # Q, the oldest, given up
+    worker.engine.dispose()
