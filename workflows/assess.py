@@ -25,7 +25,7 @@ import numpy as np
 
 from ml.assessors.base import AssessBatch, Assessor
 from ml.ensemble import Ensemble, EnsembleDecision, Member, MemberVote
-from ml.images import decode_image
+from ml.images import OVER_PIL_LIMIT, decode_image
 from workflows.messages import (
     CoilMessage,
     Decision,
@@ -52,6 +52,8 @@ class RawMessage:
 # A message's surface images are decoded to this many pixels together at most (reduced when they hold more):
 # 16 MB of float32 a coil, 1 GiB for a batch of 64; a 2448 × 2048 camera frame is reduced by 2, NEU's 200 px not.
 MAX_DECODED_PIXELS = 1 << 22
+# One image is decoded in full before it is reduced (a JPEG excepted): 64 MB of 8-bit gray at most (8192²).
+MAX_SOURCE_PIXELS = 1 << 26
 
 NO_ONE_TO_JUDGE = (
     "no surface images, and every active model assesses images: send the coil's images, or register a matrix "
@@ -322,21 +324,51 @@ def _decision_from_stored(stored: StoredDecision) -> Decision:
 
 def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
     """The pixels, for image assessors; the parser has already checked the base64, the format's signature and
-    the header, so what is left to refuse here is a file that PIL cannot read (the field names which one).
+    the header, so what is left to refuse here is a file that PIL cannot read, or one too large to decode at all
+    (the field names which one).
 
-    A message's images are decoded to at most ``MAX_DECODED_PIXELS`` together, each reduced by the same whole
-    factor when they hold more: a blank 8192 × 8192 PNG is 65 kB, so the 1 MiB limit lets eleven through, and
-    at full size they would take 2.8 GB of float32 until the ensemble had voted (a batch of them killed the
-    worker, and the redelivered batch again). The assessors resize to 512 px at most anyway."""
-    total = sum(image.pixels for image in coil.images)
-    factor = math.ceil(math.sqrt(total / MAX_DECODED_PIXELS)) if total > MAX_DECODED_PIXELS else 1
-    decoded: list[np.ndarray] = []
+    A message's images are decoded to at most ``MAX_DECODED_PIXELS`` together: the small ones as they are, the
+    large ones reduced to a fair share of what is left (:func:`decoded_shares`). A blank 8192 × 8192 PNG is
+    65 kB, so the 1 MiB limit lets eleven through, and at full size they would take 2.8 GB of float32 until the
+    ensemble had voted (a batch of them killed the worker, and the redelivered batch again). The assessors
+    resize to 512 px at most anyway."""
     for i, image in enumerate(coil.images):
+        if image.pixels > MAX_SOURCE_PIXELS:
+            raise RejectedMessage(
+                f"an image of {_megapixels(image.pixels)} is more than the {_megapixels(MAX_SOURCE_PIXELS)} an "
+                "image assessor decodes",
+                f"images.{i}",
+                coil.coil_id,
+            )
+    shares = decoded_shares([image.pixels for image in coil.images], MAX_DECODED_PIXELS)
+    decoded: list[np.ndarray] = []
+    for i, (image, share) in enumerate(zip(coil.images, shares, strict=True)):
+        factor = math.ceil(math.sqrt(image.pixels / share)) if image.pixels > share else 1
         try:
             decoded.append(decode_image(image.decode(), reduce=factor))
         except ValueError as exc:
             raise RejectedMessage(str(exc), f"images.{i}", coil.coil_id) from None
     return decoded
+
+
+def decoded_shares(pixels: list[int], budget: int) -> list[float]:
+    """Each image's most pixels once decoded, ``budget`` in all: an image under an equal share of what the
+    smaller ones leave keeps its size; the others share the rest equally (a 200 px crop beside a 5 Mpx frame
+    is not halved with it)."""
+    shares = [float(p) for p in pixels]
+    left, order = float(budget), sorted(range(len(pixels)), key=pixels.__getitem__)
+    for rank, i in enumerate(order):
+        fair = left / (len(pixels) - rank)
+        if pixels[i] > fair:
+            for j in order[rank:]:
+                shares[j] = fair
+            break
+        left -= pixels[i]
+    return shares
+
+
+def _megapixels(n: int) -> str:
+    return f"{n / 1e6:.0f} Mpx" if n < OVER_PIL_LIMIT else f"over {(OVER_PIL_LIMIT - 1) / 1e6:.0f} Mpx"
 
 
 def summary(result: BatchResult) -> dict[str, Any]:

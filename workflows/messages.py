@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 import re
 from datetime import UTC, datetime
 from itertools import chain
@@ -30,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from ml.images import image_size
+from ml.images import image_pixels
 from ml.matrix import N_SECTIONS, N_SENSORS, SHAPE
 
 SCHEMA_VERSION = 1
@@ -102,7 +101,7 @@ class SurfaceImage(BaseModel):
 
     @model_validator(mode="after")
     def _size(self) -> SurfaceImage:
-        self._pixels = math.prod(image_size(self.data))
+        self._pixels = image_pixels(self.data)
         return self
 
     @property

@@ -335,6 +335,55 @@ def test_huge_surface_images_are_decoded_reduced_and_ignored_without_an_image_mo
     assert [d.coil_id for d in plain.decided] == ["H"] and not plain.rejected
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that is all header (no pixel data): enough for PIL to read its size, which is what is tested."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def _with_files(raw: RawMessage, *files: tuple[bytes, str]) -> RawMessage:
+    import base64
+
+    doc = orjson.loads(raw.payload)
+    doc["images"] = [{"format": fmt, "data_b64": base64.b64encode(data).decode()} for data, fmt in files]
+    return RawMessage(raw.topic, orjson.dumps(doc), raw.received_at)
+
+
+def test_large_images_share_the_budget_and_one_too_large_to_decode_is_refused_only_by_an_image_model(
+    serving: ServingEnsemble,
+) -> None:
+    """The small image beside a large one keeps its size; a JPEG is reduced by its decoder; an image over 67 Mpx
+    (decoded in full before any reduction) or over what PIL opens at all refuses the coil, with the reason, only
+    where an image model would decode it."""
+    import io
+
+    from PIL import Image
+
+    def encoded(side: int, fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("L", (side, side), 90).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    mixed = _with_files(_coil("M"), (encoded(200, "PNG"), "png"), (encoded(4096, "JPEG"), "jpeg"))
+    sizes = Sizes()
+    result = AssessCoils(MemoryStore(), TOPICS).process([mixed], _serving(sizes))
+    assert [d.coil_id for d in result.decided] == ["M"]
+    [[small, large]] = sizes.shapes
+    assert small == (200, 200) and large[0] <= 2048 and 200**2 + large[0] * large[1] <= MAX_DECODED_PIXELS
+    for side, words in ((9000, "an image of 81 Mpx is more than the 67 Mpx"), (20000, "an image of over 179 Mpx")):
+        too_large = _with_files(_coil(f"L{side}"), (_png_header(side, side), "png"))
+        refused = AssessCoils(MemoryStore(), TOPICS).process([too_large], _serving(Sizes()))
+        assert [(r.field, r.reason.startswith(words)) for r in refused.rejected] == [("images.0", True)], refused
+        plain = AssessCoils(MemoryStore(), TOPICS).process([too_large], serving)  # nobody decodes it: decided
+        assert [d.coil_id for d in plain.decided] == [f"L{side}"] and not plain.rejected
+
+
 def test_the_bookkeeping_of_held_decisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the worker keeps of decisions the broker refused (the broker's side is tested on Mosquitto in
     test_assess_worker): every message of a held coil is acknowledged once its decision goes out, a copy with
