@@ -7,6 +7,7 @@ version would be gone with it. So what a row will point at is synced first, and 
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -25,8 +26,9 @@ def sync_dir(path: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:  # some network file systems (a ReadWriteMany volume) refuse fsync on a folder: best effort
-        pass
+    except OSError as exc:  # some network file systems (a ReadWriteMany volume) refuse it on a folder: best effort
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise  # EIO and the like: the data did not reach the disk, and the caller must hear it
     finally:
         os.close(fd)
 

@@ -237,7 +237,7 @@ class FileDriftReportStore:
             for uri in (row.report_uri, (row.summary or {}).get("report_json")):
                 if uri and (path := (self.report_dir / uri).resolve()).is_relative_to(self.report_dir.resolve()):
                     path.unlink(missing_ok=True)
-            kept = {k: v for k, v in (row.summary or {}).items() if k != "report_json"}  # points at nothing now
+            kept = {k: v for k, v in row.summary.items() if k != "report_json"} if row.summary else row.summary
             with self.engine.begin() as conn:
                 conn.execute(
                     update(drift_reports).where(drift_reports.c.id == row.id).values(report_uri=None, summary=kept)
