@@ -650,3 +650,24 @@ def test_a_registration_that_fails_leaves_no_half_saved_folder(tmp_path: Path) -
     with pytest.raises(ConnectionError):
         register(cnn, registry, tmp_path)
     assert list((tmp_path / "cnn").iterdir()) == []
+
+
+def test_a_folder_sync_is_skipped_only_where_the_file_system_cannot_do_it(tmp_path: Path, monkeypatch) -> None:
+    """Some network file systems (a ReadWriteMany model store) refuse fsync on a folder: registering must not
+    fail for that. An I/O error is another matter: the data did not reach the disk."""
+    import errno
+    import os
+
+    from ml import durable
+
+    def refuse(code: int):
+        def fsync(fd: int) -> None:
+            raise OSError(code, os.strerror(code))
+
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", refuse(errno.EINVAL))
+    durable.sync_dir(tmp_path)  # skipped
+    monkeypatch.setattr(os, "fsync", refuse(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        durable.sync_dir(tmp_path)
