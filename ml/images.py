@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -11,36 +12,47 @@ from PIL import Image
 OVER_PIL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485) + 1
 
 
-def decode_image(data: bytes, reduce: int = 1) -> np.ndarray:
+def decode_image(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
     """PNG or JPEG bytes → (H, W) float32 in [0, 1]; raises ValueError on anything else.
 
-    ``reduce``: each side divided by it (rounded up) before the float copy is made, for images far larger than
-    any assessor looks at (they resize to 512 px at most): a JPEG is decoded at the smaller scale straight
-    away, anything else in full and then reduced by the mean of each block."""
+    ``size`` (width, height): smaller than the file's, for images far larger than any assessor looks at (they
+    resize to 512 px at most). A JPEG is decoded at the nearest larger scale its decoder offers (1/2, 1/4, 1/8)
+    straight away; whatever is left is averaged down to ``size`` exactly."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            target = (-(-image.width // reduce), -(-image.height // reduce))
-            if reduce > 1 and image.format == "JPEG":
-                image.draft("L", target)  # the decoder's own scaling: never below the target
+            if size is not None and image.format == "JPEG":
+                image.draft("L", size)
             gray = image.convert("L")
-            if (factor := -(-gray.width // target[0])) > 1:  # what the decoder's scaling left, rounded up
-                gray = gray.reduce(factor)
+            if size is not None and gray.size != size:
+                gray = gray.resize(size, Image.Resampling.BOX)
             return np.asarray(gray, dtype=np.float32) / 255.0
     except Exception as exc:  # PIL raises many types for bad data
         raise ValueError(f"not a decodable image: {exc}") from None
 
 
-def image_pixels(data: bytes) -> int:
-    """Width × height from the file's header alone, without decoding it: what an image would take in memory is
-    known before any of it is spent (``OVER_PIL_LIMIT`` for one PIL will not even open). Raises ValueError on
-    anything PIL cannot read."""
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the file's header alone, without decoding it: what an image would take in memory is
+    known before any of it is spent; None for one PIL will not even open (over ``OVER_PIL_LIMIT`` pixels).
+    Raises ValueError on anything PIL cannot read."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.width * image.height
+            return image.size
     except Image.DecompressionBombError:
-        return OVER_PIL_LIMIT
+        return None
     except Exception:  # PIL's words name its BytesIO, which would mean nothing on the rejected topic
         raise ValueError("not a readable image: its header could not be read") from None
+
+
+def fit_within(size: tuple[int, int], pixels: float) -> tuple[int, int]:
+    """``size`` scaled down, aspect kept, to at most ``pixels`` in all (at least one pixel a side): a 1-pixel-wide
+    strip is shortened, not left at its length because its width cannot shrink."""
+    width, height = size
+    if width * height <= pixels:
+        return size
+    scale = math.sqrt(pixels / (width * height))
+    fit_w = max(1, math.floor(width * scale))
+    fit_h = max(1, min(math.floor(height * scale), math.floor(pixels / fit_w)))
+    return fit_w, fit_h
 
 
 def encode_png(image: np.ndarray) -> bytes:

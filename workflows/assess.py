@@ -14,7 +14,6 @@ Everything here is plain Python over the ports; the worker in ``services`` owns 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ import numpy as np
 
 from ml.assessors.base import AssessBatch, Assessor
 from ml.ensemble import Ensemble, EnsembleDecision, Member, MemberVote
-from ml.images import OVER_PIL_LIMIT, decode_image
+from ml.images import OVER_PIL_LIMIT, decode_image, fit_within
 from workflows.messages import (
     CoilMessage,
     Decision,
@@ -52,8 +51,8 @@ class RawMessage:
 # A message's surface images are decoded to this many pixels together at most (reduced when they hold more):
 # 16 MB of float32 a coil, 1 GiB for a batch of 64; a 2448 × 2048 camera frame is reduced by 2, NEU's 200 px not.
 MAX_DECODED_PIXELS = 1 << 22
-# One image is decoded in full before it is reduced (a JPEG excepted): 64 MB of 8-bit gray at most (8192²).
-MAX_SOURCE_PIXELS = 1 << 26
+# A PNG is decoded in full before it is reduced (a JPEG at up to 1/8 a side): 4096², 67 MB as 16-bit RGBA.
+MAX_SOURCE_PIXELS = 1 << 24
 
 NO_ONE_TO_JUDGE = (
     "no surface images, and every active model assesses images: send the coil's images, or register a matrix "
@@ -328,24 +327,24 @@ def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
     (the field names which one).
 
     A message's images are decoded to at most ``MAX_DECODED_PIXELS`` together: the small ones as they are, the
-    large ones reduced to a fair share of what is left (:func:`decoded_shares`). A blank 8192 × 8192 PNG is
-    65 kB, so the 1 MiB limit lets eleven through, and at full size they would take 2.8 GB of float32 until the
-    ensemble had voted (a batch of them killed the worker, and the redelivered batch again). The assessors
-    resize to 512 px at most anyway."""
+    large ones scaled down to a fair share of what is left (:func:`decoded_shares`, ``fit_within``). A blank
+    8192 × 8192 PNG is 65 kB, so the 1 MiB limit lets eleven through, and at full size they would take 2.8 GB of
+    float32 until the ensemble had voted (a batch of them killed the worker, and the redelivered batch again).
+    The assessors resize to 512 px at most anyway."""
     for i, image in enumerate(coil.images):
-        if image.pixels > MAX_SOURCE_PIXELS:
+        if image.size is None or (image.format == "png" and image.pixels > MAX_SOURCE_PIXELS):
             raise RejectedMessage(
-                f"an image of {_megapixels(image.pixels)} is more than the {_megapixels(MAX_SOURCE_PIXELS)} an "
-                "image assessor decodes",
+                f"an image of {_megapixels(image.pixels)} is more than an image assessor decodes "
+                f"({_megapixels(MAX_SOURCE_PIXELS)} for a PNG, decoded in full before it is reduced)",
                 f"images.{i}",
                 coil.coil_id,
             )
     shares = decoded_shares([image.pixels for image in coil.images], MAX_DECODED_PIXELS)
     decoded: list[np.ndarray] = []
     for i, (image, share) in enumerate(zip(coil.images, shares, strict=True)):
-        factor = math.ceil(math.sqrt(image.pixels / share)) if image.pixels > share else 1
+        target = fit_within(image.size, share) if image.size is not None else None
         try:
-            decoded.append(decode_image(image.decode(), reduce=factor))
+            decoded.append(decode_image(image.decode(), None if target == image.size else target))
         except ValueError as exc:
             raise RejectedMessage(str(exc), f"images.{i}", coil.coil_id) from None
     return decoded

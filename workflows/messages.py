@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from ml.images import image_pixels
+from ml.images import OVER_PIL_LIMIT, image_size
 from ml.matrix import N_SECTIONS, N_SENSORS, SHAPE
 
 SCHEMA_VERSION = 1
@@ -79,7 +79,7 @@ class SurfaceImage(BaseModel):
     kind: str = Field("surface", max_length=32)
     format: Literal["png", "jpeg", "jpg"] = "png"
     data: bytes = Field(alias="data_b64", repr=False)
-    _pixels: int = PrivateAttr(0)
+    _size: tuple[int, int] | None = PrivateAttr(None)
 
     @field_validator("data", mode="before")
     @classmethod
@@ -101,13 +101,18 @@ class SurfaceImage(BaseModel):
 
     @model_validator(mode="after")
     def _size(self) -> SurfaceImage:
-        self._pixels = image_pixels(self.data)
+        self._size = image_size(self.data)
         return self
 
     @property
+    def size(self) -> tuple[int, int] | None:
+        """(width, height), read from the header: what decoding it would cost is known before it is decoded;
+        None for an image over what PIL opens at all."""
+        return self._size
+
+    @property
     def pixels(self) -> int:
-        """Width × height, read from the header: what decoding it would cost is known before it is decoded."""
-        return self._pixels
+        return self._size[0] * self._size[1] if self._size is not None else OVER_PIL_LIMIT
 
     def decode(self) -> bytes:
         """The image file's bytes (PNG or JPEG, as ``format`` says)."""

@@ -56,7 +56,6 @@ RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promote
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
 HELD_RETRY_S = 10.0  # how often decisions the broker refused are offered again
-HELD_MAX = 4096  # refused decisions held at most; beyond, the oldest are given up (stored, never announced)
 CONFIRM_POLL_S = 0.5  # how often that wait looks whether the worker is stopping (a pod's grace period is 30 s)
 ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until long after their mark
 JOIN_ON_ERROR_S = 30.0  # run() interrupted on the main thread: how long it waits for the worker to stop
@@ -155,6 +154,8 @@ class AssessWorker:
         receive_maximum = max(4 * settings.batch_size, 256)  # QoS 1 coils the broker lets wait here, at most
         # a coil sent at QoS 0 is dropped while this many wait: the two kinds together stay within twice that
         self.qos0_high_water = receive_maximum
+        # refused decisions held at most: below the receive maximum by two batches, so that the other lines go on
+        self.held_limit = max(receive_maximum - 2 * settings.batch_size, 1)
         self.client: MqttClient = mqtt_client(
             settings,
             client_id=worker_client_id(settings, client_id),
@@ -464,10 +465,10 @@ class AssessWorker:
                 if not self._confirmed():
                     unconfirmed = True  # neither acknowledged nor marked: the coils come back and are announced
                     continue
-                held = self._hold_refused(sent, batch)
+                held, kept = self._hold_refused(sent, batch)
                 unmarked = [coil_id for coil_id in result.to_mark_published if coil_id not in held]
                 for message in batch:  # only now: every result is committed and announced
-                    if not held or coil_id_of(message.payload) not in held:
+                    if id(message) not in kept:
                         self.client.ack(message)
                 self._last_acked = time.monotonic()
                 self._account(result, len(batch), time.perf_counter() - started)
@@ -477,26 +478,29 @@ class AssessWorker:
         self._mark_published(unmarked)
         if self._held:
             log.warning(
-                "stopping with %d decisions the broker refused: stored, not announced; their messages stay "
-                "unacknowledged and come back to the session's next worker (coils %s%s)",
-                len(self._held), ", ".join(list(self._held)[:20]), " …" if len(self._held) > 20 else "",
+                "stopping with %d decisions the broker refused, stored but not announced (coils %s); the messages "
+                "of the current broker session stay unacknowledged and come back to its next worker, the others "
+                "(sent at QoS 0, or of a session the broker lost) only if the gateway sends the coil again",
+                len(self._held), _named(list(self._held)),
             )  # fmt: skip
 
-    def _hold_refused(self, sent: dict[int, Outgoing], batch: list[Inbound]) -> set[str]:
-        """The coils of this batch to leave unacknowledged and unmarked: those whose decision the broker refused
-        (its ACL does not cover a new line's topic), and copies of coils already held. paho counts a refused
-        message as published; acknowledged and marked, such a coil's decision would be gone without a word, and a
-        redelivered copy a duplicate.
+    def _hold_refused(self, sent: dict[int, Outgoing], batch: list[Inbound]) -> tuple[set[str], set[int]]:
+        """The coils of this batch to leave unmarked, and (by ``id``) the messages to leave unacknowledged: those
+        whose decision the broker refused (its ACL does not cover a new line's topic), and copies of coils already
+        held. paho counts a refused message as published; acknowledged and marked, such a coil's decision would be
+        gone without a word, and a redelivered copy a duplicate.
 
         Held, the messages stay unacknowledged and the decision is offered again every ``HELD_RETRY_S``: once the
-        ACL lets it through it is announced, acknowledged and marked, with no restart. The other lines go on. A
-        refused rejection is logged and counted, never held: a bad message must not stop the stream."""
+        ACL lets it through it is announced, acknowledged and marked, with no restart. The other lines go on, up to
+        ``held_limit`` held coils (:meth:`_forget_held_beyond`). A refused rejection is logged and counted, never
+        held: a bad message must not stop the stream."""
         refused = [(sent[mid], reason) for mid, reason in self.client.take_refused() if mid in sent]
         refused_coils = {out.coil_id for out, _ in refused if out.coil_id is not None}
         announced = {out.coil_id for out in sent.values()} - refused_coils
         for coil_id in [c for c in self._held if c in announced]:
             self._release(coil_id)  # announced again by this batch (a redelivered copy), and taken this time
-        keep: set[str] = set()
+        held: set[str] = set()
+        kept: set[int] = set()
         if self._held or refused_coils:
             for message in batch:  # the message(s) of each such coil: a copy of a held coil joins its entry
                 coil_id = coil_id_of(message.payload)
@@ -505,7 +509,8 @@ class AssessWorker:
                     self._held[coil_id] = _Held(out, [])
                 if coil_id in self._held:
                     self._held[coil_id].hold(message)
-                    keep.add(coil_id)
+                    held.add(coil_id)
+                    kept.add(id(message))
         if refused:
             for out, _ in refused:
                 METRICS.publish_refused.labels("decision" if out.coil_id else "rejection").inc()
@@ -515,8 +520,8 @@ class AssessWorker:
                 len(refused), ", ".join(sorted({out.topic for out, _ in refused})),
                 ", ".join(sorted({reason for _, reason in refused})), len(self._held), HELD_RETRY_S,
             )  # fmt: skip
-        self._forget_held_beyond(HELD_MAX)
-        return keep
+        self._forget_held_beyond(self.held_limit)  # acknowledges what it gives up, this batch's copies included
+        return held, kept
 
     def _retry_held(self) -> list[str]:
         """Offer the held decisions again (at most every ``HELD_RETRY_S``); acknowledge those the broker takes now
@@ -535,6 +540,7 @@ class AssessWorker:
         released = [coil_id for coil_id in sent.values() if coil_id not in still]
         for coil_id in released:
             self._release(coil_id)
+        self._announced.add_all(released)  # a copy prepared meanwhile is a duplicate, however long it was held
         if released:
             log.info("the broker took %d held decisions; %d still held", len(released), len(self._held))
         return released
@@ -544,16 +550,19 @@ class AssessWorker:
             self.client.ack(message)
 
     def _forget_held_beyond(self, limit: int) -> None:
-        """Past ``limit`` held decisions (reconnects without the session pile up ones nothing can acknowledge),
-        the oldest are given up: stored and decided, never announced. Said with their coil ids."""
+        """Past ``limit`` held coils the oldest are given up, by name: their messages acknowledged, their decisions
+        stored but never announced. Held messages count against the broker's receive maximum, and once it is
+        reached the broker sends this worker nothing on any line: one line's missing ACL would stop them all."""
         if len(self._held) <= limit:
             return
         dropped = list(self._held)[: len(self._held) - limit]
         for coil_id in dropped:
-            del self._held[coil_id]
+            for message in self._held.pop(coil_id).messages:
+                self.client.ack(message)
+        METRICS.publish_refused.labels("given_up").inc(len(dropped))
         log.error(
-            "more than %d refused decisions held; %d given up, stored but never announced (coils %s%s)",
-            limit, len(dropped), ", ".join(dropped[:20]), " …" if len(dropped) > 20 else "",
+            "more than %d refused decisions held, close to the broker's receive maximum: %d given up, stored but "
+            "never announced, so that the other lines go on (coils %s)", limit, len(dropped), _named(dropped),
         )  # fmt: skip
 
     def _confirmed(self) -> bool:
@@ -691,6 +700,10 @@ class AssessWorker:
             self.on_batch(result)
 
 
+def _named(coil_ids: list[str], most: int = 20) -> str:
+    return ", ".join(coil_ids[:most]) + (" …" if len(coil_ids) > most else "")
+
+
 @dataclass
 class _Held:
     """A decision the broker refused, and the messages of its coil to acknowledge once it is announced (kept
@@ -700,7 +713,9 @@ class _Held:
     messages: list[Inbound]
 
     def hold(self, message: Inbound) -> None:
-        if message.qos > 0:  # a QoS 0 message is never acknowledged: nothing to keep
+        """Keep ``message`` to acknowledge; not at QoS 0 (never acknowledged), nor twice (a redelivery within the
+        session has the same id: acknowledged twice, the second could confirm another message given that id)."""
+        if message.qos > 0 and not any((m.session, m.mid) == (message.session, message.mid) for m in self.messages):
             self.messages.append(replace(message, payload=b""))
 
 

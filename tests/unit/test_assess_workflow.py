@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -321,15 +322,15 @@ class Sizes(Brightness):
 
 
 def test_huge_surface_images_are_decoded_reduced_and_ignored_without_an_image_model(serving: ServingEnsemble) -> None:
-    """A camera fault sending blank 8192 × 8192 frames (65 kB each as PNG: eleven pass the 1 MiB limit) would
-    decode to 2.8 GB of float32 a coil, and a batch of them killed the worker on every redelivery. The images of a
-    message are decoded to 4 Mpx together at most; ordinary ones untouched; with no image model, not decoded."""
-    huge = _with_image(_coil("H"), side=8192, count=3, shade=0)
+    """A camera fault sending blank frames (a blank 8192² PNG is 65 kB: eleven pass the 1 MiB limit) would
+    decode to gigabytes of float32 a coil, and a batch of them killed the worker on every redelivery. The images of
+    a message are decoded to 4 Mpx together at most; ordinary ones untouched; with no image model, not decoded."""
+    huge = _with_image(_coil("H"), side=4096, count=3, shade=0)
     assert len(huge.payload) < 1 << 20
     sizes = Sizes()
     result = AssessCoils(MemoryStore(), TOPICS).process([huge, _with_image(_coil("S"), side=200)], _serving(sizes))
     assert [d.coil_id for d in result.decided] == ["H", "S"] and not result.rejected
-    side = -(-8192 // 7)  # 3 × 8192² is 48 times 4 Mpx: each side divided by ⌈√48⌉ = 7
+    side = math.floor(4096 * math.sqrt(MAX_DECODED_PIXELS / 3 / 4096**2))  # a third of the budget each
     assert sizes.shapes == [[(side, side)] * 3, [(200, 200)]] and 3 * side**2 <= MAX_DECODED_PIXELS
     plain = AssessCoils(MemoryStore(), TOPICS).process([huge], serving)  # no image model: the images are not read
     assert [d.coil_id for d in plain.decided] == ["H"] and not plain.rejected
@@ -358,8 +359,9 @@ def _with_files(raw: RawMessage, *files: tuple[bytes, str]) -> RawMessage:
 def test_large_images_share_the_budget_and_one_too_large_to_decode_is_refused_only_by_an_image_model(
     serving: ServingEnsemble,
 ) -> None:
-    """The small image beside a large one keeps its size; a JPEG is reduced by its decoder; an image over 67 Mpx
-    (decoded in full before any reduction) or over what PIL opens at all refuses the coil, with the reason, only
+    """The small image beside a large one keeps its size and the large one gets the rest; a JPEG is reduced by
+    its decoder and then to its share exactly; a strip one pixel wide is shortened; a PNG over 16.7 Mpx (decoded
+    in full before any reduction) or any image over what PIL opens at all refuses the coil, with the reason, only
     where an image model would decode it."""
     import io
 
@@ -370,13 +372,17 @@ def test_large_images_share_the_budget_and_one_too_large_to_decode_is_refused_on
         Image.new("L", (side, side), 90).save(buffer, format=fmt)
         return buffer.getvalue()
 
-    mixed = _with_files(_coil("M"), (encoded(200, "PNG"), "png"), (encoded(4096, "JPEG"), "jpeg"))
+    strip = io.BytesIO()
+    Image.new("L", (1, 4_000_000), 90).save(strip, format="PNG")  # over a fair share: it cannot narrow
+    files = (encoded(200, "PNG"), "png"), (encoded(4096, "JPEG"), "jpeg"), (strip.getvalue(), "png")
     sizes = Sizes()
-    result = AssessCoils(MemoryStore(), TOPICS).process([mixed], _serving(sizes))
+    result = AssessCoils(MemoryStore(), TOPICS).process([_with_files(_coil("M"), *files)], _serving(sizes))
     assert [d.coil_id for d in result.decided] == ["M"]
-    [[small, large]] = sizes.shapes
-    assert small == (200, 200) and large[0] <= 2048 and 200**2 + large[0] * large[1] <= MAX_DECODED_PIXELS
-    for side, words in ((9000, "an image of 81 Mpx is more than the 67 Mpx"), (20000, "an image of over 179 Mpx")):
+    [[small, large, thin]] = sizes.shapes
+    share = (MAX_DECODED_PIXELS - 200**2) / 2
+    assert small == (200, 200) and large == (1441, 1441) and thin == (int(share), 1)  # (rows, columns)
+    assert math.isqrt(int(share)) == 1441 and 200**2 + 1441**2 + thin[0] <= MAX_DECODED_PIXELS
+    for side, words in ((5000, "an image of 25 Mpx is more than"), (20000, "an image of over 179 Mpx")):
         too_large = _with_files(_coil(f"L{side}"), (_png_header(side, side), "png"))
         refused = AssessCoils(MemoryStore(), TOPICS).process([too_large], _serving(Sizes()))
         assert [(r.field, r.reason.startswith(words)) for r in refused.rejected] == [("images.0", True)], refused
@@ -390,7 +396,6 @@ def test_the_bookkeeping_of_held_decisions(tmp_path: Path, monkeypatch: pytest.M
     another id included; a held coil announced again by a later batch is released, not offered a second time;
     a QoS 0 message is not kept; past the limit the oldest are given up, by name."""
     from services.mqtt.client import Inbound
-    from services.workers import assess as worker_module
     from workflows.assess import Outgoing
 
     worker = _worker(tmp_path)
@@ -405,20 +410,27 @@ def test_the_bookkeeping_of_held_decisions(tmp_path: Path, monkeypatch: pytest.M
     def decision(coil_id: str) -> Outgoing:
         return Outgoing(TOPICS.decisions("galv-1"), b"{}", coil_id, "galv-1")
 
+    assert worker.held_limit == 256 - 2 * 64  # below the receive maximum by two batches
     refusals.append((7, "Not authorized"))  # batch 1: A's decision refused, B's taken
-    kept = worker._hold_refused({7: decision("A"), 8: decision("B")}, [message("A", 1), message("B", 2)])
-    assert kept == {"A"} and list(worker._held) == ["A"] and worker._held["A"].messages[0].payload == b""
-    kept = worker._hold_refused({}, [message("A", 3)])  # batch 2: a copy of A, another id (a duplicate there)
-    assert kept == {"A"} and [m.mid for m in worker._held["A"].messages] == [1, 3]
-    kept = worker._hold_refused({9: decision("A")}, [message("A", 4)])  # batch 3: announced again, and taken
-    assert kept == set() and not worker._held and acked == [1, 3]  # released: not offered once more
+    a1, b = message("A", 1), message("B", 2)
+    held, kept = worker._hold_refused({7: decision("A"), 8: decision("B")}, [a1, b])
+    assert (held, kept) == ({"A"}, {id(a1)}) and list(worker._held) == ["A"]
+    assert worker._held["A"].messages[0].payload == b""  # the id is what an acknowledgement needs
+    a3 = message("A", 3)
+    held, kept = worker._hold_refused({}, [a3, message("A", 1)])  # batch 2: copies of A, one of them redelivered
+    assert held == {"A"} and len(kept) == 2 and [m.mid for m in worker._held["A"].messages] == [1, 3]
+    held, kept = worker._hold_refused({9: decision("A")}, [message("A", 4)])  # batch 3: announced again, taken
+    assert (held, kept) == (set(), set()) and not worker._held and acked == [1, 3]  # released, each id once
 
     refusals.append((5, "Not authorized"))
-    assert worker._hold_refused({5: decision("Q")}, [message("Q", 0, qos=0)]) == {"Q"}
+    assert worker._hold_refused({5: decision("Q")}, [message("Q", 0, qos=0)])[0] == {"Q"}
     assert worker._held["Q"].messages == []  # nothing to acknowledge at QoS 0
-    monkeypatch.setattr(worker_module, "HELD_MAX", 2)
+    worker.held_limit = 2
     for mid, coil_id in ((11, "C"), (12, "D")):
         refusals.append((mid, "Not authorized"))
         worker._hold_refused({mid: decision(coil_id)}, [message(coil_id, mid)])
     assert list(worker._held) == ["C", "D"]  # Q, the oldest, given up
+    refusals.append((13, "Not authorized"))
+    held, kept = worker._hold_refused({13: decision("E")}, [message("E", 13)])
+    assert list(worker._held) == ["D", "E"] and acked == [1, 3, 11]  # C given up: its message acknowledged
     worker.engine.dispose()
