@@ -100,7 +100,7 @@ class SurfaceImage(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _size(self) -> SurfaceImage:
+    def _read_size(self) -> SurfaceImage:
         self._size = image_size(self.data)
         return self
 
