@@ -25,7 +25,7 @@ RUN apt-get update \
     && useradd --system --uid 10001 --home-dir /var/lib/coilguard --create-home coilguard
 COPY --from=build /opt/coilguard /opt/coilguard
 # the commit that the manifests of models trained here name (the image has no .git); late, so that a new
-# commit rebuilds no layer above: --build-arg COILGUARD_COMMIT=$(git describe --always --dirty)
+# commit rebuilds no layer above: --build-arg COILGUARD_COMMIT=$(git describe --always --dirty --abbrev=12)
 ARG COILGUARD_COMMIT=
 ENV PATH=/opt/coilguard/bin:$PATH \
     COILGUARD_COMMIT=${COILGUARD_COMMIT} \
