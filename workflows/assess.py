@@ -305,6 +305,15 @@ def _decision(coil: AssessedCoil, decision: EnsembleDecision, latency_ms: float)
     )
 
 
+def stored_announcements(store: CoilStore, topics: Topics, coil_ids: Sequence[str]) -> list[Outgoing]:
+    """The decisions of ``coil_ids`` as they were stored, ready to be announced again (``coilguard announce``)."""
+    decided = store.decided(coil_ids)
+    return [
+        Outgoing(topics.decisions(stored.line), dumps(_decision_from_stored(stored)), stored.coil_id, stored.line)
+        for stored in (decided[coil_id] for coil_id in coil_ids if coil_id in decided)  # in the order asked
+    ]
+
+
 def _decision_from_stored(stored: StoredDecision) -> Decision:
     """A decision announced again (its first announcement was lost with a worker) says what the first would have
     said, its latency included: a dashboard must not read 0 ms for a coil decided before a crash."""

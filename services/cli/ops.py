@@ -43,6 +43,36 @@ def drift(ctx: AppContext, window: timedelta | None) -> None:
 
 
 @cli.command()
+@click.option(
+    "--older-than",
+    type=DURATION,
+    default="10m",
+    show_default=True,
+    help="Only decisions stored at least this long ago: a running worker announces its newer ones itself.",
+)
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
+@pass_ctx
+def announce(ctx: AppContext, older_than: timedelta, limit: int) -> None:
+    """Announce decisions that are stored but never reached the broker (given up after an ACL refusal, held in a
+    lost broker session), oldest first, once the cause is mended; each is marked published when confirmed."""
+    from services.announce import announce_unannounced
+
+    settings = ctx.settings
+    require_schema(settings)
+    try:
+        done = announce_unannounced(settings, older_than, limit)
+    except ConnectionError as exc:  # the broker away or silent: what was confirmed before is marked
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"announced {len(done.announced)} stored decisions")
+    if done.refused:
+        reasons = ", ".join(sorted(set(done.refused.values())))
+        raise click.ClickException(
+            f"the broker refused {len(done.refused)} ({reasons}), e.g. coil {next(iter(done.refused))}: they stay "
+            "unannounced; does its ACL let this account publish on their lines' decision topics?"
+        )
+
+
+@cli.command()
 @pass_ctx
 def up(ctx: AppContext) -> None:
     """Everything on one machine in one process: broker (when MQTT_URL=embedded), AssessCoils, scheduler, API."""

@@ -211,6 +211,17 @@ class SqlCoilStore:
             with self.engine.begin() as conn:
                 _mark_published(conn, coil_ids)
 
+    def unannounced(self, decided_before: datetime, limit: int) -> list[str]:
+        """Coils decided before ``decided_before`` whose decision never reached the broker, oldest first."""
+        query = (
+            select(coils.c.coil_id)
+            .where(coils.c.status != "pending", coils.c.published_at.is_(None), coils.c.decided_at < decided_before)
+            .order_by(coils.c.decided_at, coils.c.coil_id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
 
 def _insert_rows(conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
     """Plain rows that cannot conflict (a batch's votes), by ``COPY`` on PostgreSQL.

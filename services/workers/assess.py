@@ -479,8 +479,8 @@ class AssessWorker:
         if self._held:
             log.warning(
                 "stopping with %d decisions the broker refused, stored but not announced (coils %s); the messages "
-                "of the current broker session stay unacknowledged and come back to its next worker, the others "
-                "(sent at QoS 0, or of a session the broker lost) only if the gateway sends the coil again",
+                "of the current broker session stay unacknowledged and come back to its next worker; for the others "
+                "(sent at QoS 0, or of a session the broker lost) run `coilguard announce` once the broker takes them",
                 len(self._held), _named(list(self._held)),
             )  # fmt: skip
 
@@ -562,7 +562,8 @@ class AssessWorker:
         METRICS.publish_refused.labels("given_up").inc(len(dropped))
         log.error(
             "more than %d refused decisions held, close to the broker's receive maximum: %d given up, stored but "
-            "never announced, so that the other lines go on (coils %s)", limit, len(dropped), _named(dropped),
+            "not announced, so that the other lines go on (coils %s); `coilguard announce` sends them once the "
+            "broker takes them", limit, len(dropped), _named(dropped),
         )  # fmt: skip
 
     def _confirmed(self) -> bool:

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -789,3 +789,52 @@ def test_sigterm_finishes_the_batch_acknowledges_and_exits_cleanly(env: AssessEn
         publish_coils(env.publisher, env.topics, coils[300:])
         assert wait_for(lambda: env.coils() == 600, timeout=90), env.coils()
     assert env.count(Assessment.id) == 600
+
+
+def test_coilguard_announce_sends_stored_decisions_that_never_reached_the_broker(
+    env: AssessEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decisions given up after an ACL refusal (or held in a broker session that was lost) are stored but were
+    never announced, and nothing is redelivered for them. `coilguard announce` sends those older than its
+    window, oldest first, marks each once the broker confirms it, leaves a refused one unannounced with the
+    reason, and leaves recent ones to the workers."""
+    from services.announce import announce_unannounced
+
+    now = datetime.now(UTC)
+
+    def stored(coil_id: str, line: str, minutes_ago: float) -> None:
+        at = now - timedelta(minutes=minutes_ago)
+        with env.engine.begin() as conn:
+            conn.execute(
+                Coil.__table__.insert().values(
+                    coil_id=coil_id, line=line, produced_at=at, received_at=at - timedelta(seconds=1), status="NOK",
+                    p_nok=0.8, confidence=0.8, decided_at=at, matrix=b"\\x00" * 4,
+                )
+            )  # fmt: skip
+
+    stored("AN-old-2", "galv-1", 30)
+    stored("AN-old-1", "galv-1", 60)
+    stored("AN-new", "galv-1", 1)
+    stored("AN-refused", "galv-deny", 45)
+    real = Topics.decisions
+    monkeypatch.setattr(
+        Topics,
+        "decisions",
+        lambda self, line: f"$SYS/coilguard-test/{line}" if line == "galv-deny" else real(self, line),
+    )
+    done = announce_unannounced(env.settings, timedelta(minutes=10), 100, engine=env.engine)
+    assert done.announced == ["AN-old-1", "AN-old-2"] and done.refused == {"AN-refused": "Not authorized"}
+    assert wait_for(lambda: len(env.listener.decisions) == 2, timeout=10)
+    first = env.listener.decisions[0]
+    assert (first["coil_id"], first["decision"], first["latency_ms"]) == ("AN-old-1", "NOK", 1000.0)
+    assert env.count(Coil.coil_id, Coil.published_at.is_not(None)) == 2
+    again = announce_unannounced(env.settings, timedelta(minutes=10), 100, engine=env.engine)
+    assert again.announced == [] and list(again.refused) == ["AN-refused"]  # still refused, still unannounced
+    monkeypatch.setattr(Topics, "decisions", real)  # the ACL mended
+    cli = subprocess.run(
+        [sys.executable, "-m", "services.cli", "announce", "--older-than", "10m"],
+        env=env.env(worker=False), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0 and "announced 1 stored decisions" in cli.stdout, cli.stderr
+    assert wait_for(lambda: len(env.listener.decisions) == 3, timeout=10)
+    assert env.count(Coil.coil_id, Coil.published_at.is_(None)) == 1  # the recent one, left to the workers

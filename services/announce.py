@@ -1,0 +1,62 @@
+"""``coilguard announce``: decisions that are stored but never reached the broker, announced again.
+
+A decision can be left unannounced for good: the broker refused it (its ACL) and the worker gave it up, or held
+it in a broker session that was lost, or the coil came at QoS 0 (docs/operations.md). Nothing is redelivered
+for those coils, so nothing else would announce them; this does, once the cause is mended, oldest first, and
+marks each one published once the broker confirms it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from services.config import Settings
+from services.db.engine import engine_for
+from services.db.repositories import SqlCoilStore
+from services.runtime import mqtt_client, topics
+from workflows.assess import stored_announcements
+
+log = logging.getLogger(__name__)
+
+CONFIRM_S = 30.0
+CHUNK = 500  # decisions published, confirmed and marked at a time
+
+
+@dataclass
+class Announced:
+    announced: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # coil id → the broker's reason
+
+
+def announce_unannounced(
+    settings: Settings, older_than: timedelta, limit: int, engine: Engine | None = None
+) -> Announced:
+    """Announce the decisions stored more than ``older_than`` ago (at most ``limit``) that never reached the
+    broker. ``older_than`` leaves a running worker the coils it is about to announce itself."""
+    done = Announced()
+    with engine_for(settings.database_url, engine) as engine:
+        store = SqlCoilStore(engine)
+        coil_ids = store.unannounced(datetime.now(UTC) - older_than, limit)
+        if not coil_ids:
+            return done
+        with mqtt_client(settings) as client:
+            for start in range(0, len(coil_ids), CHUNK):  # each chunk confirmed and marked before the next
+                outgoing = stored_announcements(store, topics(settings), coil_ids[start : start + CHUNK])
+                client.take_refused()  # none of ours yet: ids are reused, so only this chunk's refusals count
+                sent = {client.publish(out.topic, out.payload, qos=1).mid: out for out in outgoing}
+                if not client.flush(CONFIRM_S):
+                    raise ConnectionError(
+                        f"the broker did not confirm the decisions within {CONFIRM_S:.0f} s; "
+                        f"{len(done.announced)} were announced and marked before"
+                    )
+                refused = {mid: reason for mid, reason in client.take_refused() if mid in sent}
+                taken = [str(out.coil_id) for mid, out in sent.items() if mid not in refused]
+                done.refused.update({str(sent[mid].coil_id): reason for mid, reason in refused.items()})
+                store.mark_published(taken)
+                done.announced += taken
+    log.info("announced %d stored decisions, %d refused by the broker", len(done.announced), len(done.refused))
+    return done
