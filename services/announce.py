@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from services.config import Settings
 from services.db.engine import engine_for
-from services.db.repositories import SqlCoilStore
+from services.db.repositories import ANNOUNCE_LOCK_NAMESPACE, SqlCoilStore, release_lock, try_lock
 from services.runtime import mqtt_client, topics
 from workflows.assess import stored_announcements
 
@@ -32,17 +32,32 @@ class Announced:
     refused: dict[str, str] = field(default_factory=dict)  # coil id → the broker's reason
 
 
+class AlreadyRunning(RuntimeError):
+    """Another ``coilguard announce`` holds the lock: two at once would send every decision twice."""
+
+
 def announce_unannounced(
-    settings: Settings, older_than: timedelta, limit: int, engine: Engine | None = None
+    settings: Settings, older_than: timedelta, limit: int, line: str | None = None, engine: Engine | None = None
 ) -> Announced:
-    """Announce the decisions stored more than ``older_than`` ago (at most ``limit``) that never reached the
-    broker. ``older_than`` leaves a running worker the coils it is about to announce itself."""
-    done = Announced()
+    """Announce the decisions stored more than ``older_than`` ago (at most ``limit``, of ``line`` when given)
+    that never reached the broker. ``older_than`` leaves a running worker the coils it is about to announce
+    itself; each chunk is read again just before it goes out, so that one announced meanwhile is skipped."""
     with engine_for(settings.database_url, engine) as engine:
-        store = SqlCoilStore(engine)
-        coil_ids = store.unannounced(datetime.now(UTC) - older_than, limit)
-        if not coil_ids:
-            return done
+        got, lock = try_lock(engine, ANNOUNCE_LOCK_NAMESPACE, 0, "announce")
+        if not got:
+            raise AlreadyRunning("another `coilguard announce` is running: two at once would send each decision twice")
+        try:
+            return _announce(settings, SqlCoilStore(engine), older_than, limit, line)
+        finally:
+            release_lock(lock)
+
+
+def _announce(
+    settings: Settings, store: SqlCoilStore, older_than: timedelta, limit: int, line: str | None
+) -> Announced:
+    done = Announced()
+    coil_ids = store.unannounced(datetime.now(UTC) - older_than, limit, line)
+    if coil_ids:
         with mqtt_client(settings) as client:
             for start in range(0, len(coil_ids), CHUNK):  # each chunk confirmed and marked before the next
                 outgoing = stored_announcements(store, topics(settings), coil_ids[start : start + CHUNK])

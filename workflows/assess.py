@@ -306,11 +306,13 @@ def _decision(coil: AssessedCoil, decision: EnsembleDecision, latency_ms: float)
 
 
 def stored_announcements(store: CoilStore, topics: Topics, coil_ids: Sequence[str]) -> list[Outgoing]:
-    """The decisions of ``coil_ids`` as they were stored, ready to be announced again (``coilguard announce``)."""
+    """The decisions of ``coil_ids`` as they were stored, ready to be announced again (``coilguard announce``), in
+    the order asked; not those announced meanwhile (a worker's redelivered copy, a held decision the broker took)."""
     decided = store.decided(coil_ids)
     return [
         Outgoing(topics.decisions(stored.line), dumps(_decision_from_stored(stored)), stored.coil_id, stored.line)
-        for stored in (decided[coil_id] for coil_id in coil_ids if coil_id in decided)  # in the order asked
+        for stored in (decided[coil_id] for coil_id in coil_ids if coil_id in decided)
+        if not stored.published
     ]
 
 

@@ -51,18 +51,27 @@ def drift(ctx: AppContext, window: timedelta | None) -> None:
     help="Only decisions stored at least this long ago: a running worker announces its newer ones itself.",
 )
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
+@click.option("--line", help="Only this line's coils (e.g. one whose decision topic the broker still refuses).")
 @pass_ctx
-def announce(ctx: AppContext, older_than: timedelta, limit: int) -> None:
+def announce(ctx: AppContext, older_than: timedelta, limit: int, line: str | None) -> None:
     """Announce decisions that are stored but never reached the broker (given up after an ACL refusal, held in a
-    lost broker session), oldest first, once the cause is mended; each is marked published when confirmed."""
-    from services.announce import announce_unannounced
+    lost broker session), oldest first, once the cause is mended; each is marked published when confirmed.
+
+    Run it once the workers that held them have stopped or given them up (their logs name the coils): a worker
+    still holding one offers it again every 10 s, and the decision may then go out twice (at least once, as
+    QoS 1 is)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from services.announce import AlreadyRunning, announce_unannounced
 
     settings = ctx.settings
     require_schema(settings)
     try:
-        done = announce_unannounced(settings, older_than, limit)
-    except ConnectionError as exc:  # the broker away or silent: what was confirmed before is marked
+        done = announce_unannounced(settings, older_than, limit, line)
+    except (ConnectionError, AlreadyRunning) as exc:  # the broker away or silent: what it confirmed is marked
         raise click.ClickException(str(exc)) from None
+    except SQLAlchemyError as exc:  # a chunk the broker took but the database would not mark goes out again
+        raise click.ClickException(f"the database failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     click.echo(f"announced {len(done.announced)} stored decisions")
     if done.refused:
         reasons = ", ".join(sorted(set(done.refused.values())))

@@ -211,14 +211,17 @@ class SqlCoilStore:
             with self.engine.begin() as conn:
                 _mark_published(conn, coil_ids)
 
-    def unannounced(self, decided_before: datetime, limit: int) -> list[str]:
-        """Coils decided before ``decided_before`` whose decision never reached the broker, oldest first."""
+    def unannounced(self, decided_before: datetime, limit: int, line: str | None = None) -> list[str]:
+        """Coils decided before ``decided_before`` whose decision never reached the broker, oldest first (of
+        ``line`` only, when given). A scan of the table's unpublished rows: for an operator's command, not a loop."""
         query = (
             select(coils.c.coil_id)
             .where(coils.c.status != "pending", coils.c.published_at.is_(None), coils.c.decided_at < decided_before)
             .order_by(coils.c.decided_at, coils.c.coil_id)
             .limit(limit)
         )
+        if line is not None:
+            query = query.where(coils.c.line == line)
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
@@ -680,6 +683,7 @@ def _score_row(r: Row[Any], window_start: datetime | None, now: datetime) -> Mod
 
 
 RETRAIN_LOCK_NAMESPACE = 0x636F696C  # "coil": keeps coilguard's advisory locks apart from other users'
+ANNOUNCE_LOCK_NAMESPACE = 0x636F6961  # "coia": one `coilguard announce` at a time
 
 
 class SqlRetrainRuns:
@@ -702,20 +706,7 @@ class SqlRetrainRuns:
     def _try_lock(self, model_id: int) -> tuple[bool, Connection | _FileLock | None]:
         """Whether no live process retrains ``model_id`` as far as the lock can tell, and the lock (None for a
         SQLite database without a file, which has none: the row's ``host:pid`` is checked instead)."""
-        if self.engine.dialect.name == "postgresql":
-            conn = self.engine.connect()
-            got = conn.execute(
-                text("SELECT pg_try_advisory_lock(:ns, :key)"), {"ns": RETRAIN_LOCK_NAMESPACE, "key": model_id}
-            ).scalar()
-            conn.commit()
-            if not got:
-                conn.close()
-                return False, None
-            return True, conn
-        if (database := sqlite_file(self.engine.url.database)) is not None:
-            lock = _FileLock.take(database.with_name(f"{database.name}.retrain-{model_id}.lock"))
-            return lock is not None, lock
-        return True, None
+        return try_lock(self.engine, RETRAIN_LOCK_NAMESPACE, model_id, f"retrain-{model_id}")
 
     def start(self, model_id: int, reason: str, worker: str) -> int | None:
         got, lock = self._try_lock(model_id)
@@ -738,10 +729,10 @@ class SqlRetrainRuns:
                     .returning(retrain_runs.c.id)
                 ).scalar_one()
         except IntegrityError:  # another process wrote its running row first (SQLite)
-            _release(lock)
+            release_lock(lock)
             return None
         except BaseException:
-            _release(lock)
+            release_lock(lock)
             raise
         if lock is not None:
             self._locks[run_id] = lock
@@ -770,7 +761,7 @@ class SqlRetrainRuns:
             with self.engine.begin() as conn:
                 conn.execute(update(retrain_runs).where(retrain_runs.c.id == run_id).values(**values))
         finally:
-            _release(self._locks.pop(run_id, None))
+            release_lock(self._locks.pop(run_id, None))
 
     def settle_abandoned(self) -> int:
         """Close the ``running`` rows of every model whose process has died; how many.
@@ -791,7 +782,7 @@ class SqlRetrainRuns:
                 with self.engine.begin() as conn:
                     settled += _settle_dead_run(conn, row)
             finally:
-                _release(lock)
+                release_lock(lock)
         return settled
 
     def last_finished(self, model_id: int) -> FinishedRun | None:
@@ -857,7 +848,26 @@ class _FileLock:
         self._file.close()  # closing the only descriptor of the open file drops its flock
 
 
-def _release(lock: Connection | _FileLock | None) -> None:
+def try_lock(engine: Engine, namespace: int, key: int, name: str) -> tuple[bool, Connection | _FileLock | None]:
+    """A lock between processes that the system drops when its holder dies: a session advisory lock on
+    PostgreSQL (held by the connection returned), an ``flock`` on ``<database>.<name>.lock`` beside a SQLite
+    file. (False, None) when another process holds it; (True, None) where there is nothing to lock with (a
+    database in memory). Give it back with :func:`release_lock`."""
+    if engine.dialect.name == "postgresql":
+        conn = engine.connect()
+        got = conn.execute(text("SELECT pg_try_advisory_lock(:ns, :key)"), {"ns": namespace, "key": key}).scalar()
+        conn.commit()
+        if not got:
+            conn.close()
+            return False, None
+        return True, conn
+    if (database := sqlite_file(engine.url.database)) is not None:
+        lock = _FileLock.take(database.with_name(f"{database.name}.{name}.lock"))
+        return lock is not None, lock
+    return True, None
+
+
+def release_lock(lock: Connection | _FileLock | None) -> None:
     """Unlock, then end the lock's session. ``close()`` alone would hand the connection back to the pool
     with the lock still held, and every later run of that model would be "already running" until the pool
     happened to drop it. Ending the session alone is not enough either: the server frees a session's locks

@@ -529,6 +529,12 @@ class AssessWorker:
         if not self._held or time.monotonic() - self._held_tried < HELD_RETRY_S:
             return []
         self._held_tried = time.monotonic()
+        try:  # announced meanwhile by `coilguard announce` (or a copy another worker decided): release, not resend
+            done = [c for c, d in self.store.decided(list(self._held)).items() if d.published]
+        except DBAPIError:
+            done = []  # the database away: offer them again; the mark comes later
+        for coil_id in done:
+            self._release(coil_id)
         self.client.take_refused()  # stale, as in the batch: ids are reused, so only this round's refusals count
         sent = {}
         for coil_id, held in self._held.items():

@@ -798,7 +798,8 @@ def test_coilguard_announce_sends_stored_decisions_that_never_reached_the_broker
     never announced, and nothing is redelivered for them. `coilguard announce` sends those older than its
     window, oldest first, marks each once the broker confirms it, leaves a refused one unannounced with the
     reason, and leaves recent ones to the workers."""
-    from services.announce import announce_unannounced
+    from services.announce import AlreadyRunning, announce_unannounced
+    from services.db.repositories import ANNOUNCE_LOCK_NAMESPACE, release_lock, try_lock
 
     now = datetime.now(UTC)
 
@@ -822,6 +823,11 @@ def test_coilguard_announce_sends_stored_decisions_that_never_reached_the_broker
         "decisions",
         lambda self, line: f"$SYS/coilguard-test/{line}" if line == "galv-deny" else real(self, line),
     )
+    got, lock = try_lock(env.engine, ANNOUNCE_LOCK_NAMESPACE, 0, "announce")  # another announce running
+    assert got
+    with pytest.raises(AlreadyRunning):
+        announce_unannounced(env.settings, timedelta(minutes=10), 100, engine=env.engine)
+    release_lock(lock)
     done = announce_unannounced(env.settings, timedelta(minutes=10), 100, engine=env.engine)
     assert done.announced == ["AN-old-1", "AN-old-2"] and done.refused == {"AN-refused": "Not authorized"}
     assert wait_for(lambda: len(env.listener.decisions) == 2, timeout=10)
@@ -832,7 +838,7 @@ def test_coilguard_announce_sends_stored_decisions_that_never_reached_the_broker
     assert again.announced == [] and list(again.refused) == ["AN-refused"]  # still refused, still unannounced
     monkeypatch.setattr(Topics, "decisions", real)  # the ACL mended
     cli = subprocess.run(
-        [sys.executable, "-m", "services.cli", "announce", "--older-than", "10m"],
+        [sys.executable, "-m", "services.cli", "announce", "--older-than", "10m", "--line", "galv-deny"],
         env=env.env(worker=False), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert cli.returncode == 0 and "announced 1 stored decisions" in cli.stdout, cli.stderr

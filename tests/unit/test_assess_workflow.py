@@ -433,4 +433,11 @@ def test_the_bookkeeping_of_held_decisions(tmp_path: Path, monkeypatch: pytest.M
     refusals.append((13, "Not authorized"))
     held, kept = worker._hold_refused({13: decision("E")}, [message("E", 13)])
     assert list(worker._held) == ["D", "E"] and acked == [1, 3, 11]  # C given up: its message acknowledged
+
+    store = MemoryStore()  # E announced meanwhile (`coilguard announce`): released at the next round, not resent
+    AssessCoils(store, TOPICS).process([_coil("E")], _serving(Thinness()))
+    store.mark_published(["E"])
+    worker.store = store
+    worker.stopping.set()  # the round's confirmation then ends at once: nothing here answers
+    assert worker._retry_held() == [] and list(worker._held) == ["D"] and acked == [1, 3, 11, 13]
     worker.engine.dispose()
