@@ -248,7 +248,10 @@ class Assessor(ABC):
         assessor.threshold = float(manifest.calibration.get("threshold", 0.5))
         assessor.training_data = manifest.training_data
         assessor.metrics = manifest.metrics
-        assessor.runtime = manifest.runtime
+        # what trained the network, kept should it be saved again (ReTrain's read-through candidate, a re-sealed
+        # legacy model): that save's manifest names its own time and code, not those of the training
+        trained = {"created_at": manifest.created_at.isoformat(), "code_version": manifest.code_version}
+        assessor.runtime = {**manifest.runtime, "trained": manifest.runtime.get("trained", trained)}
         return assessor
 
     def describe(self) -> str:

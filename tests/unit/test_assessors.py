@@ -87,6 +87,11 @@ def test_trains_saves_loads_and_predicts_identically(trained: Assessor, unseen, 
     p2, c2 = again.predict(AssessBatch(unseen.X))
     np.testing.assert_array_equal(p, p2)
     np.testing.assert_array_equal(c, c2)
+    # saved again (ReTrain's read-through candidate, a re-sealed legacy model): what trained it is kept
+    trained_by = {"created_at": manifest.created_at.isoformat(), "code_version": manifest.code_version}
+    resaved = again.save(tmp_path / "again")
+    assert resaved.runtime["trained"] == trained_by
+    assert load_artifact(tmp_path / "again").runtime["trained"] == trained_by  # and not replaced once more
 
 
 @pytest.mark.parametrize("key", ["cnn", "yolo", "effnet"])
