@@ -353,7 +353,8 @@ def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
     shares = decoded_shares([image.pixels for image in coil.images], MAX_DECODED_PIXELS)
     decoded: list[np.ndarray] = []
     for i, (image, share) in enumerate(zip(coil.images, shares, strict=True)):
-        target = fit_within(image.size, share) if image.size is not None else None
+        assert image.size is not None  # refused above
+        target = fit_within(image.size, share)
         try:
             decoded.append(decode_image(image.decode(), None if target == image.size else target))
         except ValueError as exc:

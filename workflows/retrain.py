@@ -41,7 +41,7 @@ import numpy as np
 import ml
 import workflows
 from ml.assessors.base import AssessBatch, Assessor
-from ml.assessors.manifest import MANIFEST_FILE, code_version
+from ml.assessors.manifest import MANIFEST_FILE, code_version, source_digest
 from ml.assessors.registry import available, create
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics, cost_accuracy
@@ -478,13 +478,7 @@ def training_inputs(labelled: list[LabelledCoil], config: RetrainConfig) -> str:
 @lru_cache(maxsize=1)
 def _source() -> str:
     """The code version and a digest of the training code's source (ml/ and workflows/)."""
-    digest = hashlib.sha256()
-    for package in (ml, workflows):
-        root = Path(package.__file__).parent
-        for path in sorted(root.rglob("*.py")):
-            digest.update(f"{path.relative_to(root.parent)}\n".encode())
-            digest.update(path.read_bytes())
-    return f"{code_version()} {digest.hexdigest()[:16]}"
+    return f"{code_version()} {source_digest(*(Path(package.__file__).parent for package in (ml, workflows)))}"
 
 
 def recalibrated(

@@ -218,9 +218,15 @@ def code_version() -> str:
 
 
 def _ml_source_digest() -> str:
-    root = Path(__file__).resolve().parents[1]  # the ml package
+    return source_digest(Path(__file__).resolve().parents[1], length=12)  # the ml package
+
+
+def source_digest(*packages: Path, length: int = 16) -> str:
+    """A digest of the Python source under ``packages`` (each file's path from the package's parent, and its
+    bytes): which code it was, where no commit says so."""
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(f"{path.relative_to(root)}\n".encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    for root in packages:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{path.relative_to(root.parent)}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:length]

@@ -495,8 +495,8 @@ class AssessWorker:
         ``held_limit`` held coils (:meth:`_forget_held_beyond`). A refused rejection is logged and counted, never
         held: a bad message must not stop the stream."""
         refused = [(sent[mid], reason) for mid, reason in self.client.take_refused() if mid in sent]
-        refused_coils = {out.coil_id for out, _ in refused if out.coil_id is not None}
-        announced = {out.coil_id for out in sent.values()} - refused_coils
+        refused_coils = {out.coil_id: out for out, _ in refused if out.coil_id is not None}
+        announced = {out.coil_id for out in sent.values()} - refused_coils.keys()
         for coil_id in [c for c in self._held if c in announced]:
             self._release(coil_id)  # announced again by this batch (a redelivered copy), and taken this time
         held: set[str] = set()
@@ -505,8 +505,7 @@ class AssessWorker:
             for message in batch:  # the message(s) of each such coil: a copy of a held coil joins its entry
                 coil_id = coil_id_of(message.payload)
                 if coil_id in refused_coils and coil_id not in self._held:
-                    out = next(out for out, _ in refused if out.coil_id == coil_id)
-                    self._held[coil_id] = _Held(out, [])
+                    self._held[coil_id] = _Held(refused_coils[coil_id], [])
                 if coil_id in self._held:
                     self._held[coil_id].hold(message)
                     held.add(coil_id)
