@@ -3,7 +3,13 @@
 A decision can be left unannounced for good: the broker refused it (its ACL) and the worker gave it up, or held
 it in a broker session that was lost, or the coil came at QoS 0 (docs/operations.md). Nothing is redelivered
 for those coils, so nothing else would announce them; this does, once the cause is mended, oldest first, and
-marks each one published once the broker confirms it.
+marks each one published once the broker confirms it. The scheduler runs it every ``ANNOUNCE_EVERY``
+(:func:`run_announce`), so that such decisions reach the line's consumers without an operator; the command is
+for one that wants them out now, or one line at a time.
+
+Only decisions stored more than ``ANNOUNCE_AFTER`` ago are taken: until then the worker that decided them
+announces them itself. One that a worker is still offering (held after a refusal, re-sent after a broker
+outage longer than that) may go out twice, from both: at least once, as QoS 1 is.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from sqlalchemy import Engine
 from services.config import Settings
 from services.db.engine import engine_for
 from services.db.repositories import ANNOUNCE_LOCK_NAMESPACE, SqlCoilStore, release_lock, try_lock
+from services.metrics import METRICS
 from services.runtime import mqtt_client, topics
 from workflows.assess import stored_announcements
 
@@ -24,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CONFIRM_S = 30.0
 CHUNK = 500  # decisions published, confirmed and marked at a time
+SCHEDULED_LIMIT = 10_000  # decisions per scheduled pass; the rest, oldest first, at the next
 
 
 @dataclass
@@ -73,5 +81,28 @@ def _announce(
                 done.refused.update({str(sent[mid].coil_id): reason for mid, reason in refused.items()})
                 store.mark_published(taken)
                 done.announced += taken
-    log.info("announced %d stored decisions, %d refused by the broker", len(done.announced), len(done.refused))
+                METRICS.announced_late.inc(len(taken))
+                METRICS.publish_refused.labels("late").inc(len(refused))
+        log.info("announced %d stored decisions, %d refused by the broker", len(done.announced), len(done.refused))
+    return done
+
+
+def run_announce(settings: Settings, engine: Engine | None = None) -> Announced | None:
+    """The scheduler's pass: announce what is older than ``ANNOUNCE_AFTER``; None when it did not run (another
+    pass or the command holds the lock, or the broker is away: the next pass tries again)."""
+    try:
+        done = announce_unannounced(settings, settings.announce_after, SCHEDULED_LIMIT, engine=engine)
+    except AlreadyRunning:
+        log.info("announce skipped: another one is running (`coilguard announce`, or a second scheduler)")
+        return None
+    except ConnectionError as exc:  # what the broker confirmed before is marked; the rest waits for the next pass
+        log.warning("announce stopped: %s; the next pass tries again", exc)
+        return None
+    METRICS.unannounced.set(len(done.refused))
+    if done.refused:
+        log.warning(
+            "the broker still refuses %d stored decisions (%s), e.g. coil %s: does its ACL let this account publish "
+            "on their lines' decision topics? Offered again every %s", len(done.refused),
+            ", ".join(sorted(set(done.refused.values()))), next(iter(done.refused)), settings.announce_every,
+        )  # fmt: skip
     return done

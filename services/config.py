@@ -259,6 +259,16 @@ class Settings(BaseSettings):
     drift_window: Duration = timedelta(hours=24)
     drift_share: float = Field(0.2, gt=0, le=1, description="share of drifted features that makes a window drifted")
     drift_min_coils: int = Field(30, ge=1, description="fewer coils in the window: no drift report")
+    announce_every: Duration | None = Field(
+        timedelta(minutes=5),
+        description="how often the scheduler announces decisions stored but never confirmed by the broker (given up "
+        "after an ACL refusal, held in a lost broker session); off leaves them to `coilguard announce`",
+    )
+    announce_after: Duration = Field(
+        timedelta(minutes=10),
+        description="a decision is announced by the scheduler (or `coilguard announce`) only once it is stored this "
+        "long: the worker that decided it announces it itself until then",
+    )
     drift_keep: Duration | None = Field(
         timedelta(days=400),
         description="drift report files older than this are deleted after each new report (their rows and "
@@ -307,7 +317,7 @@ class Settings(BaseSettings):
             raise ValueError(f"topic prefix must be a plain topic level path without + or #, got {value!r}")
         return value
 
-    @field_validator("drift_keep", mode="before")
+    @field_validator("drift_keep", "announce_every", mode="before")
     @classmethod
     def _keep(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() == OFF else value

@@ -19,8 +19,17 @@ class _Metrics:
         self.coils_duplicate = Counter("coilguard_coils_duplicate_total", "Coil ids already decided (redelivered)")
         self.publish_refused = Counter(
             "coilguard_publish_refused_total",
-            "Messages the broker refused (its ACL): decisions (held back and offered again) or rejections",
+            "Messages the broker refused (its ACL): decisions (held back and offered again), rejections, decisions "
+            "given up by a worker, or stored decisions offered again late (`late`: by the scheduler or the command)",
             ["kind"],
+        )
+        self.announced_late = Counter(
+            "coilguard_decisions_announced_late_total",
+            "Stored decisions announced after their worker could not (the scheduler's announce, `coilguard announce`)",
+        )
+        self.unannounced = Gauge(
+            "coilguard_decisions_unannounced",
+            "Stored decisions older than ANNOUNCE_AFTER that the broker still refused at the last announce pass",
         )
         self.coils_qos0 = Counter(
             "coilguard_coils_qos0_total",

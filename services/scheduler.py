@@ -1,4 +1,5 @@
-"""``coilguard scheduler``: ModelScore every few minutes, ReTrain weekly, drift reports daily.
+"""``coilguard scheduler``: ModelScore every few minutes, ReTrain weekly, drift reports daily, and every few
+minutes the decisions stored but never announced (``services.announce``).
 
 Each job runs at most once at a time in this process and missed runs are coalesced; two schedulers,
 or a scheduler and the Kubernetes CronJob, are kept from retraining the same model at once by the
@@ -59,6 +60,7 @@ class Scheduler(BlockingScheduler):
 
 
 def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]] | None = None) -> Scheduler:
+    from services.announce import run_announce
     from services.drift import run_drift
     from services.jobs import run_retrain, run_score
 
@@ -73,6 +75,11 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
             )
             if cron != OFF
         },
+        **(
+            {"announce": (run_announce, IntervalTrigger(seconds=settings.announce_every.total_seconds()))}
+            if settings.announce_every is not None
+            else {}
+        ),
         **(extra_jobs or {}),
     }
     for name, (job, trigger) in jobs.items():

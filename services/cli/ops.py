@@ -46,16 +46,16 @@ def drift(ctx: AppContext, window: timedelta | None) -> None:
 @click.option(
     "--older-than",
     type=DURATION,
-    default="10m",
-    show_default=True,
-    help="Only decisions stored at least this long ago: a running worker announces its newer ones itself.",
+    help="Only decisions stored at least this long ago: a running worker announces its newer ones itself. "
+    "[default: ANNOUNCE_AFTER, 10m]",
 )
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
 @click.option("--line", help="Only this line's coils (e.g. one whose decision topic the broker still refuses).")
 @pass_ctx
-def announce(ctx: AppContext, older_than: timedelta, limit: int, line: str | None) -> None:
+def announce(ctx: AppContext, older_than: timedelta | None, limit: int, line: str | None) -> None:
     """Announce decisions that are stored but never reached the broker (given up after an ACL refusal, held in a
-    lost broker session), oldest first, once the cause is mended; each is marked published when confirmed.
+    lost broker session), oldest first, once the cause is mended; each is marked published when confirmed. The
+    scheduler does the same every ANNOUNCE_EVERY (5m); this is for now, or for one line.
 
     Run it once the workers that held them have stopped or given them up (their logs name the coils): a worker
     still holding one offers it again every 10 s, and the decision may then go out twice (at least once, as
@@ -67,7 +67,9 @@ def announce(ctx: AppContext, older_than: timedelta, limit: int, line: str | Non
     settings = ctx.settings
     require_schema(settings)
     try:
-        done = announce_unannounced(settings, older_than, limit, line)
+        done = announce_unannounced(
+            settings, settings.announce_after if older_than is None else older_than, limit, line
+        )
     except (ConnectionError, AlreadyRunning) as exc:  # the broker away or silent: what it confirmed is marked
         raise click.ClickException(str(exc)) from None
     except SQLAlchemyError as exc:  # a chunk the broker took but the database would not mark goes out again

@@ -215,6 +215,14 @@ class Coil(Base):
         # The API's unfiltered page (newest first) and /status's last decision and 24-hour count (0004).
         Index("ix_coils_received_at_coil_id", "received_at", "coil_id"),
         Index("ix_coils_decided_at", "decided_at"),
+        # The decisions not yet confirmed by the broker: the scheduler's announce pass reads these alone (0007).
+        Index(
+            "ix_coils_unannounced",
+            "decided_at",
+            "coil_id",
+            postgresql_where=text("published_at IS NULL"),
+            sqlite_where=text("published_at IS NULL"),
+        ),
     )
 
     def __repr__(self) -> str:

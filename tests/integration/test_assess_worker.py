@@ -844,3 +844,50 @@ def test_coilguard_announce_sends_stored_decisions_that_never_reached_the_broker
     assert cli.returncode == 0 and "announced 1 stored decisions" in cli.stdout, cli.stderr
     assert wait_for(lambda: len(env.listener.decisions) == 3, timeout=10)
     assert env.count(Coil.coil_id, Coil.published_at.is_(None)) == 1  # the recent one, left to the workers
+
+
+def test_the_scheduler_announces_stored_decisions_that_never_reached_the_broker(
+    env: AssessEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `coilguard announce` does by hand, the scheduler does every ANNOUNCE_EVERY: a decision given up after
+    a refusal reaches the line's consumers once the ACL is mended, with no operator. While the broker still
+    refuses it, each pass says so and the gauge shows how many wait; a pass that finds the lock taken skips."""
+    from services.announce import run_announce
+    from services.db.repositories import ANNOUNCE_LOCK_NAMESPACE, release_lock, try_lock
+    from services.metrics import METRICS
+    from services.scheduler import build_scheduler
+
+    at = datetime.now(UTC) - timedelta(minutes=20)
+    with env.engine.begin() as conn:
+        conn.execute(
+            Coil.__table__.insert(),
+            [
+                dict(coil_id=coil_id, line=line, produced_at=at, received_at=at, status="OK", p_nok=0.1,
+                     confidence=0.9, decided_at=at, matrix=b"\\x00" * 4)
+                for coil_id, line in (("SA-1", "galv-1"), ("SA-2", "galv-new"))
+            ],
+        )  # fmt: skip
+    real = Topics.decisions
+    denied = {"galv-new"}
+    monkeypatch.setattr(
+        Topics, "decisions", lambda self, line: f"$SYS/coilguard-test/{line}" if line in denied else real(self, line)
+    )
+    settings = env.settings.model_copy(update={"announce_after": timedelta(minutes=10)})
+    assert "announce" in {job.id for job in build_scheduler(settings).get_jobs()}
+    switched_off = settings.model_copy(update={"announce_every": None})
+    assert "announce" not in {job.id for job in build_scheduler(switched_off).get_jobs()}
+
+    done = run_announce(settings, engine=env.engine)
+    assert done is not None and done.announced == ["SA-1"] and list(done.refused) == ["SA-2"]
+    assert METRICS.unannounced._value.get() == 1
+    got, lock = try_lock(env.engine, ANNOUNCE_LOCK_NAMESPACE, 0, "announce")
+    assert got
+    try:
+        assert run_announce(settings, engine=env.engine) is None  # `coilguard announce` is running
+    finally:
+        release_lock(lock)
+    denied.clear()  # the ACL mended
+    done = run_announce(settings, engine=env.engine)
+    assert done is not None and done.announced == ["SA-2"] and not done.refused
+    assert METRICS.unannounced._value.get() == 0
+    assert wait_for(lambda: sorted(d["coil_id"] for d in env.listener.decisions) == ["SA-1", "SA-2"], timeout=10)

@@ -188,7 +188,7 @@ def test_0006_dates_rows_by_statement_and_its_downgrade_restores_now(pg_database
     engine = make_engine(url)
     try:
         assert _now_defaults(engine) == {"statement_timestamp()"}
-        assert migrate.downgrade(url) == "0005"
+        assert migrate.downgrade(url, "0005") == "0005"
         assert _now_defaults(engine) == {"now()"}
         assert migrate.upgrade(url) == HEAD
         assert _now_defaults(engine) == {"statement_timestamp()"}
@@ -291,3 +291,39 @@ def test_upgrade_waits_for_a_database_that_is_still_starting(pg_database_factory
     assert waited.returncode == 0, waited.stderr
     assert "waiting for the database" in waited.stderr and f"database at revision {HEAD}" in waited.stdout
     assert migrate.current(url) == HEAD
+
+
+def test_the_announce_pass_reads_only_the_unannounced_decisions(pg_database_factory: Callable[[], str]) -> None:
+    """The scheduler looks for stored decisions that never reached the broker every few minutes. Through the
+    partial index of 0007 it reads those rows alone; before, it walked ``ix_coils_decided_at`` from the
+    oldest coil over the table's whole history to find them."""
+    from datetime import datetime, timedelta
+
+    from services.db.repositories import unannounced_query
+
+    url = pg_database_factory()
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    try:
+        run(
+            engine,
+            "INSERT INTO coils (coil_id, line, status, decided_at, published_at, matrix) "
+            "SELECT 'P-' || i, 'galv-1', 'OK', now() - make_interval(secs => 100000 - i), now(), '\\x00' "
+            "FROM generate_series(1, 50000) AS i",
+        )
+        for coil_id, minutes in (("U-old", 60), ("U-older", 90), ("U-new", 1)):
+            run(
+                engine,
+                "INSERT INTO coils (coil_id, line, status, decided_at, matrix) "
+                "VALUES (:c, 'galv-1', 'NOK', now() - make_interval(mins => :m), '\\x00')",
+                c=coil_id, m=minutes,
+            )  # fmt: skip
+        run(engine, "ANALYZE coils")
+        query = unannounced_query(datetime.now(UTC) - timedelta(minutes=10), 10_000)
+        with engine.connect() as conn:
+            assert list(conn.execute(query).scalars()) == ["U-older", "U-old"]
+            sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+            plan = "\n".join(conn.execute(text(f"EXPLAIN {sql}")).scalars())
+        assert "ix_coils_unannounced" in plan, plan
+    finally:
+        engine.dispose()

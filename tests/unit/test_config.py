@@ -51,6 +51,8 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("COILGUARD_SCORE_EVERY", "0s"),
         ("COILGUARD_SCORE_WINDOW", "0"),  # a window of nothing: no score, so never a ReTrain, silently
         ("COILGUARD_DRIFT_WINDOW", "0h"),
+        ("COILGUARD_ANNOUNCE_EVERY", "0"),  # the announce pass in a busy loop
+        ("COILGUARD_ANNOUNCE_AFTER", "0s"),  # every worker's in-flight decisions sent twice
     ],
 )
 def test_a_bad_value_stops_with_the_variable_named(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
@@ -73,6 +75,8 @@ def test_durations() -> None:
     with pytest.raises(ValueError):
         parse_duration("1 fortnight")
     assert load_settings(_env_file=None, batch_wait="0").batch_wait == timedelta(0)  # no waiting is a choice
+    assert load_settings(_env_file=None, announce_every="off").announce_every is None  # left to the command
+    assert load_settings(_env_file=None, announce_every="1m").announce_every == timedelta(minutes=1)
 
 
 def test_embedded_url() -> None:

@@ -230,7 +230,9 @@ def test_downgrade_removes_everything_and_upgrade_works_again(engine: Engine, ur
 def test_default_downgrade_is_one_step(engine: Engine, url: str) -> None:
     engine.dispose()
     coil_indexes = {"ix_coils_received_at_coil_id", "ix_coils_decided_at"}
-    assert coil_indexes <= {i["name"] for i in inspect(engine).get_indexes("coils")}
+    assert coil_indexes | {"ix_coils_unannounced"} <= {i["name"] for i in inspect(engine).get_indexes("coils")}
+    assert migrate.downgrade(url) == "0006"  # 0007 (the unannounced decisions' index) undone
+    assert "ix_coils_unannounced" not in {i["name"] for i in inspect(engine).get_indexes("coils")}
     assert migrate.downgrade(url) == "0005"  # 0006 (statement-time defaults) undone, the tables kept
     assert tables(engine) == ALL_TABLES | {"alembic_version"}
     assert migrate.downgrade(url) == "0004"  # 0005 (the matrix's storage, PostgreSQL only) undone
@@ -311,7 +313,7 @@ def test_0006_lengthens_current_timestamp_values_and_its_downgrade_restores_the_
         with engine.connect() as conn:
             assert conn.execute(text(received), {"c": "C-old"}).scalar_one() == short + ".000000"
             assert conn.execute(text(received), {"c": "C-given"}).scalar_one() == "soon"  # not ours to read
-        assert migrate.downgrade(url) == "0005"
+        assert migrate.downgrade(url, "0005") == "0005"
         add_coil(engine, "C-after")
         with engine.connect() as conn:
             assert len(conn.execute(text(received), {"c": "C-after"}).scalar_one()) == 19  # CURRENT_TIMESTAMP again
