@@ -267,7 +267,14 @@ class Settings(BaseSettings):
     announce_after: Duration = Field(
         timedelta(minutes=10),
         description="a decision is announced by the scheduler (or `coilguard announce`) only once it is stored this "
-        "long: the worker that decided it announces it itself until then",
+        "long: the worker that decided it announces it itself until then (at least a minute: a worker waits up to "
+        "30 s for the broker's word on a batch)",
+    )
+    announce_max_age: Duration | None = Field(
+        timedelta(hours=24),
+        description="the scheduler offers a decision until it is this old; older ones (a line's ACL broken for a "
+        "day, decisions from before an upgrade) are counted and logged, and left to `coilguard announce`; off: no "
+        "limit",
     )
     drift_keep: Duration | None = Field(
         timedelta(days=400),
@@ -317,10 +324,25 @@ class Settings(BaseSettings):
             raise ValueError(f"topic prefix must be a plain topic level path without + or #, got {value!r}")
         return value
 
-    @field_validator("drift_keep", "announce_every", mode="before")
+    @field_validator("drift_keep", "announce_every", "announce_max_age", mode="before")
     @classmethod
     def _keep(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() == OFF else value
+
+    @field_validator("announce_after")
+    @classmethod
+    def _announce_after(cls, value: timedelta) -> timedelta:
+        """Shorter, the pass would race the workers for decisions still awaiting the broker's word: sent twice."""
+        if value < timedelta(minutes=1):
+            raise ValueError(f"must be at least 1m, got {value.total_seconds():g} s")
+        return value
+
+    @field_validator("announce_every")
+    @classmethod
+    def _announce_every(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value < timedelta(seconds=10):
+            raise ValueError(f"must be at least 10s (or off), got {value.total_seconds():g} s")
+        return value
 
     @field_validator("retrain_cron", "drift_cron")
     @classmethod

@@ -19,8 +19,8 @@ class _Metrics:
         self.coils_duplicate = Counter("coilguard_coils_duplicate_total", "Coil ids already decided (redelivered)")
         self.publish_refused = Counter(
             "coilguard_publish_refused_total",
-            "Messages the broker refused (its ACL): decisions (held back and offered again), rejections, decisions "
-            "given up by a worker, or stored decisions offered again late (`late`: by the scheduler or the command)",
+            "Messages the broker refused (its ACL): decisions (held back and offered again), rejections, or decisions "
+            "given up by a worker",
             ["kind"],
         )
         self.announced_late = Counter(
@@ -29,7 +29,7 @@ class _Metrics:
         )
         self.unannounced = Gauge(
             "coilguard_decisions_unannounced",
-            "Stored decisions older than ANNOUNCE_AFTER that the broker still refused at the last announce pass",
+            "Stored decisions older than ANNOUNCE_AFTER that have not reached the broker, after the last announce pass",
         )
         self.coils_qos0 = Counter(
             "coilguard_coils_qos0_total",

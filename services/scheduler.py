@@ -76,14 +76,23 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
             if cron != OFF
         },
         **(
-            {"announce": (run_announce, IntervalTrigger(seconds=settings.announce_every.total_seconds()))}
+            {
+                "announce": (
+                    functools.partial(run_announce, stop=scheduler.stopping),
+                    IntervalTrigger(seconds=settings.announce_every.total_seconds()),
+                )
+            }
             if settings.announce_every is not None
             else {}
         ),
         **(extra_jobs or {}),
     }
     for name, (job, trigger) in jobs.items():
-        scheduler.add_job(_guarded(name, job), trigger, args=[settings], id=name, name=name, misfire_grace_time=3600)
+        # the announce pass also at the start: what a restart left waiting goes out, and its gauge reads true
+        first = {"next_run_time": datetime.now(UTC)} if name == "announce" else {}
+        scheduler.add_job(
+            _guarded(name, job), trigger, args=[settings], id=name, name=name, misfire_grace_time=3600, **first
+        )
     if "drift" in jobs:  # once, as the scheduler starts: a restart over the report's time must not skip a day
         # judged when it runs, at the start, which is also when the regular job's next time is set (not here: the
         # scheduler may wait minutes for its schema): a start before 02:30 leaves that report to the regular job,

@@ -55,11 +55,11 @@ def drift(ctx: AppContext, window: timedelta | None) -> None:
 def announce(ctx: AppContext, older_than: timedelta | None, limit: int, line: str | None) -> None:
     """Announce decisions that are stored but never reached the broker (given up after an ACL refusal, held in a
     lost broker session), oldest first, once the cause is mended; each is marked published when confirmed. The
-    scheduler does the same every ANNOUNCE_EVERY (5m); this is for now, or for one line.
+    scheduler does the same every ANNOUNCE_EVERY (5m) for those up to ANNOUNCE_MAX_AGE (24h) old; this is for
+    older ones, for now, or for one line. A line the broker refuses is not offered further in the same run.
 
-    Run it once the workers that held them have stopped or given them up (their logs name the coils): a worker
-    still holding one offers it again every 10 s, and the decision may then go out twice (at least once, as
-    QoS 1 is)."""
+    A worker still holding one (its logs name the coils) offers it again every 10 s, and the decision may then go
+    out twice (at least once, as QoS 1 is)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from services.announce import AlreadyRunning, announce_unannounced
@@ -78,8 +78,9 @@ def announce(ctx: AppContext, older_than: timedelta | None, limit: int, line: st
     if done.refused:
         reasons = ", ".join(sorted(set(done.refused.values())))
         raise click.ClickException(
-            f"the broker refused {len(done.refused)} ({reasons}), e.g. coil {next(iter(done.refused))}: they stay "
-            "unannounced; does its ACL let this account publish on their lines' decision topics?"
+            f"the broker refused {len(done.refused)} ({reasons}) on lines {', '.join(sorted(done.refused_lines))}, "
+            f"e.g. coil {next(iter(done.refused))}: their decisions stay unannounced; does its ACL let this account "
+            "publish on their decision topics?"
         )
 
 

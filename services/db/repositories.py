@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -29,10 +29,12 @@ from sqlalchemy import (
     Subquery,
     Table,
     case,
+    false,
     func,
     literal,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -211,23 +213,61 @@ class SqlCoilStore:
             with self.engine.begin() as conn:
                 _mark_published(conn, coil_ids)
 
-    def unannounced(self, decided_before: datetime, limit: int, line: str | None = None) -> list[str]:
-        """Coils decided before ``decided_before`` whose decision never reached the broker, oldest first (of
-        ``line`` only, when given)."""
+    def unannounced(
+        self,
+        decided_before: datetime,
+        limit: int,
+        line: str | None = None,
+        *,
+        after: tuple[datetime, str] | None = None,
+        since: datetime | None = None,
+        skip_lines: Collection[str] = (),
+    ) -> list[tuple[str, datetime]]:
+        """``(coil_id, decided_at)`` of the coils decided before ``decided_before`` (and at ``since`` or later)
+        whose decision never reached the broker, oldest first (of ``line`` only, when given; after the key
+        ``after``, for the next page; none of ``skip_lines``)."""
+        query = unannounced_query(decided_before, limit, line, after=after, since=since, skip_lines=skip_lines)
         with self.engine.connect() as conn:
-            return list(conn.execute(unannounced_query(decided_before, limit, line)).scalars())
+            return [(r.coil_id, r.decided_at) for r in conn.execute(query)]
+
+    def count_unannounced(self, decided_before: datetime, since: datetime | None = None) -> tuple[int, int]:
+        """How many decisions stored before ``decided_before`` never reached the broker, and how many of them
+        are older than ``since`` (through the same partial index)."""
+        older = coils.c.decided_at < since if since is not None else false()
+        query = select(func.count(), func.coalesce(func.sum(case((older, 1), else_=0)), 0)).where(
+            coils.c.published_at.is_(None), coils.c.decided_at < decided_before
+        )
+        with self.engine.connect() as conn:
+            total, old = conn.execute(query).one()
+        return int(total), int(old)
 
 
-def unannounced_query(decided_before: datetime, limit: int, line: str | None = None) -> Select:
+def unannounced_query(
+    decided_before: datetime,
+    limit: int,
+    line: str | None = None,
+    *,
+    after: tuple[datetime, str] | None = None,
+    since: datetime | None = None,
+    skip_lines: Collection[str] = (),
+) -> Select:
     """Read through ``ix_coils_unannounced``, which holds only the unpublished rows: cheap enough for the
     scheduler's pass every few minutes, whatever the table's history."""
     query = (
-        select(coils.c.coil_id)
+        select(coils.c.coil_id, coils.c.decided_at)
         .where(coils.c.published_at.is_(None), coils.c.decided_at < decided_before, coils.c.status != "pending")
         .order_by(coils.c.decided_at, coils.c.coil_id)
         .limit(limit)
     )
-    return query if line is None else query.where(coils.c.line == line)
+    if line is not None:
+        query = query.where(coils.c.line == line)
+    if after is not None:
+        query = query.where(tuple_(coils.c.decided_at, coils.c.coil_id) > tuple_(*after))
+    if since is not None:
+        query = query.where(coils.c.decided_at >= since)
+    if skip_lines:
+        query = query.where(coils.c.line.not_in(list(skip_lines)))
+    return query
 
 
 def _insert_rows(conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:

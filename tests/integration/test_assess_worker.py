@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import itertools
+import logging
 import signal
 import socket
 import subprocess
@@ -847,24 +848,28 @@ def test_coilguard_announce_sends_stored_decisions_that_never_reached_the_broker
 
 
 def test_the_scheduler_announces_stored_decisions_that_never_reached_the_broker(
-    env: AssessEnv, monkeypatch: pytest.MonkeyPatch
+    env: AssessEnv, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """What `coilguard announce` does by hand, the scheduler does every ANNOUNCE_EVERY: a decision given up after
-    a refusal reaches the line's consumers once the ACL is mended, with no operator. While the broker still
-    refuses it, each pass says so and the gauge shows how many wait; a pass that finds the lock taken skips."""
-    from services.announce import run_announce
+    a refusal reaches the line's consumers once the ACL is mended, with no operator. A line the broker still
+    refuses is offered once a pass, and its backlog does not keep the other lines' decisions back; the gauge
+    counts what is left, those past ANNOUNCE_MAX_AGE included (left to the command, and logged); a pass that
+    finds the lock taken, or a stop, offers nothing."""
+    import services.announce as announce
     from services.db.repositories import ANNOUNCE_LOCK_NAMESPACE, release_lock, try_lock
     from services.metrics import METRICS
     from services.scheduler import build_scheduler
 
-    at = datetime.now(UTC) - timedelta(minutes=20)
+    now = datetime.now(UTC)
+    rows = [("SA-deny-1", "galv-new", 50), ("SA-deny-2", "galv-new", 40), ("SA-deny-3", "galv-new", 35)]
+    rows += [("SA-1", "galv-1", 30), ("SA-2", "galv-1", 20), ("SA-days-old", "galv-1", 2 * 24 * 60)]
     with env.engine.begin() as conn:
         conn.execute(
             Coil.__table__.insert(),
             [
                 dict(coil_id=coil_id, line=line, produced_at=at, received_at=at, status="OK", p_nok=0.1,
                      confidence=0.9, decided_at=at, matrix=b"\\x00" * 4)
-                for coil_id, line in (("SA-1", "galv-1"), ("SA-2", "galv-new"))
+                for coil_id, line, at in ((c, ln, now - timedelta(minutes=m)) for c, ln, m in rows)
             ],
         )  # fmt: skip
     real = Topics.decisions
@@ -872,22 +877,33 @@ def test_the_scheduler_announces_stored_decisions_that_never_reached_the_broker(
     monkeypatch.setattr(
         Topics, "decisions", lambda self, line: f"$SYS/coilguard-test/{line}" if line in denied else real(self, line)
     )
+    monkeypatch.setattr(announce, "CHUNK", 2)
+    monkeypatch.setattr(announce, "SCHEDULED_LIMIT", 4)  # the refused line's three alone would fill a pass
     settings = env.settings.model_copy(update={"announce_after": timedelta(minutes=10)})
     assert "announce" in {job.id for job in build_scheduler(settings).get_jobs()}
     switched_off = settings.model_copy(update={"announce_every": None})
     assert "announce" not in {job.id for job in build_scheduler(switched_off).get_jobs()}
 
-    done = run_announce(settings, engine=env.engine)
-    assert done is not None and done.announced == ["SA-1"] and list(done.refused) == ["SA-2"]
-    assert METRICS.unannounced._value.get() == 1
+    caplog.set_level(logging.INFO, logger="services.announce")
+    for _ in range(2):  # the second pass: the refused line offered once more, nothing else left in the window
+        done = announce.run_announce(settings, engine=env.engine)
+        assert done is not None and done.refused_lines == {"galv-new"}
+        assert list(done.refused) == ["SA-deny-1", "SA-deny-2"]  # its first chunk; the third not offered
+    assert env.count(Coil.coil_id, Coil.published_at.is_not(None)) == 2  # SA-1, SA-2, in the first pass
+    assert METRICS.unannounced._value.get() == 4  # three refused, one past the age limit
+    assert caplog.text.count("1 stored decisions older than ANNOUNCE_MAX_AGE") == 1, caplog.text  # said once
     got, lock = try_lock(env.engine, ANNOUNCE_LOCK_NAMESPACE, 0, "announce")
     assert got
     try:
-        assert run_announce(settings, engine=env.engine) is None  # `coilguard announce` is running
+        assert announce.run_announce(settings, engine=env.engine) is None  # `coilguard announce` is running
     finally:
         release_lock(lock)
     denied.clear()  # the ACL mended
-    done = run_announce(settings, engine=env.engine)
-    assert done is not None and done.announced == ["SA-2"] and not done.refused
-    assert METRICS.unannounced._value.get() == 0
-    assert wait_for(lambda: sorted(d["coil_id"] for d in env.listener.decisions) == ["SA-1", "SA-2"], timeout=10)
+    stopping = threading.Event()
+    stopping.set()
+    assert announce.run_announce(settings, engine=env.engine, stop=stopping).offered == 0  # type: ignore[union-attr]
+    done = announce.run_announce(settings, engine=env.engine)
+    assert done is not None and done.announced == ["SA-deny-1", "SA-deny-2", "SA-deny-3"] and not done.refused
+    assert METRICS.unannounced._value.get() == 1  # the one past ANNOUNCE_MAX_AGE, for `coilguard announce`
+    expected = ["SA-1", "SA-2", "SA-deny-1", "SA-deny-2", "SA-deny-3"]
+    assert wait_for(lambda: sorted(d["coil_id"] for d in env.listener.decisions) == expected, timeout=10)

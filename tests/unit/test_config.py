@@ -52,7 +52,10 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("COILGUARD_SCORE_WINDOW", "0"),  # a window of nothing: no score, so never a ReTrain, silently
         ("COILGUARD_DRIFT_WINDOW", "0h"),
         ("COILGUARD_ANNOUNCE_EVERY", "0"),  # the announce pass in a busy loop
+        ("COILGUARD_ANNOUNCE_EVERY", "1ms"),
         ("COILGUARD_ANNOUNCE_AFTER", "0s"),  # every worker's in-flight decisions sent twice
+        ("COILGUARD_ANNOUNCE_AFTER", "20s"),  # a batch awaiting the broker's word for up to 30 s: sent twice
+        ("COILGUARD_ANNOUNCE_MAX_AGE", "soon"),
     ],
 )
 def test_a_bad_value_stops_with_the_variable_named(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
@@ -77,6 +80,7 @@ def test_durations() -> None:
     assert load_settings(_env_file=None, batch_wait="0").batch_wait == timedelta(0)  # no waiting is a choice
     assert load_settings(_env_file=None, announce_every="off").announce_every is None  # left to the command
     assert load_settings(_env_file=None, announce_every="1m").announce_every == timedelta(minutes=1)
+    assert load_settings(_env_file=None, announce_max_age="off").announce_max_age is None  # however old
 
 
 def test_embedded_url() -> None:
