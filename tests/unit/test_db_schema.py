@@ -392,3 +392,31 @@ def test_make_engine_in_memory_and_session_factory() -> None:
             assert conn.execute(text("SELECT count(*) FROM coils")).scalar_one() == 1
     finally:
         engine.dispose()
+
+
+def test_unannounced_decisions_page_by_their_key_on_sqlite(engine: Engine) -> None:
+    """The announce pass pages by (decided_at, coil_id), so that a refused page is not read again within a pass;
+    on SQLite the key is compared as the text SQLAlchemy writes, the same instant twice included."""
+    store = SqlCoilStore(engine)
+    now = datetime.now(UTC)
+    same = now - timedelta(minutes=30)
+    with engine.begin() as conn:
+        conn.execute(
+            Coil.__table__.insert(),
+            [
+                dict(coil_id=c, line=line, status="OK", decided_at=at, matrix=b"\x00", published_at=published)
+                for c, line, at, published in (
+                    ("K-3", "galv-1", same, None), ("K-2", "galv-1", same, None),
+                    ("K-1", "galv-2", now - timedelta(hours=2), None),
+                    ("K-sent", "galv-1", same, now), ("K-new", "galv-1", now - timedelta(minutes=1), None),
+                )
+            ],
+        )  # fmt: skip
+    before = now - timedelta(minutes=10)
+    first = store.unannounced(before, 2)
+    assert [c for c, _ in first] == ["K-1", "K-2"]
+    key = (first[-1][1], first[-1][0])
+    assert [c for c, _ in store.unannounced(before, 2, after=key)] == ["K-3"]
+    assert [c for c, _ in store.unannounced(before, 5, skip_lines={"galv-2"})] == ["K-2", "K-3"]
+    assert [c for c, _ in store.unannounced(before, 5, since=now - timedelta(hours=1))] == ["K-2", "K-3"]
+    assert store.count_unannounced(before, now - timedelta(hours=1)) == (3, 1)  # K-1 past the age limit
