@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
-from services.config import Settings
+from services.config import Settings, format_duration
 from services.db.engine import engine_for
 from services.db.repositories import ANNOUNCE_LOCK_NAMESPACE, SqlCoilStore, release_lock, try_lock
 from services.metrics import METRICS
@@ -160,8 +160,9 @@ def run_announce(
     settings: Settings, engine: Engine | None = None, *, stop: threading.Event | None = None
 ) -> Announced | None:
     """The scheduler's pass: announce what is older than ``ANNOUNCE_AFTER`` and younger than ``ANNOUNCE_MAX_AGE``;
-    None when it did not run (another pass or the command holds the lock, the broker is away, a stop came: the
-    next pass tries again). Either way ``coilguard_decisions_unannounced`` is set to what is left."""
+    None when it was cut short (another pass or the command holds the lock, the broker away or silent, a stop
+    while its word was awaited: the next pass tries again). ``coilguard_decisions_unannounced`` is set to what
+    is left either way."""
     done = None
     with engine_for(settings.database_url, engine) as engine:
         try:
@@ -171,16 +172,18 @@ def run_announce(
             )  # fmt: skip
         except AlreadyRunning:
             log.info("announce skipped: another one is running (`coilguard announce`, or a second scheduler)")
+        except Interrupted as exc:
+            log.info("announce: %s; the next pass offers them again", exc)
         except ConnectionError as exc:  # what the broker confirmed before is marked; the rest waits for the next pass
             log.warning("announce stopped: %s; the next pass tries again", exc)
+        if done is not None and done.refused:
+            log.warning(
+                "the broker refused %d stored decisions (%s) on lines %s, e.g. coil %s: does its ACL let this account "
+                "publish on their decision topics? Those lines' decisions are offered again every %s",
+                len(done.refused), ", ".join(sorted(set(done.refused.values()))), ", ".join(sorted(done.refused_lines)),
+                next(iter(done.refused)), format_duration(settings.announce_every or timedelta(0)),
+            )  # fmt: skip
         _count_left(settings, SqlCoilStore(engine))
-    if done is not None and done.refused:
-        log.warning(
-            "the broker refused %d stored decisions (%s) on lines %s, e.g. coil %s: does its ACL let this account "
-            "publish on their decision topics? Those lines' decisions are offered again every %s",
-            len(done.refused), ", ".join(sorted(set(done.refused.values()))), ", ".join(sorted(done.refused_lines)),
-            next(iter(done.refused)), settings.announce_every,
-        )  # fmt: skip
     return done
 
 
@@ -193,9 +196,10 @@ def _count_left(settings: Settings, store: SqlCoilStore) -> None:
     max_age = settings.announce_max_age
     left, too_old = store.count_unannounced(now - settings.announce_after, now - max_age if max_age else None)
     METRICS.unannounced.set(left)
-    if too_old and too_old != _said_too_old:
+    if too_old and too_old != _said_too_old and max_age is not None:
         log.warning(
             "%d stored decisions older than ANNOUNCE_MAX_AGE (%s) never reached the broker; the scheduler no longer "
-            "offers them: `coilguard announce --older-than %s` sends them", too_old, max_age, max_age,
+            "offers them: `coilguard announce --older-than %s` sends them", too_old, format_duration(max_age),
+            format_duration(max_age),
         )  # fmt: skip
     _said_too_old = too_old

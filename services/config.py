@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "COILGUARD_"
@@ -159,6 +167,17 @@ def parse_duration(value: str | float | int | timedelta) -> timedelta:
     if not match:
         raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 60s, 15m, 24h, 7d)")
     return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def format_duration(value: timedelta) -> str:
+    """The largest unit that divides it (``24h``, ``90s``, ``1500ms``): what :func:`parse_duration` reads back,
+    for a log line that names a setting or a command's option."""
+    ms = round(value.total_seconds() * 1000)
+    for unit in ("w", "d", "h", "m", "s"):
+        size = round(_UNIT_SECONDS[unit] * 1000)
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
 def _not_negative(value: timedelta) -> timedelta:
@@ -344,6 +363,18 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least 10s (or off), got {value.total_seconds():g} s")
         return value
 
+    @model_validator(mode="after")
+    def _announce_window(self) -> Settings:
+        """The scheduler offers a decision while it is between ``ANNOUNCE_AFTER`` and ``ANNOUNCE_MAX_AGE`` old: a
+        window shorter than one ``ANNOUNCE_EVERY`` would let decisions age out between two passes, unoffered."""
+        after, every, max_age = self.announce_after, self.announce_every, self.announce_max_age
+        if max_age is not None and every is not None and max_age < after + every:
+            raise ValueError(
+                f"{ENV_PREFIX}ANNOUNCE_MAX_AGE ({format_duration(max_age)}) must be at least "
+                f"{ENV_PREFIX}ANNOUNCE_AFTER + {ENV_PREFIX}ANNOUNCE_EVERY ({format_duration(after + every)}), or off"
+            )
+        return self
+
     @field_validator("retrain_cron", "drift_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
@@ -371,8 +402,10 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
-            lines.append(f"{name}: {err['msg']}")
+            if err["loc"]:
+                lines.append(f"{ENV_PREFIX}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}")
+            else:  # a rule between settings: its message names them
+                lines.append(str(err["msg"]).removeprefix("Value error, "))
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

@@ -879,6 +879,7 @@ def test_the_scheduler_announces_stored_decisions_that_never_reached_the_broker(
     )
     monkeypatch.setattr(announce, "CHUNK", 2)
     monkeypatch.setattr(announce, "SCHEDULED_LIMIT", 4)  # the refused line's three alone would fill a pass
+    monkeypatch.setattr(announce, "_said_too_old", 0)  # what an earlier test's pass left in this process
     settings = env.settings.model_copy(update={"announce_after": timedelta(minutes=10)})
     assert "announce" in {job.id for job in build_scheduler(settings).get_jobs()}
     switched_off = settings.model_copy(update={"announce_every": None})
@@ -891,7 +892,8 @@ def test_the_scheduler_announces_stored_decisions_that_never_reached_the_broker(
         assert list(done.refused) == ["SA-deny-1", "SA-deny-2"]  # its first chunk; the third not offered
     assert env.count(Coil.coil_id, Coil.published_at.is_not(None)) == 2  # SA-1, SA-2, in the first pass
     assert METRICS.unannounced._value.get() == 4  # three refused, one past the age limit
-    assert caplog.text.count("1 stored decisions older than ANNOUNCE_MAX_AGE") == 1, caplog.text  # said once
+    assert caplog.text.count("1 stored decisions older than ANNOUNCE_MAX_AGE (1d)") == 1, caplog.text  # said once
+    assert "--older-than 1d" in caplog.text and "offered again every 5m" in caplog.text
     got, lock = try_lock(env.engine, ANNOUNCE_LOCK_NAMESPACE, 0, "announce")
     assert got
     try:

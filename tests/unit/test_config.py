@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import pytest
 
-from services.config import ConfigError, MqttUrl, load_settings, parse_duration
+from services.config import ConfigError, MqttUrl, format_duration, load_settings, parse_duration
 from workflows.topics import Topics
 
 
@@ -81,6 +81,18 @@ def test_durations() -> None:
     assert load_settings(_env_file=None, announce_every="off").announce_every is None  # left to the command
     assert load_settings(_env_file=None, announce_every="1m").announce_every == timedelta(minutes=1)
     assert load_settings(_env_file=None, announce_max_age="off").announce_max_age is None  # however old
+    assert [format_duration(parse_duration(d)) for d in ("24h", "90s", "1500ms", "7d", "2w", "0", "36h")] == [
+        "1d", "90s", "1500ms", "1w", "2w", "0ms", "36h",
+    ]  # fmt: skip
+
+
+def test_an_announce_window_narrower_than_one_pass_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decisions would age out between two passes without being offered."""
+    monkeypatch.setenv("COILGUARD_ANNOUNCE_MAX_AGE", "12m")
+    with pytest.raises(ConfigError, match=r"COILGUARD_ANNOUNCE_MAX_AGE \(12m\) must be at least .* \(15m\)"):
+        load_settings(_env_file=None)
+    monkeypatch.setenv("COILGUARD_ANNOUNCE_EVERY", "off")  # no pass: nothing to age out of
+    assert load_settings(_env_file=None).announce_max_age == timedelta(minutes=12)
 
 
 def test_embedded_url() -> None:
