@@ -18,7 +18,7 @@ from sqlalchemy import Engine, Row, Select, and_, func, or_, select
 
 from services.api.schemas import COIL_ID_PATTERN
 from services.db.models import Assessment, Coil, DriftReport, Feedback, Model, ModelPerformance, Worker
-from services.db.repositories import latest_feedback, matrix_from_bytes, newest_scores
+from services.db.repositories import SqlCoilStore, latest_feedback, matrix_from_bytes, newest_scores
 
 coils = Coil.__table__
 assessments = Assessment.__table__
@@ -64,13 +64,20 @@ def workers_seen(engine: Engine, now: datetime, heartbeat_every: timedelta) -> l
     ]
 
 
-def decision_facts(engine: Engine, now: datetime) -> dict[str, Any]:
-    """When the last coil was decided, how many in the last 24 h, and how many wait for a decision."""
+def decision_facts(engine: Engine, now: datetime, announce_after: timedelta) -> dict[str, Any]:
+    """When the last coil was decided, how many in the last 24 h, how many wait for a decision, and how many
+    decisions older than ``announce_after`` never reached the broker (through the partial index of 0007)."""
     with engine.connect() as conn:
         last = conn.execute(select(func.max(coils.c.decided_at))).scalar()
         recent = conn.execute(select(func.count()).where(coils.c.decided_at >= now - timedelta(hours=24))).scalar()
         pending = conn.execute(select(func.count()).where(coils.c.status == "pending")).scalar()
-    return {"last_decision_at": last, "coils_last_24h": int(recent or 0), "pending_coils": int(pending or 0)}
+    unannounced, _ = SqlCoilStore(engine).count_unannounced(now - announce_after)
+    return {
+        "last_decision_at": last,
+        "coils_last_24h": int(recent or 0),
+        "pending_coils": int(pending or 0),
+        "unannounced_decisions": unannounced,
+    }
 
 
 def active_models(engine: Engine) -> list[Row]:

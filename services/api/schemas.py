@@ -101,6 +101,10 @@ class ModelRef(BaseModel):
 class Backlog(BaseModel):
     pending_coils: int = Field(description="Coils stored without a decision.")
     queued_in_workers: int = Field(description="Messages received by live AssessCoils workers, not yet assessed.")
+    unannounced_decisions: int = Field(
+        description="Decisions stored more than ANNOUNCE_AFTER ago that have not reached the broker (its ACL refused "
+        "them, or a broker session holding them was lost); the scheduler offers them again every ANNOUNCE_EVERY."
+    )
 
 
 class SystemStatus(BaseModel):

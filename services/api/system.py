@@ -84,7 +84,7 @@ def _broker(settings: Settings) -> str:
 def system_status(state: State) -> SystemStatus:
     now = datetime.now(UTC)
     rows = queries.workers_seen(state.engine, now, state.settings.heartbeat_every)
-    facts = queries.decision_facts(state.engine, now)
+    facts = queries.decision_facts(state.engine, now, state.settings.announce_after)
     alive: dict[str, int] = {}
     for w in rows:
         alive[w.kind] = alive.get(w.kind, 0) + int(w.alive)
@@ -95,7 +95,11 @@ def system_status(state: State) -> SystemStatus:
         alive=alive,
         last_decision_at=facts["last_decision_at"],
         coils_last_24h=facts["coils_last_24h"],
-        backlog=Backlog(pending_coils=facts["pending_coils"], queued_in_workers=queued),
+        backlog=Backlog(
+            pending_coils=facts["pending_coils"],
+            queued_in_workers=queued,
+            unannounced_decisions=facts["unannounced_decisions"],
+        ),
         active_models=[
             ModelRef(id=m.id, name=m.name, kind=m.kind, version=m.version, promoted_at=m.promoted_at)
             for m in queries.active_models(state.engine)

@@ -276,6 +276,7 @@ def test_health_readiness_and_status(api: Api) -> None:
     assert any(w["kind"] == "api" and w["alive"] for w in status["workers"])  # the API's own heartbeat
     assert status["alive"]["assess"] == 1 and status["backlog"]["queued_in_workers"] == 3
     assert status["backlog"]["pending_coils"] == 0 and status["coils_last_24h"] == N_COILS
+    assert status["backlog"]["unannounced_decisions"] == N_COILS  # seeded by SQL: none ever reached the broker
     assert [(m["name"], m["version"]) for m in status["active_models"]] == [("cnn", 2)]
     assert status["last_decision_at"] == (T0 + timedelta(minutes=10 * (N_COILS - 1))).isoformat().replace("+00:00", "Z")
 
