@@ -34,6 +34,10 @@ from services.metrics import METRICS
 log = logging.getLogger(__name__)
 
 VERSION = "1"
+# FastAPI reads and parses a body before it runs a route's dependencies, the token check among them: without a cap,
+# anyone on the plant network could have the API buffer and parse any amount without a token. The only write,
+# POST /feedback, takes a few hundred bytes (its comment at most 2,000 characters). Over it: 413.
+MAX_BODY_BYTES = 64 * 1024
 
 
 def create_app(settings: Settings, engine: Engine | None = None, *, heartbeat: bool = True) -> FastAPI:
@@ -60,6 +64,7 @@ def create_app(settings: Settings, engine: Engine | None = None, *, heartbeat: b
         redoc_url=None,
         openapi_url="/openapi.json",
         lifespan=lifespan,
+        max_body_size=MAX_BODY_BYTES,
     )
     app.state.coilguard = ApiState(settings=settings, engine=engine)
     for module in (system, catalogue, coils, drift):

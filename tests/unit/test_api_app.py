@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import IntegrityError, InternalError, OperationalError, ProgrammingError
 
 from services.api import create_app, queries
+from services.api.app import MAX_BODY_BYTES
 from services.config import ConfigError, load_settings
 from services.db.engine import make_engine
 from services.db.migrate import upgrade
@@ -50,6 +51,22 @@ def test_a_lone_surrogate_is_refused_with_the_usual_422(client: TestClient, body
     assert response.content.isascii()
     (problem,) = response.json()["detail"]
     assert problem["type"] == "string_unicode" and problem["loc"][0] == "body"
+
+
+def test_a_large_body_is_refused_before_the_token_is_looked_at(client: TestClient) -> None:
+    """FastAPI parses a body before the token check: without a cap, anyone could have the API buffer any amount."""
+    big = b'{"coil_id":"C-1","label":"OK","operator":"' + b"x" * (MAX_BODY_BYTES + 1) + b'"}'
+    declared = client.post("/feedback", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413, declared.text
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        for start in range(0, len(big), 4096):
+            yield big[start : start + 4096]
+
+    chunked = client.post("/feedback", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413, chunked.text
+    small = client.post("/feedback", json={"coil_id": "C-1", "label": "OK", "operator": "anna"})
+    assert small.status_code == 401  # within the cap: the token check answers as before
 
 
 def test_validation_errors_keep_fastapis_shape(client: TestClient) -> None:
