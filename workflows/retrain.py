@@ -46,7 +46,7 @@ from ml.assessors.registry import available, create
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics, cost_accuracy
 from ml.recalibration import GaugeGains, estimate_gains, read_through
-from ml.training.runtime import training_platform
+from ml.training.runtime import resolve_device, training_platform
 from workflows.model_score import ScoreRule, due_for_retraining
 from workflows.ports import (
     ChampionChanged,
@@ -169,7 +169,7 @@ class ReTrain:
             reason = f"score {latest.score:.1%} over {latest.n_coils} coils (rule: < {self.config.rule.threshold:.0%})"
             reason += " (forced)" if forced else ""
         labelled = self._labelled_coils()
-        inputs = training_inputs(labelled, self.config) if labelled is not None else None
+        inputs = self._inputs(labelled)
         if not forced and (why := self._rejected_before(champion_record, inputs)) is not None:
             log.info("ReTrain %s: %s; skipped", champion_record.name, why)
             return RetrainOutcome(champion_record.name, champion_record.version, "skipped", why)
@@ -194,6 +194,9 @@ class ReTrain:
             )
 
         try:
+            # first, and on the run's row however it ends: a CUDA image whose driver is too old trains on the CPU
+            # under `auto`, and a run the deadline stops then says why it was slow
+            device = str(resolve_device(self.config.device))
             check_folder_name(champion_record.name)  # before the training, not at the registration after it
             champion = load_model(champion_record, self.model_dir)
             if labelled is None:  # the first read failed: this one fails the run with the reason
@@ -311,6 +314,18 @@ class ReTrain:
             if not isinstance(exc, Exception):
                 raise
             return outcome
+
+    def _inputs(self, labelled: list[LabelledCoil] | None) -> str | None:
+        """The digest of what would train the challenger, or None when it cannot be told now (the labelled coils
+        unread, the device unusable: `COILGUARD_DEVICE=cuda` with no GPU seen). The run then starts and fails with
+        the reason on its row; raised here, it ended the whole pass with no row, every other model untried."""
+        if labelled is None:
+            return None
+        try:
+            return training_inputs(labelled, self.config)
+        except Exception as exc:
+            log.warning("ReTrain: cannot tell what the challenger would train on (%s); its run will say why", exc)
+            return None
 
     def _labelled_coils(self) -> list[LabelledCoil] | None:
         """The operator-labelled coils, or None when they cannot be read now (the run then fails on them)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import sql_retrain, stripe_coils, synthetic_tiles
 from score_scenario import assessed_coil
 from sqlalchemy import text
@@ -306,6 +307,22 @@ def test_a_forced_retrain_without_labelled_coils_fails_before_training(engine, t
     assert outcome.status == "failed" and "no operator-labelled coils" in outcome.reason
     assert "train_s" not in outcome.metrics  # no challenger was trained
     assert [(m.name, m.version) for m in registry.active_models()] == [("plain", 1)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case of a GPU asked for that is not there")
+def test_a_device_that_is_not_there_fails_each_run_with_its_reason_and_the_pass_goes_on(engine, tmp_path: Path) -> None:
+    """COILGUARD_DEVICE=cuda where torch sees no GPU (a node whose driver is older than the image's CUDA): the
+    digest of a run's inputs names the device, and raised there the error ended the whole pass before any run was
+    recorded, every model untried. Each run is now recorded as failed with the reason, and the champions serve."""
+    registry = SqlModelRegistry(engine)
+    _serving_with_feedback(engine, registry, tmp_path, ("first", "second"))
+    outcomes = sql_retrain(engine, registry, tmp_path, config=RetrainConfig(device="cuda")).run(force=True)
+    assert [(o.model, o.status) for o in outcomes] == [("first", "failed"), ("second", "failed")], outcomes
+    assert all("no CUDA GPU is available" in o.reason for o in outcomes)
+    with engine.connect() as conn:
+        runs = conn.execute(text("SELECT status, reason FROM retrain_runs ORDER BY id")).all()
+    assert [r.status for r in runs] == ["failed", "failed"] and "no CUDA GPU" in runs[0].reason
+    assert sorted((m.name, m.version) for m in registry.active_models()) == [("first", 1), ("second", 1)]
 
 
 def test_a_shutdown_ends_the_training_at_the_next_epoch_and_starts_no_other(engine, tmp_path: Path) -> None:
