@@ -165,6 +165,39 @@ def retire(ctx: AppContext, name: str, version: int, force: bool) -> None:
         click.echo(f"{name} has no active version now: the ensemble votes without it", err=True)
 
 
+@models_.command("prune")
+@click.option(
+    "--keep", type=click.IntRange(min=0), default=3, show_default=True, help="Retired versions kept per name."
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
+@pass_ctx
+def prune(ctx: AppContext, keep: int, dry_run: bool) -> None:
+    """Free MODEL_DIR of the files no version in service needs: the folders of retired versions beyond the newest
+    KEEP per name and of failed ones, training sets no kept version was trained on, and what killed registrations
+    left behind. Active and candidate versions, and files written in the last day, are never touched; the
+    registry's rows stay."""
+    from services.db.engine import engine_for
+    from services.db.repositories import SqlModelRegistry
+    from workflows.model_store import plan_prune
+    from workflows.model_store import prune as prune_files
+
+    require_schema(ctx.settings)
+    with engine_for(ctx.settings.database_url) as engine:
+        records = SqlModelRegistry(engine).all()
+    plan = plan_prune(records, ctx.settings.model_dir, keep=keep)
+    for problem in plan.unreadable:
+        click.echo(f"training sets kept: cannot read the manifest of {problem}", err=True)
+    for record, path in plan.versions:
+        click.echo(f"{record.name} v{record.version} ({record.status}): {path}")
+    for path in plan.data + plan.leftovers:
+        click.echo(str(path))
+    if dry_run:
+        click.echo(f"would free {plan.size() / 1e6:.1f} MB ({len(plan.paths)} paths); nothing removed")
+        return
+    freed = prune_files(plan)
+    click.echo(f"freed {freed / 1e6:.1f} MB ({len(plan.paths)} paths)")
+
+
 def _change_versions(ctx: AppContext, change: Any, name: str, version: int, **options: Any) -> Any:
     """Run a :mod:`workflows.versions` change on the configured registry; a refusal is an error that says why."""
     from services.db.engine import engine_for

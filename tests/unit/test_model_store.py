@@ -1,0 +1,116 @@
+"""``coilguard models prune``: MODEL_DIR freed of what no version in service needs, and nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from cli_runner import coilguard
+from sqlalchemy import insert
+
+from services.db.engine import make_engine
+from services.db.migrate import upgrade
+from services.db.models import Model
+from workflows.model_store import plan_prune, prune
+from workflows.ports import ModelRecord
+
+OLD = time.time() - 3 * 86400  # files older than the grace period
+
+
+def _version(model_dir: Path, name: str, version: int, status: str, data: str | None, age: float = OLD) -> ModelRecord:
+    """A version's folder with a manifest naming its training set, dated ``age``."""
+    folder = model_dir / name / f"v{version}"
+    folder.mkdir(parents=True)
+    (folder / "weights.pt").write_bytes(b"w" * 1000)
+    (folder / "manifest.json").write_text(json.dumps({"training_data": {"path": data} if data else {}}))
+    for path in (folder, folder / "weights.pt", folder / "manifest.json"):
+        os.utime(path, (age, age))
+    return ModelRecord(version, name, "cnn", version, status, f"{name}/v{version}", "0" * 64)
+
+
+def _file(path: Path, age: float = OLD) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"d" * 5000)
+    os.utime(path, (age, age))
+    return path
+
+
+def _store(model_dir: Path) -> list[ModelRecord]:
+    """cnn v1–v6: v1 failed, v2–v5 retired, v6 active; each retired one trained on its own set. A candidate and a
+    set named by nobody; leftovers of dead registrations, old and new; a set written a moment ago."""
+    records = [_version(model_dir, "cnn", 1, "failed", "data/a.npz")]
+    records += [
+        _version(model_dir, "cnn", v, "retired", f"data/{x}.npz") for v, x in zip(range(2, 6), "bcde", strict=True)
+    ]
+    records += [
+        _version(model_dir, "cnn", 6, "active", "data/f.npz"),
+        _version(model_dir, "yolo", 1, "candidate", "data/a.npz"),
+    ]
+    for name in "abcdefz":
+        _file(model_dir / "data" / f"{name}.npz")
+    _file(model_dir / "data" / "new.npz", age=time.time())  # a ReTrain registering now
+    _file(model_dir / "data" / ".g-0123456789ab.npz")  # a kept set whose writer died
+    (model_dir / "cnn" / ".v7-0123456789ab").mkdir()
+    os.utime(model_dir / "cnn" / ".v7-0123456789ab", (OLD, OLD))
+    (model_dir / "cnn" / ".v8-0123456789ab").mkdir()  # being saved now
+    return records
+
+
+def test_prune_keeps_what_serves_what_a_rollback_needs_and_anything_new(tmp_path: Path) -> None:
+    model_dir = tmp_path / "models"
+    records = _store(model_dir)
+    plan = plan_prune(records, model_dir, keep=3)
+    assert [(r.name, r.version) for r, _ in plan.versions] == [("cnn", 2), ("cnn", 1)]  # beyond 3 retired; failed
+    assert sorted(p.name for p in plan.data) == ["b.npz", "z.npz"]  # a.npz: the candidate's; c, d, e: kept versions'
+    assert sorted(p.name for p in plan.leftovers) == [".g-0123456789ab.npz", ".v7-0123456789ab"]
+    manifest = (model_dir / "cnn" / "v1" / "manifest.json").stat().st_size  # v2's is as long
+    expected = 2 * (1000 + manifest) + 3 * 5000  # two version folders, two sets and a temporary file
+    assert plan.size() == expected
+    assert prune(plan) == expected
+    assert not (model_dir / "cnn" / "v1").exists() and not (model_dir / "cnn" / "v2").exists()
+    assert all((model_dir / "cnn" / f"v{v}").is_dir() for v in (3, 4, 5, 6)) and (model_dir / "yolo" / "v1").is_dir()
+    assert sorted(p.name for p in (model_dir / "data").iterdir()) == [
+        "a.npz",
+        "c.npz",
+        "d.npz",
+        "e.npz",
+        "f.npz",
+        "new.npz",
+    ]
+    assert (model_dir / "cnn" / ".v8-0123456789ab").is_dir()
+    assert not plan_prune(records, model_dir, keep=3).paths  # nothing left to do
+
+
+def test_an_unreadable_manifest_keeps_every_training_set(tmp_path: Path) -> None:
+    """What a kept version was trained on cannot be told: ReTrain would fail on it if its set were removed."""
+    model_dir = tmp_path / "models"
+    records = _store(model_dir)
+    (model_dir / "cnn" / "v6" / "manifest.json").write_text("{not json")
+    plan = plan_prune(records, model_dir, keep=3)
+    assert not plan.data and len(plan.unreadable) == 1 and "cnn v6" in plan.unreadable[0]
+    assert [(r.name, r.version) for r, _ in plan.versions] == [("cnn", 2), ("cnn", 1)]  # folders still go
+
+
+def test_the_command_lists_then_prunes(tmp_path: Path) -> None:
+    model_dir = tmp_path / "models"
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    records = _store(model_dir)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Model),
+            [dict(name=r.name, kind=r.kind, version=r.version, status=r.status, artifact_uri=r.artifact_uri,
+                  sha256=r.sha256) for r in records],
+        )  # fmt: skip
+    engine.dispose()
+    env = {"COILGUARD_DATABASE_URL": url, "COILGUARD_MODEL_DIR": str(model_dir)}
+    dry = coilguard("models", "prune", "--keep", "3", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "cnn v1 (failed)" in dry.stdout and "cnn v2 (retired)" in dry.stdout and "nothing removed" in dry.stdout
+    assert (model_dir / "cnn" / "v1").is_dir()
+    done = coilguard("models", "prune", "--keep", "3", env=env)
+    assert done.returncode == 0 and "freed" in done.stdout, done.stderr
+    assert not (model_dir / "cnn" / "v1").exists() and (model_dir / "cnn" / "v3").is_dir()
