@@ -232,5 +232,6 @@ class RetrainRuns(Protocol):
         """Close the ``running`` rows of processes that died, of any model (how many): a run killed just after
         its promotion belongs to a version no later run starts on."""
 
-    def last_finished(self, model_id: int) -> FinishedRun | None:
-        """The model's latest run that has ended, or None."""
+    def last_judged(self, model_id: int) -> FinishedRun | None:
+        """The model's latest run that judged a challenger (``rejected`` or ``promoted``), or None: a ``failed``
+        run in between (a device that was away, a database failover) says nothing about the inputs."""

@@ -46,7 +46,7 @@ from ml.assessors.registry import available, create
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics, cost_accuracy
 from ml.recalibration import GaugeGains, estimate_gains, read_through
-from ml.training.runtime import resolve_device, training_platform
+from ml.training.runtime import DeviceUnavailable, resolve_device, training_platform
 from workflows.model_score import ScoreRule, due_for_retraining
 from workflows.ports import (
     ChampionChanged,
@@ -194,8 +194,8 @@ class ReTrain:
             )
 
         try:
-            # first, and on the run's row however it ends: a CUDA image whose driver is too old trains on the CPU
-            # under `auto`, and a run the deadline stops then says why it was slow
+            # first, and on the run's row however it ends (once resolved): a CUDA image whose driver is too old
+            # trains on the CPU under `auto`, and a run the deadline stops then says why it was slow
             device = str(resolve_device(self.config.device))
             check_folder_name(champion_record.name)  # before the training, not at the registration after it
             champion = load_model(champion_record, self.model_dir)
@@ -323,7 +323,7 @@ class ReTrain:
             return None
         try:
             return training_inputs(labelled, self.config)
-        except Exception as exc:
+        except DeviceUnavailable as exc:
             log.warning("ReTrain: cannot tell what the challenger would train on (%s); its run will say why", exc)
             return None
 
@@ -336,7 +336,8 @@ class ReTrain:
             return None
 
     def _rejected_before(self, record: ModelRecord, inputs: str | None) -> str | None:
-        """Why to skip ``record``: its last run was rejected on the very inputs it would train on now.
+        """Why to skip ``record``: its last run that judged a challenger rejected it on the very inputs it would
+        train on now (a failed run since, which judged nothing, does not count).
 
         Training is seeded, so the same labelled coils, settings, code and platform train the same challenger and it
         is rejected again: a weekly CronJob with no new feedback, or a Job retried because another model
@@ -344,7 +345,7 @@ class ReTrain:
         if inputs is None:
             return None
         try:
-            last = self.runs.last_finished(record.id)
+            last = self.runs.last_judged(record.id)
         except Exception as exc:  # cannot tell: retrain, as before this check existed
             log.warning("ReTrain %s: could not read its last run: %s", record.name, exc)
             return None

@@ -27,13 +27,17 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+class DeviceUnavailable(RuntimeError):
+    """The device asked for is not there (``cuda`` with no GPU that torch can use)."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → the GPU when one is present, else the CPU; anything else as torch understands it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but no CUDA GPU is available")
+        raise DeviceUnavailable(f"device {device!r} asked for, but no CUDA GPU is available")
     return resolved
 
 

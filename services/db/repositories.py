@@ -829,10 +829,14 @@ class SqlRetrainRuns:
                 release_lock(lock)
         return settled
 
-    def last_finished(self, model_id: int) -> FinishedRun | None:
+    def last_judged(self, model_id: int) -> FinishedRun | None:
         query = (
             select(retrain_runs.c.status, retrain_runs.c.finished_at, retrain_runs.c.metrics)
-            .where(retrain_runs.c.model_id == model_id, retrain_runs.c.finished_at.is_not(None))
+            .where(
+                retrain_runs.c.model_id == model_id,
+                retrain_runs.c.finished_at.is_not(None),
+                retrain_runs.c.status.in_(("rejected", "promoted")),
+            )
             .order_by(retrain_runs.c.finished_at.desc(), retrain_runs.c.id.desc())
             .limit(1)
         )

@@ -498,6 +498,15 @@ def test_a_model_rejected_on_the_same_inputs_is_not_retrained_until_new_feedback
     assert [(o.status, o.metrics["inputs"] is not None) for o in retrain.run()] == [("rejected", True)]
     [again] = retrain.run()
     assert again.status == "skipped" and "rejected on the same labelled coils" in again.reason, again
+    with engine.begin() as conn:  # a run that failed meanwhile (its GPU was away) judged nothing: still skipped
+        conn.execute(
+            text(
+                "INSERT INTO retrain_runs (model_id, started_at, finished_at, status, reason) "
+                "VALUES (:m, :t, :t, 'failed', 'forced; DeviceUnavailable: no CUDA GPU')"
+            ),
+            {"m": registry.active_models()[0].id, "t": datetime.now(UTC)},
+        )
+    assert retrain.run()[0].status == "skipped"
     assert [o.status for o in retrain.run(force=True)] == ["rejected"]
     monkeypatch.setattr("workflows.retrain.training_platform", lambda device: "torch 9; cuda 13 H100")
     assert [o.status for o in retrain.run()] == ["rejected"]
@@ -505,7 +514,7 @@ def test_a_model_rejected_on_the_same_inputs_is_not_retrained_until_new_feedback
     SqlFeedbackStore(engine).add(stripe_coils(30, 0.3, seed=5).coil_id[0], "NOK", "ben")  # a new word
     assert [o.status for o in retrain.run()] == ["rejected"]
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM retrain_runs")).scalar_one() == 4
+        assert conn.execute(text("SELECT count(*) FROM retrain_runs")).scalar_one() == 5
 
 
 def _serving_with_feedback(
