@@ -4,11 +4,12 @@ Every promoted ReTrain challenger keeps a new version folder and a new training 
 operators' coils: tens of MB, more each week), and nothing removed them. The registry rows stay: the history of
 what served when is worth more than the bytes; only files go.
 
-Kept: every active and candidate version; per name the newest ``keep`` retired ones (what a rollback would put
-back); the training sets those versions' manifests name; and anything written in the last ``grace`` (a ReTrain
-or ``train --register`` registering now writes its training set and a staging folder before its row exists).
-Removed: the folders of the other retired and failed versions, training sets no kept version names, and the
-staging folders and temporary files a killed registration left behind.
+Kept: every version that is neither retired nor failed (active, candidate); per name the ``keep`` retired ones
+that served last (what a rollback would put back); the training sets those versions' manifests name; and
+anything written in the last ``grace`` (a ReTrain or ``train --register`` registering now writes its training
+set and a staging folder before its row exists). Removed: the folders of the other retired and failed versions,
+training sets no kept version names, and the staging folders and temporary files a killed registration left
+behind.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from ml.assessors.manifest import MANIFEST_FILE
 from workflows.ports import ModelRecord
-from workflows.training import DATA_DIR, resolve_artifact
+from workflows.training import DATA_DIR, artifact_dir, resolve_artifact
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +52,35 @@ def plan_prune(
 ) -> PrunePlan:
     """What :func:`prune` would remove, read from the registry's ``records`` (every version) and the disk.
 
-    Training sets are left alone when a kept version's manifest cannot be read: what it names is unknown."""
+    A version's folder goes only where it is the one this store made for it (``<name>/v<version>``, a real folder)
+    and no kept version's row points into it (a rollback once done by SQL may have a new row share an old folder).
+    Training sets are left alone when a kept version's manifest cannot be read, or an active or candidate one's is
+    not there yet (a registration between its row and moving its folder in): what it names is unknown."""
     model_dir = Path(model_dir)
     plan = PrunePlan()
-    kept: list[ModelRecord] = []
-    retired_seen: dict[str, int] = {}
-    for record in sorted(records, key=lambda r: (r.name, -r.version)):
-        if record.status in ("active", "candidate"):
-            kept.append(record)
-        elif record.status == "retired" and retired_seen.get(record.name, 0) < keep:
-            retired_seen[record.name] = retired_seen.get(record.name, 0) + 1
-            kept.append(record)
-        elif (path := resolve_artifact(model_dir, record.artifact_uri)).is_dir() and _inside(path, model_dir):
-            plan.versions.append((record, path))
+    young = time.time() - grace.total_seconds()
+    kept, dropped = _split(records, keep)
+    kept_folders = [resolve_artifact(model_dir, r.artifact_uri or "").resolve() for r in kept]
+    for record in dropped:
+        try:
+            folder, _ = artifact_dir(model_dir, record.name, record.version)
+        except ValueError:  # a name no folder of this store could have: not ours
+            continue
+        if (
+            resolve_artifact(model_dir, record.artifact_uri or "").resolve() == folder.resolve()
+            and folder.is_dir()
+            and not folder.is_symlink()
+            and not any(k == folder.resolve() or k.is_relative_to(folder.resolve()) for k in kept_folders)
+            and _mtime(folder) < young
+        ):
+            plan.versions.append((record, folder))
     named: set[Path] = set()
     for record in kept:
-        manifest = resolve_artifact(model_dir, record.artifact_uri) / MANIFEST_FILE
+        manifest = resolve_artifact(model_dir, record.artifact_uri or "") / MANIFEST_FILE
         if not manifest.is_file():
-            continue  # its files are gone already: it names nothing that could still be read
+            if record.status in ("active", "candidate"):
+                plan.unreadable.append(f"{record.name} v{record.version}: no manifest at {manifest} (yet)")
+            continue  # a kept retired version without files names nothing that could still be read
         try:
             relative = (json.loads(manifest.read_text(encoding="utf-8")).get("training_data") or {}).get("path")
         except (OSError, ValueError, AttributeError) as exc:
@@ -76,11 +88,10 @@ def plan_prune(
             continue
         if relative:
             named.add((model_dir / relative).resolve())
-    young = time.time() - grace.total_seconds()
     data_dir = model_dir / DATA_DIR
     if data_dir.is_dir():
         for path in sorted(data_dir.iterdir()):
-            if _mtime(path) >= young:
+            if _mtime(path) >= young or not path.is_file():
                 continue
             if path.name.startswith("."):
                 plan.leftovers.append(path)  # a temporary file of a training set being kept when its writer died
@@ -88,8 +99,26 @@ def plan_prune(
                 plan.data.append(path)
     names = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name != DATA_DIR) if model_dir.is_dir() else []
     for folder in names:  # a version saved aside whose registration died before moving it into place
-        plan.leftovers += [p for p in sorted(folder.glob(".v*-*")) if p.is_dir() and _mtime(p) < young]
+        plan.leftovers += [
+            p for p in sorted(folder.glob(".v*-*")) if p.is_dir() and not p.is_symlink() and _mtime(p) < young
+        ]
     return plan
+
+
+def _split(records: list[ModelRecord], keep: int) -> tuple[list[ModelRecord], list[ModelRecord]]:
+    """(kept, dropped): dropped are the failed versions and, per name, the retired ones beyond the ``keep`` that
+    served last (a rollback's targets; retired candidates that never served go first). Any other status is kept."""
+    kept = [r for r in records if r.status not in ("retired", "failed")]
+    dropped = [r for r in records if r.status == "failed"]
+    retired: dict[str, list[ModelRecord]] = {}
+    for record in records:
+        if record.status == "retired":
+            retired.setdefault(record.name, []).append(record)
+    for versions in retired.values():
+        versions.sort(key=lambda r: (r.promoted_at is not None, r.promoted_at or datetime.min, r.version), reverse=True)
+        kept += versions[:keep]
+        dropped += versions[keep:]
+    return kept, dropped
 
 
 def prune(plan: PrunePlan) -> int:
@@ -104,11 +133,6 @@ def prune(plan: PrunePlan) -> int:
         freed += size
         log.info("pruned %s (%d bytes)", path, size)
     return freed
-
-
-def _inside(path: Path, model_dir: Path) -> bool:
-    """An absolute ``artifact_uri`` (a model registered from elsewhere) is not this store's to delete."""
-    return path.resolve().is_relative_to(model_dir.resolve())
 
 
 def _mtime(path: Path) -> float:

@@ -7,6 +7,7 @@ orphan folder but never a registered model without intact weights.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -101,15 +102,20 @@ def keep_training_data(dataset: CoilDataset, model_dir: Path) -> str:
     relative = f"{DATA_DIR}/{digest[:20]}.npz"
     path = Path(model_dir) / relative
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or not _intact(model_dir, relative):
-        tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:12]}.npz")  # two processes may keep it at once
-        try:
-            dataset.save(tmp)
-            sync_file(tmp)
-            tmp.replace(path)
-            sync_dir(path.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
+    if path.exists() and _intact(model_dir, relative):
+        try:  # in use again: `models prune` leaves a set of the last day alone while its row is being written
+            os.utime(path)
+            return relative
+        except FileNotFoundError:
+            pass  # pruned this very moment: written again
+    tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:12]}.npz")  # two processes may keep it at once
+    try:
+        dataset.save(tmp)
+        sync_file(tmp)
+        tmp.replace(path)
+        sync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
     return relative
 
 

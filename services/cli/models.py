@@ -172,10 +172,10 @@ def retire(ctx: AppContext, name: str, version: int, force: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
 @pass_ctx
 def prune(ctx: AppContext, keep: int, dry_run: bool) -> None:
-    """Free MODEL_DIR of the files no version in service needs: the folders of retired versions beyond the newest
-    KEEP per name and of failed ones, training sets no kept version was trained on, and what killed registrations
-    left behind. Active and candidate versions, and files written in the last day, are never touched; the
-    registry's rows stay."""
+    """Free MODEL_DIR of the files no version in service needs: the folders of retired versions beyond the KEEP per
+    name that served last and of failed ones, training sets no kept version was trained on, and what killed
+    registrations left behind. Active and candidate versions, and files written in the last day, are never
+    touched; the registry's rows stay."""
     from services.db.engine import engine_for
     from services.db.repositories import SqlModelRegistry
     from workflows.model_store import plan_prune

@@ -62,7 +62,7 @@ def test_prune_keeps_what_serves_what_a_rollback_needs_and_anything_new(tmp_path
     model_dir = tmp_path / "models"
     records = _store(model_dir)
     plan = plan_prune(records, model_dir, keep=3)
-    assert [(r.name, r.version) for r, _ in plan.versions] == [("cnn", 2), ("cnn", 1)]  # beyond 3 retired; failed
+    assert [(r.name, r.version) for r, _ in plan.versions] == [("cnn", 1), ("cnn", 2)]  # beyond 3 retired; failed
     assert sorted(p.name for p in plan.data) == ["b.npz", "z.npz"]  # a.npz: the candidate's; c, d, e: kept versions'
     assert sorted(p.name for p in plan.leftovers) == [".g-0123456789ab.npz", ".v7-0123456789ab"]
     manifest = (model_dir / "cnn" / "v1" / "manifest.json").stat().st_size  # v2's is as long
@@ -90,7 +90,7 @@ def test_an_unreadable_manifest_keeps_every_training_set(tmp_path: Path) -> None
     (model_dir / "cnn" / "v6" / "manifest.json").write_text("{not json")
     plan = plan_prune(records, model_dir, keep=3)
     assert not plan.data and len(plan.unreadable) == 1 and "cnn v6" in plan.unreadable[0]
-    assert [(r.name, r.version) for r, _ in plan.versions] == [("cnn", 2), ("cnn", 1)]  # folders still go
+    assert [(r.name, r.version) for r, _ in plan.versions] == [("cnn", 1), ("cnn", 2)]  # folders still go
 
 
 def test_the_command_lists_then_prunes(tmp_path: Path) -> None:
@@ -114,3 +114,59 @@ def test_the_command_lists_then_prunes(tmp_path: Path) -> None:
     done = coilguard("models", "prune", "--keep", "3", env=env)
     assert done.returncode == 0 and "freed" in done.stdout, done.stderr
     assert not (model_dir / "cnn" / "v1").exists() and (model_dir / "cnn" / "v3").is_dir()
+
+
+def test_prune_touches_no_folder_it_did_not_make_for_that_version(tmp_path: Path) -> None:
+    """A row without an artifact (NULL: the store's root), one pointing at a name's folder, a rollback done by
+    SQL whose new row shares an old version's folder, a version made a moment ago: none of their folders go."""
+    from dataclasses import replace
+
+    model_dir = tmp_path / "models"
+    records = _store(model_dir)
+    failed = [
+        replace(records[0], id=20, version=20, artifact_uri=""),
+        replace(records[0], id=21, version=21, artifact_uri="cnn"),
+    ]
+    shared = replace(records[5], id=22, version=9, artifact_uri="cnn/v2")  # active, on v2's folder
+    fresh = _version(model_dir, "cnn", 7, "failed", None, age=time.time())
+    plan = plan_prune([*records, *failed, shared, fresh], model_dir, keep=3)
+    assert [(r.name, r.version) for r, _ in plan.versions] == [("cnn", 1)]  # not the root, cnn/, v2 or v7
+    assert "b.npz" not in {p.name for p in plan.data}  # v2's set: the active v9 was trained on it
+
+
+def test_the_retired_versions_kept_are_those_that_served_last(tmp_path: Path) -> None:
+    """After a rollback from v4 to v2, v2 and v4 served last; v3, a candidate retired without serving, goes first."""
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    model_dir = tmp_path / "models"
+    now = datetime.now(UTC)
+    served = {1: now - timedelta(days=30), 2: now - timedelta(days=1), 4: now - timedelta(days=5)}
+    records = [
+        replace(_version(model_dir, "cnn", v, "retired", None), promoted_at=served.get(v)) for v in (1, 2, 3, 4)
+    ] + [_version(model_dir, "cnn", 5, "active", None)]
+    plan = plan_prune(records, model_dir, keep=2)
+    assert sorted(r.version for r, _ in plan.versions) == [1, 3]
+
+
+def test_a_missing_manifest_of_a_version_in_service_keeps_every_training_set(tmp_path: Path) -> None:
+    """A registration between writing its row and moving its folder in: the set it names is not known yet, and
+    may be an old one it reuses."""
+    model_dir = tmp_path / "models"
+    records = _store(model_dir)
+    (model_dir / "yolo" / "v1" / "manifest.json").unlink()
+    plan = plan_prune(records, model_dir, keep=3)
+    assert not plan.data and "yolo v1: no manifest" in plan.unreadable[0]
+
+
+def test_a_training_set_kept_again_is_dated_anew(tmp_path: Path) -> None:
+    """`train --register` on data kept long ago reuses the file: it must look new to a prune running meanwhile."""
+    from helpers import stripe_coils
+
+    from workflows.training import keep_training_data
+
+    data = stripe_coils(20, 0.2)
+    relative = keep_training_data(data, tmp_path)
+    os.utime(tmp_path / relative, (OLD, OLD))
+    assert keep_training_data(data, tmp_path) == relative
+    assert (tmp_path / relative).stat().st_mtime > time.time() - 60
