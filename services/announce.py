@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
 from services.config import Settings, format_duration
 from services.db.engine import engine_for
-from services.db.repositories import ANNOUNCE_LOCK_NAMESPACE, SqlCoilStore, release_lock, try_lock
+from services.db.repositories import (
+    ANNOUNCE_LOCK_NAMESPACE,
+    SqlCoilStore,
+    UnannouncedWindow,
+    release_lock,
+    try_lock,
+)
 from services.metrics import METRICS
 from services.mqtt.client import MqttClient
 from services.runtime import mqtt_client, topics
@@ -81,7 +87,8 @@ def announce_unannounced(
             raise AlreadyRunning("another `coilguard announce` is running: two at once would send each decision twice")
         try:
             now = datetime.now(UTC)
-            pages = _Pages(SqlCoilStore(engine), now - older_than, now - max_age if max_age else None, line)
+            window = UnannouncedWindow(now - older_than, limit, line, since=now - max_age if max_age else None)
+            pages = _Pages(SqlCoilStore(engine), window)
             return _announce(settings, pages, limit, stop or threading.Event())
         finally:
             release_lock(lock)
@@ -93,18 +100,13 @@ class _Pages:
     unannounced) do not come back within one pass."""
 
     store: SqlCoilStore
-    before: datetime
-    since: datetime | None
-    line: str | None
-    after: tuple[datetime, str] | None = None
+    window: UnannouncedWindow
 
     def next(self, size: int, skip_lines: set[str]) -> list[str]:
-        page = self.store.unannounced(
-            self.before, size, self.line, after=self.after, since=self.since, skip_lines=skip_lines
-        )
+        page = self.store.unannounced(replace(self.window, limit=size, skip_lines=frozenset(skip_lines)))
         if page:
             coil_id, decided_at = page[-1]
-            self.after = (decided_at, coil_id)
+            self.window = replace(self.window, after=(decided_at, coil_id))
         return [coil_id for coil_id, _ in page]
 
 

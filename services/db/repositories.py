@@ -12,7 +12,8 @@ import contextlib
 import os
 import socket
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -213,22 +214,10 @@ class SqlCoilStore:
             with self.engine.begin() as conn:
                 _mark_published(conn, coil_ids)
 
-    def unannounced(
-        self,
-        decided_before: datetime,
-        limit: int,
-        line: str | None = None,
-        *,
-        after: tuple[datetime, str] | None = None,
-        since: datetime | None = None,
-        skip_lines: Collection[str] = (),
-    ) -> list[tuple[str, datetime]]:
-        """``(coil_id, decided_at)`` of the coils decided before ``decided_before`` (and at ``since`` or later)
-        whose decision never reached the broker, oldest first (of ``line`` only, when given; after the key
-        ``after``, for the next page; none of ``skip_lines``)."""
-        query = unannounced_query(decided_before, limit, line, after=after, since=since, skip_lines=skip_lines)
+    def unannounced(self, window: UnannouncedWindow) -> list[tuple[str, datetime]]:
+        """``(coil_id, decided_at)`` of the decisions in ``window`` that never reached the broker, oldest first."""
         with self.engine.connect() as conn:
-            return [(r.coil_id, r.decided_at) for r in conn.execute(query)]
+            return [(r.coil_id, r.decided_at) for r in conn.execute(window.query())]
 
     def count_unannounced(self, decided_before: datetime, since: datetime | None = None) -> tuple[int, int]:
         """How many decisions stored before ``decided_before`` never reached the broker, and how many of them
@@ -242,32 +231,39 @@ class SqlCoilStore:
         return int(total), int(old)
 
 
-def unannounced_query(
-    decided_before: datetime,
-    limit: int,
-    line: str | None = None,
-    *,
-    after: tuple[datetime, str] | None = None,
-    since: datetime | None = None,
-    skip_lines: Collection[str] = (),
-) -> Select:
-    """Read through ``ix_coils_unannounced``, which holds only the unpublished rows: cheap enough for the
-    scheduler's pass every few minutes, whatever the table's history."""
-    query = (
-        select(coils.c.coil_id, coils.c.decided_at)
-        .where(coils.c.published_at.is_(None), coils.c.decided_at < decided_before, coils.c.status != "pending")
-        .order_by(coils.c.decided_at, coils.c.coil_id)
-        .limit(limit)
-    )
-    if line is not None:
-        query = query.where(coils.c.line == line)
-    if after is not None:
-        query = query.where(tuple_(coils.c.decided_at, coils.c.coil_id) > tuple_(*after))
-    if since is not None:
-        query = query.where(coils.c.decided_at >= since)
-    if skip_lines:
-        query = query.where(coils.c.line.not_in(list(skip_lines)))
-    return query
+@dataclass(frozen=True)
+class UnannouncedWindow:
+    """Which stored decisions that never reached the broker to read: decided before ``decided_before`` (and at
+    ``since`` or later), at most ``limit``, of ``line`` only when given, after the key ``after`` (``decided_at``,
+    ``coil_id``: the next page), none of ``skip_lines``."""
+
+    decided_before: datetime
+    limit: int
+    line: str | None = None
+    after: tuple[datetime, str] | None = None
+    since: datetime | None = None
+    skip_lines: frozenset[str] = frozenset()
+
+    def query(self) -> Select:
+        """Read through ``ix_coils_unannounced``, which holds only the unpublished rows: cheap enough for the
+        scheduler's pass every few minutes, whatever the table's history."""
+        query = (
+            select(coils.c.coil_id, coils.c.decided_at)
+            .where(
+                coils.c.published_at.is_(None), coils.c.decided_at < self.decided_before, coils.c.status != "pending"
+            )
+            .order_by(coils.c.decided_at, coils.c.coil_id)
+            .limit(self.limit)
+        )
+        if self.line is not None:
+            query = query.where(coils.c.line == self.line)
+        if self.after is not None:
+            query = query.where(tuple_(coils.c.decided_at, coils.c.coil_id) > tuple_(*self.after))
+        if self.since is not None:
+            query = query.where(coils.c.decided_at >= self.since)
+        if self.skip_lines:
+            query = query.where(coils.c.line.not_in(sorted(self.skip_lines)))
+        return query
 
 
 def _insert_rows(conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:

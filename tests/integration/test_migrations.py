@@ -299,7 +299,7 @@ def test_the_announce_pass_reads_only_the_unannounced_decisions(pg_database_fact
     oldest coil over the table's whole history to find them."""
     from datetime import datetime, timedelta
 
-    from services.db.repositories import unannounced_query
+    from services.db.repositories import UnannouncedWindow
 
     url = pg_database_factory()
     migrate.upgrade(url)
@@ -319,7 +319,7 @@ def test_the_announce_pass_reads_only_the_unannounced_decisions(pg_database_fact
                 c=coil_id, m=minutes,
             )  # fmt: skip
         run(engine, "ANALYZE coils")
-        query = unannounced_query(datetime.now(UTC) - timedelta(minutes=10), 10_000)
+        query = UnannouncedWindow(datetime.now(UTC) - timedelta(minutes=10), 10_000).query()
         with engine.connect() as conn:
             assert list(conn.execute(query).scalars()) == ["U-older", "U-old"]
             sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))

@@ -23,7 +23,7 @@ from ml.ensemble import MemberVote
 from services.db import migrate
 from services.db.engine import make_engine, session_factory
 from services.db.models import OPERATIONAL_TABLE_NAMES, TABLE_NAMES, Assessment, Base, Coil, Feedback, Model
-from services.db.repositories import SqlCoilStore
+from services.db.repositories import SqlCoilStore, UnannouncedWindow
 
 SEVEN = set(TABLE_NAMES)
 ALL_TABLES = SEVEN | set(OPERATIONAL_TABLE_NAMES)
@@ -413,10 +413,13 @@ def test_unannounced_decisions_page_by_their_key_on_sqlite(engine: Engine) -> No
             ],
         )  # fmt: skip
     before = now - timedelta(minutes=10)
-    first = store.unannounced(before, 2)
+    first = store.unannounced(UnannouncedWindow(before, 2))
     assert [c for c, _ in first] == ["K-1", "K-2"]
     key = (first[-1][1], first[-1][0])
-    assert [c for c, _ in store.unannounced(before, 2, after=key)] == ["K-3"]
-    assert [c for c, _ in store.unannounced(before, 5, skip_lines={"galv-2"})] == ["K-2", "K-3"]
-    assert [c for c, _ in store.unannounced(before, 5, since=now - timedelta(hours=1))] == ["K-2", "K-3"]
+    assert [c for c, _ in store.unannounced(UnannouncedWindow(before, 2, after=key))] == ["K-3"]
+    skipping = UnannouncedWindow(before, 5, skip_lines=frozenset({"galv-2"}))
+    assert [c for c, _ in store.unannounced(skipping)] == ["K-2", "K-3"]
+    recent = UnannouncedWindow(before, 5, since=now - timedelta(hours=1))
+    assert [c for c, _ in store.unannounced(recent)] == ["K-2", "K-3"]
+    assert [c for c, _ in store.unannounced(UnannouncedWindow(before, 5, line="galv-2"))] == ["K-1"]
     assert store.count_unannounced(before, now - timedelta(hours=1)) == (3, 1)  # K-1 past the age limit
