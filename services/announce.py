@@ -34,7 +34,7 @@ from services.db.repositories import (
     try_lock,
 )
 from services.metrics import METRICS
-from services.mqtt.client import MqttClient
+from services.mqtt.client import ConnectCancelled, MqttClient
 from services.runtime import mqtt_client, topics
 from workflows.assess import stored_announcements
 from workflows.topics import Topics
@@ -59,7 +59,8 @@ class Announced:
 
 
 class AlreadyRunning(RuntimeError):
-    """Another ``coilguard announce`` holds the lock: two at once would send every decision twice."""
+    """Another announce (the scheduler's pass, or ``coilguard announce``) holds the lock: two at once would send
+    every decision twice."""
 
 
 class Interrupted(ConnectionError):
@@ -84,10 +85,14 @@ def announce_unannounced(
     with engine_for(settings.database_url, engine) as engine:
         got, lock = try_lock(engine, ANNOUNCE_LOCK_NAMESPACE, 0, "announce")
         if not got:
-            raise AlreadyRunning("another `coilguard announce` is running: two at once would send each decision twice")
+            raise AlreadyRunning(
+                "another announce is running (the scheduler's pass, or `coilguard announce`): two at once would send "
+                "each decision twice; try again in a minute"
+            )
         try:
             now = datetime.now(UTC)
-            window = UnannouncedWindow(now - older_than, limit, line, since=now - max_age if max_age else None)
+            since = now - max_age if max_age is not None else None
+            window = UnannouncedWindow(now - older_than, CHUNK, line, since=since)  # each page sized as it is read
             pages = _Pages(SqlCoilStore(engine), window)
             return _announce(settings, pages, limit, stop or threading.Event())
         finally:
@@ -174,7 +179,7 @@ def run_announce(
             )  # fmt: skip
         except AlreadyRunning:
             log.info("announce skipped: another one is running (`coilguard announce`, or a second scheduler)")
-        except Interrupted as exc:
+        except (Interrupted, ConnectCancelled) as exc:  # the scheduler stopping
             log.info("announce: %s; the next pass offers them again", exc)
         except ConnectionError as exc:  # what the broker confirmed before is marked; the rest waits for the next pass
             log.warning("announce stopped: %s; the next pass tries again", exc)
@@ -196,7 +201,9 @@ def _count_left(settings: Settings, store: SqlCoilStore) -> None:
     global _said_too_old
     now = datetime.now(UTC)
     max_age = settings.announce_max_age
-    left, too_old = store.count_unannounced(now - settings.announce_after, now - max_age if max_age else None)
+    left, too_old = store.count_unannounced(
+        now - settings.announce_after, now - max_age if max_age is not None else None
+    )
     METRICS.unannounced.set(left)
     if too_old and too_old != _said_too_old and max_age is not None:
         log.warning(

@@ -170,7 +170,7 @@ def parse_duration(value: str | float | int | timedelta) -> timedelta:
 
 
 def format_duration(value: timedelta) -> str:
-    """The largest unit that divides it (``24h``, ``90s``, ``1500ms``): what :func:`parse_duration` reads back,
+    """The largest unit that divides it (``1d`` for 24 h, ``90s``, ``1500ms``): what :func:`parse_duration` reads back,
     for a log line that names a setting or a command's option."""
     ms = round(value.total_seconds() * 1000)
     for unit in ("w", "d", "h", "m", "s"):

@@ -38,6 +38,7 @@ class PrunePlan:
     data: list[Path] = field(default_factory=list)  # training sets no kept version names
     leftovers: list[Path] = field(default_factory=list)  # staging folders and temporary files of dead registrations
     unreadable: list[str] = field(default_factory=list)  # kept versions whose manifest could not be read
+    young_after: float = 0.0  # a path changed since this time (seconds since the epoch) is left alone
 
     @property
     def paths(self) -> list[Path]:
@@ -57,8 +58,8 @@ def plan_prune(
     Training sets are left alone when a kept version's manifest cannot be read, or an active or candidate one's is
     not there yet (a registration between its row and moving its folder in): what it names is unknown."""
     model_dir = Path(model_dir)
-    plan = PrunePlan()
     young = time.time() - grace.total_seconds()
+    plan = PrunePlan(young_after=young)
     kept, dropped = _split(records, keep)
     kept_folders = [resolve_artifact(model_dir, r.artifact_uri or "").resolve() for r in kept]
     for record in dropped:
@@ -122,9 +123,13 @@ def _split(records: list[ModelRecord], keep: int) -> tuple[list[ModelRecord], li
 
 
 def prune(plan: PrunePlan) -> int:
-    """Remove what ``plan`` names; the bytes freed."""
+    """Remove what ``plan`` names, but for what changed since it was made (a training set a registration reuses
+    now is dated anew); the bytes freed."""
     freed = 0
     for path in plan.paths:
+        if _mtime(path) >= plan.young_after:
+            log.info("not pruned: %s changed since the plan was made", path)
+            continue
         size = _size(path)
         if path.is_dir():
             shutil.rmtree(path)

@@ -108,6 +108,9 @@ def keep_training_data(dataset: CoilDataset, model_dir: Path) -> str:
             return relative
         except FileNotFoundError:
             pass  # pruned this very moment: written again
+        except OSError as exc:  # another user's file (an operator's `train --register`, NFS root squashing)
+            log.warning("kept training set %s reused but not dated anew (%s): `models prune` may take it", path, exc)
+            return relative
     tmp = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:12]}.npz")  # two processes may keep it at once
     try:
         dataset.save(tmp)

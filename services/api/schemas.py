@@ -103,7 +103,8 @@ class Backlog(BaseModel):
     queued_in_workers: int = Field(description="Messages received by live AssessCoils workers, not yet assessed.")
     unannounced_decisions: int = Field(
         description="Decisions stored more than ANNOUNCE_AFTER ago that have not reached the broker (its ACL refused "
-        "them, or a broker session holding them was lost); the scheduler offers them again every ANNOUNCE_EVERY."
+        "them, or a broker session holding them was lost); the scheduler offers those up to ANNOUNCE_MAX_AGE old "
+        "again every ANNOUNCE_EVERY (unless off), `coilguard announce` any."
     )
 
 

@@ -127,7 +127,7 @@ def retrain(ctx: AppContext, names: tuple[str, ...], force: bool) -> None:
 @cli.command()
 @pass_ctx
 def scheduler(ctx: AppContext) -> None:
-    """Run ModelScore, ReTrain (and drift reports) on their schedules until stopped."""
+    """Run ModelScore, ReTrain, drift reports and the announce pass on their schedules until stopped."""
     from services.scheduler import run_scheduler
 
     run_scheduler(ctx.settings)

@@ -47,7 +47,7 @@ def drift(ctx: AppContext, window: timedelta | None) -> None:
     "--older-than",
     type=DURATION,
     help="Only decisions stored at least this long ago: a running worker announces its newer ones itself. "
-    "[default: ANNOUNCE_AFTER, 10m]",
+    "[default: ANNOUNCE_AFTER]",
 )
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
 @click.option("--line", help="Only this line's coils (e.g. one whose decision topic the broker still refuses).")
@@ -55,8 +55,8 @@ def drift(ctx: AppContext, window: timedelta | None) -> None:
 def announce(ctx: AppContext, older_than: timedelta | None, limit: int, line: str | None) -> None:
     """Announce decisions that are stored but never reached the broker (given up after an ACL refusal, held in a
     lost broker session), oldest first, once the cause is mended; each is marked published when confirmed. The
-    scheduler does the same every ANNOUNCE_EVERY (5m) for those up to ANNOUNCE_MAX_AGE (24h) old; this is for
-    older ones, for now, or for one line. A line the broker refuses is not offered further in the same run.
+    scheduler does the same every ANNOUNCE_EVERY for those up to ANNOUNCE_MAX_AGE old; this is for older ones,
+    for now, or for one line. A line the broker refuses is not offered further in the same run.
 
     A worker still holding one (its logs name the coils) offers it again every 10 s, and the decision may then go
     out twice (at least once, as QoS 1 is)."""

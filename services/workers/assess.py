@@ -480,8 +480,8 @@ class AssessWorker:
             log.warning(
                 "stopping with %d decisions the broker refused, stored but not announced (coils %s); the messages "
                 "of the current broker session stay unacknowledged and come back to its next worker; for the others "
-                "(sent at QoS 0, or of a session the broker lost) the scheduler's announce pass (ANNOUNCE_EVERY) or "
-                "`coilguard announce` sends them once the broker takes them",
+                "(sent at QoS 0, or of a session the broker lost) the scheduler's announce pass (unless "
+                "ANNOUNCE_EVERY is off) or `coilguard announce` sends them once the broker takes them",
                 len(self._held), _named(list(self._held)),
             )  # fmt: skip
 
@@ -568,8 +568,9 @@ class AssessWorker:
         METRICS.publish_refused.labels("given_up").inc(len(dropped))
         log.error(
             "more than %d refused decisions held, close to the broker's receive maximum: %d given up, stored but "
-            "not announced, so that the other lines go on (coils %s); the scheduler's announce pass (ANNOUNCE_EVERY) "
-            "or `coilguard announce` sends them once the broker takes them", limit, len(dropped), _named(dropped),
+            "not announced, so that the other lines go on (coils %s); the scheduler's announce pass (unless "
+            "ANNOUNCE_EVERY is off) or `coilguard announce` sends them once the broker takes them", limit,
+            len(dropped), _named(dropped),
         )  # fmt: skip
 
     def _confirmed(self) -> bool:

@@ -53,6 +53,8 @@ def test_every_variable_is_a_real_setting(name: str) -> None:
 
 def test_postgres_is_health_checked_and_migrations_run_once_before_the_rest() -> None:
     assert "pg_isready -h 127.0.0.1" in str(SERVICES["postgres"]["healthcheck"]["test"])  # TCP, not the socket
+    command = SERVICES["postgres"]["command"]  # a dead ReTrain host's lock dropped within 2 minutes, not 2 hours
+    assert command[0] == "postgres" and "tcp_keepalives_idle=60" in command  # the image's entrypoint still runs
     migrate = SERVICES["migrate"]
     assert migrate["restart"] == "no" and check_invocation(migrate["command"]) == "db upgrade"
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"

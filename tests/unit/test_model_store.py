@@ -168,5 +168,8 @@ def test_a_training_set_kept_again_is_dated_anew(tmp_path: Path) -> None:
     data = stripe_coils(20, 0.2)
     relative = keep_training_data(data, tmp_path)
     os.utime(tmp_path / relative, (OLD, OLD))
-    assert keep_training_data(data, tmp_path) == relative
+    plan = plan_prune([], tmp_path)
+    assert [p.name for p in plan.data] == [Path(relative).name]  # named by no version: planned for removal
+    assert keep_training_data(data, tmp_path) == relative  # reused meanwhile by a registration
     assert (tmp_path / relative).stat().st_mtime > time.time() - 60
+    assert prune(plan) == 0 and (tmp_path / relative).is_file()  # the plan is not carried out on it
