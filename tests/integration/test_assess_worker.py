@@ -909,3 +909,42 @@ def test_the_scheduler_announces_stored_decisions_that_never_reached_the_broker(
     assert METRICS.unannounced._value.get() == 1  # the one past ANNOUNCE_MAX_AGE, for `coilguard announce`
     expected = ["SA-1", "SA-2", "SA-deny-1", "SA-deny-2", "SA-deny-3"]
     assert wait_for(lambda: sorted(d["coil_id"] for d in env.listener.decisions) == expected, timeout=10)
+
+
+def test_a_scheduler_stopping_while_the_broker_is_silent_ends_its_announce_pass_at_once(
+    env: AssessEnv,
+    broker_proxy: tuple[TcpProxy, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker takes the pass's decisions but never confirms them (a network that drops packets): a stop ends
+    the wait within half a second, not after 30 s, and nothing unconfirmed is marked, so the next pass offers it."""
+    import services.announce as announce
+    from services.mqtt.client import MqttClient
+
+    proxy, via_proxy = broker_proxy
+    at = datetime.now(UTC) - timedelta(minutes=20)
+    with env.engine.begin() as conn:
+        conn.execute(
+            Coil.__table__.insert().values(
+                coil_id="SS-1", line="galv-1", produced_at=at, received_at=at, status="OK", p_nok=0.1,
+                confidence=0.9, decided_at=at, matrix=b"\\x00" * 4,
+            )
+        )  # fmt: skip
+    publish = MqttClient.publish
+
+    def into_the_void(self: MqttClient, *args: object, **kwargs: object) -> object:
+        proxy.stall()  # connected; from now on nothing gets through either way
+        return publish(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MqttClient, "publish", into_the_void)
+    stopping = threading.Event()
+    threading.Timer(1.0, stopping.set).start()
+    caplog.set_level(logging.INFO, logger="services.announce")
+    started = time.monotonic()
+    settings = env.settings.model_copy(update={"mqtt_url": via_proxy})
+    assert announce.run_announce(settings, engine=env.engine, stop=stopping) is None
+    assert time.monotonic() - started < 1.0 + 3 * announce.CONFIRM_POLL_S
+    assert "stopped before the broker confirmed 1 decisions" in caplog.text, caplog.text
+    assert env.count(Coil.coil_id, Coil.published_at.is_(None)) == 1  # unmarked: the next pass offers it again
+    proxy.resume()
