@@ -23,6 +23,7 @@ plant network with no internet. Evidently's usage telemetry is switched off befo
 
 from __future__ import annotations
 
+import html
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,8 @@ def compare(reference: CoilSample, current: CoilSample, config: DriftConfig | No
     # Evidently refuses to compare it: it is judged here and left out of Evidently's part.
     unreadable = _unreadable_columns(ref, cur)
     ref, cur = ref.drop(columns=list(unreadable)), cur.drop(columns=list(unreadable))
+    if ref.columns.empty:  # no column has values on both sides: Evidently cannot run (it divides by zero)
+        return _judged_without_evidently(unreadable, config, len(reference), len(current))
     numerical = [c for c in ref.columns if c != LABEL]
     Report, Dataset, DataDefinition, DataDriftPreset = _evidently()
     definition = DataDefinition(numerical_columns=numerical, categorical_columns=[LABEL] if labels else [])
@@ -155,16 +158,42 @@ def compare(reference: CoilSample, current: CoilSample, config: DriftConfig | No
         Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
     )
     columns = {**_column_verdicts(snapshot.dict()), **unreadable}
-    share = sum(c.drifted for c in columns.values()) / max(len(columns), 1)
+    return _result(columns, config, len(reference), len(current), snapshot.get_html_str(as_iframe=False))
+
+
+def _result(columns: dict[str, ColumnDrift], config: DriftConfig, n_ref: int, n_cur: int, page: str) -> DriftResult:
+    share = _share(columns)
     return DriftResult(
         dataset_drift=share >= config.drift_share,
         share_drifted=share,
         drift_share=config.drift_share,
         columns=columns,
-        n_reference=len(reference),
-        n_current=len(current),
-        html=snapshot.get_html_str(as_iframe=False),
+        n_reference=n_ref,
+        n_current=n_cur,
+        html=page,
     )
+
+
+def _share(columns: dict[str, ColumnDrift]) -> float:
+    return sum(c.drifted for c in columns.values()) / max(len(columns), 1)
+
+
+def _judged_without_evidently(
+    columns: dict[str, ColumnDrift], config: DriftConfig, n_reference: int, n_current: int
+) -> DriftResult:
+    """Every column empty on one side or both (the window's readings all lost, and no predictions): the verdicts
+    are this module's alone, and the report's page says so instead of holding Evidently's."""
+    share = _share(columns)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(c.method)}</td></tr>" for name, c in columns.items()
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>coilguard drift report</title></head><body>"
+        f"<h1>No column to compare</h1><p>No feature has values in both the reference ({n_reference} coils) and "
+        f"the window ({n_current} coils), so Evidently was not run. Share of features drifted: {share:.0%}.</p>"
+        f"<table><tr><th>column</th><th>why</th></tr>{rows}</table></body></html>"
+    )
+    return _result(columns, config, n_reference, n_current, page)
 
 
 def _unreadable_columns(ref: pd.DataFrame, cur: pd.DataFrame) -> dict[str, ColumnDrift]:

@@ -84,6 +84,16 @@ def test_a_gauge_dead_for_the_whole_window_is_reported_not_a_crash(line: dict) -
     assert 5 in result.drifted_sensors
 
 
+def test_a_window_with_no_readings_left_is_reported_without_evidently(line: dict) -> None:
+    """Every reading of the window lost and no predictions: no column has values on both sides, and Evidently,
+    given none, divided by zero. Every feature is reported as drifted instead, on a page of its own."""
+    lost = np.full_like(line["ordinary"].X, np.nan)
+    result = compare(CoilSample(line["history"].X), CoilSample(lost))
+    assert result.dataset_drift and result.share_drifted == 1.0
+    assert all(c.method == "no values in the window" for c in result.columns.values())
+    assert "No column to compare" in result.html and "<script" not in result.html  # opens offline as it is
+
+
 def test_coilguard_drift_reports_a_drifted_gauge(
     line: dict, pg_database_factory: Callable[[], str], tmp_path: Path, output_dir: Path
 ) -> None:

@@ -159,3 +159,16 @@ def test_drift_keep_is_a_duration_or_off() -> None:
     assert load_settings(drift_keep="90d").drift_keep == timedelta(days=90)
     assert load_settings(drift_keep="off").drift_keep is None
     assert load_settings().drift_keep == timedelta(days=400)
+
+
+def test_a_report_file_is_on_disk_before_its_row_points_at_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power cut after the row's commit must not leave the row pointing at an empty file: the catch-up would
+    take the report as written and never write it again."""
+    import services.drift as drift
+
+    synced: list[str] = []
+    monkeypatch.setattr(drift, "sync_file", lambda path: synced.append(f"file {path.name}"))
+    monkeypatch.setattr(drift, "sync_dir", lambda path: synced.append(f"dir {path.name}"))
+    drift.write_atomic(tmp_path / "report.html", "<html></html>")
+    assert synced == ["file report.html.tmp", f"dir {tmp_path.name}"]
+    assert (tmp_path / "report.html").read_text() == "<html></html>"
