@@ -110,8 +110,8 @@ def main() -> None:
             provenance(),
             "",
             f"{args.coils:,} decided and announced coils plus 100 unannounced, four active models with "
-            f"{scores:,} `mperformance` rows each ({args.years:g} years of ModelScore every 5 minutes); PostgreSQL "
-            "on the same machine. Median of 5 calls after a warm-up.",
+            f"{scores:,} `mperformance` rows each ({args.years:g} × 365 days of ModelScore every 5 minutes); "
+            "PostgreSQL on the same machine. Median of 5 calls after a warm-up.",
             "",
             "| figure | time |",
             "| --- | --- |",
