@@ -42,7 +42,6 @@ from workflows.topics import Topics
 log = logging.getLogger(__name__)
 
 CONFIRM_S = 30.0
-CONFIRM_POLL_S = 0.5  # how often a stop is looked for while the broker's word is awaited
 CHUNK = 500  # decisions published, confirmed and marked at a time
 SCHEDULED_LIMIT = 10_000  # decisions offered per scheduled pass; the rest, oldest first, at the next
 
@@ -140,19 +139,11 @@ def _announce_chunk(
     outgoing = stored_announcements(store, tps, coil_ids)
     client.take_refused()  # none of ours yet: ids are reused, so only this chunk's refusals count
     sent = {client.publish(out.topic, out.payload, qos=1).mid: out for out in outgoing}
-    waited = 0.0
-    while not client.flush(CONFIRM_POLL_S):
-        waited += CONFIRM_POLL_S
+    if not client.flush(CONFIRM_S, stop=stop):
+        before = f"{len(done.announced)} were announced and marked before"
         if stop.is_set():
-            raise Interrupted(
-                f"stopped before the broker confirmed {len(sent)} decisions; "
-                f"{len(done.announced)} were announced and marked before"
-            )
-        if waited >= CONFIRM_S:
-            raise ConnectionError(
-                f"the broker did not confirm the decisions within {CONFIRM_S:.0f} s; "
-                f"{len(done.announced)} were announced and marked before"
-            )
+            raise Interrupted(f"stopped before the broker confirmed {len(sent)} decisions; {before}")
+        raise ConnectionError(f"the broker did not confirm the decisions within {CONFIRM_S:.0f} s; {before}")
     refused = {mid: reason for mid, reason in client.take_refused() if mid in sent}
     taken = [str(out.coil_id) for mid, out in sent.items() if mid not in refused]
     for mid, reason in refused.items():

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SHARED_PREFIX = "$share/"
 SESSION_TAKEN_OVER = 0x8E  # MQTT v5 DISCONNECT reason: another connection came with the same client id
 CONNECT_POLL_S = 0.2  # how often a connection the broker has not yet accepted looks for a stop
+FLUSH_POLL_S = 0.5  # how often a wait for the broker's acknowledgements looks for a stop (a pod's grace is 30 s)
 
 
 class ConnectCancelled(ConnectionError):
@@ -217,14 +218,22 @@ class MqttClient:
         self._last_publish = info
         return info
 
-    def flush(self, timeout: float = 30.0) -> bool:
+    def flush(self, timeout: float = 30.0, stop: threading.Event | None = None) -> bool:
         """Wait until the broker has acknowledged everything published so far (QoS 1 is acked in order),
-        including what was published while the connection was down and is re-sent after the reconnect."""
+        including what was published while the connection was down and is re-sent after the reconnect. False
+        after ``timeout``, or once ``stop`` is set (seen within ``FLUSH_POLL_S``; one such wait even when it is
+        set already, so that a stopping worker still gives its last batch that long)."""
         last = self._last_publish
         if last is None:
             return True
-        last.wait_for_publish(timeout)
-        return last.is_published()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            last.wait_for_publish(max(min(left, FLUSH_POLL_S) if stop is not None else left, 0))
+            if last.is_published():
+                return True
+            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                return False
 
     def take_refused(self) -> list[tuple[int, str]]:
         """(message id, reason) of each message the broker refused since the last call (``Not authorized``: its

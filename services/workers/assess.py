@@ -56,7 +56,6 @@ RELOAD_POLL_S = 30.0  # also look at the registry this often, in case a `promote
 MARK_IDLE_S = 0.2  # with no next batch this soon, mark the last batch's decisions published on their own
 CONFIRM_WAIT_S = 30.0  # how long to wait for the broker to confirm a batch's decisions before saying so
 HELD_RETRY_S = 10.0  # how often decisions the broker refused are offered again
-CONFIRM_POLL_S = 0.5  # how often that wait looks whether the worker is stopping (a pod's grace period is 30 s)
 ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until long after their mark
 JOIN_ON_ERROR_S = 30.0  # run() interrupted on the main thread: how long it waits for the worker to stop
 MODEL_WAIT_S = 5.0  # with no active model yet, look at the registry again this often
@@ -577,15 +576,11 @@ class AssessWorker:
         """Has the broker acknowledged everything published? While it is away the decisions wait in the client
         (re-sent on reconnect) and so does this batch; only a worker that is stopping gives up on them. (That
         the broker *refused* some is another matter: :meth:`_hold_refused`.)"""
-        waited = 0.0
-        while not self.client.flush(timeout=CONFIRM_POLL_S):  # in slices: a stop is seen within one, not 30 s
+        while not self.client.flush(CONFIRM_WAIT_S, stop=self.stopping):  # a stop is seen within half a second
             if self.stopping.is_set():
                 log.warning("stopping before the broker confirmed the last decisions: their coils stay unacknowledged")
                 return False
-            waited += CONFIRM_POLL_S
-            if waited >= CONFIRM_WAIT_S:
-                log.warning("the broker has not confirmed this batch's decisions in %.0f s; still waiting", waited)
-                waited = 0.0
+            log.warning("the broker has not confirmed this batch's decisions in %.0f s; still waiting", CONFIRM_WAIT_S)
         return True
 
     def _mark_published(self, coil_ids: list[str]) -> list[str]:

@@ -602,11 +602,11 @@ def test_a_coil_sent_again_while_its_decision_awaits_the_brokers_word_is_announc
     with env.worker() as worker:
         flush, copy_voted = worker.client.flush, []
 
-        def flush_once_the_copy_is_voted(timeout: float = 30.0) -> bool:
+        def flush_once_the_copy_is_voted(timeout: float = 30.0, stop: threading.Event | None = None) -> bool:
             if not copy_voted:  # the first batch: its decision is out, its confirmation not yet in
                 publish_coils(env.publisher, env.topics, [coil])
                 copy_voted.append(wait_for(lambda: worker._pending.qsize() == 1, timeout=30))  # behind this batch
-            return flush(timeout)
+            return flush(timeout, stop)
 
         monkeypatch.setattr(worker.client, "flush", flush_once_the_copy_is_voted)
         publish_coils(env.publisher, env.topics, [coil])
@@ -920,7 +920,7 @@ def test_a_scheduler_stopping_while_the_broker_is_silent_ends_its_announce_pass_
     """The broker takes the pass's decisions but never confirms them (a network that drops packets): a stop ends
     the wait within half a second, not after 30 s, and nothing unconfirmed is marked, so the next pass offers it."""
     import services.announce as announce
-    from services.mqtt.client import MqttClient
+    from services.mqtt.client import FLUSH_POLL_S, MqttClient
 
     proxy, via_proxy = broker_proxy
     at = datetime.now(UTC) - timedelta(minutes=20)
@@ -944,7 +944,7 @@ def test_a_scheduler_stopping_while_the_broker_is_silent_ends_its_announce_pass_
     started = time.monotonic()
     settings = env.settings.model_copy(update={"mqtt_url": via_proxy})
     assert announce.run_announce(settings, engine=env.engine, stop=stopping) is None
-    assert time.monotonic() - started < 1.0 + 3 * announce.CONFIRM_POLL_S
+    assert time.monotonic() - started < 1.0 + 3 * FLUSH_POLL_S
     assert "stopped before the broker confirmed 1 decisions" in caplog.text, caplog.text
     assert env.count(Coil.coil_id, Coil.published_at.is_(None)) == 1  # unmarked: the next pass offers it again
     proxy.resume()
