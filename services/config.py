@@ -274,6 +274,13 @@ class Settings(BaseSettings):
         description="after a gauge drift ReTrain also offers the champion reading through the gauges' gains, taken "
         "unless the retrained challenger does better on the holdout",
     )
+    model_keep: int | None = Field(
+        3,
+        ge=0,
+        description="after each ReTrain pass, MODEL_DIR keeps this many retired versions per name (those that served "
+        "last: rollback targets) and removes the files of older and failed ones (`coilguard models prune`); off "
+        "removes nothing",
+    )
     drift_cron: str = "30 2 * * *"
     drift_window: Duration = timedelta(hours=24)
     drift_share: float = Field(0.2, gt=0, le=1, description="share of drifted features that makes a window drifted")
@@ -343,7 +350,7 @@ class Settings(BaseSettings):
             raise ValueError(f"topic prefix must be a plain topic level path without + or #, got {value!r}")
         return value
 
-    @field_validator("drift_keep", "announce_every", "announce_max_age", mode="before")
+    @field_validator("drift_keep", "announce_every", "announce_max_age", "model_keep", mode="before")
     @classmethod
     def _keep(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() == OFF else value

@@ -65,6 +65,26 @@ class MqttEventPublisher:
             log.warning("could not announce on %s (%s); workers will notice the new version by polling", topics, exc)
 
 
+def prune_model_store(settings: Settings, engine: Engine, keep: int) -> int:
+    """After a ReTrain pass, remove from ``MODEL_DIR`` what no version in service needs (``workflows.model_store``);
+    the bytes freed. Each promotion adds a version folder and a training set of tens of MB, and a volume that fills
+    up fails the next promotion. A failure here is logged and leaves the pass's outcome as it was: the models
+    serve the same either way."""
+    from workflows.model_store import plan_prune, prune
+
+    try:
+        plan = plan_prune(SqlModelRegistry(engine).all(), settings.model_dir, keep=keep)
+        for problem in plan.unreadable:
+            log.warning("MODEL_DIR: every training set kept, as the manifest of %s cannot be read", problem)
+        freed = prune(plan) if plan.paths else 0
+    except Exception:
+        log.exception("pruning MODEL_DIR after ReTrain failed; nothing served is affected")
+        return 0
+    if freed:
+        log.info("MODEL_DIR pruned after ReTrain: %.1f MB freed (MODEL_KEEP=%d retired per name)", freed / 1e6, keep)
+    return freed
+
+
 def make_retrain(
     settings: Settings,
     engine: Engine | None = None,
@@ -105,6 +125,8 @@ def run_retrain(
     """``stop``: set by a scheduler that is shutting down; the training in progress ends at its next epoch."""
     with engine_for(settings.database_url) as engine:
         outcomes = make_retrain(settings, engine, stop=stop).run(names=names, force=force)
+        if settings.model_keep is not None and not (stop is not None and stop.is_set()):
+            prune_model_store(settings, engine, settings.model_keep)
     for outcome in outcomes:
         METRICS.retrain_runs.labels(outcome.model, outcome.status).inc()
         if "total_s" in outcome.metrics:

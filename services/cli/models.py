@@ -167,23 +167,28 @@ def retire(ctx: AppContext, name: str, version: int, force: bool) -> None:
 
 @models_.command("prune")
 @click.option(
-    "--keep", type=click.IntRange(min=0), default=3, show_default=True, help="Retired versions kept per name."
+    "--keep",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Retired versions kept per name [default: MODEL_KEEP, 3; also 3 where MODEL_KEEP is off].",
 )
 @click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
 @pass_ctx
-def prune(ctx: AppContext, keep: int, dry_run: bool) -> None:
+def prune(ctx: AppContext, keep: int | None, dry_run: bool) -> None:
     """Free MODEL_DIR of the files no version in service needs: the folders of retired versions beyond the KEEP per
     name that served last and of failed ones, training sets no kept version was trained on, and what killed
     registrations left behind. Active and candidate versions, and files written in the last day, are never
-    touched; the registry's rows stay."""
+    touched; the registry's rows stay. ReTrain does the same after each pass unless MODEL_KEEP is off."""
     from services.db.engine import engine_for
     from services.db.repositories import SqlModelRegistry
-    from workflows.model_store import plan_prune
+    from workflows.model_store import KEEP_RETIRED, plan_prune
     from workflows.model_store import prune as prune_files
 
     require_schema(ctx.settings)
     with engine_for(ctx.settings.database_url) as engine:
         records = SqlModelRegistry(engine).all()
+    if keep is None:
+        keep = ctx.settings.model_keep if ctx.settings.model_keep is not None else KEEP_RETIRED
     plan = plan_prune(records, ctx.settings.model_dir, keep=keep)
     for problem in plan.unreadable:
         click.echo(f"training sets kept: cannot read the manifest of {problem}", err=True)

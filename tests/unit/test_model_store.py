@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from cli_runner import coilguard
 from sqlalchemy import insert
 
@@ -93,11 +94,10 @@ def test_an_unreadable_manifest_keeps_every_training_set(tmp_path: Path) -> None
     assert [(r.name, r.version) for r, _ in plan.versions] == [("cnn", 1), ("cnn", 2)]  # folders still go
 
 
-def test_the_command_lists_then_prunes(tmp_path: Path) -> None:
-    model_dir = tmp_path / "models"
+def _registry(tmp_path: Path, records: list[ModelRecord]) -> str:
+    """A SQLite registry holding ``records``; its URL."""
     url = f"sqlite:///{tmp_path / 'cg.db'}"
     upgrade(url)
-    records = _store(model_dir)
     engine = make_engine(url)
     with engine.begin() as conn:
         conn.execute(
@@ -106,6 +106,12 @@ def test_the_command_lists_then_prunes(tmp_path: Path) -> None:
                   sha256=r.sha256) for r in records],
         )  # fmt: skip
     engine.dispose()
+    return url
+
+
+def test_the_command_lists_then_prunes(tmp_path: Path) -> None:
+    model_dir = tmp_path / "models"
+    url = _registry(tmp_path, _store(model_dir))
     env = {"COILGUARD_DATABASE_URL": url, "COILGUARD_MODEL_DIR": str(model_dir)}
     dry = coilguard("models", "prune", "--keep", "3", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
@@ -173,3 +179,21 @@ def test_a_training_set_kept_again_is_dated_anew(tmp_path: Path) -> None:
     assert keep_training_data(data, tmp_path) == relative  # reused meanwhile by a registration
     assert (tmp_path / relative).stat().st_mtime > time.time() - 60
     assert prune(plan) == 0 and (tmp_path / relative).is_file()  # the plan is not carried out on it
+
+
+@pytest.mark.parametrize("keep", ["2", "off"])
+def test_a_retrain_pass_prunes_unless_model_keep_is_off(tmp_path: Path, keep: str) -> None:
+    """The store would otherwise grow by a version folder and a training set at every promotion, until the volume
+    is full and a promotion fails; the pass below retrains nothing (no model is due), and prunes all the same."""
+    from services.config import load_settings
+    from services.jobs import run_retrain
+
+    model_dir = tmp_path / "models"
+    url = _registry(tmp_path, _store(model_dir))
+    settings = load_settings(database_url=url, model_dir=model_dir, model_keep=keep, mqtt_url="mqtt://127.0.0.1:1")
+    assert run_retrain(settings) == []
+    retired = sorted(p.name for p in (model_dir / "cnn").iterdir() if p.name.startswith("v"))
+    if keep == "off":
+        assert retired == ["v1", "v2", "v3", "v4", "v5", "v6"] and (model_dir / "data" / "z.npz").is_file()
+    else:  # failed v1 and the retired v2, v3 beyond the two kept; the set no kept version names
+        assert retired == ["v4", "v5", "v6"] and not (model_dir / "data" / "z.npz").exists()
