@@ -26,6 +26,7 @@ from ml.assessors.base import AssessBatch, Assessor
 from ml.ensemble import Ensemble, EnsembleDecision, Member, MemberVote
 from ml.images import OVER_PIL_LIMIT, decode_image, fit_within
 from workflows.messages import (
+    SURFACE,
     CoilMessage,
     Decision,
     RejectedMessage,
@@ -341,8 +342,12 @@ def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
     large ones scaled down to a fair share of what is left (:func:`decoded_shares`, ``fit_within``). A blank
     8192 × 8192 PNG is 65 kB, so the 1 MiB limit lets eleven through, and at full size they would take 2.8 GB of
     float32 until the ensemble had voted (a batch of them killed the worker, and the redelivered batch again).
-    The assessors resize to 512 px at most anyway."""
-    for i, image in enumerate(coil.images):
+    The assessors resize to 512 px at most anyway.
+
+    Only surface images are decoded: another kind (a gateway's edge camera, say) was checked by the parser, and
+    no assessor judges it."""
+    surface = [(i, image) for i, image in enumerate(coil.images) if image.kind == SURFACE]
+    for i, image in surface:
         if image.size is None or (image.format == "png" and image.pixels > MAX_SOURCE_PIXELS):
             raise RejectedMessage(
                 f"an image of {_megapixels(image.pixels)} is more than an image assessor decodes "
@@ -350,9 +355,9 @@ def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
                 f"images.{i}",
                 coil.coil_id,
             )
-    shares = decoded_shares([image.pixels for image in coil.images], MAX_DECODED_PIXELS)
+    shares = decoded_shares([image.pixels for _, image in surface], MAX_DECODED_PIXELS)
     decoded: list[np.ndarray] = []
-    for i, (image, share) in enumerate(zip(coil.images, shares, strict=True)):
+    for (i, image), share in zip(surface, shares, strict=True):
         assert image.size is not None  # refused above
         target = fit_within(image.size, share)
         try:

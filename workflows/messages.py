@@ -36,6 +36,11 @@ SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 1 << 20
 # Applied with fullmatch: under re.match a "$" also matches before a final newline, which let "C-1\n" through.
 COIL_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A line is a topic level (sensors/{line}/matrix, decisions/{line}): whatever MQTT allows there but the wildcards
+# and the separator, and no control characters; 64 at most, the column's width. "Linie-Ä" and "galv 1" are lines.
+LINE_PATTERN = re.compile(r"[^\x00-\x1f\x7f/+#]{1,64}")
+LINE_RULE = "1–64 characters, none of them / + # or a control character"
+SURFACE = "surface"  # the kind of image the image assessors judge (DESIGN §3)
 _DATE_AND_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")  # a prefix: pydantic's parser checks the rest
 _MATRIX_BYTES = N_SECTIONS * N_SENSORS * 4
 _NUMBER_TYPES = frozenset({float, int, type(None)})
@@ -76,10 +81,16 @@ class SurfaceImage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")  # as the envelope: a gateway adding a field must not stop the line
 
-    kind: str = Field("surface", max_length=32)
+    kind: str = Field(SURFACE, max_length=32)  # another kind is checked but not judged: no assessor knows it
     format: Literal["png", "jpeg", "jpg"] = "png"
     data: bytes = Field(alias="data_b64", repr=False)
     _size: tuple[int, int] | None = PrivateAttr(None)
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format(cls, value: object) -> object:
+        """ "PNG" as well as "png": what a file dialog or a camera's SDK calls the format."""
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("data", mode="before")
     @classmethod
@@ -127,10 +138,16 @@ class _Envelope(BaseModel):
     schema_: Literal[1] = Field(alias="schema")
     coil_id: str
     # pydantic applies ``pattern`` with the Rust regex engine, whose "$" is the end of the text only
-    line: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    line: str
     produced_at: datetime
     product: Product | None = None
     images: list[SurfaceImage] = Field(default_factory=list, max_length=16)
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _no_images(cls, value: object) -> object:
+        """``null`` is no images, as ``product: null`` is no product."""
+        return [] if value is None else value
 
     @field_validator("schema_", mode="before")
     @classmethod
@@ -145,6 +162,13 @@ class _Envelope(BaseModel):
     def _coil_id(cls, value: str) -> str:
         if not COIL_ID_PATTERN.fullmatch(value):
             raise ValueError("must be 1–64 characters of [A-Za-z0-9._-]")
+        return value
+
+    @field_validator("line")
+    @classmethod
+    def _line(cls, value: str) -> str:
+        if not LINE_PATTERN.fullmatch(value):
+            raise ValueError(f"must be {LINE_RULE}, got {_show(value)}")
         return value
 
     @field_validator("produced_at", mode="before")
@@ -196,16 +220,11 @@ def parse_coil_message(
         raise RejectedMessage(f"invalid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise RejectedMessage(f"expected a JSON object, got {type(doc).__name__}")
-    coil_id = doc.get("coil_id") if isinstance(doc.get("coil_id"), str) else None
-
+    coil_id = _valid_id(doc.get("coil_id"))  # a rejection names only an id that could be a coil's
     has_list, has_b64 = "thickness" in doc, "thickness_b64" in doc
-    if has_list == has_b64:
-        raise RejectedMessage("exactly one of thickness and thickness_b64 is required", "thickness", coil_id)
-    if has_list:
-        matrix = _matrix_from_lists(doc.pop("thickness"), coil_id)
-    else:
-        matrix = _matrix_from_b64(doc.pop("thickness_b64"), coil_id)
+    lists, b64 = doc.pop("thickness", None), doc.pop("thickness_b64", None)
 
+    # the envelope first: a message of another schema, or without an id, is refused for that, whatever its matrix
     try:
         envelope = _Envelope.model_validate(doc)
     except ValidationError as exc:
@@ -217,6 +236,9 @@ def parse_coil_message(
         raise RejectedMessage(err["msg"].removeprefix("Value error, "), field, coil_id) from None
     if topic_line is not None and envelope.line != topic_line:
         raise RejectedMessage(f"line {envelope.line!r} differs from the topic's {topic_line!r}", "line", coil_id)
+    if has_list == has_b64:
+        raise RejectedMessage("exactly one of thickness and thickness_b64 is required", "thickness", coil_id)
+    matrix = _matrix_from_lists(lists, coil_id) if has_list else _matrix_from_b64(b64, coil_id)
     if np.isnan(matrix).all():
         raise RejectedMessage("every reading is dropped (null)", "thickness", coil_id)
     return CoilMessage(
@@ -235,7 +257,10 @@ def coil_id_of(payload: bytes) -> str | None:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
-    value = doc.get("coil_id") if isinstance(doc, dict) else None
+    return _valid_id(doc.get("coil_id")) if isinstance(doc, dict) else None
+
+
+def _valid_id(value: object) -> str | None:
     return value if isinstance(value, str) and COIL_ID_PATTERN.fullmatch(value) else None
 
 
@@ -260,8 +285,10 @@ def _matrix_from_lists(rows: Any, coil_id: str | None) -> np.ndarray:
     if not types <= _NUMBER_TYPES:
         bad = sorted(t.__name__ for t in types - _NUMBER_TYPES)
         raise RejectedMessage(f"readings must be numbers or null, found {', '.join(bad)}", "thickness", coil_id)
-    matrix = np.array(rows, dtype=np.float32)  # null → NaN
-    return _finite_or_nan(matrix, coil_id, "thickness")
+    with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused below with its place
+        matrix = np.array(rows, dtype=np.float32)  # null → NaN
+    # JSON has no infinity (orjson refuses 1e400): one here is a finite number beyond float32's range
+    return _finite_or_nan(matrix, coil_id, "thickness", f"beyond float32's range (±{np.finfo(np.float32).max:.3g})")
 
 
 def _matrix_from_b64(data: Any, coil_id: str | None) -> np.ndarray:
@@ -281,10 +308,10 @@ def _matrix_from_b64(data: Any, coil_id: str | None) -> np.ndarray:
     return _finite_or_nan(matrix, coil_id, "thickness_b64")
 
 
-def _finite_or_nan(matrix: np.ndarray, coil_id: str | None, field: str) -> np.ndarray:
+def _finite_or_nan(matrix: np.ndarray, coil_id: str | None, field: str, what: str = "infinite") -> np.ndarray:
     if np.isinf(matrix).any():
         row, col = np.argwhere(np.isinf(matrix))[0]
-        raise RejectedMessage(f"infinite value at section {row}, sensor {col}", field, coil_id)
+        raise RejectedMessage(f"value at section {row}, sensor {col} is {what}", field, coil_id)
     return matrix
 
 

@@ -12,6 +12,7 @@ from services.api import queries
 from services.api.deps import WRITE_ERRORS, State, require_token
 from services.api.schemas import (
     COIL_ID_PATTERN,
+    LINE_PATTERN,
     CoilDetail,
     CoilPage,
     Error,
@@ -37,7 +38,7 @@ MAX_PAGE = 500
 )
 def list_coils(
     state: State,
-    line: Annotated[str | None, Query(pattern=COIL_ID_PATTERN, description="Line name, e.g. galv-1.")] = None,
+    line: Annotated[str | None, Query(pattern=LINE_PATTERN, description="Line name, e.g. galv-1.")] = None,
     status: Annotated[Literal["pending", "OK", "NOK"] | None, Query(description="Decision.")] = None,
     since: Annotated[UtcTime | None, Query(description="Received at or after (ISO 8601).")] = None,
     until: Annotated[UtcTime | None, Query(description="Received before (ISO 8601).")] = None,

@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
+from workflows.messages import LINE_PATTERN as LINE_PATTERN_RE
+
 COIL_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+LINE_PATTERN = f"^{LINE_PATTERN_RE.pattern}$"  # the CoilMessage's rule: "Linie-Ä" is a line
 CoilId = Annotated[str, StringConstraints(pattern=COIL_ID_PATTERN)]
 Label = Literal["OK", "NOK"]
 

@@ -403,6 +403,7 @@ def test_coils_are_filtered_and_paged_without_gaps_or_repeats(api: Api) -> None:
             for at in ("0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00")
         ]
         bad_time = client.get("/coils", params={"since": "yesterday"})
+        lines = [client.get("/coils", params={"line": line}) for line in ("Linie-Ä", "galv 1", "a/b", "L" * 65)]
         with_matrix = client.get("/coils/C-2026-000003", params={"matrix": "true"}).json()
         missing = client.get("/coils/C-2026-424242")
     expected = [f"C-2026-{i:06d}" for i in reversed(range(N_COILS)) if i % 3]
@@ -412,6 +413,8 @@ def test_coils_are_filtered_and_paged_without_gaps_or_repeats(api: Api) -> None:
     assert bad_cursor.status_code == 400 and "cursor" in bad_cursor.json()["detail"]
     assert [r.status_code for r in forged] == [400, 400]
     assert bad_time.status_code == 422
+    # a line as the CoilMessage allows it (no coils on these), and what no CoilMessage could carry
+    assert [r.status_code for r in lines] == [200, 200, 422, 422] and lines[0].json()["items"] == []
     rows = with_matrix["matrix"]
     assert len(rows) == 264 and len(rows[0]) == 18 and rows[0][0] is None and rows[0][1] == 140
     assert missing.status_code == 404 and "C-2026-424242" in missing.json()["detail"]

@@ -310,6 +310,23 @@ def _with_image(raw: RawMessage, side: int = 8, count: int = 1, shade: int = 200
     return RawMessage(raw.topic, orjson.dumps(doc), raw.received_at)
 
 
+def test_an_image_of_another_kind_is_not_judged_as_a_surface(serving: ServingEnsemble) -> None:
+    """An image assessor knows surfaces: a gateway's other camera (an edge view) beside the surface is checked
+    and left out, and a coil with nothing but such images is one no image model can judge."""
+    import base64
+
+    sizes = Sizes()
+    surface = _with_image(_coil("S"), side=8)
+    doc = orjson.loads(surface.payload)
+    doc["images"] = [{**doc["images"][0], "kind": "edge", "data_b64": base64.b64encode(_png_header(5, 7)).decode()}]
+    edge_only = RawMessage(surface.topic, orjson.dumps({**doc, "coil_id": "E"}), surface.received_at)
+    doc["images"].append(orjson.loads(surface.payload)["images"][0])
+    both = RawMessage(surface.topic, orjson.dumps({**doc, "coil_id": "B"}), surface.received_at)
+    result = AssessCoils(MemoryStore(), TOPICS).process([both, edge_only], _serving(sizes))
+    assert [d.coil_id for d in result.decided] == ["B"] and sizes.shapes == [[(8, 8)]]
+    assert [(r.coil_id, r.field) for r in result.rejected] == [("E", "images")]
+
+
 class Sizes(Brightness):
     """Records the decoded images' shapes."""
 

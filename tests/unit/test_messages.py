@@ -188,8 +188,50 @@ def test_a_coil_id_with_a_line_break_is_refused(matrix: np.ndarray, coil_id: str
     assert error.field == "coil_id" and "[A-Za-z0-9._-]" in error.reason
 
 
-def test_a_line_with_a_line_break_is_refused(matrix: np.ndarray) -> None:
-    assert _refusal(orjson.dumps(_doc(matrix, line="galv-1\n"))).field == "line"
+@pytest.mark.parametrize("line", ["galv-1\n", "galv/1", "galv+", "#", "", "L" * 65, "galv\x00"])
+def test_a_line_that_cannot_be_one_topic_level_is_refused(matrix: np.ndarray, line: str) -> None:
+    """The line becomes a level of decisions/{line}: a separator, a wildcard or a control character in it would
+    publish elsewhere or nowhere; 64 characters is the column's width."""
+    error = _refusal(orjson.dumps(_doc(matrix, line=line)))
+    assert error.field == "line" and "none of them / + #" in error.reason, error.reason
+
+
+@pytest.mark.parametrize("line", ["Linie-Ä", "galv 1", "L" * 64, "冷轧-3"])
+def test_a_line_may_be_named_as_the_plant_names_it(matrix: np.ndarray, line: str) -> None:
+    """DESIGN restricts the coil id, not the line: a gateway naming its line "Linie-Ä" must not have every coil
+    refused."""
+    assert parse_coil_message(orjson.dumps(_doc(matrix, line=line)), topic_line=line).line == line
+
+
+def test_a_refusal_names_no_coil_id_that_could_not_be_a_coil(matrix: np.ndarray) -> None:
+    """The rejection's coil_id is what tools join to ``coils``: a malformed or 100 kB id is not echoed back."""
+    for coil_id in ("C 1", "C" * 100_000, "C-1\n"):
+        assert _refusal(orjson.dumps(_doc(matrix, coil_id=coil_id))).coil_id is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [({"schema": 2}, "schema"), ({"coil_id": None}, "coil_id"), ({"produced_at": "yesterday"}, "produced_at")],
+)
+def test_the_envelope_is_judged_before_the_matrix(matrix: np.ndarray, changes: dict, field: str) -> None:
+    """A message of another schema, or without an id, is refused for that, not for a matrix it may well lay out
+    differently: tools sort rejections by ``field``."""
+    assert _refusal(orjson.dumps(_doc(matrix, thickness=[[1.0] * 18] * 3, **changes))).field == field
+
+
+def test_a_number_beyond_float32_is_not_called_infinite(matrix: np.ndarray) -> None:
+    doc = orjson.loads(encode_coil_message("C-1", "galv-1", AT, matrix))
+    doc["thickness"][3][5] = 1e39  # finite in JSON, infinite once float32
+    error = _refusal(orjson.dumps(doc))
+    assert error.field == "thickness" and error.reason == (
+        "value at section 3, sensor 5 is beyond float32's range (±3.4e+38)"
+    )
+
+
+def test_images_null_is_no_images_and_the_format_is_read_in_any_case(matrix: np.ndarray) -> None:
+    assert parse_coil_message(orjson.dumps(_doc(matrix, images=None))).images == []
+    image = parse_coil_message(orjson.dumps(_doc(matrix, images=[_image(PNG_B64, "PNG")]))).images[0]
+    assert image.format == "png"
 
 
 def test_product_numbers_may_be_integers_or_decimals(matrix: np.ndarray) -> None:
