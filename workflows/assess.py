@@ -192,7 +192,7 @@ class AssessCoils:
         although the store may not say so yet (the mark is written with the next batch): a coil sent again
         meanwhile is a duplicate, not a coil to announce once more."""
         result = BatchResult()
-        fresh: dict[str, tuple[RawMessage, CoilMessage, list[np.ndarray]]] = {}
+        parsed: list[tuple[RawMessage, CoilMessage, list[np.ndarray]]] = []
         for raw in messages:
             line = self.topics.line_of(raw.topic)
             try:
@@ -203,19 +203,29 @@ class AssessCoils:
             except RejectedMessage as exc:
                 self._reject(result, raw, exc, line)
                 continue
-            if coil.coil_id in fresh:
-                result.duplicates.append(coil.coil_id)
-            else:
-                fresh[coil.coil_id] = (raw, coil, images)
+            parsed.append((raw, coil, images))
 
-        if fresh:
-            for coil_id, stored in self.store.decided(list(fresh)).items():
-                del fresh[coil_id]
-                if stored.published or coil_id in announced:
-                    result.duplicates.append(coil_id)
-                else:  # decided before a crash, never announced: announce the stored decision
-                    result.republished.append(coil_id)
-                    self._queue_decision(result, _decision_from_stored(stored), new=False)
+        stored = self.store.decided(list(dict.fromkeys(coil.coil_id for _, coil, _ in parsed))) if parsed else {}
+        fresh: dict[str, tuple[RawMessage, CoilMessage, list[np.ndarray]]] = {}
+        answered: set[str] = set()  # stored coils whose copy in this batch has been dealt with
+        for raw, coil, images in parsed:
+            coil_id, known = coil.coil_id, stored.get(coil.coil_id)
+            first = fresh[coil_id][1] if coil_id in fresh else None
+            if known is not None and (why := _reused(coil, known.line, known.matrix)) is not None:
+                why += f" (decided at {known.decided_at:%Y-%m-%d %H:%M:%S} UTC){OWN_ID}"
+                self._reject(result, raw, RejectedMessage(why, "coil_id", coil_id), self.topics.line_of(raw.topic))
+            elif first is not None and (why := _reused(coil, first.line, first.thickness)) is not None:
+                why += f" earlier in this batch{OWN_ID}"
+                self._reject(result, raw, RejectedMessage(why, "coil_id", coil_id), self.topics.line_of(raw.topic))
+            elif known is None and first is None:
+                fresh[coil_id] = (raw, coil, images)
+            elif known is None or coil_id in answered or known.published or coil_id in announced:
+                answered.add(coil_id)
+                result.duplicates.append(coil_id)
+            else:  # decided before a crash, never announced: announce the stored decision
+                answered.add(coil_id)
+                result.republished.append(coil_id)
+                self._queue_decision(result, _decision_from_stored(known), new=False)
         prepared = Prepared(result, model_ids=serving.model_ids)
         if fresh:
             self._assess(prepared, list(fresh.values()), serving)
@@ -315,6 +325,22 @@ def stored_announcements(store: CoilStore, topics: Topics, coil_ids: Sequence[st
         for stored in (decided[coil_id] for coil_id in coil_ids if coil_id in decided)
         if not stored.published
     ]
+
+
+OWN_ID = ": each coil needs an id of its own; this one is not assessed"
+
+
+def _reused(coil: CoilMessage, line: str, matrix: np.ndarray | None) -> str | None:
+    """Why ``coil`` is not the coil already known by its id (on ``line``, read as ``matrix``), or None when it is.
+
+    A copy of a coil (QoS 1 redelivery, a gateway sending again after a restart) is a duplicate and goes
+    unanswered. Another coil under a used id (a gateway whose counter started over, two lines numbering alike)
+    would go the same way, and its readings never be judged: it is refused, saying so."""
+    if coil.line != line:
+        return f"coil id already used by a coil of line {line!r}"
+    if matrix is not None and not np.array_equal(coil.thickness, matrix, equal_nan=True):
+        return "coil id already used by a coil with other readings"
+    return None
 
 
 def _decision_from_stored(stored: StoredDecision) -> Decision:

@@ -62,6 +62,7 @@ class StoredDecision:
     published: bool
     votes: Sequence[MemberVote]
     received_at: datetime | None = None  # with ``decided_at``, the latency the decision is announced with
+    matrix: np.ndarray | None = None  # the readings it was decided on: a coil sent again must carry the same
 
 
 class CoilStore(Protocol):

@@ -128,6 +128,7 @@ class SqlCoilStore:
                     coils.c.decided_at,
                     coils.c.received_at,
                     coils.c.published_at,
+                    coils.c.matrix,
                 ).where(coils.c.coil_id.in_(list(coil_ids)), coils.c.status != "pending")
             ).all()
             unpublished = [r.coil_id for r in rows if r.published_at is None]
@@ -143,6 +144,7 @@ class SqlCoilStore:
                 published=r.published_at is not None,
                 votes=votes.get(r.coil_id, ()),
                 received_at=r.received_at,
+                matrix=matrix_from_bytes(r.matrix) if r.matrix is not None else None,
             )
             for r in rows
         }

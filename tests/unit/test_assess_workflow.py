@@ -44,6 +44,7 @@ class MemoryStore:
                 c.coil_id in self.published,
                 c.votes,
                 c.received_at,
+                c.matrix,
             )
             for cid in coil_ids
             if (c := self.coils.get(cid))
@@ -123,9 +124,31 @@ def test_a_coil_is_decided_once(serving: ServingEnsemble) -> None:
     first = workflow.process([_coil("A"), _coil("A")], serving)
     assert len(first.decided) == 1 and first.duplicates == ["A"]
     store.mark_published(first.to_mark_published)
-    again = workflow.process([_coil("A", thin=True)], serving)  # republished, even with other readings
+    again = workflow.process([_coil("A")], serving)  # a QoS 1 redelivery
     assert again.decided == [] and again.duplicates == ["A"] and again.publish == []
     assert store.coils["A"].label == "OK" and len(store.votes) == 1
+
+
+def test_another_coil_under_a_used_id_is_refused_saying_so(serving: ServingEnsemble) -> None:
+    """A gateway whose counter started over, or two lines numbering alike: the new coil was dropped as a copy
+    of the old one, silently, and its readings never judged. It is refused on the rejected topic, the stored
+    decision untouched; a true copy is still a quiet duplicate."""
+    store = MemoryStore()
+    workflow = AssessCoils(store, TOPICS)
+    first = workflow.process([_coil("A"), _coil("A", thin=True), _coil("A")], serving)
+    assert [d.coil_id for d in first.decided] == ["A"] and first.duplicates == ["A"]
+    [in_batch] = first.rejected
+    assert (in_batch.coil_id, in_batch.field) == ("A", "coil_id") and "other readings earlier in this batch" in (
+        in_batch.reason
+    )
+    store.mark_published(first.to_mark_published)
+    later = workflow.process([_coil("A", thin=True), _coil("A", line="galv-2"), _coil("A")], serving)
+    assert later.decided == [] and later.duplicates == ["A"]
+    assert [(r.coil_id, r.field) for r in later.rejected] == [("A", "coil_id")] * 2
+    assert "with other readings (decided at " in later.rejected[0].reason
+    assert "used by a coil of line 'galv-1'" in later.rejected[1].reason
+    assert [o.topic for o in later.publish] == ["cg/rejected/galv-1", "cg/rejected/galv-2"]
+    assert store.coils["A"].label == "OK" and store.coils["A"].line == "galv-1" and len(store.votes) == 1
 
 
 def test_a_coil_sent_again_before_its_mark_is_written_is_not_announced_twice(serving: ServingEnsemble) -> None:
