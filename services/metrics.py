@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -85,14 +87,60 @@ METRICS = _Metrics()
 
 _SERVED: set[int] = set()
 
+Probe = Callable[[], str | None]  # None: fine; otherwise why not, for the probe's body and `kubectl describe`
+_PROBES: dict[str, Probe] = {}
+
+
+def set_probes(*, live: Probe | None = None, ready: Probe | None = None) -> None:
+    """What ``/health/live`` and ``/health/ready`` on the metrics port report (a process that set none answers
+    200 to both: it is up). ``coilguard up`` runs AssessCoils again in the same process: the new worker's probes
+    replace the old one's."""
+    for name, probe in (("live", live), ("ready", ready)):
+        if probe is None:
+            _PROBES.pop(name, None)
+        else:
+            _PROBES[name] = probe
+
 
 def serve_metrics(port: int) -> None:
-    """Expose this process's metrics on ``:port/metrics`` (workers and the scheduler; the API has its own).
+    """Expose this process's metrics on ``:port/metrics`` and its probes on ``/health/live`` and ``/health/ready``
+    (workers and the scheduler; the API has its own).
+
+    The probes are what Kubernetes restarts or routes by: ``/metrics`` answers as soon as the process is up,
+    also while its worker waits for a model that never loads or after its loop hung, and a rollout judged by it
+    would move on from pod to pod onto the same fault.
 
     Once per port: ``coilguard up`` starts AssessCoils again after an outage, in the same process.
     """
     if port and port not in _SERVED:
-        from prometheus_client import start_http_server
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-        start_http_server(port)
+        from prometheus_client import make_wsgi_app
+
+        class Server(ThreadingMixIn, WSGIServer):
+            daemon_threads = True  # a scrape in progress does not hold the process at exit
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                """Not a line on stderr per scrape and probe."""
+
+        server = make_server("0.0.0.0", port, _with_probes(make_wsgi_app()), Server, Quiet)
+        threading.Thread(target=server.serve_forever, name=f"metrics-{port}", daemon=True).start()
         _SERVED.add(port)
+
+
+def _with_probes(metrics: Callable) -> Callable:
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/health/live", "/health/ready"):
+            return metrics(environ, start_response)
+        probe = _PROBES.get(path.rsplit("/", 1)[1])
+        try:
+            why = probe() if probe is not None else None
+        except Exception as exc:  # a probe that fails says so, as a failed probe
+            why = f"the probe failed: {type(exc).__name__}: {exc}"
+        start_response("200 OK" if why is None else "503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [(why or "ok").encode() + b"\n"]
+
+    return app

@@ -234,10 +234,11 @@ def run_scheduler(settings: Settings) -> None:
     """Until SIGTERM or Ctrl-C; then ``stopping`` is set and the process keeps its heartbeat row until the
     running job (a ReTrain finishing its epoch) is done. The scheduler loops on a thread so that the main
     thread, where signals arrive, holds no lock of its own when one does."""
-    from services.metrics import serve_metrics
+    from services.metrics import serve_metrics, set_probes
 
     scheduler = build_scheduler(settings)
     stop = StopSignals().install()
+    set_probes(ready=lambda: None if scheduler.running else "waiting for the database at this release's schema")
     serve_metrics(settings.metrics_port)
     if not wait_for_schema(settings, stop):
         return

@@ -34,7 +34,7 @@ from services.config import Settings
 from services.db.engine import make_engine
 from services.db.repositories import SqlCoilStore, SqlModelRegistry
 from services.heartbeat import Heartbeat
-from services.metrics import METRICS, serve_metrics
+from services.metrics import METRICS, serve_metrics, set_probes
 from services.mqtt.client import ConnectCancelled, Inbound, MqttClient, forget_session
 from services.runtime import mqtt_client, topics
 from services.signals import SIGNAL_POLL_S, StopSignals
@@ -60,6 +60,12 @@ ANNOUNCED_MEMORY = 4096  # coils whose decision was published, remembered until 
 JOIN_ON_ERROR_S = 30.0  # run() interrupted on the main thread: how long it waits for the worker to stop
 MODEL_WAIT_S = 5.0  # with no active model yet, look at the registry again this often
 RETIRE_IDLE_S = 3.0  # a retiring worker is done when its session has delivered nothing for this long
+# A loop of the worker (its thread, the committer) that has not come round for this long is hung: /health/live says
+# so and Kubernetes restarts the pod. Every wait in them is in slices of at most BEAT_S, a database outage's
+# retries included, so only a hang (a deadlock, a call that never returns) goes this long; loading the ensemble
+# takes seconds to a minute.
+LIVE_S = 300.0
+BEAT_S = 5.0
 # What one coil's own values can make the database refuse. Every other database error is the database's state
 # (unreachable, read-only after a failover, a permission revoked, the schema behind), which no coil caused: the
 # worker waits it out with the batch in hand instead of rejecting every coil as "could not be stored".
@@ -140,6 +146,7 @@ class AssessWorker:
         self._held_tried = -math.inf
         # at most two voted batches wait for the committer: enough to overlap, little to redo after a crash
         self._pending: queue.Queue[tuple[list[Inbound], Prepared, float] | None] = queue.Queue(maxsize=2)
+        self._beats: dict[str, float] = {}  # thread name → when its loop last came round (time.monotonic())
         self._reload = threading.Event()
         # coils the committer has announced, for the worker thread to tell a re-sent coil from one to announce
         self._announced = RecentCoils(ANNOUNCED_MEMORY)
@@ -206,6 +213,7 @@ class AssessWorker:
         sys.setswitchinterval(self.settings.gil_switch_ms / 1000)
         self.loader.shards = share_threads(self.settings.inference_shards, self.settings.torch_threads)
         if not self.retire:  # a retiring worker is run by hand, often inside a pod whose own worker has the port
+            set_probes(live=self._liveness, ready=self._readiness)
             serve_metrics(self.settings.metrics_port)
         # subscribed before any model is there: the broker keeps the coils of a fresh install for the session
         try:
@@ -245,10 +253,11 @@ class AssessWorker:
         drained = False
         try:
             while not self.stopping.is_set():
+                self._beat()
                 self._maybe_reload()
                 batch = self._collect()
                 if batch:
-                    self._pending.put(self._prepare(batch))
+                    self._hand_over(self._prepare(batch))
                 elif self.retire and self._drained():
                     drained = True
                     break
@@ -257,7 +266,7 @@ class AssessWorker:
             left = self._inbox.qsize() if self._failure is None else 0
             while left > 0 and (batch := self._collect(wait=False, limit=left)):
                 left -= len(batch)
-                self._pending.put(self._prepare(batch))
+                self._hand_over(self._prepare(batch))
         except _Stopped:
             log.warning("stopped while the database was unreachable; unacknowledged coils will be redelivered")
         finally:
@@ -285,6 +294,38 @@ class AssessWorker:
         throw that away."""
         quiet = time.monotonic() - max(self._last_inbound, self._last_acked)
         return self._pending.unfinished_tasks == 0 and quiet > RETIRE_IDLE_S and not self._held
+
+    def _beat(self) -> None:
+        self._beats[threading.current_thread().name] = time.monotonic()
+
+    def _hand_over(self, item: tuple[list[Inbound], Prepared, float]) -> None:
+        """To the committer; waiting for room in slices, each a beat: a committer riding out a database outage
+        holds the worker thread here, and that is a wait, not a hang."""
+        while True:
+            self._beat()
+            try:
+                return self._pending.put(item, timeout=BEAT_S)
+            except queue.Full:
+                continue
+
+    def _liveness(self) -> str | None:
+        """/health/live: None while every loop comes round; otherwise which has not, for how long."""
+        now = time.monotonic()
+        hung = {name: now - at for name, at in list(self._beats.items()) if now - at > LIVE_S}
+        if not hung or self.stopping.is_set():  # a stopping worker's loops end on purpose
+            return None
+        return "no progress for " + ", ".join(f"{s:.0f} s in thread {name}" for name, s in sorted(hung.items()))
+
+    def _readiness(self) -> str | None:
+        """/health/ready: subscribed with an ensemble that loaded. A StatefulSet's rollout waits for it pod by pod,
+        so a release whose models do not load stops at its first pod while the others keep assessing."""
+        if self.stopping.is_set():
+            return "stopping"
+        if not self.subscribed.is_set():
+            return "connecting to the broker"
+        if not self.ready.is_set():
+            return "waiting for the registry's active models to load (`coilguard models`; the log says why)"
+        return None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -439,10 +480,12 @@ class AssessWorker:
         unconfirmed = False  # stopping, and the broker never confirmed: later batches are not waited for either
         while True:
             try:
+                self._beat()
                 idle = unmarked or self._held
-                item = self._pending.get(timeout=MARK_IDLE_S) if idle else self._pending.get()
+                item = self._pending.get(timeout=MARK_IDLE_S if idle else BEAT_S)
             except queue.Empty:
-                unmarked = self._mark_published(unmarked + self._retry_held())
+                if idle:
+                    unmarked = self._mark_published(unmarked + self._retry_held())
                 continue
             if item is None:
                 self._ended = True
@@ -629,6 +672,7 @@ class AssessWorker:
         """Run ``action``; while the database is unreachable, wait and try again (never give up a batch)."""
         delay = 0.5
         while True:
+            self._beat()
             if self._gave_up:  # stopping with the database away: no more attempts, each could take a connect timeout
                 raise _Stopped
             try:

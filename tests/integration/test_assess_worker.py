@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import numpy as np
 import orjson
 import pytest
@@ -681,16 +682,35 @@ def test_a_worker_started_before_any_model_waits_subscribed_and_loses_no_coil(
     pg_database_factory: Callable[[], str], mqtt_url: str, topic_prefix: str, tmp_path: Path, trained_cnns: list
 ) -> None:
     """A fresh install: the worker starts before anybody trained a model. It must neither exit (a restart
-    loop, with nobody subscribed meanwhile) nor drop the coils that arrive before the first model."""
-    with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/no-model", tmp_path) as env:
+    loop, with nobody subscribed meanwhile) nor drop the coils that arrive before the first model. Its probes say
+    so: live, not ready, until the model loads (a rollout waits on that); a loop that stops coming round makes it
+    not live."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    probe = f"http://127.0.0.1:{port}/health"
+    with assess_env(pg_database_factory(), mqtt_url, f"{topic_prefix}/no-model", tmp_path, metrics_port=port) as env:
         coils = _coils(10, "W")
         with env.worker(ready=False) as worker:
             publish_coils(env.publisher, env.topics, coils)
             time.sleep(1.0)
             assert env.running(worker) and not worker.ready.is_set() and env.coils() == 0
+            waiting = httpx.get(f"{probe}/ready")
+            assert waiting.status_code == 503 and "waiting for the registry's active models" in waiting.text
+            assert httpx.get(f"{probe}/live").status_code == 200
             _promote(env, env.register(trained_cnns[0]))
             assert worker.ready.wait(30), "the first model was not picked up"
             assert wait_for(lambda: env.coils() == 10, timeout=30), env.coils()
+            assert httpx.get(f"{probe}/ready").text == "ok\n"
+            assert "coilguard_coils_assessed_total" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            time.sleep(6)  # idle: the committer's loop still comes round, every 5 s
+            assert {"assess-worker", "assess-commit"} <= set(worker._beats)
+            assert max(time.monotonic() - at for at in worker._beats.values()) < 5.5
+            worker._beats["assess-stuck"] = time.monotonic() - 400  # a loop that hung in a call 6 minutes ago
+            hung = httpx.get(f"{probe}/live")
+            assert hung.status_code == 503 and "in thread assess-stuck" in hung.text, hung.text
+            del worker._beats["assess-stuck"]
+            assert httpx.get(f"{probe}/live").status_code == 200
         assert sorted(d["coil_id"] for d in env.listener.decisions) == sorted(c.coil_id for c in coils)
 
 
