@@ -35,7 +35,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MqttUrl:
-    """A parsed ``MQTT_URL``: ``mqtt://[user[:pass]@]host[:port][?client_id=…]``, ``mqtts://…`` or ``embedded``.
+    """A parsed ``MQTT_URL``: ``mqtt://[user[:pass]@]host[:port][?client_id=…]``, ``mqtts://…[?ca=/path/ca.pem]``
+    or ``embedded``.
+
+    ``ca``: the PEM file of the certificate authorities a TLS broker's certificate is checked against, for a plant
+    CA the image's system store does not hold (without it, only those are trusted).
 
     ``embedded`` runs an in-process broker (amqtt) on ``embedded_port``; amqtt speaks MQTT 3.1.1 only,
     so clients fall back to v3.1.1 and plain subscriptions there.
@@ -48,6 +52,7 @@ class MqttUrl:
     password: str | None = field(default=None, repr=False)  # never in a log line
     client_id: str | None = None
     tls_insecure: bool = False
+    ca: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -74,6 +79,11 @@ class MqttUrl:
             if _credentials_misread(raw, parts):  # the real cause, not what the parser tripped over after it
                 raise ValueError(f"cannot read {shown!r}: {PERCENT_ENCODE_HINT}") from None
             raise ValueError(f"{shown!r}: {exc}") from None
+        ca = query.get("ca") or None
+        if ca is not None and parts.scheme != "mqtts":
+            raise ValueError(f"{shown!r}: ca= is for a TLS broker (mqtts://)")
+        if ca is not None and not Path(ca).is_file():
+            raise ValueError(f"{shown!r}: the CA file {ca} is not there (mount it, or correct the path)")
         default_port = 8883 if parts.scheme == "mqtts" else (18830 if parts.scheme == "embedded" else 1883)
         return cls(
             scheme=parts.scheme,  # type: ignore[arg-type]
@@ -83,6 +93,7 @@ class MqttUrl:
             password=unquote(parts.password) if parts.password else None,
             client_id=query.get("client_id"),
             tls_insecure=query.get("tls_insecure", "false").lower() in ("1", "true", "yes"),
+            ca=ca,
         )
 
     def redacted(self) -> str:
@@ -96,7 +107,7 @@ PERCENT_ENCODE_HINT = (
     "a user name or password with special characters (: / ? # @ % or spaces) must be percent-encoded, "
     "e.g. %2F for /, %40 for @, %3A for :"
 )
-MQTT_OPTIONS = ("client_id", "tls_insecure")
+MQTT_OPTIONS = ("client_id", "tls_insecure", "ca")
 
 
 def masked_url(raw: str) -> str:
@@ -133,7 +144,7 @@ def _mqtt_port(parts: SplitResult) -> int | None:
 
 
 def _mqtt_options(query: str) -> dict[str, str]:
-    """The ``?client_id=…&tls_insecure=…`` options; anything else is refused rather than ignored."""
+    """The ``?client_id=…&tls_insecure=…&ca=…`` options; anything else is refused rather than ignored."""
     options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     unknown = set(options) - set(MQTT_OPTIONS)
     if unknown:

@@ -104,7 +104,9 @@ class MqttClient:
         if self.url.username:
             self._client.username_pw_set(self.url.username, self.url.password)
         if self.url.tls:
-            self._client.tls_set(cert_reqs=ssl.CERT_NONE if self.url.tls_insecure else ssl.CERT_REQUIRED)
+            self._client.tls_set(
+                ca_certs=self.url.ca, cert_reqs=ssl.CERT_NONE if self.url.tls_insecure else ssl.CERT_REQUIRED
+            )
             self._client.tls_insecure_set(self.url.tls_insecure)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.max_queued_messages_set(0)  # while disconnected, keep outgoing messages, never drop

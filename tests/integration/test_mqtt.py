@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
+
+import pytest
 
 from services.mqtt.client import Inbound, MqttClient
 
@@ -188,3 +194,62 @@ def test_an_acknowledgement_for_a_session_the_broker_forgot_is_not_sent_into_the
         assert again[0].payload == b"new"
         c.ack(again[0])
     MqttClient(mqtt_url, client_id=client_id).connect().close()
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A plant CA and a broker certificate it signed for 127.0.0.1 (the CA file, the broker's cert and key)."""
+    ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "broker.key", "broker.csr", "broker.pem"))
+    ext = folder / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2", "-subj",
+         "/CN=coilguard test plant CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
+         "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+def test_a_broker_certified_by_a_plant_ca_is_trusted_through_the_url(tmp_path: Path) -> None:
+    """`mqtts://…?ca=/path/ca.pem`: a real Mosquitto with a TLS listener whose certificate a CA of the test's own
+    signed. Without `ca=` the client refuses it (the system store does not know that CA), with it the round trip
+    works, and certificate checking stays on."""
+    mosquitto = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).is_file()), None)
+    if mosquitto is None or shutil.which("openssl") is None:
+        pytest.skip("needs the mosquitto and openssl programs to run a TLS broker of its own")
+    ca, cert, key = _tls_files(tmp_path)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+        "persistence false\n" + ("user root\n" if os.geteuid() == 0 else "")
+        # started as root, Mosquitto would read them as its own user, `mosquitto`, barred from pytest's folders
+    )
+    broker = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if not _wait_for(lambda: _port_open(port), timeout=10):
+            broker.terminate()
+            pytest.fail(f"the TLS broker did not start: {broker.communicate(timeout=10)[1].decode()[-1500:]}")
+        with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            MqttClient(f"mqtts://127.0.0.1:{port}").connect(timeout=2)
+        url = f"mqtts://127.0.0.1:{port}?ca={ca}"
+        got: list[Inbound] = []
+        with MqttClient(url, on_message=got.append) as sub, MqttClient(url) as pub:
+            sub.subscribe("plant/tls")
+            time.sleep(0.2)
+            pub.publish("plant/tls", b"over TLS")
+            assert pub.flush(5) and _wait_for(lambda: len(got) == 1)
+        assert got[0].payload == b"over TLS"
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0

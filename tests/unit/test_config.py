@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -216,3 +217,16 @@ def test_a_database_password_with_an_unencoded_at_sign_is_explained() -> None:
     assert "postgresql+psycopg://anna:***@db:abc/cg" in refusal(database_url="postgresql://anna:pw@db:abc/cg")
     ok = load_settings(_env_file=None, database_url="postgresql://anna:s3cr%40et@db/coilguard")
     assert ok.database_url == "postgresql+psycopg://anna:s3cr%40et@db/coilguard"
+
+
+def test_a_plant_ca_is_named_in_the_url_and_must_be_there(tmp_path: Path) -> None:
+    """A broker certified by the plant's own CA: without a way to name it, every pod failed with "certificate
+    verify failed", and the only way out was `tls_insecure`."""
+    ca = tmp_path / "plant-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert MqttUrl.parse(f"mqtts://anna@broker?ca={ca}").ca == str(ca)
+    assert MqttUrl.parse("mqtts://anna@broker").ca is None
+    with pytest.raises(ValueError, match="is not there"):
+        MqttUrl.parse(f"mqtts://broker?ca={tmp_path / 'missing.pem'}")
+    with pytest.raises(ValueError, match="for a TLS broker"):
+        MqttUrl.parse(f"mqtt://broker?ca={ca}")
