@@ -307,3 +307,20 @@ def full_report_since(engine: Engine, since: datetime, window: timedelta) -> boo
     query = select(drift_reports.c.window_start, drift_reports.c.window_end).where(drift_reports.c.created_at >= since)
     with engine.connect() as conn:
         return any(r.window_end - r.window_start >= window for r in conn.execute(query))
+
+
+def restore_drift_gauge(engine: Engine) -> float | None:
+    """The latest report's share of drifted features, put back into ``coilguard_drift_share`` as the scheduler
+    starts: otherwise the gauge read 0 from every restart until the next daily report, and the drift alert
+    resolved with it while the line was as drifted as before. None (the gauge untouched) before any report."""
+    query = (
+        select(drift_reports.c.share_drifted)
+        .where(drift_reports.c.share_drifted.is_not(None))
+        .order_by(drift_reports.c.created_at.desc(), drift_reports.c.id.desc())
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        share = conn.execute(query).scalar()
+    if share is not None:
+        METRICS.drift_share.set(share)
+    return share

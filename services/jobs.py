@@ -7,6 +7,7 @@ import logging
 import math
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -34,10 +35,15 @@ def score_rule(settings: Settings) -> ScoreRule:
 
 def run_score(settings: Settings, engine: Engine | None = None) -> list[ScoredModel]:
     with engine_for(settings.database_url, engine) as engine:
-        scored = score_models(SqlScoreStore(engine), score_rule(settings), window=settings.score_window)
+        store = SqlScoreStore(engine)
+        scored = score_models(store, score_rule(settings), window=settings.score_window, now=(now := datetime.now(UTC)))
+        since = store.below_since([s.row.model_id for s in scored if s.below_threshold])
     METRICS.score.clear()  # a name no longer active keeps no score
+    METRICS.below_rule_seconds.clear()
     for s in scored:  # a version promoted since its name's last score has none yet: NaN, not its predecessor's
         METRICS.score.labels(s.row.name).set(s.row.score if s.row.score is not None else math.nan)
+        began = since.get(s.row.model_id) if s.below_threshold else None
+        METRICS.below_rule_seconds.labels(s.row.name).set((now - began).total_seconds() if began else 0.0)
     return scored
 
 

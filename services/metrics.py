@@ -61,6 +61,12 @@ class _Metrics:
         self.score = Gauge(
             "coilguard_model_score", "Latest ModelScore of the active version (NaN until it has feedback)", ["model"]
         )
+        self.below_rule_seconds = Gauge(
+            "coilguard_model_below_score_rule_seconds",
+            "How long the active version's ModelScore has broken the score rule without a break, from its rows in "
+            "mperformance (0 when it does not); survives a restart, unlike a `for:` on the score",
+            ["model"],
+        )
         self.feedback = Counter("coilguard_feedback_total", "Operator verdicts received", ["label", "source"])
         self.drift_reports = Counter("coilguard_drift_reports_total", "Drift report runs by outcome", ["outcome"])
         self.drift_share = Gauge("coilguard_drift_share", "Share of drifted features in the latest drift report")

@@ -88,8 +88,9 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
         **(extra_jobs or {}),
     }
     for name, (job, trigger) in jobs.items():
-        # the announce pass also at the start: what a restart left waiting goes out, and its gauge reads true
-        first = {"next_run_time": datetime.now(UTC)} if name == "announce" else {}
+        # the announce pass and ModelScore also at the start: what a restart left waiting goes out, and their gauges
+        # (unannounced decisions, scores, how long a model has broken the rule) read true at once, not one period on
+        first = {"next_run_time": datetime.now(UTC)} if name in ("announce", "score") else {}
         scheduler.add_job(
             _guarded(name, job), trigger, args=[settings], id=name, name=name, misfire_grace_time=3600, **first
         )
@@ -123,14 +124,13 @@ def catch_up_drift(
     restart would turn one failed report a day into a crash loop that starves ModelScore.
     """
     from services.db.engine import engine_for
-    from services.drift import full_report_since, write_atomic
+    from services.drift import full_report_since, restore_drift_gauge, write_atomic
 
     now = now or datetime.now(UTC)
     due = last_fire_time(trigger, now)
-    if due is None:
-        return None
     with engine_for(settings.database_url) as engine:
-        if full_report_since(engine, due, settings.drift_window):
+        restore_drift_gauge(engine)  # the last report's figure, until this one or the next is written
+        if due is None or full_report_since(engine, due, settings.drift_window):
             return None
     mark = catch_up_mark(settings)
     began = _began_before(mark, due)

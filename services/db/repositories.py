@@ -631,6 +631,30 @@ class SqlScoreStore:
                 ],
             )
 
+    def below_since(self, model_ids: Sequence[int]) -> dict[int, datetime]:
+        """For each of these versions, when its present unbroken run of scores that broke the rule began, within its
+        present time in service; a version whose latest score keeps the rule is left out. Index lookups only: the
+        last row that kept the rule, then the first after it."""
+        since: dict[int, datetime] = {}
+        with self.engine.connect() as conn:
+            for model_id in model_ids:
+                promoted_at = conn.execute(select(models.c.promoted_at).where(models.c.id == model_id)).scalar()
+                served = [mperformance.c.model_id == model_id]
+                if promoted_at is not None:  # a version put back in service: not the rows that had it replaced
+                    served.append(mperformance.c.computed_at >= promoted_at)
+                kept_rule = mperformance.c.below_threshold.is_(False)
+                kept = conn.execute(select(func.max(mperformance.c.computed_at)).where(*served, kept_rule)).scalar_one()
+                began = conn.execute(
+                    select(func.min(mperformance.c.computed_at)).where(
+                        *served,
+                        mperformance.c.below_threshold.is_(True),
+                        *([mperformance.c.computed_at > kept] if kept is not None else []),
+                    )
+                ).scalar_one()
+                if began is not None:
+                    since[model_id] = began
+        return since
+
     def latest(self) -> list[LatestScore]:
         newest = newest_scores()
         query = (

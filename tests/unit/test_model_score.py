@@ -181,6 +181,50 @@ def test_the_score_gauge_follows_the_active_versions(engine, tmp_path: Path) -> 
     assert list(gauge()) == ["cnn"] and math.isnan(gauge()["cnn"])
 
 
+def test_how_long_a_model_has_broken_the_rule_is_read_from_its_scores_and_survives_a_restart(engine) -> None:
+    """The alert "still below the rule after a week" was a `for: 8d` on the score gauge, which a scheduler restart
+    (the gauge absent until its first pass) set back to zero: it would hardly ever fire. The time comes from the
+    version's rows in mperformance instead, since the last one that kept the rule."""
+    from services.config import load_settings
+    from services.db.repositories import models, mperformance
+    from services.jobs import run_score
+    from services.metrics import METRICS
+
+    registry = SqlModelRegistry(engine)
+    v1 = registry.add(name="cnn", kind="cnn", version=1, artifact_uri="c/v1", sha256="x", status="active")
+    now, store = datetime.now(UTC), SqlScoreStore(engine)
+    with engine.begin() as conn:  # in service for a month
+        conn.execute(models.update().values(promoted_at=now - timedelta(days=30)))
+
+    def score(ago: timedelta, below: bool) -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                mperformance.insert().values(
+                    model_id=v1.id, computed_at=now - ago, n_coils=20, n_correct=5 if below else 20,
+                    score=0.25 if below else 1.0, below_threshold=below,
+                )
+            )  # fmt: skip
+
+    score(timedelta(days=40), True)  # before this time in service (a rollback's version): not counted
+    assert store.below_since([v1.id]) == {}
+    score(timedelta(days=10), False)
+    score(timedelta(days=9), True)
+    score(timedelta(days=5), True)
+    assert store.below_since([v1.id]) == {v1.id: now - timedelta(days=9)}
+    score(timedelta(days=1), False)
+    assert store.below_since([v1.id]) == {}
+    score(timedelta(hours=1), True)
+    assert store.below_since([v1.id]) == {v1.id: now - timedelta(hours=1)}
+
+    votes = [MemberVote("cnn", 1, "OK", 0.1, 0.9)]
+    SqlCoilStore(engine).save_assessed([assessed_coil(f"C{i}", votes, now) for i in range(12)], {("cnn", 1): v1.id})
+    for i in range(12):
+        SqlFeedbackStore(engine).add(f"C{i}", "NOK", "anna")
+    run_score(load_settings(_env_file=None, database_url=str(engine.url), score_window=None), engine)
+    [(name, seconds)] = [(s.labels["model"], s.value) for m in METRICS.below_rule_seconds.collect() for s in m.samples]
+    assert name == "cnn" and 3600 <= seconds < 3600 + 60
+
+
 def test_feedback_for_an_unknown_coil_or_a_bad_label_is_refused(engine) -> None:
     with pytest.raises(UnknownCoil):
         SqlFeedbackStore(engine).add("NOPE", "OK", "anna")

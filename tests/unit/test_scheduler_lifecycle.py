@@ -176,11 +176,14 @@ def test_the_scheduler_waits_for_the_schema_then_runs(
 
 def test_a_drift_report_missed_while_the_scheduler_was_down_is_written_when_it_starts(tmp_path: Path) -> None:
     """The schedule lives in memory: a scheduler restarted over the report's time (02:30) comes back with the
-    next day's. It writes the missed report once on starting, and only when none was written since it was due."""
+    next day's. It writes the missed report once on starting, and only when none was written since it was due.
+    Either way the drift gauge reads the last report's share again (it read 0 until the next report, and the drift
+    alert resolved at every restart)."""
     from apscheduler.triggers.cron import CronTrigger
     from sqlalchemy import insert
 
     from services.db.models import DriftReport
+    from services.metrics import METRICS
 
     url = f"sqlite:///{tmp_path / 'catch-up.db'}"
     upgrade(url)
@@ -192,19 +195,22 @@ def test_a_drift_report_missed_while_the_scheduler_was_down_is_written_when_it_s
     def catch_up() -> datetime | None:
         return sched.catch_up_drift(settings, trigger=trigger, run=lambda _, now: runs.append(now), now=now)
 
-    def report_written(at: datetime, window: timedelta = settings.drift_window) -> None:
+    def report_written(at: datetime, window: timedelta = settings.drift_window, share: float = 0.0) -> None:
         engine = make_engine(url)
         with engine.begin() as conn:
             conn.execute(
                 insert(DriftReport.__table__).values(
-                    created_at=at, window_start=at - window, window_end=at, dataset_drift=False, share_drifted=0.0
+                    created_at=at, window_start=at - window, window_end=at, dataset_drift=share >= 0.2,
+                    share_drifted=share,
                 )
-            )
+            )  # fmt: skip
         engine.dispose()
 
     assert sched.last_fire_time(trigger, now) == datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
-    report_written(datetime(2026, 12, 6, 2, 31, tzinfo=UTC))  # yesterday's; today's 02:30 came and went
+    report_written(datetime(2026, 12, 6, 2, 31, tzinfo=UTC), share=0.35)  # yesterday's; today's 02:30 came and went
+    METRICS.drift_share.set(0.0)  # a fresh process
     assert catch_up() == datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
+    assert [s.value for m in METRICS.drift_share.collect() for s in m.samples] == [0.35]
     assert runs == [datetime(2026, 12, 7, 2, 30, tzinfo=UTC)]  # the window the missed report would have had
     report_written(datetime(2026, 12, 7, 8, 0, tzinfo=UTC), timedelta(hours=1))  # `coilguard drift --window 1h`
     assert catch_up() == datetime(2026, 12, 7, 2, 30, tzinfo=UTC) and len(runs) == 2  # no stand-in for the day's
