@@ -54,6 +54,11 @@ def objects(overlay: str, kind: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in render(overlay) if o["kind"] == kind}
 
 
+def configs(overlay: str) -> dict[str, dict[str, str]]:
+    """The generated ConfigMaps' data by the name they were given (kustomize adds a hash of the content)."""
+    return {name.rsplit("-", 1)[0]: o["data"] for name, o in objects(overlay, "ConfigMap").items() if "data" in o}
+
+
 def pod_spec(obj: dict) -> dict | None:
     spec = obj.get("spec", {})
     if obj["kind"] == "CronJob":
@@ -84,6 +89,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay: str) -> 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_pieces_are_there(overlay: str) -> None:
     kinds = {(o["kind"], o["metadata"]["name"]) for o in render(overlay)}
+    kinds |= {("ConfigMap", name) for name in configs(overlay)}  # under its hashed name too
     expected = {
         ("Namespace", "coilguard"),
         ("ConfigMap", "coilguard-config"),
@@ -209,7 +215,7 @@ def test_retrain_is_a_weekly_gpu_cronjob_in_prod_and_on_the_cpu_in_dev() -> None
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in prod["tolerations"]
     dev = pod_spec(objects("dev", "CronJob")["coilguard-retrain"])
     assert "nvidia.com/gpu" not in dev["containers"][0]["resources"]["limits"] and "nodeSelector" not in dev
-    config = objects("prod", "ConfigMap")["coilguard-config"]["data"]
+    config = configs("prod")["coilguard-config"]
     assert config["COILGUARD_RETRAIN_CRON"] == "off"  # the scheduler leaves ReTrain to the CronJob
 
 
@@ -217,3 +223,23 @@ def test_dev_broker_is_configured_like_the_compose_one() -> None:
     for name in ("mosquitto.conf", "acl"):
         copy, original = ROOT / "k8s/overlays/dev/mosquitto" / name, ROOT / "deploy/mosquitto" / name
         assert filecmp.cmp(copy, original, shallow=False), f"{copy} differs from {original}: copy it again"
+
+
+def test_a_changed_setting_rolls_the_pods_that_read_it(tmp_path: Path) -> None:
+    """Settings are read once, at a process's start: the ConfigMap's name carries a hash of its content, and every
+    workload's reference follows it, so `kubectl apply` of a changed setting restarts what reads it (a plain
+    ConfigMap would change under running pods that never see it)."""
+    [name] = [n for n in objects("prod", "ConfigMap") if n.startswith("coilguard-config-")]
+    for obj in render("prod"):
+        spec = pod_spec(obj)
+        for container in (spec or {}).get("containers", []):
+            refs = [e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e]
+            assert refs in ([], [name]), (obj["metadata"]["name"], refs)
+    changed = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", changed)
+    env = changed / "base" / "config.env"
+    env.write_text(env.read_text().replace("COILGUARD_BATCH_SIZE=64", "COILGUARD_BATCH_SIZE=32"))
+    out = subprocess.run(
+        [_kubectl(), "kustomize", str(changed / "overlays" / "prod")], capture_output=True, text=True, check=True
+    )
+    assert name not in out.stdout and "coilguard-config-" in out.stdout
