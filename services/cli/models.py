@@ -23,6 +23,12 @@ from services.cli.base import AppContext, cli, pass_ctx, require_schema
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Assessor setting, e.g. epochs=10.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the data (sim:N) and the training.")
 @click.option("--register/--no-register", default=False, help="Register the model and make it the active version.")
+@click.option(
+    "--unless-serving",
+    is_flag=True,
+    help="With --register: train nothing when a version of this name serves already (a first model's bootstrap, "
+    "run again at every start, must not replace a retrained one).",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Save here instead (no registry).")
 @pass_ctx
 def train(
@@ -33,6 +39,7 @@ def train(
     overrides: tuple[str, ...],
     seed: int,
     register: bool,
+    unless_serving: bool,
     out: Path | None,
 ) -> None:
     """Train an assessor, save its artifact and (with --register) put it into service."""
@@ -54,8 +61,13 @@ def train(
         check_model_name(assessor.name)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--name") from None
+    if unless_serving and not register:
+        raise click.UsageError("--unless-serving goes with --register")
     if register:  # before the training, not after it
         require_schema(settings)
+        if unless_serving and (serving := _serving_version(settings.database_url, assessor.name)) is not None:
+            click.echo(f"{assessor.name} v{serving} serves already; nothing trained (--unless-serving)")
+            return
     data = load_data(data_spec, seed)
     if isinstance(data, CoilDataset):
         what = f"{len(data)} coils, {data.n_nok} NOK"
@@ -90,6 +102,14 @@ def train(
             dataset=data if isinstance(data, CoilDataset) else None,  # image folders stay where they are
         )
         click.echo(f"registered {record.name} v{record.version} (active) at {settings.model_dir / record.artifact_uri}")
+
+
+def _serving_version(database_url: str, name: str) -> int | None:
+    from services.db.engine import engine_for
+    from services.db.repositories import SqlModelRegistry
+
+    with engine_for(database_url) as engine:
+        return next((r.version for r in SqlModelRegistry(engine).active_models() if r.name == name), None)
 
 
 def load_data(spec: str, seed: int) -> Any:

@@ -99,6 +99,12 @@ def test_train_registers_a_coil_model_that_models_then_lists(tmp_path: Path) -> 
     assert run.returncode == 0, run.stderr
     assert "300 coils" in run.stdout and "validation NOK-F1" in run.stdout
     assert "registered cnn v1 (active)" in run.stdout
+    again = ("train", "--assessor", "cnn", "--data", "sim:300", "--set", "epochs=1", "--register", "--unless-serving")
+    kept = coilguard(*again, env=env)  # compose's bootstrap at the next `up`: v1 (or a retrained v2) serves
+    assert kept.returncode == 0 and "cnn v1 serves already; nothing trained" in kept.stdout, kept.stderr
+    assert "training" not in kept.stdout and not (tmp_path / "m" / "cnn" / "v2").exists()
+    alone = coilguard(*again[:-2], "--unless-serving", env=env)
+    assert alone.returncode == 2 and "--unless-serving goes with --register" in alone.stderr
     listed = coilguard("models", env={**env, "COLUMNS": "200"})  # a wide table, nothing cut
     assert listed.returncode == 0, listed.stderr
     [row] = [line for line in listed.stdout.splitlines() if "cnn/v1" in line]
