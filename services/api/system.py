@@ -37,7 +37,7 @@ async def live() -> Liveness:
     responses={503: {"model": Readiness, "description": "The database is not reachable."}},
 )
 def ready(state: State) -> Response:
-    """Only the database: the API never uses MQTT, and a broker outage must not take the API (status,
+    """Only the database: the API serves nothing through MQTT, and a broker outage must not take the API (status,
     feedback) out of the Service exactly when operators need it. ``/status`` reports the broker."""
     checks = {"database": _timed(lambda: _database(state))}
     body = Readiness(status="ready" if all(c.ok for c in checks.values()) else "not ready", checks=checks)
