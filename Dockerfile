@@ -27,6 +27,8 @@ COPY --from=build /opt/coilguard /opt/coilguard
 # the commit that the manifests of models trained here name (the image has no .git); late, so that a new
 # commit rebuilds no layer above: --build-arg COILGUARD_COMMIT=$(git describe --always --dirty --abbrev=12)
 ARG COILGUARD_COMMIT=
+# HOME in /tmp: what libraries cache under ~ (torch, CUDA's ~/.nv) must not land in the shared store mounted at
+# /var/lib/coilguard (read-only in most pods; the models' and reports' volume in all)
 ENV PATH=/opt/coilguard/bin:$PATH \
     COILGUARD_COMMIT=${COILGUARD_COMMIT} \
     PYTHONUNBUFFERED=1 \
@@ -34,6 +36,7 @@ ENV PATH=/opt/coilguard/bin:$PATH \
     DO_NOT_TRACK=1 \
     YOLO_OFFLINE=True \
     MPLBACKEND=Agg \
+    HOME=/tmp/coilguard \
     MPLCONFIGDIR=/tmp/matplotlib \
     YOLO_CONFIG_DIR=/tmp/ultralytics \
     COILGUARD_MODEL_DIR=/var/lib/coilguard/models \
