@@ -458,7 +458,7 @@ class AssessWorker:
     def _commit_loop(self) -> None:
         """The committer thread. Should it fail, the worker stops and its run raises: a committer that died on
         its own would leave the worker thread blocked on the full queue, its share of the stream stuck while
-        /metrics still answered the liveness probe."""
+        the process still answered its probes."""
         try:
             self._commit_batches()
         except BaseException as exc:
@@ -620,6 +620,7 @@ class AssessWorker:
         (re-sent on reconnect) and so does this batch; only a worker that is stopping gives up on them. (That
         the broker *refused* some is another matter: :meth:`_hold_refused`.)"""
         while not self.client.flush(CONFIRM_WAIT_S, stop=self.stopping):  # a stop is seen within half a second
+            self._beat()  # waiting out a broker outage is not a hang: /health/live stays 200
             if self.stopping.is_set():
                 log.warning("stopping before the broker confirmed the last decisions: their coils stay unacknowledged")
                 return False

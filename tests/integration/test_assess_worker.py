@@ -498,21 +498,27 @@ def test_coils_sent_at_qos_0_are_taken_and_counted_and_dropped_only_while_the_wo
 
 
 def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
-    env: AssessEnv, broker_proxy: tuple[TcpProxy, str]
+    env: AssessEnv, broker_proxy: tuple[TcpProxy, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A network that drops the worker's packets unnoticed: its decisions never reach the broker, nor do its
     acknowledgements. Stopped so, the worker must not count those coils as announced; restarted, it announces
     every one (and decides none twice). The stop is seen within a second, not after the 30 s it waits before
-    saying the broker is silent: a pod's grace period is 30 s too, and SIGKILL would leave its heartbeat row."""
+    saying the broker is silent: a pod's grace period is 30 s too, and SIGKILL would leave its heartbeat row.
+    While it waits it stays live: an outage is not a hang, and a restart would not bring the broker back (here
+    the waits and the hang limit are shortened, to 0.3 s and 2 s, from 30 s, 5 s and 5 min)."""
+    monkeypatch.setattr(assess_module, "CONFIRM_WAIT_S", 0.3)
+    monkeypatch.setattr(assess_module, "BEAT_S", 0.3)
+    monkeypatch.setattr(assess_module, "LIVE_S", 2.0)
     proxy, via_proxy = broker_proxy
     coils = _coils(5, "U")
-    with env.worker(mqtt_url=via_proxy):  # stopped on leaving, with the network still dropping packets
+    with env.worker(mqtt_url=via_proxy) as worker:  # stopped on leaving, with the network still dropping packets
         proxy.stall()
         publish_coils(env.publisher, env.topics, coils)
         # decided and stored, and announced into the void: the worker waits for the broker's word (and
         # a later batch, when the five came in two, waits behind it)
         assert wait_for(lambda: env.coils() >= 1, timeout=60)
-        time.sleep(1.5)
+        time.sleep(3.0)
+        assert worker._liveness() is None, worker._liveness()
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 5.0, "the stop waited out the broker's silence"
     proxy.cut()
