@@ -104,10 +104,7 @@ class MqttClient:
         if self.url.username:
             self._client.username_pw_set(self.url.username, self.url.password)
         if self.url.tls:
-            self._client.tls_set(
-                ca_certs=self.url.ca, cert_reqs=ssl.CERT_NONE if self.url.tls_insecure else ssl.CERT_REQUIRED
-            )
-            self._client.tls_insecure_set(self.url.tls_insecure)
+            self._client.tls_set_context(tls_context(self.url))
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.max_queued_messages_set(0)  # while disconnected, keep outgoing messages, never drop
         self._client.on_connect = self._handle_connect
@@ -327,6 +324,19 @@ class MqttClient:
             self._on_message(inbound)
         except Exception:  # a handler bug must not kill paho's network thread
             log.exception("message handler failed for %s", message.topic)
+
+
+def tls_context(url: MqttUrl) -> ssl.SSLContext:
+    """The system's certificate authorities, and those of ``url.ca`` beside them (paho's ``tls_set(ca_certs=…)``
+    would trust that file alone: a broker with a public certificate, or a file holding only an intermediate,
+    would then fail). ``tls_insecure``: no check at all, for a test broker."""
+    context = ssl.create_default_context()
+    if url.ca:
+        context.load_verify_locations(url.ca)
+    if url.tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def forget_session(url: MqttUrl | str, client_id: str) -> None:

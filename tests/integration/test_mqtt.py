@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from services.mqtt.client import Inbound, MqttClient
+from services.config import MqttUrl
+from services.mqtt.client import Inbound, MqttClient, tls_context
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -237,6 +239,8 @@ def test_a_broker_certified_by_a_plant_ca_is_trusted_through_the_url(tmp_path: P
         with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             MqttClient(f"mqtts://127.0.0.1:{port}").connect(timeout=2)
         url = f"mqtts://127.0.0.1:{port}?ca={ca}"
+        system = ssl.create_default_context().cert_store_stats()["x509_ca"]
+        assert tls_context(MqttUrl.parse(url)).cert_store_stats()["x509_ca"] == system + 1  # beside, not instead
         got: list[Inbound] = []
         with MqttClient(url, on_message=got.append) as sub, MqttClient(url) as pub:
             sub.subscribe("plant/tls")
