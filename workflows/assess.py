@@ -373,6 +373,9 @@ def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
     Only surface images are decoded: another kind (a gateway's edge camera, say) was checked by the parser, and
     no assessor judges it."""
     surface = [(i, image) for i, image in enumerate(coil.images) if image.kind == SURFACE]
+    for kind in {image.kind for image in coil.images} - {SURFACE} - _KINDS_SEEN:
+        _KINDS_SEEN.add(kind)
+        log.warning("images of kind %r are not judged (the image assessors judge %r ones); said once", kind, SURFACE)
     for i, image in surface:
         if image.size is None or (image.format == "png" and image.pixels > MAX_SOURCE_PIXELS):
             raise RejectedMessage(
@@ -391,6 +394,9 @@ def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
         except ValueError as exc:
             raise RejectedMessage(str(exc), f"images.{i}", coil.coil_id) from None
     return decoded
+
+
+_KINDS_SEEN: set[str] = set()  # image kinds other than surface already named in the log
 
 
 def decoded_shares(pixels: list[int], budget: int) -> list[float]:

@@ -86,10 +86,10 @@ class SurfaceImage(BaseModel):
     data: bytes = Field(alias="data_b64", repr=False)
     _size: tuple[int, int] | None = PrivateAttr(None)
 
-    @field_validator("format", mode="before")
+    @field_validator("format", "kind", mode="before")
     @classmethod
-    def _format(cls, value: object) -> object:
-        """ "PNG" as well as "png": what a file dialog or a camera's SDK calls the format."""
+    def _lower(cls, value: object) -> object:
+        """Read in any case, "PNG" as "png" and "Surface" as "surface": as a camera's SDK may spell them."""
         return value.lower() if isinstance(value, str) else value
 
     @field_validator("data", mode="before")

@@ -333,7 +333,9 @@ def _with_image(raw: RawMessage, side: int = 8, count: int = 1, shade: int = 200
     return RawMessage(raw.topic, orjson.dumps(doc), raw.received_at)
 
 
-def test_an_image_of_another_kind_is_not_judged_as_a_surface(serving: ServingEnsemble) -> None:
+def test_an_image_of_another_kind_is_not_judged_as_a_surface(
+    serving: ServingEnsemble, caplog: pytest.LogCaptureFixture
+) -> None:
     """An image assessor knows surfaces: a gateway's other camera (an edge view) beside the surface is checked
     and left out, and a coil with nothing but such images is one no image model can judge."""
     import base64
@@ -348,6 +350,8 @@ def test_an_image_of_another_kind_is_not_judged_as_a_surface(serving: ServingEns
     result = AssessCoils(MemoryStore(), TOPICS).process([both, edge_only], _serving(sizes))
     assert [d.coil_id for d in result.decided] == ["B"] and sizes.shapes == [[(8, 8)]]
     assert [(r.coil_id, r.field) for r in result.rejected] == [("E", "images")]
+    said = [r.getMessage() for r in caplog.records if "are not judged" in r.getMessage()]
+    assert said == ["images of kind 'edge' are not judged (the image assessors judge 'surface' ones); said once"]
 
 
 class Sizes(Brightness):

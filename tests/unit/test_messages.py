@@ -232,6 +232,8 @@ def test_images_null_is_no_images_and_the_format_is_read_in_any_case(matrix: np.
     assert parse_coil_message(orjson.dumps(_doc(matrix, images=None))).images == []
     image = parse_coil_message(orjson.dumps(_doc(matrix, images=[_image(PNG_B64, "PNG")]))).images[0]
     assert image.format == "png"
+    upper = {**_image(PNG_B64), "kind": "Surface"}
+    assert parse_coil_message(orjson.dumps(_doc(matrix, images=[upper]))).images[0].kind == "surface"
 
 
 def test_product_numbers_may_be_integers_or_decimals(matrix: np.ndarray) -> None:
