@@ -100,6 +100,7 @@ class Prepared:
     model_ids: dict[tuple[str, int], int]
     assessed: list[AssessedCoil] = field(default_factory=list)
     decisions: list[EnsembleDecision] = field(default_factory=list)
+    messages: dict[str, RawMessage] = field(default_factory=dict)  # each voted coil's message, for a rejection
 
     @classmethod
     def merge(cls, parts: list[Prepared]) -> Prepared:
@@ -108,12 +109,13 @@ class Prepared:
             merged.result.extend(part.result)
             merged.assessed.extend(part.assessed)
             merged.decisions.extend(part.decisions)
+            merged.messages.update(part.messages)
         return merged
 
     def split(self) -> list[Prepared]:
         """One part per voted coil (the first also carries the rejections), to isolate a coil that breaks."""
         parts = [
-            Prepared(BatchResult(), self.model_ids, [a], [d])
+            Prepared(BatchResult(), self.model_ids, [a], [d], {a.coil_id: self.messages[a.coil_id]})
             for a, d in zip(self.assessed, self.decisions, strict=True)
         ]
         if parts:
@@ -205,16 +207,17 @@ class AssessCoils:
                 continue
             parsed.append((raw, coil, images))
 
-        stored = self.store.decided(list(dict.fromkeys(coil.coil_id for _, coil, _ in parsed))) if parsed else {}
+        ids = list(dict.fromkeys(coil.coil_id for _, coil, _ in parsed))
+        stored = self.store.decided(ids, with_matrix=True) if ids else {}
         fresh: dict[str, tuple[RawMessage, CoilMessage, list[np.ndarray]]] = {}
         answered: set[str] = set()  # stored coils whose copy in this batch has been dealt with
         for raw, coil, images in parsed:
             coil_id, known = coil.coil_id, stored.get(coil.coil_id)
             first = fresh[coil_id][1] if coil_id in fresh else None
-            if known is not None and (why := _reused(coil, known.line, known.matrix)) is not None:
+            if known is not None and (why := _reused(coil.line, coil.thickness, known.line, known.matrix)) is not None:
                 why += f" (decided at {known.decided_at:%Y-%m-%d %H:%M:%S} UTC){OWN_ID}"
                 self._reject(result, raw, RejectedMessage(why, "coil_id", coil_id), self.topics.line_of(raw.topic))
-            elif first is not None and (why := _reused(coil, first.line, first.thickness)) is not None:
+            elif first is not None and (why := _reused(coil.line, coil.thickness, first.line, first.thickness)):
                 why += f" earlier in this batch{OWN_ID}"
                 self._reject(result, raw, RejectedMessage(why, "coil_id", coil_id), self.topics.line_of(raw.topic))
             elif known is None and first is None:
@@ -259,29 +262,44 @@ class AssessCoils:
                 )
             )
             prepared.decisions.append(decision)
+            prepared.messages[coil.coil_id] = raw
 
     def commit(self, prepared: Prepared, published: Sequence[str] = ()) -> BatchResult:
         """The write: one transaction for the batch's coils and votes (and the marks of ``published``
         decisions of earlier batches); then what to announce."""
         result = prepared.result
         inserted = self.store.save_assessed(prepared.assessed, prepared.model_ids, published)
+        reused: dict[str, str] = {}
         if len(inserted) < len(prepared.assessed):
-            inserted |= self._written_before(prepared, inserted)
+            ours, reused = self._stored_meanwhile(prepared, inserted)
+            inserted |= ours
         for record, decision in zip(prepared.assessed, prepared.decisions, strict=True):
-            if record.coil_id not in inserted:  # another replica got there first; it announces
+            if record.coil_id in reused:  # another coil under this id, stored by another replica while this voted
+                raw = prepared.messages[record.coil_id]
+                error = RejectedMessage(reused[record.coil_id], "coil_id", record.coil_id)
+                self._reject(result, raw, error, self.topics.line_of(raw.topic))
+            elif record.coil_id not in inserted:  # another replica got there first; it announces
                 result.duplicates.append(record.coil_id)
-                continue
-            latency_ms = (record.decided_at - record.received_at).total_seconds() * 1000.0
-            self._queue_decision(result, _decision(record, decision, latency_ms))
+            else:
+                latency_ms = (record.decided_at - record.received_at).total_seconds() * 1000.0
+                self._queue_decision(result, _decision(record, decision, latency_ms))
         return result
 
-    def _written_before(self, prepared: Prepared, inserted: set[str]) -> set[str]:
-        """Coils already stored by this very batch: a commit tried again because its first try's answer was lost
-        (the connection broke during COMMIT) although the server had committed it. They are still this worker's to
-        announce. A coil another replica decided carries that replica's decision time, not this batch's."""
-        ours = {r.coil_id: r.decided_at for r in prepared.assessed if r.coil_id not in inserted}
-        stored = self.store.decided(list(ours))
-        return {c for c, s in stored.items() if not s.published and s.decided_at == ours[c]}
+    def _stored_meanwhile(self, prepared: Prepared, inserted: set[str]) -> tuple[set[str], dict[str, str]]:
+        """Of the coils this batch could not insert: those stored by this very batch (a commit tried again because
+        its first try's answer was lost, the connection broken during COMMIT, although the server had committed
+        it), still this worker's to announce; and those another replica stored first with other readings or on
+        another line, with why they are refused. A coil another replica decided carries that replica's decision
+        time, not this batch's; a true copy of it is a duplicate."""
+        ours = {r.coil_id: r for r in prepared.assessed if r.coil_id not in inserted}
+        mine, reused = set(), {}
+        for coil_id, stored in self.store.decided(list(ours), with_matrix=True).items():
+            record = ours[coil_id]
+            if not stored.published and stored.decided_at == record.decided_at:
+                mine.add(coil_id)
+            elif (why := _reused(record.line, record.matrix, stored.line, stored.matrix)) is not None:
+                reused[coil_id] = f"{why} (decided at {stored.decided_at:%Y-%m-%d %H:%M:%S} UTC){OWN_ID}"
+        return mine, reused
 
     def _queue_decision(self, result: BatchResult, decision: Decision, *, new: bool = True) -> None:
         if new:
@@ -330,15 +348,16 @@ def stored_announcements(store: CoilStore, topics: Topics, coil_ids: Sequence[st
 OWN_ID = ": each coil needs an id of its own; this one is not assessed"
 
 
-def _reused(coil: CoilMessage, line: str, matrix: np.ndarray | None) -> str | None:
-    """Why ``coil`` is not the coil already known by its id (on ``line``, read as ``matrix``), or None when it is.
+def _reused(line: str, matrix: np.ndarray, known_line: str, known: np.ndarray | None) -> str | None:
+    """Why a coil on ``line`` read as ``matrix`` is not the coil already known by its id (on ``known_line``, read
+    as ``known``), or None when it is.
 
     A copy of a coil (QoS 1 redelivery, a gateway sending again after a restart) is a duplicate and goes
     unanswered. Another coil under a used id (a gateway whose counter started over, two lines numbering alike)
     would go the same way, and its readings never be judged: it is refused, saying so."""
-    if coil.line != line:
-        return f"coil id already used by a coil of line {line!r}"
-    if matrix is not None and not np.array_equal(coil.thickness, matrix, equal_nan=True):
+    if line != known_line:
+        return f"coil id already used by a coil of line {known_line!r}"
+    if known is not None and not np.array_equal(matrix, known, equal_nan=True):
         return "coil id already used by a coil with other readings"
     return None
 

@@ -66,7 +66,7 @@ class StoredDecision:
 
 
 class CoilStore(Protocol):
-    def decided(self, coil_ids: Sequence[str]) -> dict[str, StoredDecision]:
+    def decided(self, coil_ids: Sequence[str], with_matrix: bool = False) -> dict[str, StoredDecision]:
         """Coils among ``coil_ids`` that already have a decision."""
 
     def save_assessed(

@@ -114,7 +114,9 @@ class SqlCoilStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def decided(self, coil_ids: Sequence[str]) -> dict[str, StoredDecision]:
+    def decided(self, coil_ids: Sequence[str], with_matrix: bool = False) -> dict[str, StoredDecision]:
+        """``with_matrix``: also the readings (19 KB a coil), to tell a copy of a coil from another coil under its id;
+        the announce pass and the held decisions' retries need only the decisions."""
         if not coil_ids:
             return {}
         with self.engine.connect() as conn:
@@ -128,7 +130,7 @@ class SqlCoilStore:
                     coils.c.decided_at,
                     coils.c.received_at,
                     coils.c.published_at,
-                    coils.c.matrix,
+                    (coils.c.matrix if with_matrix else literal(None)).label("matrix"),
                 ).where(coils.c.coil_id.in_(list(coil_ids)), coils.c.status != "pending")
             ).all()
             unpublished = [r.coil_id for r in rows if r.published_at is None]

@@ -32,7 +32,7 @@ class MemoryStore:
         self.published: set[str] = set()
         self.votes: list[tuple[str, int]] = []
 
-    def decided(self, coil_ids: Sequence[str]) -> dict[str, StoredDecision]:
+    def decided(self, coil_ids: Sequence[str], with_matrix: bool = False) -> dict[str, StoredDecision]:
         return {
             c.coil_id: StoredDecision(
                 c.coil_id,
@@ -44,7 +44,7 @@ class MemoryStore:
                 c.coil_id in self.published,
                 c.votes,
                 c.received_at,
-                c.matrix,
+                c.matrix if with_matrix else None,
             )
             for cid in coil_ids
             if (c := self.coils.get(cid))
@@ -175,7 +175,8 @@ def test_a_decision_stored_but_never_announced_is_announced_on_redelivery(servin
 def test_a_batch_whose_commit_answer_was_lost_is_announced_when_written_again(serving: ServingEnsemble) -> None:
     """The server committed, the connection broke before it could say so, and the worker writes the batch again:
     its coils are on record now, and still this worker's to announce. A coil another replica decided in between
-    carries that replica's decision time and stays that replica's to announce."""
+    carries that replica's decision time and stays that replica's to announce; another coil a replica stored under
+    an id of this batch meanwhile (other readings) is refused, not taken for a copy."""
 
     class AnswerLost(MemoryStore):
         lost = True
@@ -189,16 +190,22 @@ def test_a_batch_whose_commit_answer_was_lost_is_announced_when_written_again(se
 
     store = AnswerLost()
     ours = AssessCoils(store, TOPICS)
-    prepared = ours.prepare([_coil("A"), _coil("X", thin=True)], serving)
+    prepared = ours.prepare([_coil("A"), _coil("X", thin=True), _coil("Y", thin=True)], serving)
     store.lost = False
-    AssessCoils(store, TOPICS, clock=lambda: datetime(2026, 11, 23, 5, tzinfo=UTC)).process([_coil("X")], serving)
+    other = AssessCoils(store, TOPICS, clock=lambda: datetime(2026, 11, 23, 5, tzinfo=UTC))
+    other.process([_coil("X", thin=True), _coil("Y")], serving)
     store.lost = True
     with pytest.raises(ConnectionError):
         ours.commit(prepared)
     again = ours.commit(prepared)
     assert [d.coil_id for d in again.decided] == ["A"] and again.duplicates == ["X"]
-    assert [orjson.loads(o.payload)["coil_id"] for o in again.publish] == ["A"]
-    assert store.coils["X"].label == "OK" and len(store.votes) == 2  # the other replica's decision stands
+    [reused] = again.rejected
+    assert (reused.coil_id, reused.field) == ("Y", "coil_id") and "with other readings" in reused.reason
+    assert [o.topic for o in again.publish] == ["cg/decisions/galv-1", "cg/rejected/galv-1"]
+    assert orjson.loads(again.publish[0].payload)["coil_id"] == "A"
+    # the other replica's decisions stand
+    assert store.coils["X"].decided_at == store.coils["Y"].decided_at == datetime(2026, 11, 23, 5, tzinfo=UTC)
+    assert store.coils["Y"].label == "OK" and len(store.votes) == 3
 
 
 def test_bad_messages_are_rejected_on_their_line_and_the_batch_goes_on(serving: ServingEnsemble) -> None:
