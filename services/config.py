@@ -287,7 +287,7 @@ class Settings(BaseSettings):
     )
     model_keep: int | None = Field(
         3,
-        ge=0,
+        ge=1,  # 0 would remove the champion just retired: what workers serve until their next poll, and a rollback
         description="after each ReTrain pass, MODEL_DIR keeps this many retired versions per name (those that served "
         "last: rollback targets) and removes the files of older and failed ones (`coilguard models prune`); off "
         "removes nothing",

@@ -36,8 +36,9 @@ def score_rule(settings: Settings) -> ScoreRule:
 def run_score(settings: Settings, engine: Engine | None = None) -> list[ScoredModel]:
     with engine_for(settings.database_url, engine) as engine:
         store = SqlScoreStore(engine)
-        scored = score_models(store, score_rule(settings), window=settings.score_window, now=(now := datetime.now(UTC)))
-        since = store.below_since([s.row.model_id for s in scored if s.below_threshold])
+        rule, now = score_rule(settings), datetime.now(UTC)
+        scored = score_models(store, rule, window=settings.score_window, now=now)
+        since = store.below_since([s.row.model_id for s in scored if s.below_threshold], rule.threshold, rule.min_coils)
     METRICS.score.clear()  # a name no longer active keeps no score
     METRICS.below_rule_seconds.clear()
     for s in scored:  # a version promoted since its name's last score has none yet: NaN, not its predecessor's

@@ -38,7 +38,7 @@ MAX_PAYLOAD_BYTES = 1 << 20
 COIL_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # A line is a topic level (sensors/{line}/matrix, decisions/{line}): whatever MQTT allows there but the wildcards
 # and the separator, and no control characters; 64 at most, the column's width. "Linie-Ä" and "galv 1" are lines.
-LINE_PATTERN = re.compile(r"[^\x00-\x1f\x7f/+#]{1,64}")
+LINE_PATTERN = re.compile(r"[^\x00-\x1f\x7f-\x9f/+#]{1,64}")  # C0, DEL and C1 controls
 LINE_RULE = "1–64 characters, none of them / + # or a control character"
 SURFACE = "surface"  # the kind of image the image assessors judge (DESIGN §3)
 _DATE_AND_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")  # a prefix: pydantic's parser checks the rest

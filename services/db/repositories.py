@@ -633,10 +633,13 @@ class SqlScoreStore:
                 ],
             )
 
-    def below_since(self, model_ids: Sequence[int]) -> dict[int, datetime]:
-        """For each of these versions, when its present unbroken run of scores that broke the rule began, within its
-        present time in service; a version whose latest score keeps the rule is left out. Index lookups only: the
-        last row that kept the rule, then the first after it."""
+    def below_since(self, model_ids: Sequence[int], threshold: float, min_coils: int) -> dict[int, datetime]:
+        """For each of these versions, when its present unbroken run of scores below ``threshold`` over more than
+        ``min_coils`` coils began, within its present time in service (today's rule, not the ``below_threshold``
+        each row was stored with: a rule made stricter would otherwise start the count again); a version whose
+        latest score keeps the rule is left out. Index lookups on the version's rows."""
+        below = (mperformance.c.n_coils > min_coils) & (mperformance.c.score < threshold)
+        kept_rule = ~below | mperformance.c.score.is_(None)
         since: dict[int, datetime] = {}
         with self.engine.connect() as conn:
             for model_id in model_ids:
@@ -644,13 +647,10 @@ class SqlScoreStore:
                 served = [mperformance.c.model_id == model_id]
                 if promoted_at is not None:  # a version put back in service: not the rows that had it replaced
                     served.append(mperformance.c.computed_at >= promoted_at)
-                kept_rule = mperformance.c.below_threshold.is_(False)
                 kept = conn.execute(select(func.max(mperformance.c.computed_at)).where(*served, kept_rule)).scalar_one()
                 began = conn.execute(
                     select(func.min(mperformance.c.computed_at)).where(
-                        *served,
-                        mperformance.c.below_threshold.is_(True),
-                        *([mperformance.c.computed_at > kept] if kept is not None else []),
+                        *served, below, *([mperformance.c.computed_at > kept] if kept is not None else [])
                     )
                 ).scalar_one()
                 if began is not None:

@@ -188,7 +188,7 @@ def test_a_coil_id_with_a_line_break_is_refused(matrix: np.ndarray, coil_id: str
     assert error.field == "coil_id" and "[A-Za-z0-9._-]" in error.reason
 
 
-@pytest.mark.parametrize("line", ["galv-1\n", "galv/1", "galv+", "#", "", "L" * 65, "galv\x00"])
+@pytest.mark.parametrize("line", ["galv-1\n", "galv/1", "galv+", "#", "", "L" * 65, "galv\x00", "galv\x85"])
 def test_a_line_that_cannot_be_one_topic_level_is_refused(matrix: np.ndarray, line: str) -> None:
     """The line becomes a level of decisions/{line}: a separator, a wildcard or a control character in it would
     publish elsewhere or nowhere; 64 characters is the column's width."""
