@@ -301,12 +301,13 @@ def _prune(store: FileDriftReportStore, older_than: datetime) -> None:
         log.exception("could not delete old drift report files; the new report is written")
 
 
-def full_report_since(engine: Engine, since: datetime, window: timedelta) -> bool:
-    """Whether a report over at least ``window`` was written at or after ``since``: a report by hand over a
-    shorter window (``coilguard drift --window 1h``) does not stand in for the daily one."""
-    query = select(drift_reports.c.window_start, drift_reports.c.window_end).where(drift_reports.c.created_at >= since)
+def newest_full_report(engine: Engine, window: timedelta) -> datetime | None:
+    """Where the newest report over at least ``window`` ends (its ``window_end``): a report by hand over a shorter
+    window (``coilguard drift --window 1h``) does not stand in for the daily one. One row a day: read them all."""
+    query = select(drift_reports.c.window_start, drift_reports.c.window_end)
     with engine.connect() as conn:
-        return any(r.window_end - r.window_start >= window for r in conn.execute(query))
+        ends = [r.window_end for r in conn.execute(query) if r.window_end - r.window_start >= window]
+    return max(ends, default=None)
 
 
 def restore_drift_gauge(engine: Engine) -> float | None:

@@ -40,6 +40,7 @@ Job = Callable[[Settings], object]
 
 DRIFT_CATCH_UP = "drift-catch-up"
 CATCH_UP_TRIES = 2  # catch-ups of one missed report that may die with the process before it is left alone
+CATCH_UP_HORIZON = timedelta(days=7)  # missed drift reports older than this are not written afterwards
 SCHEMA_POLL_S = 5.0  # how often a scheduler started before its database is ready looks again
 
 
@@ -109,72 +110,94 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
 
 def catch_up_drift(
     settings: Settings, *, trigger: CronTrigger, run: Callable[..., object], now: datetime | None = None
-) -> datetime | None:
-    """Write the drift report the schedule last asked for if none was written since, over the window that report
-    would have had; the time it was due, or None when nothing was missed.
+) -> list[datetime]:
+    """Write the drift reports the schedule asked for since the newest report over a whole ``DRIFT_WINDOW`` but that
+    were never written, oldest first, each over the window it would have had; the due times written (tried).
 
-    The schedule lives in memory: a scheduler stopped over the report's time (a rollout, a node drained at
-    02:30) comes back with the next day's time, and without this the day's report would silently be missing.
-    A report that was skipped (no model, too few coils) writes nothing, so such a start looks again: cheap.
+    The schedule lives in memory: a scheduler stopped over the report's time (a rollout, a node drained at 02:30,
+    a weekend's outage) comes back with the next day's time, and without this those days' reports would silently
+    be missing from the drift history. Only the last ``CATCH_UP_HORIZON`` is caught up, and with no full report at
+    all (a fresh install) only the last due one. A report that was skipped (no model, too few coils) writes
+    nothing, so such a start looks again: cheap.
 
-    A mark in ``REPORT_DIR`` counts the catch-ups of one due time that began; a report that ends, even with an
-    error, removes it. A mark left behind means the process died inside the report: killed by the memory limit,
-    or stopped by force (SIGKILL after a rollout's grace period, a second Ctrl-C). One such death is tried again;
-    after ``CATCH_UP_TRIES`` the report is left to the regular schedule and the log says why: trying at every
-    restart would turn one failed report a day into a crash loop that starves ModelScore.
+    A mark in ``REPORT_DIR`` counts, per due time, the catch-ups that began; a report that ends, even with an error,
+    takes its count away. A count left behind means the process died inside that report: killed by the memory
+    limit, or stopped by force (SIGKILL after a rollout's grace period, a second Ctrl-C). One such death is tried
+    again; after ``CATCH_UP_TRIES`` that report is left alone for good and the log says why (the others are still
+    written): trying at every restart would turn one failed report a day into a crash loop that starves ModelScore.
     """
     from services.db.engine import engine_for
-    from services.drift import full_report_since, restore_drift_gauge, write_atomic
+    from services.drift import newest_full_report, restore_drift_gauge
 
     now = now or datetime.now(UTC)
-    due = last_fire_time(trigger, now)
+    due_times = fire_times(trigger, now - CATCH_UP_HORIZON, now)
     with engine_for(settings.database_url) as engine:
-        restore_drift_gauge(engine)  # the last report's figure, until this one or the next is written
-        if due is None or full_report_since(engine, due, settings.drift_window):
-            return None
+        restore_drift_gauge(engine)  # the last report's figure, until the caught-up or the next one is written
+        newest = newest_full_report(engine, settings.drift_window)
+    missed = [t for t in due_times if newest is None or t > newest][-1 if newest is None else 0 :]
     mark = catch_up_mark(settings)
-    began = _began_before(mark, due)
-    if len(began) >= CATCH_UP_TRIES:
-        log.error(
-            "no drift report since it was due at %s, and its catch-ups begun at %s never finished (the process "
-            "was killed: out of memory, or stopped by force): not trying again; the next report is the "
-            "schedule's (%s)", due, ", ".join(began), mark,
-        )  # fmt: skip
-        return None
-    log.info("no drift report since it was due at %s; writing it now", due)
-    mark.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(mark, json.dumps({"due": due.isoformat(), "began": [*began, datetime.now(UTC).isoformat()]}))
-    try:
-        run(settings, now=due)
-    finally:  # an error is an ordinary failure, worth another try at the next start; only a kill leaves the mark
-        mark.unlink(missing_ok=True)
-    return due
+    began = {due: times for due, times in _read_mark(mark).items() if due >= now - CATCH_UP_HORIZON}
+    written = []
+    for due in missed:
+        if len(began.get(due, [])) >= CATCH_UP_TRIES:
+            log.error(
+                "no drift report since it was due at %s, and its catch-ups begun at %s never finished (the process "
+                "was killed: out of memory, or stopped by force): not trying it again (%s)",
+                due, ", ".join(began[due]), mark,
+            )  # fmt: skip
+            continue
+        log.info("no drift report since it was due at %s; writing it now", due)
+        began[due] = [*began.get(due, []), datetime.now(UTC).isoformat()]
+        _write_mark(mark, began)
+        try:
+            run(settings, now=due)
+        except Exception:  # an ordinary failure, worth another try at the next start; only a kill leaves the count
+            log.exception("the drift report due at %s failed; tried again at the next start", due)
+        finally:
+            del began[due]
+            _write_mark(mark, began)
+        written.append(due)
+    return written
 
 
 def catch_up_mark(settings: Settings) -> Path:
-    """Where a drift catch-up in progress is recorded: beside the reports, which outlive the process."""
+    """Where the drift catch-ups in progress are recorded: beside the reports, which outlive the process."""
     from services.drift import DRIFT_DIR
 
     return settings.report_dir / DRIFT_DIR / "catch-up-in-progress.json"
 
 
-def _began_before(mark: Path, due: datetime) -> list[str]:
-    """When the catch-ups of the report due at ``due`` that never finished began; a mark that cannot be read, or
-    that is another due time's, counts as none (the worst case is one more try)."""
+def _read_mark(mark: Path) -> dict[datetime, list[str]]:
+    """Due time → when the catch-ups of it that never finished began. A mark that cannot be read counts as none
+    (the worst case is one more try); one of the release before, a single due time, is read as it was meant."""
     try:
         doc = json.loads(mark.read_text(encoding="utf-8"))
-        return [str(t) for t in doc["began"]] if datetime.fromisoformat(doc["due"]) == due else []
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+        if "due" in doc:  # {"due": …, "began": […]}
+            doc = {"began": {doc["due"]: doc["began"]}}
+        return {datetime.fromisoformat(due): [str(t) for t in times] for due, times in doc["began"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
-def last_fire_time(trigger: CronTrigger, now: datetime, horizon: timedelta = timedelta(days=35)) -> datetime | None:
-    """The trigger's last time at or before ``now`` within ``horizon`` (APScheduler 3 only looks forward; a
-    schedule rarer than monthly is not caught up)."""
-    last, fire = None, trigger.get_next_fire_time(None, now - horizon)
+def _write_mark(mark: Path, began: dict[datetime, list[str]]) -> None:
+    from services.drift import write_atomic
+
+    if not began:
+        mark.unlink(missing_ok=True)
+        return
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(mark, json.dumps({"began": {due.isoformat(): times for due, times in sorted(began.items())}}))
+
+
+def fire_times(trigger: CronTrigger, since: datetime, now: datetime) -> list[datetime]:
+    """The trigger's times after ``since`` and at or before ``now``, oldest first (APScheduler 3 only looks
+    forward)."""
+    times, fire = [], trigger.get_next_fire_time(None, since)
     while fire is not None and fire <= now:
-        last, fire = fire, trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
-    return last
+        if fire > since:
+            times.append(fire)
+        fire = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+    return times
 
 
 def _guarded(name: str, job: Job) -> Callable[[Settings], None]:

@@ -8,6 +8,7 @@ signal to this process; the original handlers are put back afterwards.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -192,8 +193,8 @@ def test_a_drift_report_missed_while_the_scheduler_was_down_is_written_when_it_s
     runs: list[datetime] = []
     now = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
 
-    def catch_up() -> datetime | None:
-        return sched.catch_up_drift(settings, trigger=trigger, run=lambda _, now: runs.append(now), now=now)
+    def catch_up(at: datetime = now) -> list[datetime]:
+        return sched.catch_up_drift(settings, trigger=trigger, run=lambda _, now: runs.append(now), now=at)
 
     def report_written(at: datetime, window: timedelta = settings.drift_window, share: float = 0.0) -> None:
         engine = make_engine(url)
@@ -206,16 +207,25 @@ def test_a_drift_report_missed_while_the_scheduler_was_down_is_written_when_it_s
             )  # fmt: skip
         engine.dispose()
 
-    assert sched.last_fire_time(trigger, now) == datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
+    assert sched.fire_times(trigger, now - timedelta(days=1), now) == [datetime(2026, 12, 7, 2, 30, tzinfo=UTC)]
+    assert catch_up() == [datetime(2026, 12, 7, 2, 30, tzinfo=UTC)]  # none at all (a fresh install): the last only
+    runs.clear()
     report_written(datetime(2026, 12, 6, 2, 31, tzinfo=UTC), share=0.35)  # yesterday's; today's 02:30 came and went
     METRICS.drift_share.set(0.0)  # a fresh process
-    assert catch_up() == datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
+    assert catch_up() == [datetime(2026, 12, 7, 2, 30, tzinfo=UTC)]
     assert [s.value for m in METRICS.drift_share.collect() for s in m.samples] == [0.35]
     assert runs == [datetime(2026, 12, 7, 2, 30, tzinfo=UTC)]  # the window the missed report would have had
     report_written(datetime(2026, 12, 7, 8, 0, tzinfo=UTC), timedelta(hours=1))  # `coilguard drift --window 1h`
-    assert catch_up() == datetime(2026, 12, 7, 2, 30, tzinfo=UTC) and len(runs) == 2  # no stand-in for the day's
+    assert catch_up() == [datetime(2026, 12, 7, 2, 30, tzinfo=UTC)] and len(runs) == 2  # no stand-in for the day's
     report_written(datetime(2026, 12, 7, 2, 31, tzinfo=UTC))
-    assert catch_up() is None and len(runs) == 2  # written on time: nothing to catch up
+    assert catch_up() == [] and len(runs) == 2  # written on time: nothing to catch up
+    # down from the 8th's report to the 11th's morning: the three days' reports, oldest first, each its own window
+    report_written(datetime(2026, 12, 8, 2, 30, 4, tzinfo=UTC))
+    days = [datetime(2026, 12, d, 2, 30, tzinfo=UTC) for d in (9, 10, 11)]
+    assert catch_up(datetime(2026, 12, 11, 9, tzinfo=UTC)) == days and runs[2:] == days
+    # a fortnight away: the last week's seven, not more
+    assert catch_up(datetime(2026, 12, 22, 9, tzinfo=UTC)) == [datetime(2026, 12, d, 2, 30, tzinfo=UTC) for d in
+                                                                 range(16, 23)]  # fmt: skip
     jobs = {job.id for job in sched.build_scheduler(settings).get_jobs()}
     assert {"drift", sched.DRIFT_CATCH_UP} <= jobs
     assert sched.DRIFT_CATCH_UP not in {job.id for job in sched.build_scheduler(_settings(url)).get_jobs()}
@@ -237,7 +247,7 @@ def test_a_drift_catch_up_that_killed_its_process_is_not_tried_at_every_restart(
     mark = sched.catch_up_mark(settings)
     marks: list[str] = []  # the mark as each run saw it: what a process killed inside that run leaves behind
 
-    def catch_up(now: datetime = datetime(2026, 12, 7, 9, tzinfo=UTC), fail: bool = False) -> datetime | None:
+    def catch_up(now: datetime = datetime(2026, 12, 7, 9, tzinfo=UTC), fail: bool = False) -> list[datetime]:
         def run(_: Settings, now: datetime) -> None:
             marks.append(mark.read_text())
             if fail:
@@ -245,20 +255,23 @@ def test_a_drift_catch_up_that_killed_its_process_is_not_tried_at_every_restart(
 
         return sched.catch_up_drift(settings, trigger=trigger, run=run, now=now)
 
-    with pytest.raises(RuntimeError):
-        catch_up(fail=True)
+    assert catch_up(fail=True) == [due]  # logged, not raised: the days after it are still written
     assert len(marks) == 1 and not mark.exists()  # marked while it ran; an error is no death: the mark goes
-    assert catch_up() == due and len(marks) == 2 and not mark.exists()
+    assert catch_up() == [due] and len(marks) == 2 and not mark.exists()
 
     mark.write_text(marks[-1])  # killed inside the report: the next start tries once more
-    assert catch_up() == due and len(marks) == 3
+    assert catch_up() == [due] and len(marks) == 3
     mark.write_text(marks[-1])  # killed again
     caplog.set_level(logging.ERROR, logger="services.scheduler")
-    assert catch_up() is None and len(marks) == 3  # left to the regular schedule
+    assert catch_up() == [] and len(marks) == 3  # left alone for good
     assert "never finished" in caplog.text
-    assert catch_up(now=datetime(2026, 12, 8, 9, tzinfo=UTC)) == due + timedelta(days=1)  # the next day's: tried
+    # the next day's is tried (no full report at all: only the last due one), and the dead one stays marked
+    assert catch_up(now=datetime(2026, 12, 8, 9, tzinfo=UTC)) == [due + timedelta(days=1)]
+    assert str(due.isoformat()) in mark.read_text()
     mark.write_text("not json")  # unreadable: one more try is the lesser harm
-    assert catch_up() == due and len(marks) == 5
+    assert catch_up() == [due] and len(marks) == 5
+    mark.write_text(json.dumps({"due": due.isoformat(), "began": ["a", "b"]}))  # the release before's mark: read
+    assert catch_up() == [] and len(marks) == 5
 
 
 def test_the_drift_catch_up_runs_however_long_the_scheduler_takes_to_start(
