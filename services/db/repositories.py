@@ -106,6 +106,9 @@ def matrix_bytes(matrix: np.ndarray) -> bytes:
     return np.ascontiguousarray(matrix, dtype="<f4").tobytes()
 
 
+MATRIX_BYTES = int(np.prod(SHAPE)) * 4  # float32
+
+
 def matrix_from_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4").reshape(SHAPE).astype(np.float32)
 
@@ -146,7 +149,8 @@ class SqlCoilStore:
                 published=r.published_at is not None,
                 votes=votes.get(r.coil_id, ()),
                 received_at=r.received_at,
-                matrix=matrix_from_bytes(r.matrix) if r.matrix is not None else None,
+                # readings of another shape (written by hand, or cut short) compare with nothing: a copy, not a clash
+                matrix=matrix_from_bytes(r.matrix) if r.matrix is not None and len(r.matrix) == MATRIX_BYTES else None,
             )
             for r in rows
         }

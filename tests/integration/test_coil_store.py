@@ -129,3 +129,22 @@ def test_losing_the_server_mid_write_is_an_operational_error_that_invalidates_th
         assert SqlCoilStore(own).save_assessed(batch, model_ids) == {"S4-1"}  # a fresh connection next time
     finally:
         own.dispose()
+
+
+def test_the_stored_readings_come_back_only_when_asked_and_a_cut_short_one_as_none(
+    engine: Engine, model_ids: dict
+) -> None:
+    """The worker's look-up tells a copy of a coil from another coil under its id by the readings; the announce pass
+    and the held decisions' retries must not pay for 19 KB a coil, and readings of another length (a row written
+    by hand) must not break a batch: they compare with nothing."""
+    import numpy as np
+
+    store = SqlCoilStore(engine)
+    votes = [MemberVote("store-cnn", 1, "OK", 0.1, 0.9)]
+    store.save_assessed([assessed_coil("RD-1", votes), assessed_coil("RD-2", votes)], model_ids)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE coils SET matrix = '\\x00010203'::bytea WHERE coil_id = 'RD-2'"))
+    plain, full = store.decided(["RD-1", "RD-2"]), store.decided(["RD-1", "RD-2"], with_matrix=True)
+    assert plain["RD-1"].matrix is None and plain["RD-1"].label == "OK"
+    np.testing.assert_array_equal(full["RD-1"].matrix, np.zeros((264, 18), np.float32))
+    assert full["RD-2"].matrix is None and full["RD-2"].label == "OK"
