@@ -278,6 +278,8 @@ def run_drift(
                 window=window or settings.drift_window,
                 config=config,
             )
+            if outcome.result is not None:
+                restore_drift_gauge(engine)  # the newest window's figure: a caught-up report may be of an older one
             if settings.drift_keep is not None:
                 _prune(store, now - settings.drift_keep)
     except Exception:
@@ -285,7 +287,6 @@ def run_drift(
         raise
     METRICS.drift_reports.labels(outcome.status.replace(" ", "_")).inc()
     if outcome.result is not None:
-        METRICS.drift_share.set(outcome.result.share_drifted)
         METRICS.drift_seconds.observe(time.perf_counter() - started)
     log.info(outcome.describe(), extra={"report_id": outcome.report_id})
     return outcome
@@ -301,23 +302,23 @@ def _prune(store: FileDriftReportStore, older_than: datetime) -> None:
         log.exception("could not delete old drift report files; the new report is written")
 
 
-def newest_full_report(engine: Engine, window: timedelta) -> datetime | None:
-    """Where the newest report over at least ``window`` ends (its ``window_end``): a report by hand over a shorter
-    window (``coilguard drift --window 1h``) does not stand in for the daily one. One row a day: read them all."""
+def full_report_ends(engine: Engine, window: timedelta) -> list[datetime]:
+    """Where the reports over at least ``window`` end (their ``window_end``), oldest first: a report by hand over a
+    shorter window (``coilguard drift --window 1h``) does not stand in for the daily one. A row a day: all of them."""
     query = select(drift_reports.c.window_start, drift_reports.c.window_end)
     with engine.connect() as conn:
-        ends = [r.window_end for r in conn.execute(query) if r.window_end - r.window_start >= window]
-    return max(ends, default=None)
+        return sorted(r.window_end for r in conn.execute(query) if r.window_end - r.window_start >= window)
 
 
 def restore_drift_gauge(engine: Engine) -> float | None:
-    """The latest report's share of drifted features, put back into ``coilguard_drift_share`` as the scheduler
-    starts: otherwise the gauge read 0 from every restart until the next daily report, and the drift alert
-    resolved with it while the line was as drifted as before. None (the gauge untouched) before any report."""
+    """The share of drifted features of the report over the newest window, into ``coilguard_drift_share``: as the
+    scheduler starts (the gauge read 0 from every restart until the next daily report, and the drift alert
+    resolved with it while the line was as drifted as before), and after each report (a caught-up report of an
+    older window is not the line as it is). None (the gauge untouched) before any report."""
     query = (
         select(drift_reports.c.share_drifted)
         .where(drift_reports.c.share_drifted.is_not(None))
-        .order_by(drift_reports.c.created_at.desc(), drift_reports.c.id.desc())
+        .order_by(drift_reports.c.window_end.desc(), drift_reports.c.id.desc())
         .limit(1)
     )
     with engine.connect() as conn:

@@ -41,6 +41,7 @@ Job = Callable[[Settings], object]
 DRIFT_CATCH_UP = "drift-catch-up"
 CATCH_UP_TRIES = 2  # catch-ups of one missed report that may die with the process before it is left alone
 CATCH_UP_HORIZON = timedelta(days=7)  # missed drift reports older than this are not written afterwards
+_MARK_LOCK = threading.Lock()  # the catch-up and a stop's release both rewrite the mark
 SCHEMA_POLL_S = 5.0  # how often a scheduler started before its database is ready looks again
 
 
@@ -66,13 +67,14 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
     from services.jobs import run_retrain, run_score
 
     scheduler = Scheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+    drift_lock = threading.Lock()  # the regular report and the catch-up's, one at a time: each loads a day of coils
     jobs: dict[str, tuple[Job, object]] = {
         "score": (run_score, IntervalTrigger(seconds=settings.score_every.total_seconds())),
         **{
             name: (job, CronTrigger.from_crontab(cron, timezone="UTC"))
             for name, job, cron in (
                 ("retrain", functools.partial(run_retrain, stop=scheduler.stopping), settings.retrain_cron),
-                ("drift", run_drift, settings.drift_cron),
+                ("drift", _one_at_a_time(drift_lock, run_drift), settings.drift_cron),
             )
             if cron != OFF
         },
@@ -99,7 +101,9 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
         # judged when it runs, at the start, which is also when the regular job's next time is set (not here: the
         # scheduler may wait minutes for its schema): a start before 02:30 leaves that report to the regular job,
         # one after it to this
-        catch_up = functools.partial(catch_up_drift, trigger=jobs["drift"][1], run=run_drift)
+        catch_up = functools.partial(
+            catch_up_drift, trigger=jobs["drift"][1], run=_one_at_a_time(drift_lock, run_drift), stop=scheduler.stopping
+        )
         # no misfire limit: APScheduler's 1 s would drop it when the start is slower (waiting for the schema)
         scheduler.add_job(
             _guarded(DRIFT_CATCH_UP, catch_up), "date", args=[settings], id=DRIFT_CATCH_UP, name=DRIFT_CATCH_UP,
@@ -109,55 +113,101 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
 
 
 def catch_up_drift(
-    settings: Settings, *, trigger: CronTrigger, run: Callable[..., object], now: datetime | None = None
+    settings: Settings,
+    *,
+    trigger: CronTrigger,
+    run: Callable[..., object],
+    now: datetime | None = None,
+    stop: threading.Event | None = None,
 ) -> list[datetime]:
-    """Write the drift reports the schedule asked for since the newest report over a whole ``DRIFT_WINDOW`` but that
-    were never written, oldest first, each over the window it would have had; the due times written (tried).
+    """Write the drift reports the schedule asked for in the last ``CATCH_UP_HORIZON`` that no report over a whole
+    ``DRIFT_WINDOW`` stands for, oldest first, each over the window it would have had; the due times written.
 
     The schedule lives in memory: a scheduler stopped over the report's time (a rollout, a node drained at 02:30,
     a weekend's outage) comes back with the next day's time, and without this those days' reports would silently
-    be missing from the drift history. Only the last ``CATCH_UP_HORIZON`` is caught up, and with no full report at
-    all (a fresh install) only the last due one. A report that was skipped (no model, too few coils) writes
-    nothing, so such a start looks again: cheap.
+    be missing from the drift history. A due time is written when no full report's window ends between it and
+    the next one (the regular report ends seconds after it, a caught-up one at it, one by hand whenever it was
+    made). Only times after the first full report count (not the days before an install), and with none at all
+    only the last due one. A report that was skipped (no model, too few coils) writes nothing, so such a start
+    looks again: cheap. A report that fails is logged, the others are written, and the job then fails.
 
-    A mark in ``REPORT_DIR`` counts, per due time, the catch-ups that began; a report that ends, even with an error,
-    takes its count away. A count left behind means the process died inside that report: killed by the memory
-    limit, or stopped by force (SIGKILL after a rollout's grace period, a second Ctrl-C). One such death is tried
-    again; after ``CATCH_UP_TRIES`` that report is left alone for good and the log says why (the others are still
-    written): trying at every restart would turn one failed report a day into a crash loop that starves ModelScore.
+    A mark in ``REPORT_DIR`` records, per due time, when each catch-up began; a report that ends, even with an
+    error, or that a requested stop cut short (:func:`release_catch_ups`) takes its entry away. An entry left
+    behind means the process died inside that report: killed by the memory limit, or stopped by force. After
+    ``CATCH_UP_TRIES`` such deaths within the horizon, whichever reports they were, no catch-up is tried until
+    they age out or the mark is removed, and the log says why: a report that does not fit in memory would not
+    fit on any other day either, and trying at every restart would be a crash loop that starves ModelScore.
     """
     from services.db.engine import engine_for
-    from services.drift import newest_full_report, restore_drift_gauge
+    from services.drift import full_report_ends, restore_drift_gauge
 
     now = now or datetime.now(UTC)
+    stop = stop or threading.Event()
     due_times = fire_times(trigger, now - CATCH_UP_HORIZON, now)
     with engine_for(settings.database_url) as engine:
-        restore_drift_gauge(engine)  # the last report's figure, until the caught-up or the next one is written
-        newest = newest_full_report(engine, settings.drift_window)
-    missed = [t for t in due_times if newest is None or t > newest][-1 if newest is None else 0 :]
+        restore_drift_gauge(engine)  # the newest report's figure, until a newer one is written
+        ends = full_report_ends(engine, settings.drift_window)
+    missed = _missed(due_times, ends)
     mark = catch_up_mark(settings)
-    began = {due: times for due, times in _read_mark(mark).items() if due >= now - CATCH_UP_HORIZON}
-    written = []
+    with _MARK_LOCK:
+        began = _read_mark(mark, now - CATCH_UP_HORIZON)
+    deaths = sorted(t for times in began.values() for t in times)
+    if missed and len(deaths) >= CATCH_UP_TRIES:
+        log.error(
+            "drift reports missed since %s are not written: catch-ups begun at %s never finished (the process was "
+            "killed: out of memory, or stopped by force); none is tried until those are a week old or %s is "
+            "removed", missed[0], ", ".join(deaths), mark,
+        )  # fmt: skip
+        return []
+    written, failed = [], []
     for due in missed:
-        if len(began.get(due, [])) >= CATCH_UP_TRIES:
-            log.error(
-                "no drift report since it was due at %s, and its catch-ups begun at %s never finished (the process "
-                "was killed: out of memory, or stopped by force): not trying it again (%s)",
-                due, ", ".join(began[due]), mark,
-            )  # fmt: skip
-            continue
+        if stop.is_set():
+            break
         log.info("no drift report since it was due at %s; writing it now", due)
-        began[due] = [*began.get(due, []), datetime.now(UTC).isoformat()]
-        _write_mark(mark, began)
+        with _MARK_LOCK:
+            began = _read_mark(mark, now - CATCH_UP_HORIZON)
+            began[due] = [*began.get(due, []), datetime.now(UTC).isoformat()]
+            _write_mark(mark, began)
         try:
             run(settings, now=due)
-        except Exception:  # an ordinary failure, worth another try at the next start; only a kill leaves the count
-            log.exception("the drift report due at %s failed; tried again at the next start", due)
+            written.append(due)
+        except Exception:  # an ordinary failure, worth another try at the next start; only a kill leaves the entry
+            log.exception("the drift report due at %s failed; it is tried again at the next start", due)
+            failed.append(due)
         finally:
-            del began[due]
-            _write_mark(mark, began)
-        written.append(due)
+            with _MARK_LOCK:
+                began = _read_mark(mark, now - CATCH_UP_HORIZON)
+                began.pop(due, None)
+                _write_mark(mark, began)
+    if written:
+        with engine_for(settings.database_url) as engine:
+            restore_drift_gauge(engine)  # each report set it to its own window's figure: the newest window's again
+    if failed:
+        raise RuntimeError(f"drift reports due at {', '.join(map(str, failed))} failed (see above)")
     return written
+
+
+def _missed(due_times: list[datetime], ends: list[datetime]) -> list[datetime]:
+    """The due times no full report's window end stands for (see :func:`catch_up_drift`)."""
+    if not ends:
+        return due_times[-1:]
+    nexts = [*due_times[1:], datetime.max.replace(tzinfo=UTC)]
+    return [
+        due
+        for due, nxt in zip(due_times, nexts, strict=True)
+        if due > ends[0] and not any(due <= e < nxt for e in ends)
+    ]
+
+
+def release_catch_ups(settings: Settings, since: datetime) -> None:
+    """A stop was requested: catch-ups this process began (since ``since``) are not deaths, whatever kills it now
+    (a rollout's SIGKILL once its grace period is over)."""
+    mark = catch_up_mark(settings)
+    with _MARK_LOCK:
+        began = _read_mark(mark)
+        kept = {due: [t for t in times if t < since.isoformat()] for due, times in began.items()}
+        if kept != began:
+            _write_mark(mark, {due: times for due, times in kept.items() if times})
 
 
 def catch_up_mark(settings: Settings) -> Path:
@@ -167,16 +217,22 @@ def catch_up_mark(settings: Settings) -> Path:
     return settings.report_dir / DRIFT_DIR / "catch-up-in-progress.json"
 
 
-def _read_mark(mark: Path) -> dict[datetime, list[str]]:
-    """Due time → when the catch-ups of it that never finished began. A mark that cannot be read counts as none
-    (the worst case is one more try); one of the release before, a single due time, is read as it was meant."""
+def _read_mark(mark: Path, since: datetime | None = None) -> dict[datetime, list[str]]:
+    """Due time (after ``since``) → when the catch-ups of it that never finished began. A mark that cannot be
+    read counts as none (the worst case is one more try); one of the release before, a single due time, is read
+    as it was meant; a time without a zone is UTC, as every time coilguard writes."""
     try:
         doc = json.loads(mark.read_text(encoding="utf-8"))
         if "due" in doc:  # {"due": …, "began": […]}
             doc = {"began": {doc["due"]: doc["began"]}}
-        return {datetime.fromisoformat(due): [str(t) for t in times] for due, times in doc["began"].items()}
+        began = {_utc(datetime.fromisoformat(due)): [str(t) for t in times] for due, times in doc["began"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
+    return {due: times for due, times in began.items() if since is None or due >= since}
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at
 
 
 def _write_mark(mark: Path, began: dict[datetime, list[str]]) -> None:
@@ -198,6 +254,14 @@ def fire_times(trigger: CronTrigger, since: datetime, now: datetime) -> list[dat
             times.append(fire)
         fire = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
     return times
+
+
+def _one_at_a_time(lock: threading.Lock, job: Callable[..., object]) -> Callable[..., object]:
+    def run(*args: object, **kwargs: object) -> object:
+        with lock:
+            return job(*args, **kwargs)
+
+    return run
 
 
 def _guarded(name: str, job: Job) -> Callable[[Settings], None]:
@@ -260,6 +324,7 @@ def run_scheduler(settings: Settings) -> None:
     from services.metrics import serve_metrics, set_probes
 
     scheduler = build_scheduler(settings)
+    started = datetime.now(UTC)
     stop = StopSignals().install()
     set_probes(ready=lambda: None if scheduler.running else "waiting for the database at this release's schema")
     serve_metrics(settings.metrics_port)
@@ -273,6 +338,7 @@ def run_scheduler(settings: Settings) -> None:
             time.sleep(0.01)  # a signal that came during the start-up would otherwise be lost on it
         while scheduling.is_alive() and not stop.wait(1.0):
             pass
+        release_catch_ups(settings, started)  # a drift catch-up cut short now is a stop, not a death
         scheduler.stop(wait=True)
         scheduling.join()
     finally:

@@ -107,9 +107,13 @@ class Prepared:
         merged = cls(BatchResult(), parts[0].model_ids if parts else {})
         for part in parts:
             merged.result.extend(part.result)
-            merged.assessed.extend(part.assessed)
-            merged.decisions.extend(part.decisions)
-            merged.messages.update(part.messages)
+            for coil, decision in zip(part.assessed, part.decisions, strict=True):
+                if coil.coil_id in merged.messages:  # prepared one by one, a batch's second copy met no first
+                    merged.result.duplicates.append(coil.coil_id)
+                    continue
+                merged.assessed.append(coil)
+                merged.decisions.append(decision)
+                merged.messages[coil.coil_id] = part.messages[coil.coil_id]
         return merged
 
     def split(self) -> list[Prepared]:
@@ -393,6 +397,8 @@ def _decode_images(coil: CoilMessage) -> list[np.ndarray]:
     no assessor judges it."""
     surface = [(i, image) for i, image in enumerate(coil.images) if image.kind == SURFACE]
     for kind in {image.kind for image in coil.images} - {SURFACE} - _KINDS_SEEN:
+        if len(_KINDS_SEEN) >= 64:  # a gateway inventing kinds must not grow the set and the log without end
+            break
         _KINDS_SEEN.add(kind)
         log.warning("images of kind %r are not judged (the image assessors judge %r ones); said once", kind, SURFACE)
     for i, image in surface:

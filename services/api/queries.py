@@ -267,7 +267,8 @@ def feedback_row(engine: Engine, feedback_id: int) -> dict[str, Any]:
 
 
 def drift_report_page(engine: Engine, limit: int, offset: int) -> tuple[list[Row], int]:
-    query = select(drift_reports).order_by(drift_reports.c.created_at.desc(), drift_reports.c.id.desc()).limit(limit)
+    # newest window first: a report caught up after a scheduler outage is written after the day's, of an older window
+    query = select(drift_reports).order_by(drift_reports.c.window_end.desc(), drift_reports.c.id.desc()).limit(limit)
     with engine.connect() as conn:
         rows = list(conn.execute(query.offset(offset)))
         total = int(conn.execute(select(func.count()).select_from(drift_reports)).scalar_one())

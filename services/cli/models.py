@@ -188,7 +188,7 @@ def retire(ctx: AppContext, name: str, version: int, force: bool) -> None:
 @models_.command("prune")
 @click.option(
     "--keep",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=1),  # 0 would remove the champion just retired, which workers serve until their next poll
     default=None,
     help="Retired versions kept per name [default: MODEL_KEEP, 3; also 3 where MODEL_KEEP is off].",
 )

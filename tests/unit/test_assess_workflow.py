@@ -492,3 +492,16 @@ def test_the_bookkeeping_of_held_decisions(tmp_path: Path, monkeypatch: pytest.M
     worker.stopping.set()  # the round's confirmation then ends at once: nothing here answers
     assert worker._retry_held() == [] and list(worker._held) == ["D"] and acked == [1, 3, 11, 13]
     worker.engine.dispose()
+
+
+def test_a_batch_prepared_message_by_message_still_decides_a_coil_id_once(serving: ServingEnsemble) -> None:
+    """After a batch broke the ensemble the worker prepares its messages one by one and merges them: each copy of
+    a coil then met no first copy in its own part, and both went to the store."""
+    from workflows.assess import Prepared
+
+    workflow = AssessCoils(MemoryStore(), TOPICS)
+    parts = [workflow.prepare([raw], serving) for raw in (_coil("A"), _coil("B"), _coil("A"))]
+    merged = Prepared.merge(parts)
+    assert [c.coil_id for c in merged.assessed] == ["A", "B"] and merged.result.duplicates == ["A"]
+    assert len(merged.decisions) == 2 and set(merged.messages) == {"A", "B"}
+    assert [d.coil_id for d in workflow.commit(merged).decided] == ["A", "B"]

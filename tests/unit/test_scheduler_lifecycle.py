@@ -223,6 +223,9 @@ def test_a_drift_report_missed_while_the_scheduler_was_down_is_written_when_it_s
     report_written(datetime(2026, 12, 8, 2, 30, 4, tzinfo=UTC))
     days = [datetime(2026, 12, d, 2, 30, tzinfo=UTC) for d in (9, 10, 11)]
     assert catch_up(datetime(2026, 12, 11, 9, tzinfo=UTC)) == days and runs[2:] == days
+    for day in days[1:]:  # written, each ending at its due time; the 9th's failed: it is still missing
+        report_written(day)
+    assert catch_up(datetime(2026, 12, 11, 9, tzinfo=UTC)) == days[:1]
     # a fortnight away: the last week's seven, not more
     assert catch_up(datetime(2026, 12, 22, 9, tzinfo=UTC)) == [datetime(2026, 12, d, 2, 30, tzinfo=UTC) for d in
                                                                  range(16, 23)]  # fmt: skip
@@ -255,7 +258,8 @@ def test_a_drift_catch_up_that_killed_its_process_is_not_tried_at_every_restart(
 
         return sched.catch_up_drift(settings, trigger=trigger, run=run, now=now)
 
-    assert catch_up(fail=True) == [due]  # logged, not raised: the days after it are still written
+    with pytest.raises(RuntimeError, match="failed"):  # logged, the others written, then the job fails
+        catch_up(fail=True)
     assert len(marks) == 1 and not mark.exists()  # marked while it ran; an error is no death: the mark goes
     assert catch_up() == [due] and len(marks) == 2 and not mark.exists()
 
@@ -263,15 +267,24 @@ def test_a_drift_catch_up_that_killed_its_process_is_not_tried_at_every_restart(
     assert catch_up() == [due] and len(marks) == 3
     mark.write_text(marks[-1])  # killed again
     caplog.set_level(logging.ERROR, logger="services.scheduler")
-    assert catch_up() == [] and len(marks) == 3  # left alone for good
+    assert catch_up() == [] and len(marks) == 3  # two deaths: no catch-up
     assert "never finished" in caplog.text
-    # the next day's is tried (no full report at all: only the last due one), and the dead one stays marked
-    assert catch_up(now=datetime(2026, 12, 8, 9, tzinfo=UTC)) == [due + timedelta(days=1)]
-    assert str(due.isoformat()) in mark.read_text()
+    # nor the next day's: a report that does not fit in memory would not fit then either
+    assert catch_up(now=datetime(2026, 12, 8, 9, tzinfo=UTC)) == [] and len(marks) == 3
+    # a week on, the deaths have aged out
+    assert catch_up(now=datetime(2026, 12, 15, 9, tzinfo=UTC)) == [due + timedelta(days=8)] and len(marks) == 4
     mark.write_text("not json")  # unreadable: one more try is the lesser harm
     assert catch_up() == [due] and len(marks) == 5
     mark.write_text(json.dumps({"due": due.isoformat(), "began": ["a", "b"]}))  # the release before's mark: read
     assert catch_up() == [] and len(marks) == 5
+    mark.write_text(json.dumps({"began": {"2026-12-07T02:30:00": ["a", "b"]}}))  # no zone: UTC, not a crash
+    assert catch_up() == [] and len(marks) == 5
+
+    # a stop was requested while this process's catch-up ran: whatever kills it then is not counted
+    started, earlier = datetime.now(UTC), (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    mark.write_text(json.dumps({"began": {due.isoformat(): [earlier, started.isoformat()]}}))
+    sched.release_catch_ups(settings, started)
+    assert json.loads(mark.read_text()) == {"began": {due.isoformat(): [earlier]}}  # the earlier death stays
 
 
 def test_the_drift_catch_up_runs_however_long_the_scheduler_takes_to_start(
