@@ -5,8 +5,9 @@ ReTrain reads every operator-labelled coil (``SqlFeedbackStore.labelled_coils``)
 holdout, and trains on the champion's history plus the rest, each labelled coil three times (``combine``). The
 feedback only grows. Per size: one scratch PostgreSQL database with that many labelled coils (real 264 × 18
 float32 matrices, stored as the workers store them; 3 % NOK) and a champion history of 3,000 coils; the stages
-run in a process of their own, whose peak resident memory (``VmHWM``) is what a CronJob's memory limit meets.
-No training: its time grows with the training set's rows, which the table gives.
+run in a process of their own, whose peak resident memory (``VmHWM``) is what a CronJob's memory limit meets:
+reading, building the training set, and normalizing it as the challenger's fit begins (the champion's scale).
+No training beyond that: its time grows with the training set's rows, which the table gives.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def child(url: str) -> dict:
     import numpy as np
 
     from ml.dataset import CoilDataset
+    from ml.normalize import Normalizer
     from services.db.engine import make_engine
     from services.db.repositories import SqlFeedbackStore
     from workflows.retrain import RetrainConfig, combine, split_by_time
@@ -60,6 +62,9 @@ def child(url: str) -> dict:
     train_part, holdout = split_by_time(labelled, config.holdout_fraction, config.min_holdout)
     data = combine(history, train_part, config.feedback_weight, withheld=[c.coil_id for c in holdout])
     out |= {"combine_s": time.perf_counter() - start, "combine_mb": peak_mb(), "rows": len(data)}
+    start = time.perf_counter()
+    Normalizer(100.0, 180.0).transform(data.X)  # what start_matrix_fit does with the champion's normalizer
+    out |= {"normalize_s": time.perf_counter() - start, "normalize_mb": peak_mb()}
     engine.dispose()
     return out
 
@@ -125,11 +130,11 @@ def main() -> None:
             "half years.",
             "",
             "| labelled coils | read them (s) | peak after reading (MB) | build the training set (s) | "
-            "peak after it (MB) | training set rows |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            "peak after it (MB) | normalize it (s) | peak after it (MB) | training set rows |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *[
                 f"| {n:,} | {g['read_s']:.1f} | {g['read_mb']:,.0f} | {g['combine_s']:.1f} | {g['combine_mb']:,.0f} "
-                f"| {g['rows']:,} |"
+                f"| {g['normalize_s']:.1f} | {g['normalize_mb']:,.0f} | {g['rows']:,} |"
                 for n, g in rows
             ],
         ]

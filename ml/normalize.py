@@ -59,12 +59,22 @@ class Normalizer:
         return cls(max(low - margin * span, 0.0), high + margin * span)
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        """(N, 264, 18) g/m² with NaN → float32 in [0, 1], dropped readings filled, values clipped."""
-        X = fill_dropped(as_matrix_batch(X))
-        if self.gauge_gains is not None:
-            X = X / np.asarray(self.gauge_gains, dtype=np.float32)
-        out = (X - np.float32(self.low)) * np.float32(1.0 / (self.high - self.low))
-        np.clip(out, 0.0, 1.0, out=out)
+        """(N, 264, 18) g/m² with NaN → float32 in [0, 1], dropped readings filled, values clipped.
+
+        In chunks of coils written into one output: on a whole training set at once the temporaries (the filled
+        copy, masks, the scaled intermediate) were three times its size, 13 GB for ReTrain's 213,000 rows after
+        years of feedback; now they are one chunk's."""
+        X = as_matrix_batch(X)
+        out = np.empty(X.shape, dtype=np.float32)
+        gains = np.asarray(self.gauge_gains, dtype=np.float32) if self.gauge_gains is not None else None
+        scale = np.float32(1.0 / (self.high - self.low))
+        for start in range(0, len(X), TRANSFORM_CHUNK):
+            part, done = fill_dropped(X[start : start + TRANSFORM_CHUNK]), out[start : start + TRANSFORM_CHUNK]
+            if gains is not None:
+                part = part / gains
+            np.subtract(part, np.float32(self.low), out=done)
+            np.multiply(done, scale, out=done)
+            np.clip(done, 0.0, 1.0, out=done)
         return out
 
     def without_gauge_gains(self) -> Normalizer:
@@ -83,6 +93,9 @@ class Normalizer:
             raise ValueError(f"unknown normalization method {data.get('method')!r}")
         gains = data.get("gauge_gains")
         return cls(float(data["low"]), float(data["high"]), tuple(float(g) for g in gains) if gains else None)
+
+
+TRANSFORM_CHUNK = 2048  # coils normalized at a time: 39 MB of float32 temporaries
 
 
 def fill_dropped(X: np.ndarray) -> np.ndarray:

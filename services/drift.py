@@ -279,7 +279,8 @@ def run_drift(
                 config=config,
             )
             if outcome.result is not None:
-                restore_drift_gauge(engine)  # the newest window's figure: a caught-up report may be of an older one
+                # the newest full window's figure: a caught-up report may be of an older one, one by hand shorter
+                restore_drift_gauge(engine, settings.drift_window)
             if settings.drift_keep is not None:
                 _prune(store, now - settings.drift_keep)
     except Exception:
@@ -310,19 +311,22 @@ def full_report_ends(engine: Engine, window: timedelta) -> list[datetime]:
         return sorted(r.window_end for r in conn.execute(query) if r.window_end - r.window_start >= window)
 
 
-def restore_drift_gauge(engine: Engine) -> float | None:
+def restore_drift_gauge(engine: Engine, window: timedelta | None = None) -> float | None:
     """The share of drifted features of the report over the newest window, into ``coilguard_drift_share``: as the
     scheduler starts (the gauge read 0 from every restart until the next daily report, and the drift alert
     resolved with it while the line was as drifted as before), and after each report (a caught-up report of an
-    older window is not the line as it is). None (the gauge untouched) before any report."""
+    older window is not the line as it is). With ``window``, a report over at least that long is preferred (one by
+    hand over an hour is not the day's figure). None (the gauge untouched) before any report."""
     query = (
-        select(drift_reports.c.share_drifted)
+        select(drift_reports.c.share_drifted, drift_reports.c.window_start, drift_reports.c.window_end)
         .where(drift_reports.c.share_drifted.is_not(None))
         .order_by(drift_reports.c.window_end.desc(), drift_reports.c.id.desc())
-        .limit(1)
+        .limit(100)
     )
     with engine.connect() as conn:
-        share = conn.execute(query).scalar()
+        rows = conn.execute(query).all()
+    full = [r for r in rows if window is None or r.window_end - r.window_start >= window]
+    share = (full or rows)[0].share_drifted if rows else None
     if share is not None:
         METRICS.drift_share.set(share)
     return share

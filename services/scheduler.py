@@ -145,7 +145,7 @@ def catch_up_drift(
     stop = stop or threading.Event()
     due_times = fire_times(trigger, now - CATCH_UP_HORIZON, now)
     with engine_for(settings.database_url) as engine:
-        restore_drift_gauge(engine)  # the newest report's figure, until a newer one is written
+        restore_drift_gauge(engine, settings.drift_window)  # the newest report's figure, until a newer one is written
         ends = full_report_ends(engine, settings.drift_window)
     missed = _missed(due_times, ends)
     mark = catch_up_mark(settings)
@@ -181,7 +181,7 @@ def catch_up_drift(
                 _write_mark(mark, began)
     if written:
         with engine_for(settings.database_url) as engine:
-            restore_drift_gauge(engine)  # each report set it to its own window's figure: the newest window's again
+            restore_drift_gauge(engine, settings.drift_window)  # each report set its own window's: the newest's again
     if failed:
         raise RuntimeError(f"drift reports due at {', '.join(map(str, failed))} failed (see above)")
     return written
@@ -197,6 +197,14 @@ def _missed(due_times: list[datetime], ends: list[datetime]) -> list[datetime]:
         for due, nxt in zip(due_times, nexts, strict=True)
         if due > ends[0] and not any(due <= e < nxt for e in ends)
     ]
+
+
+def release_stopped_catch_ups(settings: Settings, since: datetime) -> None:
+    """:func:`release_catch_ups`, whose failure (a full disk) must not keep a stopping process from stopping."""
+    try:
+        release_catch_ups(settings, since)
+    except Exception:
+        log.exception("could not note the stop in the drift catch-up mark; a kill now counts as a death")
 
 
 def release_catch_ups(settings: Settings, since: datetime) -> None:
@@ -338,7 +346,8 @@ def run_scheduler(settings: Settings) -> None:
             time.sleep(0.01)  # a signal that came during the start-up would otherwise be lost on it
         while scheduling.is_alive() and not stop.wait(1.0):
             pass
-        release_catch_ups(settings, started)  # a drift catch-up cut short now is a stop, not a death
+        scheduler.stopping.set()  # no further catch-up report begins
+        release_stopped_catch_ups(settings, started)
         scheduler.stop(wait=True)
         scheduling.join()
     finally:

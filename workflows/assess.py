@@ -104,16 +104,13 @@ class Prepared:
 
     @classmethod
     def merge(cls, parts: list[Prepared]) -> Prepared:
+        """Parts prepared one message at a time (``AssessCoils.merge`` settles what they share) put together."""
         merged = cls(BatchResult(), parts[0].model_ids if parts else {})
         for part in parts:
             merged.result.extend(part.result)
-            for coil, decision in zip(part.assessed, part.decisions, strict=True):
-                if coil.coil_id in merged.messages:  # prepared one by one, a batch's second copy met no first
-                    merged.result.duplicates.append(coil.coil_id)
-                    continue
-                merged.assessed.append(coil)
-                merged.decisions.append(decision)
-                merged.messages[coil.coil_id] = part.messages[coil.coil_id]
+            merged.assessed.extend(part.assessed)
+            merged.decisions.extend(part.decisions)
+            merged.messages.update(part.messages)
         return merged
 
     def split(self) -> list[Prepared]:
@@ -267,6 +264,34 @@ class AssessCoils:
             )
             prepared.decisions.append(decision)
             prepared.messages[coil.coil_id] = raw
+
+    def merge(self, parts: list[Prepared]) -> Prepared:
+        """A batch prepared one message at a time (after it broke the ensemble), put together as :meth:`prepare`
+        would have: each part met no other copy of its coil, so a second copy of a coil is a duplicate, another
+        coil under the same id is refused, and a stored decision is announced again once."""
+        kept: list[Prepared] = []
+        first: dict[str, AssessedCoil] = {}
+        announced_again: set[str] = set()
+        for part in parts:
+            for coil in part.assessed:
+                if (earlier := first.get(coil.coil_id)) is None:
+                    first[coil.coil_id] = coil
+                    continue
+                raw = part.messages[coil.coil_id]
+                part.assessed, part.decisions = [], []  # a part of one message: nothing else in it
+                if (why := _reused(coil.line, coil.matrix, earlier.line, earlier.matrix)) is not None:
+                    error = RejectedMessage(f"{why} earlier in this batch{OWN_ID}", "coil_id", coil.coil_id)
+                    self._reject(part.result, raw, error, self.topics.line_of(raw.topic))
+                else:
+                    part.result.duplicates.append(coil.coil_id)
+            for coil_id in list(part.result.republished):
+                if coil_id in announced_again:  # its stored decision goes out with the first copy
+                    part.result.republished.remove(coil_id)
+                    part.result.publish = [o for o in part.result.publish if o.coil_id != coil_id]
+                    part.result.duplicates.append(coil_id)
+                announced_again.add(coil_id)
+            kept.append(part)
+        return Prepared.merge(kept)
 
     def commit(self, prepared: Prepared, published: Sequence[str] = ()) -> BatchResult:
         """The write: one transaction for the batch's coils and votes (and the marks of ``published``

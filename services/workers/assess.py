@@ -453,7 +453,7 @@ class AssessWorker:
             except Exception as exc:  # this message breaks the ensemble: reject it, keep the stream going
                 log.exception("message on %s could not be assessed", raw.topic)
                 parts.append(self._unassessable(raw, exc, serving.model_ids))
-        return batch, Prepared.merge(parts), started
+        return batch, self.workflow.merge(parts), started
 
     def _commit_loop(self) -> None:
         """The committer thread. Should it fail, the worker stops and its run raises: a committer that died on

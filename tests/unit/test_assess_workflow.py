@@ -496,12 +496,20 @@ def test_the_bookkeeping_of_held_decisions(tmp_path: Path, monkeypatch: pytest.M
 
 def test_a_batch_prepared_message_by_message_still_decides_a_coil_id_once(serving: ServingEnsemble) -> None:
     """After a batch broke the ensemble the worker prepares its messages one by one and merges them: each copy of
-    a coil then met no first copy in its own part, and both went to the store."""
-    from workflows.assess import Prepared
-
-    workflow = AssessCoils(MemoryStore(), TOPICS)
-    parts = [workflow.prepare([raw], serving) for raw in (_coil("A"), _coil("B"), _coil("A"))]
-    merged = Prepared.merge(parts)
-    assert [c.coil_id for c in merged.assessed] == ["A", "B"] and merged.result.duplicates == ["A"]
-    assert len(merged.decisions) == 2 and set(merged.messages) == {"A", "B"}
-    assert [d.coil_id for d in workflow.commit(merged).decided] == ["A", "B"]
+    a coil met no first copy in its own part. Put together, a second copy is a duplicate, another coil under the
+    same id is refused, and a stored decision never announced goes out once."""
+    store = MemoryStore()
+    workflow = AssessCoils(store, TOPICS)
+    workflow.process([_coil("S")], serving)  # stored, never announced (a crash before the broker's word)
+    raws = [_coil("A"), _coil("B"), _coil("A"), _coil("A", thin=True), _coil("S"), _coil("S")]
+    merged = workflow.merge([workflow.prepare([raw], serving) for raw in raws])
+    assert [c.coil_id for c in merged.assessed] == ["A", "B"] and len(merged.decisions) == 2
+    assert sorted(merged.result.duplicates) == ["A", "S"] and merged.result.republished == ["S"]
+    [refused] = merged.result.rejected
+    assert (refused.coil_id, refused.field) == ("A", "coil_id") and "other readings earlier in this batch" in (
+        refused.reason
+    )
+    result = workflow.commit(merged)
+    assert [d.coil_id for d in result.decided] == ["A", "B"]
+    announced = [orjson.loads(o.payload).get("coil_id") for o in result.publish if "/decisions/" in o.topic]
+    assert sorted(announced) == ["A", "B", "S"]

@@ -135,3 +135,25 @@ def test_a_seed_wider_than_32_bits_still_seeds_the_32_bit_generators() -> None:
     embeddings = torch.randn(12, 4)
     refs = choose_references(embeddings, np.array([0, 1] * 6), k=3, seed=seed)
     assert refs.ok.shape == refs.nok.shape == (3, 4)
+
+
+def test_normalizing_in_chunks_gives_what_one_pass_gave() -> None:
+    """ReTrain normalizes its whole training set (213,000 rows after years of feedback): chunks bound the
+    temporaries. Across a chunk boundary, with dropped readings, a whole dropped sensor and gauge gains, every value
+    is what the one-pass formula gives."""
+    from ml.normalize import TRANSFORM_CHUNK, fill_dropped
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(140, 30, (TRANSFORM_CHUNK + 37, N_SECTIONS, 18)).astype(np.float32)
+    X[rng.random(X.shape) < 0.01] = np.nan
+    X[TRANSFORM_CHUNK - 1, :, 4] = np.nan  # a sensor dropped on the whole coil, either side of the boundary
+    X[TRANSFORM_CHUNK, :, 11] = np.nan
+    normalizer = Normalizer(100.0, 180.0, tuple(float(g) for g in rng.uniform(0.9, 1.1, 18)))
+    gains = np.asarray(normalizer.gauge_gains, dtype=np.float32)
+    expected = np.clip((fill_dropped(X) / gains - np.float32(100.0)) * np.float32(1 / 80.0), 0, 1)
+    got = normalizer.transform(X)
+    assert got.dtype == np.float32 and not np.isnan(got).any()
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(
+        Normalizer(100.0, 180.0).transform(X[:3]), normalizer.without_gauge_gains().transform(X[:3])
+    )
