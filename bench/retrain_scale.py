@@ -4,7 +4,8 @@ challenger's training set cost in time and memory.
 ReTrain reads every operator-labelled coil (``SqlFeedbackStore.labelled_coils``), splits off the newest as the
 holdout, and trains on the champion's history plus the rest, each labelled coil three times (``combine``). The
 feedback only grows. Per size: one scratch PostgreSQL database with that many labelled coils (real 264 × 18
-float32 matrices, stored as the workers store them; 3 % NOK) and a champion history of 3,000 coils; the stages
+float32 matrices, stored as the workers store them, 1 % of the readings dropped as gauges drop them; 3 % NOK)
+and a champion history of 3,000 coils; the stages
 run in a process of their own, whose peak resident memory (``VmHWM``) is what a CronJob's memory limit meets:
 reading, building the training set, and normalizing it as the challenger's fit begins (the champion's scale).
 No training beyond that: its time grows with the training set's rows, which the table gives.
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,10 +38,14 @@ def peak_mb() -> float:
     return float("nan")
 
 
+def with_dropped(X: np.ndarray, rng: np.random.Generator, share: float = 0.01) -> np.ndarray:
+    """``share`` of the readings dropped (NaN), as the line's gauges drop them: normalizing fills them."""
+    X[rng.random(X.shape) < share] = np.nan
+    return X
+
+
 def child(url: str) -> dict:
     """The stages ReTrain runs before training, timed, with the peak memory after each."""
-    import numpy as np
-
     from ml.dataset import CoilDataset
     from ml.normalize import Normalizer
     from services.db.engine import make_engine
@@ -47,7 +54,7 @@ def child(url: str) -> dict:
 
     rng = np.random.default_rng(0)
     history = CoilDataset(
-        rng.normal(140, 4, (HISTORY, 264, 18)).astype(np.float32),
+        with_dropped(rng.normal(140, 4, (HISTORY, 264, 18)).astype(np.float32), rng),
         (rng.random(HISTORY) < 0.03).astype(np.int8),
         np.array([f"H-{i}" for i in range(HISTORY)]),
         np.full(HISTORY, np.datetime64("2025-01-01T00:00:00", "ms")),
@@ -71,12 +78,12 @@ def child(url: str) -> dict:
 
 def fill(url: str, n: int) -> None:
     """``n`` decided coils, each with one operator verdict, a minute apart."""
-    import numpy as np
     from sqlalchemy import text
 
     from services.db.engine import make_engine
 
-    matrix = np.random.default_rng(1).normal(140, 4, (264, 18)).astype("<f4").tobytes()
+    rng = np.random.default_rng(1)
+    matrix = with_dropped(rng.normal(140, 4, (264, 18)).astype("<f4"), rng).tobytes()
     engine = make_engine(url)
     with engine.begin() as conn:
         conn.execute(
