@@ -321,12 +321,15 @@ def restore_drift_gauge(engine: Engine, window: timedelta | None = None) -> floa
         select(drift_reports.c.share_drifted, drift_reports.c.window_start, drift_reports.c.window_end)
         .where(drift_reports.c.share_drifted.is_not(None))
         .order_by(drift_reports.c.window_end.desc(), drift_reports.c.id.desc())
-        .limit(100)
     )
-    with engine.connect() as conn:
-        rows = conn.execute(query).all()
-    full = [r for r in rows if window is None or r.window_end - r.window_start >= window]
-    share = (full or rows)[0].share_drifted if rows else None
+    newest, full = None, None
+    with engine.connect() as conn:  # a report a day and a few by hand: read until the newest full one
+        for row in conn.execution_options(yield_per=100).execute(query):
+            newest = newest or row
+            if window is None or row.window_end - row.window_start >= window:
+                full = row
+                break
+    share = (full or newest).share_drifted if newest is not None else None
     if share is not None:
         METRICS.drift_share.set(share)
     return share

@@ -163,8 +163,10 @@ def catch_up_drift(
     for due in missed:
         if stop.is_set():
             break
-        log.info("no drift report since it was due at %s; writing it now", due)
         with _MARK_LOCK:
+            if stop.is_set():  # seen under the lock a stop's release takes: no entry begins after it
+                break
+            log.info("no drift report since it was due at %s; writing it now", due)
             began = _read_mark(mark, now - CATCH_UP_HORIZON)
             began[due] = [*began.get(due, []), datetime.now(UTC).isoformat()]
             _write_mark(mark, began)

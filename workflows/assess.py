@@ -110,7 +110,7 @@ class Prepared:
             merged.result.extend(part.result)
             merged.assessed.extend(part.assessed)
             merged.decisions.extend(part.decisions)
-            merged.messages.update(part.messages)
+            merged.messages.update({coil.coil_id: part.messages[coil.coil_id] for coil in part.assessed})
         return merged
 
     def split(self) -> list[Prepared]:

@@ -504,6 +504,7 @@ def test_a_batch_prepared_message_by_message_still_decides_a_coil_id_once(servin
     raws = [_coil("A"), _coil("B"), _coil("A"), _coil("A", thin=True), _coil("S"), _coil("S")]
     merged = workflow.merge([workflow.prepare([raw], serving) for raw in raws])
     assert [c.coil_id for c in merged.assessed] == ["A", "B"] and len(merged.decisions) == 2
+    assert merged.messages["A"] is raws[0]  # the copy that was voted on, should it be refused at the commit
     assert sorted(merged.result.duplicates) == ["A", "S"] and merged.result.republished == ["S"]
     [refused] = merged.result.rejected
     assert (refused.coil_id, refused.field) == ("A", "coil_id") and "other readings earlier in this batch" in (

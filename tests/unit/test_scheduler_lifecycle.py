@@ -309,3 +309,26 @@ def test_the_drift_catch_up_runs_however_long_the_scheduler_takes_to_start(
     finally:
         scheduler.stop(wait=True)
     assert f"job {sched.DRIFT_CATCH_UP} done" in caplog.text, caplog.text[-2000:]
+
+
+def test_the_drift_gauge_is_the_newest_full_reports_however_many_short_ones_came_after(tmp_path: Path) -> None:
+    """Reports by hand over an hour are not the day's figure, even 150 of them after the last daily one."""
+    from sqlalchemy import insert
+
+    from services.db.models import DriftReport
+    from services.drift import restore_drift_gauge
+
+    url = f"sqlite:///{tmp_path / 'gauge.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    day = datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
+    rows = [dict(created_at=day, window_start=day - timedelta(days=1), window_end=day, share_drifted=0.4)]
+    rows += [
+        dict(created_at=at, window_start=at - timedelta(hours=1), window_end=at, share_drifted=0.05)
+        for at in (day + timedelta(minutes=5 * i) for i in range(1, 151))
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(DriftReport.__table__), [{**r, "dataset_drift": r["share_drifted"] >= 0.2} for r in rows])
+    assert restore_drift_gauge(engine, timedelta(days=1)) == 0.4
+    assert restore_drift_gauge(engine) == 0.05  # no window given: the newest of any length
+    engine.dispose()
