@@ -8,6 +8,7 @@ N_SECTIONS = 264
 N_SENSORS = 18
 SENSORS_PER_SIDE = 9
 SHAPE = (N_SECTIONS, N_SENSORS)
+MATRIX_BYTES = N_SECTIONS * N_SENSORS * 4  # one coil's readings as float32
 TOP = slice(0, SENSORS_PER_SIDE)
 BOTTOM = slice(SENSORS_PER_SIDE, N_SENSORS)
 # Sensors nearest the strip edges on each side (operator side, drive side).

@@ -308,7 +308,12 @@ def full_report_ends(engine: Engine, window: timedelta) -> list[datetime]:
     shorter window (``coilguard drift --window 1h``) does not stand in for the daily one. A row a day: all of them."""
     query = select(drift_reports.c.window_start, drift_reports.c.window_end)
     with engine.connect() as conn:
-        return sorted(r.window_end for r in conn.execute(query) if r.window_end - r.window_start >= window)
+        return sorted(r.window_end for r in conn.execute(query) if _spans(r, window))
+
+
+def _spans(report: Any, window: timedelta | None) -> bool:
+    """A report over at least ``window`` (any, without one): one by hand over an hour is not the day's."""
+    return window is None or report.window_end - report.window_start >= window
 
 
 def restore_drift_gauge(engine: Engine, window: timedelta | None = None) -> float | None:
@@ -326,7 +331,7 @@ def restore_drift_gauge(engine: Engine, window: timedelta | None = None) -> floa
     with engine.connect() as conn:  # a report a day and a few by hand: read until the newest full one
         for row in conn.execution_options(yield_per=100).execute(query):
             newest = newest or row
-            if window is None or row.window_end - row.window_start >= window:
+            if _spans(row, window):
                 full = row
                 break
     share = (full or newest).share_drifted if newest is not None else None

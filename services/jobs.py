@@ -38,7 +38,7 @@ def run_score(settings: Settings, engine: Engine | None = None) -> list[ScoredMo
         store = SqlScoreStore(engine)
         rule, now = score_rule(settings), datetime.now(UTC)
         scored = score_models(store, rule, window=settings.score_window, now=now)
-        since = store.below_since([s.row.model_id for s in scored if s.below_threshold], rule.threshold, rule.min_coils)
+        since = store.below_since([s.row.model_id for s in scored if s.below_threshold], rule)
     METRICS.score.clear()  # a name no longer active keeps no score
     METRICS.below_rule_seconds.clear()
     for s in scored:  # a version promoted since its name's last score has none yet: NaN, not its predecessor's

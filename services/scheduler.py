@@ -39,24 +39,33 @@ log = logging.getLogger(__name__)
 Job = Callable[[Settings], object]
 
 DRIFT_CATCH_UP = "drift-catch-up"
-CATCH_UP_TRIES = 2  # catch-ups of one missed report that may die with the process before it is left alone
+CATCH_UP_TRIES = 2  # catch-ups dying with the process within the horizon, after which none is tried
 CATCH_UP_HORIZON = timedelta(days=7)  # missed drift reports older than this are not written afterwards
 _MARK_LOCK = threading.Lock()  # the catch-up and a stop's release both rewrite the mark
 SCHEMA_POLL_S = 5.0  # how often a scheduler started before its database is ready looks again
 
 
 class Scheduler(BlockingScheduler):
-    """APScheduler's blocking scheduler with a ``stopping`` event that long jobs watch."""
+    """APScheduler's blocking scheduler with a ``stopping`` event that long jobs watch, and hooks that run once
+    it is set, before the wait for the jobs running (``on_stop``, given the time the scheduler was made)."""
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         self.stopping = threading.Event()
+        self.made_at = datetime.now(UTC)
+        self.on_stop: list[Callable[[datetime], object]] = []
 
     def stop(self, wait: bool = False) -> None:
         """Ask running jobs to wind down (``stopping``) and stop scheduling; with ``wait``, return only once
         the jobs running now have finished. Never from a signal handler: shutting down takes locks (the
-        scheduler's, its thread pool's) that the interrupted main thread may be holding."""
+        scheduler's, its thread pool's) that the interrupted main thread may be holding. A hook that fails is
+        logged: it must not keep the process from stopping."""
         self.stopping.set()
+        for hook in self.on_stop:
+            try:
+                hook(self.made_at)
+            except Exception:
+                log.exception("a stop hook of the scheduler failed")
         if self.running:
             self.shutdown(wait=wait)
 
@@ -109,6 +118,7 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
             _guarded(DRIFT_CATCH_UP, catch_up), "date", args=[settings], id=DRIFT_CATCH_UP, name=DRIFT_CATCH_UP,
             misfire_grace_time=None,
         )  # fmt: skip
+        scheduler.on_stop.append(functools.partial(release_catch_ups, settings))  # a catch-up cut short: no death
     return scheduler
 
 
@@ -181,9 +191,6 @@ def catch_up_drift(
                 began = _read_mark(mark, now - CATCH_UP_HORIZON)
                 began.pop(due, None)
                 _write_mark(mark, began)
-    if written:
-        with engine_for(settings.database_url) as engine:
-            restore_drift_gauge(engine, settings.drift_window)  # each report set its own window's: the newest's again
     if failed:
         raise RuntimeError(f"drift reports due at {', '.join(map(str, failed))} failed (see above)")
     return written
@@ -199,14 +206,6 @@ def _missed(due_times: list[datetime], ends: list[datetime]) -> list[datetime]:
         for due, nxt in zip(due_times, nexts, strict=True)
         if due > ends[0] and not any(due <= e < nxt for e in ends)
     ]
-
-
-def release_stopped_catch_ups(settings: Settings, since: datetime) -> None:
-    """:func:`release_catch_ups`, whose failure (a full disk) must not keep a stopping process from stopping."""
-    try:
-        release_catch_ups(settings, since)
-    except Exception:
-        log.exception("could not note the stop in the drift catch-up mark; a kill now counts as a death")
 
 
 def release_catch_ups(settings: Settings, since: datetime) -> None:
@@ -334,7 +333,6 @@ def run_scheduler(settings: Settings) -> None:
     from services.metrics import serve_metrics, set_probes
 
     scheduler = build_scheduler(settings)
-    started = datetime.now(UTC)
     stop = StopSignals().install()
     set_probes(ready=lambda: None if scheduler.running else "waiting for the database at this release's schema")
     serve_metrics(settings.metrics_port)
@@ -348,8 +346,6 @@ def run_scheduler(settings: Settings) -> None:
             time.sleep(0.01)  # a signal that came during the start-up would otherwise be lost on it
         while scheduling.is_alive() and not stop.wait(1.0):
             pass
-        scheduler.stopping.set()  # no further catch-up report begins
-        release_stopped_catch_ups(settings, started)
         scheduler.stop(wait=True)
         scheduling.join()
     finally:

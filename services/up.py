@@ -12,7 +12,6 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import uvicorn
 from sqlalchemy import Engine
@@ -23,7 +22,7 @@ from services.db.engine import make_engine
 from services.db.migrate import upgrade
 from services.db.repositories import SqlModelRegistry
 from services.runtime import broker_for
-from services.scheduler import build_scheduler, release_stopped_catch_ups, scheduler_heartbeat
+from services.scheduler import build_scheduler, scheduler_heartbeat
 from services.signals import exit_at_once, exit_at_once_on_interrupt
 from services.workers.assess import AssessWorker
 
@@ -87,7 +86,7 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
         assess = AssessThread(settings, engine).start()
         if not SqlModelRegistry(engine).active_models():
             say(NO_MODELS)
-        scheduler, started = build_scheduler(settings), datetime.now(UTC)
+        scheduler = build_scheduler(settings)
         heartbeat = scheduler_heartbeat(settings, scheduler)
         scheduling = threading.Thread(target=scheduler.start, name="scheduler", daemon=True)
         scheduling.start()
@@ -113,8 +112,6 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
             # logged, not said: under `… | tee up.log` the first Ctrl-C has ended the reader, and a print would
             # raise here and skip the stops below
             log.info("stopping (a ReTrain in progress finishes its epoch first); Ctrl-C again stops at once")
-            scheduler.stopping.set()
-            release_stopped_catch_ups(settings, started)  # a drift catch-up cut short now is a stop, not a death
             scheduler.stop(wait=True)  # the heartbeat row stays while a job finishes its epoch
             heartbeat.stop()
             assess.stop()

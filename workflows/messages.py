@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from ml.images import OVER_PIL_LIMIT, image_size
-from ml.matrix import N_SECTIONS, N_SENSORS, SHAPE
+from ml.matrix import MATRIX_BYTES, N_SECTIONS, N_SENSORS, SHAPE
 
 SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 1 << 20
@@ -42,7 +42,6 @@ LINE_PATTERN = re.compile(r"[^\x00-\x1f\x7f-\x9f/+#]{1,64}")  # C0, DEL and C1 c
 LINE_RULE = "1–64 characters, none of them / + # or a control character"
 SURFACE = "surface"  # the kind of image the image assessors judge (DESIGN §3)
 _DATE_AND_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")  # a prefix: pydantic's parser checks the rest
-_MATRIX_BYTES = N_SECTIONS * N_SENSORS * 4
 _NUMBER_TYPES = frozenset({float, int, type(None)})
 
 
@@ -298,9 +297,9 @@ def _matrix_from_b64(data: Any, coil_id: str | None) -> np.ndarray:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise RejectedMessage("not valid base64", "thickness_b64", coil_id) from None
-    if len(raw) != _MATRIX_BYTES:
+    if len(raw) != MATRIX_BYTES:
         raise RejectedMessage(
-            f"must decode to {_MATRIX_BYTES} bytes ({N_SECTIONS}×{N_SENSORS} float32), got {len(raw)}",
+            f"must decode to {MATRIX_BYTES} bytes ({N_SECTIONS}×{N_SENSORS} float32), got {len(raw)}",
             "thickness_b64",
             coil_id,
         )

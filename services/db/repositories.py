@@ -42,7 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from ml.ensemble import MemberVote
-from ml.matrix import SHAPE
+from ml.matrix import MATRIX_BYTES, SHAPE
 from services.db.engine import sqlite_file
 from services.db.models import (
     Assessment,
@@ -57,6 +57,7 @@ from services.db.models import (
     as_utc,
     utc_now,
 )
+from workflows.model_score import ScoreRule
 from workflows.ports import (
     NO_ACTIVE_VERSION,
     AssessedCoil,
@@ -104,9 +105,6 @@ def insert_ignoring_conflicts(engine: Engine, table: Table) -> Insert:
 
 def matrix_bytes(matrix: np.ndarray) -> bytes:
     return np.ascontiguousarray(matrix, dtype="<f4").tobytes()
-
-
-MATRIX_BYTES = int(np.prod(SHAPE)) * 4  # float32
 
 
 def matrix_from_bytes(data: bytes) -> np.ndarray:
@@ -640,12 +638,12 @@ class SqlScoreStore:
                 ],
             )
 
-    def below_since(self, model_ids: Sequence[int], threshold: float, min_coils: int) -> dict[int, datetime]:
-        """For each of these versions, when its present unbroken run of scores below ``threshold`` over more than
-        ``min_coils`` coils began, within its present time in service (today's rule, not the ``below_threshold``
-        each row was stored with: a rule made stricter would otherwise start the count again); a version whose
-        latest score keeps the rule is left out. Index lookups on the version's rows."""
-        below = (mperformance.c.n_coils > min_coils) & (mperformance.c.score < threshold)
+    def below_since(self, model_ids: Sequence[int], rule: ScoreRule) -> dict[int, datetime]:
+        """For each of these versions, when its present unbroken run of scores that break ``rule`` began, within its
+        present time in service (today's rule, not the ``below_threshold`` each row was stored with: a rule made
+        stricter would otherwise start the count again); a version whose latest score keeps the rule is left out.
+        Index lookups on the version's rows. The SQL form of :meth:`ScoreRule.below`."""
+        below = (mperformance.c.n_coils > rule.min_coils) & (mperformance.c.score < rule.threshold)
         kept_rule = ~below | mperformance.c.score.is_(None)
         since: dict[int, datetime] = {}
         with self.engine.connect() as conn:

@@ -206,17 +206,17 @@ def test_how_long_a_model_has_broken_the_rule_is_read_from_its_scores_and_surviv
             )  # fmt: skip
 
     score(timedelta(days=40), True)  # before this time in service (a rollback's version): not counted
-    assert store.below_since([v1.id], 0.75, 10) == {}
+    assert store.below_since([v1.id], ScoreRule(0.75, 10)) == {}
     score(timedelta(days=10), False)
     score(timedelta(days=9), True)
     score(timedelta(days=5), True)
-    assert store.below_since([v1.id], 0.75, 10) == {v1.id: now - timedelta(days=9)}
+    assert store.below_since([v1.id], ScoreRule(0.75, 10)) == {v1.id: now - timedelta(days=9)}
     score(timedelta(days=1), False)
-    assert store.below_since([v1.id], 0.75, 10) == {}
+    assert store.below_since([v1.id], ScoreRule(0.75, 10)) == {}
     score(timedelta(hours=1), True)
-    assert store.below_since([v1.id], 0.75, 10) == {v1.id: now - timedelta(hours=1)}
+    assert store.below_since([v1.id], ScoreRule(0.75, 10)) == {v1.id: now - timedelta(hours=1)}
     # judged by today's rule, not the flag each row was stored with: stricter, the 1.0 rows break it too
-    assert store.below_since([v1.id], 1.01, 10) == {v1.id: now - timedelta(days=10)}
+    assert store.below_since([v1.id], ScoreRule(1.01, 10)) == {v1.id: now - timedelta(days=10)}
 
     votes = [MemberVote("cnn", 1, "OK", 0.1, 0.9)]
     SqlCoilStore(engine).save_assessed([assessed_coil(f"C{i}", votes, now) for i in range(12)], {("cnn", 1): v1.id})

@@ -332,3 +332,17 @@ def test_the_drift_gauge_is_the_newest_full_reports_however_many_short_ones_came
     assert restore_drift_gauge(engine, timedelta(days=1)) == 0.4
     assert restore_drift_gauge(engine) == 0.05  # no window given: the newest of any length
     engine.dispose()
+
+
+def test_stopping_the_scheduler_releases_the_catch_ups_it_began(tmp_path: Path) -> None:
+    """`coilguard scheduler` and `coilguard up` stop it the same way: whatever kills the process after a requested
+    stop (a rollout's SIGKILL at the end of its grace period) is not counted as a catch-up's death."""
+    url = f"sqlite:///{tmp_path / 'stop.db'}"
+    upgrade(url)
+    settings = _settings(url).model_copy(update={"drift_cron": "30 2 * * *", "report_dir": tmp_path / "reports"})
+    scheduler = sched.build_scheduler(settings)
+    mark, due = sched.catch_up_mark(settings), datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
+    earlier = (scheduler.made_at - timedelta(days=1)).isoformat()
+    sched._write_mark(mark, {due: [earlier, (scheduler.made_at + timedelta(seconds=1)).isoformat()]})
+    scheduler.stop()
+    assert scheduler.stopping.is_set() and sched._read_mark(mark) == {due: [earlier]}
