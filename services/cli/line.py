@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from services.cli.base import AppContext, cli, pass_ctx
+from services.line import LinePosition
 
 
-def _simulator(seed: int, line: str, drift: str | None, drift_at: int, ramp: int, severity: float, prefix: str):
+def _simulator(
+    seed: int,
+    line: str,
+    drift: str | None,
+    drift_at: int,
+    ramp: int,
+    severity: float,
+    prefix: str,
+    position: LinePosition | None = None,
+):
+    """The line, from ``position`` on when given: coil ``position.coils + 1`` next, its clock where it stood."""
     from ml.sim import DriftConfig, LineConfig, LineSimulator
 
     drift_config = DriftConfig(scenario=drift, start=drift_at, ramp=ramp, severity=severity) if drift else None
-    return LineSimulator(LineConfig(seed=seed, line=line, id_prefix=prefix, drift=drift_config))
+    config = LineConfig(seed=seed, line=line, id_prefix=prefix, drift=drift_config)
+    if position is not None:
+        config = replace(config, first_index=position.coils, start=position.clock or config.start)
+    return LineSimulator(config)
 
 
 _sim_options = [
@@ -39,6 +54,19 @@ def sim_options(func):
 @click.option("--coils", "n_coils", default=100, show_default=True, help="How many coils to publish.")
 @click.option("--rate", default=10.0, show_default=True, help="Coils per second (0 = as fast as possible).")
 @click.option("--binary", is_flag=True, help="Send thickness_b64 instead of nested lists.")
+@click.option(
+    "--start",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Coils the line has made before this run: the first one sent is coil START+1, and so is its id.",
+)
+@click.option(
+    "--counter",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A file that keeps the line's coil count and clock, as a gateway keeps its counter: each run goes on "
+    "after the last coil the one before sent (created at the first run; instead of --start).",
+)
 @sim_options
 @pass_ctx
 def simulate(
@@ -46,6 +74,8 @@ def simulate(
     n_coils: int,
     rate: float,
     binary: bool,
+    start: int,
+    counter: Path | None,
     seed: int,
     line: str,
     drift: str | None,
@@ -61,18 +91,32 @@ def simulate(
     from services.runtime import broker_for, mqtt_client, topics
 
     settings = ctx.settings
-    sim = _simulator(seed, line, drift, drift_at, drift_ramp, severity, id_prefix)
+    position = LinePosition(start)
+    if counter is not None:
+        if start:
+            raise click.UsageError("--start and --counter both say where the line stands: give one")
+        try:
+            position = LinePosition.read(counter)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    def published(coil, _at: float) -> None:
+        progress.advance(task)
+        if counter is not None:  # the coil is in the client's hands: a restart must not send its id again
+            LinePosition(coil.index + 1, coil.produced_at).write(counter)
+
+    sim = _simulator(seed, line, drift, drift_at, drift_ramp, severity, id_prefix, position)
     with broker_for(settings, host_embedded=False) as url, mqtt_client(settings, url) as client:
         with Progress(transient=True) as progress:
             task = progress.add_task(f"publishing to {url.redacted()}", total=n_coils)
-            start = time.perf_counter()
+            began = time.perf_counter()
             sent = publish_coils(
                 client,
                 topics(settings),
                 itertools.islice(sim.stream(), n_coils),
                 rate=rate or None,
                 binary=binary,
-                on_published=lambda *_: progress.advance(task),
+                on_published=published,
             )
         client.flush()
         if refused := client.take_refused():
@@ -81,8 +125,10 @@ def simulate(
                 f"the broker refused {len(refused)} of the {sent} coils on {topics(settings).sensors(line)} "
                 f"({reasons}): does its ACL let this account publish there?"
             )
-    took = time.perf_counter() - start
+    took = time.perf_counter() - began
     click.echo(f"published {sent} coils on {topics(settings).sensors(line)} in {took:.1f} s ({sent / took:.0f}/s)")
+    if counter is not None:
+        click.echo(f"the line has made {position.coils + sent} coils; the next run goes on from there ({counter})")
 
 
 @cli.command()

@@ -172,6 +172,13 @@ class MqttClient:
 
     # ------------------------------------------------------------------ messaging
 
+    def network_alive(self) -> bool:
+        """Is paho's network thread (reading, keepalive, reconnecting) running? It ends on :meth:`close`, and
+        otherwise only when something inside paho raised: from then on nothing arrives and no reconnect is
+        tried, and only a restart of the process brings the client back. Paho names the thread nowhere public."""
+        thread = getattr(self._client, "_thread", None)
+        return thread is not None and thread.is_alive()
+
     def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> None:
         """Subscribe (waiting for the broker's SUBACK when connected) and again after every reconnect.
 

@@ -310,9 +310,13 @@ class AssessWorker:
 
     def _liveness(self) -> str | None:
         """/health/live: None while every loop comes round; otherwise which has not, for how long."""
+        if self.stopping.is_set():  # a stopping worker's loops end on purpose
+            return None
+        if self.subscribed.is_set() and not self.client.network_alive():  # a broker outage leaves it running
+            return "the MQTT network thread has ended: no coil arrives and no reconnect is tried"
         now = time.monotonic()
         hung = {name: now - at for name, at in list(self._beats.items()) if now - at > LIVE_S}
-        if not hung or self.stopping.is_set():  # a stopping worker's loops end on purpose
+        if not hung:
             return None
         return "no progress for " + ", ".join(f"{s:.0f} s in thread {name}" for name, s in sorted(hung.items()))
 

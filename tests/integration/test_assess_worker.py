@@ -497,6 +497,16 @@ def test_coils_sent_at_qos_0_are_taken_and_counted_and_dropped_only_while_the_wo
     assert qos0("taken") - taken == 3
 
 
+def test_a_worker_whose_mqtt_network_thread_ended_is_not_live(env: AssessEnv) -> None:
+    """Paho's thread reads the coils and reconnects; if it ends (something inside paho raised), the worker's own
+    loops still come round, idle, and nothing but /health/live can get the pod restarted."""
+    with env.worker() as worker:
+        assert wait_for(worker.ready.is_set, timeout=60)
+        assert worker._liveness() is None, worker._liveness()
+        worker.client._client.loop_stop()  # the thread ends as it would on an error inside paho
+        assert worker._liveness() == "the MQTT network thread has ended: no coil arrives and no reconnect is tried"
+
+
 def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
     env: AssessEnv, broker_proxy: tuple[TcpProxy, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,6 +40,31 @@ def test_simulate_publishes_valid_messages_an_ordinary_client_decodes(mqtt_url: 
     assert took >= 100 / 50 * 0.9  # paced at the asked rate, not dumped at once
 
 
+def test_simulate_with_a_counter_goes_on_where_the_last_run_stopped(
+    mqtt_url: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A restarted simulated gateway (compose's `sim` at every `up`) sends new coil ids, not coil 1 again."""
+    prefix = f"{topic_prefix}/cli-simulate-counter"
+    counter = tmp_path / "sim" / "galv-1.json"
+    got: list[Inbound] = []
+    env = {"COILGUARD_MQTT_URL": mqtt_url, "COILGUARD_MQTT_TOPIC_PREFIX": prefix}
+    with MqttClient(mqtt_url, on_message=got.append) as subscriber:
+        subscriber.subscribe(f"{prefix}/sensors/+/matrix")
+        runs = [
+            coilguard("simulate", "--coils", "3", "--rate", "0", "--seed", "3", "--counter", str(counter), env=env)
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 10
+        while len(got) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
+    assert "the line has made 6 coils" in runs[1].stdout
+    coils = [parse_coil_message(m.payload, topic_line="galv-1") for m in got]
+    assert [c.coil_id for c in coils] == [f"C-2026-00000{i}" for i in range(1, 7)]
+    produced = [c.produced_at for c in coils]
+    assert produced == sorted(produced)  # the second run's clock goes on from the first's
+
+
 def test_simulate_says_so_when_the_broker_refuses_its_coils(mqtt_url: str) -> None:
     """A gateway account the ACL does not cover: Mosquitto refuses every coil (here under $SYS, which it refuses
     to everyone), and the command ends with the reason instead of reporting them published."""

@@ -1,0 +1,44 @@
+"""A simulated gateway's position across runs (``coilguard simulate --counter``)."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from services.cli.line import _simulator
+from services.line import LinePosition
+
+
+def test_a_line_without_a_counter_file_starts_at_its_first_coil(tmp_path: Path) -> None:
+    assert LinePosition.read(tmp_path / "galv-1.json") == LinePosition(0, None)
+
+
+def test_the_position_survives_a_write_and_a_read(tmp_path: Path) -> None:
+    path = tmp_path / "sim" / "galv-1.json"  # the folder is made at the first write
+    kept = LinePosition(41, datetime(2026, 3, 2, 7, 15, tzinfo=UTC))
+    kept.write(path)
+    assert LinePosition.read(path) == kept
+    assert [p.name for p in path.parent.iterdir()] == ["galv-1.json"]  # nothing left beside it
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "12", '{"coils": -1, "clock": null}', '{"coils": 3, "clock": "2026-03-02T07:15:00"}', '{"clock": null}'],
+)
+def test_a_file_that_holds_no_position_is_refused_by_name(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "galv-1.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"galv-1\.json does not hold a line's position"):
+        LinePosition.read(path)
+
+
+def test_a_line_that_goes_on_sends_new_ids_in_order_of_time() -> None:
+    """What a second run sends after a first one of three coils: coil 4 on, never an id of the first run."""
+    first = list(itertools.islice(_simulator(3, "galv-1", None, 0, 200, 1.0, "C").stream(), 3))
+    position = LinePosition(first[-1].index + 1, first[-1].produced_at)
+    later = list(itertools.islice(_simulator(3, "galv-1", None, 0, 200, 1.0, "C", position).stream(), 2))
+    assert [c.coil_id for c in first + later] == [f"C-2026-00000{i}" for i in range(1, 6)]
+    assert first[-1].produced_at < later[0].produced_at
