@@ -26,16 +26,30 @@ def _simulator(
     """The line, from ``position`` on when given: coil ``position.coils + 1`` next, its clock where it stood."""
     from ml.sim import DriftConfig, LineConfig, LineSimulator
 
-    drift_config = DriftConfig(scenario=drift, start=drift_at, ramp=ramp, severity=severity) if drift else None
-    config = LineConfig(seed=seed, line=line, id_prefix=prefix, drift=drift_config)
-    if position is not None:
-        config = replace(config, first_index=position.coils, start=position.clock or config.start)
+    try:
+        drift_config = DriftConfig(scenario=drift, start=drift_at, ramp=ramp, severity=severity) if drift else None
+        config = LineConfig(seed=seed, line=line, id_prefix=prefix, drift=drift_config)
+        if position is not None:
+            config = replace(config, first_index=position.coils, start=position.clock or config.start)
+    except ValueError as exc:  # an option the line cannot take: said as such, not as a traceback
+        raise click.UsageError(str(exc)) from exc
     return LineSimulator(config)
+
+
+def _line_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The CoilMessage's rule for a line (DESIGN §3): a coil of another line would only be rejected."""
+    from workflows.messages import LINE_PATTERN
+
+    if not LINE_PATTERN.fullmatch(value):
+        raise click.BadParameter("1–64 characters, none of them / + # or a control character (an MQTT topic level)")
+    return value
 
 
 _sim_options = [
     click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives the same coils."),
-    click.option("--line", default="galv-1", show_default=True, help="Line name (topic level and payload)."),
+    click.option(
+        "--line", default="galv-1", show_default=True, callback=_line_name, help="Line name (topic level and payload)."
+    ),
     click.option("--drift", type=click.Choice(["sensor-drift", "knife-wear", "product-mix", "new-defect"])),
     click.option("--drift-at", default=0, show_default=True, help="Coil index where the drift starts."),
     click.option("--drift-ramp", default=200, show_default=True, help="Coils over which the drift grows."),

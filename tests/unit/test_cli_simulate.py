@@ -1,4 +1,4 @@
-"""A simulated gateway's position across runs (``coilguard simulate --counter``)."""
+"""``coilguard simulate`` and ``coilguard dataset``: the options, and a simulated gateway's position across runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from ml.dataset import CoilDataset
+from services.cli import cli
 from services.cli.line import _simulator
 from services.line import LinePosition
 
@@ -42,3 +45,29 @@ def test_a_line_that_goes_on_sends_new_ids_in_order_of_time() -> None:
     later = list(itertools.islice(_simulator(3, "galv-1", None, 0, 200, 1.0, "C", position).stream(), 2))
     assert [c.coil_id for c in first + later] == [f"C-2026-00000{i}" for i in range(1, 6)]
     assert first[-1].produced_at < later[0].produced_at
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--line", "galv/1"], "Invalid value for '--line': 1–64 characters, none of them / + #"),
+        (["--line", "galv-1\n"], "Invalid value for '--line'"),
+        (["--id-prefix", "C/1"], "id_prefix must be 1–40 characters of [A-Za-z0-9._-]"),
+        (["--severity", "-1", "--drift", "knife-wear"], "severity"),
+    ],
+)
+def test_an_option_the_line_cannot_take_is_a_usage_error_not_a_traceback(
+    tmp_path: Path, args: list[str], reason: str
+) -> None:
+    result = CliRunner().invoke(cli, ["dataset", "--coils", "1", "--out", str(tmp_path / "d.npz"), *args])
+    assert result.exit_code == 2, result.output
+    assert reason in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "d.npz").exists()
+
+
+def test_a_line_named_as_the_coil_message_allows_is_simulated(tmp_path: Path) -> None:
+    """DESIGN §3 restricts the coil id, not the line: AssessCoils takes `Linie-Ä`, and so does the simulator."""
+    out = tmp_path / "d.npz"
+    result = CliRunner().invoke(cli, ["dataset", "--coils", "2", "--out", str(out), "--line", "Linie-Ä"])
+    assert result.exit_code == 0, result.output
+    assert CoilDataset.load(out).meta["line"] == "Linie-Ä"
