@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 from ml.sim import SimCoil
 from services.mqtt.client import MqttClient
@@ -74,9 +77,74 @@ class LinePosition:
         return position
 
     def write(self, path: Path) -> None:
-        """Replace ``path`` whole (written beside it, then renamed): a kill mid-write leaves the last position."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = path.with_name(f".{path.name}.{os.getpid()}")
+        """Replace ``path`` whole (written beside it under a name of its own, flushed to disk, then renamed): a
+        kill or a power cut mid-write leaves the last position."""
         clock = self.clock.isoformat() if self.clock is not None else None
-        fresh.write_text(json.dumps({"coils": self.coils, "clock": clock}) + "\n", encoding="utf-8")
-        os.replace(fresh, path)
+        fd, fresh = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(json.dumps({"coils": self.coils, "clock": clock}) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(fresh, path)
+        except BaseException:
+            Path(fresh).unlink(missing_ok=True)
+            raise
+
+
+class CounterError(Exception):
+    """The line's position cannot be kept: its file unreadable or unwritable, or held by another run."""
+
+
+class LineCounter:
+    """A line's position in a file, held by one run at a time (a second run on the same file would send the same
+    coil ids): a lock beside the file for as long as the run lasts.
+
+    :meth:`counted` writes the position of each coil before the coil is handed over to be sent, so that a run
+    killed between the two loses that coil (as a gateway loses the one in flight) rather than the next run
+    sending its id again with other readings, which AssessCoils would refuse."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock: IO[bytes] | None = None
+
+    def __enter__(self) -> LineCounter:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_name(f".{self.path.name}.lock"), "ab")  # held until __exit__
+        except OSError as exc:
+            raise CounterError(f"cannot keep the line's position in {self.path}: {exc}") from exc
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise CounterError(f"another run holds {self.path}: two runs would send the same coil ids") from None
+        self._lock = lock
+        try:
+            self._write(self.read())  # a place it cannot write to is said now, not after the first coil went out
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.close()  # and with it the lock
+            self._lock = None
+
+    def read(self) -> LinePosition:
+        try:
+            return LinePosition.read(self.path)
+        except (ValueError, OSError) as exc:
+            raise CounterError(str(exc)) from exc
+
+    def counted(self, coils: Iterable[SimCoil]) -> Iterator[SimCoil]:
+        for coil in coils:
+            self._write(LinePosition(coil.index + 1, coil.produced_at))
+            yield coil
+
+    def _write(self, position: LinePosition) -> None:
+        try:
+            position.write(self.path)
+        except OSError as exc:
+            raise CounterError(f"cannot keep the line's position in {self.path}: {exc}") from exc

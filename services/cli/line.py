@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import itertools
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from services.cli.base import AppContext, cli, pass_ctx
-from services.line import LinePosition
+from services.line import CounterError, LineCounter, LinePosition
 
 
 def _simulator(
     seed: int,
     line: str,
     drift: str | None,
-    drift_at: int,
+    drift_at: int | None,
     ramp: int,
     severity: float,
     prefix: str,
@@ -51,7 +52,11 @@ _sim_options = [
         "--line", default="galv-1", show_default=True, callback=_line_name, help="Line name (topic level and payload)."
     ),
     click.option("--drift", type=click.Choice(["sensor-drift", "knife-wear", "product-mix", "new-defect"])),
-    click.option("--drift-at", default=0, show_default=True, help="Coil index where the drift starts."),
+    click.option(
+        "--drift-at",
+        type=click.IntRange(min=0),
+        help="The line's coil index where the drift starts (default: this run's first coil).",
+    ),
     click.option("--drift-ramp", default=200, show_default=True, help="Coils over which the drift grows."),
     click.option("--severity", default=1.0, show_default=True, help="Drift strength (1 = the scenario's full size)."),
     click.option("--id-prefix", default="C", show_default=True, help="Coil id prefix, e.g. C → C-2026-000001."),
@@ -93,7 +98,7 @@ def simulate(
     seed: int,
     line: str,
     drift: str | None,
-    drift_at: int,
+    drift_at: int | None,
     drift_ramp: int,
     severity: float,
     id_prefix: str,
@@ -105,40 +110,35 @@ def simulate(
     from services.runtime import broker_for, mqtt_client, topics
 
     settings = ctx.settings
-    position = LinePosition(start)
-    if counter is not None:
-        if start:
-            raise click.UsageError("--start and --counter both say where the line stands: give one")
+    if counter is not None and start:
+        raise click.UsageError("--start and --counter both say where the line stands: give one")
+    with ExitStack() as stack:
         try:
-            position = LinePosition.read(counter)
-        except ValueError as exc:
+            held = stack.enter_context(LineCounter(counter)) if counter is not None else None
+            position = held.read() if held is not None else LinePosition(start)
+            sim = _simulator(seed, line, drift, drift_at, drift_ramp, severity, id_prefix, position)
+            coils = itertools.islice(sim.stream(), n_coils)
+            with broker_for(settings, host_embedded=False) as url, mqtt_client(settings, url) as client:
+                with Progress(transient=True) as progress:
+                    task = progress.add_task(f"publishing to {url.redacted()}", total=n_coils)
+                    began = time.perf_counter()
+                    sent = publish_coils(
+                        client,
+                        topics(settings),
+                        held.counted(coils) if held is not None else coils,
+                        rate=rate or None,
+                        binary=binary,
+                        on_published=lambda *_: progress.advance(task),
+                    )
+                client.flush()
+                if refused := client.take_refused():
+                    reasons = ", ".join(sorted({reason for _, reason in refused}))
+                    raise click.ClickException(
+                        f"the broker refused {len(refused)} of the {sent} coils on {topics(settings).sensors(line)} "
+                        f"({reasons}): does its ACL let this account publish there?"
+                    )
+        except CounterError as exc:
             raise click.ClickException(str(exc)) from exc
-
-    def published(coil, _at: float) -> None:
-        progress.advance(task)
-        if counter is not None:  # the coil is in the client's hands: a restart must not send its id again
-            LinePosition(coil.index + 1, coil.produced_at).write(counter)
-
-    sim = _simulator(seed, line, drift, drift_at, drift_ramp, severity, id_prefix, position)
-    with broker_for(settings, host_embedded=False) as url, mqtt_client(settings, url) as client:
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"publishing to {url.redacted()}", total=n_coils)
-            began = time.perf_counter()
-            sent = publish_coils(
-                client,
-                topics(settings),
-                itertools.islice(sim.stream(), n_coils),
-                rate=rate or None,
-                binary=binary,
-                on_published=published,
-            )
-        client.flush()
-        if refused := client.take_refused():
-            reasons = ", ".join(sorted({reason for _, reason in refused}))
-            raise click.ClickException(
-                f"the broker refused {len(refused)} of the {sent} coils on {topics(settings).sensors(line)} "
-                f"({reasons}): does its ACL let this account publish there?"
-            )
     took = time.perf_counter() - began
     click.echo(f"published {sent} coils on {topics(settings).sensors(line)} in {took:.1f} s ({sent / took:.0f}/s)")
     if counter is not None:
@@ -162,7 +162,7 @@ def dataset(
     seed: int,
     line: str,
     drift: str | None,
-    drift_at: int,
+    drift_at: int | None,
     drift_ramp: int,
     severity: float,
     id_prefix: str,
