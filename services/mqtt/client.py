@@ -174,8 +174,11 @@ class MqttClient:
 
     def network_alive(self) -> bool:
         """Is paho's network thread (reading, keepalive, reconnecting) running? It ends on :meth:`close`, and
-        otherwise only when something inside paho raised: from then on nothing arrives and no reconnect is
-        tried, and only a restart of the process brings the client back. Paho names the thread nowhere public."""
+        otherwise only when an exception escaped it: from paho itself, or from one of this class's callbacks
+        other than the message handler's (which is guarded). From then on nothing arrives and no reconnect is
+        tried, and only a restart of the process brings the client back; a lost connection, a broker that
+        refuses the credentials or takes the session over, leave it running (reconnecting). Paho names the
+        thread nowhere public."""
         thread = getattr(self._client, "_thread", None)
         return thread is not None and thread.is_alive()
 

@@ -230,10 +230,10 @@ class AssessWorker:
             self.subscribed.set()
             self._serving = self._wait_for_models()
         except BaseException:  # e.g. the broker unreachable: let go of everything for a caller that retries
-            self.client.close()  # a subscribe that failed after connecting must not leave this client id online
+            self._disconnect()  # a subscribe that failed after connecting must not leave this client id online
             raise
         if self._serving is None:
-            self.client.close()
+            self._disconnect()
             return self.stats
         log.info("serving ensemble: %s", self._serving.describe())
         self._last_inbound = time.monotonic()
@@ -246,7 +246,7 @@ class AssessWorker:
             self._retry("start the heartbeat", heartbeat.start)
         except _Stopped:  # stopped while the database is away, before any coil was taken
             self._serving.ensemble.close()
-            self.client.close()
+            self._disconnect()
             return self.stats
         committer = threading.Thread(target=self._commit_loop, name="assess-commit", daemon=True)
         committer.start()
@@ -275,7 +275,7 @@ class AssessWorker:
             heartbeat.stop(remove=not (self._gave_up or heartbeat.failing))
             if self._serving is not None:
                 self._serving.ensemble.close()
-            self.client.close()
+            self._disconnect()
             if drained:
                 forget_session(self.client.url, self.client.client_id)
                 self.stats.session_removed = True
@@ -294,6 +294,12 @@ class AssessWorker:
         throw that away."""
         quiet = time.monotonic() - max(self._last_inbound, self._last_acked)
         return self._pending.unfinished_tasks == 0 and quiet > RETIRE_IDLE_S and not self._held
+
+    def _disconnect(self) -> None:
+        """Close the broker connection; from here on the worker is not subscribed, and its network thread ended on
+        purpose: `coilguard up` keeps the probes of a worker that failed while it waits to start the next one."""
+        self.subscribed.clear()
+        self.client.close()
 
     def _beat(self) -> None:
         self._beats[threading.current_thread().name] = time.monotonic()

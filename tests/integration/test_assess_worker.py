@@ -505,6 +505,10 @@ def test_a_worker_whose_mqtt_network_thread_ended_is_not_live(env: AssessEnv) ->
         assert worker._liveness() is None, worker._liveness()
         worker.client._client.loop_stop()  # the thread ends as it would on an error inside paho
         assert worker._liveness() == "the MQTT network thread has ended: no coil arrives and no reconnect is tried"
+        # ended on purpose (the worker failed, and `coilguard up` keeps its probes until it starts the next one):
+        # no restart asked for
+        worker._disconnect()
+        assert worker._liveness() is None, worker._liveness()
 
 
 def test_decisions_the_broker_never_confirmed_are_announced_after_a_restart(
