@@ -58,18 +58,20 @@ class SimulatedOperators:
 
     def _work(self) -> None:
         while (decision := self._inbox.get()) is not None:
-            coil_id = decision["coil_id"]
-            if decision["decision"] == "OK" and self.rng.random() >= self.share_ok:
-                continue
-            truth = self.truth(coil_id)  # asked only for the coils they check (it may keep count)
-            if truth is None:  # not a coil these operators can check
-                continue
-            label = "NOK" if truth else "OK"
-            operator = self.names[int(self.rng.integers(len(self.names)))]
             try:
-                self.store.add(coil_id, label, operator)
-            except Exception:
-                log.exception("operator feedback on %s failed", coil_id)
-                continue
-            self.given += 1
-            self.disagreed += label != decision["decision"]
+                self._check(decision)
+            except Exception:  # a message of another shape, a failed write: the operators go on with the next one
+                log.exception("operator feedback on decision %.200r failed", decision)
+
+    def _check(self, decision: dict) -> None:
+        coil_id = decision["coil_id"]
+        if decision["decision"] == "OK" and self.rng.random() >= self.share_ok:
+            return
+        truth = self.truth(coil_id)  # asked only for the coils they check (it may keep count)
+        if truth is None:  # not a coil these operators can check
+            return
+        label = "NOK" if truth else "OK"
+        operator = self.names[int(self.rng.integers(len(self.names)))]
+        self.store.add(coil_id, label, operator)
+        self.given += 1
+        self.disagreed += label != decision["decision"]
