@@ -18,7 +18,7 @@ from sqlalchemy import Engine, Row, Select, and_, func, or_, select
 
 from services.api.schemas import COIL_ID_PATTERN
 from services.db.models import Assessment, Coil, DriftReport, Feedback, Model, ModelPerformance, Worker
-from services.db.repositories import SqlCoilStore, latest_feedback, matrix_from_bytes, newest_scores
+from services.db.repositories import SqlCoilStore, latest_feedback, newest_scores, stored_matrix
 
 coils = Coil.__table__
 assessments = Assessment.__table__
@@ -248,7 +248,8 @@ def coil_detail(engine: Engine, coil_id: str, with_matrix: bool = False) -> dict
         detail["votes"] = [dict(v._mapping) for v in conn.execute(votes)]
         detail["feedback"] = [dict(f._mapping) for f in conn.execute(given)]
     matrix = detail.pop("matrix")
-    detail["matrix"] = _matrix_json(matrix_from_bytes(matrix)) if with_matrix else None
+    readings = stored_matrix(matrix) if with_matrix else None
+    detail["matrix"] = _matrix_json(readings) if readings is not None else None
     return detail
 
 

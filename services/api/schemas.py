@@ -198,7 +198,9 @@ class CoilDetail(CoilOut):
     votes: list[VoteOut]
     feedback: list[FeedbackOut] = Field(description="Oldest first; the last one is the operator's verdict.")
     matrix: list[list[float | None]] | None = Field(
-        None, description="264 sections × 18 sensors in g/m² (null = dropped reading), with `matrix=true`."
+        None,
+        description="264 sections × 18 sensors in g/m² (null = dropped reading), with `matrix=true`; null where "
+        "the stored readings are not a whole matrix (a row written by hand).",
     )
 
 

@@ -111,6 +111,12 @@ def matrix_from_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4").reshape(SHAPE).astype(np.float32)
 
 
+def stored_matrix(data: bytes | None) -> np.ndarray | None:
+    """A coil's stored readings; None where there are none, or not a whole matrix (a row written by hand, or cut
+    short), which AssessCoils would never have written."""
+    return matrix_from_bytes(data) if data is not None and len(data) == MATRIX_BYTES else None
+
+
 class SqlCoilStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -147,8 +153,7 @@ class SqlCoilStore:
                 published=r.published_at is not None,
                 votes=votes.get(r.coil_id, ()),
                 received_at=r.received_at,
-                # readings of another shape (written by hand, or cut short) compare with nothing: a copy, not a clash
-                matrix=matrix_from_bytes(r.matrix) if r.matrix is not None and len(r.matrix) == MATRIX_BYTES else None,
+                matrix=stored_matrix(r.matrix),  # None compares with nothing: a copy, not a clash
             )
             for r in rows
         }

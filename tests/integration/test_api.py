@@ -24,7 +24,7 @@ import uvicorn
 from hypothesis import HealthCheck, settings
 from infra import free_ports
 from schemathesis import checks
-from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy import Engine, delete, func, insert, select, text
 
 from services.api import create_app
 from services.config import Settings, load_settings
@@ -418,6 +418,21 @@ def test_coils_are_filtered_and_paged_without_gaps_or_repeats(api: Api) -> None:
     rows = with_matrix["matrix"]
     assert len(rows) == 264 and len(rows[0]) == 18 and rows[0][0] is None and rows[0][1] == 140
     assert missing.status_code == 404 and "C-2026-424242" in missing.json()["detail"]
+
+
+def test_a_coil_whose_stored_readings_are_cut_short_is_shown_without_them(api: Api) -> None:
+    """A row written by hand (AssessCoils never stores less than a whole matrix): `matrix=true` was a 500."""
+    row = {"coil_id": "C-CUT-1", "line": "galv-9", "status": "OK", "matrix": b"\x00\x00\x80"}
+    with api.engine.begin() as conn:
+        conn.execute(insert(Coil.__table__), [row])
+    try:
+        with api.client() as client:
+            response = client.get("/coils/C-CUT-1", params={"matrix": "true"})
+        assert response.status_code == 200, response.text
+        assert response.json()["coil_id"] == "C-CUT-1" and response.json()["matrix"] is None
+    finally:
+        with api.engine.begin() as conn:
+            conn.execute(delete(Coil.__table__).where(Coil.__table__.c.coil_id == "C-CUT-1"))
 
 
 def test_drift_reports_and_their_html(api: Api) -> None:

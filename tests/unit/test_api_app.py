@@ -15,6 +15,7 @@ from services.api.app import MAX_BODY_BYTES
 from services.config import ConfigError, load_settings
 from services.db.engine import make_engine
 from services.db.migrate import upgrade
+from services.metrics import METRICS
 
 TOKEN = "tok"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -121,6 +122,28 @@ def test_a_lost_connection_is_a_503_and_other_database_errors_stay_500(
     bug = client.get("/models")
     assert lost.status_code == 503 and PASSWORD not in lost.text and "server closed" in lost.json()["detail"]
     assert bug.status_code == 500
+
+
+def test_an_error_no_handler_answered_is_counted_as_the_500_it_became(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request metric saw only the requests that came back with a response: an alert on the API's error rate
+    would never have fired. A made-up method is counted as "other", not as a series of its own."""
+
+    def count(method: str, status: str) -> float:
+        return METRICS.api_requests.labels(method, "/models", status)._value.get()
+
+    def raising(*_: object, **__: object) -> None:
+        raise IntegrityError("INSERT", {}, Exception("duplicate key"))
+
+    before = count("GET", "500")
+    monkeypatch.setattr(queries, "model_versions", raising)
+    assert client.get("/models").status_code == 500
+    assert count("GET", "500") == before + 1
+    brewed = METRICS.api_requests.labels("other", "/health/live", "405")
+    other = brewed._value.get()
+    assert client.request("BREW", "/health/live").status_code == 405
+    assert brewed._value.get() == other + 1 and 'method="BREW"' not in client.get("/metrics").text
 
 
 class _DriverError(Exception):
