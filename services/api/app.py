@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.concurrency import run_in_threadpool
 
 from services.api import catalogue, coils, drift, system
 from services.api.deps import ApiState
@@ -109,7 +110,8 @@ async def _database_error(request: Request, exc: Exception) -> Response:
             raise exc
         reason = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         if _sqlstate(exc) in SCHEMA_BEHIND:
-            at = _schema_behind(request.app.state.coilguard.engine)
+            # a query of its own: in a thread, not on the event loop that /health/live answers on
+            at = await run_in_threadpool(_schema_behind, request.app.state.coilguard.engine)
             if at is None:  # at this release's schema (or newer): a missing table or column is this code's fault
                 raise exc
             reason += f" (the schema is at revision {at}, behind this release: `coilguard db upgrade`)"
