@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from ml.assessors.manifest import MANIFEST_FILE
 from workflows.ports import ModelRecord
@@ -132,7 +133,7 @@ def prune(plan: PrunePlan) -> int:
             continue
         size = _size(path)
         if path.is_dir():
-            shutil.rmtree(path)
+            shutil.rmtree(path, onerror=_gone_is_fine)
         else:
             path.unlink(missing_ok=True)
         freed += size
@@ -147,7 +148,19 @@ def _mtime(path: Path) -> float:
         return time.time()  # gone meanwhile, or unreadable: treated as new, so left alone
 
 
+def _gone_is_fine(function: Any, path: str, excinfo: Any) -> None:
+    """``rmtree``'s error handler: a path another prune (the scheduler's, the CronJob's, one by hand) removed
+    first is what this one wanted too."""
+    if not isinstance(excinfo[1], FileNotFoundError):
+        raise excinfo[1]
+
+
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+    """The bytes under ``path``, as far as they are still there (another prune may be removing them now)."""
+    total = 0
+    for file in [path] if not path.is_dir() else path.rglob("*"):
+        try:
+            total += file.stat().st_size if file.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total

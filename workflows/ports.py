@@ -113,7 +113,8 @@ class ModelRegistry(Protocol):
         only if that version (or, with :data:`NO_ACTIVE_VERSION`, none) is still the active one
         (:class:`ChampionChanged` otherwise, as when another promotion of the name commits at the same time)."""
 
-    def set_status(self, model_id: int, status: str) -> None: ...
+    def set_status(self, model_id: int, status: str, *, was: str | None = None) -> bool:
+        """Set the version's status; with ``was``, only while it still has that status. Whether it changed."""
 
 
 class VersionTaken(RuntimeError):

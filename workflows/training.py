@@ -1,7 +1,8 @@
 """Training a model and putting it in the registry: what ``coilguard train`` and ReTrain share.
 
-The artifact is written and checksummed before the registry hears of it, so a crash can leave an
-orphan folder but never a registered model without intact weights.
+The artifact is written and checksummed before the registry hears of it, and moved into its version's folder
+once the row is committed: a crash can leave an orphan folder, or a candidate row whose folder never arrived
+(``coilguard models`` shows it as missing), but never an active version without intact weights.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ def check_model_name(name: str) -> str:
             f"model name {name!r}: 1-128 characters of letters, digits, '.', '_' and '-', not starting with '.'"
         )
     return name
+
+
+def check_name_free(registry: ModelRegistry, name: str) -> None:
+    """Refuse a name that differs from a registered one by case alone: on a volume blind to case (an SMB share, as
+    some ReadWriteMany storage classes are) the two would share one folder, and registering a version of the
+    new name would replace the files of the same version of the old."""
+    clash = sorted({r.name for r in registry.all() if r.name != name and r.name.casefold() == name.casefold()})
+    if clash:
+        raise ValueError(f"model name {name!r} differs from the registered {clash[0]!r} only by case: use that one")
 
 
 def check_folder_name(name: str) -> str:
@@ -172,12 +182,16 @@ def register(
     parent_id: int | None = None,
     extra_metrics: dict[str, Any] | None = None,
     dataset: CoilDataset | None = None,
+    replacing: int | None = None,
 ) -> ModelRecord:
     """Save ``assessor`` as the next version of its name and record it with ``status``.
 
     With ``dataset`` (what it was fitted on) the data is kept under ``MODEL_DIR/data`` and named in the
     manifest: the model can be reproduced, and ReTrain uses it as the history to add feedback to.
+    ``replacing`` (with ``status="active"``): promoted only over that version, or over none with
+    :data:`NO_ACTIVE_VERSION`; otherwise it stays a candidate and :class:`ChampionChanged` says why.
     """
+    check_name_free(registry, assessor.name)
     if dataset is not None:
         assessor.training_data = {**assessor.training_data, "path": keep_training_data(dataset, model_dir)}
     metrics = {**assessor.metrics, **(extra_metrics or {})}
@@ -213,7 +227,7 @@ def register(
     else:
         raise RuntimeError(f"{assessor.name}: every version tried was registered by another process first")
     if status == "active":
-        registry.promote(record.id)
+        registry.promote(record.id, replacing=replacing)
     elif status != "candidate":
         registry.set_status(record.id, status)
     return registry.get(record.id)

@@ -10,6 +10,8 @@ the event is lost.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +19,9 @@ from pathlib import Path
 from ml.assessors.manifest import ArtifactError
 from workflows.messages import ModelEvent, ModelEventKind, dumps
 from workflows.ports import NO_ACTIVE_VERSION, ChampionChanged, ModelRecord, ModelRegistry, Publisher
-from workflows.training import load_model
+from workflows.training import load_model, resolve_artifact
+
+log = logging.getLogger(__name__)
 
 
 class VersionChangeRefused(ValueError):
@@ -35,6 +39,7 @@ class VersionChange:
     retired: int | None
     name_active: bool
     active_left: int
+    warnings: tuple[str, ...] = ()  # done, but something the operator should see to
 
 
 def promote_version(
@@ -53,21 +58,30 @@ def promote_version(
     if record.status == "active":
         raise VersionChangeRefused(f"{name} v{version} is already active")
     active = [r.id for r in records if r.status == "active"]
+    claim_files(resolve_artifact(model_dir, record.artifact_uri))
     try:
-        load_model(record, model_dir)
+        assessor = load_model(record, model_dir)
     except (ArtifactError, OSError) as exc:
         raise VersionChangeRefused(f"{name} v{version} cannot be put in service: {exc}") from None
     except Exception as exc:  # checksums fine, but this release cannot build it (its settings, its network)
         raise VersionChangeRefused(
             f"{name} v{version} cannot be put in service by this release: {type(exc).__name__}: {exc}"
         ) from None
+    warnings: list[str] = []
+    if kept := assessor.training_data.get("path"):  # what a later ReTrain adds the operators' coils to
+        claim_files(Path(model_dir) / kept)
+        if not (Path(model_dir) / kept).is_file():  # it can serve; only its next ReTrain would fail
+            warnings.append(
+                f"its training set {Path(model_dir) / kept} is gone (pruned, or another volume): ReTrain of this "
+                "version fails until it is restored from a copy of MODEL_DIR"
+            )
     try:  # only over the version seen above: loading takes a while, and ReTrain may promote meanwhile
         retired = registry.promote(record.id, replacing=active[0] if active else NO_ACTIVE_VERSION)
     except ChampionChanged as exc:
         raise VersionChangeRefused(f"{exc}: nothing was changed; look again with `coilguard models`") from None
     events: list[tuple[ModelEventKind, int]] = [("retired", retired.version)] if retired is not None else []
     announce(publisher, model_events, name, [*events, ("promoted", version)])
-    return _change(registry, name, version, retired.version if retired else None)
+    return _change(registry, name, version, retired.version if retired else None, warnings)
 
 
 def retire_version(
@@ -90,10 +104,24 @@ def retire_version(
             "nothing else can decide. Promote its successor instead (`coilguard models promote`), or retire it "
             "anyway with --force"
         )
-    registry.set_status(record.id, "retired")
+    if not registry.set_status(record.id, "retired", was=record.status):  # promoted or retired meanwhile
+        raise VersionChangeRefused(
+            f"{name} v{version} changed while this was decided (it was {record.status}): nothing was changed; "
+            "look again with `coilguard models`"
+        )
     if record.status == "active":
         announce(publisher, model_events, name, [("retired", version)])
     return _change(registry, name, None, version)
+
+
+def claim_files(path: Path) -> None:
+    """Date ``path`` now: a version about to be put back in service is, to a prune under way, a retired one like
+    any other, and the prune leaves alone whatever changed within its grace period (it looks again just before
+    it deletes). A store this process cannot write to is one it cannot prune either."""
+    try:
+        os.utime(path)
+    except OSError as exc:
+        log.debug("could not date %s anew: %s", path, exc)
 
 
 def _find(records: list[ModelRecord], name: str, version: int) -> ModelRecord:
@@ -104,9 +132,13 @@ def _find(records: list[ModelRecord], name: str, version: int) -> ModelRecord:
     raise VersionChangeRefused(f"no version {version} of a model named {name!r} (registered: {known})")
 
 
-def _change(registry: ModelRegistry, name: str, promoted: int | None, retired: int | None) -> VersionChange:
+def _change(
+    registry: ModelRegistry, name: str, promoted: int | None, retired: int | None, warnings: list[str] | None = None
+) -> VersionChange:
     active = registry.active_models()
-    return VersionChange(name, promoted, retired, any(r.name == name for r in active), len(active))
+    return VersionChange(
+        name, promoted, retired, any(r.name == name for r in active), len(active), tuple(warnings or ())
+    )
 
 
 def announce(

@@ -45,8 +45,11 @@ def train(
     """Train an assessor, save its artifact and (with --register) put it into service."""
     from ml.assessors.registry import UnknownAssessor, create
     from ml.dataset import CoilDataset
+    from services.db.engine import engine_for, make_engine
+    from services.db.repositories import SqlModelRegistry
     from services.progress import fit_progress, validation_summary
-    from workflows.training import check_model_name
+    from workflows.ports import NO_ACTIVE_VERSION, ChampionChanged
+    from workflows.training import check_model_name, check_name_free
     from workflows.training import register as register_model
 
     settings = ctx.settings
@@ -65,6 +68,11 @@ def train(
         raise click.UsageError("--unless-serving goes with --register")
     if register:  # before the training, not after it
         require_schema(settings)
+        try:
+            with engine_for(settings.database_url) as engine:
+                check_name_free(SqlModelRegistry(engine), assessor.name)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--name") from None
         if unless_serving and (serving := _serving_version(settings.database_url, assessor.name)) is not None:
             click.echo(f"{assessor.name} v{serving} serves already; nothing trained (--unless-serving)")
             return
@@ -91,16 +99,23 @@ def train(
         assessor.save(out)
         click.echo(f"saved to {out}")
     if register:
-        from services.db.engine import make_engine
-        from services.db.repositories import SqlModelRegistry
-
-        record = register_model(
-            assessor,
-            SqlModelRegistry(make_engine(settings.database_url)),
-            settings.model_dir,
-            status="active",
-            dataset=data if isinstance(data, CoilDataset) else None,  # image folders stay where they are
-        )
+        registry = SqlModelRegistry(make_engine(settings.database_url))
+        try:
+            record = register_model(
+                assessor,
+                registry,
+                settings.model_dir,
+                status="active",
+                dataset=data if isinstance(data, CoilDataset) else None,  # image folders stay where they are
+                replacing=NO_ACTIVE_VERSION if unless_serving else None,  # none served when the training began
+            )
+        except ChampionChanged:  # another bootstrap, or an operator, put a version in service meanwhile
+            serving = _serving_version(settings.database_url, assessor.name)
+            click.echo(
+                f"{assessor.name} v{serving} went into service while this one trained; v{assessor.version} stays a "
+                "candidate (--unless-serving)"
+            )
+            return
         click.echo(f"registered {record.name} v{record.version} (active) at {settings.model_dir / record.artifact_uri}")
 
 
@@ -162,6 +177,8 @@ def promote(ctx: AppContext, name: str, version: int) -> None:
     click.echo(
         f"promoted {name} v{version}{before}; workers reload on the model event, or within {RELOAD_POLL_S:.0f} s"
     )
+    for warning in change.warnings:
+        click.echo(f"warning: {name} v{version}: {warning}", err=True)
 
 
 @models_.command("retire")

@@ -442,12 +442,15 @@ class SqlModelRegistry:
             raise ChampionChanged("another version of this name was put in service at the same time") from None
         return _record(champion) if champion is not None else None
 
-    def set_status(self, model_id: int, status: str) -> None:
+    def set_status(self, model_id: int, status: str, *, was: str | None = None) -> bool:
         values: dict[str, Any] = {"status": status}
         if status == "retired":
             values["retired_at"] = datetime.now(UTC)
+        query = update(models).where(models.c.id == model_id)
+        if was is not None:
+            query = query.where(models.c.status == was)
         with self.engine.begin() as conn:
-            conn.execute(update(models).where(models.c.id == model_id).values(**values))
+            return conn.execute(query.values(**values)).rowcount == 1
 
 
 # ----------------------------------------------------------------------------- human in the loop

@@ -9,9 +9,11 @@ lacks. These run the real command in a fresh process on SQLite; no broker is inv
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from cli_runner import coilguard
 from helpers import stripe_coils, synthetic_images, synthetic_tiles, write_image_folder
 from sqlalchemy import select
 
-from ml.assessors.base import AssessBatch
+from ml.assessors.base import AssessBatch, Assessor
 from ml.assessors.registry import create, load_artifact
 from services.db.engine import make_engine
 from services.db.migrate import upgrade
@@ -28,8 +30,9 @@ from services.db.models import Model
 from services.db.repositories import SqlModelRegistry
 from services.progress import epoch_status, validation_summary
 from workflows import versions
+from workflows.model_store import plan_prune, prune
 from workflows.ports import ModelRecord
-from workflows.training import register
+from workflows.training import load_model, register
 
 # Tiny settings: the command's plumbing is under test, not the models.
 TINY: dict[str, list[str]] = {
@@ -179,8 +182,11 @@ def test_a_promotion_by_hand_does_not_retire_a_version_it_never_saw(tmp_path: Pa
     first, rollback, challenger = (register(cnn, registry, tmp_path) for _ in range(3))
     registry.promote(first.id)
 
-    def slow_check(record: ModelRecord, model_dir: Path) -> None:  # ReTrain promotes while the operator's check runs
+    load = versions.load_model
+
+    def slow_check(record: ModelRecord, model_dir: Path) -> Assessor:  # ReTrain promotes while the check runs
         registry.promote(challenger.id, replacing=first.id)
+        return load(record, model_dir)
 
     monkeypatch.setattr(versions, "load_model", slow_check)
     with pytest.raises(versions.VersionChangeRefused, match="cnn v1 was to be replaced, but v3 is active now"):
@@ -192,6 +198,106 @@ def test_a_promotion_by_hand_does_not_retire_a_version_it_never_saw(tmp_path: Pa
     with engine.connect() as conn:  # back in service: no longer shown as retired at some time
         row = conn.execute(select(Model.status, Model.retired_at).where(Model.id == first.id)).one()
     assert tuple(row) == ("active", None)
+
+
+def test_a_bootstrap_that_finds_a_version_in_service_after_training_leaves_it_serving(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Two `train --register --unless-serving` (compose's bootstrap, started twice) both find no cnn serving and
+    train; the second to finish must not retire the first one's version, which serves by then."""
+    from click.testing import CliRunner
+
+    from services.cli import cli
+    from services.cli import models as models_cli
+
+    env = {"COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}", "COILGUARD_MODEL_DIR": str(tmp_path)}
+    upgrade(env["COILGUARD_DATABASE_URL"])
+    registry = SqlModelRegistry(make_engine(env["COILGUARD_DATABASE_URL"]))
+    serving = models_cli._serving_version
+    looks: list[int | None] = []
+
+    def the_other_bootstrap_finishes_first(database_url: str, name: str) -> int | None:
+        if not looks:  # the look before training: nothing serves yet, and the other registers meanwhile
+            cnn = create("cnn", {"epochs": 1, "batch_size": 32})
+            cnn.fit(stripe_coils(60), device="cpu")
+            register(cnn, registry, tmp_path, status="active")
+            looks.append(None)
+            return None
+        looks.append(serving(database_url, name))
+        return looks[-1]
+
+    monkeypatch.setattr(models_cli, "_serving_version", the_other_bootstrap_finishes_first)
+    args = ["train", "--assessor", "cnn", "--data", "sim:200", "--set", "epochs=1", "--register", "--unless-serving"]
+    run = CliRunner().invoke(cli, args, env=env)
+    assert run.exit_code == 0, run.output
+    assert "cnn v1 went into service while this one trained; v2 stays a candidate" in run.output
+    assert [(r.version, r.status) for r in registry.all(["cnn"])] == [(1, "active"), (2, "candidate")]
+
+
+def test_a_name_that_differs_from_a_registered_one_by_case_alone_is_refused_before_training(tmp_path: Path) -> None:
+    """On a volume blind to case `CNN/v1` is `cnn/v1`: registering it would replace the serving version's files."""
+    env = {"COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}", "COILGUARD_MODEL_DIR": str(tmp_path)}
+    upgrade(env["COILGUARD_DATABASE_URL"])
+    registry = SqlModelRegistry(make_engine(env["COILGUARD_DATABASE_URL"]))
+    cnn = create("cnn", {"epochs": 1, "batch_size": 32})
+    cnn.fit(stripe_coils(60), device="cpu")
+    register(cnn, registry, tmp_path, status="active")
+    run = coilguard("train", "--assessor", "cnn", "--name", "CNN", "--data", "sim:200", "--register", env=env)
+    assert run.returncode == 2 and "'CNN' differs from the registered 'cnn' only by case" in run.stderr, run.stderr
+    assert "training" not in run.stdout
+    cnn.name = "Cnn"
+    with pytest.raises(ValueError, match="'Cnn' differs from the registered 'cnn' only by case"):
+        register(cnn, registry, tmp_path, status="active")
+    assert [(r.name, r.version, r.status) for r in registry.all()] == [("cnn", 1, "active")]
+
+
+def test_a_rollback_while_a_prune_is_under_way_keeps_the_files_it_puts_back_in_service(tmp_path: Path) -> None:
+    """The prune planned to remove v1 (retired, beyond MODEL_KEEP) and its training set; an operator rolled back
+    to v1 before it deleted them. Serving v1 needs its folder, and its next ReTrain the set."""
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    registry = SqlModelRegistry(make_engine(url))
+    cnn = create("cnn", {"epochs": 1, "batch_size": 32})
+    cnn.fit(stripe_coils(60), device="cpu")
+    first = register(cnn, registry, tmp_path, status="active", dataset=stripe_coils(60, seed=1))
+    register(cnn, registry, tmp_path, status="active", dataset=stripe_coils(60, seed=2))
+    old = time.time() - 3 * 86400
+    kept_set = tmp_path / load_artifact(tmp_path / first.artifact_uri).training_data["path"]
+    for path in (tmp_path / first.artifact_uri, kept_set):
+        os.utime(path, (old, old))
+    plan = plan_prune(registry.all(), tmp_path, keep=0)
+    assert (tmp_path / first.artifact_uri) in [folder for _, folder in plan.versions] and kept_set in plan.data
+    change = versions.promote_version(registry, tmp_path, "cnn", first.version)  # between plan and deletion
+    prune(plan)
+    assert load_model(registry.get(first.id), tmp_path).version == first.version and kept_set.is_file()
+    assert change.warnings == ()
+    kept_set.unlink()  # a prune before this release, or another volume mounted: it can serve, but not retrain
+    second = versions.promote_version(registry, tmp_path, "cnn", first.version + 1)
+    again = versions.promote_version(registry, tmp_path, "cnn", first.version)
+    assert second.warnings == () and len(again.warnings) == 1
+    assert f"its training set {kept_set} is gone" in again.warnings[0] and registry.get(first.id).status == "active"
+
+
+def test_a_version_retired_while_it_was_promoted_is_refused_not_left_without_a_successor(tmp_path: Path) -> None:
+    """`models retire cnn 2` saw v2 as a candidate; a promotion made it the active version before the retire
+    wrote. Retiring it then would leave cnn with no active version, past the --force guard and with no event."""
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    registry = SqlModelRegistry(make_engine(url))
+    cnn = create("cnn", {"epochs": 1, "batch_size": 32})
+    cnn.fit(stripe_coils(60), device="cpu")
+    register(cnn, registry, tmp_path, status="active")
+    second = register(cnn, registry, tmp_path)
+    seen = registry.all(["cnn"])  # what the retire decided on
+
+    class Stale(SqlModelRegistry):
+        def all(self, names=None):
+            return seen
+
+    registry.promote(second.id)  # meanwhile
+    with pytest.raises(versions.VersionChangeRefused, match=r"cnn v2 changed while this was decided \(it was candid"):
+        versions.retire_version(Stale(registry.engine), "cnn", second.version)
+    assert registry.get(second.id).status == "active"
 
 
 def test_a_version_this_release_cannot_build_is_refused_with_the_reason(tmp_path: Path, monkeypatch) -> None:

@@ -197,3 +197,21 @@ def test_a_retrain_pass_prunes_unless_model_keep_is_off(tmp_path: Path, keep: st
         assert retired == ["v1", "v2", "v3", "v4", "v5", "v6"] and (model_dir / "data" / "z.npz").is_file()
     else:  # failed v1 and the retired v2, v3 beyond the two kept; the set no kept version names
         assert retired == ["v4", "v5", "v6"] and not (model_dir / "data" / "z.npz").exists()
+
+
+def test_a_prune_that_finds_its_paths_removed_by_another_goes_on(tmp_path: Path, monkeypatch) -> None:
+    """The scheduler's prune after a ReTrain and one by hand at the same time: a file the other removed between
+    this one listing a folder and unlinking it is not an error (it was a traceback, or "pruning failed" after a
+    ReTrain)."""
+    model_dir = tmp_path / "models"
+    plan = plan_prune(_store(model_dir), model_dir, keep=3)
+    unlink = os.unlink
+
+    def the_other_prune_came_first(path, *args, **kwargs) -> None:
+        unlink(path, *args, **kwargs)
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(os, "unlink", the_other_prune_came_first)
+    prune(plan)
+    monkeypatch.undo()
+    assert not (model_dir / "cnn" / "v1").exists() and not (model_dir / "cnn" / "v2").exists()
