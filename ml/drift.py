@@ -45,6 +45,7 @@ Dropped readings (NaN) are ignored; a sensor dropped over the whole body gives N
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -77,6 +78,15 @@ def sensor_of(column: str) -> int | None:
     return None
 
 
+def _left_out(values: np.ndarray, sensors: list[int]) -> np.ndarray:
+    """``values`` (N, 18) with ``sensors``' columns unknown, for a side level taken without them."""
+    if not sensors:
+        return values
+    values = values.copy()
+    values[:, sensors] = np.nan
+    return values
+
+
 def _thinnest_runs(X: np.ndarray, run: int) -> np.ndarray:
     """(N, rows − run + 1, sensors): the *thickest* reading of every ``run`` consecutive sections.
 
@@ -93,33 +103,59 @@ def per_side(values: np.ndarray, reduce) -> np.ndarray:
     return np.concatenate([np.repeat(top, SENSORS_PER_SIDE, 1), np.repeat(bottom, SENSORS_PER_SIDE, 1)], axis=1)
 
 
-def coil_features(X: np.ndarray) -> dict[str, np.ndarray]:
-    """Every feature of :data:`FEATURE_NAMES` for each coil of ``X`` (N, 264, 18): name → (N,) float64."""
+def silent_sensors(X: np.ndarray, share: float = 0.5) -> frozenset[int]:
+    """Sensors with no reading over the body on at least ``share`` of the coils of ``X``: a dead gauge."""
+    if len(X) == 0:
+        return frozenset()
+    read = np.isfinite(as_matrix_batch(X)[:, BODY]).any(axis=1)  # (N, 18)
+    return frozenset(int(k) for k in np.flatnonzero((~read).mean(axis=0) >= share))
+
+
+def left_out(*samples: np.ndarray) -> frozenset[int]:
+    """The sensors a comparison of ``samples`` leaves out of its side levels: those silent in any of them, but for
+    a side silent as a whole (its features are unknown either way, and the other sample's must stay what they
+    are, to say so)."""
+    silent = frozenset().union(*(silent_sensors(X) for X in samples))
+    sides = (range(SENSORS_PER_SIDE), range(SENSORS_PER_SIDE, N_SENSORS))
+    return frozenset(k for side in sides if not set(side) <= silent for k in side if k in silent)
+
+
+def coil_features(X: np.ndarray, without: Collection[int] = ()) -> dict[str, np.ndarray]:
+    """Every feature of :data:`FEATURE_NAMES` for each coil of ``X`` (N, 264, 18): name → (N,) float64.
+
+    A side's level (what its sensors are measured against) is its median sensor, leaving out the sensors in
+    ``without``, and so are the coil-level features. A drift comparison leaves out, on both sides, the sensors
+    dead in either (:func:`silent_sensors`): the median of the other eight is another sensor's reading, which
+    moves every feature of the side by part of the lip profile's few per cent, and a test over a day of coils
+    then blamed seven healthy gauges (and the coating level, the balances and the worst section moved too)."""
     body = as_matrix_batch(X)[:, BODY].astype(np.float64)
+    ignored = sorted(without)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN sensors give NaN, which is what we want
         mean = np.nanmean(body, axis=1)  # (N, 18)
         spread = np.nanstd(body, axis=1)
         runs = _thinnest_runs(body, RUN)  # (N, rows, 18)
         low = np.nanmin(runs, axis=1)
-        side_median = per_side(mean, np.nanmedian)
+        kept = _left_out(mean, ignored)  # what the coil-level features are taken over
+        side_median = per_side(kept, np.nanmedian)
         depth = 1.0 - runs / side_median[:, None, :]  # (N, rows, 18): how far below its side
+        depth[:, :, ignored] = np.nan
         flat = np.where(np.isnan(depth), -np.inf, depth).reshape(len(depth), -1)
         worst = flat.argmax(axis=1)
         worst_depth = flat[np.arange(len(flat)), worst]
         worst_row = worst // N_SENSORS
-        edge = np.nanmean(mean[:, list(EDGE_SENSORS)], axis=1)
-        centre = np.nanmean(mean[:, list(CENTRE_SENSORS)], axis=1)
-        top = np.nanmean(mean[:, :SENSORS_PER_SIDE], axis=1)
-        bottom = np.nanmean(mean[:, SENSORS_PER_SIDE:], axis=1)
+        edge = np.nanmean(kept[:, list(EDGE_SENSORS)], axis=1)
+        centre = np.nanmean(kept[:, list(CENTRE_SENSORS)], axis=1)
+        top = np.nanmean(kept[:, :SENSORS_PER_SIDE], axis=1)
+        bottom = np.nanmean(kept[:, SENSORS_PER_SIDE:], axis=1)
     relative = {
         "mean": (mean / side_median - 1.0) * 100.0,
-        "spread": spread / per_side(spread, np.nanmedian),
+        "spread": spread / per_side(_left_out(spread, ignored), np.nanmedian),
         "min": (low / side_median - 1.0) * 100.0,
     }
     features = {sensor_column(k, name): values[:, k] for name, values in relative.items() for k in range(N_SENSORS)}
     found = np.isfinite(worst_depth)
-    features["coating"] = np.nanmean(mean, axis=1)
+    features["coating"] = np.nanmean(kept, axis=1)
     features["worst_section"] = np.where(found, np.maximum(worst_depth, 0.0) * 100.0, np.nan)
     features["worst_section_at"] = np.where(found, worst_row / max(runs.shape[1] - 1, 1), np.nan)
     features["edge_centre_ratio"] = edge / centre

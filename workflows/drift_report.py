@@ -3,11 +3,17 @@ serving models were trained on? An Evidently report answers per feature and over
 
 - **Reference**: a sample of the active models' training data (at most ``max_reference`` coils), with
   the serving ensemble's ``p_nok`` on it when the caller can compute that.
-- **Current**: the coils received in the window, with the ``p_nok`` they were decided with and the
-  operators' labels where there are some.
+- **Current**: the coils received in the window, with the ``p_nok`` they were decided with (and the number
+  the operators labelled, for the summary).
 - **Columns**: the coil features of :mod:`ml.drift` (per-sensor mean, spread and minimum relative to
   the coil's own side, coating level, worst section, edge-to-centre ratio, top/bottom balance), then
-  ``p_nok`` (prediction drift) and ``operator_label`` (label drift) when both sides have them.
+  ``p_nok`` (prediction drift) when both sides have it for enough coils. No label drift: operators check every
+  coil called NOK and a share of the rest, so the NOK share of their labels is no sample of the line, and
+  against the training labels it read as drift on an unchanged line nearly every day; agreement with the
+  operators is ModelScore's to judge.
+- **Too few values**: a column with values on fewer than ``min_coils`` coils, or half a side's coils if that is
+  fewer, is not given to Evidently (one or two readings made a "drift"): it is drifted when the other side has
+  enough (a gauge went silent, or came back), and not when neither has.
 - **Tests**: two-sample Kolmogorov–Smirnov (p < 0.05) on every feature, chosen explicitly: Evidently's
   automatic choice switches to a normed Wasserstein distance above 1000 reference rows, which flags
   almost every relative feature between two undrifted periods of the same line. ``p_nok`` uses the
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -33,10 +39,9 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from ml.drift import FEATURE_NAMES, coil_features, sensor_of
+from ml.drift import FEATURE_NAMES, coil_features, left_out, sensor_of
 
 PREDICTION = "p_nok"
-LABEL = "operator_label"
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,6 @@ class DriftConfig:
     prediction_method: str = "wasserstein"
     prediction_threshold: float = 0.1
     min_coils: int = 30  # fewer current coils than this: no report (the tests would mean nothing)
-    min_labels: int = 10  # fewer labelled coils than this on either side: no label column
     max_reference: int = 1000
     max_current: int = 5000  # a larger window is drawn from (seeded): a report's memory must not grow with it
     seed: int = 0
@@ -120,13 +124,12 @@ class DriftResult:
         }
 
 
-def feature_frame(sample: CoilSample, *, prediction: bool, labels: bool) -> pd.DataFrame:
-    """One row per coil: the :mod:`ml.drift` features, then ``p_nok`` and ``operator_label`` if asked."""
-    frame = pd.DataFrame(coil_features(sample.X), columns=list(FEATURE_NAMES))
+def feature_frame(sample: CoilSample, *, prediction: bool, without: Collection[int] = ()) -> pd.DataFrame:
+    """One row per coil: the :mod:`ml.drift` features (each side's level taken ``without`` those sensors), then
+    ``p_nok`` if asked."""
+    frame = pd.DataFrame(coil_features(sample.X, without), columns=list(FEATURE_NAMES))
     if prediction and sample.p_nok is not None:
         frame[PREDICTION] = np.asarray(sample.p_nok, dtype=np.float64)
-    if labels and sample.labels is not None:
-        frame[LABEL] = pd.Series([v if v in ("OK", "NOK") else None for v in sample.labels], dtype="object")
     return frame
 
 
@@ -134,19 +137,19 @@ def compare(reference: CoilSample, current: CoilSample, config: DriftConfig | No
     """Run Evidently's drift preset on the two samples and read its verdicts back."""
     config = config or DriftConfig()
     reference = reference.sample(config.max_reference, config.seed)
-    prediction = _has_predictions(reference) and _has_predictions(current)
-    labels = min(reference.n_labelled(), current.n_labelled()) >= config.min_labels
-    ref = feature_frame(reference, prediction=prediction, labels=labels)
-    cur = feature_frame(current, prediction=prediction, labels=labels)
-    # A column with no value on one side (a gauge dead for the whole window) is what a drift report is for, and
-    # Evidently refuses to compare it: it is judged here and left out of Evidently's part.
-    unreadable = _unreadable_columns(ref, cur)
+    prediction = _has_predictions(reference, config) and _has_predictions(current, config)
+    # a gauge dead on either side is left out of its side's level on both: it moves no other gauge's features
+    dead = left_out(reference.X, current.X)
+    ref = feature_frame(reference, prediction=prediction, without=dead)
+    cur = feature_frame(current, prediction=prediction, without=dead)
+    # A column with (almost) no value on one side (a gauge dead for the whole window) is what a drift report is
+    # for, and Evidently refuses to compare an empty one: it is judged here and left out of Evidently's part.
+    unreadable = _thin_columns(ref, cur, config)
     ref, cur = ref.drop(columns=list(unreadable)), cur.drop(columns=list(unreadable))
     if ref.columns.empty:  # no column has values on both sides: Evidently cannot run (it divides by zero)
         return _judged_without_evidently(unreadable, config, len(reference), len(current))
-    numerical = [c for c in ref.columns if c != LABEL]
     Report, Dataset, DataDefinition, DataDriftPreset = _evidently()
-    definition = DataDefinition(numerical_columns=numerical, categorical_columns=[LABEL] if labels else [])
+    definition = DataDefinition(numerical_columns=list(ref.columns))
     preset = DataDriftPreset(
         columns=list(ref.columns),
         drift_share=config.drift_share,
@@ -196,21 +199,35 @@ def _judged_without_evidently(
     return _result(columns, config, n_reference, n_current, page)
 
 
-def _unreadable_columns(ref: pd.DataFrame, cur: pd.DataFrame) -> dict[str, ColumnDrift]:
-    """Columns without a single value in the reference or in the window: drifted when one side has values and
-    the other none (a gauge went silent, or came back), not when neither has any."""
+def _enough(values: int, coils: int, config: DriftConfig) -> bool:
+    """Values on enough of a side's coils for a test to mean something: ``min_coils``, or half of them if fewer."""
+    return values > 0 and values >= min(config.min_coils, (coils + 1) // 2)
+
+
+def _thin_columns(ref: pd.DataFrame, cur: pd.DataFrame, config: DriftConfig) -> dict[str, ColumnDrift]:
+    """Columns with too few values in the reference or in the window (:func:`_enough`): drifted when one side has
+    enough and the other not (a gauge went silent, or came back), not when neither has."""
     verdicts = {}
     for name in ref.columns:
-        in_ref, in_cur = bool(ref[name].notna().any()), bool(cur[name].notna().any())
+        n_ref, n_cur = int(ref[name].notna().sum()), int(cur[name].notna().sum())
+        in_ref, in_cur = _enough(n_ref, len(ref), config), _enough(n_cur, len(cur), config)
         if in_ref and in_cur:
             continue
-        why = "no values in the window" if in_ref else "no values in the reference" if in_cur else "no values at all"
+        if not in_ref and not in_cur:
+            why = "no values at all" if n_ref == n_cur == 0 else "too few values on both sides"
+        elif in_ref:
+            why = "no values in the window" if n_cur == 0 else f"values on {n_cur} of {len(cur)} coils in the window"
+        else:
+            why = "no values in the reference" if n_ref == 0 else f"values on {n_ref} of {len(ref)} reference coils"
         verdicts[name] = ColumnDrift(in_ref != in_cur, None, why, None)
     return verdicts
 
 
-def _has_predictions(sample: CoilSample) -> bool:
-    return sample.p_nok is not None and bool(np.isfinite(np.asarray(sample.p_nok, dtype=np.float64)).any())
+def _has_predictions(sample: CoilSample, config: DriftConfig) -> bool:
+    """Predictions on enough coils (a window of coils still pending has few): a test on one or two is noise."""
+    if sample.p_nok is None:
+        return False
+    return _enough(int(np.isfinite(np.asarray(sample.p_nok, dtype=np.float64)).sum()), len(sample), config)
 
 
 def _evidently():

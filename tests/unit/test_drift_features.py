@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ml.drift import BODY, FEATURE_NAMES, coil_features, sensor_column, sensor_of
+from ml.drift import BODY, FEATURE_NAMES, coil_features, left_out, sensor_column, sensor_of, silent_sensors
+from ml.sim import LineConfig, LineSimulator
 
 
 def _flat(level: float = 140.0, n: int = 1, noise: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -88,3 +89,29 @@ def test_dropped_readings_are_ignored_and_a_dead_sensor_is_unknown() -> None:
     assert np.isnan(f["s13_mean"]) and np.isnan(f["s13_spread"]) and np.isnan(f["s13_min"])
     assert abs(f["s12_mean"]) < 0.3
     assert all(np.isfinite(v) for k, v in f.items() if sensor_of(k) != 13)
+
+
+def test_a_sensor_left_out_of_the_side_level_moves_no_other_feature_when_it_dies() -> None:
+    """A drift comparison leaves a dead gauge out of its side's level on both sides: then its death changes no
+    other column, where the median of the other eight had moved every feature of the side."""
+    X = LineSimulator(LineConfig(seed=2)).dataset(20).X
+    dead = X.copy()
+    dead[:, :, 4] = np.nan
+    assert silent_sensors(dead) == {4} and silent_sensors(X) == set()
+    alive, gone = coil_features(X, without={4}), coil_features(dead, without={4})
+    for name in FEATURE_NAMES:
+        if sensor_of(name) != 4:
+            np.testing.assert_allclose(gone[name], alive[name], err_msg=name)
+    moved = coil_features(dead)["s03_mean"] - coil_features(X)["s03_mean"]
+    assert np.abs(moved).max() > 0.05  # what a side level over whichever sensors read does
+
+
+def test_a_sensor_silent_on_half_the_coils_counts_as_dead() -> None:
+    X = _flat(n=4)
+    X[:2, :, 7] = np.nan  # two of four coils
+    X[0, :, 11] = np.nan  # one of four
+    X[:, BODY.start - 1, 12] = np.nan  # outside the body only: it reads where it counts
+    assert silent_sensors(X) == {7} and silent_sensors(X, share=0.25) == {7, 11}
+    gone = X.copy()
+    gone[:, :, 9:] = np.nan  # the bottom side silent as a whole: nothing to level it against, and nothing left out
+    assert left_out(X, gone) == {7}
