@@ -107,7 +107,7 @@ def test_a_column_with_values_on_a_few_coils_is_not_left_to_a_test(line: dict) -
     assert "p_nok" not in result.columns
     sparse = {name: c for name, c in result.columns.items() if name.startswith("s06_")}
     assert all(c.drifted and c.method == "values on 2 of 40 coils in the window" for c in sparse.values()), sparse
-    assert all(c.drifted for c in sparse.values()) and not result.dataset_drift, result.drifted_columns
+    assert len(sparse) == 3 and not result.dataset_drift, result.drifted_columns
 
 
 def test_operator_labels_are_not_compared_with_the_training_labels(line: dict) -> None:
