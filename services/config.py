@@ -397,11 +397,11 @@ class Settings(BaseSettings):
     @classmethod
     def _cron(cls, value: str) -> str:
         """A crontab line, or ``off``: the scheduler leaves that job out (on Kubernetes, a CronJob runs ReTrain)."""
-        from apscheduler.triggers.cron import CronTrigger
+        from services.cron import crontab_trigger
 
         if value.strip().lower() == OFF:
             return OFF
-        CronTrigger.from_crontab(value)
+        crontab_trigger(value)
         return value
 
     @property

@@ -29,6 +29,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from services.config import OFF, Settings
+from services.cron import crontab_trigger
 from services.signals import StopSignals
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
     jobs: dict[str, tuple[Job, object]] = {
         "score": (run_score, IntervalTrigger(seconds=settings.score_every.total_seconds())),
         **{
-            name: (job, CronTrigger.from_crontab(cron, timezone="UTC"))
+            name: (job, crontab_trigger(cron))
             for name, job, cron in (
                 ("retrain", functools.partial(run_retrain, stop=scheduler.stopping), settings.retrain_cron),
                 ("drift", _one_at_a_time(drift_lock, run_drift), settings.drift_cron),
