@@ -266,7 +266,12 @@ class Settings(BaseSettings):
         "ops and should not wait Python's default 5 ms while the committer or network thread runs Python code",
     )
     max_payload_bytes: int = Field(1 << 20, ge=1024)
-    device: str = "auto"
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (the GPU when present), cpu, cuda or cuda:N: anything else (a typo such as `gpu`) failed "
+        "every ReTrain pass before any run was opened",
+    )
 
     # ModelScore / ReTrain (the paper: score below 75 % over more than 10 coils, weekly)
     score_threshold: float = Field(0.75, gt=0, le=1)

@@ -46,7 +46,7 @@ from ml.assessors.registry import available, create
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics, cost_accuracy
 from ml.recalibration import GaugeGains, estimate_gains, read_through
-from ml.training.runtime import DeviceUnavailable, resolve_device, training_platform
+from ml.training.runtime import resolve_device, training_platform
 from workflows.model_score import ScoreRule, due_for_retraining
 from workflows.ports import (
     ChampionChanged,
@@ -152,7 +152,13 @@ class ReTrain:
             if self.stop.is_set():
                 log.info("ReTrain: shutting down; %d model(s) left for the next pass", len(candidates) - len(outcomes))
                 break
-            outcomes.append(self.retrain(latest, forced=force))
+            try:
+                outcomes.append(self.retrain(latest, forced=force))
+            except Exception as exc:  # before its run began (the registry, the lock: the database went away)
+                model = latest.model
+                log.exception("ReTrain %s: could not be tried; v%d keeps serving", model.name, model.version)
+                why = f"not tried: {type(exc).__name__}: {exc}"
+                outcomes.append(RetrainOutcome(latest.model.name, latest.model.version, "failed", why))
         return outcomes
 
     def retrain(self, latest: LatestScore, forced: bool = False) -> RetrainOutcome:
@@ -323,7 +329,7 @@ class ReTrain:
             return None
         try:
             return training_inputs(labelled, self.config)
-        except DeviceUnavailable as exc:
+        except Exception as exc:  # DeviceUnavailable; or `cuda:1` on a node with one GPU, which torch refuses
             log.warning("ReTrain: cannot tell what the challenger would train on (%s); its run will say why", exc)
             return None
 

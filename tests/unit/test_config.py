@@ -96,6 +96,16 @@ def test_an_announce_window_narrower_than_one_pass_is_refused(monkeypatch: pytes
     assert load_settings(_env_file=None).announce_max_age == timedelta(minutes=12)
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CUDA"])
+def test_a_device_torch_would_refuse_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    """`gpu` failed every ReTrain pass before any run was opened, with nothing on the runs' rows."""
+    monkeypatch.setenv("COILGUARD_DEVICE", device)
+    with pytest.raises(ConfigError, match="COILGUARD_DEVICE"):
+        load_settings(_env_file=None)
+    monkeypatch.setenv("COILGUARD_DEVICE", "cuda:1")
+    assert load_settings(_env_file=None).device == "cuda:1"
+
+
 def test_embedded_url() -> None:
     assert MqttUrl.parse("embedded").embedded
 

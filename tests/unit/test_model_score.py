@@ -530,6 +530,17 @@ def test_a_champion_whose_kept_history_is_missing_is_not_retrained_without_it(en
     first, second = retrain.run(["lost", "whole"], force=True)
     assert [(o.model, o.status) for o in (first, second)] == [("lost", "failed"), ("whole", "failed")]
 
+    class GoneBeforeTheRun(SqlRetrainRuns):  # the connection lost as the first model's run was to be opened
+        def start(self, model_id: int, reason: str, worker: str) -> int | None:
+            if model_id == lost.id:
+                raise OperationalError("INSERT INTO retrain_runs", {}, Exception("server closed the connection"))
+            return super().start(model_id, reason, worker)
+
+    retrain.runs = GoneBeforeTheRun(engine)
+    first, second = retrain.run(["lost", "whole"], force=True)  # was: the pass raised, the second never tried
+    assert (first.status, first.reason.split(":")[0]) == ("failed", "not tried") and "server closed" in first.reason
+    assert second.model == "whole"  # tried (and skipped: its run of the pass before is still open, unrecorded)
+
 
 def test_a_model_rejected_on_the_same_inputs_is_not_retrained_until_new_feedback(
     engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
