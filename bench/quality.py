@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import ROOT, provenance, write_section
 from ml.evaluation.protocol import ENSEMBLE, Evaluation, Plan, evaluate
 from ml.evaluation.report import PAPER_NOTE, gold_table, mean_gold_f1, seeds_table, write_report
-from ml.sim import gold_set
+from ml.sim.gold import check_apart, gold_set
 from services.cli.models import parse_setting
 from services.progress import make_progress
 from workflows.training import training_data
@@ -112,6 +112,7 @@ def main() -> None:
 def _evaluate(data: str, plan: Plan, out: Path) -> Evaluation:
     dev = training_data(data, seed=plan.seed)
     gold = gold_set(seed=plan.seed)
+    check_apart(dev, gold)
     with make_progress() as progress:
         task = progress.add_task(f"quality, seed {plan.seed}", total=plan.n_fits, status="")
 

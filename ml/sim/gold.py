@@ -62,3 +62,17 @@ def gold_set(
     ds.y = np.array([c.true_label for c in coils], dtype=np.int8)
     ds.meta.update(source="sim-gold", labels="true", n_ok=n_ok, n_nok=n_nok, coils_scanned=sim.index - GOLD_FIRST_INDEX)
     return ds
+
+
+def check_apart(dev: CoilDataset, gold: CoilDataset) -> None:
+    """Refuse development data from the gold set's own line that reaches into its period: a simulated coil's
+    readings come from the line's seed and its index, so ``sim:N`` with N beyond :data:`GOLD_FIRST_INDEX` holds
+    the gold coils themselves (but for the gold period's mild drift), and the gold figures would be no test."""
+    if dev.meta.get("source") != "sim" or dev.meta.get("seed") != gold.meta.get("seed"):
+        return
+    end = int(dev.meta.get("first_index") or 0) + len(dev)
+    if end > GOLD_FIRST_INDEX:
+        raise ValueError(
+            f"the development data runs to coil {end} of line {dev.meta['seed']}, into its gold period (from coil "
+            f"{GOLD_FIRST_INDEX}): use at most {GOLD_FIRST_INDEX} coils"
+        )

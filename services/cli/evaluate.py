@@ -38,7 +38,7 @@ def evaluate(
     from ml.evaluation.protocol import Plan
     from ml.evaluation.protocol import evaluate as run_evaluation
     from ml.evaluation.report import gold_table, write_report
-    from ml.sim import gold_set
+    from ml.sim.gold import check_apart, gold_set
     from services.cli.models import load_data, parse_setting
     from services.progress import make_progress
 
@@ -65,6 +65,10 @@ def evaluate(
         click.echo(f"note: {len(dev) - len(unique)} repeated rows of the same coils dropped; each coil counts once")
         dev = unique
     gold = gold_set(seed=seed)
+    try:
+        check_apart(dev, gold)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from None
     out = out or ctx.settings.report_dir / f"evaluation-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     click.echo(
         f"evaluating {', '.join(kinds)} on {len(dev)} coils ({dev.n_nok} NOK), {folds}×{repeats} CV, "

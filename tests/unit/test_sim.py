@@ -14,6 +14,7 @@ from ml.dataset import CoilDataset
 from ml.matrix import N_SECTIONS, N_SENSORS
 from ml.sim import SCENARIOS, DriftConfig, LineConfig, LineSimulator, SimCoil, gold_set, stats
 from ml.sim.drift import SENSOR_DRIFT_GAINS
+from ml.sim.gold import GOLD_FIRST_INDEX, check_apart
 from ml.sim.labels import LabelRule, true_margin
 from ml.sim.products import COATINGS
 
@@ -284,3 +285,8 @@ def test_gold_set_is_balanced_later_and_truly_labelled(baseline: list[SimCoil]) 
     assert (np.diff(gold.produced_at.astype("int64")) > 0).all()
     again = gold_set(seed=5, n_ok=30, n_nok=30)
     assert np.array_equal(again.X, gold.X, equal_nan=True)
+    # development data of the same line that reaches into the gold period holds the gold coils themselves
+    check_apart(LineSimulator(LineConfig(seed=5, first_index=GOLD_FIRST_INDEX - 20)).dataset(20), gold)
+    check_apart(LineSimulator(LineConfig(seed=6, first_index=GOLD_FIRST_INDEX)).dataset(2), gold)  # another line
+    with pytest.raises(ValueError, match="runs to coil 100001 of line 5, into its gold period"):
+        check_apart(LineSimulator(LineConfig(seed=5, first_index=GOLD_FIRST_INDEX - 20)).dataset(21), gold)
