@@ -113,11 +113,14 @@ def silent_sensors(X: np.ndarray, share: float = 0.5) -> frozenset[int]:
 
 def left_out(*samples: np.ndarray) -> frozenset[int]:
     """The sensors a comparison of ``samples`` leaves out of its side levels: those silent in any of them, but for
-    a side silent as a whole (its features are unknown either way, and the other sample's must stay what they
-    are, to say so)."""
-    silent = frozenset().union(*(silent_sensors(X) for X in samples))
-    sides = (range(SENSORS_PER_SIDE), range(SENSORS_PER_SIDE, N_SENSORS))
-    return frozenset(k for side in sides if not set(side) <= silent for k in side if k in silent)
+    a side silent as a whole in a sample (its features there are unknown either way, and the other sample's must
+    stay what they are, to say so)."""
+    sides = (frozenset(range(SENSORS_PER_SIDE)), frozenset(range(SENSORS_PER_SIDE, N_SENSORS)))
+    dropped: set[int] = set()
+    for X in samples:
+        silent = silent_sensors(X)
+        dropped |= silent.difference(*(side for side in sides if side <= silent))
+    return frozenset(dropped)
 
 
 def coil_features(X: np.ndarray, without: Collection[int] = ()) -> dict[str, np.ndarray]:

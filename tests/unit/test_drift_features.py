@@ -115,3 +115,8 @@ def test_a_sensor_silent_on_half_the_coils_counts_as_dead() -> None:
     gone = X.copy()
     gone[:, :, 9:] = np.nan  # the bottom side silent as a whole: nothing to level it against, and nothing left out
     assert left_out(X, gone) == {7}
+    top_away = X.copy()
+    top_away[:, :, :9] = np.nan  # the reference's top frame silent: the window's one dead gauge is still left out
+    window = _flat(n=4)
+    window[:, :, 4] = np.nan
+    assert left_out(top_away, window) == {4}
