@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -19,6 +20,7 @@ from services.mqtt.client import Inbound
 from workflows.ports import FeedbackStore
 
 log = logging.getLogger(__name__)
+_STOP = object()  # not None: a decision message may be JSON null
 
 
 class SimulatedOperators:
@@ -38,7 +40,7 @@ class SimulatedOperators:
         self.rng = np.random.default_rng(seed)
         self.given = 0
         self.disagreed = 0
-        self._inbox: queue.Queue[dict | None] = queue.Queue()
+        self._inbox: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="operators", daemon=True)
 
     def start(self) -> SimulatedOperators:
@@ -46,24 +48,24 @@ class SimulatedOperators:
         return self
 
     def stop(self) -> None:
-        self._inbox.put(None)
+        self._inbox.put(_STOP)
         self._thread.join(30)
 
     def on_decision(self, message: Inbound) -> None:
         """MQTT callback for the decision topic: queue the decision (never write on paho's thread)."""
-        self._inbox.put(orjson.loads(message.payload))
+        self._inbox.put(orjson.loads(message.payload))  # any JSON: `_check` judges it on the operators' thread
 
     def idle(self) -> bool:
         return self._inbox.empty()
 
     def _work(self) -> None:
-        while (decision := self._inbox.get()) is not None:
+        while (decision := self._inbox.get()) is not _STOP:
             try:
                 self._check(decision)
             except Exception:  # a message of another shape, a failed write: the operators go on with the next one
                 log.exception("operator feedback on decision %.200r failed", decision)
 
-    def _check(self, decision: dict) -> None:
+    def _check(self, decision: Any) -> None:
         coil_id = decision["coil_id"]
         if decision["decision"] == "OK" and self.rng.random() >= self.share_ok:
             return

@@ -26,6 +26,7 @@ def test_a_decision_of_another_shape_does_not_stop_the_operators() -> None:
     store = _Feedback()
     operators = SimulatedOperators(store, truth=lambda coil_id: 1, names=("anna",)).start()
     operators.on_decision(_decision({"coil_id": "C-1"}))
+    operators.on_decision(Inbound(topic="coilguard/decisions/galv-1", payload=b"null", mid=2, qos=1))
     operators.on_decision(_decision({"coil_id": "C-2", "decision": "NOK"}))
     operators.stop()
     assert store.rows == [("C-2", "NOK", "anna")] and operators.given == 1 and operators.disagreed == 0
