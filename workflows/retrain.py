@@ -46,7 +46,7 @@ from ml.assessors.registry import available, create
 from ml.dataset import INIT_VALIDATION_CURRENT, LEARNED_BY_INIT, CoilDataset
 from ml.evaluation.metrics import binary_metrics, cost_accuracy
 from ml.recalibration import GaugeGains, estimate_gains, read_through
-from ml.training.runtime import resolve_device, training_platform
+from ml.training.runtime import DeviceUnavailable, resolve_device, training_platform
 from workflows.model_score import ScoreRule, due_for_retraining
 from workflows.ports import (
     ChampionChanged,
@@ -329,7 +329,7 @@ class ReTrain:
             return None
         try:
             return training_inputs(labelled, self.config)
-        except Exception as exc:  # DeviceUnavailable; or `cuda:1` on a node with one GPU, which torch refuses
+        except DeviceUnavailable as exc:
             log.warning("ReTrain: cannot tell what the challenger would train on (%s); its run will say why", exc)
             return None
 

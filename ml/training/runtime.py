@@ -38,6 +38,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailable(f"device {device!r} asked for, but no CUDA GPU is available")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"device {device!r} asked for, but this node has {torch.cuda.device_count()} GPU(s)")
     return resolved
 
 

@@ -157,3 +157,17 @@ def test_normalizing_in_chunks_gives_what_one_pass_gave() -> None:
     np.testing.assert_array_equal(
         Normalizer(100.0, 180.0).transform(X[:3]), normalizer.without_gauge_gains().transform(X[:3])
     )
+
+
+def test_a_gpu_index_the_node_does_not_have_is_unavailable_not_a_torch_error(monkeypatch) -> None:
+    """`COILGUARD_DEVICE=cuda:1` on a node with one GPU: said as the device being unavailable, which ReTrain
+    records on the run's row, instead of torch's error from deep in the first call that touches it."""
+    import torch
+
+    from ml.training.runtime import DeviceUnavailable, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cuda").type == "cuda"
+    with pytest.raises(DeviceUnavailable, match=r"'cuda:1' asked for, but this node has 1 GPU\(s\)"):
+        resolve_device("cuda:1")
