@@ -46,8 +46,9 @@ def check_name_free(registry: ModelRegistry, name: str) -> None:
     """Refuse a name that differs from a registered one by case alone: on a volume blind to case (an SMB share, as
     some ReadWriteMany storage classes are) the two would share one folder, and registering a version of the
     new name would replace the files of the same version of the old."""
-    clash = sorted({r.name for r in registry.all() if r.name != name and r.name.casefold() == name.casefold()})
-    if clash:
+    names = {r.name for r in registry.all()}
+    clash = sorted(n for n in names if n != name and n.casefold() == name.casefold())
+    if clash and name not in names:  # names an older release registered side by side keep their versions coming
         raise ValueError(f"model name {name!r} differs from the registered {clash[0]!r} only by case: use that one")
 
 

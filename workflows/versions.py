@@ -117,11 +117,11 @@ def retire_version(
 def claim_files(path: Path) -> None:
     """Date ``path`` now: a version about to be put back in service is, to a prune under way, a retired one like
     any other, and the prune leaves alone whatever changed within its grace period (it looks again just before
-    it deletes). A store this process cannot write to is one it cannot prune either."""
+    it deletes). Where this process cannot write to the store, a prune elsewhere could still take the files."""
     try:
         os.utime(path)
     except OSError as exc:
-        log.debug("could not date %s anew: %s", path, exc)
+        log.warning("could not date %s anew (%s): a prune running now could still remove it", path, exc)
 
 
 def _find(records: list[ModelRecord], name: str, version: int) -> ModelRecord:

@@ -249,6 +249,10 @@ def test_a_name_that_differs_from_a_registered_one_by_case_alone_is_refused_befo
     with pytest.raises(ValueError, match="'Cnn' differs from the registered 'cnn' only by case"):
         register(cnn, registry, tmp_path, status="active")
     assert [(r.name, r.version, r.status) for r in registry.all()] == [("cnn", 1, "active")]
+    # two such names an older release registered side by side: both go on getting versions (ReTrain's included)
+    registry.add(name="CNN", kind="cnn", version=1, artifact_uri="CNN/v1", sha256="0" * 64, status="retired")
+    cnn.name = "CNN"
+    assert register(cnn, registry, tmp_path).version == 2
 
 
 def test_a_rollback_while_a_prune_is_under_way_keeps_the_files_it_puts_back_in_service(tmp_path: Path) -> None:
