@@ -1,4 +1,4 @@
-"""Crontab lines read as cron and Kubernetes read them, for APScheduler.
+"""Crontab lines read as cron reads them (and Kubernetes, for the lines both accept), for APScheduler.
 
 APScheduler 3 numbers the days of the week from Monday (0 = mon), cron from Sunday (0 and 7 = sun), and its
 ``CronTrigger.from_crontab`` hands the weekday field over unchanged: ``RETRAIN_CRON="0 3 * * 1"`` fired on

@@ -133,7 +133,7 @@ def prune(plan: PrunePlan) -> int:
             continue
         size = _size(path)
         if path.is_dir():
-            shutil.rmtree(path, onerror=_gone_is_fine)
+            shutil.rmtree(path, onerror=_gone_is_fine)  # onexc from Python 3.12; onerror still works there
         else:
             path.unlink(missing_ok=True)
         freed += size

@@ -39,10 +39,10 @@ def _simulator(
 
 def _line_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     """The CoilMessage's rule for a line (DESIGN §3): a coil of another line would only be rejected."""
-    from workflows.messages import LINE_PATTERN
+    from workflows.messages import LINE_PATTERN, LINE_RULE
 
     if not LINE_PATTERN.fullmatch(value):
-        raise click.BadParameter("1–64 characters, none of them / + # or a control character (an MQTT topic level)")
+        raise click.BadParameter(f"{LINE_RULE} (an MQTT topic level)")
     return value
 
 
