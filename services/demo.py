@@ -205,7 +205,7 @@ class Demo:
                 drifted += 1
                 if self._retrain_done() or (self._retrain_thread is None and drifted > cfg.max_drifted):
                     self.phase = "after retrain"
-                    self._event("retrained versions in service" if self._retrain_done() else "no retrain: giving up")
+                    self._event(self._retrain_verdict())
             if self.phase == "after retrain":
                 after += 1
                 if after > cfg.after:
@@ -285,6 +285,16 @@ class Demo:
 
     def _retrain_done(self) -> bool:
         return self._retrain_thread is not None and not self._retrain_thread.is_alive()
+
+    def _retrain_verdict(self) -> str:
+        """What the phase after the ReTrain pass runs on: the pass may have promoted nothing (every challenger
+        rejected, or no model was due), and the drifted versions then keep serving."""
+        if not self._retrain_done():
+            return "no retrain: giving up"
+        promoted = [f"{o.model} v{o.challenger_version}" for o in self.retrains if o.status == "promoted"]
+        if promoted:
+            return f"retrained versions in service: {', '.join(promoted)}"
+        return "ReTrain promoted nothing (see its runs below): the versions from before the drift keep serving"
 
     # ------------------------------------------------------------------ observations
 

@@ -7,13 +7,15 @@ the embedded broker, so a change that breaks the story fails here rather than in
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from services.config import Settings
+from services.config import Settings, load_settings
 from services.demo import Demo, DemoConfig
+from workflows.retrain import RetrainOutcome
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +67,16 @@ def test_ctrl_c_during_the_demos_retrain_reaches_the_training(tmp_path: Path, mo
     demo = Demo(Settings(), DemoConfig(workdir=tmp_path), console=Console(quiet=True))
     demo._retrain()
     assert given["stop"] is demo._stopping
+
+
+def test_the_demo_says_retrained_versions_serve_only_when_the_pass_promoted_one(tmp_path: Path) -> None:
+    """A pass whose challengers were all rejected was announced as "retrained versions in service"."""
+    demo = Demo(load_settings(_env_file=None), DemoConfig(workdir=tmp_path))
+    assert demo._retrain_verdict() == "no retrain: giving up"
+    demo._retrain_thread = threading.Thread(target=lambda: None)
+    demo._retrain_thread.start()
+    demo._retrain_thread.join()
+    demo.retrains = [RetrainOutcome("cnn", 1, "rejected", "challenger worse")]
+    assert demo._retrain_verdict().startswith("ReTrain promoted nothing")
+    demo.retrains.append(RetrainOutcome("yolo", 1, "promoted", "better", challenger_version=2))
+    assert demo._retrain_verdict() == "retrained versions in service: yolo v2"
