@@ -90,3 +90,39 @@ def test_up_on_embedded_defaults_waits_for_a_model_then_decides_coils_and_stops_
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
+
+
+def test_a_ctrl_c_while_up_starts_stops_what_had_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted between the assess worker's start and the API's, `up` left the worker running on under a broker
+    that was shutting down."""
+    from services import up as up_module
+    from services.config import load_settings
+
+    stopped: list[str] = []
+    stop = up_module.AssessThread.stop
+
+    def seen_stopping(self: up_module.AssessThread) -> None:
+        stopped.append("assess")
+        stop(self)
+
+    monkeypatch.setattr(up_module.AssessThread, "stop", seen_stopping)
+
+    def interrupted(settings: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(up_module, "build_scheduler", interrupted)
+    (broker_port,) = free_ports(1)
+    settings = load_settings(
+        _env_file=None,
+        database_url=f"sqlite:///{tmp_path / 'coilguard.db'}",
+        mqtt_url=f"embedded://127.0.0.1:{broker_port}",
+        model_dir=tmp_path / "models",
+        report_dir=tmp_path / "reports",
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            up_module.run_up(settings, say=lambda _: None)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # `up`'s shutdown makes a second Ctrl-C end the process at once
+    assert stopped == ["assess"]
