@@ -1,8 +1,14 @@
 """The embedded broker (amqtt) used when ``MQTT_URL=embedded``: a real MQTT server inside the process.
 
 It lets ``coilguard up`` and ``coilguard demo`` run on one machine with nothing installed, and any
-ordinary MQTT client on the machine can still connect to it (127.0.0.1, port 18830 by default).
-It is not for production: it speaks MQTT 3.1.1 only and keeps nothing on disk.
+ordinary MQTT client on the machine can still connect to it (127.0.0.1, port 18830 by default; the demo
+takes a free port of its own). It is not for production, and it does not keep QoS 1's promises as Mosquitto
+does: it speaks MQTT 3.1.1 only and keeps nothing on disk; it keeps no session for a client that disconnects
+(amqtt treats every anonymous client's session as clean), so what is published while a subscriber is away is
+not kept for it; and it gives up on a message whose acknowledgement has not come within 5 s (amqtt's fixed
+wait), never sending it again. A running worker loses nothing by that (it holds what it received until the
+decision is stored), but a worker that `coilguard up` restarts after a failure has lost the coils it held and
+those published before it is back. Run Mosquitto (``MQTT_URL=mqtt://…``) where that matters.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ class EmbeddedBroker:
         self._broker: Broker | None = None
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
+        # amqtt warns on every acknowledgement it already settled, and logs each message held unacknowledged for
+        # over 5 s (a worker waiting for its first model holds every coil) as an ERROR with a traceback: what the
+        # module docstring says, not news, and it buried the demo's output
         for name in ("amqtt", "transitions"):
-            logging.getLogger(name).setLevel(logging.ERROR)  # amqtt warns on every ack it already settled
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         self._thread.start()
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 0}},
