@@ -22,6 +22,10 @@ from amqtt.broker import Broker
 log = logging.getLogger(__name__)
 
 
+class BrokerUnavailable(RuntimeError):
+    """The embedded broker did not start."""
+
+
 class EmbeddedBroker:
     """An amqtt broker on its own event-loop thread; ``start()`` returns once it accepts connections."""
 
@@ -48,7 +52,15 @@ class EmbeddedBroker:
             await broker.start()
             return broker
 
-        self._broker = asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout)
+        try:
+            self._broker = asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout)
+        except Exception as exc:  # the port taken, most likely: the loop's thread must not stay behind
+            self.stop()
+            raise BrokerUnavailable(
+                f"the embedded MQTT broker could not listen on {self.host}:{self.port} ({type(exc).__name__}: "
+                f"{exc}): is another `coilguard up` running? Give this one another port: "
+                "COILGUARD_MQTT_URL=embedded://127.0.0.1:PORT"
+            ) from exc
         log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)
         return self
 

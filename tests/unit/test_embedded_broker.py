@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
+import pytest
 from infra import free_ports
 
 from services.config import MqttUrl
-from services.mqtt.broker import EmbeddedBroker
+from services.mqtt.broker import BrokerUnavailable, EmbeddedBroker
 from services.mqtt.client import Inbound, MqttClient
 
 
@@ -30,3 +33,15 @@ def test_embedded_broker_carries_qos1_messages_and_shared_topics_degrade() -> No
         for m in got:
             sub.ack(m)
     assert sorted(int(m.payload) for m in got) == list(range(30))
+
+
+def test_a_port_already_taken_is_said_with_the_way_out_and_leaves_no_thread_behind() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        broker = EmbeddedBroker(port=port)
+        with pytest.raises(BrokerUnavailable, match=rf"could not listen on 127\.0\.0\.1:{port} .*embedded://127"):
+            broker.start(timeout=10)
+    assert not broker._thread.is_alive()
+    assert "embedded-broker" not in {t.name for t in threading.enumerate()}
