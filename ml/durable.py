@@ -39,3 +39,14 @@ def sync_tree(directory: Path) -> None:
         for name in files:
             sync_file(Path(root) / name)
         sync_dir(Path(root))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all: a crash, a power cut included, leaves the old file or none,
+    never half of one. Synced before the rename and the folder after it: a row committed next (a drift report's)
+    must not point at a file the page cache lost, and a simulated gateway's counter must not go back."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    sync_file(tmp)
+    tmp.replace(path)
+    sync_dir(path.parent)

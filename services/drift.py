@@ -24,7 +24,7 @@ from sqlalchemy import Engine, select, update
 from ml.assessors.base import AssessBatch
 from ml.assessors.manifest import Manifest, code_version
 from ml.dataset import CoilDataset
-from ml.durable import sync_dir, sync_file
+from ml.durable import write_atomic
 from services.config import Settings
 from services.db.engine import engine_for
 from services.db.models import Coil, DriftReport
@@ -244,17 +244,6 @@ class FileDriftReportStore:
                     update(drift_reports).where(drift_reports.c.id == row.id).values(report_uri=None, summary=kept)
                 )
         return len(rows)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """``text`` into ``path`` whole or not at all: a crash, a power cut included, leaves the old file or none,
-    never half of one. Synced before the rename and the folder after it: the report's row, committed next, must
-    not point at a file the page cache lost (the scheduler's catch-up would take the report as written)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    sync_file(tmp)
-    tmp.replace(path)
-    sync_dir(path.parent)
 
 
 def run_drift(

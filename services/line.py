@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -13,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO
 
+from ml.durable import write_atomic
 from ml.sim import SimCoil
 from services.mqtt.client import MqttClient
 from workflows.messages import encode_coil_message
@@ -77,19 +76,9 @@ class LinePosition:
         return position
 
     def write(self, path: Path) -> None:
-        """Replace ``path`` whole (written beside it under a name of its own, flushed to disk, then renamed): a
-        kill or a power cut mid-write leaves the last position."""
+        """Replace ``path`` whole: a kill or a power cut mid-write leaves the last position."""
         clock = self.clock.isoformat() if self.clock is not None else None
-        fd, fresh = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(json.dumps({"coils": self.coils, "clock": clock}) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(fresh, path)
-        except BaseException:
-            Path(fresh).unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps({"coils": self.coils, "clock": clock}) + "\n")
 
 
 class CounterError(Exception):

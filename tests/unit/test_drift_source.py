@@ -164,11 +164,12 @@ def test_drift_keep_is_a_duration_or_off() -> None:
 def test_a_report_file_is_on_disk_before_its_row_points_at_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A power cut after the row's commit must not leave the row pointing at an empty file: the catch-up would
     take the report as written and never write it again."""
+    import ml.durable as durable
     import services.drift as drift
 
     synced: list[str] = []
-    monkeypatch.setattr(drift, "sync_file", lambda path: synced.append(f"file {path.name}"))
-    monkeypatch.setattr(drift, "sync_dir", lambda path: synced.append(f"dir {path.name}"))
-    drift.write_atomic(tmp_path / "report.html", "<html></html>")
+    monkeypatch.setattr(durable, "sync_file", lambda path: synced.append(f"file {path.name}"))
+    monkeypatch.setattr(durable, "sync_dir", lambda path: synced.append(f"dir {path.name}"))
+    drift.write_atomic(tmp_path / "report.html", "<html></html>")  # what the report's writer calls
     assert synced == ["file report.html.tmp", f"dir {tmp_path.name}"]
     assert (tmp_path / "report.html").read_text() == "<html></html>"
