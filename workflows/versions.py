@@ -69,8 +69,9 @@ def promote_version(
         ) from None
     warnings: list[str] = []
     if kept := assessor.training_data.get("path"):  # what a later ReTrain adds the operators' coils to
-        claim_files(Path(model_dir) / kept)
-        if not (Path(model_dir) / kept).is_file():  # it can serve; only its next ReTrain would fail
+        if (Path(model_dir) / kept).is_file():
+            claim_files(Path(model_dir) / kept)
+        else:  # it can serve; only its next ReTrain would fail
             warnings.append(
                 f"its training set {Path(model_dir) / kept} is gone (pruned, or another volume): ReTrain of this "
                 "version fails until it is restored from a copy of MODEL_DIR"
