@@ -7,6 +7,7 @@ once the row is committed: a crash can leave an orphan folder, or a candidate ro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.assessors.base import Assessor
-from ml.assessors.manifest import ArtifactError
+from ml.assessors.manifest import MANIFEST_FILE, ArtifactError
 from ml.assessors.registry import load_artifact
 from ml.dataset import CoilDataset
 from ml.durable import sync_dir, sync_file, sync_tree
@@ -174,6 +175,14 @@ def load_kept_data(model_dir: Path, relative: str) -> CoilDataset:
     raise ArtifactError(f"{path} was changed after it was kept: its content no longer matches its name")
 
 
+def _folder_owner(directory: Path) -> str | None:
+    """The model name the manifest in ``directory`` gives, or None where there is none to read."""
+    try:
+        return json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def register(
     assessor: Assessor,
     registry: ModelRegistry,
@@ -201,6 +210,11 @@ def register(
     for _ in range(REGISTER_TRIES):
         version = registry.next_version(assessor.name)
         directory, uri = artifact_dir(model_dir, assessor.name, version)
+        if (owner := _folder_owner(directory)) not in (None, assessor.name):  # a case-blind volume: `CNN/v4` is
+            raise ArtifactError(  # `cnn/v4`, a version of a name an older release registered beside this one
+                f"{directory} holds the files of {owner} v{version} (the volume does not tell names apart by case): "
+                f"register {assessor.name!r} under another name"
+            )
         staging = directory.with_name(f".{directory.name}-{uuid.uuid4().hex[:12]}")
         assessor.version = version
         try:

@@ -23,6 +23,7 @@ from helpers import stripe_coils, synthetic_images, synthetic_tiles, write_image
 from sqlalchemy import select
 
 from ml.assessors.base import AssessBatch, Assessor
+from ml.assessors.manifest import ArtifactError
 from ml.assessors.registry import create, load_artifact
 from services.db.engine import make_engine
 from services.db.migrate import upgrade
@@ -253,6 +254,16 @@ def test_a_name_that_differs_from_a_registered_one_by_case_alone_is_refused_befo
     registry.add(name="CNN", kind="cnn", version=1, artifact_uri="CNN/v1", sha256="0" * 64, status="retired")
     cnn.name = "CNN"
     assert register(cnn, registry, tmp_path).version == 2
+    # ... but where the volume is blind to case, `CNN/v3` is `cnn/v3`: that folder is not taken over (as this
+    # file system tells case apart, the other name's folder is copied there to stand for it)
+    cnn.name = "cnn"
+    register(cnn, registry, tmp_path)
+    register(cnn, registry, tmp_path)
+    shutil.copytree(tmp_path / "cnn" / "v3", tmp_path / "CNN" / "v3")
+    cnn.name = "CNN"
+    with pytest.raises(ArtifactError, match=r"holds the files of cnn v3 \(the volume does not tell names apart"):
+        register(cnn, registry, tmp_path)
+    assert load_model(registry.all(["cnn"])[2], tmp_path).version == 3
 
 
 def test_a_rollback_while_a_prune_is_under_way_keeps_the_files_it_puts_back_in_service(tmp_path: Path) -> None:
