@@ -12,6 +12,7 @@ import click
 from services.cli import assess, db, demo, evaluate, line, loop, models, ops  # noqa: F401  (registers the commands)
 from services.cli.base import cli
 from services.config import ConfigError
+from services.mqtt.broker import BrokerUnavailable
 
 
 def main() -> None:
@@ -20,6 +21,9 @@ def main() -> None:
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except BrokerUnavailable as exc:  # `up` or `demo` on a port another process holds: what to do, not a traceback
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
 
 
 __all__ = ["cli", "main"]

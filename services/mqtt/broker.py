@@ -57,8 +57,8 @@ class EmbeddedBroker:
         except Exception as exc:  # the port taken, most likely: the loop's thread must not stay behind
             self.stop()
             raise BrokerUnavailable(
-                f"the embedded MQTT broker could not listen on {self.host}:{self.port} ({type(exc).__name__}: "
-                f"{exc}): is another `coilguard up` running? Give this one another port: "
+                f"the embedded MQTT broker did not start on {self.host}:{self.port} ({type(exc).__name__}: {exc}); "
+                "if another process holds the port (another `coilguard up`?), give this one another: "
                 "COILGUARD_MQTT_URL=embedded://127.0.0.1:PORT"
             ) from exc
         log.info("embedded MQTT broker listening on %s:%d", self.host, self.port)

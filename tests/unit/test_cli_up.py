@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -126,3 +127,22 @@ def test_a_ctrl_c_while_up_starts_stops_what_had_started(tmp_path: Path, monkeyp
     finally:
         signal.signal(signal.SIGINT, handler)  # `up`'s shutdown makes a second Ctrl-C end the process at once
     assert stopped == ["assess"]
+
+
+def test_up_on_a_broker_port_another_process_holds_says_what_to_do(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = coilguard(
+            "up",
+            env={
+                "COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'coilguard.db'}",
+                "COILGUARD_MQTT_URL": f"embedded://127.0.0.1:{port}",
+                "COILGUARD_MODEL_DIR": str(tmp_path / "models"),
+                "COILGUARD_REPORT_DIR": str(tmp_path / "reports"),
+            },
+        )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"error: the embedded MQTT broker did not start on 127.0.0.1:{port}" in run.stderr
+    assert "COILGUARD_MQTT_URL=embedded://127.0.0.1:PORT" in run.stderr

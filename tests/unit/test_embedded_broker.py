@@ -41,7 +41,7 @@ def test_a_port_already_taken_is_said_with_the_way_out_and_leaves_no_thread_behi
         taken.listen()
         port = taken.getsockname()[1]
         broker = EmbeddedBroker(port=port)
-        with pytest.raises(BrokerUnavailable, match=rf"could not listen on 127\.0\.0\.1:{port} .*embedded://127"):
+        with pytest.raises(BrokerUnavailable, match=rf"did not start on 127\.0\.0\.1:{port} .*embedded://127"):
             broker.start(timeout=10)
     assert not broker._thread.is_alive()
     assert "embedded-broker" not in {t.name for t in threading.enumerate()}
