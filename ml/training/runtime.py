@@ -72,7 +72,11 @@ def training_platform(device: str = "auto") -> str:
             parts.append(f"{name} {metadata.version(name)}")
     resolved = resolve_device(device)
     if resolved.type == "cuda":
-        parts.append(f"cuda {torch.version.cuda} {torch.cuda.get_device_name(resolved)}")
+        try:
+            name = torch.cuda.get_device_name(resolved)
+        except RuntimeError as exc:  # counted, but not to be opened (exclusive-process mode, a driver error)
+            raise DeviceUnavailable(f"device {device!r} cannot be opened: {exc}") from exc
+        parts.append(f"cuda {torch.version.cuda} {name}")
     else:
         parts.append(f"cpu {_cpu_type()}, {torch.get_num_threads()} threads")
     return "; ".join(parts)

@@ -171,3 +171,19 @@ def test_a_gpu_index_the_node_does_not_have_is_unavailable_not_a_torch_error(mon
     assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cuda").type == "cuda"
     with pytest.raises(DeviceUnavailable, match=r"'cuda:1' asked for, but this node has 1 GPU\(s\)"):
         resolve_device("cuda:1")
+
+
+def test_a_gpu_torch_counts_but_cannot_open_is_unavailable(monkeypatch) -> None:
+    """Exclusive-process mode or a driver error: torch's RuntimeError ended ReTrain's whole pass with no run row."""
+    import torch
+
+    from ml.training.runtime import DeviceUnavailable, training_platform
+
+    def busy(device: object) -> str:
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", busy)
+    with pytest.raises(DeviceUnavailable, match="'cuda' cannot be opened: CUDA error: all CUDA-capable devices"):
+        training_platform("cuda")

@@ -290,3 +290,6 @@ def test_gold_set_is_balanced_later_and_truly_labelled(baseline: list[SimCoil]) 
     check_apart(LineSimulator(LineConfig(seed=6, first_index=GOLD_FIRST_INDEX)).dataset(2), gold)  # another line
     with pytest.raises(ValueError, match="runs to coil 100001 of line 5, into its gold period"):
         check_apart(LineSimulator(LineConfig(seed=5, first_index=GOLD_FIRST_INDEX - 20)).dataset(21), gold)
+    stretch = LineSimulator(LineConfig(seed=5, first_index=GOLD_FIRST_INDEX - 10)).dataset(30)
+    with pytest.raises(ValueError, match="runs to coil 100020 of line 5"):  # two of them, the last in the gold period
+        check_apart(stretch.subset(np.array([0, 29])), gold)
