@@ -96,6 +96,7 @@ class LineCounter:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock: IO[bytes] | None = None
+        self.start = LinePosition()  # where the line stood when this run took the file
 
     def __enter__(self) -> LineCounter:
         try:
@@ -110,7 +111,8 @@ class LineCounter:
             raise CounterError(f"another run holds {self.path}: two runs would send the same coil ids") from None
         self._lock = lock
         try:
-            self._write(self.read())  # a place it cannot write to is said now, not after the first coil went out
+            self.start = self._read()
+            self._write(self.start)  # a place it cannot write to is said now, not after the first coil went out
         except BaseException:
             self.__exit__()
             raise
@@ -121,7 +123,7 @@ class LineCounter:
             self._lock.close()  # and with it the lock
             self._lock = None
 
-    def read(self) -> LinePosition:
+    def _read(self) -> LinePosition:
         try:
             return LinePosition.read(self.path)
         except (ValueError, OSError) as exc:

@@ -55,6 +55,13 @@ class Scheduler(BlockingScheduler):
         self.stopping = threading.Event()
         self.made_at = datetime.now(UTC)
         self.on_stop: list[Callable[[datetime], object]] = []
+        self._thread: threading.Thread | None = None
+
+    def start_in_thread(self) -> threading.Thread:
+        """Run on a thread of its own, so that the main thread, where signals arrive, holds no lock of ours."""
+        self._thread = threading.Thread(target=self.start, name="scheduler", daemon=True)
+        self._thread.start()
+        return self._thread
 
     def stop(self, wait: bool = False) -> None:
         """Ask running jobs to wind down (``stopping``) and stop scheduling; with ``wait``, return only once
@@ -67,6 +74,10 @@ class Scheduler(BlockingScheduler):
                 hook(self.made_at)
             except Exception:
                 log.exception("a stop hook of the scheduler failed")
+        # shutdown() takes only a scheduler that runs: one its thread is starting now (a signal during the start-up)
+        # would start after this and run on
+        while self._thread is not None and self._thread.is_alive() and not self.running:
+            time.sleep(0.01)
         if self.running:
             self.shutdown(wait=wait)
 
@@ -340,11 +351,8 @@ def run_scheduler(settings: Settings) -> None:
     if not wait_for_schema(settings, stop):
         return
     heartbeat = scheduler_heartbeat(settings, scheduler)
-    scheduling = threading.Thread(target=scheduler.start, name="scheduler", daemon=True)
     try:
-        scheduling.start()
-        while not scheduler.running and scheduling.is_alive():  # stop() shuts down only a scheduler that runs:
-            time.sleep(0.01)  # a signal that came during the start-up would otherwise be lost on it
+        scheduling = scheduler.start_in_thread()
         while scheduling.is_alive() and not stop.wait(1.0):
             pass
         scheduler.stop(wait=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from collections.abc import Callable
 
 import uvicorn
@@ -88,7 +87,6 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
     with broker_for(settings, host_embedded=True) as url:
         assess = AssessThread(settings, engine).start()
         scheduler: Scheduler | None = None
-        scheduling = threading.Thread()  # not started: nothing to wait for
         heartbeat: Heartbeat | None = None
         server: uvicorn.Server | None = None
         try:  # from here a Ctrl-C, during the start-up too, stops what has started
@@ -96,8 +94,7 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
                 say(NO_MODELS)
             scheduler = build_scheduler(settings)
             heartbeat = scheduler_heartbeat(settings, scheduler)
-            scheduling = threading.Thread(target=scheduler.start, name="scheduler", daemon=True)
-            scheduling.start()
+            scheduler.start_in_thread()
             app = create_app(settings, engine)
             server = uvicorn.Server(
                 uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None)
@@ -122,8 +119,6 @@ def run_up(settings: Settings, say: Callable[[str], None] = print) -> None:
             # raise here and skip the stops below
             log.info("stopping (a ReTrain in progress finishes its epoch first); Ctrl-C again stops at once")
             if scheduler is not None:
-                while not scheduler.running and scheduling.is_alive():  # stop() shuts down only a scheduler that
-                    time.sleep(0.01)  # runs: interrupted as it started, it would start after this and run on
                 scheduler.stop(wait=True)  # the heartbeat row stays while a job finishes its epoch
             if heartbeat is not None:
                 heartbeat.stop()

@@ -7,7 +7,6 @@ once the row is committed: a crash can leave an orphan folder, or a candidate ro
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.assessors.base import Assessor
-from ml.assessors.manifest import MANIFEST_FILE, ArtifactError
+from ml.assessors.manifest import ArtifactError, Manifest
 from ml.assessors.registry import load_artifact
 from ml.dataset import CoilDataset
 from ml.durable import sync_dir, sync_file, sync_tree
@@ -178,8 +177,8 @@ def load_kept_data(model_dir: Path, relative: str) -> CoilDataset:
 def _folder_owner(directory: Path) -> str | None:
     """The model name the manifest in ``directory`` gives, or None where there is none to read."""
     try:
-        return json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8")).get("name")
-    except (OSError, ValueError, AttributeError):
+        return Manifest.read(directory).name
+    except (ArtifactError, OSError):
         return None
 
 

@@ -115,7 +115,7 @@ def simulate(
     with ExitStack() as stack:
         try:
             held = stack.enter_context(LineCounter(counter)) if counter is not None else None
-            position = held.read() if held is not None else LinePosition(start)
+            position = held.start if held is not None else LinePosition(start)
             sim = _simulator(seed, line, drift, drift_at, drift_ramp, severity, id_prefix, position)
             coils = itertools.islice(sim.stream(), n_coils)
             with broker_for(settings, host_embedded=False) as url, mqtt_client(settings, url) as client:

@@ -32,7 +32,7 @@ def test_a_counter_keeps_each_coil_before_it_is_handed_over(tmp_path: Path) -> N
     number would carry other readings (no previous coil to follow) and be refused as a reused id."""
     path = tmp_path / "sim" / "galv-1.json"  # the folder is made by the first run
     with LineCounter(path) as counter:
-        assert counter.read() == LinePosition(0, None)
+        assert counter.start == LinePosition(0, None)
         coils = counter.counted(_simulator(3, "galv-1", None, None, 200, 1.0, "C").stream())
         first = next(coils)
         assert LinePosition.read(path) == LinePosition(1, first.produced_at)
