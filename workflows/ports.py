@@ -130,6 +130,11 @@ class ChampionChanged(RuntimeError):
     version nobody compared it with."""
 
 
+class RunOvertaken(RuntimeError):
+    """Another ReTrain run of the model began after this one decided to train (and may have ended: promoted a
+    version, or rejected a challenger on the same inputs): the decision rests on what was true before it."""
+
+
 class Publisher(Protocol):
     def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
         """Send ``(topic, payload)`` pairs together: one connection, one wait, even when the broker is away."""
@@ -215,9 +220,14 @@ class FinishedRun:
 
 
 class RetrainRuns(Protocol):
-    def start(self, model_id: int, reason: str, worker: str) -> int | None:
+    def newest(self, model_id: int) -> int:
+        """The id of the model's newest run of any status, 0 when it has none: what :meth:`start` compares."""
+
+    def start(self, model_id: int, reason: str, worker: str, *, since: int | None = None) -> int | None:
         """Open a ``running`` run, or None when another live process is retraining this model. A run left
-        ``running`` by a process that died is marked failed first, so it never blocks."""
+        ``running`` by a process that died is marked failed first, so it never blocks. With ``since`` (what
+        :meth:`newest` said when the caller decided), raise :class:`RunOvertaken` if a newer run exists: the
+        check and the start are one step under the lock."""
 
     def finish(
         self,

@@ -5,7 +5,9 @@ last run was rejected on the very labelled coils, settings and code it would tra
 would give the same challenger; ``force`` trains anyway):
 
 1. open a ``retrain_runs`` row under a lock, so two schedulers or a scheduler and the CronJob never
-   retrain the same model at once (a run left behind by a killed process is marked failed here);
+   retrain the same model at once (a run left behind by a killed process is marked failed here); a run of
+   the model that another process began after this pass looked makes the checks above stale, and the model
+   is skipped;
 2. split the operator-labelled coils by time: the most recent part is the holdout, the rest joins the
    champion's training history (the operator's label wins over the history's for the same coil), put first
    in the gauges' current calibration where a gauge has drifted since it was measured (ml/recalibration.py);
@@ -57,6 +59,7 @@ from workflows.ports import (
     ModelRegistry,
     Publisher,
     RetrainRuns,
+    RunOvertaken,
     ScoreStore,
 )
 from workflows.topics import Topics
@@ -165,6 +168,10 @@ class ReTrain:
         champion_record = latest.model
         if (skipped := self._image_model(champion_record)) is not None:
             return skipped
+        # Every check below reads the registry and the runs as they are now; a run of this model by another
+        # process that begins before ours opens (and ends, promoting or rejecting) would make them stale, and
+        # this run would spend hours on a champion that is retired or on inputs just rejected.
+        seen = self.runs.newest(champion_record.id)
         if champion_record.id not in {m.id for m in self.registry.active_models()}:  # replaced since the pass began
             why = f"v{champion_record.version} is no longer the active version"
             log.info("ReTrain %s: %s; skipped", champion_record.name, why)
@@ -179,7 +186,12 @@ class ReTrain:
         if not forced and (why := self._rejected_before(champion_record, inputs)) is not None:
             log.info("ReTrain %s: %s; skipped", champion_record.name, why)
             return RetrainOutcome(champion_record.name, champion_record.version, "skipped", why)
-        run_id = self.runs.start(champion_record.id, reason, self.worker)
+        try:
+            run_id = self.runs.start(champion_record.id, reason, self.worker, since=seen)
+        except RunOvertaken as exc:
+            why = f"{exc}; its outcome stands"
+            log.info("ReTrain %s: %s; skipped", champion_record.name, why)
+            return RetrainOutcome(champion_record.name, champion_record.version, "skipped", why)
         if run_id is None:
             log.info("ReTrain: %s is already being retrained elsewhere", champion_record.name)
             return RetrainOutcome(champion_record.name, champion_record.version, "skipped", "already running")

@@ -67,6 +67,7 @@ from workflows.ports import (
     LatestScore,
     ModelRecord,
     ModelScoreRow,
+    RunOvertaken,
     StoredDecision,
     UnknownCoil,
     VersionTaken,
@@ -789,12 +790,21 @@ class SqlRetrainRuns:
         SQLite database without a file, which has none: the row's ``host:pid`` is checked instead)."""
         return try_lock(self.engine, RETRAIN_LOCK_NAMESPACE, model_id, f"retrain-{model_id}")
 
-    def start(self, model_id: int, reason: str, worker: str) -> int | None:
+    def newest(self, model_id: int) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(select(func.max(retrain_runs.c.id)).where(retrain_runs.c.model_id == model_id)).scalar()
+                or 0
+            )
+
+    def start(self, model_id: int, reason: str, worker: str, *, since: int | None = None) -> int | None:
         got, lock = self._try_lock(model_id)
         if not got:
             return None
         try:
             with self.engine.begin() as conn:
+                if since is not None:
+                    _check_not_overtaken(conn, model_id, since)
                 stale = conn.execute(
                     select(retrain_runs).where(retrain_runs.c.model_id == model_id, retrain_runs.c.status == "running")
                 ).first()
@@ -880,6 +890,17 @@ class SqlRetrainRuns:
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return None if row is None else FinishedRun(row.status, as_utc(row.finished_at), row.metrics or {})
+
+
+def _check_not_overtaken(conn: Connection, model_id: int, since: int) -> None:
+    newer = conn.execute(
+        select(retrain_runs.c.id, retrain_runs.c.status, retrain_runs.c.worker)
+        .where(retrain_runs.c.model_id == model_id, retrain_runs.c.id > since)
+        .order_by(retrain_runs.c.id.desc())
+        .limit(1)
+    ).first()
+    if newer is not None:
+        raise RunOvertaken(f"run {newer.id} by {newer.worker} began since this pass looked ({newer.status})")
 
 
 def _settle_dead_run(conn: Connection, run: Row[Any]) -> int:

@@ -29,7 +29,7 @@ from services.db.migrate import upgrade
 from services.db.repositories import SqlCoilStore, SqlFeedbackStore, SqlModelRegistry, SqlRetrainRuns, SqlScoreStore
 from workflows.model_score import ScoreRule, due_for_retraining, score_models
 from workflows.ports import LabelledCoil, LatestScore, ModelRecord, UnknownCoil
-from workflows.retrain import RetrainConfig, combine, split_by_time
+from workflows.retrain import RetrainConfig, RetrainOutcome, combine, split_by_time
 from workflows.training import load_model, register, resolve_artifact, training_history
 
 RULE = ScoreRule(threshold=0.75, min_coils=10)
@@ -531,10 +531,10 @@ def test_a_champion_whose_kept_history_is_missing_is_not_retrained_without_it(en
     assert [(o.model, o.status) for o in (first, second)] == [("lost", "failed"), ("whole", "failed")]
 
     class GoneBeforeTheRun(SqlRetrainRuns):  # the connection lost as the first model's run was to be opened
-        def start(self, model_id: int, reason: str, worker: str) -> int | None:
+        def start(self, model_id: int, reason: str, worker: str, **kwargs) -> int | None:
             if model_id == lost.id:
                 raise OperationalError("INSERT INTO retrain_runs", {}, Exception("server closed the connection"))
-            return super().start(model_id, reason, worker)
+            return super().start(model_id, reason, worker, **kwargs)
 
     retrain.runs = GoneBeforeTheRun(engine)
     first, second = retrain.run(["lost", "whole"], force=True)  # was: the pass raised, the second never tried
@@ -572,6 +572,31 @@ def test_a_model_rejected_on_the_same_inputs_is_not_retrained_until_new_feedback
     assert [o.status for o in retrain.run()] == ["rejected"]
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM retrain_runs")).scalar_one() == 5
+
+
+def test_a_run_that_another_process_finishes_while_this_pass_decides_is_not_repeated(engine, tmp_path: Path) -> None:
+    """Two schedulers (or a scheduler and the CronJob) at 03:00: the other one's run of this model opens and ends,
+    rejecting a challenger, between this pass's checks and its own start. Its checks saw neither; the start sees
+    the newer run under the lock and leaves the outcome standing, instead of training the same challenger again."""
+    registry = SqlModelRegistry(engine)
+    _serving_with_feedback(engine, registry, tmp_path, ("line",))
+    score_models(SqlScoreStore(engine), RULE)  # due
+    config = RetrainConfig(margin=-1.0)  # nothing passes: the other process rejects its challenger
+    other = sql_retrain(engine, registry, tmp_path, config=config)
+    finished_first: list[RetrainOutcome] = []
+
+    class Overtaken(SqlRetrainRuns):
+        def start(self, model_id: int, reason: str, worker: str, **kwargs) -> int | None:
+            finished_first.extend(other.run())  # in the moment between the checks and the start
+            return super().start(model_id, reason, worker, **kwargs)
+
+    retrain = sql_retrain(engine, registry, tmp_path, config=config)
+    retrain.runs = Overtaken(engine)
+    [outcome] = retrain.run()
+    assert [o.status for o in finished_first] == ["rejected"]
+    assert outcome.status == "skipped" and "began since this pass looked (rejected)" in outcome.reason, outcome
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT status FROM retrain_runs")).scalars().all() == ["rejected"]
 
 
 def _serving_with_feedback(
