@@ -90,11 +90,28 @@ class History:
                         {"c": coil_id, "l": label},
                     )
 
+    def edit_by_hand(self) -> None:
+        """Counted rows changed behind ModelScore's back, as an operator tool or a clean-up would: labels flipped
+        with UPDATE, rows back-dated (an older word is no longer the latest), rows deleted, and a coil deleted with
+        its votes and feedback."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE feedback SET label = CASE label WHEN 'OK' THEN 'NOK' ELSE 'OK' END WHERE id % 5 = 0")
+            )
+            conn.execute(text("UPDATE feedback SET created_at = :t WHERE id % 7 = 1"), {"t": datetime.now(UTC) - LATER})
+            conn.execute(text("DELETE FROM feedback WHERE id % 11 = 2"))
+            coil = conn.execute(text("SELECT coil_id FROM feedback ORDER BY id LIMIT 1")).scalar_one()
+            conn.execute(text("DELETE FROM coils WHERE coil_id = :c"), {"c": coil})
+        self.coil_ids.remove(coil)
+
     def check(self) -> dict[str, tuple[int, ...]]:
-        """One ModelScore pass; its tallies must equal the full recount. Returns them."""
+        """One ModelScore pass; its tallies must equal the full recount, and it leaves no reset waiting (its own
+        stamping of the rows it counts is no edit). Returns the tallies."""
         now = datetime.now(UTC) + LATER
         tallied = counts(self.store.agreement(now, None))
         assert tallied == counts(self.store.recount(now))
+        with self.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM score_resets")).scalar_one() == 0
         return tallied
 
 
@@ -120,5 +137,11 @@ def run_history(engine: Engine, seed: int = 0) -> History:
     h.registry.promote(h.ids[("a", 1)])  # rolled back to v1: its window starts again
     h.assess(20, {"a": 1, "img": 1})
     h.give_feedback(30)
+    h.check()
+    h.edit_by_hand()  # counted rows changed: the next pass starts the tallies again
+    h.give_feedback(10)
+    h.check()
+    h.give_feedback(10)  # and goes on counting only what is new
+    assert h.store.count_new_feedback() == 10
     h.check()
     return h

@@ -26,6 +26,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Connection,
     DateTime,
     Dialect,
     Float,
@@ -48,6 +49,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator
+
+from services.db.feedback_edits import RESETS_TABLE, create_statements, drop_statements
 
 # Stable constraint names, so that later Alembic revisions can refer to them on every engine.
 NAMING_CONVENTION = {
@@ -76,7 +79,7 @@ TABLE_NAMES = (
 )
 
 # Not part of DESIGN §4's contract: process heartbeats, and ModelScore's running tallies.
-OPERATIONAL_TABLE_NAMES = ("workers", "score_passes", "score_tallies")
+OPERATIONAL_TABLE_NAMES = ("workers", "score_passes", "score_tallies", "score_resets")
 
 COIL_ID_LENGTH = 64  # DESIGN §3: 1–64 characters of [A-Za-z0-9._-]
 
@@ -375,6 +378,34 @@ class ScoreTally(Base):
     predicted_nok: Mapped[int] = mapped_column(BigInteger)
     actual_nok: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = _now()
+
+
+class ScoreReset(Base):
+    """A mark that counted feedback was edited or deleted: the next ModelScore pass counts all feedback again.
+
+    Written by the triggers of services/db/feedback_edits.py (and by ``coilguard score --recount``).
+    """
+
+    __tablename__ = RESETS_TABLE
+
+    id: Mapped[int] = _id()
+    at: Mapped[datetime] = _now()
+    cause: Mapped[str] = mapped_column(String(32))
+
+
+def _create_feedback_triggers(target: MetaData, connection: Connection, **kw: Any) -> None:
+    for statement in create_statements(connection.dialect.name):
+        connection.exec_driver_sql(statement)
+
+
+def _drop_feedback_triggers(target: MetaData, connection: Connection, **kw: Any) -> None:
+    for statement in drop_statements(connection.dialect.name):
+        connection.exec_driver_sql(statement)
+
+
+# After every table: the triggers are on feedback and write to score_resets.
+event.listen(Base.metadata, "after_create", _create_feedback_triggers)
+event.listen(Base.metadata, "before_drop", _drop_feedback_triggers)
 
 
 class RetrainRun(Base):

@@ -9,6 +9,7 @@ once even when two replicas race for it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections import defaultdict
@@ -52,6 +53,7 @@ from services.db.models import (
     ModelPerformance,
     RetrainRun,
     ScorePass,
+    ScoreReset,
     ScoreTally,
     UtcDateTime,
     as_utc,
@@ -73,6 +75,8 @@ from workflows.ports import (
     VersionTaken,
 )
 
+log = logging.getLogger(__name__)
+
 coils: Table = Coil.__table__  # type: ignore[assignment]
 assessments: Table = Assessment.__table__  # type: ignore[assignment]
 models: Table = Model.__table__  # type: ignore[assignment]
@@ -80,6 +84,7 @@ feedback: Table = Feedback.__table__  # type: ignore[assignment]
 mperformance: Table = ModelPerformance.__table__  # type: ignore[assignment]
 score_passes: Table = ScorePass.__table__  # type: ignore[assignment]
 score_tallies: Table = ScoreTally.__table__  # type: ignore[assignment]
+score_resets: Table = ScoreReset.__table__  # type: ignore[assignment]
 VOTE_COLUMNS = ("coil_id", "model_id", "label", "p_nok", "confidence", "created_at")
 TALLIES = ("n_coils", "n_correct", "tp", "predicted_nok", "actual_nok")
 ANALYZE_AFTER = 10_000  # feedback rows in one ModelScore pass that make its statistics worth refreshing
@@ -533,6 +538,9 @@ class SqlScoreStore:
     puts the new one in. The cost follows the feedback that is new, not the size of the tables
     (1 M rows: about 2 s to recount, milliseconds for a pass). A rolling window is recounted every run,
     because votes leave it as time passes. :meth:`recount` is the definition the tallies must equal.
+
+    Counted rows edited or deleted afterwards (by hand, or with their coil) leave a ``score_resets`` row
+    (services/db/feedback_edits.py); the next pass then starts the tallies again and counts every row.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -545,14 +553,16 @@ class SqlScoreStore:
         return self.tallied(now)
 
     def count_new_feedback(self) -> int:
-        """One pass: add the feedback rows no pass has counted to the tallies; returns how many."""
+        """One pass: add the feedback rows no pass has counted to the tallies; returns how many it counted (every
+        row, when counted feedback was edited or deleted since the last pass)."""
         with self.engine.begin() as conn:
             self._lock(conn)
             # On SQLite this INSERT takes the write lock: a second pass waits for this one to commit.
             pass_id = conn.execute(score_passes.insert().values(n_feedback=0).returning(score_passes.c.id)).scalar_one()
-            claimed = conn.execute(
-                update(feedback).where(feedback.c.score_pass.is_(None)).values(score_pass=pass_id)
-            ).rowcount
+            claim = update(feedback).values(score_pass=pass_id)
+            if not self._reset(conn, pass_id):
+                claim = claim.where(feedback.c.score_pass.is_(None))
+            claimed = conn.execute(claim).rowcount
             if not claimed:
                 conn.execute(score_passes.delete().where(score_passes.c.id == pass_id))
                 return 0
@@ -569,13 +579,30 @@ class SqlScoreStore:
         return claimed
 
     def forget_tallies(self) -> None:
-        """Start counting afresh: the next pass counts every feedback row again. For when feedback rows were
-        deleted or edited by hand, which the tallies cannot see."""
+        """Start counting afresh: the next pass counts every feedback row again (``coilguard score --recount``).
+        The triggers do the same for counted rows edited or deleted; this is for whatever they cannot see."""
         with self.engine.begin() as conn:
-            self._lock(conn)
-            conn.execute(score_tallies.delete())
-            conn.execute(update(feedback).where(feedback.c.score_pass.is_not(None)).values(score_pass=None))
-            conn.execute(score_passes.delete())
+            conn.execute(score_resets.insert().values(cause="recount requested"))
+
+    @staticmethod
+    def _reset(conn: Connection, pass_id: int) -> bool:
+        """Whether a reset is waiting; if so, the tallies and the earlier passes are gone and pass ``pass_id``
+        counts every row (its "before" is then empty). Only the marks seen here are taken: one written while
+        this pass runs waits for the next."""
+        marks = conn.execute(
+            select(func.max(score_resets.c.id), func.min(score_resets.c.cause), func.min(score_resets.c.at))
+        ).one()
+        if marks[0] is None:
+            return False
+        log.warning(
+            "ModelScore: counted feedback was changed (%s, first at %s): counting all feedback again",
+            marks[1],
+            marks[2],
+        )
+        conn.execute(score_resets.delete().where(score_resets.c.id <= marks[0]))
+        conn.execute(score_tallies.delete())
+        conn.execute(score_passes.delete().where(score_passes.c.id != pass_id))
+        return True
 
     def _lock(self, conn: Connection) -> None:
         """One pass (or reset) at a time on PostgreSQL, until the transaction ends; SQLite has one writer anyway."""

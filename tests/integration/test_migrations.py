@@ -131,7 +131,26 @@ def _catalog(conn: Connection) -> dict[str, object]:
             " AND attnum > 0 AND NOT attisdropped ORDER BY 1, 2"
         )
     ).all()
-    return {"columns": columns, "constraints": constraints, "indexes": indexes, "storage": storage}
+    triggers = conn.execute(
+        text(
+            "SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid) FROM pg_trigger"
+            " WHERE NOT tgisinternal ORDER BY 1, 2"
+        )
+    ).all()
+    functions = conn.execute(
+        text(
+            "SELECT proname, pg_get_functiondef(oid) FROM pg_proc"
+            " WHERE pronamespace = 'public'::regnamespace ORDER BY 1"
+        )
+    ).all()
+    return {
+        "columns": columns,
+        "constraints": constraints,
+        "indexes": indexes,
+        "storage": storage,
+        "triggers": triggers,
+        "functions": functions,
+    }
 
 
 def test_migrated_schema_equals_the_models_create_all(engine: Engine, pg_database_factory: Callable[[], str]) -> None:
@@ -142,10 +161,15 @@ def test_migrated_schema_equals_the_models_create_all(engine: Engine, pg_databas
             expected, actual = _catalog(ref), _catalog(migrated)
     finally:
         reference.dispose()
-    for part in ("columns", "constraints", "indexes", "storage"):
+    for part in ("columns", "constraints", "indexes", "storage", "triggers", "functions"):
         assert actual[part] == expected[part], part
+    assert {name for _t, name, _d in actual["triggers"]} == {
+        "feedback_counted_updated",
+        "feedback_counted_deleted",
+        "feedback_truncated",
+    }
     identity = {(t, c) for t, c, *_, is_identity, _gen in actual["columns"] if is_identity == "YES"}
-    assert identity == {(t, "id") for t in (SEVEN - {"coils"}) | {"score_passes"}}
+    assert identity == {(t, "id") for t in (SEVEN - {"coils"}) | {"score_passes", "score_resets"}}
     predicates = {name: definition for _t, name, definition in actual["indexes"]}
     assert predicates["uq_models_name_active"].endswith("WHERE ((status)::text = 'active'::text)")
     assert predicates["uq_retrain_runs_model_id_running"].endswith("WHERE ((status)::text = 'running'::text)")
@@ -250,6 +274,8 @@ def test_downgrade_to_base_leaves_no_tables(pg_database_factory: Callable[[], st
     engine = make_engine(url)
     try:
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+        with engine.connect() as conn:  # 0008's trigger function too
+            assert not _catalog(conn)["functions"]
     finally:
         engine.dispose()
     assert migrate.upgrade(url) == HEAD

@@ -47,6 +47,12 @@ def tables(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names())
 
 
+def triggers(engine: Engine) -> dict[str, str]:
+    """Each trigger's name and its SQL as SQLite keeps it."""
+    with engine.connect() as conn:
+        return dict(conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")).all())
+
+
 def run(engine: Engine, sql: str, **params: object) -> None:
     with engine.begin() as conn:
         conn.execute(text(sql), params)
@@ -231,14 +237,19 @@ def test_default_downgrade_is_one_step(engine: Engine, url: str) -> None:
     engine.dispose()
     coil_indexes = {"ix_coils_received_at_coil_id", "ix_coils_decided_at"}
     assert coil_indexes | {"ix_coils_unannounced"} <= {i["name"] for i in inspect(engine).get_indexes("coils")}
+    assert set(triggers(engine)) == {"feedback_counted_updated", "feedback_counted_deleted"}
+    assert migrate.downgrade(url) == "0007"  # 0008 (counted feedback edited: the triggers, score_resets) undone
+    assert not triggers(engine)
+    before_0008 = ALL_TABLES - {"score_resets"}
+    assert tables(engine) == before_0008 | {"alembic_version"}
     assert migrate.downgrade(url) == "0006"  # 0007 (the unannounced decisions' index) undone
     assert "ix_coils_unannounced" not in {i["name"] for i in inspect(engine).get_indexes("coils")}
     assert migrate.downgrade(url) == "0005"  # 0006 (statement-time defaults) undone, the tables kept
-    assert tables(engine) == ALL_TABLES | {"alembic_version"}
+    assert tables(engine) == before_0008 | {"alembic_version"}
     assert migrate.downgrade(url) == "0004"  # 0005 (the matrix's storage, PostgreSQL only) undone
-    assert tables(engine) == ALL_TABLES | {"alembic_version"}
+    assert tables(engine) == before_0008 | {"alembic_version"}
     assert migrate.downgrade(url) == "0003"  # 0004 (the API's coil indexes) undone, the tables kept
-    assert tables(engine) == ALL_TABLES | {"alembic_version"}
+    assert tables(engine) == before_0008 | {"alembic_version"}
     assert not coil_indexes & {i["name"] for i in inspect(engine).get_indexes("coils")}
     assert migrate.downgrade(url) == "0002"  # 0003 (ModelScore's tallies) undone
     assert tables(engine) == SEVEN | {"workers", "alembic_version"}
@@ -291,6 +302,7 @@ def test_migrated_sqlite_schema_equals_the_models_create_all(engine: Engine, tmp
     try:
         Base.metadata.create_all(reference)
         expected, actual = _schema(reference), _schema(engine)
+        assert triggers(engine) == triggers(reference) and triggers(engine)
     finally:
         reference.dispose()
     assert actual == expected

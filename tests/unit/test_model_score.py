@@ -733,7 +733,23 @@ def test_incremental_tallies_equal_a_full_recount_through_corrections_promotion_
     assert passes[0] < len(history.coil_ids)  # empty passes leave no row
 
 
-def test_feedback_deleted_by_hand_is_caught_up_by_a_recount(engine, tmp_path: Path) -> None:
+def test_an_edit_of_feedback_not_yet_counted_leaves_no_reset(engine) -> None:
+    from score_scenario import History
+
+    history = History(engine, seed=4)
+    history.assess(10, {"a": 1, "img": 1})
+    history.give_feedback(5)
+    with engine.begin() as conn:  # corrected before any pass counted it: the pass will count the new label
+        conn.execute(text("UPDATE feedback SET label = 'NOK'"))
+        conn.execute(text("DELETE FROM feedback WHERE id = 1"))
+        assert conn.execute(text("SELECT count(*) FROM score_resets")).scalar_one() == 0
+    history.check()
+    history.give_feedback(5)
+    assert history.store.count_new_feedback() == 5  # no recount was needed
+
+
+def test_votes_changed_by_hand_are_caught_up_by_a_recount(engine) -> None:
+    """What no trigger watches (votes edited in ``assessments``) needs ``coilguard score --recount``."""
     from click.testing import CliRunner
     from score_scenario import History, counts
 
@@ -743,8 +759,8 @@ def test_feedback_deleted_by_hand_is_caught_up_by_a_recount(engine, tmp_path: Pa
     history.assess(30, {"a": 1, "img": 1})
     history.give_feedback(40)
     history.check()
-    with engine.begin() as conn:  # somebody removes rows behind ModelScore's back
-        conn.execute(text("DELETE FROM feedback WHERE id % 3 = 0"))
+    with engine.begin() as conn:  # somebody rewrites votes behind ModelScore's back
+        conn.execute(text("UPDATE assessments SET label = 'NOK' WHERE label = 'OK'"))
     now = datetime.now(UTC) + timedelta(days=1)
     assert counts(history.store.agreement(now, None)) != counts(history.store.recount(now))
     env = {"COILGUARD_DATABASE_URL": str(engine.url), "COILGUARD_MQTT_URL": "embedded"}
