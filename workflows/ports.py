@@ -131,8 +131,8 @@ class ChampionChanged(RuntimeError):
 
 
 class RunOvertaken(RuntimeError):
-    """Another ReTrain run of the model began after this one decided to train (and may have ended: promoted a
-    version, or rejected a challenger on the same inputs): the decision rests on what was true before it."""
+    """What a ReTrain pass decided on changed before its run could open: another process's run of the model ended
+    meanwhile, promoting a version or judging a challenger on the same inputs."""
 
 
 class Publisher(Protocol):
@@ -214,20 +214,21 @@ class ScoreStore(Protocol):
 class FinishedRun:
     """How a model's latest finished ReTrain run ended."""
 
+    id: int
     status: str  # promoted, rejected or failed
     finished_at: datetime
     metrics: dict[str, Any]
 
 
 class RetrainRuns(Protocol):
-    def newest(self, model_id: int) -> int:
-        """The id of the model's newest run of any status, 0 when it has none: what :meth:`start` compares."""
-
-    def start(self, model_id: int, reason: str, worker: str, *, since: int | None = None) -> int | None:
+    def start(
+        self, model_id: int, reason: str, worker: str, *, active: bool = False, judged_since: int | None = None
+    ) -> int | None:
         """Open a ``running`` run, or None when another live process is retraining this model. A run left
-        ``running`` by a process that died is marked failed first, so it never blocks. With ``since`` (what
-        :meth:`newest` said when the caller decided), raise :class:`RunOvertaken` if a newer run exists: the
-        check and the start are one step under the lock."""
+        ``running`` by a process that died is marked failed first, so it never blocks. Under the same lock, raise
+        :class:`RunOvertaken` with ``active`` when the version is no longer the active one, and with
+        ``judged_since`` (the id of the last judged run the caller saw, 0 for none) when a later run judged a
+        challenger: what the caller decided on has changed since it looked."""
 
     def finish(
         self,

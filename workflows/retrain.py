@@ -5,9 +5,9 @@ last run was rejected on the very labelled coils, settings and code it would tra
 would give the same challenger; ``force`` trains anyway):
 
 1. open a ``retrain_runs`` row under a lock, so two schedulers or a scheduler and the CronJob never
-   retrain the same model at once (a run left behind by a killed process is marked failed here); a run of
-   the model that another process began after this pass looked makes the checks above stale, and the model
-   is skipped;
+   retrain the same model at once (a run left behind by a killed process is marked failed here); if another
+   process's run of the model ended since this pass looked, promoting a version or judging a challenger, the
+   model is skipped: what the pass decided on has changed;
 2. split the operator-labelled coils by time: the most recent part is the holdout, the rest joins the
    champion's training history (the operator's label wins over the history's for the same coil), put first
    in the gauges' current calibration where a gauge has drifted since it was measured (ml/recalibration.py);
@@ -53,6 +53,7 @@ from workflows.model_score import ScoreRule, due_for_retraining
 from workflows.ports import (
     ChampionChanged,
     FeedbackStore,
+    FinishedRun,
     LabelledCoil,
     LatestScore,
     ModelRecord,
@@ -168,10 +169,7 @@ class ReTrain:
         champion_record = latest.model
         if (skipped := self._image_model(champion_record)) is not None:
             return skipped
-        # Every check below reads the registry and the runs as they are now; a run of this model by another
-        # process that begins before ours opens (and ends, promoting or rejecting) would make them stale, and
-        # this run would spend hours on a champion that is retired or on inputs just rejected.
-        seen = self.runs.newest(champion_record.id)
+        last, judged_since = self._last_judged(champion_record, forced)
         if champion_record.id not in {m.id for m in self.registry.active_models()}:  # replaced since the pass began
             why = f"v{champion_record.version} is no longer the active version"
             log.info("ReTrain %s: %s; skipped", champion_record.name, why)
@@ -183,15 +181,17 @@ class ReTrain:
             reason += " (forced)" if forced else ""
         labelled = self._labelled_coils()
         inputs = self._inputs(labelled)
-        if not forced and (why := self._rejected_before(champion_record, inputs)) is not None:
+        if not forced and (why := rejected_before(last, inputs)) is not None:
             log.info("ReTrain %s: %s; skipped", champion_record.name, why)
             return RetrainOutcome(champion_record.name, champion_record.version, "skipped", why)
         try:
-            run_id = self.runs.start(champion_record.id, reason, self.worker, since=seen)
+            # The checks above are seconds old (the labelled coils take a while to read): another process's run of
+            # this model may have ended since, and training now would spend hours on a retired champion or on
+            # inputs just rejected. The start checks again under the run lock.
+            run_id = self.runs.start(champion_record.id, reason, self.worker, active=True, judged_since=judged_since)
         except RunOvertaken as exc:
-            why = f"{exc}; its outcome stands"
-            log.info("ReTrain %s: %s; skipped", champion_record.name, why)
-            return RetrainOutcome(champion_record.name, champion_record.version, "skipped", why)
+            log.info("ReTrain %s: %s; skipped", champion_record.name, exc)
+            return RetrainOutcome(champion_record.name, champion_record.version, "skipped", str(exc))
         if run_id is None:
             log.info("ReTrain: %s is already being retrained elsewhere", champion_record.name)
             return RetrainOutcome(champion_record.name, champion_record.version, "skipped", "already running")
@@ -353,27 +353,18 @@ class ReTrain:
             log.warning("ReTrain: could not read the labelled coils: %s", exc)
             return None
 
-    def _rejected_before(self, record: ModelRecord, inputs: str | None) -> str | None:
-        """Why to skip ``record``: its last run that judged a challenger rejected it on the very inputs it would
-        train on now (a failed run since, which judged nothing, does not count).
-
-        Training is seeded, so the same labelled coils, settings, code and platform train the same challenger and it
-        is rejected again: a weekly CronJob with no new feedback, or a Job retried because another model
-        failed, would spend hours (GPU hours) each time for nothing. ``--force`` trains anyway."""
-        if inputs is None:
-            return None
+    def _last_judged(self, record: ModelRecord, forced: bool) -> tuple[FinishedRun | None, int | None]:
+        """The model's last run that judged a challenger, and its id for the start's check (0: none yet); for a
+        forced run, or when the runs cannot be read (retrain, as before these checks existed), no id: the start
+        then checks only that the version is still active."""
+        if forced:
+            return None, None
         try:
             last = self.runs.last_judged(record.id)
-        except Exception as exc:  # cannot tell: retrain, as before this check existed
+        except Exception as exc:
             log.warning("ReTrain %s: could not read its last run: %s", record.name, exc)
-            return None
-        if last is None or last.status != "rejected" or last.metrics.get("inputs") != inputs:
-            return None
-        return (
-            f"its last run (ended {last.finished_at:%Y-%m-%d %H:%M} UTC) was rejected on the same labelled coils, "
-            "settings, code and platform, which would train the same challenger; it waits for new feedback "
-            "(coilguard retrain --force trains it anyway)"
-        )
+            return None, None
+        return last, (last.id if last is not None else 0)
 
     @staticmethod
     def _record_end(finish: Callable[..., None], *args: Any) -> None:
@@ -483,6 +474,22 @@ class ReTrain:
     def _progress(self, stage: str, name: str, detail: dict[str, Any]) -> None:
         if self.on_progress is not None:
             self.on_progress({"stage": stage, "model": name, **detail})
+
+
+def rejected_before(last: FinishedRun | None, inputs: str | None) -> str | None:
+    """Why to skip a model: its last run that judged a challenger rejected it on the very inputs it would train on
+    now (a failed run since, which judged nothing, does not count).
+
+    Training is seeded, so the same labelled coils, settings, code and platform train the same challenger and it
+    is rejected again: a weekly CronJob with no new feedback, or a Job retried because another model failed, would
+    spend hours (GPU hours) each time for nothing. ``--force`` trains anyway."""
+    if inputs is None or last is None or last.status != "rejected" or last.metrics.get("inputs") != inputs:
+        return None
+    return (
+        f"its last run (ended {last.finished_at:%Y-%m-%d %H:%M} UTC) was rejected on the same labelled coils, "
+        "settings, code and platform, which would train the same challenger; it waits for new feedback "
+        "(coilguard retrain --force trains it anyway)"
+    )
 
 
 def split_by_time(

@@ -793,6 +793,7 @@ def _score_row(r: Row[Any], window_start: datetime | None, now: datetime) -> Mod
 
 RETRAIN_LOCK_NAMESPACE = 0x636F696C  # "coil": keeps coilguard's advisory locks apart from other users'
 ANNOUNCE_LOCK_NAMESPACE = 0x636F6961  # "coia": one `coilguard announce` at a time
+JUDGED = ("rejected", "promoted")  # the runs that judged a challenger (a failed one judged nothing)
 
 
 class SqlRetrainRuns:
@@ -817,21 +818,14 @@ class SqlRetrainRuns:
         SQLite database without a file, which has none: the row's ``host:pid`` is checked instead)."""
         return try_lock(self.engine, RETRAIN_LOCK_NAMESPACE, model_id, f"retrain-{model_id}")
 
-    def newest(self, model_id: int) -> int:
-        with self.engine.connect() as conn:
-            return int(
-                conn.execute(select(func.max(retrain_runs.c.id)).where(retrain_runs.c.model_id == model_id)).scalar()
-                or 0
-            )
-
-    def start(self, model_id: int, reason: str, worker: str, *, since: int | None = None) -> int | None:
+    def start(
+        self, model_id: int, reason: str, worker: str, *, active: bool = False, judged_since: int | None = None
+    ) -> int | None:
         got, lock = self._try_lock(model_id)
         if not got:
             return None
         try:
             with self.engine.begin() as conn:
-                if since is not None:
-                    _check_not_overtaken(conn, model_id, since)
                 stale = conn.execute(
                     select(retrain_runs).where(retrain_runs.c.model_id == model_id, retrain_runs.c.status == "running")
                 ).first()
@@ -839,6 +833,7 @@ class SqlRetrainRuns:
                     if lock is None and _process_alive(stale.worker):
                         return None
                     _settle_dead_run(conn, stale)
+                _check_not_overtaken(conn, model_id, active, judged_since)
                 run_id = conn.execute(
                     retrain_runs.insert()
                     .values(
@@ -905,29 +900,41 @@ class SqlRetrainRuns:
 
     def last_judged(self, model_id: int) -> FinishedRun | None:
         query = (
-            select(retrain_runs.c.status, retrain_runs.c.finished_at, retrain_runs.c.metrics)
+            select(retrain_runs.c.id, retrain_runs.c.status, retrain_runs.c.finished_at, retrain_runs.c.metrics)
             .where(
                 retrain_runs.c.model_id == model_id,
                 retrain_runs.c.finished_at.is_not(None),
-                retrain_runs.c.status.in_(("rejected", "promoted")),
+                retrain_runs.c.status.in_(JUDGED),
             )
             .order_by(retrain_runs.c.finished_at.desc(), retrain_runs.c.id.desc())
             .limit(1)
         )
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
-        return None if row is None else FinishedRun(row.status, as_utc(row.finished_at), row.metrics or {})
+        return None if row is None else FinishedRun(row.id, row.status, as_utc(row.finished_at), row.metrics or {})
 
 
-def _check_not_overtaken(conn: Connection, model_id: int, since: int) -> None:
-    newer = conn.execute(
-        select(retrain_runs.c.id, retrain_runs.c.status, retrain_runs.c.worker)
-        .where(retrain_runs.c.model_id == model_id, retrain_runs.c.id > since)
-        .order_by(retrain_runs.c.id.desc())
-        .limit(1)
-    ).first()
-    if newer is not None:
-        raise RunOvertaken(f"run {newer.id} by {newer.worker} began since this pass looked ({newer.status})")
+def _check_not_overtaken(conn: Connection, model_id: int, active: bool, judged_since: int | None) -> None:
+    """:meth:`SqlRetrainRuns.start`'s checks, under its lock: the facts a pass decided on, read again."""
+    if active:
+        row = conn.execute(select(models.c.version, models.c.status).where(models.c.id == model_id)).one()
+        if row.status != "active":
+            raise RunOvertaken(f"v{row.version} is no longer the active version ({row.status} since this pass looked)")
+    if judged_since is not None:
+        judged = conn.execute(
+            select(retrain_runs.c.id, retrain_runs.c.status, retrain_runs.c.worker)
+            .where(
+                retrain_runs.c.model_id == model_id,
+                retrain_runs.c.id > judged_since,
+                retrain_runs.c.status.in_(JUDGED),
+            )
+            .order_by(retrain_runs.c.id.desc())
+            .limit(1)
+        ).first()
+        if judged is not None:
+            raise RunOvertaken(
+                f"run {judged.id} by {judged.worker} ended {judged.status} since this pass looked; its verdict stands"
+            )
 
 
 def _settle_dead_run(conn: Connection, run: Row[Any]) -> int:

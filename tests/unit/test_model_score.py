@@ -577,7 +577,7 @@ def test_a_model_rejected_on_the_same_inputs_is_not_retrained_until_new_feedback
 def test_a_run_that_another_process_finishes_while_this_pass_decides_is_not_repeated(engine, tmp_path: Path) -> None:
     """Two schedulers (or a scheduler and the CronJob) at 03:00: the other one's run of this model opens and ends,
     rejecting a challenger, between this pass's checks and its own start. Its checks saw neither; the start sees
-    the newer run under the lock and leaves the outcome standing, instead of training the same challenger again."""
+    the newer verdict under the lock and leaves it standing, instead of training the same challenger again."""
     registry = SqlModelRegistry(engine)
     _serving_with_feedback(engine, registry, tmp_path, ("line",))
     score_models(SqlScoreStore(engine), RULE)  # due
@@ -594,9 +594,52 @@ def test_a_run_that_another_process_finishes_while_this_pass_decides_is_not_repe
     retrain.runs = Overtaken(engine)
     [outcome] = retrain.run()
     assert [o.status for o in finished_first] == ["rejected"]
-    assert outcome.status == "skipped" and "began since this pass looked (rejected)" in outcome.reason, outcome
+    assert outcome.status == "skipped" and "ended rejected since this pass looked" in outcome.reason, outcome
     with engine.connect() as conn:
         assert conn.execute(text("SELECT status FROM retrain_runs")).scalars().all() == ["rejected"]
+
+
+@pytest.mark.parametrize(
+    ("ended", "forced", "trained"),
+    [
+        ("rejected", False, False),  # its verdict stands
+        ("promoted", False, False),  # the champion this pass looked at is retired
+        ("failed", False, True),  # judged nothing: this pass's decision holds
+        ("rejected", True, True),  # --force trains anyway, as long as the version still serves
+    ],
+)
+def test_a_run_already_going_when_this_pass_looked_that_ends_before_it_starts(
+    engine, tmp_path: Path, ended: str, forced: bool, trained: bool
+) -> None:
+    """The more likely form of the race: the CronJob's run (hours long) is under way when the scheduler's pass looks
+    (so its checks see no verdict yet), and it ends while the pass reads the labelled coils."""
+    registry = SqlModelRegistry(engine)
+    [champion] = _serving_with_feedback(engine, registry, tmp_path, ("line",))
+    score_models(SqlScoreStore(engine), RULE)  # due
+    there = SqlRetrainRuns(make_engine(str(engine.url)))
+    going = there.start(champion.id, "score 70%", "there:1")
+    assert going is not None
+
+    class EndsMeanwhile(SqlRetrainRuns):
+        def start(self, model_id: int, reason: str, worker: str, **kwargs) -> int | None:
+            challenger_id = None
+            if ended == "promoted":  # what its promotion does, in the registry
+                challenger_id = registry.add(
+                    name="line", kind="cnn", version=2, artifact_uri="line/v2", sha256="x", status="candidate"
+                ).id
+                registry.promote(challenger_id, replacing=champion.id)
+            there.finish(going, ended, challenger_id=challenger_id, metrics={"inputs": "theirs"})
+            return super().start(model_id, reason, worker, **kwargs)
+
+    retrain = sql_retrain(engine, registry, tmp_path, config=RetrainConfig(margin=-1.0))
+    retrain.runs = EndsMeanwhile(engine)
+    [outcome] = retrain.run(["line"], force=forced)
+    assert (outcome.status != "skipped") == trained, outcome
+    if not trained:
+        assert "since this pass looked" in outcome.reason, outcome
+        assert ("no longer the active version" in outcome.reason) == (ended == "promoted"), outcome
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM retrain_runs")).scalar_one() == 1 + trained
 
 
 def _serving_with_feedback(
