@@ -36,8 +36,12 @@ def upgrade() -> None:
         sa.Column("cause", sa.String(length=32), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f(f"pk_{RESETS_TABLE}")),
     )
+    if dialect == "postgresql":  # CREATE TRIGGER waits for the feedback writes under way: not for long
+        op.execute("SET LOCAL lock_timeout = '5s'")
     for statement in create_statements(dialect):
         op.execute(statement)
+    if dialect == "postgresql":
+        op.execute("SET LOCAL lock_timeout TO DEFAULT")
 
 
 def downgrade() -> None:

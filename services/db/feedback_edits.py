@@ -27,7 +27,10 @@ _WATCHED = "coil_id, label, created_at"
 
 _PG_FUNCTION = "coilguard_counted_feedback_changed"
 POSTGRESQL_CREATE = (
-    f"""CREATE FUNCTION {_PG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $$
+    # SECURITY DEFINER: an operator role allowed to correct feedback needs no grant on score_resets; the
+    # search_path is the migration's, not the caller's.
+    f"""CREATE FUNCTION {_PG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     {_MARK.format(cause="TG_OP")};
     RETURN NULL;

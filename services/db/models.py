@@ -394,13 +394,15 @@ class ScoreReset(Base):
 
 
 def _create_feedback_triggers(target: MetaData, connection: Connection, **kw: Any) -> None:
-    for statement in create_statements(connection.dialect.name):
-        connection.exec_driver_sql(statement)
+    if Feedback.__table__ in kw.get("tables", ()):  # not when create_all found the table there already
+        for statement in create_statements(connection.dialect.name):
+            connection.exec_driver_sql(statement)
 
 
 def _drop_feedback_triggers(target: MetaData, connection: Connection, **kw: Any) -> None:
-    for statement in drop_statements(connection.dialect.name):
-        connection.exec_driver_sql(statement)
+    if Feedback.__table__ in kw.get("tables", ()):
+        for statement in drop_statements(connection.dialect.name):
+            connection.exec_driver_sql(statement)
 
 
 # After every table: the triggers are on feedback and write to score_resets.

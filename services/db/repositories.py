@@ -589,17 +589,14 @@ class SqlScoreStore:
         """Whether a reset is waiting; if so, the tallies and the earlier passes are gone and pass ``pass_id``
         counts every row (its "before" is then empty). Only the marks seen here are taken: one written while
         this pass runs waits for the next."""
-        marks = conn.execute(
-            select(func.max(score_resets.c.id), func.min(score_resets.c.cause), func.min(score_resets.c.at))
-        ).one()
-        if marks[0] is None:
+        last = conn.execute(select(func.max(score_resets.c.id))).scalar()
+        if last is None:
             return False
+        first = conn.execute(select(score_resets).order_by(score_resets.c.id).limit(1)).one()
         log.warning(
-            "ModelScore: counted feedback was changed (%s, first at %s): counting all feedback again",
-            marks[1],
-            marks[2],
+            "ModelScore: counted feedback was changed (%s at %s): counting all feedback again", first.cause, first.at
         )
-        conn.execute(score_resets.delete().where(score_resets.c.id <= marks[0]))
+        conn.execute(score_resets.delete().where(score_resets.c.id <= last))
         conn.execute(score_tallies.delete())
         conn.execute(score_passes.delete().where(score_passes.c.id != pass_id))
         return True
