@@ -27,7 +27,8 @@ from typing import get_args
 
 import orjson
 from sqlalchemy import Engine
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, DisconnectionError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ml.ensemble import share_threads
 from services.config import Settings
@@ -70,6 +71,9 @@ BEAT_S = 5.0
 # (unreachable, read-only after a failover, a permission revoked, the schema behind), which no coil caused: the
 # worker waits it out with the batch in hand instead of rejecting every coil as "could not be stored".
 ROW_ERRORS = (IntegrityError, DataError)
+# The database is away, not the coil at fault: a driver error, no pooled connection free in time (the API sharing
+# the engine in `coilguard up` holding them all), or a connection the pool found dead. Waited out, never rejected.
+DATABASE_AWAY = (DBAPIError, PoolTimeout, DisconnectionError)
 
 
 def worker_client_id(settings: Settings, given: str | None = None) -> str:
@@ -351,7 +355,7 @@ class AssessWorker:
                 return self._retry("look for a model", self.loader.load)
             except _Stopped:
                 return None
-            except DBAPIError:
+            except DATABASE_AWAY:
                 raise
             except Exception as exc:  # NoActiveModel, or an artifact the manifest check refuses
                 if str(exc) != told:
@@ -583,7 +587,7 @@ class AssessWorker:
         self._held_tried = time.monotonic()
         try:  # announced meanwhile by `coilguard announce` (or a copy another worker decided): release, not resend
             done = [c for c, d in self.store.decided(list(self._held)).items() if d.published]
-        except DBAPIError:
+        except DATABASE_AWAY:
             done = []  # the database away: offer them again; the mark comes later
         for coil_id in done:
             self._release(coil_id)
@@ -688,12 +692,13 @@ class AssessWorker:
                 raise _Stopped
             try:
                 return action()
-            except DBAPIError as exc:
-                if isinstance(exc, ROW_ERRORS) and not exc.connection_invalidated:
+            except DATABASE_AWAY as exc:
+                invalidated = getattr(exc, "connection_invalidated", False)
+                if isinstance(exc, ROW_ERRORS) and not invalidated:
                     raise  # a value the database refuses: the caller finds the coil at fault
                 if not self.stopping.is_set():
                     log.warning("database unavailable (%s), retrying in %.1f s: %s", what, delay, _first_line(exc))
-                    if not exc.connection_invalidated:
+                    if isinstance(exc, DBAPIError) and not invalidated:
                         # the sessions may be what is wrong (read-only ones stay so after the server is writable again)
                         self.engine.dispose()
                     METRICS.db_retries.inc()
@@ -725,7 +730,7 @@ class AssessWorker:
             return
         try:
             loaded = self._retry("load the ensemble", self.loader.load)
-        except (DBAPIError, _Stopped):
+        except (*DATABASE_AWAY, _Stopped):
             raise
         except Exception as exc:  # a broken artifact, or a version retired between the two reads
             self.stats.refused_reloads += 1
@@ -785,8 +790,9 @@ class _Stopped(Exception):
     """The worker is stopping while the database is away: the batch stays unacknowledged."""
 
 
-def _first_line(exc: DBAPIError) -> str:
+def _first_line(exc: Exception) -> str:
     """The driver's own words, e.g. "cannot execute INSERT in a read-only transaction": the class alone does not
     tell an operator a failover from an outage."""
-    words = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+    orig = getattr(exc, "orig", None)
+    words = str(orig if orig is not None else exc).strip().splitlines()
     return f"{type(exc).__name__}: {words[0] if words else ''}"

@@ -286,6 +286,38 @@ def test_a_coil_that_breaks_a_model_mid_batch_is_rejected_and_the_others_are_dec
     worker.engine.dispose()
 
 
+class PoolExhausted(MemoryStore):
+    """Every pooled connection taken for the first ``times`` look-ups (the API sharing the engine in `coilguard
+    up`, its requests stuck): SQLAlchemy's pool timeout, which is no driver error."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+
+    def decided(self, coil_ids: Sequence[str], with_matrix: bool = False) -> dict[str, StoredDecision]:
+        from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+        if self.times:
+            self.times -= 1
+            raise PoolTimeout("QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00")
+        return super().decided(coil_ids, with_matrix)
+
+
+def test_a_pool_with_no_free_connection_is_waited_out_not_blamed_on_the_coils(tmp_path: Path) -> None:
+    """Was: the batch's messages rejected one by one as "could not be assessed: TimeoutError" and acknowledged,
+    the coils lost."""
+    from services.mqtt.client import Inbound
+
+    worker = _worker(tmp_path)
+    worker.workflow = AssessCoils(PoolExhausted(times=2), TOPICS)
+    worker._serving = _serving(Thinness())
+    batch = [Inbound(r.topic, r.payload, mid=i, qos=1) for i, r in enumerate([_coil("C-1"), _coil("C-2", True)])]
+    _, prepared, _ = worker._prepare(batch)
+    assert not prepared.result.rejected
+    assert [c.coil_id for c in prepared.assessed] == ["C-1", "C-2"]
+    worker.engine.dispose()
+
+
 def test_a_message_whose_line_differs_from_its_topic_is_rejected(serving: ServingEnsemble) -> None:
     raw = _coil("C")
     moved = RawMessage(TOPICS.sensors("galv-9"), raw.payload, raw.received_at)
