@@ -549,7 +549,7 @@ class AssessWorker:
 
         Held, the messages stay unacknowledged and the decision is offered again every ``HELD_RETRY_S``: once the
         ACL lets it through it is announced, acknowledged and marked, with no restart. The other lines go on, up to
-        ``held_limit`` held coils (:meth:`_forget_held_beyond`). A refused rejection is logged and counted, never
+        ``held_limit`` held messages (:meth:`_forget_held_beyond`). A refused rejection is logged and counted, never
         held: a bad message must not stop the stream."""
         refused = [(sent[mid], reason) for mid, reason in self.client.take_refused() if mid in sent]
         refused_coils = {out.coil_id: out for out, _ in refused if out.coil_id is not None}
@@ -612,15 +612,22 @@ class AssessWorker:
             self.client.ack(message)
 
     def _forget_held_beyond(self, limit: int) -> None:
-        """Past ``limit`` held coils the oldest are given up, by name: their messages acknowledged, their decisions
-        stored but never announced. Held messages count against the broker's receive maximum, and once it is
-        reached the broker sends this worker nothing on any line: one line's missing ACL would stop them all."""
-        if len(self._held) <= limit:
-            return
-        dropped = list(self._held)[: len(self._held) - limit]
-        for coil_id in dropped:
-            for message in self._held.pop(coil_id).messages:
+        """Past ``limit`` held coils, or held messages, the oldest coils are given up, by name: their messages
+        acknowledged, their decisions stored but never announced. Held messages count against the broker's receive
+        maximum, and once it is reached the broker sends this worker nothing on any line: one line's missing ACL
+        would stop them all. Messages, not coils, are what it counts: a gateway that sends a coil again while its
+        decision is refused adds a message to the same held coil each time."""
+        messages = sum(len(held.messages) for held in self._held.values())
+        dropped: list[str] = []
+        while self._held and (len(self._held) > limit or messages > limit):
+            coil_id, held = next(iter(self._held.items()))
+            del self._held[coil_id]
+            messages -= len(held.messages)
+            dropped.append(coil_id)
+            for message in held.messages:
                 self.client.ack(message)
+        if not dropped:
+            return
         METRICS.publish_refused.labels("given_up").inc(len(dropped))
         log.error(
             "more than %d refused decisions held, close to the broker's receive maximum: %d given up, stored but "

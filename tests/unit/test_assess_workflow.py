@@ -526,6 +526,27 @@ def test_the_bookkeeping_of_held_decisions(tmp_path: Path, monkeypatch: pytest.M
     worker.engine.dispose()
 
 
+def test_held_copies_of_one_coil_count_against_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker's receive maximum counts unacknowledged messages: a gateway that sends a refused line's coil again
+    and again (each copy a new message) fills it with one held coil. Was: held coils were counted, so that coil was
+    never given up and every line stalled."""
+    from services.mqtt.client import Inbound
+    from workflows.assess import Outgoing
+
+    worker = _worker(tmp_path)
+    acked: list[int] = []
+    monkeypatch.setattr(worker.client, "ack", lambda message: acked.append(message.mid))
+    refusals = [(7, "Not authorized")]
+    monkeypatch.setattr(worker.client, "take_refused", lambda: [refusals.pop() for _ in list(refusals)])
+    worker.held_limit = 3
+    copies = [Inbound(TOPICS.sensors("galv-1"), _coil("A").payload, mid=m, qos=1) for m in (1, 2, 3)]
+    worker._hold_refused({7: Outgoing(TOPICS.decisions("galv-1"), b"{}", "A", "galv-1")}, copies)
+    assert list(worker._held) == ["A"] and not acked  # three messages: at the limit, kept
+    worker._hold_refused({}, [Inbound(TOPICS.sensors("galv-1"), _coil("A").payload, mid=4, qos=1)])
+    assert not worker._held and acked == [1, 2, 3, 4]  # a fourth: given up, every copy acknowledged
+    worker.engine.dispose()
+
+
 def test_a_batch_prepared_message_by_message_still_decides_a_coil_id_once(serving: ServingEnsemble) -> None:
     """After a batch broke the ensemble the worker prepares its messages one by one and merges them: each copy of
     a coil met no first copy in its own part. Put together, a second copy is a duplicate, another coil under the
