@@ -84,6 +84,9 @@ class MqttClient:
         self._closing = False
         self._last_publish: paho.MQTTMessageInfo | None = None
         self._session = 0  # bumped on every connection that finds no session of ours on the broker
+        # (session, mid) of the messages handed on and not yet acknowledged (manual_ack, QoS 1 and 2): an id stays
+        # the broker's for that message until its PUBACK, so another message under it is a redelivered copy
+        self._unacked: set[tuple[int, int]] = set()
         self._refused: list[tuple[int, str]] = []  # (mid, reason) of PUBACKs that refused a message (v5), until taken
         self._pending_subacks: dict[int, threading.Event] = {}
         self._early_subacks: dict[int, float] = {}
@@ -263,6 +266,8 @@ class MqttClient:
         if message.session != self._session:
             log.debug("not acknowledging message %d of an earlier broker session", message.mid)
             return
+        with self._lock:
+            self._unacked.discard((message.session, message.mid))
         self._client.ack(message.mid, message.qos)
 
     def _supported(self, topic: str) -> str:
@@ -276,9 +281,10 @@ class MqttClient:
         if reason_code.is_failure:
             log.error("MQTT connection to %s refused: %s", self.url.redacted(), reason_code)
             return
-        if not flags.session_present:
-            self._session += 1
         with self._lock:
+            if not flags.session_present:
+                self._session += 1
+                self._unacked.clear()  # the broker forgot them: it sends none again, and their ids start afresh
             subscriptions = list(self._subscriptions.items())
         for topic, qos in subscriptions:
             client.subscribe(topic, qos)
@@ -322,6 +328,17 @@ class MqttClient:
     def _handle_message(self, client, userdata, message: paho.MQTTMessage) -> None:
         if self._on_message is None:
             return
+        if self.manual_ack and message.qos > 0:
+            # After a reconnect the broker sends every unacknowledged message of the session again. Those still in
+            # the worker's hands (a batch waiting out a database outage) would be queued twice, a flapping link
+            # adding up to the receive maximum of payloads each time, and acknowledged twice; the one in hand is
+            # acknowledged once its result is safe.
+            with self._lock:
+                key = (self._session, message.mid)
+                if key in self._unacked:
+                    log.debug("message %d sent again while still being worked on: the copy is dropped", message.mid)
+                    return
+                self._unacked.add(key)
         inbound = Inbound(
             topic=message.topic,
             payload=message.payload,
@@ -334,6 +351,8 @@ class MqttClient:
             self._on_message(inbound)
         except Exception:  # a handler bug must not kill paho's network thread
             log.exception("message handler failed for %s", message.topic)
+            with self._lock:  # not in hand: a copy sent after the next reconnect is taken
+                self._unacked.discard((inbound.session, inbound.mid))
 
 
 def tls_context(url: MqttUrl) -> ssl.SSLContext:

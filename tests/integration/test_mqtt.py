@@ -155,6 +155,49 @@ def test_a_message_the_broker_refuses_is_reported_though_paho_counts_it_publishe
         assert client.flush(10) and client.take_refused() == []
 
 
+def test_messages_still_in_hand_sent_again_after_a_reconnect_are_handed_on_once(
+    mqtt_url: str, topic_prefix: str
+) -> None:
+    """The link drops while a worker holds unacknowledged coils (a batch waiting out a database outage). On the
+    reconnect the broker sends them again under the same ids: handed on a second time, they were queued twice
+    (a flapping link adding a receive maximum of payloads each time) and acknowledged twice."""
+    from tcp_proxy import TcpProxy
+
+    proxy, via_proxy = TcpProxy.in_front_of(mqtt_url, 1883)
+    topic = f"{topic_prefix}/inhand/{uuid.uuid4().hex[:6]}"
+    client_id = f"cg-inhand-{uuid.uuid4().hex[:6]}"
+    got: list[Inbound] = []
+    worker = MqttClient(via_proxy, client_id=client_id, persistent=True, manual_ack=True, on_message=got.append)
+    worker.connect()
+    try:
+        worker.subscribe(topic)
+        with MqttClient(mqtt_url) as pub:
+            for i in range(3):
+                pub.publish(topic, str(i).encode())
+            assert pub.flush(5) and _wait_for(lambda: len(got) == 3)
+            for _ in range(2):  # twice: each reconnect would have added three copies
+                proxy.cut()
+                assert _wait_for(lambda: not worker.connected.is_set())
+                proxy.restore()
+                assert _wait_for(worker.connected.is_set, timeout=40)
+                time.sleep(1.0)  # what the broker sends again has arrived
+            pub.publish(topic, b"3")  # a new message after the reconnects is handed on as ever
+            assert pub.flush(5) and _wait_for(lambda: len(got) == 4)
+            time.sleep(0.3)
+        assert [m.payload for m in got] == [b"0", b"1", b"2", b"3"]
+        for m in got:
+            worker.ack(m)
+        time.sleep(0.3)
+    finally:
+        worker.close()
+        proxy.cut()
+    again: list[Inbound] = []  # every message acknowledged once, and none owed any more
+    with MqttClient(mqtt_url, client_id=client_id, persistent=True, manual_ack=True, on_message=again.append):
+        time.sleep(1.0)
+    assert again == []
+    MqttClient(mqtt_url, client_id=client_id).connect().close()
+
+
 def test_an_acknowledgement_for_a_session_the_broker_forgot_is_not_sent_into_the_new_one(
     mqtt_url: str, topic_prefix: str
 ) -> None:
