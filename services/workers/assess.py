@@ -506,6 +506,11 @@ class AssessWorker:
                 break
             batch, prepared, started = item
             try:
+                # Before the write: from the moment it commits, the worker thread may meet a copy of one of these
+                # coils, stored and not yet marked; it is a duplicate, as the decision is on its way (should the
+                # broker never confirm it, the worker stops without acknowledging this batch or any later one). A
+                # coil the write then refuses is not stored, and a copy of it is assessed as new.
+                self._announced.add_all([coil.coil_id for coil in prepared.assessed] + prepared.result.republished)
                 try:
                     result = self._commit(prepared, unmarked)
                 except _Stopped:  # shutting down with the database away: these stay unacknowledged
@@ -513,9 +518,6 @@ class AssessWorker:
                 unmarked = []
                 if unconfirmed:
                     continue
-                # from here on a copy of one of these coils is a duplicate: the decision is on its way, and should
-                # the broker never confirm it, the worker stops without acknowledging this batch or any later one
-                self._announced.add_all(result.to_mark_published)
                 self.client.take_refused()  # stale: of publishes settled before (a retry cut short by a stop)
                 sent = {self.client.publish(out.topic, out.payload, qos=1).mid: out for out in result.publish}
                 if not self._confirmed():

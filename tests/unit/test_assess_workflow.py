@@ -547,6 +547,49 @@ def test_held_copies_of_one_coil_count_against_the_limit(tmp_path: Path, monkeyp
     worker.engine.dispose()
 
 
+def test_a_copy_met_while_its_first_is_being_stored_is_a_duplicate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two threads: the committer writes batch N, and in that moment the worker thread prepares batch N+1 with
+    another copy of one of its coils (the gateway sent it again). The copy finds the coil stored and unmarked; it
+    is a duplicate, as batch N's decision is on its way. Was: announced a second time, with no crash at all."""
+    from types import SimpleNamespace
+
+    from services.mqtt.client import Inbound
+
+    worker = _worker(tmp_path)
+    worker._serving = _serving(Thinness())
+    meanwhile: list = []
+
+    class Racing(MemoryStore):
+        def save_assessed(self, coils, model_ids, published=()):
+            inserted = super().save_assessed(coils, model_ids, published)
+            if not meanwhile:  # committed: the worker thread's next batch, a copy of the coil under a new id
+                meanwhile.append(worker._prepare([Inbound(TOPICS.sensors("galv-1"), _coil("X").payload, 2, 1)])[1])
+            return inserted
+
+    worker.store = Racing()
+    worker.workflow = AssessCoils(worker.store, TOPICS)
+    mids = iter(range(100, 200))
+    published: list[bytes] = []
+
+    def publish(topic: str, payload: bytes, qos: int = 1) -> SimpleNamespace:
+        published.append(payload)
+        return SimpleNamespace(mid=next(mids))
+
+    monkeypatch.setattr(worker.client, "publish", publish)
+    monkeypatch.setattr(worker.client, "flush", lambda *args, **kwargs: True)
+    monkeypatch.setattr(worker.client, "take_refused", lambda: [])
+    monkeypatch.setattr(worker.client, "ack", lambda message: None)
+    worker._pending.put(worker._prepare([Inbound(TOPICS.sensors("galv-1"), _coil("X").payload, 1, 1)]))
+    worker._pending.put(None)
+    worker._commit_batches()
+    [copy] = meanwhile
+    assert copy.result.duplicates == ["X"] and not copy.result.publish, copy.result
+    assert len(published) == 1
+    worker.engine.dispose()
+
+
 def test_a_batch_prepared_message_by_message_still_decides_a_coil_id_once(serving: ServingEnsemble) -> None:
     """After a batch broke the ensemble the worker prepares its messages one by one and merges them: each copy of
     a coil met no first copy in its own part. Put together, a second copy is a duplicate, another coil under the
