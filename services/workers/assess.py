@@ -412,7 +412,7 @@ class AssessWorker:
     def _on_model_event(self, message: Inbound) -> None:
         try:
             event = orjson.loads(message.payload)
-            if event.get("event") in get_args(ModelEventKind):
+            if isinstance(event, dict) and event.get("event") in get_args(ModelEventKind):
                 log.info(
                     "model event %s %s v%s: reloading", event.get("event"), event.get("model"), event.get("version")
                 )
@@ -679,7 +679,7 @@ class AssessWorker:
                 log.exception("coil could not be stored", extra={"coil_id": coil.coil_id})
                 done = part.result
                 error = RejectedMessage(f"could not be stored: {type(exc).__name__}: {exc}", coil_id=coil.coil_id)
-                rejection = Rejection.of(error, coil.coil_id.encode(), coil.received_at)
+                rejection = Rejection.of(error, part.messages[coil.coil_id].payload, coil.received_at)
                 done.rejected.append(rejection)
                 done.publish.append(Outgoing(self.topics.rejected(coil.line), dumps(rejection)))
             merged.extend(done)

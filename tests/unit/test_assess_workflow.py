@@ -590,6 +590,32 @@ def test_a_copy_met_while_its_first_is_being_stored_is_a_duplicate(
     worker.engine.dispose()
 
 
+def test_a_coil_the_database_refuses_is_rejected_with_the_start_of_its_message(tmp_path: Path) -> None:
+    """A value the database refuses for one coil rejects that coil, and the others of its batch are stored; the
+    rejection's excerpt is the start of the message, as for every other rejection (it was the coil id)."""
+    from sqlalchemy.exc import DataError
+
+    from services.mqtt.client import Inbound
+
+    class RefusesOne(MemoryStore):
+        def save_assessed(self, coils, model_ids, published=()):
+            if any(c.coil_id == "C-bad" for c in coils):
+                raise DataError("INSERT INTO coils", {}, Exception("value out of range"))
+            return super().save_assessed(coils, model_ids, published)
+
+    worker = _worker(tmp_path)
+    worker.store = RefusesOne()
+    worker.workflow = AssessCoils(worker.store, TOPICS)
+    worker._serving = _serving(Thinness())
+    batch = [Inbound(r.topic, r.payload, mid=i, qos=1) for i, r in enumerate([_coil("C-bad"), _coil("C-good")])]
+    result = worker._commit(worker._prepare(batch)[1], [])
+    assert [d.coil_id for d in result.decided] == ["C-good"]
+    [rejection] = result.rejected
+    assert rejection.coil_id == "C-bad" and rejection.reason.startswith("could not be stored: DataError")
+    assert rejection.excerpt == _coil("C-bad").payload[:200].decode()
+    worker.engine.dispose()
+
+
 def test_a_batch_prepared_message_by_message_still_decides_a_coil_id_once(serving: ServingEnsemble) -> None:
     """After a batch broke the ensemble the worker prepares its messages one by one and merges them: each copy of
     a coil met no first copy in its own part. Put together, a second copy is a duplicate, another coil under the
