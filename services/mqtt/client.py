@@ -329,13 +329,15 @@ class MqttClient:
         if self._on_message is None:
             return
         if self.manual_ack and message.qos > 0:
-            # After a reconnect the broker sends every unacknowledged message of the session again. Those still in
-            # the worker's hands (a batch waiting out a database outage) would be queued twice, a flapping link
-            # adding up to the receive maximum of payloads each time, and acknowledged twice; the one in hand is
-            # acknowledged once its result is safe.
+            # After a reconnect the broker sends every unacknowledged message of the session again (DUP set). Those
+            # still in the worker's hands (a batch waiting out a database outage) would be queued twice, a flapping
+            # link adding up to the receive maximum of payloads each time, and acknowledged twice; the one in hand
+            # is acknowledged once its result is safe. Only a copy marked DUP, and only on MQTT 5: the embedded
+            # broker (3.1.1, amqtt) sends nothing again but frees an id unacknowledged for 5 s and hands it to a
+            # new message, which must not be taken for a copy.
             with self._lock:
                 key = (self._session, message.mid)
-                if key in self._unacked:
+                if self.v5 and message.dup and key in self._unacked:
                     log.debug("message %d sent again while still being worked on: the copy is dropped", message.mid)
                     return
                 self._unacked.add(key)

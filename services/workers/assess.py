@@ -632,9 +632,9 @@ class AssessWorker:
             return
         METRICS.publish_refused.labels("given_up").inc(len(dropped))
         log.error(
-            "more than %d refused decisions held, close to the broker's receive maximum: %d given up, stored but "
-            "not announced, so that the other lines go on (coils %s); the scheduler's announce pass (unless "
-            "ANNOUNCE_EVERY is off) or `coilguard announce` sends them once the broker takes them", limit,
+            "more than %d messages of refused decisions held, close to the broker's receive maximum: %d coils given "
+            "up, stored but not announced, so that the other lines go on (coils %s); the scheduler's announce pass "
+            "(unless ANNOUNCE_EVERY is off) or `coilguard announce` sends them once the broker takes them", limit,
             len(dropped), _named(dropped),
         )  # fmt: skip
 
