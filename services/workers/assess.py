@@ -103,6 +103,11 @@ class RecentCoils:
             while len(self._ids) > self._size:
                 del self._ids[next(iter(self._ids))]
 
+    def discard_all(self, coil_ids: set[str]) -> None:
+        with self._lock:
+            for coil_id in coil_ids:
+                self._ids.pop(coil_id, None)
+
     def __contains__(self, coil_id: object) -> bool:
         with self._lock:
             return coil_id in self._ids
@@ -510,11 +515,15 @@ class AssessWorker:
                 # coils, stored and not yet marked; it is a duplicate, as the decision is on its way (should the
                 # broker never confirm it, the worker stops without acknowledging this batch or any later one). A
                 # coil the write then refuses is not stored, and a copy of it is assessed as new.
-                self._announced.add_all([coil.coil_id for coil in prepared.assessed] + prepared.result.republished)
+                claimed = [coil.coil_id for coil in prepared.assessed] + prepared.result.republished
+                self._announced.add_all(claimed)
                 try:
                     result = self._commit(prepared, unmarked)
                 except _Stopped:  # shutting down with the database away: these stay unacknowledged
                     continue
+                # Not this batch's to announce after all (another worker stored the coil first): a copy that comes
+                # here later announces the stored decision should that worker never have.
+                self._announced.discard_all(set(claimed) - set(result.to_mark_published))
                 unmarked = []
                 if unconfirmed:
                     continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -547,29 +547,13 @@ def test_held_copies_of_one_coil_count_against_the_limit(tmp_path: Path, monkeyp
     worker.engine.dispose()
 
 
-def test_a_copy_met_while_its_first_is_being_stored_is_a_duplicate(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The two threads: the committer writes batch N, and in that moment the worker thread prepares batch N+1 with
-    another copy of one of its coils (the gateway sent it again). The copy finds the coil stored and unmarked; it
-    is a duplicate, as batch N's decision is on its way. Was: announced a second time, with no crash at all."""
+def _committing(worker: AssessWorker, store: MemoryStore, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """``worker`` on ``store``, its client answering as a broker that takes everything; what it publishes."""
     from types import SimpleNamespace
 
-    from services.mqtt.client import Inbound
-
-    worker = _worker(tmp_path)
+    worker.store = store
+    worker.workflow = AssessCoils(store, TOPICS)
     worker._serving = _serving(Thinness())
-    meanwhile: list = []
-
-    class Racing(MemoryStore):
-        def save_assessed(self, coils, model_ids, published=()):
-            inserted = super().save_assessed(coils, model_ids, published)
-            if not meanwhile:  # committed: the worker thread's next batch, a copy of the coil under a new id
-                meanwhile.append(worker._prepare([Inbound(TOPICS.sensors("galv-1"), _coil("X").payload, 2, 1)])[1])
-            return inserted
-
-    worker.store = Racing()
-    worker.workflow = AssessCoils(worker.store, TOPICS)
     mids = iter(range(100, 200))
     published: list[bytes] = []
 
@@ -581,12 +565,64 @@ def test_a_copy_met_while_its_first_is_being_stored_is_a_duplicate(
     monkeypatch.setattr(worker.client, "flush", lambda *args, **kwargs: True)
     monkeypatch.setattr(worker.client, "take_refused", lambda: [])
     monkeypatch.setattr(worker.client, "ack", lambda message: None)
-    worker._pending.put(worker._prepare([Inbound(TOPICS.sensors("galv-1"), _coil("X").payload, 1, 1)]))
+    return published
+
+
+def _commit_one(worker: AssessWorker, *coil_ids: str) -> None:
+    """One batch of ``coil_ids`` through both halves, the committer to its end."""
+    from services.mqtt.client import Inbound
+
+    batch = [Inbound(TOPICS.sensors("galv-1"), _coil(c).payload, mid=i, qos=1) for i, c in enumerate(coil_ids)]
+    worker._pending.put(worker._prepare(batch))
     worker._pending.put(None)
     worker._commit_batches()
+
+
+def test_a_copy_met_while_its_first_is_being_stored_is_a_duplicate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two threads: the committer writes batch N, and in that moment the worker thread prepares batch N+1 with
+    another copy of one of its coils (the gateway sent it again). The copy finds the coil stored and unmarked; it
+    is a duplicate, as batch N's decision is on its way. Was: announced a second time, with no crash at all."""
+    from services.mqtt.client import Inbound
+
+    worker = _worker(tmp_path)
+    meanwhile: list = []
+
+    class Racing(MemoryStore):
+        def save_assessed(self, coils, model_ids, published=()):
+            inserted = super().save_assessed(coils, model_ids, published)
+            if not meanwhile:  # committed: the worker thread's next batch, a copy of the coil under a new id
+                meanwhile.append(worker._prepare([Inbound(TOPICS.sensors("galv-1"), _coil("X").payload, 2, 1)])[1])
+            return inserted
+
+    published = _committing(worker, Racing(), monkeypatch)
+    _commit_one(worker, "X")
     [copy] = meanwhile
     assert copy.result.duplicates == ["X"] and not copy.result.publish, copy.result
     assert len(published) == 1
+    worker.engine.dispose()
+
+
+def test_a_coil_another_worker_stored_first_is_not_taken_for_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers on a shared subscription each got a copy of Y; the other stored it first. This worker announces
+    nothing for Y, so a later copy that comes here must still find Y unannounced (should the other never have)."""
+
+    class StoredElsewhere(MemoryStore):
+        def save_assessed(self, coils, model_ids, published=()):
+            import dataclasses
+
+            for coil in coils:  # the other worker's decision, a moment earlier
+                if coil.coil_id == "Y":
+                    self.coils["Y"] = dataclasses.replace(coil, decided_at=coil.decided_at - timedelta(seconds=1))
+            return super().save_assessed(coils, model_ids, published)
+
+    worker = _worker(tmp_path)
+    published = _committing(worker, StoredElsewhere(), monkeypatch)
+    _commit_one(worker, "X", "Y")
+    assert len(published) == 1 and "X" in worker._announced and "Y" not in worker._announced
     worker.engine.dispose()
 
 
