@@ -83,7 +83,7 @@ def mosquitto_server() -> Iterator[Found | None]:
         from testcontainers.core.container import DockerContainer
         from testcontainers.core.waiting_utils import wait_for_logs
 
-        container = DockerContainer("eclipse-mosquitto:2").with_exposed_ports(1883)
+        container = DockerContainer("eclipse-mosquitto:2.0.22").with_exposed_ports(1883)
         container.with_command("mosquitto -c /mosquitto-no-auth.conf")
         with container:
             wait_for_logs(container, "running")

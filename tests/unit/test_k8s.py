@@ -213,10 +213,31 @@ def test_retrain_is_a_weekly_gpu_cronjob_in_prod_and_on_the_cpu_in_dev() -> None
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and "coilguard-cuda" in container["image"]
     assert prod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in prod["tolerations"]
+    # on the GPU or failing at once, never hours on the CPU holding a GPU; the run's own deadline and one retry
+    assert {"name": "COILGUARD_DEVICE", "value": "cuda"} in container["env"]
+    job = objects("prod", "CronJob")["coilguard-retrain"]["spec"]["jobTemplate"]["spec"]
+    assert (job["backoffLimit"], job["activeDeadlineSeconds"], prod["restartPolicy"]) == (1, 21600, "Never")
     dev = pod_spec(objects("dev", "CronJob")["coilguard-retrain"])
     assert "nvidia.com/gpu" not in dev["containers"][0]["resources"]["limits"] and "nodeSelector" not in dev
+    assert {"name": "COILGUARD_DEVICE", "value": "auto"} in dev["containers"][0]["env"]
     config = configs("prod")["coilguard-config"]
     assert config["COILGUARD_RETRAIN_CRON"] == "off"  # the scheduler leaves ReTrain to the CronJob
+
+
+def test_a_drain_is_not_held_up_by_workers_that_are_not_ready() -> None:
+    for overlay in OVERLAYS:
+        budget = objects(overlay, "PodDisruptionBudget")["coilguard-assess"]["spec"]
+        assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_the_broker_image_is_the_one_release_everywhere() -> None:
+    """Mosquitto 2.1 moved the ACL file into a plugin and refuses some mounted ACLs: every broker (compose, the
+    dev overlay, the tests' container) runs the same pinned 2.0 release."""
+    import re
+
+    places = [ROOT / "docker-compose.yml", ROOT / "k8s/overlays/dev/mosquitto.yaml", ROOT / "tests/infra.py"]
+    tags = {tag for path in places for tag in re.findall(r"eclipse-mosquitto:([\w.]+)", path.read_text())}
+    assert len(tags) == 1 and re.fullmatch(r"2\.0\.\d+", tags.pop())
 
 
 def test_dev_broker_is_configured_like_the_compose_one() -> None:
