@@ -24,8 +24,10 @@ def assess(ctx: AppContext, client_id: str | None, retire: bool) -> None:
     """The AssessCoils worker: assess every coil on the sensor topics until stopped."""
     from services.workers.assess import AssessWorker
 
-    if retire and not (client_id or ctx.settings.mqtt_client_id or ctx.settings.mqtt.client_id):
-        raise click.UsageError("--retire needs the retired worker's --client-id")
+    if retire and not client_id:
+        # not the id the environment gives: in an assess pod that is the live worker's own (its pod name), and
+        # retiring it would take the session over from under that worker and end it
+        raise click.UsageError("--retire needs the retired worker's --client-id, given on the command line")
     stats = AssessWorker(ctx.settings, client_id=client_id, retire=retire).run()
     if retire and stats.session_removed:
         click.echo(f"retired: {stats.decided} coils decided from its session, which is removed")

@@ -146,3 +146,19 @@ def test_up_on_a_broker_port_another_process_holds_says_what_to_do(tmp_path: Pat
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert f"error: the embedded MQTT broker did not start on 127.0.0.1:{port}" in run.stderr
     assert "COILGUARD_MQTT_URL=embedded://127.0.0.1:PORT" in run.stderr
+
+
+def test_retire_takes_the_retired_workers_id_from_the_command_line_only(tmp_path: Path) -> None:
+    """In an assess pod the environment names the live worker (its pod name): `coilguard assess --retire` run there
+    without --client-id would take that worker's session over and end it."""
+    from click.testing import CliRunner
+
+    from services.cli import cli
+
+    env = {
+        "COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}",
+        "COILGUARD_MQTT_URL": "embedded",
+        "COILGUARD_MQTT_CLIENT_ID": "coilguard-assess-0",
+    }
+    result = CliRunner().invoke(cli, ["assess", "--retire"], env=env)
+    assert result.exit_code == 2 and "--retire needs the retired worker's --client-id" in result.output
