@@ -90,6 +90,10 @@ class MqttClient:
         self._refused: list[tuple[int, str]] = []  # (mid, reason) of PUBACKs that refused a message (v5), until taken
         self._pending_subacks: dict[int, threading.Event] = {}
         self._early_subacks: dict[int, float] = {}
+        self._resubscribes: set[int] = set()  # mids of the subscriptions made again after a reconnect
+        # why the broker refused a subscription made again after a reconnect (its ACL changed), until one succeeds:
+        # the client is connected and receives nothing on that topic, which the worker's readiness says
+        self.refused_subscription: str | None = None
 
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -287,7 +291,9 @@ class MqttClient:
                 self._unacked.clear()  # the broker forgot them: it sends none again, and their ids start afresh
             subscriptions = list(self._subscriptions.items())
         for topic, qos in subscriptions:
-            client.subscribe(topic, qos)
+            _, mid = client.subscribe(topic, qos)
+            with self._lock:
+                self._resubscribes.add(mid)
         log.info(
             "MQTT connected to %s as %s (session present: %s)",
             self.url.redacted(),
@@ -303,8 +309,16 @@ class MqttClient:
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         failed = [rc for rc in reason_codes if rc.is_failure]
+        with self._lock:
+            again = mid in self._resubscribes
+            self._resubscribes.discard(mid)
         if failed:
             log.error("MQTT subscription %d refused: %s", mid, failed)
+            if again:
+                self.refused_subscription = f"the broker refused a subscription made again on reconnecting: {failed}"
+            return
+        if again:  # nobody waits for it; kept, its id would one day answer another subscription's wait
+            self.refused_subscription = None
             return
         with self._lock:
             event = self._pending_subacks.pop(mid, None)

@@ -342,6 +342,8 @@ class AssessWorker:
             return "stopping"
         if not self.subscribed.is_set():
             return "connecting to the broker"
+        if self.client.refused_subscription is not None:  # connected, and no coil arrives: its ACL changed
+            return self.client.refused_subscription
         if not self.ready.is_set():
             return "waiting for the registry's active models to load (`coilguard models`; the log says why)"
         return None

@@ -672,3 +672,13 @@ def test_a_batch_prepared_message_by_message_still_decides_a_coil_id_once(servin
     assert [d.coil_id for d in result.decided] == ["A", "B"]
     announced = [orjson.loads(o.payload).get("coil_id") for o in result.publish if "/decisions/" in o.topic]
     assert sorted(announced) == ["A", "B", "S"]
+
+
+def test_a_worker_whose_subscription_the_broker_refused_is_not_ready(tmp_path: Path) -> None:
+    worker = _worker(tmp_path)
+    worker.subscribed.set()
+    worker.ready.set()
+    assert worker._readiness() is None
+    worker.client.refused_subscription = "the broker refused a subscription made again on reconnecting: [x]"
+    assert worker._readiness() == worker.client.refused_subscription
+    worker.engine.dispose()

@@ -25,3 +25,25 @@ def test_only_a_copy_marked_dup_of_a_message_in_hand_is_dropped_and_only_on_mqtt
     client._handle_message(None, None, _message(7, dup=True))  # a resend of the message in hand
     client._handle_message(None, None, _message(7, dup=False))  # a new message under an id the broker freed
     assert len(got) == (2 if client.v5 else 3)
+
+
+def test_a_subscription_the_broker_refuses_after_a_reconnect_is_what_readiness_says() -> None:
+    """The ACL changed while a worker was connected: on its next reconnect the broker refuses the subscription, and
+    the worker, connected, receives nothing. Was: logged once, the worker still ready. A SUBACK of a subscription
+    made again is not kept either (its id would one day answer another subscription's wait)."""
+    from types import SimpleNamespace
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    client = MqttClient("mqtt://127.0.0.1:1883", manual_ack=True)
+    client._subscriptions = {"cg/sensors/+": 1}
+    mids = iter(range(40, 50))
+    paho_side = SimpleNamespace(subscribe=lambda topic, qos: (0, next(mids)))
+    connected = ReasonCode(PacketTypes.CONNACK, "Success")
+    client._handle_connect(paho_side, None, SimpleNamespace(session_present=True), connected, None)
+    client._handle_subscribe(None, None, 40, [ReasonCode(PacketTypes.SUBACK, "Not authorized")], None)
+    assert client.refused_subscription is not None and "Not authorized" in client.refused_subscription
+    client._handle_connect(paho_side, None, SimpleNamespace(session_present=True), connected, None)
+    client._handle_subscribe(None, None, 41, [ReasonCode(PacketTypes.SUBACK, "Granted QoS 1")], None)
+    assert client.refused_subscription is None and not client._early_subacks
