@@ -60,7 +60,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
     # No pooled connection free (in `coilguard up` the API shares the worker's engine): give up as soon as a
     # connect would, so that the worker's retry sees the stop within a pod's grace period, not after SQLAlchemy's 30 s.
-    kwargs.setdefault("pool_timeout", PG_CONNECT_TIMEOUT_S)
+    if "poolclass" not in kwargs:  # the default QueuePool; a NullPool (migrations) has no wait to bound
+        kwargs.setdefault("pool_timeout", PG_CONNECT_TIMEOUT_S)
     # A server that vanishes without a word (a lost node, a firewall dropping packets) must cost seconds, not the
     # minutes of the system's TCP defaults: a connection attempt gives up, an idle connection is found dead by
     # keepalives, and one waiting for an answer gives up after tcp_user_timeout. Libpq settings in the URL win.

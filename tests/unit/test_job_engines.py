@@ -60,3 +60,15 @@ def test_a_job_leaves_the_callers_engine_alone(job: str, settings: Settings, dis
     with engine.connect() as conn:
         assert conn.execute(text("SELECT 1")).scalar_one() == 1
     engine.dispose()
+
+
+def test_a_wait_for_a_pooled_connection_is_bounded_like_a_connect_and_a_pool_without_one_still_builds() -> None:
+    """A worker waiting for a pooled connection (the API sharing its engine in `coilguard up`) must see a stop
+    within a pod's grace period; a NullPool (the migrations') takes no such setting and must still be made."""
+    from sqlalchemy.pool import NullPool
+
+    from services.db.engine import PG_CONNECT_TIMEOUT_S, make_engine
+
+    url = "postgresql+psycopg://coilguard@127.0.0.1/coilguard"  # nothing connects
+    assert make_engine(url).pool.timeout() == PG_CONNECT_TIMEOUT_S
+    assert isinstance(make_engine(url, poolclass=NullPool).pool, NullPool)
