@@ -47,7 +47,7 @@ class AssessorSettings(BaseModel):
         ge=0,
         lt=2**63,
         description="what every random draw of a fit starts from: no negative (default_rng refuses one), under "
-        "2**63 (a seed k above it, as contrastive_seg's members take, stays within torch's 64 bits); the "
+        "2**63 (contrastive_seg's member k takes seed + k, modulo 2**63); the "
         "generators that take 32 bits only (NumPy's legacy seed, scikit-learn's random_state) get it modulo 2**32",
     )
     epochs: int = Field(30, ge=1, le=500)

@@ -217,6 +217,12 @@ def test_contrastive_seg_keeps_the_moving_average_of_its_weights(tiles: ImageSet
     assert averaged.runtime["best_epoch"] >= 1
 
 
+def test_contrastive_seg_members_of_the_largest_seed_have_seeds_of_their_own() -> None:
+    top = 2**63 - 1  # the settings' largest seed: member k's seed + k wraps round instead of failing validation
+    pair = ContrastiveSegAssessor({"members": 2, "seed": top})
+    assert [pair._member(k).s.seed for k in (0, 1)] == [top, 0]
+
+
 def test_contrastive_seg_members_are_their_seeds_averaged(
     fitted, tiles: ImageSet, unseen: ImageSet, tmp_path: Path
 ) -> None:

@@ -242,7 +242,8 @@ class ContrastiveSegAssessor(PixelMapAssessor):
     def _member(self, k: int) -> ContrastiveSegAssessor:
         """Member ``k`` as a one-network assessor of its own seed: fitted that way, it is the network
         ``bench/tile_grid.py --average`` measured for that seed."""
-        return type(self)({**self.s.model_dump(), "members": 1, "seed": self.s.seed + k}, name=self.name)
+        seed = (self.s.seed + k) % 2**63  # a seed just under the settings' bound still gives every member one
+        return type(self)({**self.s.model_dump(), "members": 1, "seed": seed}, name=self.name)
 
     def _fit_members(
         self, dataset: ImageSet | Any, init: Assessor | None, device: str, callback: FitCallback | None
