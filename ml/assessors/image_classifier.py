@@ -35,6 +35,7 @@ from ml.assessors.base import AssessBatch, Assessor, AssessorSettings, FitCallba
 from ml.assessors.effnet.torch_model import N_STAGES
 from ml.evaluation.metrics import binary_metrics, f1_nok
 from ml.imagesets.base import OK_CLASSES, ImageSet
+from ml.imagesets.folder import content_digest
 from ml.training.image_augment import AugmentConfig, to_tensor
 from ml.training.loop import EarlyStopping
 from ml.training.runtime import channels_last_net, fit_runtime, resolve_device, seed_everything
@@ -201,6 +202,7 @@ class ImageClassifierAssessor(Assessor):
             "n_validation": len(val_idx),
             "image_shapes": sorted({f"{a.shape[0]}x{a.shape[1]}" for a in imageset.images}),
             "source": _jsonable(imageset.meta),
+            "content_sha256": content_digest(imageset),  # these very images: a few-shot draw of a folder included
         }
         self.runtime = fit_runtime(
             torch_device,

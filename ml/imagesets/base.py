@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 OK_CLASSES = frozenset({"ok", "free", "mt_free", "good", "defect_free"})
+WHOLE_SET_META = ("sha256", "counts")  # what a folder's meta says of all of it, not of a subset
 
 
 @dataclass
@@ -47,14 +48,20 @@ class ImageSet:
         return defect[self.labels].astype(np.int8) if len(self) else np.zeros(0, np.int8)
 
     def subset(self, index: np.ndarray | list[int]) -> ImageSet:
+        """These images. The folder's digest and counts describe the whole set, so they move under ``subset_of``: a
+        manifest must not name two different few-shot draws by the same data (their own digest is
+        ``folder.content_digest``)."""
         idx = [int(i) for i in np.arange(len(self))[index]]
+        meta = {k: v for k, v in self.meta.items() if k not in WHOLE_SET_META}
+        if whole := {k: self.meta[k] for k in WHOLE_SET_META if k in self.meta}:
+            meta["subset_of"] = {**whole, "n_images": len(self)}
         return ImageSet(
             [self.images[i] for i in idx],
             self.labels[idx],
             list(self.classes),
             [self.masks[i] for i in idx] if self.masks is not None else None,
             [self.names[i] for i in idx],
-            dict(self.meta),
+            meta,
         )
 
     @classmethod

@@ -150,16 +150,23 @@ def _mask_bytes(mask: np.ndarray | None) -> bytes:
     return b"no mask" if mask is None else b"mask" + np.packbits(np.ascontiguousarray(mask, dtype=bool)).tobytes()
 
 
+def content_digest(images: ImageSet) -> str:
+    """SHA-256 of exactly these images: names, pixels, class and mask of each, in order. A subset (a few-shot draw,
+    a validation split) has its own, where the folder's ``meta["sha256"]`` is the whole folder's."""
+    digest = hashlib.sha256()
+    masks = images.masks if images.masks is not None else [None] * len(images)
+    for name, image, label, mask in zip(images.names, images.images, images.labels, masks, strict=True):
+        digest.update(str(name).encode())
+        digest.update(np.ascontiguousarray(image).tobytes())
+        digest.update(f"class {images.classes[int(label)]}".encode())
+        digest.update(_mask_bytes(mask))
+    return digest.hexdigest()
+
+
 def image_set_summary(images: ImageSet) -> dict[str, Any]:
     """What a model manifest records about the image data it was trained on."""
     nok = images.nok
     counts = {c: int(np.sum(images.labels == i)) for i, c in enumerate(images.classes)}
-    digest = hashlib.sha256()
-    masks = images.masks if images.masks is not None else [None] * len(images)
-    for name, image, mask in zip(images.names, images.images, masks, strict=True):
-        digest.update(str(name).encode())
-        digest.update(np.ascontiguousarray(image).tobytes())
-        digest.update(_mask_bytes(mask))
     return {
         "n_images": len(images),
         "n_nok": int(nok.sum()),
@@ -168,5 +175,6 @@ def image_set_summary(images: ImageSet) -> dict[str, Any]:
         "masks": images.masks is not None,
         "source": images.meta.get("source"),
         "sha256": images.meta.get("sha256") if images.meta.get("source") != "coils" else None,
-        "content_sha256": digest.hexdigest(),
+        "subset_of": images.meta.get("subset_of"),
+        "content_sha256": content_digest(images),
     }

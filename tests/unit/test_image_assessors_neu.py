@@ -65,10 +65,13 @@ def coil_batch(data: ImageSet) -> AssessBatch:
     return AssessBatch(np.full((4, 264, 18), 140.0, np.float32), images)
 
 
-def test_fit_records_data_settings_metrics_and_runtime(trained):
+def test_fit_records_data_settings_metrics_and_runtime(trained, data):
+    from ml.imagesets.folder import content_digest
+
     manifest = trained.manifest()
     assert manifest.consumes == "image"
     assert manifest.training_data["classes"] == ["ok", "scratch", "spot"]
+    assert manifest.training_data["content_sha256"] == content_digest(data)  # the very images, a draw's own
     assert manifest.training_data["n_train"] + manifest.training_data["n_validation"] == 24
     assert manifest.settings["imgsz"] == 32 and manifest.settings["seed"] == 5
     assert {"train", "validation"} <= set(manifest.metrics)

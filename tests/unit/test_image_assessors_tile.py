@@ -432,6 +432,11 @@ def test_load_folder_pairs_images_with_masks(tmp_path: Path) -> None:
     again = load_folder(tmp_path)
     after = (again.meta["sha256"], image_set_summary(again)["content_sha256"])
     assert before[0] != after[0] and before[1] != after[1]  # a manifest tells the two training sets apart
+    # two few-shot draws of one folder: each its own digest, the folder's under subset_of (was: the folder's digest
+    # for both, as if they were the same data)
+    first, second = (image_set_summary(again.subset(i)) for i in ([0, 2], [1, 3]))
+    assert first["content_sha256"] != second["content_sha256"] and first["sha256"] is None
+    assert first["subset_of"] == {"sha256": after[0], "counts": {"good": 2, "scratch": 3}, "n_images": 5}
     (tmp_path / "scratch" / "scratch_0.png").unlink()  # a defect image without a mask: no masks at all
     assert load_folder(tmp_path).masks is None
 
