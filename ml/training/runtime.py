@@ -117,6 +117,9 @@ def fit_runtime(
         "epochs_run": epochs_run,
         "best_epoch": best_epoch,
         "torch": torch.__version__,
+        # the libraries and the exact CPU type (or GPU) the weights also depend on: a same-seed fit elsewhere
+        # that trained other weights says why here
+        "platform": training_platform(str(device)),
     }
     if start is not None:
         runtime["start"] = start

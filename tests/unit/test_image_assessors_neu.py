@@ -77,7 +77,7 @@ def test_fit_records_data_settings_metrics_and_runtime(trained, data):
     assert {"train", "validation"} <= set(manifest.metrics)
     assert "class_accuracy" in manifest.metrics["validation"]
     assert "f1_nok" in manifest.metrics["validation"]  # there is a defect-free class, so OK/NOK is measured
-    for key in ("device", "duration_s", "torch", "history", "epochs_run", "start"):
+    for key in ("device", "duration_s", "torch", "platform", "history", "epochs_run", "start"):
         assert key in manifest.runtime
     json.dumps(manifest.model_dump(mode="json"))
 

@@ -82,7 +82,8 @@ def test_trains_saves_loads_and_predicts_identically(trained: Assessor, unseen: 
     assert manifest.kind == trained.key and manifest.consumes == "image"
     assert set(manifest.files) == set(trained.weight_files)
     assert manifest.training_data["n_images"] == 20 and manifest.settings["seed"] == 3
-    assert {"device", "duration_s", "torch", "history"} <= set(manifest.runtime)
+    assert {"device", "duration_s", "torch", "platform", "history"} <= set(manifest.runtime)
+    assert manifest.runtime["platform"].startswith("torch ") and "numpy" in manifest.runtime["platform"]
     assert "pixel_threshold" in manifest.calibration and manifest.metrics["validation"]
     again = type(trained).load(tmp_path / trained.key)
     assert again.threshold == trained.threshold and again.pixel_threshold == trained.pixel_threshold
