@@ -24,6 +24,7 @@ from sqlalchemy import Engine, select, update
 from ml.assessors.base import AssessBatch
 from ml.assessors.manifest import Manifest, code_version
 from ml.dataset import CoilDataset
+from ml.drift_compare import CoilSample, DriftConfig, DriftResult
 from ml.durable import write_atomic
 from services.config import Settings
 from services.db.engine import engine_for
@@ -31,7 +32,7 @@ from services.db.models import Coil, DriftReport
 from services.db.repositories import SqlModelRegistry, latest_feedback, matrix_from_bytes
 from services.metrics import METRICS
 from workflows.assess import EnsembleLoader
-from workflows.drift_report import CoilSample, DriftConfig, DriftOutcome, DriftResult, run_drift_report
+from workflows.drift_report import DriftOutcome, run_drift_report
 from workflows.ports import ModelRecord
 from workflows.training import load_kept_data, resolve_artifact
 

@@ -21,6 +21,7 @@ from ml.assessors.base import AssessBatch
 from ml.assessors.registry import create
 from ml.dataset import CoilDataset
 from ml.drift import sensor_of
+from ml.drift_compare import CoilSample, DriftResult, compare
 from ml.sim import DriftConfig as SimDrift
 from ml.sim import LineConfig, LineSimulator
 from services.cli import cli
@@ -28,7 +29,6 @@ from services.db.engine import make_engine
 from services.db.migrate import upgrade
 from services.db.models import Coil, DriftReport
 from services.db.repositories import SqlModelRegistry, matrix_bytes
-from workflows.drift_report import CoilSample, DriftResult, compare
 from workflows.training import register
 
 SEED = 4

@@ -12,13 +12,13 @@ from helpers import stripe_coils
 from sqlalchemy import insert, select, text
 
 from ml.assessors.cnn import CnnAssessor
+from ml.drift_compare import DriftConfig
 from services.config import load_settings
 from services.db.engine import make_engine
 from services.db.migrate import upgrade
 from services.db.models import Coil, DriftReport
 from services.db.repositories import SqlModelRegistry, matrix_bytes
 from services.drift import FileDriftReportStore, SqlDriftSource
-from workflows.drift_report import DriftConfig
 from workflows.training import register
 
 NOW = datetime(2026, 12, 7, 2, 30, tzinfo=UTC)
@@ -99,7 +99,7 @@ def test_the_reference_is_each_kept_coil_once_drawn_one_file_at_a_time(engine, t
     """Two models whose histories share coils, one of them holding an operator's coils three times over: the
     reference draws from the union, each coil once, exactly as from the whole concatenation."""
     from ml.dataset import CoilDataset
-    from workflows.drift_report import CoilSample
+    from ml.drift_compare import CoilSample
     from workflows.training import load_kept_data
 
     a = stripe_coils(60, 0.2, seed=0)
