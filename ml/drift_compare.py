@@ -1,6 +1,6 @@
 """The statistics of a drift report: do recent coils (and the ensemble's predictions on them) still look like the
-data the serving models were trained on? An Evidently report answers per feature and overall. Numbers only: where
-the two samples come from and where the report goes is the workflow's (workflows/drift_report.py).
+data the serving models were trained on? An Evidently report answers per feature and overall, with its HTML page.
+Where the two samples come from and where the report goes is the workflow's (workflows/drift_report.py).
 
 - **Reference**: a sample of the active models' training data (at most ``max_reference`` coils), with
   the serving ensemble's ``p_nok`` on it when the caller can compute that.

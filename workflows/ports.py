@@ -131,8 +131,9 @@ class ChampionChanged(RuntimeError):
 
 
 class RunOvertaken(RuntimeError):
-    """What a ReTrain pass decided on changed before its run could open: another process's run of the model ended
-    meanwhile, promoting a version or judging a challenger on the same inputs."""
+    """What a ReTrain pass decided on changed before its run could open: the version is no longer the active one
+    (another run promoted its challenger, or someone promoted or retired by hand), or another process's run of the
+    model judged a challenger meanwhile (its verdict stands until the next pass looks again)."""
 
 
 class Publisher(Protocol):
@@ -222,11 +223,17 @@ class FinishedRun:
 
 class RetrainRuns(Protocol):
     def start(
-        self, model_id: int, reason: str, worker: str, *, active: bool = False, judged_since: int | None = None
+        self,
+        model_id: int,
+        reason: str,
+        worker: str,
+        *,
+        require_active: bool = False,
+        judged_since: int | None = None,
     ) -> int | None:
         """Open a ``running`` run, or None when another live process is retraining this model. A run left
         ``running`` by a process that died is marked failed first, so it never blocks. Under the same lock, raise
-        :class:`RunOvertaken` with ``active`` when the version is no longer the active one, and with
+        :class:`RunOvertaken` with ``require_active`` when the version is no longer the active one, and with
         ``judged_since`` (the id of the last judged run the caller saw, 0 for none) when a later run judged a
         challenger: what the caller decided on has changed since it looked."""
 

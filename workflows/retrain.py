@@ -169,11 +169,12 @@ class ReTrain:
         champion_record = latest.model
         if (skipped := self._image_model(champion_record)) is not None:
             return skipped
-        last, judged_since = self._last_judged(champion_record, forced)
-        if champion_record.id not in {m.id for m in self.registry.active_models()}:  # replaced since the pass began
+        # replaced since the pass began (the start checks again under the run lock; this saves the reads below)
+        if champion_record.id not in {m.id for m in self.registry.active_models()}:
             why = f"v{champion_record.version} is no longer the active version"
             log.info("ReTrain %s: %s; skipped", champion_record.name, why)
             return RetrainOutcome(champion_record.name, champion_record.version, "skipped", why)
+        last, judged_since = self._last_judged(champion_record, forced)
         if latest.score is None:
             reason = "forced"
         else:
@@ -181,14 +182,16 @@ class ReTrain:
             reason += " (forced)" if forced else ""
         labelled = self._labelled_coils()
         inputs = self._inputs(labelled)
-        if not forced and (why := rejected_before(last, inputs)) is not None:
+        if not forced and (why := _rejected_before(last, inputs)) is not None:
             log.info("ReTrain %s: %s; skipped", champion_record.name, why)
             return RetrainOutcome(champion_record.name, champion_record.version, "skipped", why)
         try:
             # The checks above are seconds old (the labelled coils take a while to read): another process's run of
             # this model may have ended since, and training now would spend hours on a retired champion or on
             # inputs just rejected. The start checks again under the run lock.
-            run_id = self.runs.start(champion_record.id, reason, self.worker, active=True, judged_since=judged_since)
+            run_id = self.runs.start(
+                champion_record.id, reason, self.worker, require_active=True, judged_since=judged_since
+            )
         except RunOvertaken as exc:
             log.info("ReTrain %s: %s; skipped", champion_record.name, exc)
             return RetrainOutcome(champion_record.name, champion_record.version, "skipped", str(exc))
@@ -476,7 +479,7 @@ class ReTrain:
             self.on_progress({"stage": stage, "model": name, **detail})
 
 
-def rejected_before(last: FinishedRun | None, inputs: str | None) -> str | None:
+def _rejected_before(last: FinishedRun | None, inputs: str | None) -> str | None:
     """Why to skip a model: its last run that judged a challenger rejected it on the very inputs it would train on
     now (a failed run since, which judged nothing, does not count).
 

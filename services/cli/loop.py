@@ -62,7 +62,7 @@ def _feedback_in(**fields: str | None) -> FeedbackIn:
 
 @cli.command()
 @click.option("--every", type=DURATION, help="Repeat on this interval (e.g. 60s, 5m) instead of running once.")
-@click.option("--recount", is_flag=True, help="Forget the running tallies first and count all feedback again.")
+@click.option("--recount", is_flag=True, help="Count all feedback again (the tallies start afresh at this run).")
 @pass_ctx
 def score(ctx: AppContext, every: timedelta | None, recount: bool) -> None:
     """ModelScore: each active model's agreement with operator feedback, into mperformance."""

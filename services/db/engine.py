@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 
@@ -49,6 +50,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     ``PG_CONNECT_TIMEOUT_S``, and one that waits on a server gone silent after three times that.
     """
     parsed = make_url(url)
+    if issubclass(kwargs.get("poolclass") or parsed.get_dialect().get_pool_class(parsed), QueuePool):
+        # No pooled connection free (in `coilguard up` the API shares the worker's engine): give up as soon as a
+        # connect would, so that the worker's retry sees a stop within a pod's grace period, not after
+        # SQLAlchemy's 30 s. Other pools (NullPool for the migrations, an in-memory SQLite's) have no such wait.
+        kwargs.setdefault("pool_timeout", PG_CONNECT_TIMEOUT_S)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_file(parsed.database)
         if path is not None:
@@ -58,10 +64,6 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    # No pooled connection free (in `coilguard up` the API shares the worker's engine): give up as soon as a
-    # connect would, so that the worker's retry sees the stop within a pod's grace period, not after SQLAlchemy's 30 s.
-    if "poolclass" not in kwargs:  # the default QueuePool; a NullPool (migrations) has no wait to bound
-        kwargs.setdefault("pool_timeout", PG_CONNECT_TIMEOUT_S)
     # A server that vanishes without a word (a lost node, a firewall dropping packets) must cost seconds, not the
     # minutes of the system's TCP defaults: a connection attempt gives up, an idle connection is found dead by
     # keepalives, and one waiting for an answer gives up after tcp_user_timeout. Libpq settings in the URL win.

@@ -394,7 +394,8 @@ class ScoreReset(Base):
 
 
 def _create_feedback_triggers(target: MetaData, connection: Connection, **kw: Any) -> None:
-    if Feedback.__table__ in kw.get("tables", ()):  # not when create_all found the table there already
+    created = kw.get("tables", ())
+    if Feedback.__table__ in created and ScoreReset.__table__ in created:  # not over tables there already
         for statement in create_statements(connection.dialect.name):
             connection.exec_driver_sql(statement)
 

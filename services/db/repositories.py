@@ -589,14 +589,14 @@ class SqlScoreStore:
         """Whether a reset is waiting; if so, the tallies and the earlier passes are gone and pass ``pass_id``
         counts every row (its "before" is then empty). Only the marks seen here are taken: one written while
         this pass runs waits for the next."""
-        last = conn.execute(select(func.max(score_resets.c.id))).scalar()
-        if last is None:
+        marks = conn.execute(select(score_resets).order_by(score_resets.c.id)).all()  # a row or two: see the triggers
+        if not marks:
             return False
-        first = conn.execute(select(score_resets).order_by(score_resets.c.id).limit(1)).one()
+        first = marks[0]
         log.warning(
             "ModelScore: counted feedback was changed (%s at %s): counting all feedback again", first.cause, first.at
         )
-        conn.execute(score_resets.delete().where(score_resets.c.id <= last))
+        conn.execute(score_resets.delete().where(score_resets.c.id <= marks[-1].id))
         conn.execute(score_tallies.delete())
         conn.execute(score_passes.delete().where(score_passes.c.id != pass_id))
         return True
@@ -816,7 +816,13 @@ class SqlRetrainRuns:
         return try_lock(self.engine, RETRAIN_LOCK_NAMESPACE, model_id, f"retrain-{model_id}")
 
     def start(
-        self, model_id: int, reason: str, worker: str, *, active: bool = False, judged_since: int | None = None
+        self,
+        model_id: int,
+        reason: str,
+        worker: str,
+        *,
+        require_active: bool = False,
+        judged_since: int | None = None,
     ) -> int | None:
         got, lock = self._try_lock(model_id)
         if not got:
@@ -830,7 +836,7 @@ class SqlRetrainRuns:
                     if lock is None and _process_alive(stale.worker):
                         return None
                     _settle_dead_run(conn, stale)
-                _check_not_overtaken(conn, model_id, active, judged_since)
+                _check_not_overtaken(conn, model_id, require_active, judged_since)
                 run_id = conn.execute(
                     retrain_runs.insert()
                     .values(
@@ -911,9 +917,9 @@ class SqlRetrainRuns:
         return None if row is None else FinishedRun(row.id, row.status, as_utc(row.finished_at), row.metrics or {})
 
 
-def _check_not_overtaken(conn: Connection, model_id: int, active: bool, judged_since: int | None) -> None:
+def _check_not_overtaken(conn: Connection, model_id: int, require_active: bool, judged_since: int | None) -> None:
     """:meth:`SqlRetrainRuns.start`'s checks, under its lock: the facts a pass decided on, read again."""
-    if active:
+    if require_active:
         row = conn.execute(select(models.c.version, models.c.status).where(models.c.id == model_id)).one()
         if row.status != "active":
             raise RunOvertaken(f"v{row.version} is no longer the active version ({row.status} since this pass looked)")

@@ -90,10 +90,10 @@ class MqttClient:
         self._refused: list[tuple[int, str]] = []  # (mid, reason) of PUBACKs that refused a message (v5), until taken
         self._pending_subacks: dict[int, threading.Event] = {}
         self._early_subacks: dict[int, float] = {}
-        self._resubscribes: set[int] = set()  # mids of the subscriptions made again after a reconnect
-        # why the broker refused a subscription made again after a reconnect (its ACL changed), until one succeeds:
-        # the client is connected and receives nothing on that topic, which the worker's readiness says
-        self.refused_subscription: str | None = None
+        self._resubscribes: dict[int, str] = {}  # mid → topic of the subscriptions made again after a reconnect
+        # topic → why the broker refused it when made again after a reconnect (its ACL changed), until it is granted:
+        # the client is connected and receives nothing there, which the worker's readiness says
+        self._refused_topics: dict[str, str] = {}
 
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -259,6 +259,18 @@ class MqttClient:
             refused, self._refused = self._refused, []
         return refused
 
+    @property
+    def refused_subscription(self) -> str | None:
+        """Why the client receives nothing on some of its topics although connected: the subscriptions the broker
+        refused when they were made again after a reconnect (None when every one was granted)."""
+        with self._lock:
+            refused = dict(self._refused_topics)
+        if not refused:
+            return None
+        return "the broker refused subscriptions made again on reconnecting: " + "; ".join(
+            f"{topic} ({why})" for topic, why in sorted(refused.items())
+        )
+
     def ack(self, message: Inbound) -> None:
         """Acknowledge a message received with ``manual_ack``; a no-op for QoS 0.
 
@@ -290,10 +302,12 @@ class MqttClient:
                 self._session += 1
                 self._unacked.clear()  # the broker forgot them: it sends none again, and their ids start afresh
             subscriptions = list(self._subscriptions.items())
+        with self._lock:
+            self._resubscribes.clear()  # of a connection lost before their SUBACKs came: those will not come
         for topic, qos in subscriptions:
             _, mid = client.subscribe(topic, qos)
             with self._lock:
-                self._resubscribes.add(mid)
+                self._resubscribes[mid] = topic
         log.info(
             "MQTT connected to %s as %s (session present: %s)",
             self.url.redacted(),
@@ -310,15 +324,15 @@ class MqttClient:
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         failed = [rc for rc in reason_codes if rc.is_failure]
         with self._lock:
-            again = mid in self._resubscribes
-            self._resubscribes.discard(mid)
+            again = self._resubscribes.pop(mid, None)
+            if again is not None:  # nobody waits for it; kept, its id would one day answer another subscribe's wait
+                if failed:
+                    self._refused_topics[again] = ", ".join(map(str, failed))
+                else:
+                    self._refused_topics.pop(again, None)
         if failed:
-            log.error("MQTT subscription %d refused: %s", mid, failed)
-            if again:
-                self.refused_subscription = f"the broker refused a subscription made again on reconnecting: {failed}"
-            return
-        if again:  # nobody waits for it; kept, its id would one day answer another subscription's wait
-            self.refused_subscription = None
+            log.error("MQTT subscription %d%s refused: %s", mid, f" to {again}" if again else "", failed)
+        if failed or again is not None:
             return
         with self._lock:
             event = self._pending_subacks.pop(mid, None)

@@ -518,6 +518,7 @@ class AssessWorker:
                 # broker never confirm it, the worker stops without acknowledging this batch or any later one). A
                 # coil the write then refuses is not stored, and a copy of it is assessed as new.
                 claimed = [coil.coil_id for coil in prepared.assessed] + prepared.result.republished
+                fresh = {coil_id for coil_id in claimed if coil_id not in self._announced}  # not an earlier batch's
                 self._announced.add_all(claimed)
                 try:
                     result = self._commit(prepared, unmarked)
@@ -525,7 +526,7 @@ class AssessWorker:
                     continue
                 # Not this batch's to announce after all (another worker stored the coil first): a copy that comes
                 # here later announces the stored decision should that worker never have.
-                self._announced.discard_all(set(claimed) - set(result.to_mark_published))
+                self._announced.discard_all(fresh - set(result.to_mark_published))
                 unmarked = []
                 if unconfirmed:
                     continue

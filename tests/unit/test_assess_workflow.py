@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -626,6 +627,26 @@ def test_a_coil_another_worker_stored_first_is_not_taken_for_announced(
     worker.engine.dispose()
 
 
+def test_a_copy_in_the_next_batch_leaves_the_first_batchs_announcement_standing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch N+1 was prepared before the committer took batch N, with another copy of N's coil: it votes on it
+    again and finds it stored at its write, a duplicate. N announced it, so it stays announced."""
+    from services.mqtt.client import Inbound
+
+    worker = _worker(tmp_path)
+    published = _committing(worker, MemoryStore(), monkeypatch)
+    batches = [worker._prepare([Inbound(TOPICS.sensors("galv-1"), _coil("X").payload, mid, 1)]) for mid in (1, 2)]
+    for batch in batches:
+        worker._pending.put(batch)
+    committer = threading.Thread(target=worker._commit_batches)
+    committer.start()
+    worker._pending.put(None)
+    committer.join(timeout=30)
+    assert len(published) == 1 and "X" in worker._announced
+    worker.engine.dispose()
+
+
 def test_a_coil_the_database_refuses_is_rejected_with_the_start_of_its_message(tmp_path: Path) -> None:
     """A value the database refuses for one coil rejects that coil, and the others of its batch are stored; the
     rejection's excerpt is the start of the message, as for every other rejection (it was the coil id)."""
@@ -679,6 +700,9 @@ def test_a_worker_whose_subscription_the_broker_refused_is_not_ready(tmp_path: P
     worker.subscribed.set()
     worker.ready.set()
     assert worker._readiness() is None
-    worker.client.refused_subscription = "the broker refused a subscription made again on reconnecting: [x]"
-    assert worker._readiness() == worker.client.refused_subscription
+    worker.client._refused_topics["cg/events/models"] = "Not authorized"
+    assert (
+        worker._readiness()
+        == "the broker refused subscriptions made again on reconnecting: cg/events/models (Not authorized)"
+    )
     worker.engine.dispose()

@@ -62,7 +62,9 @@ def test_a_job_leaves_the_callers_engine_alone(job: str, settings: Settings, dis
     engine.dispose()
 
 
-def test_a_wait_for_a_pooled_connection_is_bounded_like_a_connect_and_a_pool_without_one_still_builds() -> None:
+def test_a_wait_for_a_pooled_connection_is_bounded_like_a_connect_and_a_pool_without_one_still_builds(
+    tmp_path: Path,
+) -> None:
     """A worker waiting for a pooled connection (the API sharing its engine in `coilguard up`) must see a stop
     within a pod's grace period; a NullPool (the migrations') takes no such setting and must still be made."""
     from sqlalchemy.pool import NullPool
@@ -72,3 +74,6 @@ def test_a_wait_for_a_pooled_connection_is_bounded_like_a_connect_and_a_pool_wit
     url = "postgresql+psycopg://coilguard@127.0.0.1/coilguard"  # nothing connects
     assert make_engine(url).pool.timeout() == PG_CONNECT_TIMEOUT_S
     assert isinstance(make_engine(url, poolclass=NullPool).pool, NullPool)
+    # `coilguard up` on its embedded default, a SQLite file, shares one engine between the API and the worker too
+    assert make_engine(f"sqlite:///{tmp_path / 'cg.db'}").pool.timeout() == PG_CONNECT_TIMEOUT_S
+    assert make_engine("sqlite://").dialect.name == "sqlite"  # in memory: a pool without a wait, still made

@@ -214,7 +214,7 @@ def test_retrain_is_a_weekly_gpu_cronjob_in_prod_and_on_the_cpu_in_dev() -> None
     assert prod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in prod["tolerations"]
     # on the GPU or failing at once, never hours on the CPU holding a GPU; the run's own deadline and one retry
-    assert {"name": "COILGUARD_DEVICE", "value": "cuda"} in container["env"]
+    assert [e["value"] for e in container["env"] if e["name"] == "COILGUARD_DEVICE"] == ["cuda"]
     job = objects("prod", "CronJob")["coilguard-retrain"]["spec"]["jobTemplate"]["spec"]
     assert (job["backoffLimit"], job["activeDeadlineSeconds"], prod["restartPolicy"]) == (1, 21600, "Never")
     dev = pod_spec(objects("dev", "CronJob")["coilguard-retrain"])

@@ -28,22 +28,29 @@ def test_only_a_copy_marked_dup_of_a_message_in_hand_is_dropped_and_only_on_mqtt
 
 
 def test_a_subscription_the_broker_refuses_after_a_reconnect_is_what_readiness_says() -> None:
-    """The ACL changed while a worker was connected: on its next reconnect the broker refuses the subscription, and
-    the worker, connected, receives nothing. Was: logged once, the worker still ready. A SUBACK of a subscription
-    made again is not kept either (its id would one day answer another subscription's wait)."""
+    """The ACL changed while a worker was connected: on its next reconnect the broker refuses one of its two
+    subscriptions, and the worker, connected, receives nothing there. Was: logged once, the worker still ready (and
+    with one refusal and one grant, the grant cleared it). A SUBACK of a subscription made again is not kept either:
+    its id would one day answer another subscription's wait."""
     from types import SimpleNamespace
 
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.reasoncodes import ReasonCode
 
     client = MqttClient("mqtt://127.0.0.1:1883", manual_ack=True)
-    client._subscriptions = {"cg/sensors/+": 1}
+    client._subscriptions = {"cg/events/models": 1, "$share/coilguard-assess/cg/sensors/+/matrix": 1}
     mids = iter(range(40, 50))
     paho_side = SimpleNamespace(subscribe=lambda topic, qos: (0, next(mids)))
-    connected = ReasonCode(PacketTypes.CONNACK, "Success")
-    client._handle_connect(paho_side, None, SimpleNamespace(session_present=True), connected, None)
-    client._handle_subscribe(None, None, 40, [ReasonCode(PacketTypes.SUBACK, "Not authorized")], None)
-    assert client.refused_subscription is not None and "Not authorized" in client.refused_subscription
-    client._handle_connect(paho_side, None, SimpleNamespace(session_present=True), connected, None)
-    client._handle_subscribe(None, None, 41, [ReasonCode(PacketTypes.SUBACK, "Granted QoS 1")], None)
-    assert client.refused_subscription is None and not client._early_subacks
+    connected, granted = ReasonCode(PacketTypes.CONNACK, "Success"), ReasonCode(PacketTypes.SUBACK, "Granted QoS 1")
+
+    def reconnect(*answers: ReasonCode) -> None:
+        client._handle_connect(paho_side, None, SimpleNamespace(session_present=True), connected, None)
+        for mid, answer in zip(sorted(client._resubscribes), answers, strict=True):
+            client._handle_subscribe(None, None, mid, [answer], None)
+
+    reconnect(ReasonCode(PacketTypes.SUBACK, "Not authorized"), granted)
+    refused = client.refused_subscription
+    assert refused is not None and "cg/events/models (Not authorized)" in refused and "sensors" not in refused
+    client._resubscribes[39] = "cg/events/models"  # a connection lost before its SUBACK came: forgotten at the next
+    reconnect(granted, granted)
+    assert client.refused_subscription is None and not client._early_subacks and not client._resubscribes
