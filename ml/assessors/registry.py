@@ -30,21 +30,38 @@ def available() -> dict[str, type[Assessor]]:
     """Every installed assessor class by key. Looked up afresh each call: installs can change at run time.
 
     A plug-in that fails to import is logged and left out, so one broken package cannot take every
-    other assessor down with it.
+    other assessor down with it; so is a key two packages declare (:func:`assessor_class` refuses it).
     """
     found: dict[str, type[Assessor]] = {}
-    for ep in entry_points(group=GROUP):
+    for key, eps in _declared().items():
         try:
-            found[ep.name] = _load(ep)
+            found[key] = _load(_one(key, eps))
         except Exception as exc:
-            log.error("assessor plug-in %s = %s is unusable: %s", ep.name, ep.value, exc)
+            log.error("assessor plug-in %s is unusable: %s", key, exc)
     return found
 
 
 def assessor_class(key: str) -> type[Assessor]:
-    for ep in entry_points(group=GROUP, name=key):
-        return _load(ep)
-    raise UnknownAssessor(key)
+    eps = _declared(key).get(key)
+    if not eps:
+        raise UnknownAssessor(key)
+    return _load(_one(key, eps))
+
+
+def _declared(key: str | None = None) -> dict[str, list[EntryPoint]]:
+    """The entry points of the group by key, one per target (an install seen twice on the path is one)."""
+    found: dict[str, dict[str, EntryPoint]] = {}
+    for ep in entry_points(group=GROUP) if key is None else entry_points(group=GROUP, name=key):
+        found.setdefault(ep.name, {}).setdefault(ep.value, ep)
+    return {name: list(targets.values()) for name, targets in found.items()}
+
+
+def _one(key: str, eps: list[EntryPoint]) -> EntryPoint:
+    """The key's only target. Two packages declaring one key would each be picked somewhere (by install order),
+    and a model trained by one loaded by the other."""
+    if len(eps) > 1:
+        raise TypeError(f"assessor key {key!r} is declared by {' and '.join(ep.value for ep in eps)}: uninstall one")
+    return eps[0]
 
 
 def _load(ep: EntryPoint) -> type[Assessor]:
@@ -69,6 +86,6 @@ def load_artifact(directory: str | Path, *, allow_legacy: bool = False, expected
     manifest = Manifest.read(Path(directory))
     try:
         cls = assessor_class(manifest.kind)
-    except UnknownAssessor as exc:
+    except Exception as exc:  # not installed, declared twice, or its plug-in does not import
         raise ArtifactError(f"{directory}: {exc}") from None
     return cls.load(directory, allow_legacy=allow_legacy, expected_sha256=expected_sha256)

@@ -74,6 +74,31 @@ def test_the_families_are_installed_as_plugins() -> None:
         assert assessor_class(key) is found[key]
 
 
+def test_a_key_two_packages_declare_is_refused_not_picked_by_install_order(
+    monkeypatch: pytest.MonkeyPatch, fitted, tmp_path: Path
+) -> None:
+    """Was: `create` and loading took the first entry point of the key, `available()` the last; a model trained by
+    one package's class could be loaded by the other's."""
+    from importlib.metadata import EntryPoint
+
+    import ml.assessors.registry as registry
+
+    fitted("cnn").save(tmp_path / "m")  # trained while the key is still one package's
+    real = registry.entry_points
+    twin = EntryPoint("cnn", "other_package.assessors:Cnn", registry.GROUP)
+
+    def declared(**kwargs):
+        found = list(real(**kwargs))
+        return [*found, twin] if kwargs.get("name", "cnn") == "cnn" else found
+
+    monkeypatch.setattr(registry, "entry_points", declared)
+    with pytest.raises(TypeError, match=r"declared by ml\.assessors\.cnn:CnnAssessor and other_package"):
+        assessor_class("cnn")
+    assert "cnn" not in available() and "yolo" in available()
+    with pytest.raises(ArtifactError, match="uninstall one"):
+        load_artifact(tmp_path / "m")
+
+
 def test_trains_saves_loads_and_predicts_identically(trained: Assessor, unseen, tmp_path: Path) -> None:
     p, c = trained.predict(AssessBatch(unseen.X))
     assert p.shape == (len(unseen),) and np.isfinite(p).all()
