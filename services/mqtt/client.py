@@ -216,6 +216,7 @@ class MqttClient:
         topic = self._supported(topic)
         with self._lock:
             self._subscriptions.pop(topic, None)
+            self._refused_topics.pop(topic, None)  # not wanted any more: no reason to be unready for it
         if self.connected.is_set():
             result, _ = self._client.unsubscribe(topic)
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -302,7 +303,6 @@ class MqttClient:
                 self._session += 1
                 self._unacked.clear()  # the broker forgot them: it sends none again, and their ids start afresh
             subscriptions = list(self._subscriptions.items())
-        with self._lock:
             self._resubscribes.clear()  # of a connection lost before their SUBACKs came: those will not come
         for topic, qos in subscriptions:
             _, mid = client.subscribe(topic, qos)

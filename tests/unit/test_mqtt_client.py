@@ -51,6 +51,10 @@ def test_a_subscription_the_broker_refuses_after_a_reconnect_is_what_readiness_s
     reconnect(ReasonCode(PacketTypes.SUBACK, "Not authorized"), granted)
     refused = client.refused_subscription
     assert refused is not None and "cg/events/models (Not authorized)" in refused and "sensors" not in refused
+    client.connected.clear()  # offline: unsubscribing only forgets the topic, and with it the refusal
+    client.unsubscribe("cg/events/models")
+    assert client.refused_subscription is None
+    client._subscriptions["cg/events/models"] = 1
     client._resubscribes[39] = "cg/events/models"  # a connection lost before its SUBACK came: forgotten at the next
     reconnect(granted, granted)
     assert client.refused_subscription is None and not client._early_subacks and not client._resubscribes
