@@ -95,13 +95,19 @@ class RecentCoils:
         self._size = size
         self._lock = threading.Lock()
 
-    def add_all(self, coil_ids: list[str]) -> None:
+    def add_all(self, coil_ids: list[str]) -> set[str]:
+        """Add (or refresh) these ids; returns those that were not there before."""
+        new = set()
         with self._lock:
             for coil_id in coil_ids:
-                self._ids.pop(coil_id, None)
+                if coil_id in self._ids:
+                    del self._ids[coil_id]  # moved to the newest end
+                else:
+                    new.add(coil_id)
                 self._ids[coil_id] = None
             while len(self._ids) > self._size:
                 del self._ids[next(iter(self._ids))]
+        return new
 
     def discard_all(self, coil_ids: set[str]) -> None:
         with self._lock:
@@ -517,9 +523,9 @@ class AssessWorker:
                 # coils, stored and not yet marked; it is a duplicate, as the decision is on its way (should the
                 # broker never confirm it, the worker stops without acknowledging this batch or any later one). A
                 # coil the write then refuses is not stored, and a copy of it is assessed as new.
-                claimed = [coil.coil_id for coil in prepared.assessed] + prepared.result.republished
-                fresh = {coil_id for coil_id in claimed if coil_id not in self._announced}  # not an earlier batch's
-                self._announced.add_all(claimed)
+                fresh = self._announced.add_all(  # those not claimed by an earlier batch already
+                    [coil.coil_id for coil in prepared.assessed] + prepared.result.republished
+                )
                 try:
                     result = self._commit(prepared, unmarked)
                 except _Stopped:  # shutting down with the database away: these stay unacknowledged
