@@ -30,6 +30,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from services.config import OFF, Settings
 from services.cron import crontab_trigger
+from services.job_health import JobWatch
 from services.signals import StopSignals
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class Scheduler(BlockingScheduler):
         self.stopping = threading.Event()
         self.made_at = datetime.now(UTC)
         self.on_stop: list[Callable[[datetime], object]] = []
+        self.watch = JobWatch()  # each job's outcome for the metrics, and whether one hangs (`coilguard scheduler`)
         self._thread: threading.Thread | None = None
 
     def start_in_thread(self) -> threading.Thread:
@@ -116,7 +118,13 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
         # (unannounced decisions, scores, how long a model has broken the rule) read true at once, not one period on
         first = {"next_run_time": datetime.now(UTC)} if name in ("announce", "score") else {}
         scheduler.add_job(
-            _guarded(name, job), trigger, args=[settings], id=name, name=name, misfire_grace_time=3600, **first
+            scheduler.watch.guard(name, job),
+            trigger,
+            args=[settings],
+            id=name,
+            name=name,
+            misfire_grace_time=3600,
+            **first,
         )
     if "drift" in jobs:  # once, as the scheduler starts: a restart over the report's time must not skip a day
         # judged when it runs, at the start, which is also when the regular job's next time is set (not here: the
@@ -127,8 +135,8 @@ def build_scheduler(settings: Settings, extra_jobs: dict[str, tuple[Job, object]
         )
         # no misfire limit: APScheduler's 1 s would drop it when the start is slower (waiting for the schema)
         scheduler.add_job(
-            _guarded(DRIFT_CATCH_UP, catch_up), "date", args=[settings], id=DRIFT_CATCH_UP, name=DRIFT_CATCH_UP,
-            misfire_grace_time=None,
+            scheduler.watch.guard(DRIFT_CATCH_UP, catch_up), "date", args=[settings], id=DRIFT_CATCH_UP,
+            name=DRIFT_CATCH_UP, misfire_grace_time=None,
         )  # fmt: skip
         scheduler.on_stop.append(functools.partial(release_catch_ups, settings))  # a catch-up cut short: no death
     return scheduler
@@ -285,21 +293,6 @@ def _one_at_a_time(lock: threading.Lock, job: Callable[..., object]) -> Callable
     return run
 
 
-def _guarded(name: str, job: Job) -> Callable[[Settings], None]:
-    """A failing job is logged and tried again at its next time; it never stops the scheduler."""
-
-    def run(settings: Settings) -> None:
-        log.info("job %s starting", name)
-        try:
-            job(settings)
-        except Exception:
-            log.exception("job %s failed", name)
-        else:
-            log.info("job %s done", name)
-
-    return run
-
-
 def scheduler_heartbeat(settings: Settings, scheduler: BaseScheduler) -> Heartbeat:
     """The scheduler's row in ``workers``, reporting each job's next run (``coilguard scheduler`` and ``up``)."""
     from services.db.engine import make_engine
@@ -346,7 +339,10 @@ def run_scheduler(settings: Settings) -> None:
 
     scheduler = build_scheduler(settings)
     stop = StopSignals().install()
-    set_probes(ready=lambda: None if scheduler.running else "waiting for the database at this release's schema")
+    set_probes(
+        live=scheduler.watch.hung,
+        ready=lambda: None if scheduler.running else "waiting for the database at this release's schema",
+    )
     serve_metrics(settings.metrics_port)
     if not wait_for_schema(settings, stop):
         return

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -89,6 +89,10 @@ VOTE_COLUMNS = ("coil_id", "model_id", "label", "p_nok", "confidence", "created_
 TALLIES = ("n_coils", "n_correct", "tp", "predicted_nok", "actual_nok")
 ANALYZE_AFTER = 10_000  # feedback rows in one ModelScore pass that make its statistics worth refreshing
 SCORE_LOCK_NAMESPACE = 0x73636F72  # "scor": one ModelScore pass at a time (pg_advisory_xact_lock)
+# How long a ModelScore pass waits for a feedback row another session holds (a hand edit left uncommitted in psql)
+# before it gives up, to try again at the next pass; another pass's lock is waited for without this limit.
+SCORE_ROW_WAIT_S = 60
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for lock_timeout
 
 
 def lock_score_tallies(conn: Connection) -> None:
@@ -555,7 +559,7 @@ class SqlScoreStore:
     def count_new_feedback(self) -> int:
         """One pass: add the feedback rows no pass has counted to the tallies; returns how many it counted (every
         row, when counted feedback was edited or deleted since the last pass)."""
-        with self.engine.begin() as conn:
+        with self.engine.begin() as conn, _row_wait_bounded(conn):
             self._lock(conn)
             # On SQLite this INSERT takes the write lock: a second pass waits for this one to commit.
             pass_id = conn.execute(score_passes.insert().values(n_feedback=0).returning(score_passes.c.id)).scalar_one()
@@ -602,8 +606,11 @@ class SqlScoreStore:
         return True
 
     def _lock(self, conn: Connection) -> None:
-        """One pass (or reset) at a time on PostgreSQL, until the transaction ends; SQLite has one writer anyway."""
+        """One pass (or reset) at a time on PostgreSQL, until the transaction ends; SQLite has one writer anyway.
+        Then the pass's own waits for row locks are bounded (:func:`_row_wait_bounded`)."""
         lock_score_tallies(conn)
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"SET LOCAL lock_timeout = '{SCORE_ROW_WAIT_S}s'"))
 
     def tallied(self, now: datetime) -> list[ModelScoreRow]:
         """The active versions' tallies as they stand (no pass is run)."""
@@ -706,6 +713,25 @@ class SqlScoreStore:
         )
         with self.engine.connect() as conn:
             return [LatestScore(_record(r), r.n_coils, r.score, r.computed_at) for r in conn.execute(query)]
+
+
+class ScorePassBlocked(RuntimeError):
+    """A ModelScore pass gave up waiting for a row another session holds; the next pass tries again."""
+
+
+@contextlib.contextmanager
+def _row_wait_bounded(conn: Connection) -> Iterator[None]:
+    """A pass that waited its limit for a row lock fails with what to look for, not with the driver's bare
+    "canceling statement due to lock timeout"."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+            raise
+        raise ScorePassBlocked(
+            f"ModelScore waited more than {SCORE_ROW_WAIT_S} s for a feedback row another session holds (an edit "
+            "left uncommitted? see pg_stat_activity's 'idle in transaction'); the next pass tries again"
+        ) from exc
 
 
 def _vote_counts(word: Subquery) -> dict[str, ColumnElement[Any]]:

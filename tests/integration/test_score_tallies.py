@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
+import pytest
 from score_scenario import History, run_history
 from sqlalchemy import text
 
+from services.db import repositories
 from services.db.engine import make_engine
 from services.db.migrate import upgrade
 
@@ -48,3 +51,26 @@ def test_passes_racing_each_other_and_the_operators_count_every_row_once(
         t.join()
     assert not errors
     assert history.check()["a/v1"][0] > 100
+
+
+def test_a_pass_blocked_by_an_edit_left_open_gives_up_with_the_reason_and_the_next_counts_it(
+    pg_database_factory: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's psql session that edited a feedback row and went to lunch held ModelScore's claim of that row
+    forever: no pass finished and the scores stood still, with nothing in the log. Now the pass gives up after
+    ``SCORE_ROW_WAIT_S`` saying what holds it, counts nothing, and the pass after the edit ends counts every row."""
+    monkeypatch.setattr(repositories, "SCORE_ROW_WAIT_S", 1)
+    history = History(_engine(pg_database_factory), seed=3)
+    history.assess(20, {"a": 1, "img": 1})
+    history.give_feedback(5)
+    with history.engine.connect() as editor:
+        editor.execute(text("UPDATE feedback SET comment = 'checking' WHERE id = (SELECT min(id) FROM feedback)"))
+        started = time.monotonic()
+        with pytest.raises(repositories.ScorePassBlocked, match="feedback row another session holds"):
+            history.store.count_new_feedback()
+        assert time.monotonic() - started < 10
+        editor.rollback()
+    with history.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM score_passes")).scalar_one() == 0  # the failed pass left nothing
+    assert history.store.count_new_feedback() == 5
+    history.check()

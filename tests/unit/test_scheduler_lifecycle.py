@@ -22,6 +22,7 @@ import pytest
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import func, select
 
+from services import job_health, jobs, metrics
 from services import scheduler as sched
 from services.config import Settings, load_settings
 from services.db.engine import make_engine
@@ -175,6 +176,41 @@ def test_the_scheduler_waits_for_the_schema_then_runs(
     assert waiting and "run `coilguard db upgrade` first" in waiting[0]
 
 
+def test_a_modelscore_pass_that_hangs_fails_the_schedulers_liveness_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handlers: None
+) -> None:
+    """The scheduler's /health/live answered 200 whatever its jobs did: a ModelScore waiting for ever (a lock, a
+    hung socket) stopped every score with the pod reported healthy. Now the probe names the job once its run
+    has gone on past its bound, so Kubernetes restarts the scheduler."""
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    monkeypatch.setattr(job_health, "HUNG_AFTER", {"score": timedelta(seconds=0.5)})
+    monkeypatch.setattr(metrics, "_PROBES", {})
+    inside, release = threading.Event(), threading.Event()
+
+    def hanging_score(settings: Settings) -> None:
+        inside.set()
+        release.wait(GIVE_UP_S)
+
+    monkeypatch.setattr(jobs, "run_score", hanging_score)
+    answers: dict[str, str | None] = {}
+
+    def probe_then_stop() -> None:
+        try:
+            if inside.wait(GIVE_UP_S):  # ModelScore runs as the scheduler starts
+                answers["at once"] = metrics._PROBES["live"]()
+                time.sleep(1.0)
+                answers["a second on"] = metrics._PROBES["live"]()
+        finally:
+            release.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _in_background(probe_then_stop)
+    sched.run_scheduler(_settings(url))
+    assert answers["at once"] is None
+    assert answers["a second on"] is not None and answers["a second on"].startswith("job score has run for")
+
+
 def test_a_drift_report_missed_while_the_scheduler_was_down_is_written_when_it_starts(tmp_path: Path) -> None:
     """The schedule lives in memory: a scheduler restarted over the report's time (02:30) comes back with the
     next day's. It writes the missed report once on starting, and only when none was written since it was due.
@@ -301,6 +337,7 @@ def test_the_drift_catch_up_runs_however_long_the_scheduler_takes_to_start(
     scheduler = sched.build_scheduler(settings)
     time.sleep(1.5)  # the schema wait
     caplog.set_level(logging.INFO, logger="services.scheduler")
+    caplog.set_level(logging.INFO, logger="services.job_health")  # each job's "starting" and "done"
     _in_background(scheduler.start)
     try:
         deadline = time.monotonic() + GIVE_UP_S
