@@ -51,16 +51,24 @@ def db_upgrade(ctx: AppContext, revision: str, wait: timedelta | None) -> None:
 def db_downgrade(ctx: AppContext, revision: str) -> None:
     """Migrate the database down to REVISION: -1 for one step (the default), a revision id, or base (drops every table).
 
-    A bare `db downgrade` (DESIGN §5) undoes the newest revision only, as services.db.migrate.downgrade does,
-    and never the first one, whose undoing drops every table: emptying a plant's database takes the word base.
+    A bare `db downgrade` (DESIGN §5) undoes the newest revision only, as services.db.migrate.downgrade does.
+    No downgrade goes below the first revision, whose undoing drops every table (one step too many, `-8`, or the
+    first revision's own id): emptying a plant's database takes the word base.
     """
-    from services.db.migrate import current, downgrade, first
+    from alembic.util import CommandError
+
+    from services.db.migrate import current, downgrade, downgrade_lands_at
 
     at = current(ctx.settings.database_url)
-    if revision == "-1" and at is not None and at == first():
-        raise click.ClickException(
-            f"the database is at {at}, the first revision: one step down drops every table with its coils and "
-            "feedback; run `coilguard db downgrade base` if that is what you mean"
-        )
+    if at is not None and revision != "base":
+        try:
+            lands_at = downgrade_lands_at(at, revision)
+        except CommandError as exc:
+            raise click.ClickException(f"no such revision {revision!r} ({exc})") from None
+        if lands_at is None:
+            raise click.ClickException(
+                f"the database is at {at}: downgrading to {revision} goes below the first revision and drops every "
+                "table with its coils and feedback; run `coilguard db downgrade base` if that is what you mean"
+            )
     downgrade(ctx.settings.database_url, revision)
     click.echo(f"database at revision {current(ctx.settings.database_url) or 'base'}")

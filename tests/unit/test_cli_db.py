@@ -38,3 +38,23 @@ def test_a_bare_downgrade_undoes_one_revision(tmp_path: Path) -> None:
     down = coilguard("db", "downgrade", "base", env=env)
     assert down.returncode == 0, down.stderr
     assert migrate.current(url) is None and "database at revision base" in down.stdout
+
+
+def test_no_downgrade_but_base_goes_below_the_first_revision(tmp_path: Path) -> None:
+    """Only a bare one step was refused at the first revision: `db downgrade -8` from the head (or `-2` one
+    revision up) went to base and dropped every table, exiting 0."""
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    env = {"COILGUARD_DATABASE_URL": url}
+    assert coilguard("db", "upgrade", env=env).returncode == 0
+    head, first = str(migrate.head()), str(migrate.first())
+    depth = len(list(ScriptDirectory.from_config(migrate.alembic_config("")).walk_revisions()))
+    for revision in (f"-{depth}", f"-{depth + 5}", f"{head}-{depth}", f"{first}-1"):
+        refused = coilguard("db", "downgrade", revision, env=env)
+        assert refused.returncode != 0 and "drops every table" in refused.stderr, (revision, refused.stderr)
+        assert migrate.current(url) == head
+    unknown = coilguard("db", "downgrade", "9999", env=env)
+    assert unknown.returncode != 0 and "no such revision '9999'" in unknown.stderr, unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    two = coilguard("db", "downgrade", f"-{depth - 1}", env=env)  # as far as the first revision: allowed
+    assert two.returncode == 0, two.stderr
+    assert migrate.current(url) == first
