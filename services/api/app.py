@@ -44,6 +44,7 @@ MAX_BODY_BYTES = 64 * 1024
 
 def create_app(settings: Settings, engine: Engine | None = None, *, heartbeat: bool = True) -> FastAPI:
     """The REST API over ``settings``' database; ``heartbeat`` keeps a ``workers`` row while it serves."""
+    owned = engine is None  # `coilguard up` hands in the engine it shares with its worker, and disposes of it
     engine = engine or make_engine(settings.database_url)
 
     @contextlib.asynccontextmanager
@@ -54,6 +55,8 @@ def create_app(settings: Settings, engine: Engine | None = None, *, heartbeat: b
         finally:
             if beat is not None:
                 beat.stop()
+            if owned:  # the pooled connections close now, not when the server's host process ends
+                engine.dispose()
 
     app = FastAPI(
         title="coilguard",

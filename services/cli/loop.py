@@ -29,16 +29,15 @@ _FEEDBACK_PARAMS = {"coil_id": "COIL_ID", "label": "LABEL", "operator": "--opera
 @pass_ctx
 def feedback(ctx: AppContext, coil_id: str, label: str, operator: str, comment: str | None) -> None:
     """Record an operator's verdict on a coil (the latest verdict for a coil wins)."""
-    from services.db.engine import make_engine
+    from services.db.engine import engine_for
     from services.db.repositories import SqlFeedbackStore
     from workflows.ports import UnknownCoil
 
     given = _feedback_in(coil_id=coil_id, label=label, operator=operator, comment=comment)
     require_schema(ctx.settings)
     try:
-        row = SqlFeedbackStore(make_engine(ctx.settings.database_url)).add(
-            given.coil_id, given.label, given.operator, given.comment
-        )
+        with engine_for(ctx.settings.database_url) as engine:
+            row = SqlFeedbackStore(engine).add(given.coil_id, given.label, given.operator, given.comment)
     except UnknownCoil as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"feedback #{row}: {given.coil_id} is {given.label} according to {given.operator}")
@@ -66,7 +65,7 @@ def _feedback_in(**fields: str | None) -> FeedbackIn:
 @pass_ctx
 def score(ctx: AppContext, every: timedelta | None, recount: bool) -> None:
     """ModelScore: each active model's agreement with operator feedback, into mperformance."""
-    from services.db.engine import make_engine
+    from services.db.engine import engine_for
     from services.db.repositories import SqlScoreStore
     from services.jobs import run_score
 
@@ -76,7 +75,8 @@ def score(ctx: AppContext, every: timedelta | None, recount: bool) -> None:
 
     require_schema(ctx.settings)
     if recount:  # feedback rows deleted or edited by hand: the tallies cannot see that
-        SqlScoreStore(make_engine(ctx.settings.database_url)).forget_tallies()
+        with engine_for(ctx.settings.database_url) as engine:
+            SqlScoreStore(engine).forget_tallies()
     if every is None:
         once()
         return
@@ -105,10 +105,11 @@ def retrain(ctx: AppContext, names: tuple[str, ...], force: bool) -> None:
 
     require_schema(ctx.settings)
     if names:
-        from services.db.engine import make_engine
+        from services.db.engine import engine_for
         from services.db.repositories import SqlModelRegistry
 
-        active = {m.name for m in SqlModelRegistry(make_engine(ctx.settings.database_url)).active_models()}
+        with engine_for(ctx.settings.database_url) as engine:  # not held open through hours of training
+            active = {m.name for m in SqlModelRegistry(engine).active_models()}
         unknown = sorted(set(names) - active)
         if unknown:
             raise click.BadParameter(

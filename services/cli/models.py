@@ -29,7 +29,11 @@ from services.cli.base import AppContext, cli, pass_ctx, require_schema
     help="With --register: train nothing when a version of this name serves already (a first model's bootstrap, "
     "run again at every start, must not replace a retrained one).",
 )
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Save here instead (no registry).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Save here instead (no registry); without --out or --register, under MODEL_DIR/unregistered/.",
+)
 @pass_ctx
 def train(
     ctx: AppContext,
@@ -45,7 +49,7 @@ def train(
     """Train an assessor, save its artifact and (with --register) put it into service."""
     from ml.assessors.registry import UnknownAssessor, create
     from ml.dataset import CoilDataset
-    from services.db.engine import engine_for, make_engine
+    from services.db.engine import engine_for
     from services.db.repositories import SqlModelRegistry
     from services.progress import fit_progress, validation_summary
     from workflows.ports import NO_ACTIVE_VERSION, ChampionChanged
@@ -53,7 +57,10 @@ def train(
     from workflows.training import register as register_model
 
     settings = ctx.settings
-    options = {"seed": seed, **dict(parse_setting(o) for o in overrides)}
+    options = dict(parse_setting(o) for o in overrides)
+    if "seed" in options:  # it would seed the training and not the data, and the manifest would say one seed
+        raise click.BadParameter("the seed is --seed (it seeds the data and the training alike)", param_hint="--set")
+    options["seed"] = seed
     try:
         assessor = create(kind, options, name=name)
     except UnknownAssessor as exc:
@@ -95,28 +102,51 @@ def train(
         report = assessor.fit(data, device=settings.device, callback=on_epoch)
     validation = validation_summary(report.metrics.get("validation", {}))
     click.echo(f"done in {report.duration_s:.0f} s, {report.epochs_run} epochs on {report.device}: {validation}")
+    # what --data said, so that the manifest names the data and not only its counts and digest
+    assessor.training_data = {**assessor.training_data, "spec": _data_provenance(data_spec, seed)}
+    if out is None and not register:  # an hour of training is not thrown away for a missing option
+        out = unregistered_dir(settings.model_dir, assessor.name)
     if out is not None:
         assessor.save(out)
         click.echo(f"saved to {out}")
     if register:
-        registry = SqlModelRegistry(make_engine(settings.database_url))
-        try:
-            record = register_model(
-                assessor,
-                registry,
-                settings.model_dir,
-                status="active",
-                dataset=data if isinstance(data, CoilDataset) else None,  # image folders stay where they are
-                replacing=NO_ACTIVE_VERSION if unless_serving else None,  # none served when the training began
-            )
-        except ChampionChanged:  # another bootstrap, or an operator, put a version in service meanwhile
-            serving = _serving_version(settings.database_url, assessor.name)
-            click.echo(
-                f"{assessor.name} v{serving} went into service while this one trained; v{assessor.version} stays a "
-                "candidate (--unless-serving)"
-            )
-            return
+        with engine_for(settings.database_url) as engine:
+            try:
+                record = register_model(
+                    assessor,
+                    SqlModelRegistry(engine),
+                    settings.model_dir,
+                    status="active",
+                    dataset=data if isinstance(data, CoilDataset) else None,  # image folders stay where they are
+                    replacing=NO_ACTIVE_VERSION if unless_serving else None,  # none served when the training began
+                )
+            except ChampionChanged as exc:
+                if not unless_serving:  # the active version changed under the registration: not in service
+                    raise click.ClickException(
+                        f"{assessor.name} v{assessor.version} was not put into service: {exc}"
+                    ) from None
+                # another bootstrap, or an operator, put a version in service meanwhile
+                serving = _serving_version(settings.database_url, assessor.name)
+                click.echo(
+                    f"{assessor.name} v{serving} went into service while this one trained; v{assessor.version} stays "
+                    "a candidate (--unless-serving)"
+                )
+                return
         click.echo(f"registered {record.name} v{record.version} (active) at {settings.model_dir / record.artifact_uri}")
+
+
+def unregistered_dir(model_dir: Path, name: str) -> Path:
+    """Where ``train`` without ``--out`` or ``--register`` saves: beside the registered models, never one of them."""
+    from datetime import UTC, datetime
+
+    return Path(model_dir) / "unregistered" / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
+
+
+def _data_provenance(spec: str, seed: int) -> dict[str, Any]:
+    """``--data`` as the manifest records it: simulated coils with their seed, or the file or folder's full path."""
+    if spec.startswith("sim:"):
+        return {"data": spec, "seed": seed}
+    return {"data": str(Path(spec).resolve())}
 
 
 def _serving_version(database_url: str, name: str) -> int | None:
@@ -276,12 +306,13 @@ def list_models(ctx: AppContext, kinds: bool, show_all: bool) -> None:
             table.add_row(key, cls.consumes, f"{cls.__module__}.{cls.__qualname__}")
         console.print(table)
         return
-    from services.db.engine import make_engine
+    from services.db.engine import engine_for
     from services.db.repositories import SqlModelRegistry
     from workflows.training import resolve_artifact
 
     require_schema(ctx.settings)
-    records = SqlModelRegistry(make_engine(ctx.settings.database_url)).all()
+    with engine_for(ctx.settings.database_url) as engine:
+        records = SqlModelRegistry(engine).all()
     table = Table("name", "version", "kind", "status", "validation NOK-F1", "created", "artifact")
     missing = 0
     for r in records:

@@ -11,7 +11,7 @@ from services.cli.base import DURATION, AppContext, cli, pass_ctx, require_schem
 
 @cli.command()
 @click.option("--host", help="Listen address (default COILGUARD_API_HOST).")
-@click.option("--port", type=int, help="Listen port (default COILGUARD_API_PORT).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Listen port (default COILGUARD_API_PORT).")
 @pass_ctx
 def api(ctx: AppContext, host: str | None, port: int | None) -> None:
     """The REST API: status, models, coils, feedback, drift reports, /metrics (OpenAPI at /openapi.json)."""
@@ -21,7 +21,12 @@ def api(ctx: AppContext, host: str | None, port: int | None) -> None:
 
     settings = ctx.settings
     # log_config=None: uvicorn's own logs go through coilguard's handler (text or JSON, like every process)
-    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port, log_config=None)
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.api_host,
+        port=port if port is not None else settings.api_port,
+        log_config=None,
+    )
 
 
 @cli.command()

@@ -213,3 +213,26 @@ def test_readiness_waits_for_this_releases_schema(tmp_path: Path, monkeypatch: p
 def test_an_api_token_that_no_client_could_send_is_refused_at_start() -> None:
     with pytest.raises(ConfigError, match=r"COILGUARD_API_TOKEN: .*printable ASCII"):
         load_settings(_env_file=None, api_token="päss")
+
+
+def test_the_engine_the_api_made_is_disposed_at_shutdown_one_handed_in_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`coilguard api` made its engine and never disposed of it: the pooled connections stayed open on the
+    server until the process ended. `coilguard up` hands in the engine its worker shares: that one stays."""
+    from services.api import app as api_app
+
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    settings = load_settings(_env_file=None, database_url=url)
+    disposed: list[str] = []
+    made = make_engine(url)
+    made.dispose = lambda *a, **k: disposed.append("made")  # type: ignore[method-assign]
+    monkeypatch.setattr(api_app, "make_engine", lambda *a, **k: made)
+    with TestClient(create_app(settings, heartbeat=False)) as client:
+        assert client.get("/status").status_code == 200
+    assert disposed == ["made"]
+    shared = make_engine(url)
+    shared.dispose = lambda *a, **k: pytest.fail("the shared engine was disposed")  # type: ignore[method-assign]
+    with TestClient(create_app(settings, shared, heartbeat=False)) as client:
+        assert client.get("/status").status_code == 200

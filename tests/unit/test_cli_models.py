@@ -379,6 +379,51 @@ def test_commands_on_a_database_never_migrated_say_to_upgrade_before_any_work(tm
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_train_without_out_or_register_keeps_the_model_and_its_manifest_names_the_data(tmp_path: Path) -> None:
+    """`train` without --out or --register trained (an hour, with real settings), said "done" and threw the model
+    away; and a saved manifest gave the data's counts and digest but not which data (`sim:N` and its seed, or the
+    file) made it."""
+    env = {"COILGUARD_MODEL_DIR": str(tmp_path / "m")}
+    run = coilguard("train", "--assessor", "cnn", "--data", "sim:200", "--seed", "4", "--set", "epochs=1", env=env)
+    assert run.returncode == 0, run.stderr
+    [saved] = (tmp_path / "m" / "unregistered").iterdir()
+    assert saved.name.startswith("cnn-") and f"saved to {saved}" in run.stdout
+    model = load_artifact(saved)
+    assert model.training_data["spec"] == {"data": "sim:200", "seed": 4} and model.settings.seed == 4
+    data = tmp_path / "coils.npz"
+    assert coilguard("dataset", "--coils", "120", "--out", str(data)).returncode == 0
+    out = tmp_path / "from-file"
+    run = coilguard("train", "--assessor", "cnn", "--data", str(data), "--set", "epochs=1", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert load_artifact(out).training_data["spec"] == {"data": str(data.resolve())}
+
+
+def test_a_registration_overtaken_without_unless_serving_fails_instead_of_saying_done(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """`train --register` whose registration found the name's active version changed under it printed "stays a
+    candidate (--unless-serving)", a flag nobody gave, and exited 0: a deploy script took the model as serving."""
+    from click.testing import CliRunner
+
+    import workflows.training
+    from services.cli import cli
+    from workflows.ports import ChampionChanged
+
+    env = {"COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}", "COILGUARD_MODEL_DIR": str(tmp_path)}
+    upgrade(env["COILGUARD_DATABASE_URL"])
+
+    def overtaken(*args: object, **kwargs: object) -> None:
+        raise ChampionChanged("cnn v1 went into service meanwhile")
+
+    monkeypatch.setattr(workflows.training, "register", overtaken)
+    args = ["train", "--assessor", "cnn", "--data", "sim:60", "--set", "epochs=1", "--set", "batch_size=32"]
+    run = CliRunner().invoke(cli, [*args, "--register"], env=env)
+    assert run.exit_code == 1, run.output
+    assert "was not put into service: cnn v1 went into service meanwhile" in run.output
+    assert "--unless-serving" not in run.output
+
+
 def test_bad_options_are_usage_errors_not_tracebacks(tmp_path: Path) -> None:
     env = {"COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}", "COILGUARD_MODEL_DIR": str(tmp_path / "m")}
     assert coilguard("db", "upgrade", env=env).returncode == 0
@@ -394,6 +439,9 @@ def test_bad_options_are_usage_errors_not_tracebacks(tmp_path: Path) -> None:
         ("score", "--every", "5x"): "not a duration: '5x'",
         ("drift", "--window", "24x"): "not a duration: '24x'",
         ("dataset", "--coils", "0", "--out", str(tmp_path / "d")): "--coils",
+        ("train", "--assessor", "cnn", "--set", "seed=5"): "the seed is --seed",
+        ("api", "--port", "0"): "--port",
+        ("api", "--port", "70000"): "--port",
     }
     for args, says in cases.items():
         run = coilguard(*args, env=env)
