@@ -14,7 +14,9 @@ plots into ``--out``.
 One gold set is 60 coils, where one coil moves NOK-F1 by about 0.02 and two runs of the same code differ
 by that much (CPU floating point is not bit-identical between processes). ``--seeds`` repeats the whole
 protocol on other simulated lines (development data, gold set and training seed all from the seed) and
-judges the targets on the mean over seeds.
+judges the targets on the mean over seeds. With ``--data F.npz`` the development data and the gold set are the
+file's line on every seed (the gold set always comes from the line the data was simulated on); only the
+training seed changes.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import click
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, provenance, write_section
 from ml.evaluation.protocol import ENSEMBLE, Evaluation, Plan, evaluate
 from ml.evaluation.report import PAPER_NOTE, gold_table, mean_gold_f1, seeds_table, write_report
-from ml.sim.gold import check_apart, gold_set
+from ml.sim.gold import check_apart, gold_for
+from services.cli.base import coil_assessor_kinds
 from services.cli.models import parse_setting
 from services.progress import make_progress
 from workflows.training import training_data
@@ -57,14 +62,20 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = parser.parse_args()
 
-    kinds = [k.strip() for k in args.assessors.split(",") if k.strip()]
+    try:  # the command's checks: installed, matrix assessors, each once
+        kinds = coil_assessor_kinds(args.assessors, "--assessors")
+    except click.BadParameter as exc:
+        parser.error(exc.format_message())
     settings: dict[str, dict] = {k: {} for k in kinds}
     for text in args.overrides:
         key, value = parse_setting(text)
         kind, _, name = key.partition(".")
         settings.setdefault(kind, {})[name] = value
     seeds = [int(t) for t in args.seeds.split(",") if t.strip()]
-    plan = Plan(kinds=kinds, settings=settings, n_splits=args.folds, n_repeats=args.repeats, device=args.device)
+    try:
+        plan = Plan(kinds=kinds, settings=settings, n_splits=args.folds, n_repeats=args.repeats, device=args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     evaluations = [
         _evaluate(args.data, replace(plan, seed=seed), args.out / f"seed-{seed}" if len(seeds) > 1 else args.out)
         for seed in seeds
@@ -111,7 +122,8 @@ def main() -> None:
 
 def _evaluate(data: str, plan: Plan, out: Path) -> Evaluation:
     dev = training_data(data, seed=plan.seed)
-    gold = gold_set(seed=plan.seed)
+    plan.check_data(dev)
+    gold = gold_for(dev, plan.seed)
     check_apart(dev, gold)
     with make_progress() as progress:
         task = progress.add_task(f"quality, seed {plan.seed}", total=plan.n_fits, status="")

@@ -43,9 +43,25 @@ class Plan:
     bootstrap: int = 2000
     permutations: int = 5000
 
+    def __post_init__(self) -> None:
+        if self.n_splits < 2 or self.n_repeats < 0:  # refused here, not by scikit-learn after the data is built
+            raise ValueError(f"need at least 2 folds and 0 or more repeats, not {self.n_splits} × {self.n_repeats}")
+        if len(set(self.kinds)) < len(self.kinds):  # one row, one vote and one permutation-test side each
+            raise ValueError(f"an assessor named more than once: {self.kinds}")
+
     @property
     def n_fits(self) -> int:
         return len(self.kinds) * (self.n_splits * self.n_repeats + 1)
+
+    def check_data(self, dev: CoilDataset) -> None:
+        """Refuse development data too small for the folds: scikit-learn only warns when a class has fewer coils
+        than folds, and a fold without NOK then scores NOK-F1 0 and drags the cross-validation mean down."""
+        n_ok = len(dev) - dev.n_nok
+        if self.n_repeats and min(dev.n_nok, n_ok) < self.n_splits:
+            raise ValueError(
+                f"{self.n_splits}-fold cross-validation needs at least {self.n_splits} coils of each class; the data "
+                f"has {dev.n_nok} NOK and {n_ok} OK (more coils, fewer folds, or no cross-validation repeats)"
+            )
 
 
 @dataclass

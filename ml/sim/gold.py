@@ -64,6 +64,19 @@ def gold_set(
     return ds
 
 
+def gold_for(dev: CoilDataset, seed: int) -> CoilDataset:
+    """The gold set for development data ``dev``: a later period of the line ``dev`` was simulated on (its seed
+    and settings, from its ``meta``), whatever ``seed`` the evaluation's folds and fits use; data from no recorded
+    line (a plant's export, a ReTrain's kept history) is judged on line ``seed``'s. A ``.npz`` written by
+    ``coilguard dataset --seed 7`` was otherwise judged on line 0's gold set: other knives and gauges, not a
+    later period of its own line, and :func:`check_apart` did not look."""
+    if dev.meta.get("source") != "sim" or dev.meta.get("seed") is None:
+        return gold_set(seed=seed)
+    config = dev.meta.get("config")
+    line = LineConfig.from_dict(config) if isinstance(config, dict) else None
+    return gold_set(seed=int(dev.meta["seed"]), config=line)
+
+
 def check_apart(dev: CoilDataset, gold: CoilDataset) -> None:
     """Refuse development data from the gold set's own line that reaches into its period: a simulated coil's
     readings come from the line's seed and its index, so ``sim:N`` with N beyond :data:`GOLD_FIRST_INDEX` holds

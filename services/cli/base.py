@@ -67,6 +67,8 @@ def coil_assessor_kinds(text: str, param_hint: str) -> list[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     if not kinds:
         raise click.BadParameter("name at least one assessor", param_hint=param_hint)
+    if repeated := sorted({k for k in kinds if kinds.count(k) > 1}):  # one row each, and one vote each
+        raise click.BadParameter(f"named more than once: {', '.join(repeated)}", param_hint=param_hint)
     missing = [k for k in kinds if k not in installed]
     if missing:
         raise click.BadParameter(

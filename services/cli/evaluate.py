@@ -11,10 +11,18 @@ from services.cli.base import AppContext, cli, coil_assessor_kinds, pass_ctx
 
 @cli.command()
 @click.option("--assessors", default="cnn,yolo,effnet,siamese", show_default=True, help="Comma-separated kinds.")
-@click.option("--data", "data_spec", default="sim:4542", show_default=True, help="Development data: sim:N or .npz.")
-@click.option("--folds", default=5, show_default=True, help="Cross-validation folds.")
-@click.option("--repeats", default=10, show_default=True, help="Cross-validation repeats (0: gold set only).")
-@click.option("--quick", is_flag=True, help="2 folds × 1 repeat on 2,000 coils with quick settings (minutes).")
+@click.option("--data", "data_spec", help="Development data: sim:N or .npz  [default: sim:4542; --quick: sim:2000]")
+@click.option("--folds", type=click.IntRange(min=2), help="Cross-validation folds  [default: 5; --quick: 2]")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=0),
+    help="Cross-validation repeats, 0: gold set only  [default: 10; --quick: 1]",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="2 folds × 1 repeat on 2,000 coils with quick settings (minutes); options given explicitly still hold.",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KIND.KEY=VALUE", help="e.g. cnn.depth=10")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Report folder (default REPORT_DIR/…).")
@@ -22,9 +30,9 @@ from services.cli.base import AppContext, cli, coil_assessor_kinds, pass_ctx
 def evaluate(
     ctx: AppContext,
     assessors: str,
-    data_spec: str,
-    folds: int,
-    repeats: int,
+    data_spec: str | None,
+    folds: int | None,
+    repeats: int | None,
     quick: bool,
     seed: int,
     overrides: tuple[str, ...],
@@ -38,7 +46,7 @@ def evaluate(
     from ml.evaluation.protocol import Plan
     from ml.evaluation.protocol import evaluate as run_evaluation
     from ml.evaluation.report import gold_table, write_report
-    from ml.sim.gold import check_apart, gold_set
+    from ml.sim.gold import check_apart, gold_for
     from services.cli.models import load_data, parse_setting
     from services.progress import make_progress
 
@@ -51,10 +59,10 @@ def evaluate(
         if kind not in settings or not name:
             raise click.BadParameter(f"expected KIND.KEY=VALUE with KIND one of {kinds}", param_hint="--set")
         settings[kind][name] = value
-    if quick:
-        folds, repeats = 2, 1
-        if data_spec == "sim:4542":
-            data_spec = "sim:2000"
+    # --quick fills only what was not given: `--quick --repeats 0` is a quick gold-set-only run
+    data_spec = data_spec or ("sim:2000" if quick else "sim:4542")
+    folds = folds if folds is not None else 2 if quick else 5
+    repeats = repeats if repeats is not None else 1 if quick else 10
     plan = Plan(
         kinds=kinds, settings=settings, n_splits=folds, n_repeats=repeats, seed=seed, device=ctx.settings.device
     )
@@ -64,7 +72,15 @@ def evaluate(
     if len(unique := dev.unique()) < len(dev):  # e.g. a ReTrain's kept data: copies would sit in both folds
         click.echo(f"note: {len(dev) - len(unique)} repeated rows of the same coils dropped; each coil counts once")
         dev = unique
-    gold = gold_set(seed=seed)
+    try:
+        plan.check_data(dev)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from None
+    gold = gold_for(dev, seed)
+    if gold.meta["seed"] != seed:
+        click.echo(
+            f"note: the gold set comes from line {gold.meta['seed']}, the one the development data was simulated on"
+        )
     try:
         check_apart(dev, gold)
     except ValueError as exc:

@@ -347,6 +347,11 @@ def test_evaluate_writes_the_table_and_plots(tmp_path: Path) -> None:
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     refused = coilguard("evaluate", "--assessors", "cnn,nosuch", *args)
     assert refused.returncode != 0 and "not installed: nosuch" in refused.stderr
+    # --quick fills only what is not given: it turned `--repeats 0` into a cross-validation and sim:N into sim:2000
+    quick = ("--quick", "--repeats", "0", "--data", "sim:300", "--set", "cnn.epochs=1", "--out", str(tmp_path / "q"))
+    run = coilguard("evaluate", "--assessors", "cnn", *quick)
+    assert run.returncode == 0, run.stderr
+    assert "on 300 coils" in run.stdout and "2×0 CV" in run.stdout
 
 
 @pytest.mark.slow
@@ -442,6 +447,10 @@ def test_bad_options_are_usage_errors_not_tracebacks(tmp_path: Path) -> None:
         ("train", "--assessor", "cnn", "--set", "seed=5"): "the seed is --seed",
         ("api", "--port", "0"): "--port",
         ("api", "--port", "70000"): "--port",
+        ("evaluate", "--assessors", "cnn", "--folds", "1"): "--folds",
+        ("evaluate", "--assessors", "cnn", "--repeats", "-1"): "--repeats",
+        ("evaluate", "--assessors", "cnn,cnn"): "named more than once: cnn",
+        ("evaluate", "--assessors", "cnn", "--data", "sim:30"): "needs at least 5 coils of each class",
     }
     for args, says in cases.items():
         run = coilguard(*args, env=env)

@@ -14,7 +14,7 @@ from ml.dataset import CoilDataset
 from ml.matrix import N_SECTIONS, N_SENSORS
 from ml.sim import SCENARIOS, DriftConfig, LineConfig, LineSimulator, SimCoil, gold_set, stats
 from ml.sim.drift import SENSOR_DRIFT_GAINS
-from ml.sim.gold import GOLD_FIRST_INDEX, check_apart
+from ml.sim.gold import GOLD_FIRST_INDEX, check_apart, gold_for
 from ml.sim.labels import LabelRule, true_margin
 from ml.sim.products import COATINGS
 
@@ -293,3 +293,15 @@ def test_gold_set_is_balanced_later_and_truly_labelled(baseline: list[SimCoil]) 
     stretch = LineSimulator(LineConfig(seed=5, first_index=GOLD_FIRST_INDEX - 10)).dataset(30)
     with pytest.raises(ValueError, match="runs to coil 100020 of line 5"):  # two of them, the last in the gold period
         check_apart(stretch.subset(np.array([0, 29])), gold)
+
+
+def test_the_gold_set_is_a_later_period_of_the_line_the_development_data_came_from(tmp_path) -> None:
+    """`coilguard dataset --seed 5` then `evaluate --data that.npz` (seed 0) judged line 5's coils on line 0's gold
+    set: other knives and gauges, and the overlap check skipped as "another line"."""
+    dev = LineSimulator(LineConfig(seed=5, v_max_mpm=150.0)).dataset(10)
+    dev.save(tmp_path / "dev.npz")
+    gold = gold_for(CoilDataset.load(tmp_path / "dev.npz"), seed=0)
+    assert gold.meta["seed"] == 5 and gold.meta["config"]["v_max_mpm"] == 150.0
+    assert np.array_equal(gold.X, gold_set(seed=5, config=LineConfig(seed=5, v_max_mpm=150.0)).X, equal_nan=True)
+    export = CoilDataset(dev.X, dev.y, dev.coil_id, dev.produced_at, {"source": "plant"})  # no line recorded
+    assert gold_for(export, seed=2).meta["seed"] == 2
