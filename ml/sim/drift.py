@@ -33,6 +33,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 SCENARIOS: tuple[str, ...] = ("sensor-drift", "knife-wear", "product-mix", "new-defect")
+# Beyond three times a scenario's full size the linear scaling leaves physics: knife wear thins the edge to a
+# negative coating (severity 8), a drifted gauge's gain goes below zero (4.2).
+MAX_SEVERITY = 3.0
 
 # sensor-drift: gain error of the drifted sensors at level 1 (two read low, one reads high).
 SENSOR_DRIFT_GAINS: tuple[float, ...] = (-0.24, -0.18, 0.16)
@@ -64,8 +67,10 @@ class DriftConfig:
     def __post_init__(self) -> None:
         if self.scenario is not None and self.scenario not in SCENARIOS:
             raise ValueError(f"unknown drift scenario {self.scenario!r}; known: {', '.join(SCENARIOS)}")
-        if self.ramp < 0 or self.severity < 0:
-            raise ValueError("ramp and severity must not be negative")
+        if self.ramp < 0:
+            raise ValueError("ramp must not be negative")
+        if not 0 <= self.severity <= MAX_SEVERITY:
+            raise ValueError(f"severity must be between 0 and {MAX_SEVERITY:g} (1 = the scenario's full size)")
         if self.start is not None and self.start < 0:
             raise ValueError("start must not be negative")
         if self.sensors is not None:
@@ -74,6 +79,8 @@ class DriftConfig:
                 raise ValueError(f"sensor-drift needs {len(SENSOR_DRIFT_GAINS)} sensors")
             if any(not 0 <= s < 18 for s in self.sensors):
                 raise ValueError("sensors must be column indices 0–17")
+            if len(set(self.sensors)) < len(self.sensors):  # one gain each: a repeated sensor lost a drift
+                raise ValueError("sensors must be distinct")
 
     def level(self, index: int) -> float:
         """Drift strength at coil ``index``: 0 before ``start``, then a linear ramp to ``severity``."""

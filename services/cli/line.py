@@ -57,8 +57,20 @@ _sim_options = [
         type=click.IntRange(min=0),
         help="The line's coil index where the drift starts (default: this run's first coil).",
     ),
-    click.option("--drift-ramp", default=200, show_default=True, help="Coils over which the drift grows."),
-    click.option("--severity", default=1.0, show_default=True, help="Drift strength (1 = the scenario's full size)."),
+    click.option(
+        "--drift-ramp",
+        default=200,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="Coils over which the drift grows.",
+    ),
+    click.option(
+        "--severity",
+        default=1.0,
+        show_default=True,
+        type=click.FloatRange(min=0),
+        help="Drift strength (1 = the scenario's full size, at most 3).",
+    ),
     click.option("--id-prefix", default="C", show_default=True, help="Coil id prefix, e.g. C → C-2026-000001."),
 ]
 
@@ -70,8 +82,10 @@ def sim_options(func):
 
 
 @cli.command()
-@click.option("--coils", "n_coils", default=100, show_default=True, help="How many coils to publish.")
-@click.option("--rate", default=10.0, show_default=True, help="Coils per second (0 = as fast as possible).")
+@click.option("--coils", "n_coils", default=100, show_default=True, type=click.IntRange(min=0), help="How many coils.")
+@click.option(
+    "--rate", default=10.0, show_default=True, type=click.FloatRange(min=0), help="Coils per second (0 = at once)."
+)
 @click.option("--binary", is_flag=True, help="Send thickness_b64 instead of nested lists.")
 @click.option(
     "--start",
@@ -130,7 +144,10 @@ def simulate(
                         binary=binary,
                         on_published=lambda *_: progress.advance(task),
                     )
-                client.flush()
+                if not client.flush():  # the coils may still be lost: not "published"
+                    raise click.ClickException(
+                        f"the broker did not confirm the {sent} coils on {topics(settings).sensors(line)} within 30 s"
+                    )
                 if refused := client.take_refused():
                     reasons = ", ".join(sorted({reason for _, reason in refused}))
                     raise click.ClickException(

@@ -115,3 +115,18 @@ def test_a_bad_setting_stops_the_command_with_the_variable_named() -> None:
     refused = coilguard("models", env={"COILGUARD_MQTT_URL": "http://nope"})
     assert refused.returncode != 0
     assert "COILGUARD_MQTT_URL" in refused.stderr
+
+
+def test_simulate_fails_when_the_broker_never_confirms_its_coils(mqtt_url: str, topic_prefix: str, monkeypatch) -> None:
+    """`simulate` ignored the outcome of its flush: coils the broker never acknowledged (a link that drops packets)
+    were reported "published" with exit 0. The broker here is real; only its confirmation is taken away."""
+    from click.testing import CliRunner
+
+    from services.cli import cli
+    from services.mqtt.client import MqttClient
+
+    monkeypatch.setattr(MqttClient, "flush", lambda self, timeout=30.0, stop=None: False)
+    env = {"COILGUARD_MQTT_URL": mqtt_url, "COILGUARD_MQTT_TOPIC_PREFIX": f"{topic_prefix}/cli-unconfirmed"}
+    done = CliRunner().invoke(cli, ["simulate", "--coils", "2", "--rate", "0"], env=env)
+    assert done.exit_code == 1, done.output
+    assert "the broker did not confirm the 2 coils" in done.output and "published 2 coils" not in done.output

@@ -447,6 +447,8 @@ def test_bad_options_are_usage_errors_not_tracebacks(tmp_path: Path) -> None:
         ("train", "--assessor", "cnn", "--set", "seed=5"): "the seed is --seed",
         ("api", "--port", "0"): "--port",
         ("api", "--port", "70000"): "--port",
+        ("simulate", "--coils", "-1"): "--coils",
+        ("dataset", "--out", str(tmp_path / "d.npz"), "--drift", "knife-wear", "--severity", "8"): "between 0 and 3",
         ("evaluate", "--assessors", "cnn", "--folds", "1"): "--folds",
         ("evaluate", "--assessors", "cnn", "--repeats", "-1"): "--repeats",
         ("evaluate", "--assessors", "cnn,cnn"): "named more than once: cnn",

@@ -192,6 +192,16 @@ def test_drift_level_ramps_then_plateaus() -> None:
         DriftConfig("flood")
 
 
+def test_a_drift_the_physics_cannot_take_is_refused() -> None:
+    """Severity 8 of knife wear made the true coating negative, and a sensor named twice lost one of the three
+    gauge drifts without a word."""
+    assert DriftConfig("knife-wear", severity=3.0).severity == 3.0
+    with pytest.raises(ValueError, match="between 0 and 3"):
+        DriftConfig("knife-wear", severity=3.5)
+    with pytest.raises(ValueError, match="distinct"):
+        DriftConfig("sensor-drift", sensors=(3, 3, 4))
+
+
 def test_set_drift_mid_stream_leaves_the_past_alone() -> None:
     plain = LineSimulator(LineConfig(seed=4)).take(60)
     sim = LineSimulator(LineConfig(seed=4))
