@@ -29,7 +29,7 @@ from ml.durable import write_atomic
 from services.config import Settings
 from services.db.engine import engine_for
 from services.db.models import Coil, DriftReport
-from services.db.repositories import SqlModelRegistry, latest_feedback, matrix_from_bytes
+from services.db.repositories import SqlModelRegistry, latest_feedback, stored_matrix, warn_unreadable
 from services.metrics import METRICS
 from workflows.assess import EnsembleLoader
 from workflows.drift_report import DriftOutcome, run_drift_report
@@ -175,13 +175,19 @@ class SqlDriftSource:
                 drawn = np.random.default_rng(self.config.seed).choice(len(ids), self.config.max_current, replace=False)
                 chosen = [ids[i] for i in np.sort(drawn)]
             rows: dict[str, Any] = {}
+            unreadable: list[str] = []
             for i in range(0, len(chosen), READ_CHUNK):
                 query = (
                     select(coils.c.coil_id, coils.c.matrix, coils.c.p_nok, latest.c.label)
                     .outerjoin(latest, latest.c.coil_id == coils.c.coil_id)
                     .where(coils.c.coil_id.in_(chosen[i : i + READ_CHUNK]))
                 )
-                rows.update({r.coil_id: (matrix_from_bytes(r.matrix), r.p_nok, r.label) for r in conn.execute(query)})
+                for r in conn.execute(query):
+                    if (matrix := stored_matrix(r.matrix)) is None:
+                        unreadable.append(r.coil_id)
+                    else:
+                        rows[r.coil_id] = (matrix, r.p_nok, r.label)
+        warn_unreadable(unreadable, "the drift report")
         kept = [rows[c] for c in chosen if c in rows]  # a coil deleted meanwhile is left out
         X = np.stack([m for m, _, _ in kept]) if kept else np.empty((0, 264, 18), np.float32)
         description: dict[str, Any] = {"n_coils": len(kept), "first": chosen[0] if chosen else None}

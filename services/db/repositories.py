@@ -127,6 +127,17 @@ def stored_matrix(data: bytes | None) -> np.ndarray | None:
     return matrix_from_bytes(data) if data is not None and len(data) == MATRIX_BYTES else None
 
 
+def warn_unreadable(coil_ids: Sequence[str], left_out_of: str) -> None:
+    """One coil whose stored matrix is not whole must not fail every ReTrain or drift report: it is left out, and
+    the log names it, so that someone can mend or delete the row."""
+    if coil_ids:
+        shown = ", ".join(coil_ids[:5]) + (f" and {len(coil_ids) - 5} more" if len(coil_ids) > 5 else "")
+        log.warning(
+            "%d coil(s) left out of %s: their stored matrix is not a whole %d×%d float32 matrix (%s)",
+            len(coil_ids), left_out_of, *SHAPE, shown,
+        )  # fmt: skip
+
+
 class SqlCoilStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -523,12 +534,16 @@ class SqlFeedbackStore:
             .join(latest, latest.c.coil_id == coils.c.coil_id)
             .order_by(latest.c.created_at, coils.c.coil_id)
         )
+        labelled: list[LabelledCoil] = []
+        unreadable: list[str] = []
         with self.engine.connect() as conn:
-            rows = conn.execution_options(stream_results=True, yield_per=500).execute(query)
-            return [
-                LabelledCoil(r.coil_id, matrix_from_bytes(r.matrix), int(r.label == "NOK"), r.produced_at, r.created_at)
-                for r in rows
-            ]
+            for r in conn.execution_options(stream_results=True, yield_per=500).execute(query):
+                if (matrix := stored_matrix(r.matrix)) is None:
+                    unreadable.append(r.coil_id)
+                else:
+                    labelled.append(LabelledCoil(r.coil_id, matrix, int(r.label == "NOK"), r.produced_at, r.created_at))
+        warn_unreadable(unreadable, "ReTrain's labelled coils")
+        return labelled
 
 
 class SqlScoreStore:

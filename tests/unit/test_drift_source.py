@@ -173,3 +173,23 @@ def test_a_report_file_is_on_disk_before_its_row_points_at_it(tmp_path: Path, mo
     drift.write_atomic(tmp_path / "report.html", "<html></html>")  # what the report's writer calls
     assert synced == ["file report.html.tmp", f"dir {tmp_path.name}"]
     assert (tmp_path / "report.html").read_text() == "<html></html>"
+
+
+def test_a_coil_whose_stored_matrix_is_not_whole_is_left_out_by_name_not_failing_every_run(
+    engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row written or cut short by hand made every drift report and every ReTrain (which reads the labelled
+    coils) fail on reshaping it, week after week; the API already showed such a coil without readings."""
+    from services.db.repositories import SqlFeedbackStore
+
+    _stored(engine, 10)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE coils SET matrix = x'0102' WHERE coil_id IN ('C0003', 'C0007')"))
+        conn.execute(text("INSERT INTO feedback (coil_id, label, operator) VALUES ('C0004', 'OK', 'anna')"))
+    source = SqlDriftSource(engine, tmp_path, tmp_path / "cache", DriftConfig())
+    sample = source.current(NOW - timedelta(days=1), NOW + timedelta(seconds=1))
+    assert len(sample) == 8 and 3 not in sample.X[:, 0, 0] and 7 not in sample.X[:, 0, 0]
+    assert "2 coil(s) left out of the drift report" in caplog.text and "C0003, C0007" in caplog.text
+    labelled = SqlFeedbackStore(engine).labelled_coils()
+    assert [c.coil_id for c in labelled] == ["C0004"]  # C0007's NOK is on an unreadable matrix
+    assert "1 coil(s) left out of ReTrain's labelled coils" in caplog.text
