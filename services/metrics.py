@@ -67,15 +67,16 @@ class _Metrics:
             "mperformance (0 when it does not); survives a restart, unlike a `for:` on the score",
             ["model"],
         )
+        # the label is `task`, not `job`: Prometheus sets `job` on every scraped series itself, and would rename ours
         self.job_runs = Counter(
             "coilguard_scheduler_job_runs_total",
             "Runs of the scheduler's jobs by outcome (done, failed)",
-            ["job", "outcome"],
+            ["task", "outcome"],
         )
         self.job_failures_in_a_row = Gauge(
             "coilguard_scheduler_job_failures_in_a_row",
             "Runs of a scheduler job that failed since its last run that did not (0 from the scheduler's start)",
-            ["job"],
+            ["task"],
         )
         self.feedback = Counter("coilguard_feedback_total", "Operator verdicts received", ["label", "source"])
         self.drift_reports = Counter("coilguard_drift_reports_total", "Drift report runs by outcome", ["outcome"])

@@ -52,20 +52,20 @@ def db_downgrade(ctx: AppContext, revision: str) -> None:
     """Migrate the database down to REVISION: -1 for one step (the default), a revision id, or base (drops every table).
 
     A bare `db downgrade` (DESIGN §5) undoes the newest revision only, as services.db.migrate.downgrade does.
-    No downgrade goes below the first revision, whose undoing drops every table (one step too many, `-8`, or the
-    first revision's own id): emptying a plant's database takes the word base.
+    No downgrade goes below the first revision, whose undoing drops every table (one step too many, or FIRST-1):
+    emptying a plant's database takes the word base.
     """
     from alembic.util import CommandError
 
-    from services.db.migrate import current, downgrade, downgrade_lands_at
+    from services.db.migrate import current, downgrade, downgrade_drops_every_table
 
     at = current(ctx.settings.database_url)
     if at is not None and revision != "base":
         try:
-            lands_at = downgrade_lands_at(at, revision)
+            drops = downgrade_drops_every_table(at, revision)
         except CommandError as exc:
-            raise click.ClickException(f"no such revision {revision!r} ({exc})") from None
-        if lands_at is None:
+            raise click.ClickException(f"cannot downgrade from {at} to {revision!r}: {exc}") from None
+        if drops:
             raise click.ClickException(
                 f"the database is at {at}: downgrading to {revision} goes below the first revision and drops every "
                 "table with its coils and feedback; run `coilguard db downgrade base` if that is what you mean"

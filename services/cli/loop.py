@@ -66,11 +66,15 @@ def _feedback_in(**fields: str | None) -> FeedbackIn:
 def score(ctx: AppContext, every: timedelta | None, recount: bool) -> None:
     """ModelScore: each active model's agreement with operator feedback, into mperformance."""
     from services.db.engine import engine_for
-    from services.db.repositories import SqlScoreStore
+    from services.db.repositories import ScorePassBlocked, SqlScoreStore
     from services.jobs import run_score
 
     def once() -> None:
-        for scored in run_score(ctx.settings):
+        try:
+            scored_models = run_score(ctx.settings)
+        except ScorePassBlocked as exc:  # said in one line: what holds it, and that nothing was counted
+            raise click.ClickException(str(exc)) from None
+        for scored in scored_models:
             click.echo(scored.describe())
 
     require_schema(ctx.settings)

@@ -14,8 +14,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from alembic.script import Script, ScriptDirectory
-from alembic.util import CommandError
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, pool
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -108,29 +107,12 @@ def first() -> str | None:
     return ScriptDirectory.from_config(alembic_config("")).get_base()
 
 
-def downgrade_lands_at(at: str, revision: str) -> str | None:
-    """Where ``coilguard db downgrade REVISION`` would leave a database at ``at`` (None: base, every table
-    dropped): ``-N`` and ``REV-N`` count steps down, anything else names a revision. An unknown revision raises
-    Alembic's error, as the downgrade itself would."""
+def downgrade_drops_every_table(at: str, revision: str) -> bool:
+    """Whether ``coilguard db downgrade REVISION`` from ``at`` would undo the first revision, dropping every table:
+    the steps Alembic itself would take (every form it accepts: ``-N``, ``REV-N``, ``base+N``, ``head-N``, ids),
+    of which one goes to no revision. An unknown revision raises Alembic's ``CommandError``."""
     scripts = ScriptDirectory.from_config(alembic_config(""))
-
-    def known(rev: str) -> Script:
-        if (script := scripts.get_revision(rev)) is None:
-            raise CommandError(f"no revision {rev!r} among the installed migrations")
-        return script
-
-    if revision == "base":
-        return None
-    start, dash, steps = revision.rpartition("-")
-    if not (dash and steps.isdigit()):
-        return known(revision).revision
-    landing: str | None = known(start or at).revision
-    for _ in range(int(steps)):
-        if landing is None:
-            break
-        down = known(landing).down_revision
-        landing = down if isinstance(down, str) or down is None else down[0]  # the history is linear
-    return landing
+    return any(not step.to_revisions for step in scripts._downgrade_revs(revision, at))
 
 
 def behind(url: str) -> str | None:

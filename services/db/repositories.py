@@ -590,7 +590,11 @@ class SqlScoreStore:
                 # the "no newer counted row" check from the score_pass index and the pass turns
                 # quadratic (a 1 M-row first pass ran for minutes). ANALYZE in this transaction sees the
                 # pass's own updates.
+                # ANALYZE waits for a running VACUUM (autovacuum's anti-wraparound one is never cancelled): that is
+                # no row an edit holds, and not what the pass's row-lock limit is for
+                conn.execute(text("SET LOCAL lock_timeout = 0"))
                 conn.execute(text("ANALYZE feedback"))
+                conn.execute(text(f"SET LOCAL lock_timeout = '{SCORE_ROW_WAIT_S}s'"))
             deltas = conn.execute(_tally_deltas(pass_id)).mappings().all()
             if deltas:
                 conn.execute(_add_to_tallies(self.engine), [dict(d) for d in deltas])

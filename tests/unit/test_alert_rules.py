@@ -39,3 +39,12 @@ def test_every_alert_reads_metrics_and_labels_coilguard_exports() -> None:
             grouped = set(re.findall(r"by \(([^)]*)\)", rule["expr"]))
             by = {label.strip() for group in grouped for label in group.split(",")}
             assert labels | by <= metrics[name], f"{rule['alert']}: {(labels | by) - metrics[name]} not on {name}"
+
+
+def test_no_metric_carries_a_label_prometheus_sets_itself() -> None:
+    """A scraped series gets `job` and `instance` from Prometheus; a metric's own label of that name is renamed to
+    `exported_job`, and an alert selecting on it never fires (the scheduler's job metrics first had `job`)."""
+    clashing = {
+        name: labels & {"job", "instance"} for name, labels in exported().items() if labels & {"job", "instance"}
+    }
+    assert not clashing

@@ -47,14 +47,22 @@ def test_no_downgrade_but_base_goes_below_the_first_revision(tmp_path: Path) -> 
     env = {"COILGUARD_DATABASE_URL": url}
     assert coilguard("db", "upgrade", env=env).returncode == 0
     head, first = str(migrate.head()), str(migrate.first())
-    depth = len(list(ScriptDirectory.from_config(migrate.alembic_config("")).walk_revisions()))
-    for revision in (f"-{depth}", f"-{depth + 5}", f"{head}-{depth}", f"{first}-1"):
+    depth = len(list(ScriptDirectory.from_config(migrate.alembic_config("")).walk_revisions()))  # head-(depth-1): first
+    for revision in (f"-{depth}", f"{head}-{depth}", f"{first}-1", f"head-{depth}"):
         refused = coilguard("db", "downgrade", revision, env=env)
         assert refused.returncode != 0 and "drops every table" in refused.stderr, (revision, refused.stderr)
         assert migrate.current(url) == head
-    unknown = coilguard("db", "downgrade", "9999", env=env)
-    assert unknown.returncode != 0 and "no such revision '9999'" in unknown.stderr, unknown.stderr
-    assert "Traceback" not in unknown.stderr
-    two = coilguard("db", "downgrade", f"-{depth - 1}", env=env)  # as far as the first revision: allowed
-    assert two.returncode == 0, two.stderr
+    beyond = coilguard("db", "downgrade", f"-{depth + 5}", env=env)  # more steps than there are: Alembic's refusal
+    assert beyond.returncode != 0 and "didn't produce" in beyond.stderr and migrate.current(url) == head
+    for unknown in ("9999", "@-1"):
+        refused = coilguard("db", "downgrade", unknown, env=env)
+        assert refused.returncode != 0 and "Can't locate revision" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and migrate.current(url) == head
+    scripts = ScriptDirectory.from_config(migrate.alembic_config(""))
+    second = next(r.revision for r in scripts.walk_revisions() if r.down_revision == first)
+    plus = coilguard("db", "downgrade", "base+2", env=env)  # the forms Alembic takes are let through
+    assert plus.returncode == 0, plus.stderr
+    assert migrate.current(url) == second
+    to_first = coilguard("db", "downgrade", "-1", env=env)  # as far as the first revision: allowed
+    assert to_first.returncode == 0, to_first.stderr
     assert migrate.current(url) == first

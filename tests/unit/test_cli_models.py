@@ -384,7 +384,6 @@ def test_commands_on_a_database_never_migrated_say_to_upgrade_before_any_work(tm
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_train_without_out_or_register_keeps_the_model_and_its_manifest_names_the_data(tmp_path: Path) -> None:
     """`train` without --out or --register trained (an hour, with real settings), said "done" and threw the model
     away; and a saved manifest gave the data's counts and digest but not which data (`sim:N` and its seed, or the
@@ -404,6 +403,7 @@ def test_train_without_out_or_register_keeps_the_model_and_its_manifest_names_th
     assert load_artifact(out).training_data["spec"] == {"data": str(data.resolve())}
 
 
+@pytest.mark.slow
 def test_a_registration_overtaken_without_unless_serving_fails_instead_of_saying_done(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -429,6 +429,7 @@ def test_a_registration_overtaken_without_unless_serving_fails_instead_of_saying
     assert "--unless-serving" not in run.output
 
 
+@pytest.mark.slow
 def test_bad_options_are_usage_errors_not_tracebacks(tmp_path: Path) -> None:
     env = {"COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}", "COILGUARD_MODEL_DIR": str(tmp_path / "m")}
     assert coilguard("db", "upgrade", env=env).returncode == 0

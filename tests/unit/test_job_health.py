@@ -25,17 +25,17 @@ def test_failures_in_a_row_are_counted_until_a_run_succeeds() -> None:
             raise failure
 
     job = JobWatch().guard("score-test", score)
-    assert _sample("coilguard_scheduler_job_failures_in_a_row", job="score-test") == 0  # at 0 before any run
-    before = _sample("coilguard_scheduler_job_runs_total", job="score-test", outcome="failed") or 0.0
+    assert _sample("coilguard_scheduler_job_failures_in_a_row", task="score-test") == 0  # at 0 before any run
+    before = _sample("coilguard_scheduler_job_runs_total", task="score-test", outcome="failed") or 0.0
     job(None)
     job(None)  # never raised: the scheduler goes on to the next time
-    assert _sample("coilguard_scheduler_job_failures_in_a_row", job="score-test") == 2
+    assert _sample("coilguard_scheduler_job_failures_in_a_row", task="score-test") == 2
     job(None)
-    assert _sample("coilguard_scheduler_job_failures_in_a_row", job="score-test") == 0
+    assert _sample("coilguard_scheduler_job_failures_in_a_row", task="score-test") == 0
     job(None)
-    assert _sample("coilguard_scheduler_job_failures_in_a_row", job="score-test") == 1
-    assert _sample("coilguard_scheduler_job_runs_total", job="score-test", outcome="failed") == before + 3
-    assert _sample("coilguard_scheduler_job_runs_total", job="score-test", outcome="done") >= 1
+    assert _sample("coilguard_scheduler_job_failures_in_a_row", task="score-test") == 1
+    assert _sample("coilguard_scheduler_job_runs_total", task="score-test", outcome="failed") == before + 3
+    assert _sample("coilguard_scheduler_job_runs_total", task="score-test", outcome="done") >= 1
 
 
 def test_a_short_job_running_past_its_bound_is_a_hang_a_long_one_is_not() -> None:
