@@ -264,3 +264,43 @@ def test_a_changed_setting_rolls_the_pods_that_read_it(tmp_path: Path) -> None:
         [_kubectl(), "kustomize", str(changed / "overlays" / "prod")], capture_output=True, text=True, check=True
     )
     assert name not in out.stdout and "coilguard-config-" in out.stdout
+
+
+def service_links(services: dict[str, dict]) -> dict[str, str]:
+    """The variables Kubernetes puts into every pod of the namespace for each Service, unless the pod sets
+    `enableServiceLinks: false` (the Docker-links convention: NAME_SERVICE_HOST, NAME_PORT=tcp://IP:PORT, …)."""
+    env: dict[str, str] = {}
+    ip = "10.96.0.10"
+    for name, service in services.items():
+        prefix = name.upper().replace("-", "_")
+        ports = service["spec"]["ports"]
+        for i, port in enumerate(ports):
+            proto, number = port.get("protocol", "TCP"), port["port"]
+            url = f"{proto.lower()}://{ip}:{number}"
+            if i == 0:
+                env |= {f"{prefix}_SERVICE_HOST": ip, f"{prefix}_SERVICE_PORT": str(number), f"{prefix}_PORT": url}
+            if "name" in port:
+                env[f"{prefix}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(number)
+            base = f"{prefix}_PORT_{number}_{proto}"
+            env |= {base: url, f"{base}_PROTO": proto.lower(), f"{base}_PORT": str(number), f"{base}_ADDR": ip}
+    return env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_service_of_the_namespace_sets_a_coilguard_setting_in_the_pods(overlay: str) -> None:
+    """Service `coilguard-api` made Kubernetes set COILGUARD_API_PORT=tcp://10.…:80 in every pod started after it:
+    the api_port setting, which refused it, so every coilguard pod failed at start with "COILGUARD_API_PORT: Input
+    should be a valid integer". The pods take no service links; a pod that did would load its settings as here."""
+    from services.config import ConfigError, load_settings
+
+    links = service_links(objects(overlay, "Service"))
+    assert links["COILGUARD_API_PORT"].startswith("tcp://")  # what a pod with links gets
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in links.items():
+            env.setenv(name, value)
+        with pytest.raises(ConfigError, match="COILGUARD_API_PORT"):
+            load_settings(_env_file=None)
+    for obj in render(overlay):
+        spec = pod_spec(obj)
+        if spec and any("coilguard" in c["image"] for c in spec.get("containers", [])):
+            assert spec.get("enableServiceLinks") is False, f"{obj['kind']}/{obj['metadata']['name']}"
