@@ -7,6 +7,7 @@ process at start with a message naming the variable, not fail later inside a wor
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
@@ -430,6 +431,40 @@ def load_settings(**overrides: object) -> Settings:
             else:  # a rule between settings: its message names them
                 lines.append(str(err["msg"]).removeprefix("Value error, "))
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+# COILGUARD_ variables that are read, but not as settings: the build's commit, compose's image names, the test
+# suite's services.
+NOT_SETTINGS = frozenset(
+    {
+        "COILGUARD_COMMIT",
+        "COILGUARD_IMAGE",
+        "COILGUARD_CUDA_IMAGE",
+        "COILGUARD_TEST_DATABASE_URL",
+        "COILGUARD_TEST_MQTT_URL",
+    }
+)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")) -> list[str]:
+    """Each ``COILGUARD_`` variable (of the environment and ``.env``) that is no setting, with the setting it was
+    probably meant to be: a misspelt name (``COILGUARD_SCORE_TRESHOLD``) is otherwise ignored without a word, and
+    the default it leaves in force (the API's writes refused, ReTrain still on) looks like a fault elsewhere."""
+    import difflib
+    import os
+
+    from dotenv import dotenv_values
+
+    names = {name.upper() for name in (os.environ if environ is None else environ)}
+    if env_file is not None and env_file.is_file():
+        names |= {name.upper() for name in dotenv_values(env_file)}
+    known = {ENV_PREFIX + field.upper() for field in Settings.model_fields}
+    unknown = sorted(n for n in names if n.startswith(ENV_PREFIX) and n not in known and n not in NOT_SETTINGS)
+    said = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        said.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return said
 
 
 @lru_cache(maxsize=1)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
-from services.config import ConfigError, Settings, load_settings
+from services.config import ConfigError, Settings, load_settings, unknown_variables
 from services.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 
 class AppContext:
@@ -22,6 +26,8 @@ class AppContext:
             except ConfigError as exc:
                 raise click.ClickException(str(exc)) from None
             setup_logging(self._settings.log_level, self._settings.log_format)
+            for name in unknown_variables():
+                log.warning("%s is not a coilguard setting: ignored", name)
         return self._settings
 
 

@@ -240,3 +240,25 @@ def test_a_plant_ca_is_named_in_the_url_and_must_be_there(tmp_path: Path) -> Non
         MqttUrl.parse(f"mqtts://broker?ca={tmp_path / 'missing.pem'}")
     with pytest.raises(ValueError, match="for a TLS broker"):
         MqttUrl.parse(f"mqtt://broker?ca={ca}")
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_was_meant_to_be(tmp_path) -> None:
+    """`COILGUARD_SCORE_TRESHOLD=0.6` left the rule at 0.75 without a word (pydantic-settings ignores names it does
+    not know); every command now warns, in the environment and in .env alike."""
+    from services.config import unknown_variables
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("COILGUARD_RETRAIN_CRN=off\nCOILGUARD_LOG_LEVEL=INFO\n")
+    environ = {
+        "COILGUARD_SCORE_TRESHOLD": "0.6",
+        "coilguard_api_token": "x",  # settings are read whatever the case
+        "COILGUARD_COMMIT": "abc",  # read, but not as a setting
+        "COILGUARD_NOTHING_LIKE_IT": "1",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(environ, env_file) == [
+        "COILGUARD_NOTHING_LIKE_IT",
+        "COILGUARD_RETRAIN_CRN (did you mean COILGUARD_RETRAIN_CRON?)",
+        "COILGUARD_SCORE_TRESHOLD (did you mean COILGUARD_SCORE_THRESHOLD?)",
+    ]
+    assert unknown_variables({"COILGUARD_DRIFT_CRON": "off"}, None) == []
