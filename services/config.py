@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "COILGUARD_"
+MAX_BATCH_WAIT = timedelta(seconds=5)
 OFF = "off"  # a schedule that never runs
 
 
@@ -80,6 +81,13 @@ class MqttUrl:
             if _credentials_misread(raw, parts):  # the real cause, not what the parser tripped over after it
                 raise ValueError(f"cannot read {shown!r}: {PERCENT_ENCODE_HINT}") from None
             raise ValueError(f"{shown!r}: {exc}") from None
+        if parts.scheme == "embedded" and (
+            parts.hostname not in (None, "127.0.0.1", "localhost") or parts.username or parts.password or query
+        ):  # the in-process broker listens on 127.0.0.1 alone, without accounts: clients sent elsewhere find nothing
+            raise ValueError(
+                f"{shown!r}: the embedded broker takes a port alone (embedded://127.0.0.1:PORT), no other host, "
+                "account or option; for a broker other machines reach, run Mosquitto (docker-compose.yml)"
+            )
         ca = query.get("ca") or None
         if ca is not None and parts.scheme != "mqtts":
             raise ValueError(f"{shown!r}: ca= is for a TLS broker (mqtts://)")
@@ -173,12 +181,15 @@ def parse_duration(value: str | float | int | timedelta) -> timedelta:
     """``90``, ``90s``, ``15m``, ``24h``, ``7d``, ``1w`` → timedelta (a bare number is seconds)."""
     if isinstance(value, timedelta):
         return value
-    if isinstance(value, int | float):
-        return timedelta(seconds=float(value))
-    match = _DURATION.match(value)
-    if not match:
-        raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 60s, 15m, 24h, 7d)")
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        if isinstance(value, int | float):
+            return timedelta(seconds=float(value))
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 60s, 15m, 24h, 7d)")
+        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    except OverflowError:  # not pydantic's kind of error: it would escape as a traceback
+        raise ValueError(f"not a duration: {value!r} is longer than any clock can count") from None
 
 
 def format_duration(value: timedelta) -> str:
@@ -398,6 +409,15 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}ANNOUNCE_AFTER + {ENV_PREFIX}ANNOUNCE_EVERY ({format_duration(after + every)}), or off"
             )
         return self
+
+    @field_validator("batch_wait")
+    @classmethod
+    def _batch_wait(cls, value: timedelta) -> timedelta:
+        """Each coil may wait this long for company: against a 50 ms decision target, seconds are a mistake (`50m`
+        for `50ms`), and the worker's loop does not come round meanwhile (its liveness probe gives up)."""
+        if value > MAX_BATCH_WAIT:
+            raise ValueError(f"at most {MAX_BATCH_WAIT.total_seconds():g} s (milliseconds are `ms`, e.g. 20ms)")
+        return value
 
     @field_validator("retrain_cron", "drift_cron")
     @classmethod

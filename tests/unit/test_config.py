@@ -262,3 +262,23 @@ def test_a_misspelt_variable_is_named_with_the_setting_it_was_meant_to_be(tmp_pa
         "COILGUARD_SCORE_TRESHOLD (did you mean COILGUARD_SCORE_THRESHOLD?)",
     ]
     assert unknown_variables({"COILGUARD_DRIFT_CRON": "off"}, None) == []
+
+
+def test_settings_that_only_look_usable_are_refused() -> None:
+    """`embedded://10.1.2.3:1883` started the in-process broker on 127.0.0.1 and sent every client to 10.1.2.3, so
+    nothing was ever assessed; `BATCH_WAIT=50m` (meant as ms) held each coil for 50 minutes and failed the
+    worker's liveness; a duration past what timedelta holds escaped as a traceback."""
+    assert MqttUrl.parse("embedded://127.0.0.1:1999").port == 1999
+    for url in (
+        "embedded://10.1.2.3:1883",
+        "embedded://bob:secret@127.0.0.1:1883",
+        "embedded://127.0.0.1:1883?tls_insecure=1",
+    ):
+        with pytest.raises(ValueError, match="the embedded broker takes a port alone") as refused:
+            MqttUrl.parse(url)
+        assert "secret" not in str(refused.value)
+    assert load_settings(_env_file=None, batch_wait="20ms").batch_wait == timedelta(milliseconds=20)
+    with pytest.raises(ConfigError, match=r"COILGUARD_BATCH_WAIT: .*milliseconds are `ms`"):
+        load_settings(_env_file=None, batch_wait="50m")
+    with pytest.raises(ConfigError, match=r"COILGUARD_HEARTBEAT_EVERY: .*longer than any clock"):
+        load_settings(_env_file=None, heartbeat_every="999999999w")
