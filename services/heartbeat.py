@@ -40,6 +40,7 @@ class Heartbeat:
         self.worker_id = worker_id
         self.info = info
         self.every_s = every_s
+        self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{kind}", daemon=True)
         self.failing = False  # the last beat failed: the database may be away
@@ -84,13 +85,15 @@ class Heartbeat:
             "kind": self.kind,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "started_at": now,
+            "started_at": self.started_at,
             "seen_at": now,
             "info": self.info(),
         }
         statement = dialect.insert(workers).values(**values)
+        # the whole row but its id: a process restarted under the same id (a pod's hostname and pid 1, a StatefulSet's
+        # client id) must show its own start on /status, not the crashed one's
         statement = statement.on_conflict_do_update(
-            index_elements=["worker_id"], set_={"seen_at": now, "info": values["info"], "pid": values["pid"]}
+            index_elements=["worker_id"], set_={k: v for k, v in values.items() if k != "worker_id"}
         )
         with self.engine.begin() as conn:
             conn.execute(statement)

@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 
 import orjson
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# what every record carries, and uvicorn's `color_message` (its message again, with terminal colours), which is
+# not a field of ours
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

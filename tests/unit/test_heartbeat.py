@@ -58,3 +58,24 @@ def test_a_process_started_while_the_database_was_away_is_listed_once_it_is_back
         beat.stop()
         engine.dispose()
     assert listed == ["api-0"]
+
+
+def test_a_process_restarted_under_the_same_id_shows_its_own_start(tmp_path: Path) -> None:
+    """A pod restarted after a crash keeps its hostname and pid 1 (an assess pod its client id): the row's upsert
+    kept the crashed process's `started_at` and host, so /status hid the restart it is there to show."""
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    crashed = datetime.now(UTC) - timedelta(hours=3)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Worker),
+            [{"worker_id": "assess-0", "kind": "assess", "host": "old-node", "pid": 1, "started_at": crashed,
+              "seen_at": crashed, "info": {}}],
+        )  # fmt: skip
+    beat = Heartbeat(engine, "assess", "assess-0", every_s=60)
+    beat.beat()
+    with engine.connect() as conn:
+        row = conn.execute(select(Worker)).one()
+    engine.dispose()
+    assert row.started_at.replace(tzinfo=UTC) == beat.started_at and row.host != "old-node"
