@@ -61,6 +61,13 @@ log = logging.getLogger(__name__)
 DEMO_KINDS = ("cnn", "yolo", "effnet", "siamese")
 
 
+PHASES = ("before drift", "after drift", "after retrain")
+
+
+class DemoFailed(RuntimeError):
+    """The demo could not go on (its worker died or never started): said in one line by `coilguard demo`."""
+
+
 @dataclass
 class DemoConfig:
     seed: int = 7
@@ -114,6 +121,8 @@ class Demo:
         self.scores: dict[str, list[tuple[str, float, int]]] = {}
         self.retrains: list[RetrainOutcome] = []
         self._retrain_thread: threading.Thread | None = None
+        self._retrain_error: str | None = None  # the pass crashed: the summary says so and the command fails
+        self._worker_error: str | None = None
         self._stopping = threading.Event()
         self._feedback_at_drift: int | None = None
         self._operators: SimulatedOperators | None = None
@@ -175,17 +184,32 @@ class Demo:
     @contextlib.contextmanager
     def _worker(self, engine: Any) -> Iterator[AssessWorker]:
         worker = AssessWorker(self.settings, engine=engine, client_id="coilguard-demo-assess")
-        thread = threading.Thread(target=worker.run, name="assess", daemon=True)
+
+        def serve() -> None:  # a worker that dies says why: the demo stops instead of publishing into nothing
+            try:
+                worker.run()
+            except BaseException as exc:
+                self._worker_error = f"{type(exc).__name__}: {exc}"
+                log.exception("the demo's AssessCoils worker failed")
+
+        self._worker_thread = threading.Thread(target=serve, name="assess", daemon=True)
         self.console.print("[bold]2. Embedded broker, SQLite, AssessCoils worker, simulated line and operators[/]")
         # the worker connects once the broker (started by the caller) is up
-        thread.start()
-        if not worker.ready.wait(60):
-            raise RuntimeError("the AssessCoils worker did not start")
+        self._worker_thread.start()
         try:
+            deadline = time.monotonic() + 60
+            while not worker.ready.wait(0.2):
+                self._check_worker()
+                if time.monotonic() > deadline:
+                    raise DemoFailed("the AssessCoils worker did not start within 60 s")
             yield worker
         finally:
             worker.stop()
-            thread.join(60)
+            self._worker_thread.join(60)
+
+    def _check_worker(self) -> None:
+        if not self._worker_thread.is_alive():
+            raise DemoFailed(f"the AssessCoils worker stopped ({self._worker_error or 'without an error'})")
 
     def _stream(self, publisher: MqttClient, worker: AssessWorker, operators: SimulatedOperators, live: Live) -> None:
         cfg = self.config
@@ -196,6 +220,7 @@ class Demo:
         drifted = after = 0
         tick = time.perf_counter()
         for n in itertools.count():
+            self._check_worker()
             if self.phase == "before drift" and n >= cfg.before:
                 line.set_drift(DriftConfig(scenario=cfg.scenario, ramp=100))
                 self.phase = "after drift"
@@ -276,8 +301,9 @@ class Demo:
                 self.retrains.append(outcome)
                 new = f" → v{outcome.challenger_version}" if outcome.challenger_version else ""
                 self._event(f"ReTrain {outcome.model} v{outcome.version}{new}: {outcome.status}")
-        except Exception as exc:  # the demo goes on; the summary says what happened
+        except Exception as exc:  # the demo goes on; the summary says what happened, and the command fails
             log.exception("demo retrain failed")
+            self._retrain_error = f"{type(exc).__name__}: {exc}"
             self._event(f"ReTrain failed: {exc}")
 
     def _retraining(self) -> bool:
@@ -291,6 +317,8 @@ class Demo:
         rejected, or no model was due), and the drifted versions then keep serving."""
         if not self._retrain_done():
             return "no retrain: giving up"
+        if self._retrain_error is not None:
+            return f"ReTrain failed ({self._retrain_error}): the versions from before the drift keep serving"
         promoted = [f"{o.model} v{o.challenger_version}" for o in self.retrains if o.status == "promoted"]
         if promoted:
             return f"retrained versions in service: {', '.join(promoted)}"
@@ -340,7 +368,7 @@ class Demo:
 
     def _summary(self, operators: SimulatedOperators, seconds: float) -> dict[str, Any]:
         phases: dict[str, Any] = {}
-        for phase in ("before drift", "after drift", "after retrain"):
+        for phase in PHASES:
             decided = [r for r in self.records.values() if r.phase == phase and r.decision is not None]
             if not decided:
                 continue
@@ -354,15 +382,25 @@ class Demo:
                 "precision": metrics["precision_nok"],
                 "recall": metrics["recall_nok"],
             }
+        decided = sum(r.decision is not None for r in self.records.values())
+        problems = [f"ReTrain failed: {self._retrain_error}"] if self._retrain_error else []
+        problems += [
+            f"ReTrain of {o.model} v{o.version} failed: {o.reason}" for o in self.retrains if o.status == "failed"
+        ]
+        problems += [f"no coil was decided {phase}" for phase in PHASES if phase not in phases]
+        if decided < len(self.records):
+            problems.append(f"{len(self.records) - decided} of {len(self.records)} coils were never decided")
         return {
             "seconds": round(seconds, 1),
             "coils": len(self.records),
-            "decided": sum(r.decision is not None for r in self.records.values()),
+            "decided": decided,
             "feedback": operators.given,
             "phases": phases,
             "scores": {name: [(phase, round(s, 3), v) for phase, s, v in h] for name, h in self.scores.items()},
             "retrains": [o.__dict__ | {"metrics": None} for o in self.retrains],
             "events": self.events,
+            "promoted": any(o.status == "promoted" for o in self.retrains),
+            "problems": problems,  # what `coilguard demo` exits 1 for: the loop did not run as it should
         }
 
     def _print_summary(self, summary: dict[str, Any]) -> None:
@@ -377,7 +415,7 @@ class Demo:
         )
         for phase, m in summary["phases"].items():
             table.add_row(
-                phase,
+                phase if phase != "after retrain" or summary["promoted"] else "after retrain (none promoted)",
                 str(m["coils"]),
                 str(m["true_nok"]),
                 f"{m['nok_f1']:.2f}",
@@ -417,6 +455,8 @@ class Demo:
         c.print("Events:")
         for line in summary["events"]:
             c.print(f"  {line}")
+        for problem in summary["problems"]:
+            c.print(f"[bold red]problem:[/] {problem}")
 
 
 def _fmt(value: float | None) -> str:

@@ -440,6 +440,7 @@ def test_bad_options_are_usage_errors_not_tracebacks(tmp_path: Path) -> None:
         ("evaluate", "--assessors", "cnn", "--data", "sim:abc"): "expected sim:N",
         ("evaluate", "--assessors", "cnn", "--data", str(tmp_path / "nosuch.npz")): "no dataset at",
         ("demo", "--kinds", "cnnn"): "not installed: cnnn",
+        ("demo", "--rate", "0"): "--rate",
         ("demo", "--kinds", "cnn,rmcsam"): "rmcsam assesses surface images",
         ("retrain", "--model", "nosuch"): "no active model named nosuch (active: none)",
         ("score", "--every", "5x"): "not a duration: '5x'",

@@ -80,3 +80,40 @@ def test_the_demo_says_retrained_versions_serve_only_when_the_pass_promoted_one(
     assert demo._retrain_verdict().startswith("ReTrain promoted nothing")
     demo.retrains.append(RetrainOutcome("yolo", 1, "promoted", "better", challenger_version=2))
     assert demo._retrain_verdict() == "retrained versions in service: yolo v2"
+
+
+def test_a_worker_that_dies_stops_the_demo_with_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker ran on a bare thread: one that died left the demo publishing into nothing for minutes and then
+    printing a summary of whatever had been decided, with exit status 0."""
+    from services.demo import DemoFailed
+
+    def dies(self: object) -> None:
+        raise RuntimeError("the ensemble does not load")
+
+    monkeypatch.setattr("services.demo.AssessWorker.run", dies)
+    demo = Demo(load_settings(_env_file=None), DemoConfig(workdir=tmp_path), console=Console(quiet=True))
+    with pytest.raises(DemoFailed, match=r"stopped \(RuntimeError: the ensemble does not load\)"):  # noqa: SIM117
+        with demo._worker(engine=None):
+            pass
+
+
+def test_a_retrain_that_crashed_is_a_problem_the_command_fails_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A crashed ReTrain pass was summed up as "ReTrain promoted nothing (see its runs below)" over an empty runs
+    table, and the next phase still called "after retrain"; `make demo` exited 0."""
+
+    def broken(settings: Settings, **kwargs: object) -> None:
+        raise OSError("MODEL_DIR is read-only")
+
+    monkeypatch.setattr("services.demo.make_retrain", broken)
+    demo = Demo(load_settings(_env_file=None), DemoConfig(workdir=tmp_path), console=Console(quiet=True))
+    demo._retrain_thread = threading.Thread(target=demo._retrain)
+    demo._retrain_thread.start()
+    demo._retrain_thread.join()
+    assert demo._retrain_verdict().startswith("ReTrain failed (OSError: MODEL_DIR is read-only)")
+
+    class Operators:
+        given = 0
+
+    summary = demo._summary(Operators(), 1.0)  # type: ignore[arg-type]
+    assert "ReTrain failed: OSError: MODEL_DIR is read-only" in summary["problems"]
+    assert "no coil was decided before drift" in summary["problems"] and not summary["promoted"]
