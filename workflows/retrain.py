@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -222,7 +223,9 @@ class ReTrain:
             champion = load_model(champion_record, self.model_dir)
             if labelled is None:  # the first read failed: this one fails the run with the reason
                 labelled = self.feedback.labelled_coils()
-            train_part, holdout = split_by_time(labelled, self.config.holdout_fraction, self.config.min_holdout)
+            train_part, holdout = split_by_time(
+                labelled, self.config.holdout_fraction, self.config.min_holdout, self.config.min_nok_for_f1
+            )
             if not holdout:  # checked before training: a challenger nobody can judge is hours thrown away
                 raise ValueError("no operator-labelled coils to compare champion and challenger on")
             history, gains = recalibrated(training_history(champion, self.model_dir), train_part, self.config)
@@ -496,17 +499,30 @@ def _rejected_before(last: FinishedRun | None, inputs: str | None) -> str | None
 
 
 def split_by_time(
-    labelled: list[LabelledCoil], fraction: float, minimum: int
+    labelled: list[LabelledCoil], fraction: float, minimum: int, min_nok: int = 0
 ) -> tuple[list[LabelledCoil], list[LabelledCoil]]:
-    """(older part for training, newest part for the comparison); ``labelled`` is oldest first.
+    """(older part for training, newest part for the comparison); ``labelled`` is oldest first, and so are both parts.
 
     The holdout is the newest ``fraction``, at least ``minimum`` coils, and never more than half: when a model
     first falls under the rule, few coils are labelled (11 and up), and a holdout that took them all would
-    leave the challenger nothing of what the operators said to learn from."""
+    leave the challenger nothing of what the operators said to learn from.
+
+    It also holds at least ``min_nok`` NOK coils where half of those labelled allow (the newest ones of the older
+    part are moved over): on a holdout of OK coils alone a miss costs nothing, and a challenger that never flags a
+    coil beat a champion with a false alarm or two. NOK is a few percent of the coils, and a champion failing by
+    false alarms has the newest labels mostly OK: the newest 20 coils often held none."""
     n = len(labelled)
     n_holdout = min(max(minimum, round(n * fraction)), max(n // 2, 1))  # one of one: a forced run is judged on it
-    cut = n - n_holdout
-    return labelled[:cut], labelled[cut:]
+    held = set(range(n - n_holdout, n))
+    wanted = min(min_nok, math.ceil(sum(c.label for c in labelled) / 2))
+    short = wanted - sum(labelled[i].label for i in held)
+    for i in range(n - n_holdout - 1, -1, -1):
+        if short <= 0:
+            break
+        if labelled[i].label:
+            held.add(i)
+            short -= 1
+    return [c for i, c in enumerate(labelled) if i not in held], [labelled[i] for i in sorted(held)]
 
 
 def training_inputs(labelled: list[LabelledCoil], config: RetrainConfig) -> str:

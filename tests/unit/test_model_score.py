@@ -736,6 +736,33 @@ def test_holdout_is_the_newest_labelled_coils() -> None:
     assert [len(part) for part in split_by_time(_labelled(1), fraction=0.3, minimum=20)] == [0, 1]
 
 
+def test_the_holdout_holds_nok_coils_where_the_labels_allow(engine, tmp_path: Path) -> None:
+    """The newest 20 labelled coils were the holdout whatever they held: with the NOK coils all older (a champion
+    failing by false alarms, whose newest labels are the operators' OKs), a miss cost nothing there, and a
+    challenger that never flags a coil beat a champion with two false alarms and was promoted."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    labelled = []
+    for i in range(40):
+        matrix = np.zeros((264, 18), np.float32)
+        matrix[0, 0] = 1.0 if i < 6 or i in (30, 31) else 0.0  # the champion flags the 6 NOK and two OK coils
+        labelled.append(LabelledCoil(f"F{i}", matrix, int(i < 6), t0, t0 + timedelta(minutes=i)))
+    train, holdout = split_by_time(labelled, fraction=0.3, minimum=20)
+    assert sum(c.label for c in holdout) == 0  # as before: nothing to miss
+    train, holdout = split_by_time(labelled, fraction=0.3, minimum=20, min_nok=5)
+    assert [c.coil_id for c in holdout if c.label] == ["F3", "F4", "F5"]  # the newest three: half of the six
+    assert [c.coil_id for c in train if c.label] == ["F0", "F1", "F2"] and len(train) + len(holdout) == 40
+    assert [c.coil_id for c in holdout] == sorted((c.coil_id for c in holdout), key=lambda i: int(i[1:]))
+
+    class Never:
+        def predict(self, batch: AssessBatch) -> tuple[np.ndarray]:
+            return (np.zeros(len(batch.matrices)),)
+
+    retrain = sql_retrain(engine, SqlModelRegistry(engine), tmp_path)
+    passed, _ = retrain.compare(_Fixed(), Never(), holdout)  # type: ignore[arg-type]
+    assert not passed
+    assert split_by_time(_labelled(11), fraction=0.3, minimum=20, min_nok=5)[1][-1].coil_id == "F10"  # order kept
+
+
 def test_combine_lets_the_operator_label_win_and_weights_feedback() -> None:
     history = _history(["H0", "F1", "H2"], [0, 0, 0])
     data = combine(history, _labelled(2), weight=3)
