@@ -101,7 +101,7 @@ class Ensemble:
 
     @property
     def needs_images(self) -> bool:
-        return any(m.assessor.consumes == "image" for m in self.members)
+        return any(m.assessor.consumes == "image" and m.assessor.can_vote for m in self.members)
 
     @property
     def judges_matrices(self) -> bool:

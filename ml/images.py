@@ -6,10 +6,28 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 # What PIL refuses to open (its decompression-bomb limit): the size is then not known, only that it is over this.
 OVER_PIL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485) + 1
+
+
+# Grey images of more than 8 bits (machine-vision cameras' Mono16 PNGs): PIL's convert("L") clamps their values at
+# 255 instead of scaling them, and a 16-bit frame came out almost white.
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def to_gray(image: Image.Image) -> Image.Image:
+    """``image`` as one channel: 8-bit "L", or for 16-bit grey "F" scaled to [0, 1]."""
+    if image.mode in WIDE_GRAY_MODES:
+        return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0), mode="F")
+    return image.convert("L")
+
+
+def gray_array(gray: Image.Image) -> np.ndarray:
+    """What :func:`to_gray` gave (perhaps resized) as (H, W) float32 in [0, 1]."""
+    array = np.asarray(gray, dtype=np.float32)
+    return array if gray.mode == "F" else array / 255.0
 
 
 def decode_image(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -17,15 +35,16 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray
 
     ``size`` (width, height): smaller than the file's, for images far larger than any assessor looks at (they
     resize to 512 px at most). A JPEG is decoded at the nearest larger scale its decoder offers (1/2, 1/4, 1/8)
-    straight away; whatever is left is averaged down to ``size`` exactly."""
+    straight away, a multi-picture one (MPO, which PIL names apart but which is a JPEG) included; whatever is
+    left is averaged down to ``size`` exactly."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if size is not None and image.format == "JPEG":
+            if size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
                 image.draft("L", size)
-            gray = image.convert("L")
+            gray = to_gray(image)
             if size is not None and gray.size != size:
                 gray = gray.resize(size, Image.Resampling.BOX)
-            return np.asarray(gray, dtype=np.float32) / 255.0
+            return gray_array(gray)
     except Exception as exc:  # PIL raises many types for bad data
         raise ValueError(f"not a decodable image: {exc}") from None
 

@@ -182,6 +182,15 @@ def _folder_owner(directory: Path) -> str | None:
         return None
 
 
+def check_can_vote(assessor: Assessor) -> None:
+    """Refuse a model that would abstain on every coil in service (and, alone, fail every one)."""
+    if not assessor.can_vote:
+        raise ValueError(
+            f"{assessor.name} gives no coil a NOK probability: it was trained without a class of defect-free images "
+            f"(classes {assessor.training_data.get('classes')}); add one (a folder named ok or good) and train again"
+        )
+
+
 def register(
     assessor: Assessor,
     registry: ModelRegistry,
@@ -201,6 +210,7 @@ def register(
     :data:`NO_ACTIVE_VERSION`; otherwise it stays a candidate and :class:`ChampionChanged` says why.
     """
     check_name_free(registry, assessor.name)
+    check_can_vote(assessor)
     if dataset is not None:
         assessor.training_data = {**assessor.training_data, "path": keep_training_data(dataset, model_dir)}
     metrics = {**assessor.metrics, **(extra_metrics or {})}

@@ -141,6 +141,12 @@ class Assessor(ABC):
         self.metrics: dict[str, Any] = {}
         self.runtime: dict[str, Any] = {}
 
+    @property
+    def can_vote(self) -> bool:
+        """Whether this model ever gives a coil its NOK probability. An image classifier trained on defect types
+        alone (NEU's six classes, no defect-free one) names the type but abstains on every coil."""
+        return True
+
     # ------------------------------------------------------------------ what subclasses implement
 
     @abstractmethod

@@ -143,8 +143,7 @@ class ImageClassifierAssessor(Assessor):
             net.train()
             losses = []
             order = train_idx[torch.randperm(len(train_idx), generator=rng).numpy()]
-            # equal-sized batches: never a batch of one, which batch norm cannot train on
-            for batch in np.array_split(order, max(1, -(-len(order) // s.batch_size))):
+            for batch in even_batches(order, s.batch_size):
                 loss = self.batch_loss(net, gray[batch].to(torch_device), labels[batch].to(torch_device), rng)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -217,6 +216,10 @@ class ImageClassifierAssessor(Assessor):
         return FitReport(self.metrics, len(history), clock.seconds, str(torch_device))
 
     # ------------------------------------------------------------------ prediction
+
+    @property
+    def can_vote(self) -> bool:
+        return bool(self.ok_classes)
 
     @property
     def ok_classes(self) -> list[int]:
@@ -304,3 +307,13 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)
+
+
+def even_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``order`` in batches of about equal size, at most ``batch_size`` each where that leaves no batch of one
+    (batch norm cannot train on one): ``np.array_split`` of 5 into 3 gave 2, 2, 1, and at a small ``imgsz``
+    rmcsam's attention failed on that last batch; 5 at most 2 a batch is then 3, 2."""
+    n_batches = max(1, -(-len(order) // batch_size))
+    if n_batches > 1 and len(order) // n_batches < 2:
+        n_batches -= 1
+    return np.array_split(order, n_batches)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ml.images import gray_array, to_gray
 from ml.imagesets.base import OK_CLASSES, ImageSet
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -55,7 +56,7 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 def read_gray(path: Path) -> np.ndarray:
     """An image file as (H, W) float32 in [0, 1] (colour images are converted to luminance)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        return gray_array(to_gray(im))  # a 16-bit grey file scaled, not clamped white
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -53,7 +53,7 @@ def train(
     from services.db.repositories import SqlModelRegistry
     from services.progress import fit_progress, validation_summary
     from workflows.ports import NO_ACTIVE_VERSION, ChampionChanged
-    from workflows.training import check_model_name, check_name_free
+    from workflows.training import check_can_vote, check_model_name, check_name_free
     from workflows.training import register as register_model
 
     settings = ctx.settings
@@ -104,11 +104,19 @@ def train(
     click.echo(f"done in {report.duration_s:.0f} s, {report.epochs_run} epochs on {report.device}: {validation}")
     # what --data said, so that the manifest names the data and not only its counts and digest
     assessor.training_data = {**assessor.training_data, "spec": _data_provenance(data_spec, seed)}
+    refused = None
+    if register:
+        try:
+            check_can_vote(assessor)
+        except ValueError as exc:  # kept, so the hours are not lost, but not registered
+            refused, register = str(exc), False
     if out is None and not register:  # an hour of training is not thrown away for a missing option
         out = unregistered_dir(settings.model_dir, assessor.name)
     if out is not None:
         assessor.save(out)
         click.echo(f"saved to {out}")
+    if refused is not None:
+        raise click.ClickException(f"not registered: {refused}")
     if register:
         with engine_for(settings.database_url) as engine:
             try:

@@ -404,6 +404,17 @@ def test_train_without_out_or_register_keeps_the_model_and_its_manifest_names_th
 
 
 @pytest.mark.slow
+def test_a_classifier_of_defect_types_alone_is_kept_but_not_registered(tmp_path: Path) -> None:
+    """It would abstain on every coil in service: the command says why, keeps the training, and exits 1."""
+    folder = write_image_folder(synthetic_images(per_class=4, classes=("scratch", "spot")), tmp_path / "images")
+    env = {"COILGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cg.db'}", "COILGUARD_MODEL_DIR": str(tmp_path / "m")}
+    assert coilguard("db", "upgrade", env=env).returncode == 0
+    run = coilguard("train", "--assessor", "rmcsam", "--data", str(folder), *_sets("rmcsam"), "--register", env=env)
+    assert run.returncode == 1 and "not registered: rmcsam gives no coil a NOK probability" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and len(list((tmp_path / "m" / "unregistered").iterdir())) == 1
+
+
+@pytest.mark.slow
 def test_a_registration_overtaken_without_unless_serving_fails_instead_of_saying_done(
     tmp_path: Path, monkeypatch
 ) -> None:

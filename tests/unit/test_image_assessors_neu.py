@@ -256,3 +256,27 @@ def test_few_shot_split_draws_k_per_class_and_tests_on_the_rest():
     assert not np.array_equal(few_shot_split(neu, 10, seed=2)[0], train)
     with pytest.raises(ValueError):
         few_shot_split(neu, 100, seed=0)
+
+
+def test_no_training_batch_of_one_and_no_registration_of_a_model_that_can_only_abstain(tmp_path: Path) -> None:
+    """Five training images two at a time were split 2, 2, 1, and rmcsam's attention fails on a batch of one at a
+    small imgsz. A classifier of defect types alone (NEU: no defect-free class) abstains on every coil: registered,
+    it decoded every image for nothing, and alone it failed every coil as "needs a matrix assessor"."""
+    from ml.assessors.image_classifier import even_batches
+    from ml.ensemble import Ensemble, Member
+    from services.db.engine import make_engine
+    from services.db.migrate import upgrade
+    from services.db.repositories import SqlModelRegistry
+    from workflows.training import register
+
+    assert [len(b) for b in even_batches(np.arange(5), 2)] == [3, 2]
+    assert [len(b) for b in even_batches(np.arange(6), 2)] == [2, 2, 2]
+    assert [len(b) for b in even_batches(np.arange(3), 16)] == [3]
+    defects_only = synthetic_images(per_class=4, classes=("scratch", "spot"))
+    model = RmcsamAssessor({**RmcsamAssessor.quick_settings, **TINY, "epochs": 1, "batch_size": 2})
+    model.fit(defects_only, device="cpu")  # 8 images, two at a time: no batch of one reaches batch norm
+    assert not model.can_vote and not Ensemble([Member(model, 1.0)]).needs_images
+    url = f"sqlite:///{tmp_path / 'cg.db'}"
+    upgrade(url)
+    with pytest.raises(ValueError, match="gives no coil a NOK probability"):
+        register(model, SqlModelRegistry(make_engine(url)), tmp_path / "models", status="active")

@@ -331,6 +331,8 @@ def test_contrastive_seg_keep_aspect_sees_every_shot_at_one_scale(tiles: ImageSe
     assessor = ContrastiveSegAssessor({**TINY["contrastive_seg"], "epochs": 1, "keep_aspect": True})
     assessor.fit(wide, device="cpu")
     assert assessor.model_shape((40, 120)) == (32, 96) and assessor.model_shape((120, 40)) == (96, 32)
+    # a 16 × 250,000 strip (a few kB as a PNG) became 32 × 500,000: 15,000 squares; now at most eight
+    assert assessor.model_shape((16, 250_000)) == (32, 8 * 32) and assessor.model_shape((1, 4_000_000))[1] == 8 * 32
     disc = np.zeros((40, 120), bool)
     disc[10:30, 50:70] = True
     side = assessor.model_shape(disc.shape)

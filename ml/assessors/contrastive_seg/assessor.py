@@ -71,6 +71,7 @@ from ml.training.loop import EarlyStopping, weight_average
 from ml.training.runtime import fit_runtime, resolve_device, seed_everything
 
 THRESHOLD_GRID = np.round(np.arange(0.2, 0.81, 0.05), 2)
+MAX_ASPECT = 8  # with keep_aspect, the longest side an image is resized to, in multiples of image_size
 
 
 class ContrastiveSegSettings(AssessorSettings):
@@ -419,7 +420,12 @@ class ContrastiveSegAssessor(PixelMapAssessor):
         h, w = shape[:2]
         if not self.s.keep_aspect or max(h, w) <= self.s.aspect_limit * min(h, w):
             return size, size
-        return max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
+        # the long side at most MAX_ASPECT squares: a 16 × 250,000 strip (4 Mpx, a few kB as a PNG) became
+        # 128 × 2,000,000, 31,000 squares and gigabytes, and a 1-pixel strip ran the worker out of memory
+        longest = MAX_ASPECT * size
+        return min(longest, max(size, round(h * size / min(h, w)))), min(
+            longest, max(size, round(w * size / min(h, w)))
+        )
 
     def _inputs(self, images: list[np.ndarray]) -> np.ndarray:
         """The images resized and standardized: an (N, S, S) array, or with ``keep_aspect`` one of objects."""
