@@ -114,7 +114,9 @@ def main() -> None:
         ]
         if len(seeds) > 1:
             parts += [
-                "Gold NOK-F1 on every seed (each its own simulated line, gold set and training seed):",
+                "Gold NOK-F1 on every seed (each its own simulated line, gold set and training seed):"
+                if args.data.startswith("sim:")
+                else f"Gold NOK-F1 on every training seed ({args.data}: its own line and gold set on each):",
                 seeds_table(evaluations),
             ]
         write_section("quality", "\n\n".join([*parts, verdict + (" " + test if test else "")]))
@@ -122,9 +124,12 @@ def main() -> None:
 
 def _evaluate(data: str, plan: Plan, out: Path) -> Evaluation:
     dev = training_data(data, seed=plan.seed)
-    plan.check_data(dev)
-    gold = gold_for(dev, plan.seed)
-    check_apart(dev, gold)
+    try:  # said as the command-line errors are, not as a traceback
+        plan.check_data(dev)
+        gold = gold_for(dev, plan.seed)
+        check_apart(dev, gold)
+    except ValueError as exc:
+        raise SystemExit(f"quality.py: error: {exc}") from None
     with make_progress() as progress:
         task = progress.add_task(f"quality, seed {plan.seed}", total=plan.n_fits, status="")
 

@@ -66,7 +66,7 @@ def child(url: str) -> dict:
     out |= {"read_s": time.perf_counter() - start, "read_mb": peak_mb(), "labelled": len(labelled)}
     config = RetrainConfig()
     start = time.perf_counter()
-    train_part, holdout = split_by_time(labelled, config.holdout_fraction, config.min_holdout)
+    train_part, holdout = split_by_time(labelled, config.holdout_fraction, config.min_holdout, config.min_nok_for_f1)
     data = combine(history, train_part, config.feedback_weight, withheld=[c.coil_id for c in holdout])
     out |= {"combine_s": time.perf_counter() - start, "combine_mb": peak_mb(), "rows": len(data)}
     start = time.perf_counter()

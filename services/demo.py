@@ -384,6 +384,8 @@ class Demo:
             }
         decided = sum(r.decision is not None for r in self.records.values())
         problems = [f"ReTrain failed: {self._retrain_error}"] if self._retrain_error else []
+        if self._retrain_thread is None:
+            problems.append("no ReTrain started: ModelScore flagged no model after the drift")
         problems += [
             f"ReTrain of {o.model} v{o.version} failed: {o.reason}" for o in self.retrains if o.status == "failed"
         ]

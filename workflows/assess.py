@@ -59,6 +59,11 @@ NO_ONE_TO_JUDGE = (
     "no surface images, and every active model assesses images: send the coil's images, or register a matrix "
     "assessor too (coilguard train --assessor cnn --register)"
 )
+NO_MODEL_VOTES = (
+    "no active model gives a coil its NOK probability (image classifiers of defect types alone abstain on every "
+    "coil): register a matrix assessor (coilguard train --assessor cnn --register) or one trained with a "
+    "defect-free class"
+)
 
 
 class NoActiveModel(RuntimeError):
@@ -202,7 +207,8 @@ class AssessCoils:
                 coil = parse_coil_message(raw.payload, topic_line=line, max_bytes=self.max_payload_bytes)
                 images = _decode_images(coil) if serving.ensemble.needs_images else []
                 if not images and not serving.ensemble.judges_matrices:  # every member would abstain
-                    raise RejectedMessage(NO_ONE_TO_JUDGE, "images", coil.coil_id)
+                    why = NO_ONE_TO_JUDGE if serving.ensemble.needs_images else NO_MODEL_VOTES
+                    raise RejectedMessage(why, "images", coil.coil_id)
             except RejectedMessage as exc:
                 self._reject(result, raw, exc, line)
                 continue

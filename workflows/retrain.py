@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -507,21 +506,20 @@ def split_by_time(
     first falls under the rule, few coils are labelled (11 and up), and a holdout that took them all would
     leave the challenger nothing of what the operators said to learn from.
 
-    It also holds at least ``min_nok`` NOK coils where half of those labelled allow (the newest ones of the older
-    part are moved over): on a holdout of OK coils alone a miss costs nothing, and a challenger that never flags a
-    coil beat a champion with a false alarm or two. NOK is a few percent of the coils, and a champion failing by
-    false alarms has the newest labels mostly OK: the newest 20 coils often held none."""
+    It also holds up to ``min_nok`` NOK coils, and never more than half of those labelled: where it has fewer, the
+    newest NOK coils of the older part take the places of its oldest OK coils, which go to training (the sizes
+    stay). On a holdout of OK coils alone a miss costs nothing, and a challenger that never flags a coil beat a
+    champion with a false alarm or two; NOK is a few percent of the coils, and a champion failing by false alarms
+    has the newest labels mostly OK: the newest 20 coils often held none."""
     n = len(labelled)
     n_holdout = min(max(minimum, round(n * fraction)), max(n // 2, 1))  # one of one: a forced run is judged on it
     held = set(range(n - n_holdout, n))
-    wanted = min(min_nok, math.ceil(sum(c.label for c in labelled) / 2))
+    wanted = min(min_nok, sum(c.label for c in labelled) // 2)
     short = wanted - sum(labelled[i].label for i in held)
-    for i in range(n - n_holdout - 1, -1, -1):
-        if short <= 0:
-            break
-        if labelled[i].label:
-            held.add(i)
-            short -= 1
+    older_nok = [i for i in range(n - n_holdout - 1, -1, -1) if labelled[i].label][: max(short, 0)]
+    held_ok = sorted(i for i in held if not labelled[i].label)  # oldest first: they give up their places
+    swaps = min(len(older_nok), len(held_ok))
+    held = (held - set(held_ok[:swaps])) | set(older_nok[:swaps])
     return [c for i, c in enumerate(labelled) if i not in held], [labelled[i] for i in sorted(held)]
 
 

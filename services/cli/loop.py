@@ -87,6 +87,8 @@ def score(ctx: AppContext, every: timedelta | None, recount: bool) -> None:
     while True:  # until Ctrl-C or SIGTERM: a failed run (the database restarting, say) waits for the next tick
         try:
             once()
+        except click.ClickException as exc:  # a pass blocked by an open edit: its reason, without a traceback
+            log.warning("%s; trying again in %.0f s", exc.message, every.total_seconds())
         except Exception:
             log.exception("ModelScore failed; trying again in %.0f s", every.total_seconds())
         time.sleep(every.total_seconds())

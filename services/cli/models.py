@@ -113,7 +113,12 @@ def train(
     if out is None and not register:  # an hour of training is not thrown away for a missing option
         out = unregistered_dir(settings.model_dir, assessor.name)
     if out is not None:
-        assessor.save(out)
+        try:
+            assessor.save(out)
+        except OSError as exc:  # MODEL_DIR belongs to the services, say: the hour of training is not lost silently
+            raise click.ClickException(
+                f"could not save the model to {out}: {exc} (give --out a folder you can write)"
+            ) from None
         click.echo(f"saved to {out}")
     if refused is not None:
         raise click.ClickException(f"not registered: {refused}")

@@ -236,3 +236,5 @@ def test_the_engine_the_api_made_is_disposed_at_shutdown_one_handed_in_is_not(
     shared.dispose = lambda *a, **k: pytest.fail("the shared engine was disposed")  # type: ignore[method-assign]
     with TestClient(create_app(settings, shared, heartbeat=False)) as client:
         assert client.get("/status").status_code == 200
+    type(made).dispose(made)
+    type(shared).dispose(shared)

@@ -339,6 +339,7 @@ class Brightness:
     """An image model: NOK when the coil's first surface image is dark; abstains on a coil without images."""
 
     consumes = "image"
+    can_vote = True
     name, version = "thin", 4
 
     def predict(self, batch: AssessBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -357,6 +358,19 @@ def test_with_image_models_only_a_coil_without_images_is_rejected_with_its_reaso
     [rejected] = result.rejected
     assert (rejected.coil_id, rejected.field) == ("B", "images")
     assert "every active model assesses images" in rejected.reason
+
+
+def test_with_only_models_that_never_vote_a_coil_is_rejected_for_that_not_for_its_images() -> None:
+    """A classifier of defect types alone (registered by an older release) abstains on every coil: its images are
+    not decoded for nothing, and the reason names the model, not the coil's "missing" images."""
+
+    class TypesOnly(Brightness):
+        can_vote = False
+
+    serving = _serving(TypesOnly())  # type: ignore[arg-type]
+    assert not serving.ensemble.needs_images
+    [rejected] = AssessCoils(MemoryStore(), TOPICS).process([_with_image(_coil("A"))], serving).rejected
+    assert rejected.field == "images" and "no active model gives a coil its NOK probability" in rejected.reason
 
 
 def _with_image(raw: RawMessage, side: int = 8, count: int = 1, shade: int = 200) -> RawMessage:

@@ -415,6 +415,16 @@ def test_a_classifier_of_defect_types_alone_is_kept_but_not_registered(tmp_path:
 
 
 @pytest.mark.slow
+def test_a_model_that_cannot_be_saved_where_asked_says_so_in_one_line(tmp_path: Path) -> None:
+    """MODEL_DIR owned by the services (here: a file where the folder should be): one line naming --out."""
+    (tmp_path / "m").write_text("not a folder")
+    args = ("train", "--assessor", "cnn", "--data", "sim:60", "--set", "epochs=1", "--set", "batch_size=32")
+    run = coilguard(*args, env={"COILGUARD_MODEL_DIR": str(tmp_path / "m")})
+    assert run.returncode == 1 and "could not save the model to" in run.stderr and "--out" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
 def test_a_registration_overtaken_without_unless_serving_fails_instead_of_saying_done(
     tmp_path: Path, monkeypatch
 ) -> None:

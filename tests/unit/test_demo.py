@@ -116,4 +116,6 @@ def test_a_retrain_that_crashed_is_a_problem_the_command_fails_for(tmp_path: Pat
 
     summary = demo._summary(Operators(), 1.0)  # type: ignore[arg-type]
     assert "ReTrain failed: OSError: MODEL_DIR is read-only" in summary["problems"]
+    demo._retrain_thread = None  # the drift flagged nothing, and the demo gave up waiting: not a loop closed
+    assert any("no ReTrain started" in p for p in demo._summary(Operators(), 1.0)["problems"])  # type: ignore[arg-type]
     assert "no coil was decided before drift" in summary["problems"] and not summary["promoted"]

@@ -278,5 +278,7 @@ def test_no_training_batch_of_one_and_no_registration_of_a_model_that_can_only_a
     assert not model.can_vote and not Ensemble([Member(model, 1.0)]).needs_images
     url = f"sqlite:///{tmp_path / 'cg.db'}"
     upgrade(url)
+    engine = make_engine(url)
     with pytest.raises(ValueError, match="gives no coil a NOK probability"):
-        register(model, SqlModelRegistry(make_engine(url)), tmp_path / "models", status="active")
+        register(model, SqlModelRegistry(engine), tmp_path / "models", status="active")
+    engine.dispose()

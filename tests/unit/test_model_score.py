@@ -750,8 +750,14 @@ def test_the_holdout_holds_nok_coils_where_the_labels_allow(engine, tmp_path: Pa
     assert sum(c.label for c in holdout) == 0  # as before: nothing to miss
     train, holdout = split_by_time(labelled, fraction=0.3, minimum=20, min_nok=5)
     assert [c.coil_id for c in holdout if c.label] == ["F3", "F4", "F5"]  # the newest three: half of the six
-    assert [c.coil_id for c in train if c.label] == ["F0", "F1", "F2"] and len(train) + len(holdout) == 40
+    assert [c.coil_id for c in train if c.label] == ["F0", "F1", "F2"] and len(train) == len(holdout) == 20
+    assert {"F20", "F21", "F22"} <= {c.coil_id for c in train}  # the holdout's oldest OK coils gave up their places
     assert [c.coil_id for c in holdout] == sorted((c.coil_id for c in holdout), key=lambda i: int(i[1:]))
+    few = labelled[:2] + labelled[29:]  # 13 coils, 2 NOK (F0, F1), the newest six held out
+    train, holdout = split_by_time(few, fraction=0.3, minimum=20, min_nok=5)
+    assert len(holdout) == 6 and [c.coil_id for c in holdout if c.label] == ["F1"] and train[0].coil_id == "F0"
+    lone = labelled[5:6] + labelled[10:]  # one NOK: it stays with the training
+    assert not any(c.label for c in split_by_time(lone, fraction=0.3, minimum=20, min_nok=5)[1])
 
     class Never:
         def predict(self, batch: AssessBatch) -> tuple[np.ndarray]:
