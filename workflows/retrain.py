@@ -512,7 +512,8 @@ def split_by_time(
     champion with a false alarm or two; NOK is a few percent of the coils, and a champion failing by false alarms
     has the newest labels mostly OK: the newest 20 coils often held none."""
     n = len(labelled)
-    n_holdout = min(max(minimum, round(n * fraction)), max(n // 2, 1))  # one of one: a forced run is judged on it
+    # one of one: a forced run is judged on it; none of none (the caller says there is nothing to judge on)
+    n_holdout = min(max(minimum, round(n * fraction)), max(n // 2, 1), n)
     held = set(range(n - n_holdout, n))
     wanted = min(min_nok, sum(c.label for c in labelled) // 2)
     short = wanted - sum(labelled[i].label for i in held)

@@ -734,6 +734,7 @@ def test_holdout_is_the_newest_labelled_coils() -> None:
     assert [len(part) for part in split_by_time(_labelled(11), fraction=0.3, minimum=20)] == [6, 5]
     assert [len(part) for part in split_by_time(_labelled(3), fraction=0.3, minimum=20)] == [2, 1]
     assert [len(part) for part in split_by_time(_labelled(1), fraction=0.3, minimum=20)] == [0, 1]
+    assert split_by_time([], fraction=0.3, minimum=20, min_nok=5) == ([], [])
 
 
 def test_the_holdout_holds_nok_coils_where_the_labels_allow(engine, tmp_path: Path) -> None:
